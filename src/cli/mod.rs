@@ -1,0 +1,93 @@
+//! What each `r4` subcommand does once its arguments are parsed: read inputs, call the library,
+//! print for people (or JSON for scripts) and choose the exit code.
+
+use std::io::Read;
+use std::path::Path;
+use std::process::ExitCode;
+
+use crate::api::{self, validate};
+
+/// A failure a user should read as one line.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("{0}: {1}")]
+    Io(String, std::io::Error),
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0}")]
+    Internal(String),
+    #[error("`r4 {0}` is not yet available in this build")]
+    NotYet(String),
+}
+
+impl CliError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Usage(_) | CliError::Io(..) => 2,
+            CliError::Internal(_) | CliError::NotYet(_) => 1,
+        }
+    }
+}
+
+/// Read a file, or standard input for `-`.
+pub fn read_input(path: &Path) -> Result<String, CliError> {
+    if path == Path::new("-") {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .map_err(|e| CliError::Io("-".into(), e))?;
+        return Ok(s);
+    }
+    std::fs::read_to_string(path).map_err(|e| CliError::Io(path.display().to_string(), e))
+}
+
+/// `r4 crds [--out-dir DIR]`.
+pub fn crds(out_dir: Option<&Path>) -> Result<ExitCode, CliError> {
+    let internal = |e: serde_yaml::Error| CliError::Internal(format!("cannot render CRD: {e}"));
+    match out_dir {
+        None => print!("{}", api::crds_yaml().map_err(internal)?),
+        Some(dir) => {
+            std::fs::create_dir_all(dir).map_err(|e| CliError::Io(dir.display().to_string(), e))?;
+            for crd in api::crds() {
+                let path = dir.join(api::crd_file_name(&crd));
+                std::fs::write(&path, api::crd_yaml(&crd).map_err(internal)?)
+                    .map_err(|e| CliError::Io(path.display().to_string(), e))?;
+                println!("wrote {}", path.display());
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `r4 validate -f FILE…`: exit 0 when every document is valid, 1 naming each bad field.
+pub fn validate(files: &[std::path::PathBuf], require_refs: bool) -> Result<ExitCode, CliError> {
+    let mut texts = Vec::new();
+    for f in files {
+        texts.push((f.display().to_string(), read_input(f)?));
+    }
+    let mode = if require_refs {
+        validate::RefMode::Require
+    } else {
+        validate::RefMode::Warn
+    };
+    let report = validate::validate_texts(&texts, mode);
+    for w in &report.warnings {
+        eprintln!("warning: {w}");
+    }
+    for e in &report.errors {
+        eprintln!("{e}");
+    }
+    if report.errors.is_empty() {
+        if report.manifests.is_empty() {
+            eprintln!("no manifests found");
+            return Ok(ExitCode::from(1));
+        }
+        for (source, m) in &report.manifests {
+            println!("{source}: {}/{} valid", m.kind(), m.name());
+        }
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("{} error(s)", report.errors.len());
+        Ok(ExitCode::from(1))
+    }
+}

@@ -1,0 +1,6 @@
+//! r4: a Kubernetes operator that keeps teams of autonomous agents working through failures.
+//!
+//! Data flows one way: [`api`] → (`resilience`, `queue`) → `engine` → (`controller`, `local`).
+
+pub mod api;
+pub mod cli;

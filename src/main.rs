@@ -1,0 +1,78 @@
+//! The `r4` command: parses the command line and dispatches. Nothing else lives here.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// r4 keeps teams of autonomous agents working through failures.
+#[derive(Parser, Debug)]
+#[command(name = "r4", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print the three CustomResourceDefinitions (what crds/ holds).
+    Crds {
+        /// Write one file per CRD into this directory instead of printing.
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
+    },
+    /// Check manifests offline against the schema and the controller's rules.
+    Validate {
+        /// Files to check (each may hold several YAML documents); `-` reads standard input.
+        #[arg(short = 'f', long = "file", value_name = "FILE", required = true, num_args = 1..)]
+        files: Vec<PathBuf>,
+        /// Treat references to objects not in the given files as errors.
+        #[arg(long)]
+        require_refs: bool,
+    },
+    /// The operator (available with the controller issue).
+    #[command(hide = true)]
+    Controller,
+    /// The resilience engine of a managed pod (available with the engine issue).
+    #[command(hide = true)]
+    Engine,
+    /// Run a workflow on one machine (available with the `r4 run` issue).
+    #[command(hide = true)]
+    Run,
+    /// Engage a kill switch (available with the engine issue).
+    #[command(hide = true)]
+    Kill,
+    /// Release a kill switch (available with the engine issue).
+    #[command(hide = true)]
+    Resume,
+    /// Dead-letter queue tools (available with the engine issue).
+    #[command(hide = true)]
+    Dlq,
+    /// Workflow status (available with the controller issue).
+    #[command(hide = true)]
+    Status,
+    /// Benchmarks (available with the resilience issue).
+    #[command(hide = true)]
+    Bench,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Crds { out_dir } => r4::cli::crds(out_dir.as_deref()),
+        Command::Validate {
+            files,
+            require_refs,
+        } => r4::cli::validate(&files, require_refs),
+        other => Err(r4::cli::CliError::NotYet(
+            format!("{other:?}").to_lowercase(),
+        )),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("r4: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
