@@ -4,3 +4,6 @@
 
 pub mod api;
 pub mod cli;
+pub mod queue;
+#[doc(hidden)]
+pub mod testutil;

@@ -1,0 +1,784 @@
+//! Conformance suite: every behaviour is written once as an
+//! `async fn(Arc<dyn Queue>)` and run against both backends by the
+//! `conformance!` macro at the bottom (tests `memory_backend::*` and
+//! `redis_backend::*`; the Redis ones start their own `redis-server`).
+//! Redis-only crash tests and memory-only paused-clock tests follow.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::time::Instant;
+
+use super::memory::MemoryQueue;
+use super::redis::RedisQueue;
+use super::{Completion, Keys, Queue, QueueError, fields};
+use crate::testutil::RedisServer;
+
+type Q = Arc<dyn Queue>;
+
+fn keys() -> Keys {
+    Keys::new("conformance", &uuid::Uuid::new_v4().to_string())
+}
+
+fn f(v: &str) -> super::Fields {
+    fields([("v", v.to_owned())])
+}
+
+fn val(e: &super::StreamEntry) -> String {
+    e.field("v")
+        .map(|b| String::from_utf8_lossy(b).into_owned())
+        .unwrap_or_default()
+}
+
+const ZERO: Duration = Duration::ZERO;
+const HOUR: Duration = Duration::from_secs(3600);
+
+pub async fn add_read_ack(q: Q) {
+    let k = keys();
+    let s = k.stream("in");
+    q.ensure_group(&s, "g").await.unwrap();
+    q.ensure_group(&s, "g").await.unwrap(); // BUSYGROUP ignored
+    for i in 0..3 {
+        q.add(&s, fields([("v", i.to_string()), ("x", "y".into())]), None)
+            .await
+            .unwrap();
+    }
+    assert_eq!(q.len(&s).await.unwrap(), 3);
+    let got = q.read_group(&s, "g", "c1", 10, ZERO).await.unwrap();
+    assert_eq!(got.len(), 3);
+    assert_eq!(got.iter().map(val).collect::<Vec<_>>(), ["0", "1", "2"]);
+    assert!(got.iter().all(|e| e.delivery_count == 1));
+    assert_eq!(got[0].field("x"), Some(&Bytes::from("y")));
+    assert_eq!(got[0].fields[0].0, "v", "field order kept");
+    let p = q.pending_summary(&s, "g").await.unwrap();
+    assert_eq!(p.count, 3);
+    assert_eq!(p.min_id.as_deref(), Some(got[0].id.as_str()));
+    assert_eq!(p.max_id.as_deref(), Some(got[2].id.as_str()));
+    assert_eq!(p.consumers, vec![("c1".to_owned(), 3)]);
+    let ids: Vec<String> = got[..2].iter().map(|e| e.id.clone()).collect();
+    assert_eq!(q.ack(&s, "g", &ids).await.unwrap(), 2);
+    assert_eq!(q.ack(&s, "g", &ids).await.unwrap(), 0);
+    assert_eq!(q.pending_summary(&s, "g").await.unwrap().count, 1);
+    // Nothing new to read.
+    assert!(
+        q.read_group(&s, "g", "c1", 10, ZERO)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // Acked entries stay in the stream.
+    assert_eq!(q.len(&s).await.unwrap(), 3);
+}
+
+pub async fn group_created_from_zero_sees_existing(q: Q) {
+    let k = keys();
+    let s = k.stream("in");
+    q.add(&s, f("early"), None).await.unwrap();
+    q.ensure_group(&s, "g").await.unwrap();
+    let got = q.read_group(&s, "g", "c", 10, ZERO).await.unwrap();
+    assert_eq!(got.iter().map(val).collect::<Vec<_>>(), ["early"]);
+}
+
+pub async fn missing_group_is_nogroup(q: Q) {
+    let k = keys();
+    let s = k.stream("in");
+    let err = q.read_group(&s, "nope", "c", 1, ZERO).await.unwrap_err();
+    assert!(matches!(err, QueueError::NoGroup { .. }), "{err:?}");
+    q.add(&s, f("a"), None).await.unwrap();
+    let err = q.pending_summary(&s, "nope").await.unwrap_err();
+    assert!(matches!(err, QueueError::NoGroup { .. }), "{err:?}");
+    let err = q
+        .read_group(&s, "nope", "c", 1, Duration::from_millis(100))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, QueueError::NoGroup { .. }), "{err:?}");
+}
+
+pub async fn groups_split_entries(q: Q) {
+    let k = keys();
+    let s = k.stream("in");
+    q.ensure_group(&s, "g").await.unwrap();
+    q.ensure_group(&s, "other").await.unwrap();
+    for i in 0..4 {
+        q.add(&s, f(&i.to_string()), None).await.unwrap();
+    }
+    let a = q.read_group(&s, "g", "a", 2, ZERO).await.unwrap();
+    let b = q.read_group(&s, "g", "b", 2, ZERO).await.unwrap();
+    assert_eq!(a.len(), 2);
+    assert_eq!(b.len(), 2);
+    let mut all: Vec<String> = a.iter().chain(&b).map(val).collect();
+    all.sort();
+    assert_eq!(all, ["0", "1", "2", "3"]);
+    assert!(
+        q.read_group(&s, "g", "c", 2, ZERO)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // Another group gets everything independently.
+    assert_eq!(
+        q.read_group(&s, "other", "x", 0, ZERO).await.unwrap().len(),
+        4
+    );
+    let p = q.pending_summary(&s, "g").await.unwrap();
+    assert_eq!(p.consumers, vec![("a".to_owned(), 2), ("b".to_owned(), 2)]);
+}
+
+pub async fn delivery_count_increases_on_redelivery(q: Q) {
+    let k = keys();
+    let s = k.stream("in");
+    q.ensure_group(&s, "g").await.unwrap();
+    let id = q.add(&s, f("x"), None).await.unwrap();
+    let first = q.read_group(&s, "g", "c1", 1, ZERO).await.unwrap();
+    assert_eq!(first[0].delivery_count, 1);
+    let c2 = q.autoclaim(&s, "g", "c2", ZERO, 10).await.unwrap();
+    assert_eq!(c2.entries.len(), 1);
+    assert_eq!(c2.entries[0].id, id);
+    assert_eq!(c2.entries[0].delivery_count, 2);
+    assert_eq!(val(&c2.entries[0]), "x");
+    let c3 = q.autoclaim(&s, "g", "c3", ZERO, 10).await.unwrap();
+    assert_eq!(c3.entries[0].delivery_count, 3);
+    let p = q.pending_summary(&s, "g").await.unwrap();
+    assert_eq!(p.consumers, vec![("c3".to_owned(), 1)]);
+}
+
+pub async fn autoclaim_respects_min_idle(q: Q) {
+    let k = keys();
+    let s = k.stream("in");
+    q.ensure_group(&s, "g").await.unwrap();
+    for i in 0..3 {
+        q.add(&s, f(&i.to_string()), None).await.unwrap();
+    }
+    // "dead" consumer takes two, a live one takes one later.
+    assert_eq!(
+        q.read_group(&s, "g", "dead", 2, ZERO).await.unwrap().len(),
+        2
+    );
+    let min_idle = Duration::from_millis(300);
+    let none = q.autoclaim(&s, "g", "rescuer", min_idle, 10).await.unwrap();
+    assert!(none.entries.is_empty(), "{none:?}");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Fresh delivery: not idle long enough.
+    assert_eq!(
+        q.read_group(&s, "g", "live", 1, ZERO).await.unwrap().len(),
+        1
+    );
+    let got = q.autoclaim(&s, "g", "rescuer", min_idle, 10).await.unwrap();
+    assert_eq!(got.entries.iter().map(val).collect::<Vec<_>>(), ["0", "1"]);
+    assert!(got.entries.iter().all(|e| e.delivery_count == 2));
+    assert!(got.deleted.is_empty());
+    let p = q.pending_summary(&s, "g").await.unwrap();
+    assert_eq!(
+        p.consumers,
+        vec![("live".to_owned(), 1), ("rescuer".to_owned(), 2)]
+    );
+}
+
+pub async fn autoclaim_reports_deleted_entries(q: Q) {
+    let k = keys();
+    let s = k.stream("in");
+    q.ensure_group(&s, "g").await.unwrap();
+    let id = q.add(&s, f("gone"), None).await.unwrap();
+    q.add(&s, f("kept"), None).await.unwrap();
+    assert_eq!(
+        q.read_group(&s, "g", "dead", 2, ZERO).await.unwrap().len(),
+        2
+    );
+    assert_eq!(q.delete(&s, std::slice::from_ref(&id)).await.unwrap(), 1);
+    let got = q.autoclaim(&s, "g", "r", ZERO, 10).await.unwrap();
+    assert_eq!(got.deleted, vec![id]);
+    assert_eq!(got.entries.iter().map(val).collect::<Vec<_>>(), ["kept"]);
+    assert_eq!(q.pending_summary(&s, "g").await.unwrap().count, 1);
+}
+
+pub async fn complete_is_atomic_and_idempotent(q: Q) {
+    let k = keys();
+    let (input, out_a, out_b) = (k.stream("in"), k.stream("a"), k.stream("b"));
+    q.ensure_group(&input, "g").await.unwrap();
+    q.add(&input, f("task"), None).await.unwrap();
+    let e = q
+        .read_group(&input, "g", "slow", 1, ZERO)
+        .await
+        .unwrap()
+        .remove(0);
+    // The slow consumer looks dead; another takes the entry over.
+    let claimed = q.autoclaim(&input, "g", "fast", ZERO, 1).await.unwrap();
+    assert_eq!(claimed.entries[0].id, e.id);
+    let inbox = k.inbox("t1", "step1");
+    let outputs = vec![(out_a.clone(), f("A")), (out_b.clone(), f("B"))];
+    let done = q
+        .complete(
+            &input,
+            "g",
+            &e.id,
+            &inbox,
+            HOUR,
+            outputs.clone(),
+            Some(1000),
+        )
+        .await
+        .unwrap();
+    let Completion::Published { output_ids } = done else {
+        panic!("expected Published, got {done:?}");
+    };
+    assert_eq!(output_ids.len(), 2);
+    assert_eq!(
+        q.range(&out_a, "-", "+", 0).await.unwrap()[0].id,
+        output_ids[0]
+    );
+    assert_eq!(
+        q.range(&out_b, "-", "+", 0).await.unwrap()[0].id,
+        output_ids[1]
+    );
+    assert_eq!(q.pending_summary(&input, "g").await.unwrap().count, 0);
+    assert!(q.get(&inbox).await.unwrap().is_some());
+    // The slow consumer wakes up and completes the same step: nothing is
+    // published a second time.
+    let again = q
+        .complete(
+            &input,
+            "g",
+            &e.id,
+            &inbox,
+            HOUR,
+            outputs.clone(),
+            Some(1000),
+        )
+        .await
+        .unwrap();
+    assert_eq!(again, Completion::AlreadyDone);
+    assert_eq!(q.len(&out_a).await.unwrap(), 1);
+    assert_eq!(q.len(&out_b).await.unwrap(), 1);
+    // A duplicate delivery of the same step (a second entry for it) is
+    // acked without publishing.
+    q.add(&input, f("task-dup"), None).await.unwrap();
+    let dup = q
+        .read_group(&input, "g", "c", 1, ZERO)
+        .await
+        .unwrap()
+        .remove(0);
+    let r = q
+        .complete(&input, "g", &dup.id, &inbox, HOUR, outputs, Some(1000))
+        .await
+        .unwrap();
+    assert_eq!(r, Completion::AlreadyDone);
+    assert_eq!(q.pending_summary(&input, "g").await.unwrap().count, 0);
+    assert_eq!(q.len(&out_a).await.unwrap(), 1);
+    // A step with no outputs still acks and records its inbox.
+    q.add(&input, f("sink"), None).await.unwrap();
+    let sink = q
+        .read_group(&input, "g", "c", 1, ZERO)
+        .await
+        .unwrap()
+        .remove(0);
+    let inbox2 = k.inbox("t2", "sink");
+    let r = q
+        .complete(&input, "g", &sink.id, &inbox2, HOUR, vec![], None)
+        .await
+        .unwrap();
+    assert_eq!(r, Completion::Published { output_ids: vec![] });
+    assert_eq!(q.pending_summary(&input, "g").await.unwrap().count, 0);
+}
+
+pub async fn complete_failure_changes_nothing(q: Q) {
+    let k = keys();
+    let (input, good, bad) = (k.stream("in"), k.stream("good"), k.stream("bad"));
+    q.ensure_group(&input, "g").await.unwrap();
+    q.add(&input, f("x"), None).await.unwrap();
+    let e = q
+        .read_group(&input, "g", "c", 1, ZERO)
+        .await
+        .unwrap()
+        .remove(0);
+    q.set(&bad, Bytes::from("not a stream"), None)
+        .await
+        .unwrap();
+    let inbox = k.inbox("t", "s");
+    let err = q
+        .complete(
+            &input,
+            "g",
+            &e.id,
+            &inbox,
+            HOUR,
+            vec![(good.clone(), f("1")), (bad.clone(), f("2"))],
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, QueueError::WrongType(ref key) if *key == bad),
+        "{err:?}"
+    );
+    assert_eq!(q.len(&good).await.unwrap(), 0);
+    assert_eq!(q.pending_summary(&input, "g").await.unwrap().count, 1);
+    assert_eq!(q.get(&inbox).await.unwrap(), None);
+}
+
+pub async fn dead_letter_is_atomic(q: Q) {
+    let k = keys();
+    let (input, dlq) = (k.stream("in"), k.dlq());
+    q.ensure_group(&input, "g").await.unwrap();
+    q.add(&input, f("poison"), None).await.unwrap();
+    let e = q
+        .read_group(&input, "g", "c", 1, ZERO)
+        .await
+        .unwrap()
+        .remove(0);
+    let record = fields([
+        ("source_id", e.id.clone()),
+        ("reason", "too many deliveries".to_owned()),
+    ]);
+    let dlq_id = q
+        .dead_letter(&input, "g", &e.id, &dlq, record)
+        .await
+        .unwrap();
+    assert_eq!(q.pending_summary(&input, "g").await.unwrap().count, 0);
+    let listed = q.rev_range(&dlq, "+", "-", 10).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].id, dlq_id);
+    assert_eq!(
+        listed[0].field("source_id"),
+        Some(&Bytes::from(e.id.clone()))
+    );
+    // Failure (DLQ key of the wrong type) leaves the entry pending.
+    q.add(&input, f("second"), None).await.unwrap();
+    let e2 = q
+        .read_group(&input, "g", "c", 1, ZERO)
+        .await
+        .unwrap()
+        .remove(0);
+    let bad = k.poison();
+    q.set(&bad, Bytes::from("x"), None).await.unwrap();
+    let err = q
+        .dead_letter(&input, "g", &e2.id, &bad, f("r"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, QueueError::WrongType(_)), "{err:?}");
+    assert_eq!(q.pending_summary(&input, "g").await.unwrap().count, 1);
+}
+
+pub async fn submit_idempotent_dedups(q: Q) {
+    let k = keys();
+    let s = k.stream("intake");
+    let key = k.idem("order-1");
+    let a = q
+        .submit_idempotent(&key, HOUR, &s, f("payload"), Some(100))
+        .await
+        .unwrap();
+    assert!(a.created());
+    let b = q
+        .submit_idempotent(&key, HOUR, &s, f("payload"), Some(100))
+        .await
+        .unwrap();
+    assert!(!b.created());
+    assert_eq!(a.task_id, b.task_id);
+    assert_eq!(q.len(&s).await.unwrap(), 1);
+    let entry = q.range(&s, "-", "+", 0).await.unwrap().remove(0);
+    assert_eq!(Some(entry.id.clone()), a.entry_id);
+    assert_eq!(entry.fields[0].0, "task_id");
+    assert_eq!(
+        entry.field("task_id"),
+        Some(&Bytes::from(a.task_id.clone()))
+    );
+    assert_eq!(val(&entry), "payload");
+    let c = q
+        .submit_idempotent(&k.idem("order-2"), HOUR, &s, f("p2"), None)
+        .await
+        .unwrap();
+    assert!(c.created());
+    assert_ne!(c.task_id, a.task_id);
+    assert_eq!(q.len(&s).await.unwrap(), 2);
+}
+
+pub async fn concurrent_submits_create_one_task(q: Q) {
+    let k = keys();
+    let s = k.stream("intake");
+    let key = k.idem("same");
+    let mut handles = Vec::new();
+    for _ in 0..8 {
+        let (q, s, key) = (q.clone(), s.clone(), key.clone());
+        handles.push(tokio::spawn(async move {
+            q.submit_idempotent(&key, HOUR, &s, f("p"), None)
+                .await
+                .unwrap()
+        }));
+    }
+    let mut ids = Vec::new();
+    for h in handles {
+        ids.push(h.await.unwrap());
+    }
+    assert_eq!(ids.iter().filter(|s| s.created()).count(), 1);
+    assert!(ids.iter().all(|s| s.task_id == ids[0].task_id));
+    assert_eq!(q.len(&s).await.unwrap(), 1);
+}
+
+pub async fn maxlen_trims(q: Q) {
+    let k = keys();
+    let s = k.stream("in");
+    let mut last = String::new();
+    for i in 0..600 {
+        last = q.add(&s, f(&i.to_string()), Some(10)).await.unwrap();
+    }
+    let len = q.len(&s).await.unwrap();
+    // `MAXLEN ~` keeps at least 10; Redis trims whole nodes (100 entries),
+    // so a few more may stay.
+    assert!((10..=210).contains(&len), "len {len}");
+    let newest = q.rev_range(&s, "+", "-", 1).await.unwrap();
+    assert_eq!(newest[0].id, last);
+    assert_eq!(val(&newest[0]), "599");
+    // Without maxlen nothing is trimmed.
+    let s2 = k.stream("untrimmed");
+    for i in 0..150 {
+        q.add(&s2, f(&i.to_string()), None).await.unwrap();
+    }
+    assert_eq!(q.len(&s2).await.unwrap(), 150);
+}
+
+pub async fn range_rev_range_delete(q: Q) {
+    let k = keys();
+    let s = k.stream("in");
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(q.add(&s, f(&i.to_string()), None).await.unwrap());
+    }
+    let first2 = q.range(&s, "-", "+", 2).await.unwrap();
+    assert_eq!(first2.iter().map(val).collect::<Vec<_>>(), ["0", "1"]);
+    assert!(first2.iter().all(|e| e.delivery_count == 0));
+    let mid = q.range(&s, &ids[1], &ids[3], 0).await.unwrap();
+    assert_eq!(mid.iter().map(val).collect::<Vec<_>>(), ["1", "2", "3"]);
+    let last2 = q.rev_range(&s, "+", "-", 2).await.unwrap();
+    assert_eq!(last2.iter().map(val).collect::<Vec<_>>(), ["4", "3"]);
+    let rev_mid = q.rev_range(&s, &ids[3], &ids[1], 0).await.unwrap();
+    assert_eq!(rev_mid.iter().map(val).collect::<Vec<_>>(), ["3", "2", "1"]);
+    assert_eq!(q.delete(&s, &ids[..2]).await.unwrap(), 2);
+    assert_eq!(q.delete(&s, &ids[..2]).await.unwrap(), 0);
+    assert_eq!(q.len(&s).await.unwrap(), 3);
+    assert!(
+        q.range(&k.stream("missing"), "-", "+", 0)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(q.len(&k.stream("missing")).await.unwrap(), 0);
+    let err = q.ack(&s, "g", &["garbage".to_owned()]).await.unwrap_err();
+    assert!(matches!(err, QueueError::Invalid(_)), "{err:?}");
+}
+
+pub async fn blocking_read_wakes_on_add(q: Q) {
+    let k = keys();
+    let s = k.stream("in");
+    q.ensure_group(&s, "g").await.unwrap();
+    // A timed-out block returns empty after about the block time.
+    let t0 = Instant::now();
+    let none = q
+        .read_group(&s, "g", "c", 1, Duration::from_millis(200))
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+    assert!(
+        t0.elapsed() >= Duration::from_millis(150),
+        "{:?}",
+        t0.elapsed()
+    );
+    let reader = {
+        let (q, s) = (q.clone(), s.clone());
+        tokio::spawn(async move { q.read_group(&s, "g", "c", 1, Duration::from_secs(10)).await })
+    };
+    // While the reader blocks, other commands on the same queue still run
+    // promptly (the blocked read must not hold up the shared connection).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let t1 = Instant::now();
+    for _ in 0..5 {
+        q.len(&s).await.unwrap();
+    }
+    assert!(t1.elapsed() < Duration::from_secs(2), "{:?}", t1.elapsed());
+    let t2 = Instant::now();
+    q.add(&s, f("wake"), None).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), reader)
+        .await
+        .expect("reader woke")
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.iter().map(val).collect::<Vec<_>>(), ["wake"]);
+    assert!(t2.elapsed() < Duration::from_secs(3), "{:?}", t2.elapsed());
+}
+
+pub async fn ttl_expiry(q: Q) {
+    let k = keys();
+    let key = k.fault("flaky");
+    q.set(&key, Bytes::from("on"), Some(Duration::from_millis(200)))
+        .await
+        .unwrap();
+    q.set(&k.killswitch(), Bytes::from("off"), None)
+        .await
+        .unwrap();
+    assert_eq!(q.get(&key).await.unwrap(), Some(Bytes::from("on")));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(q.get(&key).await.unwrap(), None);
+    assert_eq!(
+        q.get(&k.killswitch()).await.unwrap(),
+        Some(Bytes::from("off"))
+    );
+    // Idempotency keys expire too: the same key then makes a new task.
+    let s = k.stream("intake");
+    let idem = k.idem("x");
+    let a = q
+        .submit_idempotent(&idem, Duration::from_millis(200), &s, f("p"), None)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let b = q
+        .submit_idempotent(&idem, HOUR, &s, f("p"), None)
+        .await
+        .unwrap();
+    assert!(b.created());
+    assert_ne!(a.task_id, b.task_id);
+}
+
+pub async fn kv_helpers(q: Q) {
+    let k = keys();
+    assert_eq!(q.incr(&k.stats("e1"), 2).await.unwrap(), 2);
+    assert_eq!(q.incr(&k.stats("e1"), 3).await.unwrap(), 5);
+    assert_eq!(q.incr(&k.stats("e2"), -1).await.unwrap(), -1);
+    let t = k.task("t1");
+    q.hset(&t, fields([("status", "running"), ("step", "plan")]))
+        .await
+        .unwrap();
+    q.hset(&t, fields([("status", "done")])).await.unwrap();
+    assert_eq!(
+        q.hgetall(&t).await.unwrap(),
+        fields([("status", "done"), ("step", "plan")])
+    );
+    assert!(q.hgetall(&k.task("none")).await.unwrap().is_empty());
+    assert_eq!(
+        q.scan_prefix(&k.stats_prefix()).await.unwrap(),
+        vec![k.stats("e1"), k.stats("e2")]
+    );
+    q.set(&k.checkpoint("a"), Bytes::from("{}"), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        q.del(&[k.checkpoint("a"), k.checkpoint("none")])
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(q.get(&k.checkpoint("a")).await.unwrap(), None);
+    let err = q.incr(&t, 1).await.unwrap_err();
+    assert!(matches!(err, QueueError::WrongType(_)), "{err:?}");
+}
+
+async fn next(sub: &mut super::Subscription) -> Option<Bytes> {
+    tokio::time::timeout(Duration::from_secs(5), sub.next())
+        .await
+        .expect("message in time")
+}
+
+pub async fn pubsub(q: Q) {
+    let k = keys();
+    let chan = k.killswitch_channel();
+    let mut sub = q.subscribe(&chan).await.unwrap();
+    assert_eq!(
+        q.publish(&k.stats("nobody"), Bytes::from("x"))
+            .await
+            .unwrap(),
+        0
+    );
+    let n = q.publish(&chan, Bytes::from("stop")).await.unwrap();
+    assert_eq!(n, 1);
+    q.publish(&chan, Bytes::from("resume")).await.unwrap();
+    assert_eq!(next(&mut sub).await, Some(Bytes::from("stop")));
+    assert_eq!(next(&mut sub).await, Some(Bytes::from("resume")));
+}
+
+fn memory_queue() -> Q {
+    Arc::new(MemoryQueue::new())
+}
+
+async fn redis_queue() -> (RedisServer, Q) {
+    let server = RedisServer::start().await.expect("redis-server starts");
+    let q = RedisQueue::connect(&server.url()).await.expect("connect");
+    (server, Arc::new(q))
+}
+
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod memory_backend {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(super::memory_queue()).await;
+                }
+            )*
+        }
+        mod redis_backend {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let (_server, q) = super::redis_queue().await;
+                    super::$name(q).await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    add_read_ack,
+    group_created_from_zero_sees_existing,
+    missing_group_is_nogroup,
+    groups_split_entries,
+    delivery_count_increases_on_redelivery,
+    autoclaim_respects_min_idle,
+    autoclaim_reports_deleted_entries,
+    complete_is_atomic_and_idempotent,
+    complete_failure_changes_nothing,
+    dead_letter_is_atomic,
+    submit_idempotent_dedups,
+    concurrent_submits_create_one_task,
+    maxlen_trims,
+    range_rev_range_delete,
+    blocking_read_wakes_on_add,
+    ttl_expiry,
+    kv_helpers,
+    pubsub,
+);
+
+/// Retry `op` until it succeeds (the ConnectionManager reconnects in the
+/// background after a restart), under a deadline.
+async fn eventually<T, F, Fut>(what: &str, mut op: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, QueueError>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match op().await {
+            Ok(v) => return v,
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!("{what}: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("{what} never succeeded: {e}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn redis_complete_survives_crash_restart_with_aof() {
+    let mut server = RedisServer::start_with_aof().await.expect("redis-server");
+    let q = RedisQueue::connect(&server.url()).await.expect("connect");
+    let k = keys();
+    let (input, out) = (k.stream("in"), k.stream("out"));
+    q.ensure_group(&input, "g").await.unwrap();
+    q.add(&input, f("a"), None).await.unwrap();
+    q.add(&input, f("b"), None).await.unwrap();
+    let got = q.read_group(&input, "g", "c", 2, ZERO).await.unwrap();
+    let inbox = k.inbox("t", "s");
+    let r = q
+        .complete(
+            &input,
+            "g",
+            &got[0].id,
+            &inbox,
+            HOUR,
+            vec![(out.clone(), f("A"))],
+            None,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(r, Completion::Published { .. }));
+
+    server.restart().await.expect("restart");
+
+    // The same queue (same ConnectionManager) works again after reconnecting.
+    assert_eq!(eventually("XLEN", || q.len(&out)).await, 1);
+    assert!(q.get(&inbox).await.unwrap().is_some());
+    let p = q.pending_summary(&input, "g").await.unwrap();
+    assert_eq!(p.count, 1, "only the un-completed entry is pending");
+    assert_eq!(p.min_id.as_deref(), Some(got[1].id.as_str()));
+    // A consumer that redoes the completed step after the crash publishes
+    // nothing.
+    let again = q
+        .complete(
+            &input,
+            "g",
+            &got[0].id,
+            &inbox,
+            HOUR,
+            vec![(out.clone(), f("A"))],
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(again, Completion::AlreadyDone);
+    assert_eq!(q.len(&out).await.unwrap(), 1);
+    // The entry left pending by the crash is redelivered with a higher count.
+    let claimed = q.autoclaim(&input, "g", "c2", ZERO, 10).await.unwrap();
+    assert_eq!(claimed.entries.len(), 1);
+    assert_eq!(claimed.entries[0].delivery_count, 2);
+    // Blocking reads use fresh dedicated connections after the restart too.
+    q.add(&input, f("c"), None).await.unwrap();
+    let more = eventually("XREADGROUP BLOCK", || {
+        q.read_group(&input, "g", "c3", 10, Duration::from_millis(200))
+    })
+    .await;
+    assert_eq!(more.iter().map(val).collect::<Vec<_>>(), ["c"]);
+}
+
+#[tokio::test]
+async fn redis_down_gives_errors_within_deadline_not_hangs() {
+    let mut server = RedisServer::start().await.expect("redis-server");
+    let q = RedisQueue::connect_with(
+        &server.url(),
+        super::redis::RedisConfig {
+            op_timeout: Duration::from_millis(500),
+            connect_timeout: Duration::from_millis(500),
+        },
+    )
+    .await
+    .expect("connect");
+    server.kill();
+    let t0 = Instant::now();
+    assert!(q.len("r4:{x/y}:stream:s").await.is_err());
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+}
+
+#[tokio::test(start_paused = true)]
+async fn memory_idle_and_ttl_follow_paused_clock() {
+    let q = MemoryQueue::new();
+    let k = keys();
+    let s = k.stream("in");
+    q.ensure_group(&s, "g").await.unwrap();
+    q.add(&s, f("x"), None).await.unwrap();
+    q.read_group(&s, "g", "dead", 1, ZERO).await.unwrap();
+    q.set(
+        &k.fault("f"),
+        Bytes::from("1"),
+        Some(Duration::from_secs(30)),
+    )
+    .await
+    .unwrap();
+    let min_idle = Duration::from_secs(60);
+    assert!(
+        q.autoclaim(&s, "g", "r", min_idle, 10)
+            .await
+            .unwrap()
+            .entries
+            .is_empty()
+    );
+    tokio::time::advance(Duration::from_secs(31)).await;
+    assert_eq!(q.get(&k.fault("f")).await.unwrap(), None);
+    tokio::time::advance(Duration::from_secs(30)).await;
+    let got = q.autoclaim(&s, "g", "r", min_idle, 10).await.unwrap();
+    assert_eq!(got.entries.len(), 1);
+    // A long block under the paused clock times out without real waiting.
+    let none = q
+        .read_group(&s, "g", "c", 1, Duration::from_secs(300))
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+}

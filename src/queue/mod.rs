@@ -1,0 +1,351 @@
+//! The queue layer of r4: a [`Queue`] trait with Redis Streams semantics and
+//! two backends, [`redis::RedisQueue`] (real Redis, via a reconnecting
+//! `ConnectionManager`) and [`memory::MemoryQueue`] (embedded, one process).
+//!
+//! This file owns the trait, the shared data types and the error type.
+//! [`keys`] owns key naming. The conformance suite in `conformance.rs` runs
+//! the same behaviour tests against both backends.
+//!
+//! # The effectively-once invariant
+//!
+//! A step consumes one input entry and produces zero or more output entries.
+//! [`Queue::complete`] does, in ONE atomic step: publish every output, XACK
+//! the input, and record the step's *inbox key* (with a TTL). If the inbox key
+//! already exists, the step was already completed (e.g. by a predecessor that
+//! crashed after completing but before it learned so, or whose entry was
+//! reclaimed by another consumer), so `complete` only acks and publishes
+//! nothing. Hence, for as long as the inbox key lives, outputs of a step are
+//! published at most once, and an input is never acked without its outputs
+//! being published. Together with redelivery of un-acked entries
+//! ([`Queue::autoclaim`]) this gives effectively-once processing.
+
+pub mod keys;
+pub mod memory;
+pub mod redis;
+
+#[cfg(test)]
+mod conformance;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::Stream;
+
+pub use keys::Keys;
+
+/// Field/value pairs of one stream entry (a Redis stream entry's payload).
+pub type Fields = Vec<(String, Bytes)>;
+
+/// Boxed future returned by [`Queue`] methods (keeps the trait object-safe,
+/// so the engine can hold an `Arc<dyn Queue>`).
+pub type QueueFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, QueueError>> + Send + 'a>>;
+
+/// Messages from a pub/sub subscription. The stream ends when the underlying
+/// connection is lost (Redis) — the caller resubscribes.
+pub type Subscription = Pin<Box<dyn Stream<Item = Bytes> + Send>>;
+
+/// One stream entry as read from a stream or a consumer group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamEntry {
+    /// Entry id, `<ms>-<seq>`.
+    pub id: String,
+    /// The entry's fields, in insertion order.
+    pub fields: Fields,
+    /// How many times the entry has been delivered to a consumer of the
+    /// group (1 on first delivery, incremented on every claim). 0 for entries
+    /// read with `range`/`rev_range`, which are not group reads.
+    pub delivery_count: u64,
+}
+
+impl StreamEntry {
+    /// First value of `name`, if present.
+    pub fn field(&self, name: &str) -> Option<&Bytes> {
+        self.fields.iter().find(|(k, _)| k == name).map(|(_, v)| v)
+    }
+}
+
+/// Result of [`Queue::autoclaim`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Claimed {
+    /// Entries now owned by the claiming consumer, with their (incremented)
+    /// delivery counts.
+    pub entries: Vec<StreamEntry>,
+    /// Ids that were pending but whose entries no longer exist (trimmed or
+    /// deleted); they have been removed from the pending list.
+    pub deleted: Vec<String>,
+}
+
+/// Result of [`Queue::pending_summary`] (XPENDING summary form).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PendingSummary {
+    /// Number of delivered but un-acked entries.
+    pub count: u64,
+    /// Smallest pending id.
+    pub min_id: Option<String>,
+    /// Largest pending id.
+    pub max_id: Option<String>,
+    /// Pending count per consumer, sorted by consumer name.
+    pub consumers: Vec<(String, u64)>,
+}
+
+/// Result of [`Queue::complete`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Completion {
+    /// Outputs published (their new entry ids, in order), input acked, inbox
+    /// key recorded.
+    Published { output_ids: Vec<String> },
+    /// The inbox key already existed: the input was acked, nothing published.
+    AlreadyDone,
+}
+
+/// Result of [`Queue::submit_idempotent`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Submitted {
+    /// The task id bound to the idempotency key.
+    pub task_id: String,
+    /// `Some(entry id)` if this call created the stream entry, `None` if the
+    /// key was already bound (duplicate submission).
+    pub entry_id: Option<String>,
+}
+
+impl Submitted {
+    /// Whether this call was the one that created the task.
+    pub fn created(&self) -> bool {
+        self.entry_id.is_some()
+    }
+}
+
+/// Errors from the queue layer.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// A Redis error (I/O, server error reply, ...).
+    #[error("redis: {0}")]
+    Redis(#[from] ::redis::RedisError),
+    /// A network operation did not finish within its deadline.
+    #[error("{op} timed out after {after:?}")]
+    Timeout { op: &'static str, after: Duration },
+    /// The consumer group (or its stream) does not exist.
+    #[error("no consumer group {group:?} on stream {stream:?}")]
+    NoGroup { stream: String, group: String },
+    /// The key holds a value of another type.
+    #[error("key {0:?} holds the wrong kind of value")]
+    WrongType(String),
+    /// A reply did not have the expected shape.
+    #[error("unexpected reply: {0}")]
+    Protocol(String),
+    /// A caller-supplied argument is invalid (e.g. a malformed entry id).
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+}
+
+/// Redis Streams semantics plus the few KV / pub-sub helpers the engine needs.
+///
+/// Conventions: `block == Duration::ZERO` means "do not block" (unlike Redis'
+/// `BLOCK 0`, which waits forever — the engine never wants that). Range bounds
+/// accept `-`, `+`, `<ms>` and `<ms>-<seq>`. `maxlen` trims approximately
+/// (`MAXLEN ~`): at least `maxlen` newest entries are kept, possibly more.
+pub trait Queue: Send + Sync {
+    /// XADD with `MAXLEN ~ maxlen` (`None`: no trimming). Returns the entry id.
+    fn add<'a>(
+        &'a self,
+        stream: &'a str,
+        fields: Fields,
+        maxlen: Option<u64>,
+    ) -> QueueFuture<'a, String>;
+
+    /// Create `group` on `stream` reading from the beginning (`0`), creating
+    /// the stream if missing. An existing group is left as it is.
+    fn ensure_group<'a>(&'a self, stream: &'a str, group: &'a str) -> QueueFuture<'a, ()>;
+
+    /// XREADGROUP `>`: up to `count` (0: no limit) never-delivered entries for `consumer`,
+    /// waiting up to `block` for some to arrive. Delivery count is 1.
+    fn read_group<'a>(
+        &'a self,
+        stream: &'a str,
+        group: &'a str,
+        consumer: &'a str,
+        count: usize,
+        block: Duration,
+    ) -> QueueFuture<'a, Vec<StreamEntry>>;
+
+    /// XACK. Returns how many of `ids` were pending and are now acked.
+    fn ack<'a>(
+        &'a self,
+        stream: &'a str,
+        group: &'a str,
+        ids: &'a [String],
+    ) -> QueueFuture<'a, u64>;
+
+    /// XAUTOCLAIM from `0-0`: take over up to `count` (0: 100, Redis'
+    /// default) entries pending for at least `min_idle` (left by a dead or
+    /// slow consumer), incrementing their delivery counts. Redis scans at most
+    /// `10 * count` pending entries per call; call again to go further.
+    fn autoclaim<'a>(
+        &'a self,
+        stream: &'a str,
+        group: &'a str,
+        consumer: &'a str,
+        min_idle: Duration,
+        count: usize,
+    ) -> QueueFuture<'a, Claimed>;
+
+    /// XPENDING summary of `group`.
+    fn pending_summary<'a>(
+        &'a self,
+        stream: &'a str,
+        group: &'a str,
+    ) -> QueueFuture<'a, PendingSummary>;
+
+    /// XLEN (0 for a missing stream).
+    fn len<'a>(&'a self, stream: &'a str) -> QueueFuture<'a, u64>;
+
+    /// XRANGE `start..=end`, at most `count` (0: no limit) entries, oldest first.
+    fn range<'a>(
+        &'a self,
+        stream: &'a str,
+        start: &'a str,
+        end: &'a str,
+        count: usize,
+    ) -> QueueFuture<'a, Vec<StreamEntry>>;
+
+    /// XREVRANGE `end..=start` (note the order), at most `count`, newest first.
+    fn rev_range<'a>(
+        &'a self,
+        stream: &'a str,
+        end: &'a str,
+        start: &'a str,
+        count: usize,
+    ) -> QueueFuture<'a, Vec<StreamEntry>>;
+
+    /// XDEL. Returns how many entries existed and were deleted.
+    fn delete<'a>(&'a self, stream: &'a str, ids: &'a [String]) -> QueueFuture<'a, u64>;
+
+    /// Atomic completion (see the module docs for the invariant): in one
+    /// atomic step, if `inbox_key` does not exist, XADD every `(stream,
+    /// fields)` of `outputs` (with `MAXLEN ~ maxlen`), XACK `entry_id` and SET
+    /// `inbox_key` with `inbox_ttl`; if it exists, only XACK. All keys must be
+    /// of one workflow (same hash tag, see [`Keys`]).
+    #[allow(clippy::too_many_arguments)]
+    fn complete<'a>(
+        &'a self,
+        stream: &'a str,
+        group: &'a str,
+        entry_id: &'a str,
+        inbox_key: &'a str,
+        inbox_ttl: Duration,
+        outputs: Vec<(String, Fields)>,
+        maxlen: Option<u64>,
+    ) -> QueueFuture<'a, Completion>;
+
+    /// Atomic dead-letter: XADD `record` to `dlq_stream` and XACK `entry_id`
+    /// in one step. Returns the DLQ entry id. The DLQ is never trimmed.
+    fn dead_letter<'a>(
+        &'a self,
+        stream: &'a str,
+        group: &'a str,
+        entry_id: &'a str,
+        dlq_stream: &'a str,
+        record: Fields,
+    ) -> QueueFuture<'a, String>;
+
+    /// Idempotent intake: if `idem_key` is bound, return its task id and add
+    /// nothing; otherwise, atomically, XADD `fields` to `stream` with a
+    /// leading `task_id` field holding a fresh UUID, and bind `idem_key` to
+    /// that id for `ttl`.
+    fn submit_idempotent<'a>(
+        &'a self,
+        idem_key: &'a str,
+        ttl: Duration,
+        stream: &'a str,
+        fields: Fields,
+        maxlen: Option<u64>,
+    ) -> QueueFuture<'a, Submitted>;
+
+    /// GET a string key.
+    fn get<'a>(&'a self, key: &'a str) -> QueueFuture<'a, Option<Bytes>>;
+
+    /// SET a string key, with an optional TTL (`None`: no expiry).
+    fn set<'a>(&'a self, key: &'a str, value: Bytes, ttl: Option<Duration>) -> QueueFuture<'a, ()>;
+
+    /// DEL. Returns how many keys existed.
+    fn del<'a>(&'a self, keys: &'a [String]) -> QueueFuture<'a, u64>;
+
+    /// INCRBY; returns the new value.
+    fn incr<'a>(&'a self, key: &'a str, by: i64) -> QueueFuture<'a, i64>;
+
+    /// HSET several fields of a hash.
+    fn hset<'a>(&'a self, key: &'a str, fields: Fields) -> QueueFuture<'a, ()>;
+
+    /// HGETALL, sorted by field name (empty for a missing key).
+    fn hgetall<'a>(&'a self, key: &'a str) -> QueueFuture<'a, Fields>;
+
+    /// All keys starting with `prefix` (SCAN MATCH on Redis; glob characters
+    /// in `prefix` are escaped), sorted.
+    fn scan_prefix<'a>(&'a self, prefix: &'a str) -> QueueFuture<'a, Vec<String>>;
+
+    /// PUBLISH; returns the number of receivers.
+    fn publish<'a>(&'a self, channel: &'a str, message: Bytes) -> QueueFuture<'a, u64>;
+
+    /// SUBSCRIBE. Messages published after this returns are delivered.
+    fn subscribe<'a>(&'a self, channel: &'a str) -> QueueFuture<'a, Subscription>;
+}
+
+/// Helper: build [`Fields`] from string pairs.
+pub fn fields<K: Into<String>, V: Into<Bytes>>(pairs: impl IntoIterator<Item = (K, V)>) -> Fields {
+    pairs
+        .into_iter()
+        .map(|(k, v)| (k.into(), v.into()))
+        .collect()
+}
+
+/// A parsed `<ms>-<seq>` stream id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct EntryId {
+    pub ms: u64,
+    pub seq: u64,
+}
+
+impl EntryId {
+    pub const MIN: EntryId = EntryId { ms: 0, seq: 0 };
+    pub const MAX: EntryId = EntryId {
+        ms: u64::MAX,
+        seq: u64::MAX,
+    };
+
+    /// Parse `<ms>-<seq>`.
+    pub fn parse(s: &str) -> Result<Self, QueueError> {
+        let bad = || QueueError::Invalid(format!("bad stream id {s:?}"));
+        let (ms, seq) = s.split_once('-').ok_or_else(bad)?;
+        Ok(Self {
+            ms: ms.parse().map_err(|_| bad())?,
+            seq: seq.parse().map_err(|_| bad())?,
+        })
+    }
+
+    /// Parse a range bound: `-`, `+`, `<ms>` (seq 0 as a start, max as an
+    /// end) or `<ms>-<seq>`.
+    pub fn parse_bound(s: &str, is_start: bool) -> Result<Self, QueueError> {
+        match s {
+            "-" => Ok(Self::MIN),
+            "+" => Ok(Self::MAX),
+            _ if s.contains('-') => Self::parse(s),
+            _ => {
+                let ms = s
+                    .parse()
+                    .map_err(|_| QueueError::Invalid(format!("bad range bound {s:?}")))?;
+                Ok(Self {
+                    ms,
+                    seq: if is_start { 0 } else { u64::MAX },
+                })
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for EntryId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.ms, self.seq)
+    }
+}
