@@ -1,0 +1,61 @@
+# r4 — make targets. `make test` is what CI runs (through .ci/run) and what a newcomer types.
+CARGO   ?= cargo
+R4_DEV  := target/debug/r4
+SAMPLES := $(wildcard config/samples/*.yaml)
+IMAGE   ?= r4:dev
+
+.PHONY: all build test deps lint crds check-crds validate-samples run bench e2e docker clean
+
+all: build
+
+## build: the release binary target/release/r4
+build:
+	$(CARGO) build --release --locked --bin r4
+
+## deps: what the tests need on a fresh Debian/Ubuntu machine (redis-server)
+deps:
+	@./scripts/install-deps.sh
+
+## lint: formatting and clippy with warnings as errors
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --locked --all-targets -- -D warnings
+
+## test: lint, every test (against a real redis-server), fresh CRDs, valid samples
+test: deps lint
+	$(CARGO) test --locked --all-targets
+	$(MAKE) --no-print-directory check-crds validate-samples
+
+## crds: regenerate crds/ from the Rust types
+crds:
+	$(CARGO) run --locked -q --bin r4 -- crds --out-dir crds
+
+check-crds:
+	@$(CARGO) build --locked -q --bin r4
+	@tmp=$$(mktemp -d) && $(R4_DEV) crds --out-dir $$tmp >/dev/null && \
+	  diff -ru crds $$tmp >/dev/null || { echo "crds/ is stale: run 'make crds'"; rm -rf $$tmp; exit 1; }; \
+	  rm -rf $$tmp; echo "crds/ is fresh"
+
+validate-samples:
+	@$(CARGO) build --locked -q --bin r4
+	$(R4_DEV) validate --require-refs $(foreach f,$(SAMPLES),-f $(f))
+
+## run: the worked example on this machine, no cluster
+run:
+	$(CARGO) run --locked --release -q --bin r4 -- run -f config/samples/payment-disputes.yaml
+
+## bench: the benchmark suite, JSON out
+bench: deps
+	$(CARGO) build --locked --release -q --bin r4
+	./scripts/bench.sh
+
+## e2e: against a real cluster (kind or k3d); needs a kubeconfig
+e2e:
+	./e2e/run.sh
+
+## docker: the runtime image
+docker:
+	docker build -t $(IMAGE) .
+
+clean:
+	$(CARGO) clean
