@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod cli;
+pub mod local;
 pub mod queue;
 #[doc(hidden)]
 pub mod testutil;

@@ -1,0 +1,275 @@
+//! The final report of `r4 run`: the figures of SPEC §9 (`--json`, keys binding) and the table
+//! people read. It also owns the SLO arithmetic and the incident cost model, so both live in
+//! one place:
+//!
+//! - success rate = completed / submitted; error budget remaining =
+//!   1 − (1 − success rate) / (1 − SLO success rate) (1 = untouched, ≤ 0 = spent);
+//! - daily failure cost = failed tasks per day × (margin per task + remediation cost per
+//!   failure), with tasks per day from `economics.tasksPerMinute` (else the measured rate).
+
+use serde::Serialize;
+
+use crate::api::workflow::{EconomicsSpec, SloSpec};
+
+/// Latency percentiles in milliseconds.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p95: f64,
+    pub p99: f64,
+    pub p999: f64,
+}
+
+/// SLO attainment.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct SloReport {
+    pub success_rate: f64,
+    pub p95_latency_ms: f64,
+    pub error_budget_remaining: f64,
+}
+
+/// Incident cost model output.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct CostReport {
+    pub failure_rate: f64,
+    pub daily_cost: f64,
+}
+
+/// Drill outcome (with `--drill`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct DrillReport {
+    pub verdict: String,
+    pub failover_seconds: Option<f64>,
+    pub recovery_seconds: Option<f64>,
+    pub dlq_growth: u64,
+    pub aborted_because: Option<String>,
+}
+
+/// Everything `r4 run --json` prints, in SPEC §9's keys.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct RunReport {
+    pub submitted: u64,
+    pub completed: u64,
+    pub dead_lettered: u64,
+    pub lost: u64,
+    pub duplicate_effects: u64,
+    pub tasks_per_sec: f64,
+    pub latency_ms: Percentiles,
+    pub retries: u64,
+    pub hedges: u64,
+    pub breaker_trips: u64,
+    pub replays: u64,
+    pub slo: SloReport,
+    pub incident_cost: CostReport,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drill: Option<DrillReport>,
+}
+
+/// SLO attainment from counts and the measured p95.
+pub fn slo(completed: u64, submitted: u64, p95_ms: f64, spec: Option<&SloSpec>) -> SloReport {
+    let success_rate = if submitted == 0 {
+        1.0
+    } else {
+        completed as f64 / submitted as f64
+    };
+    let target = spec.map_or(0.999, |s| s.success_rate);
+    let allowed = 1.0 - target;
+    let error_budget_remaining = if allowed <= 0.0 {
+        if success_rate >= 1.0 { 1.0 } else { 0.0 }
+    } else {
+        1.0 - (1.0 - success_rate) / allowed
+    };
+    SloReport {
+        success_rate,
+        p95_latency_ms: p95_ms,
+        error_budget_remaining,
+    }
+}
+
+/// Incident cost per day: `failed / submitted` scaled to a day of traffic, times the cost of
+/// one failure (lost margin + manual remediation).
+pub fn incident_cost(
+    failed: u64,
+    submitted: u64,
+    measured_tasks_per_sec: f64,
+    e: Option<&EconomicsSpec>,
+) -> CostReport {
+    let failure_rate = if submitted == 0 {
+        0.0
+    } else {
+        failed as f64 / submitted as f64
+    };
+    let Some(e) = e else {
+        return CostReport {
+            failure_rate,
+            daily_cost: 0.0,
+        };
+    };
+    let per_day = e
+        .tasks_per_minute
+        .map_or(measured_tasks_per_sec * 86_400.0, |m| m * 1440.0);
+    let daily_cost = failure_rate * per_day * (e.margin_per_task + e.remediation_cost_per_failure);
+    CostReport {
+        failure_rate,
+        daily_cost,
+    }
+}
+
+impl RunReport {
+    /// One JSON object on one line (the last line `r4 run --json` prints).
+    pub fn to_json_line(&self) -> String {
+        serde_json::to_string(self)
+            .unwrap_or_else(|e| format!("{{\"error\":\"cannot encode report: {e}\"}}"))
+    }
+
+    /// The table for people.
+    pub fn to_table(&self) -> String {
+        let mut s = String::new();
+        let row = |s: &mut String, k: &str, v: String| s.push_str(&format!("  {k:<22} {v}\n"));
+        row(&mut s, "submitted", self.submitted.to_string());
+        row(&mut s, "completed", self.completed.to_string());
+        row(&mut s, "dead-lettered", self.dead_lettered.to_string());
+        row(&mut s, "lost", self.lost.to_string());
+        row(
+            &mut s,
+            "duplicate effects",
+            self.duplicate_effects.to_string(),
+        );
+        row(
+            &mut s,
+            "throughput",
+            format!("{:.0} tasks/s", self.tasks_per_sec),
+        );
+        let l = &self.latency_ms;
+        row(
+            &mut s,
+            "latency p50/p95/p99/p99.9",
+            format!(
+                "{:.0} / {:.0} / {:.0} / {:.0} ms",
+                l.p50, l.p95, l.p99, l.p999
+            ),
+        );
+        row(
+            &mut s,
+            "retries / hedges",
+            format!("{} / {}", self.retries, self.hedges),
+        );
+        row(&mut s, "breaker trips", self.breaker_trips.to_string());
+        row(&mut s, "replays", self.replays.to_string());
+        row(
+            &mut s,
+            "SLO success rate",
+            format!(
+                "{:.4}% (error budget left {:.0}%)",
+                self.slo.success_rate * 100.0,
+                self.slo.error_budget_remaining * 100.0
+            ),
+        );
+        row(
+            &mut s,
+            "SLO p95",
+            format!("{:.0} ms", self.slo.p95_latency_ms),
+        );
+        row(
+            &mut s,
+            "incident cost",
+            format!(
+                "{:.2}% failures ≈ ${:.0}/day",
+                self.incident_cost.failure_rate * 100.0,
+                self.incident_cost.daily_cost
+            ),
+        );
+        if let Some(d) = &self.drill {
+            let secs = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.1} s"));
+            row(&mut s, "drill verdict", d.verdict.clone());
+            row(
+                &mut s,
+                "failover / recovery",
+                format!(
+                    "{} / {}",
+                    secs(d.failover_seconds),
+                    secs(d.recovery_seconds)
+                ),
+            );
+            row(&mut s, "DLQ growth", d.dlq_growth.to_string());
+            if let Some(a) = &d.aborted_because {
+                row(&mut s, "aborted because", a.clone());
+            }
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_has_the_spec_keys() {
+        let v: serde_json::Value =
+            serde_json::from_str(&RunReport::default().to_json_line()).unwrap();
+        for k in [
+            "submitted",
+            "completed",
+            "dead_lettered",
+            "lost",
+            "duplicate_effects",
+            "tasks_per_sec",
+            "latency_ms",
+            "retries",
+            "hedges",
+            "breaker_trips",
+            "replays",
+            "slo",
+            "incident_cost",
+        ] {
+            assert!(v.get(k).is_some(), "missing {k}");
+        }
+        for k in ["p50", "p95", "p99", "p999"] {
+            assert!(v["latency_ms"].get(k).is_some());
+        }
+        for k in ["success_rate", "p95_latency_ms", "error_budget_remaining"] {
+            assert!(v["slo"].get(k).is_some());
+        }
+        assert!(v["incident_cost"].get("daily_cost").is_some());
+        assert!(v.get("drill").is_none());
+    }
+
+    #[test]
+    fn error_budget_is_spent_proportionally() {
+        let spec = SloSpec {
+            success_rate: 0.99,
+            p95_latency_ms: None,
+            recovery_seconds: None,
+        };
+        let s = slo(995, 1000, 10.0, Some(&spec));
+        assert!((s.error_budget_remaining - 0.5).abs() < 1e-9);
+        let s = slo(980, 1000, 10.0, Some(&spec));
+        assert!(
+            (s.error_budget_remaining + 1.0).abs() < 1e-9,
+            "overspent budget goes negative"
+        );
+    }
+
+    #[test]
+    fn cost_model_scales_failures_to_a_day() {
+        let e = EconomicsSpec {
+            margin_per_task: 0.08,
+            remediation_cost_per_failure: 3.5,
+            tasks_per_minute: Some(200.0),
+        };
+        let c = incident_cost(12, 1000, 0.0, Some(&e));
+        // 1.2% of 288,000 tasks/day × $3.58
+        assert!(
+            (c.daily_cost - 0.012 * 288_000.0 * 3.58).abs() < 1e-6,
+            "{}",
+            c.daily_cost
+        );
+        let measured = EconomicsSpec {
+            tasks_per_minute: None,
+            ..e
+        };
+        let c = incident_cost(1, 100, 10.0, Some(&measured));
+        assert!((c.daily_cost - 0.01 * 864_000.0 * 3.58).abs() < 1e-6);
+    }
+}
