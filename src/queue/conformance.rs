@@ -598,6 +598,72 @@ fn memory_queue() -> Q {
     Arc::new(MemoryQueue::new())
 }
 
+pub async fn claim_by_id(q: Q) {
+    let k = keys();
+    let s = k.stream("in");
+    q.ensure_group(&s, "g").await.unwrap();
+    let a = q.add(&s, f("a"), None).await.unwrap();
+    let b = q.add(&s, f("b"), None).await.unwrap();
+    let gone = q.add(&s, f("gone"), None).await.unwrap();
+    let never = q.add(&s, f("never"), None).await.unwrap();
+    assert_eq!(q.read_group(&s, "g", "c1", 3, ZERO).await.unwrap().len(), 3);
+    q.ack(&s, "g", std::slice::from_ref(&b)).await.unwrap();
+    q.delete(&s, std::slice::from_ref(&gone)).await.unwrap();
+    // a: pending -> claimed; b: acked -> skipped; gone: deleted -> skipped
+    // and dropped from the pending list; never: never delivered -> skipped.
+    let ids = vec![a.clone(), b.clone(), gone.clone(), never.clone()];
+    let got = q.claim(&s, "g", "c2", &ids).await.unwrap();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].id, a);
+    assert_eq!(val(&got[0]), "a");
+    assert_eq!(got[0].delivery_count, 2);
+    let again = q
+        .claim(&s, "g", "c2", std::slice::from_ref(&a))
+        .await
+        .unwrap();
+    assert_eq!(again[0].delivery_count, 3);
+    let p = q.pending_summary(&s, "g").await.unwrap();
+    assert_eq!(p.count, 1);
+    assert_eq!(p.consumers, vec![("c2".to_owned(), 1)]);
+    // Claiming resets the idle time: an autoclaim with a long min idle skips it.
+    let none = q.autoclaim(&s, "g", "c3", HOUR, 10).await.unwrap();
+    assert!(none.entries.is_empty());
+    assert!(q.claim(&s, "g", "c2", &["bad".to_owned()]).await.is_err());
+}
+
+pub async fn transfer_moves_once(q: Q) {
+    let k = keys();
+    let (dlq, src) = (k.dlq(), k.stream("src"));
+    let id = q.add(&dlq, f("dead"), None).await.unwrap();
+    let kept = q.add(&dlq, f("other"), None).await.unwrap();
+    let moved = q
+        .transfer(&dlq, &id, &src, f("replayed"), Some(1000))
+        .await
+        .unwrap();
+    let new_id = moved.expect("entry existed, so it moves");
+    let in_src = q.range(&src, "-", "+", 0).await.unwrap();
+    assert_eq!(in_src.len(), 1);
+    assert_eq!(in_src[0].id, new_id);
+    assert_eq!(val(&in_src[0]), "replayed");
+    let left = q.range(&dlq, "-", "+", 0).await.unwrap();
+    assert_eq!(
+        left.iter().map(|e| e.id.clone()).collect::<Vec<_>>(),
+        [kept]
+    );
+    // A second mover of the same entry changes nothing.
+    assert_eq!(
+        q.transfer(&dlq, &id, &src, f("again"), None).await.unwrap(),
+        None
+    );
+    assert_eq!(q.len(&src).await.unwrap(), 1);
+    // Wrong type at the destination fails before any write.
+    let kv = k.fault("kv");
+    q.set(&kv, Bytes::from("x"), None).await.unwrap();
+    let other = q.range(&dlq, "-", "+", 0).await.unwrap()[0].id.clone();
+    assert!(q.transfer(&dlq, &other, &kv, f("x"), None).await.is_err());
+    assert_eq!(q.len(&dlq).await.unwrap(), 1);
+}
+
 async fn redis_queue() -> (RedisServer, Q) {
     let server = RedisServer::start().await.expect("redis-server starts");
     let q = RedisQueue::connect(&server.url()).await.expect("connect");
@@ -634,6 +700,8 @@ conformance!(
     delivery_count_increases_on_redelivery,
     autoclaim_respects_min_idle,
     autoclaim_reports_deleted_entries,
+    claim_by_id,
+    transfer_moves_once,
     complete_is_atomic_and_idempotent,
     complete_failure_changes_nothing,
     dead_letter_is_atomic,

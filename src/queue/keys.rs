@@ -95,6 +95,52 @@ impl Keys {
     pub fn checkpoint(&self, agent: &str) -> String {
         format!("{}:checkpoint:{agent}", self.prefix)
     }
+
+    /// Attempt history of one input entry of an agent, kept while it is
+    /// retried (a JSON list; written only on failures):
+    /// `r4:{ns/wf}:attempts:<agent>:<entry-id>`.
+    pub fn attempts(&self, agent: &str, entry_id: &str) -> String {
+        format!("{}:attempts:{agent}:{entry_id}", self.prefix)
+    }
+
+    /// Completed compensable saga steps of one task (a stream, appended in
+    /// the same atomic step as the step's completion): `r4:{ns/wf}:saga:<task-id>`.
+    pub fn saga(&self, task_id: &str) -> String {
+        format!("{}:saga:{task_id}", self.prefix)
+    }
+
+    /// Dead-letter marker of a task (for the intake's status answer):
+    /// `r4:{ns/wf}:task:<id>:dlq`.
+    pub fn task_dlq(&self, id: &str) -> String {
+        format!("{}:task:{id}:dlq", self.prefix)
+    }
+
+    /// Published circuit-breaker states, one hash field per tool:
+    /// `r4:{ns/wf}:breakers`.
+    pub fn breakers(&self) -> String {
+        format!("{}:breakers", self.prefix)
+    }
+
+    /// Kill-switch acknowledgements, one hash field per engine:
+    /// `r4:{ns/wf}:killswitch:acks`.
+    pub fn killswitch_acks(&self) -> String {
+        format!("{}:killswitch:acks", self.prefix)
+    }
+
+    /// Kill-switch state version counter: `r4:{ns/wf}:killswitch:version`.
+    pub fn killswitch_version(&self) -> String {
+        format!("{}:killswitch:version", self.prefix)
+    }
+
+    /// Degraded-mode marker of an agent: `r4:{ns/wf}:degraded:<agent>`.
+    pub fn degraded(&self, agent: &str) -> String {
+        format!("{}:degraded:{agent}", self.prefix)
+    }
+
+    /// Pub/sub channel announcing degraded-mode changes: `r4:{ns/wf}:degraded:chan`.
+    pub fn degraded_channel(&self) -> String {
+        format!("{}:degraded:chan", self.prefix)
+    }
 }
 
 /// Redis Cluster keyslot (CRC16/XMODEM mod 16384), honouring `{hash tags}`
@@ -163,6 +209,14 @@ mod tests {
             k.stats_prefix(),
             k.fault("drop-acks"),
             k.checkpoint("planner"),
+            k.attempts("coder", "1-0"),
+            k.saga("task-1"),
+            k.task_dlq("task-1"),
+            k.breakers(),
+            k.killswitch_acks(),
+            k.killswitch_version(),
+            k.degraded("coder"),
+            k.degraded_channel(),
         ];
         let slot = key_slot(b"team-a/review-flow");
         for key in &keys {

@@ -400,6 +400,79 @@ impl Queue for MemoryQueue {
         })
     }
 
+    fn claim<'a>(
+        &'a self,
+        stream: &'a str,
+        group: &'a str,
+        consumer: &'a str,
+        ids: &'a [String],
+    ) -> QueueFuture<'a, Vec<StreamEntry>> {
+        Box::pin(async move {
+            let ids = parse_ids(ids)?;
+            let mut st = self.lock();
+            let s = st.group_mut(stream, group)?;
+            let MemStream {
+                entries, groups, ..
+            } = s;
+            let Some(g) = groups.get_mut(group) else {
+                return Ok(Vec::new());
+            };
+            let now = Instant::now();
+            let mut out = Vec::new();
+            for id in ids {
+                let Some(p) = g.pel.get_mut(&id) else {
+                    continue;
+                };
+                match entries.get(&id) {
+                    Some(fields) => {
+                        p.consumer = consumer.to_owned();
+                        p.delivery_count += 1;
+                        p.delivered_at = now;
+                        out.push(StreamEntry {
+                            id: id.to_string(),
+                            fields: fields.clone(),
+                            delivery_count: p.delivery_count,
+                        });
+                    }
+                    None => {
+                        g.pel.remove(&id);
+                    }
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn transfer<'a>(
+        &'a self,
+        from: &'a str,
+        id: &'a str,
+        to: &'a str,
+        fields: Fields,
+        maxlen: Option<u64>,
+    ) -> QueueFuture<'a, Option<String>> {
+        Box::pin(async move {
+            let eid = EntryId::parse(id)?;
+            check_fields(&fields)?;
+            let mut st = self.lock();
+            st.check_stream_key(to)?;
+            let exists = st
+                .streams
+                .get(from)
+                .is_some_and(|s| s.entries.contains_key(&eid));
+            if !exists {
+                return Ok(None);
+            }
+            let new_id = st.xadd(to, fields, maxlen)?;
+            if let Some(s) = st.streams.get_mut(from) {
+                s.entries.remove(&eid);
+            }
+            drop(st);
+            self.notify.notify_waiters();
+            Ok(Some(new_id))
+        })
+    }
+
     fn pending_summary<'a>(
         &'a self,
         stream: &'a str,

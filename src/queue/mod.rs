@@ -191,6 +191,36 @@ pub trait Queue: Send + Sync {
         count: usize,
     ) -> QueueFuture<'a, Claimed>;
 
+    /// XCLAIM by id with min-idle 0: take over those of `ids` that are still
+    /// pending in `group` (whoever owns them), resetting their idle time and
+    /// incrementing their delivery counts, which are returned. Ids no longer
+    /// pending (acked) or whose entries were deleted are skipped (deleted ones
+    /// leave the pending list). The engine uses this to re-deliver an entry it
+    /// keeps for a retry after a backoff: the claim both proves the entry is
+    /// still ours to work on and counts the delivery in Redis, so the count
+    /// survives a crash.
+    fn claim<'a>(
+        &'a self,
+        stream: &'a str,
+        group: &'a str,
+        consumer: &'a str,
+        ids: &'a [String],
+    ) -> QueueFuture<'a, Vec<StreamEntry>>;
+
+    /// Atomic move between streams: if entry `id` still exists in `from`,
+    /// XADD `fields` to `to` (with `MAXLEN ~ maxlen`) and XDEL `id` from
+    /// `from`, in one step, returning the new entry id; if it no longer
+    /// exists, change nothing and return `None`. Two concurrent movers of the
+    /// same entry therefore add it once (DLQ replay and poison quarantine).
+    fn transfer<'a>(
+        &'a self,
+        from: &'a str,
+        id: &'a str,
+        to: &'a str,
+        fields: Fields,
+        maxlen: Option<u64>,
+    ) -> QueueFuture<'a, Option<String>>;
+
     /// XPENDING summary of `group`.
     fn pending_summary<'a>(
         &'a self,

@@ -145,11 +145,45 @@ end
 return {entries, counts, r[3] or {}}
 "#;
 
+// KEYS[1] stream; ARGV[1] group, ARGV[2] consumer, ARGV[3..] ids. Same
+// reasoning as AUTOCLAIM_LUA: read the delivery counts in the same step.
+const CLAIM_LUA: &str = r#"
+local args = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0}
+for i = 3, #ARGV do args[#args + 1] = ARGV[i] end
+local entries = redis.call(unpack(args))
+local counts = {}
+for i, e in ipairs(entries) do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], e[1], e[1], 1)
+  if p[1] then counts[i] = p[1][4] else counts[i] = 0 end
+end
+return {entries, counts}
+"#;
+
+// KEYS[1] from, KEYS[2] to; ARGV[1] id, ARGV[2] maxlen or '', ARGV[3..] fields.
+const TRANSFER_LUA: &str = r#"
+local t = redis.call('TYPE', KEYS[2])['ok']
+if t ~= 'stream' and t ~= 'none' then
+  return redis.error_reply('WRONGTYPE ' .. KEYS[2])
+end
+if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then return false end
+local args = {'XADD', KEYS[2]}
+if ARGV[2] ~= '' then
+  args[#args + 1] = 'MAXLEN'; args[#args + 1] = '~'; args[#args + 1] = ARGV[2]
+end
+args[#args + 1] = '*'
+for i = 3, #ARGV do args[#args + 1] = ARGV[i] end
+local id = redis.call(unpack(args))
+redis.call('XDEL', KEYS[1], ARGV[1])
+return id
+"#;
+
 struct Scripts {
     complete: Script,
     dead_letter: Script,
     submit: Script,
     autoclaim: Script,
+    claim: Script,
+    transfer: Script,
 }
 
 /// The Redis [`Queue`].
@@ -189,6 +223,8 @@ impl RedisQueue {
                 dead_letter: Script::new(DEAD_LETTER_LUA),
                 submit: Script::new(SUBMIT_LUA),
                 autoclaim: Script::new(AUTOCLAIM_LUA),
+                claim: Script::new(CLAIM_LUA),
+                transfer: Script::new(TRANSFER_LUA),
             },
         })
     }
@@ -614,6 +650,76 @@ impl Queue for RedisQueue {
                     .map(v_string)
                     .collect::<Result<_, _>>()?,
             })
+        })
+    }
+
+    fn claim<'a>(
+        &'a self,
+        stream: &'a str,
+        group: &'a str,
+        consumer: &'a str,
+        ids: &'a [String],
+    ) -> QueueFuture<'a, Vec<StreamEntry>> {
+        Box::pin(async move {
+            check_ids(ids)?;
+            if ids.is_empty() {
+                return Ok(Vec::new());
+            }
+            let mut inv = self.scripts.claim.key(stream);
+            inv.arg(group).arg(consumer);
+            for id in ids {
+                inv.arg(id.as_str());
+            }
+            let v = self
+                .invoke("XCLAIM", &inv)
+                .await
+                .map_err(|e| map_err(e, stream, group))?;
+            let (entries, counts) = pair(v, "a claim reply")?;
+            // XCLAIM answers Nil for an id whose entry was deleted (Redis < 7).
+            let entries: Vec<Value> = v_array(entries)?
+                .into_iter()
+                .filter(|e| !matches!(e, Value::Nil))
+                .collect();
+            let entries = v_entries(Value::Array(entries), 0)?;
+            let counts = v_array(counts)?
+                .into_iter()
+                .map(v_u64)
+                .collect::<Result<Vec<_>, _>>()?;
+            if counts.len() != entries.len() {
+                return Err(QueueError::Protocol("claim count mismatch".into()));
+            }
+            Ok(entries
+                .into_iter()
+                .zip(counts)
+                .map(|(e, c)| StreamEntry {
+                    delivery_count: c,
+                    ..e
+                })
+                .collect())
+        })
+    }
+
+    fn transfer<'a>(
+        &'a self,
+        from: &'a str,
+        id: &'a str,
+        to: &'a str,
+        fields: Fields,
+        maxlen: Option<u64>,
+    ) -> QueueFuture<'a, Option<String>> {
+        Box::pin(async move {
+            super::EntryId::parse(id)?;
+            check_fields(&fields)?;
+            let mut inv = self.scripts.transfer.key(from);
+            inv.key(to).arg(id).arg(maxlen_arg(maxlen));
+            for (k, v) in &fields {
+                inv.arg(k.as_str()).arg(v.as_ref());
+            }
+            let v = self
+                .invoke("transfer", &inv)
+                .await
+                .map_err(|e| wrong_type(e, to))?;
+            v_opt_string(v)
         })
     }
 
