@@ -3,8 +3,10 @@
 //! Data flows one way: [`api`] → (`resilience`, `queue`) → `engine` → (`controller`, `local`).
 
 pub mod api;
+pub mod bench;
 pub mod cli;
 pub mod local;
 pub mod queue;
+pub mod resilience;
 #[doc(hidden)]
 pub mod testutil;

@@ -51,9 +51,36 @@ enum Command {
     /// Workflow status (available with the controller issue).
     #[command(hide = true)]
     Status,
-    /// Benchmarks (available with the resilience issue).
-    #[command(hide = true)]
-    Bench,
+    /// Benchmarks: r4 against its peer in the same run, JSON out.
+    Bench {
+        #[command(subcommand)]
+        bench: BenchCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCommand {
+    /// Tail latency against a heavy-tailed tool: no hedging, tower::hedge and r4's hedge.
+    Hedge {
+        /// Print only the JSON object (on one line).
+        #[arg(long)]
+        json: bool,
+        /// Measured calls per contender.
+        #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(100..=1_000_000))]
+        calls: u64,
+        /// Calls before measuring, so both hedgers have a warm latency histogram.
+        #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+        warmup: u64,
+        /// Seed of the tool's latency sequence.
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+    },
+    /// A dependency that goes down then recovers: how fast the breaker opens and closes.
+    Breaker {
+        /// Print only the JSON object (on one line).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -64,6 +91,15 @@ fn main() -> ExitCode {
             files,
             require_refs,
         } => r4::cli::validate(&files, require_refs),
+        Command::Bench { bench } => match bench {
+            BenchCommand::Hedge {
+                json,
+                calls,
+                warmup,
+                seed,
+            } => r4::cli::bench_hedge(json, calls, warmup, seed),
+            BenchCommand::Breaker { json } => r4::cli::bench_breaker(json),
+        },
         other => Err(r4::cli::CliError::NotYet(
             format!("{other:?}").to_lowercase(),
         )),

@@ -91,3 +91,42 @@ pub fn validate(files: &[std::path::PathBuf], require_refs: bool) -> Result<Exit
         Ok(ExitCode::from(1))
     }
 }
+
+fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::Internal(format!("cannot start the async runtime: {e}")))
+}
+
+/// Print a bench result: pretty for people, one line with `--json` (the last line either way).
+fn print_json(value: &serde_json::Value, json: bool) -> Result<ExitCode, CliError> {
+    let text = if json {
+        serde_json::to_string(value)
+    } else {
+        serde_json::to_string_pretty(value)
+    };
+    println!(
+        "{}",
+        text.map_err(|e| CliError::Internal(format!("cannot print result: {e}")))?
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `r4 bench hedge`.
+pub fn bench_hedge(json: bool, calls: u64, warmup: u64, seed: u64) -> Result<ExitCode, CliError> {
+    let opts = crate::bench::hedge::HedgeBenchOpts {
+        calls: calls as usize,
+        warmup_calls: warmup as usize,
+        seed,
+        ..Default::default()
+    };
+    let value = runtime()?.block_on(crate::bench::hedge::run(opts));
+    print_json(&value, json)
+}
+
+/// `r4 bench breaker`.
+pub fn bench_breaker(json: bool) -> Result<ExitCode, CliError> {
+    let value = runtime()?.block_on(crate::bench::breaker::run(Default::default()));
+    print_json(&value, json)
+}

@@ -1,0 +1,4 @@
+//! `r4 bench`: each benchmark runs r4 against its peer in the same run and returns JSON.
+
+pub mod breaker;
+pub mod hedge;

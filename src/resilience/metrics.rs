@@ -1,0 +1,246 @@
+//! Prometheus metrics and cheap in-process counters.
+//!
+//! One [`Metrics`] is registered per process on a given registry; each target
+//! gets a [`Telemetry`] handle (target label + shared atomics) that every
+//! layer of that target's stack reports into. Labels are small and static
+//! (`target`, `outcome`, `to`) to keep cardinality bounded.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
+use serde::Serialize;
+
+use super::breaker::BreakerState;
+
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    calls: IntCounterVec,
+    retries: IntCounterVec,
+    hedges: IntCounterVec,
+    budget_rejections: IntCounterVec,
+    fallbacks: IntCounterVec,
+    breaker_state: IntGaugeVec,
+    breaker_transitions: IntCounterVec,
+}
+
+impl Metrics {
+    pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok::<_, prometheus::Error>(c)
+        };
+        let calls = counter(
+            "r4_policy_calls_total",
+            "Logical calls through a resilience stack, by outcome",
+            &["target", "outcome"],
+        )?;
+        let retries = counter("r4_policy_retries_total", "Retries sent", &["target"])?;
+        let hedges = counter(
+            "r4_policy_hedges_total",
+            "Hedged requests sent",
+            &["target"],
+        )?;
+        let budget_rejections = counter(
+            "r4_policy_budget_rejections_total",
+            "Retries refused by the retry budget",
+            &["target"],
+        )?;
+        let fallbacks = counter(
+            "r4_policy_fallbacks_total",
+            "Responses served by the fallback layer",
+            &["target"],
+        )?;
+        let breaker_transitions = counter(
+            "r4_breaker_transitions_total",
+            "Circuit breaker transitions, by new state",
+            &["target", "to"],
+        )?;
+        let breaker_state = IntGaugeVec::new(
+            Opts::new(
+                "r4_breaker_state",
+                "Circuit breaker state: 0 closed, 1 open, 2 half-open",
+            ),
+            &["target"],
+        )?;
+        registry.register(Box::new(breaker_state.clone()))?;
+        Ok(Metrics {
+            calls,
+            retries,
+            hedges,
+            budget_rejections,
+            fallbacks,
+            breaker_state,
+            breaker_transitions,
+        })
+    }
+}
+
+/// In-process counters of one target, readable without Prometheus.
+#[derive(Debug, Default)]
+pub struct Counters {
+    calls: AtomicU64,
+    failures: AtomicU64,
+    retries: AtomicU64,
+    hedges: AtomicU64,
+    budget_rejections: AtomicU64,
+    throttled: AtomicU64,
+    bulkhead_rejections: AtomicU64,
+    breaker_trips: AtomicU64,
+    fallbacks: AtomicU64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct CountersSnapshot {
+    pub calls: u64,
+    pub failures: u64,
+    pub retries: u64,
+    pub hedges: u64,
+    pub budget_rejections: u64,
+    pub throttled: u64,
+    pub bulkhead_rejections: u64,
+    pub breaker_trips: u64,
+    pub fallbacks: u64,
+}
+
+impl Counters {
+    pub fn snapshot(&self) -> CountersSnapshot {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        CountersSnapshot {
+            calls: g(&self.calls),
+            failures: g(&self.failures),
+            retries: g(&self.retries),
+            hedges: g(&self.hedges),
+            budget_rejections: g(&self.budget_rejections),
+            throttled: g(&self.throttled),
+            bulkhead_rejections: g(&self.bulkhead_rejections),
+            breaker_trips: g(&self.breaker_trips),
+            fallbacks: g(&self.fallbacks),
+        }
+    }
+}
+
+/// Per-target reporting handle handed to every layer (cheap to clone).
+#[derive(Clone, Debug)]
+pub struct Telemetry {
+    target: Arc<str>,
+    metrics: Option<Metrics>,
+    counters: Arc<Counters>,
+}
+
+fn inc(a: &AtomicU64) {
+    a.fetch_add(1, Ordering::Relaxed);
+}
+
+impl Telemetry {
+    pub fn new(target: &str, metrics: Option<Metrics>) -> Self {
+        Telemetry {
+            target: target.into(),
+            metrics,
+            counters: Arc::new(Counters::default()),
+        }
+    }
+
+    /// Counters only, no Prometheus (tests, benches).
+    pub fn noop(target: &str) -> Self {
+        Self::new(target, None)
+    }
+
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    pub fn counters(&self) -> Arc<Counters> {
+        self.counters.clone()
+    }
+
+    pub fn snapshot(&self) -> CountersSnapshot {
+        self.counters.snapshot()
+    }
+
+    pub fn call(&self, outcome: &str, failed: bool) {
+        inc(&self.counters.calls);
+        if failed {
+            inc(&self.counters.failures);
+        }
+        if let Some(m) = &self.metrics {
+            m.calls.with_label_values(&[&*self.target, outcome]).inc();
+        }
+    }
+
+    pub fn retry(&self) {
+        inc(&self.counters.retries);
+        if let Some(m) = &self.metrics {
+            m.retries.with_label_values(&[&*self.target]).inc();
+        }
+    }
+
+    pub fn hedge(&self) {
+        inc(&self.counters.hedges);
+        if let Some(m) = &self.metrics {
+            m.hedges.with_label_values(&[&*self.target]).inc();
+        }
+    }
+
+    pub fn budget_rejection(&self) {
+        inc(&self.counters.budget_rejections);
+        if let Some(m) = &self.metrics {
+            m.budget_rejections
+                .with_label_values(&[&*self.target])
+                .inc();
+        }
+    }
+
+    pub fn throttled(&self) {
+        inc(&self.counters.throttled);
+    }
+
+    pub fn bulkhead_rejection(&self) {
+        inc(&self.counters.bulkhead_rejections);
+    }
+
+    pub fn fallback(&self) {
+        inc(&self.counters.fallbacks);
+        if let Some(m) = &self.metrics {
+            m.fallbacks.with_label_values(&[&*self.target]).inc();
+        }
+    }
+
+    pub fn breaker_transition(&self, to: BreakerState) {
+        if to == BreakerState::Open {
+            inc(&self.counters.breaker_trips);
+        }
+        if let Some(m) = &self.metrics {
+            m.breaker_state
+                .with_label_values(&[&*self.target])
+                .set(to.gauge_value());
+            m.breaker_transitions
+                .with_label_values(&[&*self.target, to.label()])
+                .inc();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registers_and_counts() {
+        let reg = Registry::new();
+        let m = Metrics::register(&reg).unwrap();
+        let t = Telemetry::new("tool-a", Some(m));
+        t.call("success", false);
+        t.retry();
+        t.breaker_transition(BreakerState::Open);
+        let text = prometheus::TextEncoder::new()
+            .encode_to_string(&reg.gather())
+            .unwrap();
+        assert!(text.contains("r4_policy_calls_total{outcome=\"success\",target=\"tool-a\"} 1"));
+        assert!(text.contains("r4_breaker_state{target=\"tool-a\"} 1"));
+        assert_eq!(t.snapshot().breaker_trips, 1);
+        // Registering twice on one registry is an error, not a panic.
+        assert!(Metrics::register(&reg).is_err());
+    }
+}
