@@ -5,6 +5,7 @@
 pub mod api;
 pub mod bench;
 pub mod cli;
+pub mod engine;
 pub mod local;
 pub mod queue;
 pub mod resilience;

@@ -1,0 +1,414 @@
+//! The engine's view of a workflow: an [`AgentWorkflow`] and its
+//! [`CircuitPolicy`] resolved into plain numbers and durations, with every
+//! default in one place.
+//!
+//! Owns: defaults, the `idempotency.ttl: auto` rule, clamping of timings that
+//! would let a live consumer's entry be claimed away. Leaves the policy
+//! mechanisms themselves (hedging, breakers, budgets) to `resilience`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::api::policy::{CircuitPolicySpec, Jitter};
+use crate::api::validate::{Manifest, RefMode, validate_texts};
+use crate::api::workflow::{AgentWorkflowSpec, DegradedMode};
+use crate::queue::Keys;
+
+use super::EngineError;
+
+/// Default `queue.visibilityTimeout`.
+pub const DEFAULT_VISIBILITY: Duration = Duration::from_secs(30);
+/// Default `intake.maxPayloadBytes` (1 MiB).
+pub const DEFAULT_MAX_PAYLOAD: usize = 1 << 20;
+/// Default `deadLetter.maxDeliveries`.
+pub const DEFAULT_MAX_DELIVERIES: u64 = 5;
+/// Default per-attempt deadline of one delivery to an agent.
+pub const DEFAULT_PER_ATTEMPT: Duration = Duration::from_secs(10);
+
+/// Retry backoff (`retry.backoff`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Backoff {
+    pub initial: Duration,
+    pub max: Duration,
+    pub multiplier: f64,
+    pub jitter: Jitter,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(5),
+            multiplier: 2.0,
+            jitter: Jitter::Full,
+        }
+    }
+}
+
+impl Backoff {
+    /// Delay before retry number `retry` (1 = first retry). `unit` in
+    /// `[0, 1)` is the random draw for jitter, so the function is pure.
+    pub fn delay(&self, retry: u32, unit: f64) -> Duration {
+        let exp = self
+            .multiplier
+            .powi(i32::try_from(retry.saturating_sub(1)).unwrap_or(i32::MAX));
+        let base = (self.initial.as_secs_f64() * exp).min(self.max.as_secs_f64());
+        let unit = unit.clamp(0.0, 1.0);
+        let secs = match self.jitter {
+            Jitter::None => base,
+            Jitter::Full => base * unit,
+            Jitter::Equal => base / 2.0 + base / 2.0 * unit,
+            // Decorrelated needs the previous delay; between initial and 3x base.
+            Jitter::Decorrelated => (self.initial.as_secs_f64()
+                + (base * 3.0 - self.initial.as_secs_f64()).max(0.0) * unit)
+                .min(self.max.as_secs_f64()),
+        };
+        Duration::from_secs_f64(secs.max(0.0))
+    }
+}
+
+/// DLQ replay policy (`deadLetter.replay`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Replay {
+    pub automatic: bool,
+    pub max_replays: u32,
+    /// Base of the exponential replay backoff: replay `n` (0-based) waits
+    /// `backoff * 2^n` after the entry was dead-lettered.
+    pub backoff: Duration,
+}
+
+impl Default for Replay {
+    fn default() -> Self {
+        Self {
+            automatic: true,
+            max_replays: 3,
+            backoff: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Resolved delivery policy of a workflow.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    pub max_deliveries: u64,
+    pub backoff: Backoff,
+    pub per_attempt: Duration,
+    pub replay: Replay,
+    pub retention: Duration,
+    /// TTL of inbox keys and intake idempotency keys.
+    pub idempotency_ttl: Duration,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        let mut p = base_policy();
+        p.idempotency_ttl = auto_ttl(&p);
+        p
+    }
+}
+
+fn base_policy() -> Policy {
+    Policy {
+        max_deliveries: DEFAULT_MAX_DELIVERIES,
+        backoff: Backoff::default(),
+        per_attempt: DEFAULT_PER_ATTEMPT,
+        replay: Replay::default(),
+        retention: Duration::from_secs(168 * 3600),
+        idempotency_ttl: Duration::from_secs(168 * 3600),
+    }
+}
+
+impl Policy {
+    /// Resolve a policy spec (`None`: all defaults).
+    pub fn from_spec(spec: Option<&CircuitPolicySpec>) -> Result<Self, EngineError> {
+        let dur = |d: &crate::api::common::DurationStr, what: &str| {
+            d.parse()
+                .map_err(|e| EngineError::Config(format!("{what}: {e}")))
+        };
+        let Some(spec) = spec else {
+            return Ok(Self::default());
+        };
+        let mut p = base_policy();
+        if let Some(b) = spec.retry.as_ref().and_then(|r| r.backoff.as_ref()) {
+            p.backoff = Backoff {
+                initial: dur(&b.initial, "retry.backoff.initial")?,
+                max: dur(&b.max, "retry.backoff.max")?,
+                multiplier: b.multiplier.unwrap_or(2.0),
+                jitter: b.jitter.unwrap_or(Jitter::Full),
+            };
+        }
+        if let Some(t) = spec.timeout.as_ref().and_then(|t| t.per_attempt.as_ref()) {
+            p.per_attempt = dur(t, "timeout.perAttempt")?;
+        }
+        if let Some(dl) = &spec.dead_letter {
+            p.max_deliveries = u64::try_from(dl.max_deliveries.max(1)).unwrap_or(1);
+            if let Some(r) = &dl.retention {
+                p.retention = dur(r, "deadLetter.retention")?;
+            }
+            if let Some(r) = &dl.replay {
+                p.replay.automatic = r.automatic;
+                if let Some(n) = r.max_replays {
+                    p.replay.max_replays = u32::try_from(n.max(0)).unwrap_or(0);
+                }
+                if let Some(b) = &r.backoff {
+                    p.replay.backoff = dur(b, "deadLetter.replay.backoff")?;
+                }
+            }
+        }
+        p.idempotency_ttl = match spec.idempotency.as_ref().map(|i| i.ttl.as_str()) {
+            None | Some("auto") => auto_ttl(&p),
+            Some(s) => crate::api::common::parse_duration(s)
+                .map_err(|e| EngineError::Config(format!("idempotency.ttl: {e}")))?,
+        };
+        Ok(p)
+    }
+}
+
+/// `idempotency.ttl: auto`: the longest time a step may still be redelivered
+/// — every delivery with its backoff, every automatic replay with its
+/// backoff — or the DLQ retention (a manual replay may come that late),
+/// whichever is longer, plus an hour of margin.
+pub fn auto_ttl(p: &Policy) -> Duration {
+    let retry = (p.per_attempt + p.backoff.max) * u32::try_from(p.max_deliveries).unwrap_or(100);
+    let mut replay = Duration::ZERO;
+    for n in 0..p.replay.max_replays.min(30) {
+        replay += p.replay.backoff * 2u32.saturating_pow(n) + retry;
+    }
+    (retry + replay).max(p.retention) + Duration::from_secs(3600)
+}
+
+/// What to do with an agent's tasks while a tool it needs is down.
+pub type Degraded = DegradedMode;
+
+/// One agent of the workflow, resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Agent {
+    pub name: String,
+    /// Stream name (not key) the agent consumes.
+    pub consumes: String,
+    pub produces: Vec<String>,
+    pub tools: Vec<String>,
+    pub concurrency: usize,
+    /// Name of the compensation of this step, if it is a saga step.
+    pub compensate: Option<String>,
+    pub degraded: Option<Degraded>,
+}
+
+/// A workflow as the engine runs it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkflowConfig {
+    pub namespace: String,
+    pub name: String,
+    pub keys: Keys,
+    pub agents: Vec<Agent>,
+    pub policy: Policy,
+    pub max_len: Option<u64>,
+    pub visibility_timeout: Duration,
+    pub max_payload_bytes: usize,
+    /// Tools killed in the spec (`killSwitches.tools`).
+    pub killed_tools: BTreeMap<String, bool>,
+}
+
+impl WorkflowConfig {
+    /// Resolve a workflow spec and (optionally) its policy.
+    pub fn new(
+        namespace: &str,
+        name: &str,
+        spec: &AgentWorkflowSpec,
+        policy: Option<&CircuitPolicySpec>,
+    ) -> Result<Self, EngineError> {
+        let visibility_timeout = match &spec.queue.visibility_timeout {
+            Some(v) => v
+                .parse()
+                .map_err(|e| EngineError::Config(format!("queue.visibilityTimeout: {e}")))?,
+            None => DEFAULT_VISIBILITY,
+        }
+        .max(Duration::from_millis(100));
+        let agents = spec
+            .agents
+            .iter()
+            .map(|a| Agent {
+                name: a.name.clone(),
+                consumes: a.consumes.clone(),
+                produces: a.produces.clone(),
+                tools: a.tools.clone(),
+                concurrency: usize::try_from(a.concurrency.unwrap_or(16).max(1)).unwrap_or(16),
+                compensate: a.saga.as_ref().map(|s| s.compensate.clone()),
+                degraded: a.degraded_mode.clone(),
+            })
+            .collect();
+        Ok(Self {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            keys: Keys::new(namespace, name),
+            agents,
+            policy: Policy::from_spec(policy)?,
+            max_len: spec.queue.max_len.and_then(|m| u64::try_from(m).ok()),
+            visibility_timeout,
+            max_payload_bytes: spec
+                .intake
+                .as_ref()
+                .and_then(|i| i.max_payload_bytes)
+                .and_then(|m| usize::try_from(m).ok())
+                .unwrap_or(DEFAULT_MAX_PAYLOAD),
+            killed_tools: spec
+                .kill_switches
+                .as_ref()
+                .map(|k| k.tools.clone())
+                .unwrap_or_default(),
+        })
+    }
+
+    /// Resolve from validated manifests: the workflow named `workflow` (or
+    /// the only one) and the CircuitPolicy its `policyRef` names.
+    pub fn from_manifests(
+        manifests: &[Manifest],
+        workflow: Option<&str>,
+        namespace: Option<&str>,
+    ) -> Result<Self, EngineError> {
+        let workflows: Vec<_> = manifests
+            .iter()
+            .filter_map(|m| match m {
+                Manifest::Workflow(w) => Some(w),
+                _ => None,
+            })
+            .filter(|w| workflow.is_none_or(|n| w.metadata.name.as_deref() == Some(n)))
+            .collect();
+        let w = match workflows.as_slice() {
+            [w] => w,
+            [] => {
+                return Err(EngineError::Config(
+                    "no AgentWorkflow in the given file".into(),
+                ));
+            }
+            _ => {
+                return Err(EngineError::Config(
+                    "several AgentWorkflows in the given file; name one".into(),
+                ));
+            }
+        };
+        let name = w.metadata.name.clone().unwrap_or_default();
+        let ns = namespace
+            .map(str::to_owned)
+            .or_else(|| w.metadata.namespace.clone())
+            .unwrap_or_else(|| "default".into());
+        let policy = w.spec.policy_ref.as_ref().and_then(|p| {
+            manifests.iter().find_map(|m| match m {
+                Manifest::Policy(cp) if cp.metadata.name.as_deref() == Some(p) => Some(&cp.spec),
+                _ => None,
+            })
+        });
+        if let (Some(p), None) = (&w.spec.policy_ref, policy) {
+            tracing::warn!(policy = %p, "policyRef not in the given file; using default policy");
+        }
+        Self::new(&ns, &name, &w.spec, policy)
+    }
+
+    /// Parse multi-document YAML (workflow + policies) and resolve.
+    pub fn from_yaml(
+        source: &str,
+        text: &str,
+        workflow: Option<&str>,
+        namespace: Option<&str>,
+    ) -> Result<Self, EngineError> {
+        let report = validate_texts(&[(source.to_owned(), text.to_owned())], RefMode::Warn);
+        if let Some(first) = report.errors.first() {
+            return Err(EngineError::Config(first.clone()));
+        }
+        let manifests: Vec<Manifest> = report.manifests.into_iter().map(|(_, m)| m).collect();
+        Self::from_manifests(&manifests, workflow, namespace)
+    }
+
+    pub fn agent(&self, name: &str) -> Option<&Agent> {
+        self.agents.iter().find(|a| a.name == name)
+    }
+
+    /// The stream the intake publishes to: the first agent's input stream
+    /// that no agent produces (the workflow's entry point).
+    pub fn entry_stream(&self) -> &str {
+        self.agents
+            .iter()
+            .map(|a| a.consumes.as_str())
+            .find(|s| {
+                !self
+                    .agents
+                    .iter()
+                    .any(|a| a.produces.iter().any(|p| p == s))
+            })
+            .or_else(|| self.agents.first().map(|a| a.consumes.as_str()))
+            .unwrap_or("tasks")
+    }
+
+    /// Agents no other agent depends on (they produce nothing that is
+    /// consumed): a task has completed when each of these finished its step.
+    pub fn terminal_agents(&self) -> Vec<&Agent> {
+        self.agents
+            .iter()
+            .filter(|a| {
+                !a.produces
+                    .iter()
+                    .any(|p| self.agents.iter().any(|b| &b.consumes == p))
+            })
+            .collect()
+    }
+
+    /// Longest single hold of an entry by a live consumer (one delivery or
+    /// one backoff sleep) must stay well under the visibility timeout, or a
+    /// peer would claim the entry while we still work on it.
+    pub fn max_hold(&self) -> Duration {
+        self.visibility_timeout / 2
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        let b = Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_millis(1000),
+            multiplier: 2.0,
+            jitter: Jitter::None,
+        };
+        let ms = |r| b.delay(r, 0.5).as_millis();
+        assert_eq!(
+            [ms(1), ms(2), ms(3), ms(4), ms(5)],
+            [100, 200, 400, 800, 1000]
+        );
+        let full = Backoff {
+            jitter: Jitter::Full,
+            ..b
+        };
+        assert_eq!(full.delay(3, 0.0), Duration::ZERO);
+        assert_eq!(full.delay(3, 0.5).as_millis(), 200);
+        let equal = Backoff {
+            jitter: Jitter::Equal,
+            ..b
+        };
+        assert_eq!(equal.delay(2, 0.0).as_millis(), 100);
+    }
+
+    #[test]
+    fn auto_ttl_covers_retention_and_replays() {
+        let p = Policy::default();
+        assert!(p.idempotency_ttl >= p.retention);
+        let mut short = p.clone();
+        short.retention = Duration::from_secs(1);
+        short.replay.backoff = Duration::from_secs(3600);
+        // three replays at 1h, 2h, 4h
+        assert!(auto_ttl(&short) >= Duration::from_secs(7 * 3600));
+    }
+
+    #[test]
+    fn resolves_the_sample() {
+        let text = std::fs::read_to_string("config/samples/payment-disputes.yaml").unwrap();
+        let policy = std::fs::read_to_string("config/samples/default-policy.yaml").unwrap();
+        let cfg =
+            WorkflowConfig::from_yaml("s", &format!("{text}\n---\n{policy}"), None, None).unwrap();
+        assert!(!cfg.agents.is_empty());
+        assert_eq!(cfg.entry_stream(), cfg.agents[0].consumes);
+        assert!(!cfg.terminal_agents().is_empty());
+    }
+}

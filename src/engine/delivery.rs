@@ -1,0 +1,318 @@
+//! Delivery: hand one task to the agent and get its outputs or an error.
+//!
+//! Owns the [`Delivery`] trait (object-safe, so `r4 run` can plug in
+//! simulated agents) and [`HttpDelivery`], the agent protocol spoken to the
+//! agent container over localhost. Retries, dead-lettering and completion
+//! are the consumer's; this module makes exactly one attempt.
+//!
+//! # The agent protocol
+//!
+//! The engine sends `POST <agent-url>` with
+//! - headers `Idempotency-Key: <task-id>:<step>` (for a compensation:
+//!   `<task-id>:compensate:<step>`), the W3C `traceparent` of this hop,
+//!   `Content-Type: application/json` and `X-R4-Deadline-Ms` (the time the
+//!   agent has before the engine gives up on this attempt);
+//! - body `{"task_id", "step", "kind": "task"|"compensate", "compensation"?,
+//!   "payload", "attempt"}` where `step` is the agent's name and `attempt`
+//!   the 1-based delivery count (it grows across engines and crashes).
+//!
+//! The key is the same for every attempt, every engine and every replay of
+//! the step: an agent that applies its side effects at most once per key
+//! makes the whole pipeline effectively-once.
+//!
+//! The agent answers
+//! - `2xx` with `{"output": <json>}` (one output, published to every stream
+//!   the agent `produces`), or `{"outputs": {"<stream>": <json>, ...}}` (per
+//!   produced stream; streams left out get nothing), or an empty body / `{}`
+//!   (the input payload is passed on unchanged);
+//! - `4xx` (except 408 and 429): a permanent failure — the task goes to the
+//!   DLQ at once;
+//! - `5xx`, `408`, `429`, a timeout or a connection error: retryable.
+//!
+//! An error body may be `{"error": "<message>", "tool": "<tool>"}` (or the
+//! tool in an `X-R4-Tool` header): the tool is recorded as the failing
+//! dependency, and the repair role replays the task once that tool is
+//! healthy again.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Boxed future of [`Delivery::deliver`].
+pub type DeliveryFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<Outputs, DeliveryError>> + Send + 'a>>;
+
+/// What the engine asks the agent to do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestKind {
+    Task,
+    Compensate,
+}
+
+/// One delivery attempt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeliveryRequest {
+    pub task_id: String,
+    /// The agent (step) name.
+    pub step: String,
+    pub kind: RequestKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compensation: Option<String>,
+    pub payload: serde_json::Value,
+    pub attempt: u64,
+    #[serde(skip)]
+    pub idempotency_key: String,
+    #[serde(skip)]
+    pub traceparent: String,
+    #[serde(skip)]
+    pub deadline: Duration,
+}
+
+/// An agent's successful answer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outputs {
+    /// One output for every produced stream.
+    All(serde_json::Value),
+    /// Output per produced stream (by stream name).
+    PerStream(BTreeMap<String, serde_json::Value>),
+    /// Pass the input payload on to every produced stream.
+    PassThrough,
+}
+
+/// A failed attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryError {
+    /// Permanent: retrying cannot help (DLQ at once).
+    pub permanent: bool,
+    pub message: String,
+    /// The dependency that failed, if the agent named one.
+    pub tool: Option<String>,
+}
+
+impl DeliveryError {
+    pub fn retryable(message: impl Into<String>) -> Self {
+        Self {
+            permanent: false,
+            message: message.into(),
+            tool: None,
+        }
+    }
+
+    pub fn permanent(message: impl Into<String>) -> Self {
+        Self {
+            permanent: true,
+            message: message.into(),
+            tool: None,
+        }
+    }
+
+    pub fn with_tool(mut self, tool: impl Into<String>) -> Self {
+        self.tool = Some(tool.into());
+        self
+    }
+}
+
+impl std::fmt::Display for DeliveryError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)?;
+        if let Some(t) = &self.tool {
+            write!(f, " (tool {t})")?;
+        }
+        Ok(())
+    }
+}
+
+/// Hand one task to the agent. Implementations make exactly one attempt and
+/// honour `req.deadline`.
+pub trait Delivery: Send + Sync {
+    fn deliver<'a>(&'a self, req: &'a DeliveryRequest) -> DeliveryFuture<'a>;
+}
+
+/// The agent container over HTTP.
+#[derive(Debug, Clone)]
+pub struct HttpDelivery {
+    client: reqwest::Client,
+    url: String,
+}
+
+/// Largest agent answer read.
+const MAX_RESPONSE_BYTES: usize = 16 << 20;
+
+impl HttpDelivery {
+    pub fn new(url: impl Into<String>) -> Result<Self, reqwest::Error> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .pool_max_idle_per_host(256)
+            .tcp_nodelay(true)
+            .build()?;
+        Ok(Self {
+            client,
+            url: url.into(),
+        })
+    }
+
+    async fn attempt(&self, req: &DeliveryRequest) -> Result<Outputs, DeliveryError> {
+        let deadline_ms = u64::try_from(req.deadline.as_millis()).unwrap_or(u64::MAX);
+        let resp = self
+            .client
+            .post(&self.url)
+            .timeout(req.deadline)
+            .header("Idempotency-Key", &req.idempotency_key)
+            .header("traceparent", &req.traceparent)
+            .header("X-R4-Deadline-Ms", deadline_ms.to_string())
+            .json(req)
+            .send()
+            .await
+            .map_err(|e| {
+                let what = if e.is_timeout() {
+                    "timeout"
+                } else if e.is_connect() {
+                    "connect error"
+                } else {
+                    "request error"
+                };
+                DeliveryError::retryable(format!("{what}: {e}"))
+            })?;
+        let status = resp.status();
+        let tool = resp
+            .headers()
+            .get("x-r4-tool")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        if resp
+            .content_length()
+            .is_some_and(|l| l > MAX_RESPONSE_BYTES as u64)
+        {
+            return Err(DeliveryError::permanent("agent answer too large"));
+        }
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| DeliveryError::retryable(format!("reading agent answer: {e}")))?;
+        if body.len() > MAX_RESPONSE_BYTES {
+            return Err(DeliveryError::permanent("agent answer too large"));
+        }
+        if status.is_success() {
+            return parse_success(&body);
+        }
+        let (message, body_tool) = parse_error(&body);
+        let permanent = status.is_client_error()
+            && status != reqwest::StatusCode::REQUEST_TIMEOUT
+            && status != reqwest::StatusCode::TOO_MANY_REQUESTS;
+        Err(DeliveryError {
+            permanent,
+            message: format!("agent answered {}: {message}", status.as_u16()),
+            tool: tool.or(body_tool),
+        })
+    }
+}
+
+impl Delivery for HttpDelivery {
+    fn deliver<'a>(&'a self, req: &'a DeliveryRequest) -> DeliveryFuture<'a> {
+        Box::pin(async move {
+            // Second line behind reqwest's own timeout.
+            tokio::time::timeout(req.deadline + Duration::from_millis(50), self.attempt(req))
+                .await
+                .unwrap_or_else(|_| Err(DeliveryError::retryable("timeout: deadline passed")))
+        })
+    }
+}
+
+fn parse_success(body: &[u8]) -> Result<Outputs, DeliveryError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Outputs::PassThrough);
+    }
+    let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
+        DeliveryError::retryable(format!("agent answered 2xx with a non-JSON body: {e}"))
+    })?;
+    if let Some(o) = v.get("output") {
+        return Ok(Outputs::All(o.clone()));
+    }
+    if let Some(per) = v.get("outputs") {
+        let map = per.as_object().ok_or_else(|| {
+            DeliveryError::permanent("agent answered `outputs` that is not an object")
+        })?;
+        return Ok(Outputs::PerStream(
+            map.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        ));
+    }
+    Ok(Outputs::PassThrough)
+}
+
+fn parse_error(body: &[u8]) -> (String, Option<String>) {
+    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) {
+        let msg = v
+            .get("error")
+            .and_then(|e| e.as_str())
+            .map(str::to_owned)
+            .unwrap_or_else(|| v.to_string());
+        let tool = v.get("tool").and_then(|t| t.as_str()).map(str::to_owned);
+        return (truncate(msg), tool);
+    }
+    (truncate(String::from_utf8_lossy(body).into_owned()), None)
+}
+
+fn truncate(mut s: String) -> String {
+    if s.len() > 500 {
+        let mut cut = 500;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
+}
+
+/// A child W3C `traceparent`: same trace as `parent` (a new one if absent or
+/// malformed), a fresh span id, sampled.
+pub fn child_traceparent(parent: Option<&str>) -> String {
+    let trace = parent
+        .and_then(|p| {
+            let parts: Vec<&str> = p.split('-').collect();
+            (parts.len() == 4
+                && parts[1].len() == 32
+                && parts[1].bytes().all(|b| b.is_ascii_hexdigit()))
+            .then(|| parts[1].to_owned())
+        })
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+    let span = &uuid::Uuid::new_v4().simple().to_string()[..16];
+    format!("00-{trace}-{span}-01")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_keeps_the_trace() {
+        let root = child_traceparent(None);
+        let child = child_traceparent(Some(&root));
+        assert_eq!(root.len(), 55);
+        assert_eq!(root[3..35], child[3..35]);
+        assert_ne!(root[36..52], child[36..52]);
+        assert_ne!(child_traceparent(Some("garbage"))[3..35], root[3..35]);
+    }
+
+    #[test]
+    fn parses_answers() {
+        assert_eq!(
+            parse_success(br#"{"output": {"x": 1}}"#).unwrap(),
+            Outputs::All(serde_json::json!({"x": 1}))
+        );
+        assert!(matches!(
+            parse_success(br#"{"outputs": {"a": 1}}"#).unwrap(),
+            Outputs::PerStream(m) if m.len() == 1 && m["a"] == 1
+        ));
+        assert_eq!(parse_success(b"").unwrap(), Outputs::PassThrough);
+        assert_eq!(parse_success(b"{}").unwrap(), Outputs::PassThrough);
+        assert!(parse_success(b"<html>").is_err());
+        assert_eq!(
+            parse_error(br#"{"error": "down", "tool": "bank"}"#),
+            ("down".into(), Some("bank".into()))
+        );
+    }
+}

@@ -1,0 +1,300 @@
+//! The dead-letter queue of a workflow: the record format and the
+//! operations on it (list, show, replay, quarantine as poison, purge).
+//!
+//! Owns the DLQ record fields. Writing a record is the consumer's (one
+//! atomic `dead_letter` with the XACK); deciding *when* to replay is the
+//! repair role's and the operator's (`r4 dlq`). Both replay through
+//! [`replay`], so there is one replay path.
+//!
+//! # Lifecycle
+//!
+//! `work stream → (retries) → DLQ → replay → work stream …` at most
+//! `deadLetter.replay.maxReplays` times, then `DLQ → poison` with the full
+//! history. Replay and quarantine are each one atomic move
+//! ([`Queue::transfer`]): the entry leaves the DLQ exactly when it lands in
+//! the work stream (or the poison stream), and two replayers cannot both
+//! move it. A replayed task keeps its task id, so its inbox keys and the
+//! agents' idempotency keys dedupe anything that had in fact completed.
+//!
+//! Record fields: `reason`, `error`, `task_id`, `step`, `source` (stream
+//! name), `entry_id` (in the source), `deliveries`, `replays`, `replayable`
+//! (`1`: retryable failure, the repair role may replay it), `tool` (failing
+//! dependency, if known), `dead_at_ms`, `engine`, `history` (JSON list of
+//! every attempt of every round) and `f:<name>` for each field of the
+//! original entry, byte for byte (a corrupted entry is kept as it came).
+
+use bytes::Bytes;
+
+use crate::queue::{Fields, Keys, Queue, QueueError, StreamEntry};
+
+use super::task::{self, Attempt};
+
+/// Why a task was dead-lettered.
+pub mod reason {
+    /// The entry is not a task (see `task::Reject`): `malformed`, `oversized`, `unknown_type`.
+    pub const UNKNOWN_STEP: &str = "unknown_step";
+    /// The agent answered with a permanent (4xx) failure.
+    pub const PERMANENT: &str = "permanent";
+    /// Retryable failures until `deadLetter.maxDeliveries`.
+    pub const MAX_DELIVERIES: &str = "max_deliveries";
+    /// `degradedMode.action: Fail` while a required tool was down.
+    pub const DEGRADED: &str = "degraded";
+}
+
+/// A decoded DLQ record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DlqRecord {
+    /// Id of the record in the DLQ stream.
+    pub id: String,
+    pub reason: String,
+    pub error: String,
+    pub task_id: String,
+    pub step: String,
+    pub source: String,
+    pub entry_id: String,
+    pub deliveries: u64,
+    pub replays: u32,
+    pub replayable: bool,
+    pub tool: Option<String>,
+    pub dead_at_ms: u64,
+    pub engine: String,
+    pub history: Vec<Attempt>,
+    pub original: Fields,
+}
+
+impl DlqRecord {
+    pub fn encode(&self) -> Fields {
+        let mut f: Fields = vec![
+            ("reason".into(), Bytes::from(self.reason.clone())),
+            ("error".into(), Bytes::from(self.error.clone())),
+            ("task_id".into(), Bytes::from(self.task_id.clone())),
+            ("step".into(), Bytes::from(self.step.clone())),
+            ("source".into(), Bytes::from(self.source.clone())),
+            ("entry_id".into(), Bytes::from(self.entry_id.clone())),
+            (
+                "deliveries".into(),
+                Bytes::from(self.deliveries.to_string()),
+            ),
+            ("replays".into(), Bytes::from(self.replays.to_string())),
+            (
+                "replayable".into(),
+                Bytes::from_static(if self.replayable { b"1" } else { b"0" }),
+            ),
+            (
+                "dead_at_ms".into(),
+                Bytes::from(self.dead_at_ms.to_string()),
+            ),
+            ("engine".into(), Bytes::from(self.engine.clone())),
+            (
+                "history".into(),
+                Bytes::from(task::json_bytes(&self.history)),
+            ),
+        ];
+        if let Some(t) = &self.tool {
+            f.push(("tool".into(), Bytes::from(t.clone())));
+        }
+        for (k, v) in &self.original {
+            f.push((format!("f:{k}"), v.clone()));
+        }
+        f
+    }
+
+    /// Decode leniently: a record is shown even if some field is damaged.
+    pub fn decode(e: &StreamEntry) -> Self {
+        let s = |name: &str| {
+            e.field(name)
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .unwrap_or_default()
+        };
+        Self {
+            id: e.id.clone(),
+            reason: s("reason"),
+            error: s("error"),
+            task_id: s("task_id"),
+            step: s("step"),
+            source: s("source"),
+            entry_id: s("entry_id"),
+            deliveries: s("deliveries").parse().unwrap_or(0),
+            replays: s("replays").parse().unwrap_or(0),
+            replayable: s("replayable") == "1",
+            tool: e
+                .field("tool")
+                .map(|b| String::from_utf8_lossy(b).into_owned()),
+            dead_at_ms: s("dead_at_ms").parse().unwrap_or(0),
+            engine: s("engine"),
+            history: e
+                .field("history")
+                .and_then(|b| serde_json::from_slice(b).ok())
+                .unwrap_or_default(),
+            original: e
+                .fields
+                .iter()
+                .filter_map(|(k, v)| k.strip_prefix("f:").map(|k| (k.to_owned(), v.clone())))
+                .collect(),
+        }
+    }
+
+    /// Seconds since the record was written.
+    pub fn age_secs(&self) -> u64 {
+        task::now_ms().saturating_sub(self.dead_at_ms) / 1000
+    }
+
+    /// The entry to put back on the source stream: the original fields
+    /// with `replays` bumped and the full history carried along.
+    pub fn replay_fields(&self) -> Fields {
+        let mut f: Fields = self
+            .original
+            .iter()
+            .filter(|(k, _)| k != task::REPLAYS && k != task::HISTORY)
+            .cloned()
+            .collect();
+        f.push((
+            task::REPLAYS.into(),
+            Bytes::from((self.replays + 1).to_string()),
+        ));
+        if !self.history.is_empty() {
+            f.push((
+                task::HISTORY.into(),
+                Bytes::from(task::json_bytes(&self.history)),
+            ));
+        }
+        f
+    }
+}
+
+/// Up to `count` records (0: all), oldest first.
+pub async fn list(q: &dyn Queue, keys: &Keys, count: usize) -> Result<Vec<DlqRecord>, QueueError> {
+    Ok(q.range(&keys.dlq(), "-", "+", count)
+        .await?
+        .iter()
+        .map(DlqRecord::decode)
+        .collect())
+}
+
+/// One record by DLQ id.
+pub async fn show(q: &dyn Queue, keys: &Keys, id: &str) -> Result<Option<DlqRecord>, QueueError> {
+    crate::queue::EntryId::parse(id)?;
+    Ok(q.range(&keys.dlq(), id, id, 1)
+        .await?
+        .first()
+        .map(DlqRecord::decode))
+}
+
+/// Replay: move the record back to its source stream (atomically, see the
+/// module docs). `None` if it was no longer in the DLQ.
+pub async fn replay(
+    q: &dyn Queue,
+    keys: &Keys,
+    record: &DlqRecord,
+    maxlen: Option<u64>,
+) -> Result<Option<String>, QueueError> {
+    if record.source.is_empty() || record.original.is_empty() {
+        return Err(QueueError::Invalid(format!(
+            "DLQ entry {} has no source stream or original fields to replay",
+            record.id
+        )));
+    }
+    q.transfer(
+        &keys.dlq(),
+        &record.id,
+        &keys.stream(&record.source),
+        record.replay_fields(),
+        maxlen,
+    )
+    .await
+}
+
+/// Quarantine: move the record, with its full history, to the poison stream.
+pub async fn quarantine(
+    q: &dyn Queue,
+    keys: &Keys,
+    record: &DlqRecord,
+) -> Result<Option<String>, QueueError> {
+    let mut f = record.encode();
+    f.push((
+        "quarantined_at_ms".into(),
+        Bytes::from(task::now_ms().to_string()),
+    ));
+    f.push(("dlq_id".into(), Bytes::from(record.id.clone())));
+    q.transfer(&keys.dlq(), &record.id, &keys.poison(), f, None)
+        .await
+}
+
+/// Delete every record; returns how many there were.
+pub async fn purge(q: &dyn Queue, keys: &Keys) -> Result<u64, QueueError> {
+    let ids: Vec<String> = q
+        .range(&keys.dlq(), "-", "+", 0)
+        .await?
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    let mut n = 0;
+    for chunk in ids.chunks(500) {
+        n += q.delete(&keys.dlq(), chunk).await?;
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::fields;
+    use crate::queue::memory::MemoryQueue;
+
+    #[tokio::test]
+    async fn record_round_trip_and_replay() {
+        let q = MemoryQueue::new();
+        let keys = Keys::new("ns", "wf");
+        let rec = DlqRecord {
+            id: String::new(),
+            reason: reason::MAX_DELIVERIES.into(),
+            error: "503".into(),
+            task_id: "t1".into(),
+            step: "coder".into(),
+            source: "code".into(),
+            entry_id: "1-0".into(),
+            deliveries: 5,
+            replays: 1,
+            replayable: true,
+            tool: Some("bank".into()),
+            dead_at_ms: task::now_ms(),
+            engine: "e".into(),
+            history: vec![],
+            original: vec![
+                ("task_id".into(), Bytes::from("t1")),
+                ("payload".into(), Bytes::from_static(&[0xff, b'{'])),
+                ("replays".into(), Bytes::from("1")),
+            ],
+        };
+        let id = q.add(&keys.dlq(), rec.encode(), None).await.unwrap();
+        let got = show(&q, &keys, &id).await.unwrap().unwrap();
+        assert_eq!(
+            got,
+            DlqRecord {
+                id: id.clone(),
+                ..rec.clone()
+            }
+        );
+        let moved = replay(&q, &keys, &got, None).await.unwrap();
+        assert!(moved.is_some());
+        assert!(
+            replay(&q, &keys, &got, None).await.unwrap().is_none(),
+            "once"
+        );
+        let back = q.range(&keys.stream("code"), "-", "+", 0).await.unwrap();
+        assert_eq!(back[0].field("replays"), Some(&Bytes::from("2")));
+        assert_eq!(
+            back[0].field("payload"),
+            Some(&Bytes::from_static(&[0xff, b'{']))
+        );
+        q.add(&keys.dlq(), fields([("reason", "x")]), None)
+            .await
+            .unwrap();
+        q.add(&keys.dlq(), fields([("reason", "y")]), None)
+            .await
+            .unwrap();
+        assert_eq!(list(&q, &keys, 0).await.unwrap().len(), 2);
+        assert_eq!(purge(&q, &keys).await.unwrap(), 2);
+        assert_eq!(q.len(&keys.dlq()).await.unwrap(), 0);
+    }
+}

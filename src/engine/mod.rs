@@ -1,0 +1,55 @@
+//! The engine: what runs in every managed pod — and, unchanged, in-process
+//! under `r4 run`.
+//!
+//! Roles, each a struct with `run(shutdown)` over an `Arc<dyn Queue>`:
+//! - [`consumer::AgentRole`]: consume an agent's input stream and deliver
+//!   each task through a [`delivery::Delivery`] (HTTP to the agent container,
+//!   or a simulated agent), effectively once;
+//! - [`intake::Intake`]: the Task Intake API (`POST /v1/tasks`);
+//! - [`repair::RepairRole`]: replay DLQ entries once their dependency is
+//!   healthy, quarantine poison.
+//!
+//! Shared concepts, one module each: [`config`] (the workflow resolved to
+//! numbers), [`task`] (the envelope), [`dlq`], [`saga`], [`killswitch`],
+//! [`breakers`] (published breaker states), [`degraded`], [`stats`],
+//! [`http`] (health and metrics endpoints). The tool proxy and the policy
+//! mechanisms live in `resilience`, not here.
+
+pub mod breakers;
+pub mod config;
+pub mod consumer;
+pub mod degraded;
+pub mod delivery;
+pub mod dlq;
+pub mod http;
+pub mod intake;
+pub mod killswitch;
+pub mod repair;
+pub mod saga;
+pub mod stats;
+pub mod task;
+
+pub use config::WorkflowConfig;
+pub use consumer::{AgentOptions, AgentRole};
+pub use delivery::{Delivery, DeliveryError, DeliveryRequest, HttpDelivery, Outputs};
+pub use intake::Intake;
+pub use repair::RepairRole;
+pub use stats::Stats;
+
+use crate::queue::QueueError;
+
+/// Errors of the engine roles.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("{0}")]
+    Io(String),
+}
+
+/// A fresh engine id: `<name>-<8 hex>` (also the consumer name).
+pub fn engine_id(name: &str) -> String {
+    format!("{name}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+}

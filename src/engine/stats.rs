@@ -1,0 +1,462 @@
+//! Engine statistics: counters and a latency histogram per engine,
+//! published to Redis with a TTL, aggregated per workflow by a reader, and
+//! served as Prometheus metrics.
+//!
+//! Owns the counter set, the metric names and the wire shape of a published
+//! snapshot (`r4:{ns/wf}:stats:<engine-id>`, JSON, histograms as hex-encoded
+//! HdrHistogram V2). `r4 status` and the controller read through
+//! [`read_workflow`]; they never parse engine internals.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::queue::{Keys, Queue, QueueError};
+
+/// What became of one task at one step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Completed,
+    /// Already completed earlier (inbox key present): acked only.
+    Duplicate,
+    DeadLettered,
+    /// Routed elsewhere by degraded mode.
+    Routed,
+    /// Not for this agent (another agent's compensation on a shared stream).
+    Skipped,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Completed => "completed",
+            Outcome::Duplicate => "duplicate",
+            Outcome::DeadLettered => "dead_lettered",
+            Outcome::Routed => "routed",
+            Outcome::Skipped => "skipped",
+        }
+    }
+}
+
+/// Counter values (also the aggregate of a workflow).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    pub processed: u64,
+    pub completed: u64,
+    pub duplicates: u64,
+    pub failed: u64,
+    pub retries: u64,
+    pub dead_lettered: u64,
+    pub routed: u64,
+    pub replays: u64,
+    pub quarantined: u64,
+    pub compensations: u64,
+    pub in_flight: i64,
+}
+
+impl Counters {
+    fn add(&mut self, o: &Counters) {
+        self.processed += o.processed;
+        self.completed += o.completed;
+        self.duplicates += o.duplicates;
+        self.failed += o.failed;
+        self.retries += o.retries;
+        self.dead_lettered += o.dead_lettered;
+        self.routed += o.routed;
+        self.replays += o.replays;
+        self.quarantined += o.quarantined;
+        self.compensations += o.compensations;
+        self.in_flight += o.in_flight;
+    }
+}
+
+/// One engine's published snapshot.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub engine_id: String,
+    pub role: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    pub at_ms: u64,
+    pub counters: Counters,
+    /// Task latency (read to completion) in µs, hex HdrHistogram V2.
+    pub latency_us: String,
+    /// Engine overhead per task (latency minus agent time) in µs.
+    pub overhead_us: String,
+}
+
+/// Aggregate of every live engine of a workflow.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkflowStats {
+    pub engines: Vec<Snapshot>,
+    pub totals: Counters,
+    pub latency_ms_p50: f64,
+    pub latency_ms_p95: f64,
+    pub latency_ms_p99: f64,
+}
+
+/// Live statistics of one engine.
+pub struct Stats {
+    pub engine_id: String,
+    pub role: String,
+    pub agent: Option<String>,
+    processed: AtomicU64,
+    completed: AtomicU64,
+    duplicates: AtomicU64,
+    failed: AtomicU64,
+    retries: AtomicU64,
+    dead_lettered: AtomicU64,
+    routed: AtomicU64,
+    replays: AtomicU64,
+    quarantined: AtomicU64,
+    compensations: AtomicU64,
+    in_flight: AtomicI64,
+    latency: Mutex<Histogram<u64>>,
+    overhead: Mutex<Histogram<u64>>,
+    registry: Registry,
+    m_tasks: IntCounterVec,
+    m_duration: HistogramVec,
+    m_retries: IntCounterVec,
+    m_in_flight: IntGaugeVec,
+    m_replays: IntCounterVec,
+}
+
+impl std::fmt::Debug for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stats")
+            .field("engine_id", &self.engine_id)
+            .field("counters", &self.counters())
+            .finish_non_exhaustive()
+    }
+}
+
+fn histogram() -> Histogram<u64> {
+    // 1 µs .. 1 h, 3 significant digits; the bounds are constants, so this
+    // cannot fail.
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("static histogram bounds")
+}
+
+impl Stats {
+    pub fn new(engine_id: &str, role: &str, agent: Option<&str>) -> Self {
+        let registry = Registry::new();
+        let m_tasks = IntCounterVec::new(
+            Opts::new(
+                "r4_engine_tasks_total",
+                "Tasks handled, by agent and outcome",
+            ),
+            &["agent", "outcome"],
+        )
+        .expect("static metric definition");
+        let m_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "r4_engine_task_duration_seconds",
+                "Time from reading a task to its completion",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0,
+            ]),
+            &["agent"],
+        )
+        .expect("static metric definition");
+        let m_retries = IntCounterVec::new(
+            Opts::new("r4_engine_retries_total", "Delivery retries"),
+            &["agent"],
+        )
+        .expect("static metric definition");
+        let m_in_flight = IntGaugeVec::new(
+            Opts::new("r4_engine_in_flight", "Tasks being delivered now"),
+            &["agent"],
+        )
+        .expect("static metric definition");
+        let m_replays = IntCounterVec::new(
+            Opts::new(
+                "r4_engine_replays_total",
+                "DLQ entries replayed or quarantined",
+            ),
+            &["outcome"],
+        )
+        .expect("static metric definition");
+        for c in [
+            Box::new(m_tasks.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(m_duration.clone()),
+            Box::new(m_retries.clone()),
+            Box::new(m_in_flight.clone()),
+            Box::new(m_replays.clone()),
+        ] {
+            // Fresh registry, distinct names: registration cannot collide.
+            let _ = registry.register(c);
+        }
+        Self {
+            engine_id: engine_id.to_owned(),
+            role: role.to_owned(),
+            agent: agent.map(str::to_owned),
+            processed: AtomicU64::new(0),
+            completed: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            dead_lettered: AtomicU64::new(0),
+            routed: AtomicU64::new(0),
+            replays: AtomicU64::new(0),
+            quarantined: AtomicU64::new(0),
+            compensations: AtomicU64::new(0),
+            in_flight: AtomicI64::new(0),
+            latency: Mutex::new(histogram()),
+            overhead: Mutex::new(histogram()),
+            registry,
+            m_tasks,
+            m_duration,
+            m_retries,
+            m_in_flight,
+            m_replays,
+        }
+    }
+
+    fn agent_label(&self) -> &str {
+        self.agent.as_deref().unwrap_or("")
+    }
+
+    /// A task finished at this step. `total`: read to done; `agent_time`:
+    /// the part spent waiting for the agent.
+    pub fn record(&self, outcome: Outcome, total: Duration, agent_time: Duration) {
+        self.processed.fetch_add(1, Ordering::Relaxed);
+        let c = match outcome {
+            Outcome::Completed => &self.completed,
+            Outcome::Duplicate => &self.duplicates,
+            Outcome::DeadLettered => &self.dead_lettered,
+            Outcome::Routed => &self.routed,
+            Outcome::Skipped => return,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+        self.m_tasks
+            .with_label_values(&[self.agent_label(), outcome.as_str()])
+            .inc();
+        if outcome == Outcome::Completed {
+            self.m_duration
+                .with_label_values(&[self.agent_label()])
+                .observe(total.as_secs_f64());
+            let us = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1);
+            if let Ok(mut h) = self.latency.lock() {
+                h.saturating_record(us(total));
+            }
+            if let Ok(mut h) = self.overhead.lock() {
+                h.saturating_record(us(total.saturating_sub(agent_time)));
+            }
+        }
+    }
+
+    /// A delivery attempt failed.
+    pub fn failed_attempt(&self, will_retry: bool) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        if will_retry {
+            self.retries.fetch_add(1, Ordering::Relaxed);
+            self.m_retries
+                .with_label_values(&[self.agent_label()])
+                .inc();
+        }
+    }
+
+    pub fn replayed(&self) {
+        self.replays.fetch_add(1, Ordering::Relaxed);
+        self.m_replays.with_label_values(&["replayed"]).inc();
+    }
+
+    pub fn quarantined(&self) {
+        self.quarantined.fetch_add(1, Ordering::Relaxed);
+        self.m_replays.with_label_values(&["quarantined"]).inc();
+    }
+
+    pub fn compensated(&self) {
+        self.compensations.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Count a task in flight until the guard drops.
+    pub fn in_flight(&self) -> InFlight<'_> {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.m_in_flight
+            .with_label_values(&[self.agent_label()])
+            .inc();
+        InFlight(self)
+    }
+
+    pub fn counters(&self) -> Counters {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Counters {
+            processed: l(&self.processed),
+            completed: l(&self.completed),
+            duplicates: l(&self.duplicates),
+            failed: l(&self.failed),
+            retries: l(&self.retries),
+            dead_lettered: l(&self.dead_lettered),
+            routed: l(&self.routed),
+            replays: l(&self.replays),
+            quarantined: l(&self.quarantined),
+            compensations: l(&self.compensations),
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+        }
+    }
+
+    /// A copy of the latency histogram (µs).
+    pub fn latency(&self) -> Histogram<u64> {
+        self.latency
+            .lock()
+            .map(|h| h.clone())
+            .unwrap_or_else(|_| histogram())
+    }
+
+    /// A copy of the overhead histogram (µs).
+    pub fn overhead(&self) -> Histogram<u64> {
+        self.overhead
+            .lock()
+            .map(|h| h.clone())
+            .unwrap_or_else(|_| histogram())
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            engine_id: self.engine_id.clone(),
+            role: self.role.clone(),
+            agent: self.agent.clone(),
+            at_ms: super::task::now_ms(),
+            counters: self.counters(),
+            latency_us: encode_hist(&self.latency()),
+            overhead_us: encode_hist(&self.overhead()),
+        }
+    }
+
+    /// Prometheus text exposition.
+    pub fn render_metrics(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// Publish the snapshot under `stats:<engine-id>` with `ttl`.
+    pub async fn publish(
+        &self,
+        q: &dyn Queue,
+        keys: &Keys,
+        ttl: Duration,
+    ) -> Result<(), QueueError> {
+        let json = serde_json::to_vec(&self.snapshot()).unwrap_or_default();
+        q.set(&keys.stats(&self.engine_id), Bytes::from(json), Some(ttl))
+            .await
+    }
+}
+
+/// Guard of [`Stats::in_flight`].
+pub struct InFlight<'a>(&'a Stats);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0
+            .m_in_flight
+            .with_label_values(&[self.0.agent_label()])
+            .dec();
+    }
+}
+
+fn encode_hist(h: &Histogram<u64>) -> String {
+    let mut buf = Vec::new();
+    match V2Serializer::new().serialize(h, &mut buf) {
+        Ok(_) => hex::encode(buf),
+        Err(_) => String::new(),
+    }
+}
+
+/// Decode a published histogram (an empty one for garbage).
+pub fn decode_hist(s: &str) -> Histogram<u64> {
+    hex::decode(s)
+        .ok()
+        .and_then(|b| Deserializer::new().deserialize(&mut b.as_slice()).ok())
+        .unwrap_or_else(histogram)
+}
+
+/// Read and aggregate every live engine's snapshot of a workflow.
+pub async fn read_workflow(q: &dyn Queue, keys: &Keys) -> Result<WorkflowStats, QueueError> {
+    let mut engines = Vec::new();
+    for key in q.scan_prefix(&keys.stats_prefix()).await? {
+        if let Some(raw) = q.get(&key).await?
+            && let Ok(s) = serde_json::from_slice::<Snapshot>(&raw)
+        {
+            engines.push(s);
+        }
+    }
+    let mut totals = Counters::default();
+    let mut all = histogram();
+    for e in &engines {
+        totals.add(&e.counters);
+        let _ = all.add(decode_hist(&e.latency_us));
+    }
+    let ms = |q: f64| all.value_at_quantile(q) as f64 / 1000.0;
+    Ok(WorkflowStats {
+        latency_ms_p50: ms(0.5),
+        latency_ms_p95: ms(0.95),
+        latency_ms_p99: ms(0.99),
+        engines,
+        totals,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn publishes_and_aggregates() {
+        let q = crate::queue::memory::MemoryQueue::new();
+        let keys = Keys::new("ns", "wf");
+        let a = Stats::new("e1", "agent", Some("a"));
+        let b = Stats::new("e2", "agent", Some("b"));
+        for _ in 0..10 {
+            a.record(
+                Outcome::Completed,
+                Duration::from_millis(2),
+                Duration::from_millis(1),
+            );
+        }
+        b.record(
+            Outcome::DeadLettered,
+            Duration::from_millis(1),
+            Duration::ZERO,
+        );
+        b.failed_attempt(true);
+        {
+            let _g = b.in_flight();
+            assert_eq!(b.counters().in_flight, 1);
+        }
+        assert_eq!(b.counters().in_flight, 0);
+        a.publish(&q, &keys, Duration::from_secs(10)).await.unwrap();
+        b.publish(&q, &keys, Duration::from_secs(10)).await.unwrap();
+        let w = read_workflow(&q, &keys).await.unwrap();
+        assert_eq!(w.engines.len(), 2);
+        assert_eq!(w.totals.completed, 10);
+        assert_eq!(w.totals.dead_lettered, 1);
+        assert_eq!(w.totals.retries, 1);
+        assert_eq!(w.totals.processed, 11);
+        assert!(
+            (w.latency_ms_p50 - 2.0).abs() < 0.01,
+            "{}",
+            w.latency_ms_p50
+        );
+        let m = a.render_metrics();
+        assert!(
+            m.contains("r4_engine_tasks_total{agent=\"a\",outcome=\"completed\"} 10"),
+            "{m}"
+        );
+        assert!(m.contains("r4_engine_task_duration_seconds_bucket"));
+        let o = decode_hist(&a.snapshot().overhead_us);
+        assert_eq!(o.len(), 10);
+        assert!((o.value_at_quantile(0.5) as i64 - 1000).abs() < 5);
+    }
+}

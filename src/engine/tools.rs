@@ -1,0 +1,863 @@
+//! The tool proxy: every tool call an agent makes goes through here, on localhost.
+//!
+//! It owns capability gating (an agent may only call the tools its spec lists), kill switches
+//! on tools, the idempotency decision (spec, else the MCP tool annotations `idempotentHint` /
+//! `readOnlyHint`), and it applies each tool's `CircuitPolicy` stack from
+//! [`crate::resilience`]. How a request reaches the tool is a [`Transport`]: real HTTP in a
+//! pod, a simulated tool in `r4 run`. It never fails a call with a Rust error: refusals and
+//! failures become HTTP answers the agent can act on, with an `r4-degraded` header saying why.
+//!
+//! Endpoints (see [`ToolProxy::router`]):
+//! - `POST /tools/{tool}[/{path…}]` — plain HTTP, forwarded to the tool's URL;
+//! - `POST /mcp/{tool}` — MCP JSON-RPC; `tools/call` is governed per MCP tool name.
+//!
+//! The agent passes the `Idempotency-Key` it received with its task; the proxy forwards it, so
+//! a retried, hedged or replayed call carries the same key to the tool.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tower::ServiceExt;
+use tower::util::BoxCloneService;
+
+use crate::api::policy::CircuitPolicySpec;
+use crate::api::validate::FieldError;
+use crate::api::workflow::{AgentWorkflowSpec, ToolProtocol, ToolSpec};
+use crate::resilience::{
+    BoxError, BreakerState, CountersSnapshot, HttpRequest, HttpResponse, Metrics, PolicyConfig,
+    PolicyRequest, PolicyResponse, PolicyService, ResilienceError, Stack, Telemetry, build_stack,
+};
+
+/// How requests reach a tool.
+pub type Transport = BoxCloneService<HttpRequest, HttpResponse, BoxError>;
+
+/// Header naming why a call was refused or answered in degraded mode.
+pub const DEGRADED_HEADER: &str = "r4-degraded";
+/// Header carried by the idempotency key.
+pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
+
+/// One call through the proxy: the HTTP request plus what the policy needs to know about it.
+#[derive(Clone, Debug)]
+pub struct ToolCall {
+    pub request: HttpRequest,
+    /// Safe to repeat after it may have reached the tool (retry after a timeout, hedge).
+    pub idempotent: bool,
+    /// Has no side effect: may be answered from the fallback cache.
+    pub read_only: bool,
+}
+
+impl PolicyRequest for ToolCall {
+    fn idempotent(&self) -> bool {
+        self.idempotent || self.read_only
+    }
+
+    fn cache_key(&self) -> Option<String> {
+        // Only a read-only answer may be served again: replaying a write's answer would claim an
+        // effect that did not happen. The key is the request, so the same statement query gets
+        // the same cached statement.
+        if !self.read_only {
+            return None;
+        }
+        let body = cacheable_body(&self.request.body);
+        Some(format!(
+            "{} {} {}",
+            self.request.method, self.request.url, body
+        ))
+    }
+}
+
+/// The body with the JSON-RPC `id` removed (it differs per call, the question does not).
+fn cacheable_body(body: &[u8]) -> String {
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(serde_json::Value::Object(mut m)) => {
+            m.remove("id");
+            serde_json::Value::Object(m).to_string()
+        }
+        _ => String::from_utf8_lossy(body).into_owned(),
+    }
+}
+
+/// Idempotency and read-only hints of one MCP tool (from `tools/list` annotations).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct McpHints {
+    pub idempotent: bool,
+    pub read_only: bool,
+}
+
+struct ProxiedTool {
+    spec: ToolSpec,
+    protocol: ToolProtocol,
+    /// `BoxCloneService` is `Send` but not `Sync`; each call clones it under this lock.
+    service: Mutex<PolicyService<ToolCall, HttpResponse>>,
+    stack_breaker: Option<crate::resilience::Breaker>,
+    telemetry: Telemetry,
+    /// MCP annotations per MCP tool name, when the spec leaves idempotency open.
+    hints: RwLock<HashMap<String, McpHints>>,
+}
+
+/// The proxy for one workflow.
+pub struct ToolProxy {
+    tools: BTreeMap<String, ProxiedTool>,
+    killed: RwLock<BTreeSet<String>>,
+}
+
+/// Why the proxy refused a call before sending it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The tool is not declared in the workflow.
+    UnknownTool,
+    /// The agent's spec does not list the tool (capability gating).
+    NotAllowed,
+    /// The tool's kill switch is engaged.
+    Killed,
+}
+
+impl ToolProxy {
+    /// Build the proxy for every tool of `spec`; `policies` are the workflow's CircuitPolicies by
+    /// name, `transport` makes the way to reach each tool.
+    pub fn new(
+        spec: &AgentWorkflowSpec,
+        policies: &BTreeMap<String, CircuitPolicySpec>,
+        transport: &dyn Fn(&ToolSpec) -> Transport,
+        metrics: Option<Metrics>,
+    ) -> Result<Self, FieldError> {
+        let mut tools = BTreeMap::new();
+        for (i, t) in spec.tools.iter().enumerate() {
+            let policy_name = t.policy_ref.as_ref().or(spec.policy_ref.as_ref());
+            let policy = match policy_name {
+                Some(name) => Some(policies.get(name).ok_or_else(|| {
+                    FieldError::new(
+                        format!("spec.tools[{i}].policyRef"),
+                        format!("CircuitPolicy {name:?} not found"),
+                    )
+                })?),
+                None => None,
+            };
+            let cfg = PolicyConfig::from_spec(policy, t.fallback.as_ref()).map_err(|e| {
+                FieldError::new(
+                    format!("spec.tools[{i}].{}", e.path.trim_start_matches("spec.")),
+                    e.message,
+                )
+            })?;
+            let telemetry = Telemetry::new(&t.name, metrics.clone());
+            let inner = transport(t);
+            let Stack {
+                service, breaker, ..
+            } = build_stack(&cfg, CallAdapter(inner), telemetry.clone());
+            tools.insert(
+                t.name.clone(),
+                ProxiedTool {
+                    protocol: protocol_of(t),
+                    spec: t.clone(),
+                    service: Mutex::new(service),
+                    stack_breaker: breaker,
+                    telemetry,
+                    hints: RwLock::new(HashMap::new()),
+                },
+            );
+        }
+        Ok(Self {
+            tools,
+            killed: RwLock::new(BTreeSet::new()),
+        })
+    }
+
+    /// The tools whose kill switch is engaged (the kill-switch watcher keeps this current).
+    pub fn set_killed(&self, killed: BTreeSet<String>) {
+        *write(&self.killed) = killed;
+    }
+
+    /// Whether a tool is down for degraded-mode purposes: killed or its breaker open.
+    pub fn is_down(&self, tool: &str) -> bool {
+        if read(&self.killed).contains(tool) {
+            return true;
+        }
+        self.tools
+            .get(tool)
+            .and_then(|t| t.stack_breaker.as_ref())
+            .is_some_and(|b| b.state() == BreakerState::Open)
+    }
+
+    /// Breaker state per tool (tools without a breaker are absent).
+    pub fn breaker_states(&self) -> BTreeMap<String, BreakerState> {
+        self.tools
+            .iter()
+            .filter_map(|(n, t)| t.stack_breaker.as_ref().map(|b| (n.clone(), b.state())))
+            .collect()
+    }
+
+    /// The breaker of one tool, to attach shared state or listen to transitions.
+    pub fn breaker(&self, tool: &str) -> Option<&crate::resilience::Breaker> {
+        self.tools.get(tool).and_then(|t| t.stack_breaker.as_ref())
+    }
+
+    /// Policy counters per tool.
+    pub fn counters(&self) -> BTreeMap<String, CountersSnapshot> {
+        self.tools
+            .iter()
+            .map(|(n, t)| (n.clone(), t.telemetry.snapshot()))
+            .collect()
+    }
+
+    /// Record MCP annotations for a tool (normally learnt with [`ToolProxy::discover_mcp`]).
+    pub fn set_mcp_hints(&self, tool: &str, hints: HashMap<String, McpHints>) {
+        if let Some(t) = self.tools.get(tool) {
+            *write(&t.hints) = hints;
+        }
+    }
+
+    /// Ask each MCP tool whose idempotency the spec leaves open for its `tools/list` and keep the
+    /// annotations. A server that does not answer keeps the safe default (not idempotent).
+    pub async fn discover_mcp(&self, transport: &dyn Fn(&ToolSpec) -> Transport) {
+        for (name, t) in &self.tools {
+            if t.protocol != ToolProtocol::Mcp || t.spec.idempotent.is_some() {
+                continue;
+            }
+            let body =
+                serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}).to_string();
+            let mut req = HttpRequest::post(t.spec.url.clone(), body.into_bytes());
+            req.headers
+                .push(("content-type".into(), "application/json".into()));
+            let answer =
+                tokio::time::timeout(Duration::from_secs(5), transport(&t.spec).oneshot(req)).await;
+            if let Ok(Ok(resp)) = answer
+                && resp.status == 200
+            {
+                self.set_mcp_hints(name, parse_tools_list(&resp.body));
+            }
+        }
+    }
+
+    /// Whether `agent_tools` may call `tool`, and whether it is up.
+    pub fn check(&self, agent_tools: &[String], tool: &str) -> Result<(), Refusal> {
+        if !self.tools.contains_key(tool) {
+            return Err(Refusal::UnknownTool);
+        }
+        if !agent_tools.iter().any(|t| t == tool) {
+            return Err(Refusal::NotAllowed);
+        }
+        if read(&self.killed).contains(tool) {
+            return Err(Refusal::Killed);
+        }
+        Ok(())
+    }
+
+    /// Call `tool` on behalf of an agent allowed `agent_tools`. Always answers: refusals are
+    /// 403/404/503 with an [`DEGRADED_HEADER`], policy rejections 503, timeouts 504.
+    pub async fn call(
+        &self,
+        agent_tools: &[String],
+        tool: &str,
+        mut request: HttpRequest,
+    ) -> HttpResponse {
+        if let Err(r) = self.check(agent_tools, tool) {
+            return refusal_response(tool, &r);
+        }
+        let Some(t) = self.tools.get(tool) else {
+            return refusal_response(tool, &Refusal::UnknownTool);
+        };
+        request.url = forward_url(&t.spec.url, &request.url);
+        let (idempotent, read_only) = self.hints_for(t, &request.body);
+        let call = ToolCall {
+            request,
+            idempotent,
+            read_only,
+        };
+        let svc = match t.service.lock() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        match svc.oneshot(call).await {
+            Ok(resp) => {
+                let mut resp = resp;
+                if resp.is_fallback() {
+                    resp.headers
+                        .push((DEGRADED_HEADER.into(), format!("{tool}; reason=fallback")));
+                }
+                resp
+            }
+            Err(e) => error_response(tool, &e),
+        }
+    }
+
+    fn hints_for(&self, t: &ProxiedTool, body: &[u8]) -> (bool, bool) {
+        let spec_idem = t.spec.idempotent;
+        let spec_ro = t.spec.read_only;
+        if t.protocol != ToolProtocol::Mcp {
+            return (spec_idem.unwrap_or(false), spec_ro.unwrap_or(false));
+        }
+        let msg: serde_json::Value =
+            serde_json::from_slice(body).unwrap_or(serde_json::Value::Null);
+        match msg.get("method").and_then(|m| m.as_str()) {
+            Some("tools/call") => {
+                let name = msg
+                    .pointer("/params/name")
+                    .and_then(|n| n.as_str())
+                    .unwrap_or("");
+                let hint = read(&t.hints).get(name).copied().unwrap_or_default();
+                (
+                    spec_idem.unwrap_or(hint.idempotent),
+                    spec_ro.unwrap_or(hint.read_only),
+                )
+            }
+            // initialize, tools/list, ping: protocol chatter without effects.
+            Some(_) => (true, spec_ro.unwrap_or(false)),
+            None => (spec_idem.unwrap_or(false), spec_ro.unwrap_or(false)),
+        }
+    }
+}
+
+/// The wire protocol: the spec's, else MCP when the URL path ends in `/mcp`.
+pub fn protocol_of(t: &ToolSpec) -> ToolProtocol {
+    t.protocol.unwrap_or_else(|| {
+        let path = t.url.split('?').next().unwrap_or("");
+        if path.trim_end_matches('/').ends_with("/mcp") {
+            ToolProtocol::Mcp
+        } else {
+            ToolProtocol::Http
+        }
+    })
+}
+
+/// The tool's URL plus the sub-path the agent asked for (`/tools/ledger/entries/7` → `…/entries/7`).
+fn forward_url(base: &str, sub: &str) -> String {
+    if sub.is_empty() || sub.starts_with("http://") || sub.starts_with("https://") {
+        return base.to_string();
+    }
+    format!(
+        "{}/{}",
+        base.trim_end_matches('/'),
+        sub.trim_start_matches('/')
+    )
+}
+
+/// Annotations of an MCP `tools/list` answer: `result.tools[].{name, annotations}`.
+pub fn parse_tools_list(body: &[u8]) -> HashMap<String, McpHints> {
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or(serde_json::Value::Null);
+    let mut out = HashMap::new();
+    for tool in v
+        .pointer("/result/tools")
+        .and_then(|t| t.as_array())
+        .into_iter()
+        .flatten()
+    {
+        let Some(name) = tool.get("name").and_then(|n| n.as_str()) else {
+            continue;
+        };
+        let hint = |k: &str| {
+            tool.pointer(&format!("/annotations/{k}"))
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false)
+        };
+        out.insert(
+            name.to_string(),
+            McpHints {
+                idempotent: hint("idempotentHint"),
+                read_only: hint("readOnlyHint"),
+            },
+        );
+    }
+    out
+}
+
+fn refusal_response(tool: &str, r: &Refusal) -> HttpResponse {
+    let (status, reason, msg) = match r {
+        Refusal::UnknownTool => (
+            404,
+            "unknown-tool",
+            format!("tool {tool:?} is not declared in this workflow"),
+        ),
+        Refusal::NotAllowed => (
+            403,
+            "not-allowed",
+            format!("this agent may not call tool {tool:?}"),
+        ),
+        Refusal::Killed => (
+            503,
+            "killed",
+            format!("tool {tool:?} is stopped by its kill switch"),
+        ),
+    };
+    degraded(status, tool, reason, &msg)
+}
+
+fn error_response(tool: &str, e: &ResilienceError) -> HttpResponse {
+    let (status, reason) = match e {
+        ResilienceError::BreakerOpen => (503, "breaker-open"),
+        ResilienceError::BulkheadFull => (503, "bulkhead-full"),
+        ResilienceError::Throttled => (503, "throttled"),
+        ResilienceError::Timeout(_) => (504, "timeout"),
+        ResilienceError::BudgetExhausted(inner) => return error_response(tool, inner),
+        ResilienceError::Connect(_) => (502, "connect-error"),
+        ResilienceError::Inner(_) => (502, "error"),
+    };
+    degraded(status, tool, reason, &format!("tool {tool:?}: {e}"))
+}
+
+fn degraded(status: u16, tool: &str, reason: &str, msg: &str) -> HttpResponse {
+    let body = serde_json::json!({"error": msg, "tool": tool, "reason": reason}).to_string();
+    let mut r = HttpResponse::new(status, body.into_bytes());
+    r.headers
+        .push(("content-type".into(), "application/json".into()));
+    r.headers
+        .push((DEGRADED_HEADER.into(), format!("{tool}; reason={reason}")));
+    r
+}
+
+/// Adapts a transport (`HttpRequest`) to the stack's request type (`ToolCall`).
+#[derive(Clone)]
+struct CallAdapter(Transport);
+
+impl tower::Service<ToolCall> for CallAdapter {
+    type Response = HttpResponse;
+    type Error = BoxError;
+    type Future = futures::future::BoxFuture<'static, Result<HttpResponse, BoxError>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: ToolCall) -> Self::Future {
+        Box::pin(self.0.call(req.request))
+    }
+}
+
+/// Real HTTP to a tool, with connect failures marked as such (the request never left, so even
+/// a non-idempotent call may be retried).
+pub fn http_transport(client: reqwest::Client) -> Transport {
+    BoxCloneService::new(tower::service_fn(move |req: HttpRequest| {
+        let client = client.clone();
+        async move {
+            let method = reqwest::Method::from_bytes(req.method.as_bytes())
+                .map_err(|e| -> BoxError { format!("bad method {:?}: {e}", req.method).into() })?;
+            let mut b = client.request(method, &req.url).body(req.body);
+            for (k, v) in &req.headers {
+                b = b.header(k, v);
+            }
+            let resp = match b.send().await {
+                Ok(r) => r,
+                Err(e) if e.is_connect() => {
+                    return Err(ResilienceError::Connect(Box::new(e)).into());
+                }
+                Err(e) if e.is_timeout() => {
+                    return Err(ResilienceError::Timeout(Duration::ZERO).into());
+                }
+                Err(e) => return Err(Box::new(e) as BoxError),
+            };
+            let status = resp.status().as_u16();
+            let headers = resp
+                .headers()
+                .iter()
+                .filter_map(|(k, v)| {
+                    v.to_str()
+                        .ok()
+                        .map(|v| (k.as_str().to_string(), v.to_string()))
+                })
+                .collect();
+            let body = resp
+                .bytes()
+                .await
+                .map_err(|e| Box::new(e) as BoxError)?
+                .to_vec();
+            Ok(HttpResponse {
+                status,
+                headers,
+                body,
+                fallback: false,
+            })
+        }
+    }))
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|p| p.into_inner())
+}
+
+/// HTTP front of the proxy for one agent (listen on localhost in the agent's pod).
+pub mod http {
+    use super::*;
+    use axum::Router;
+    use axum::body::Bytes;
+    use axum::extract::{Path, State};
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::response::{IntoResponse, Response};
+    use axum::routing::post;
+
+    #[derive(Clone)]
+    struct AppState {
+        proxy: Arc<ToolProxy>,
+        agent_tools: Arc<Vec<String>>,
+    }
+
+    /// `POST /tools/{tool}`, `POST /tools/{tool}/{*path}`, `POST /mcp/{tool}`.
+    pub fn router(proxy: Arc<ToolProxy>, agent_tools: Vec<String>) -> Router {
+        let state = AppState {
+            proxy,
+            agent_tools: Arc::new(agent_tools),
+        };
+        Router::new()
+            .route("/tools/{tool}", post(plain))
+            .route("/tools/{tool}/{*path}", post(plain_path))
+            .route("/mcp/{tool}", post(plain))
+            .with_state(state)
+    }
+
+    async fn plain(
+        State(s): State<AppState>,
+        Path(tool): Path<String>,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Response {
+        forward(s, tool, String::new(), headers, body).await
+    }
+
+    async fn plain_path(
+        State(s): State<AppState>,
+        Path((tool, path)): Path<(String, String)>,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Response {
+        forward(s, tool, path, headers, body).await
+    }
+
+    async fn forward(
+        s: AppState,
+        tool: String,
+        path: String,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Response {
+        let mut req = HttpRequest::post(path, body.to_vec());
+        for name in [
+            IDEMPOTENCY_HEADER,
+            "content-type",
+            "traceparent",
+            "tracestate",
+            "accept",
+        ] {
+            if let Some(v) = headers.get(name).and_then(|v| v.to_str().ok()) {
+                req.headers.push((name.to_string(), v.to_string()));
+            }
+        }
+        let resp = s.proxy.call(&s.agent_tools, &tool, req).await;
+        let status = StatusCode::from_u16(resp.status).unwrap_or(StatusCode::BAD_GATEWAY);
+        let mut out = (status, resp.body).into_response();
+        for (k, v) in resp.headers {
+            if let (Ok(k), Ok(v)) = (
+                k.parse::<axum::http::HeaderName>(),
+                v.parse::<axum::http::HeaderValue>(),
+            ) {
+                out.headers_mut().append(k, v);
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::Router;
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::routing::post;
+    use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+
+    /// A loopback tool server: answers with the status the test sets, records the
+    /// idempotency keys it saw and counts requests.
+    #[derive(Clone, Default)]
+    struct FakeTool {
+        status: Arc<AtomicU32>,
+        requests: Arc<AtomicUsize>,
+        keys: Arc<Mutex<Vec<String>>>,
+    }
+
+    async fn serve(tool: FakeTool) -> String {
+        let app = Router::new()
+            .route(
+                "/mcp",
+                post({
+                    let tool = tool.clone();
+                    move |headers: HeaderMap, body: axum::body::Bytes| {
+                        let tool = tool.clone();
+                        async move { tool.answer(headers, body) }
+                    }
+                }),
+            )
+            .route(
+                "/{*rest}",
+                post(move |headers: HeaderMap, body: axum::body::Bytes| {
+                    let tool = tool.clone();
+                    async move { tool.answer(headers, body) }
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("http://{addr}")
+    }
+
+    impl FakeTool {
+        fn answer(&self, headers: HeaderMap, body: axum::body::Bytes) -> (StatusCode, String) {
+            self.requests.fetch_add(1, Ordering::SeqCst);
+            if let Some(k) = headers
+                .get(IDEMPOTENCY_HEADER)
+                .and_then(|v| v.to_str().ok())
+            {
+                self.keys.lock().unwrap().push(k.to_string());
+            }
+            let msg: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            if msg.get("method").and_then(|m| m.as_str()) == Some("tools/list") {
+                let list = serde_json::json!({"jsonrpc": "2.0", "id": 1, "result": {"tools": [
+                    {"name": "statement", "annotations": {"readOnlyHint": true, "idempotentHint": true}},
+                    {"name": "refund", "annotations": {"readOnlyHint": false, "idempotentHint": false}}
+                ]}});
+                return (StatusCode::OK, list.to_string());
+            }
+            let status = match self.status.load(Ordering::SeqCst) {
+                0 => 200,
+                s => s as u16,
+            };
+            let n = self.requests.load(Ordering::SeqCst);
+            (
+                StatusCode::from_u16(status).unwrap(),
+                format!("{{\"answer\":{n}}}"),
+            )
+        }
+    }
+
+    fn workflow(url: &str, extra_tool: &str) -> AgentWorkflowSpec {
+        serde_yaml::from_str(&format!(
+            r#"
+queue: {{redis: {{url: "redis://localhost"}}}}
+policyRef: pol
+tools:
+  - {{name: bank, url: "{url}/mcp", readOnly: true, idempotent: true, fallback: {{cache: {{ttl: 10m}}}}}}
+  - {{name: ledger, url: "{url}/ledger"}}
+  - {{name: mcp, url: "{url}/mcp"}}
+{extra_tool}
+agents:
+  - {{name: a, image: i, consumes: in, tools: [bank, ledger, mcp]}}
+"#
+        ))
+        .unwrap()
+    }
+
+    fn policies(yaml: &str) -> BTreeMap<String, CircuitPolicySpec> {
+        BTreeMap::from([("pol".to_string(), serde_yaml::from_str(yaml).unwrap())])
+    }
+
+    fn proxy(url: &str, policy: &str) -> ToolProxy {
+        let client = reqwest::Client::new();
+        ToolProxy::new(
+            &workflow(url, ""),
+            &policies(policy),
+            &|_| http_transport(client.clone()),
+            None,
+        )
+        .unwrap()
+    }
+
+    fn tools() -> Vec<String> {
+        vec!["bank".into(), "ledger".into(), "mcp".into()]
+    }
+
+    fn keyed(key: &str, body: &str) -> HttpRequest {
+        let mut r = HttpRequest::post("", body.as_bytes().to_vec());
+        r.headers.push((IDEMPOTENCY_HEADER.into(), key.into()));
+        r
+    }
+
+    const RETRY: &str = "retry: {maxAttempts: 3, backoff: {initial: 1ms, max: 2ms}, budget: {ratio: 1, minPerSecond: 1000}}\n";
+
+    #[tokio::test]
+    async fn gates_unknown_unlisted_and_killed_tools() {
+        let url = serve(FakeTool::default()).await;
+        let p = proxy(&url, RETRY);
+        let r = p.call(&tools(), "vault", keyed("k", "{}")).await;
+        assert_eq!(r.status, 404);
+        let r = p.call(&["bank".into()], "ledger", keyed("k", "{}")).await;
+        assert_eq!(r.status, 403);
+        assert_eq!(
+            r.header(DEGRADED_HEADER),
+            Some("ledger; reason=not-allowed")
+        );
+        p.set_killed(BTreeSet::from(["ledger".to_string()]));
+        let r = p.call(&tools(), "ledger", keyed("k", "{}")).await;
+        assert_eq!(r.status, 503);
+        assert_eq!(r.header(DEGRADED_HEADER), Some("ledger; reason=killed"));
+        assert!(p.is_down("ledger"));
+        p.set_killed(BTreeSet::new());
+        assert_eq!(
+            p.call(&tools(), "ledger", keyed("k", "{}")).await.status,
+            200
+        );
+    }
+
+    #[tokio::test]
+    async fn retries_an_idempotent_tool_with_the_same_key() {
+        let tool = FakeTool::default();
+        tool.status.store(503, Ordering::SeqCst);
+        let url = serve(tool.clone()).await;
+        let p = proxy(&url, RETRY);
+        let r = p
+            .call(
+                &tools(),
+                "bank",
+                keyed("task-1:a", r#"{"method":"tools/call"}"#),
+            )
+            .await;
+        assert_eq!(r.status, 503);
+        assert_eq!(tool.requests.load(Ordering::SeqCst), 3, "three attempts");
+        assert!(tool.keys.lock().unwrap().iter().all(|k| k == "task-1:a"));
+        assert_eq!(p.counters()["bank"].retries, 2);
+    }
+
+    #[tokio::test]
+    async fn never_retries_a_non_idempotent_call_that_reached_the_tool() {
+        let tool = FakeTool::default();
+        tool.status.store(500, Ordering::SeqCst);
+        let url = serve(tool.clone()).await;
+        let p = proxy(&url, RETRY);
+        let r = p.call(&tools(), "ledger", keyed("task-1:b", "{}")).await;
+        assert_eq!(r.status, 500);
+        assert_eq!(tool.requests.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn retries_a_non_idempotent_call_that_never_connected() {
+        // Nothing listens on this port: every attempt fails to connect.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let p = proxy(&format!("http://127.0.0.1:{port}"), RETRY);
+        let r = p.call(&tools(), "ledger", keyed("k", "{}")).await;
+        assert_eq!(r.status, 502);
+        assert_eq!(
+            r.header(DEGRADED_HEADER),
+            Some("ledger; reason=connect-error")
+        );
+        assert_eq!(p.counters()["ledger"].retries, 2);
+    }
+
+    #[tokio::test]
+    async fn opens_the_breaker_then_serves_cached_statements() {
+        let tool = FakeTool::default();
+        let url = serve(tool.clone()).await;
+        let p = proxy(
+            &url,
+            "circuitBreaker: {failureRateThreshold: 0.5, window: {type: Count, size: 4}, minimumCalls: 4, openDuration: 1h}\n",
+        );
+        let q = r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"statement","arguments":{"account":"42"}}}"#;
+        let good = p.call(&tools(), "bank", keyed("t1", q)).await;
+        assert_eq!(good.status, 200);
+        tool.status.store(500, Ordering::SeqCst);
+        // Same question, another JSON-RPC id: answered from the cache while the bank fails.
+        let q2 = q.replace("\"id\":7", "\"id\":8");
+        for _ in 0..4 {
+            let r = p.call(&tools(), "bank", keyed("t2", &q2)).await;
+            assert_eq!(r.status, 200);
+            assert_eq!(r.body, good.body);
+            assert_eq!(r.header(DEGRADED_HEADER), Some("bank; reason=fallback"));
+        }
+        assert_eq!(p.breaker_states()["bank"], BreakerState::Open);
+        let sent = tool.requests.load(Ordering::SeqCst);
+        // Open: nothing reaches the bank; a question never asked before has no cached answer.
+        let other = q.replace("42", "43");
+        let r = p.call(&tools(), "bank", keyed("t3", &other)).await;
+        assert_eq!(r.status, 503);
+        assert_eq!(r.header(DEGRADED_HEADER), Some("bank; reason=breaker-open"));
+        assert_eq!(tool.requests.load(Ordering::SeqCst), sent);
+        assert!(p.is_down("bank"));
+        assert!(p.counters()["bank"].fallbacks >= 4);
+    }
+
+    #[tokio::test]
+    async fn mcp_annotations_decide_idempotency_per_tool() {
+        let tool = FakeTool::default();
+        let url = serve(tool.clone()).await;
+        let client = reqwest::Client::new();
+        let transport = move |_: &ToolSpec| http_transport(client.clone());
+        let p = ToolProxy::new(&workflow(&url, ""), &policies(RETRY), &transport, None).unwrap();
+        p.discover_mcp(&transport).await;
+        tool.status.store(500, Ordering::SeqCst);
+        let before = tool.requests.load(Ordering::SeqCst);
+        let call = |name: &str| {
+            format!(
+                r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"{name}"}}}}"#
+            )
+        };
+        p.call(&tools(), "mcp", keyed("k1", &call("statement")))
+            .await;
+        assert_eq!(
+            tool.requests.load(Ordering::SeqCst) - before,
+            3,
+            "idempotentHint: retried"
+        );
+        let before = tool.requests.load(Ordering::SeqCst);
+        p.call(&tools(), "mcp", keyed("k2", &call("refund"))).await;
+        assert_eq!(
+            tool.requests.load(Ordering::SeqCst) - before,
+            1,
+            "not idempotent: not retried"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_http_front_forwards_path_and_key() {
+        let tool = FakeTool::default();
+        let url = serve(tool.clone()).await;
+        let p = Arc::new(proxy(&url, RETRY));
+        let app = http::router(p, vec!["ledger".into()]);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let client = reqwest::Client::new();
+        let r = client
+            .post(format!("http://{addr}/tools/ledger/entries"))
+            .header(IDEMPOTENCY_HEADER, "task-9:resolution")
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(tool.keys.lock().unwrap().as_slice(), ["task-9:resolution"]);
+        let r = client
+            .post(format!("http://{addr}/tools/bank"))
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403);
+        assert_eq!(r.headers()[DEGRADED_HEADER], "bank; reason=not-allowed");
+    }
+
+    #[test]
+    fn protocol_follows_the_url_unless_set() {
+        let t = |url: &str| ToolSpec {
+            name: "t".into(),
+            url: url.into(),
+            protocol: None,
+            policy_ref: None,
+            idempotent: None,
+            read_only: None,
+            fallback: None,
+            simulate: None,
+        };
+        assert_eq!(protocol_of(&t("http://x:8080/mcp")), ToolProtocol::Mcp);
+        assert_eq!(protocol_of(&t("http://x:8080/mcp/")), ToolProtocol::Mcp);
+        assert_eq!(
+            protocol_of(&t("http://x:8080/v1/entries")),
+            ToolProtocol::Http
+        );
+    }
+}
