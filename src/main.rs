@@ -33,21 +33,20 @@ enum Command {
     /// The operator (available with the controller issue).
     #[command(hide = true)]
     Controller,
-    /// The resilience engine of a managed pod (available with the engine issue).
-    #[command(hide = true)]
-    Engine,
+    /// The resilience engine of a managed pod: one role (agent sidecar, intake or repair).
+    Engine(r4::cli::engine::EngineArgs),
     /// Run a workflow on one machine (available with the `r4 run` issue).
     #[command(hide = true)]
     Run,
-    /// Engage a kill switch (available with the engine issue).
-    #[command(hide = true)]
-    Kill,
-    /// Release a kill switch (available with the engine issue).
-    #[command(hide = true)]
-    Resume,
-    /// Dead-letter queue tools (available with the engine issue).
-    #[command(hide = true)]
-    Dlq,
+    /// Engage a kill switch: WORKFLOW (all agents), WORKFLOW/AGENT or WORKFLOW/tool:TOOL.
+    Kill(KillArgs),
+    /// Release a kill switch engaged with `r4 kill`.
+    Resume(KillArgs),
+    /// Inspect and act on a workflow's dead-letter queue.
+    Dlq {
+        #[command(subcommand)]
+        command: r4::cli::dlq::DlqCommand,
+    },
     /// Workflow status (available with the controller issue).
     #[command(hide = true)]
     Status,
@@ -58,8 +57,45 @@ enum Command {
     },
 }
 
+#[derive(clap::Args, Debug)]
+struct KillArgs {
+    /// WORKFLOW, WORKFLOW/AGENT or WORKFLOW/tool:TOOL.
+    target: String,
+    /// Set the switch directly in this Redis (without it, the spec would be patched through the controller).
+    #[arg(long, env = "R4_REDIS_URL")]
+    redis: Option<String>,
+    #[arg(long, default_value = "default")]
+    namespace: String,
+}
+
 #[derive(Subcommand, Debug)]
 enum BenchCommand {
+    /// Tasks/s through intake -> engine -> agent -> ack against a bare XREADGROUP/XACK consumer.
+    Pipeline {
+        /// Redis to measure on; without it a private redis-server is started.
+        #[arg(long)]
+        redis: Option<String>,
+        /// Tasks per contender.
+        #[arg(long, default_value_t = 20000, value_parser = clap::value_parser!(u64).range(100..=1_000_000))]
+        tasks: u64,
+        /// Print only the JSON object (on one line).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Time from engaging a kill switch to every engine having stopped taking tasks.
+    Killswitch {
+        /// Redis to measure on; without it a private redis-server is started.
+        #[arg(long)]
+        redis: Option<String>,
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=500))]
+        engines: u64,
+        /// Engage/release rounds.
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=100))]
+        rounds: u64,
+        /// Print only the JSON object (on one line).
+        #[arg(long)]
+        json: bool,
+    },
     /// Tail latency against a heavy-tailed tool: no hedging, tower::hedge and r4's hedge.
     Hedge {
         /// Print only the JSON object (on one line).
@@ -99,7 +135,29 @@ fn main() -> ExitCode {
                 seed,
             } => r4::cli::bench_hedge(json, calls, warmup, seed),
             BenchCommand::Breaker { json } => r4::cli::bench_breaker(json),
+            BenchCommand::Pipeline { redis, tasks, json } => {
+                r4::cli::engine::bench_pipeline(redis.as_deref(), tasks as usize, json)
+            }
+            BenchCommand::Killswitch {
+                redis,
+                engines,
+                rounds,
+                json,
+            } => r4::cli::engine::bench_killswitch(
+                redis.as_deref(),
+                engines as usize,
+                rounds as usize,
+                json,
+            ),
         },
+        Command::Engine(args) => r4::cli::engine::engine(args),
+        Command::Kill(k) => {
+            r4::cli::engine::kill_switch(&k.target, k.redis.as_deref(), &k.namespace, true)
+        }
+        Command::Resume(k) => {
+            r4::cli::engine::kill_switch(&k.target, k.redis.as_deref(), &k.namespace, false)
+        }
+        Command::Dlq { command } => r4::cli::dlq::run(command),
         other => Err(r4::cli::CliError::NotYet(
             format!("{other:?}").to_lowercase(),
         )),

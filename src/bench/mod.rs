@@ -2,3 +2,5 @@
 
 pub mod breaker;
 pub mod hedge;
+pub mod killswitch;
+pub mod pipeline;

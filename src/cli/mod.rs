@@ -1,6 +1,9 @@
 //! What each `r4` subcommand does once its arguments are parsed: read inputs, call the library,
 //! print for people (or JSON for scripts) and choose the exit code.
 
+pub mod dlq;
+pub mod engine;
+
 use std::io::Read;
 use std::path::Path;
 use std::process::ExitCode;

@@ -1,0 +1,268 @@
+//! `r4 engine`, `r4 kill` / `r4 resume` (direct, with `--redis`) and the
+//! engine benches' command wrappers.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::{CliError, read_input};
+use crate::engine::killswitch::{self, Target};
+use crate::engine::{self, AgentRole, HttpDelivery, Intake, RepairRole, WorkflowConfig, http};
+use crate::queue::redis::RedisQueue;
+use crate::queue::{Keys, Queue};
+
+/// Which role an engine runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    Agent,
+    Intake,
+    Repair,
+}
+
+/// Arguments of `r4 engine`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EngineArgs {
+    /// The role of this engine.
+    #[arg(long, value_enum)]
+    pub role: Role,
+    /// The workflow and its policies (multi-document YAML, as for `r4 validate`).
+    #[arg(long, value_name = "FILE")]
+    pub workflow_file: PathBuf,
+    /// The AgentWorkflow to run when the file holds several.
+    #[arg(long)]
+    pub workflow: Option<String>,
+    /// The agent this engine serves (role agent).
+    #[arg(long)]
+    pub agent: Option<String>,
+    /// Redis URL.
+    #[arg(long, env = "R4_REDIS_URL")]
+    pub redis: String,
+    /// Namespace of the workflow (hash tag of its keys); default: the manifest's, else `default`.
+    #[arg(long)]
+    pub namespace: Option<String>,
+    /// Address of the HTTP endpoints (intake API, /healthz, /readyz, /metrics).
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    pub listen: String,
+    /// URL the agent container takes tasks on (role agent).
+    #[arg(long, default_value = "http://127.0.0.1:8081/tasks")]
+    pub agent_url: String,
+    /// Engine id (consumer name); default: the agent or role name plus a random suffix.
+    #[arg(long)]
+    pub engine_id: Option<String>,
+}
+
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::Internal(format!("cannot start the async runtime: {e}")))
+}
+
+pub(crate) async fn connect(url: &str) -> Result<Arc<dyn Queue>, CliError> {
+    let q = RedisQueue::connect(url)
+        .await
+        .map_err(|e| CliError::Usage(format!("cannot connect to {url}: {e}")))?;
+    Ok(Arc::new(q))
+}
+
+/// `r4 engine …`: run one role until SIGTERM/SIGINT, then stop safely.
+pub fn engine(args: EngineArgs) -> Result<ExitCode, CliError> {
+    let text = read_input(&args.workflow_file)?;
+    let cfg = WorkflowConfig::from_yaml(
+        &args.workflow_file.display().to_string(),
+        &text,
+        args.workflow.as_deref(),
+        args.namespace.as_deref(),
+    )
+    .map_err(|e| CliError::Usage(e.to_string()))?;
+    let cfg = Arc::new(cfg);
+    if args.role == Role::Agent {
+        let name = args
+            .agent
+            .as_deref()
+            .ok_or_else(|| CliError::Usage("--role agent needs --agent NAME".into()))?;
+        if cfg.agent(name).is_none() {
+            return Err(CliError::Usage(format!(
+                "agent {name:?} is not in workflow {}",
+                cfg.name
+            )));
+        }
+    }
+    let rt = runtime()?;
+    rt.block_on(run_engine(args, cfg))
+}
+
+async fn run_engine(args: EngineArgs, cfg: Arc<WorkflowConfig>) -> Result<ExitCode, CliError> {
+    let q = connect(&args.redis).await?;
+    let name = match args.role {
+        Role::Agent => args.agent.clone().unwrap_or_default(),
+        Role::Intake => "intake".into(),
+        Role::Repair => "repair".into(),
+    };
+    let id = args
+        .engine_id
+        .clone()
+        .unwrap_or_else(|| engine::engine_id(&name));
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .map_err(|e| CliError::Io(args.listen.clone(), e))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| CliError::Io(args.listen.clone(), e))?;
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        eprintln!("r4 engine: stopping safely");
+        let _ = tx.send(true);
+    });
+    let internal = |e: engine::EngineError| CliError::Internal(e.to_string());
+    eprintln!(
+        "r4 engine: {id} role={:?} workflow={}/{} listening on {addr}",
+        args.role, cfg.namespace, cfg.name
+    );
+    match args.role {
+        Role::Agent => {
+            let delivery = HttpDelivery::new(args.agent_url.clone())
+                .map_err(|e| CliError::Usage(format!("--agent-url: {e}")))?;
+            let role =
+                AgentRole::new(cfg.clone(), &name, q, Arc::new(delivery), &id).map_err(internal)?;
+            let server = tokio::spawn(http::serve(
+                listener,
+                http::router(http::Health::new(role.stats())),
+                rx.clone(),
+            ));
+            role.run(rx).await.map_err(internal)?;
+            let _ = server.await;
+        }
+        Role::Intake => {
+            let intake = Intake::new(cfg.clone(), q.clone(), &id);
+            let stats_task = tokio::spawn(engine::consumer::publish_stats(
+                q,
+                cfg.keys.clone(),
+                intake.stats(),
+                rx.clone(),
+            ));
+            http::serve(listener, intake.router(), rx)
+                .await
+                .map_err(|e| CliError::Io(addr.to_string(), e))?;
+            let _ = stats_task.await;
+        }
+        Role::Repair => {
+            let role = RepairRole::new(cfg.clone(), q, &id);
+            let server = tokio::spawn(http::serve(
+                listener,
+                http::router(http::Health::new(role.stats())),
+                rx.clone(),
+            ));
+            role.run(rx).await.map_err(internal)?;
+            let _ = server.await;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// `r4 kill WORKFLOW[/AGENT]` / `r4 resume …` directly in Redis.
+pub fn kill_switch(
+    target: &str,
+    redis: Option<&str>,
+    namespace: &str,
+    engage: bool,
+) -> Result<ExitCode, CliError> {
+    let Some(url) = redis else {
+        return Err(CliError::Usage(
+            "patching the workflow spec needs the controller (not in this build); pass --redis URL to set the switch directly in Redis".into(),
+        ));
+    };
+    let (workflow, rest) = match target.split_once('/') {
+        Some((w, a)) => (w, Some(a)),
+        None => (target, None),
+    };
+    if workflow.is_empty() || rest == Some("") {
+        return Err(CliError::Usage(format!(
+            "bad target {target:?}: expected WORKFLOW[/AGENT]"
+        )));
+    }
+    let t = Target::parse_suffix(rest);
+    let keys = Keys::new(namespace, workflow);
+    runtime()?.block_on(async {
+        let q = connect(url).await?;
+        let res = if engage {
+            killswitch::engage(q.as_ref(), &keys, &t).await
+        } else {
+            killswitch::release(q.as_ref(), &keys, &t).await
+        };
+        let v = res.map_err(|e| CliError::Internal(e.to_string()))?;
+        println!(
+            "{} {target} (state version {v})",
+            if engage { "engaged" } else { "released" }
+        );
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn print_json(value: &serde_json::Value, json: bool) -> Result<ExitCode, CliError> {
+    let text = if json {
+        serde_json::to_string(value)
+    } else {
+        serde_json::to_string_pretty(value)
+    };
+    println!(
+        "{}",
+        text.map_err(|e| CliError::Internal(format!("cannot print result: {e}")))?
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `r4 bench pipeline`.
+pub fn bench_pipeline(redis: Option<&str>, tasks: usize, json: bool) -> Result<ExitCode, CliError> {
+    let value = runtime()?
+        .block_on(crate::bench::pipeline::run(redis.map(str::to_owned), tasks))
+        .map_err(CliError::Internal)?;
+    print_json(&value, json)
+}
+
+/// `r4 bench killswitch`.
+pub fn bench_killswitch(
+    redis: Option<&str>,
+    engines: usize,
+    rounds: usize,
+    json: bool,
+) -> Result<ExitCode, CliError> {
+    let value = runtime()?
+        .block_on(crate::bench::killswitch::run(
+            redis.map(str::to_owned),
+            engines,
+            rounds,
+        ))
+        .map_err(CliError::Internal)?;
+    print_json(&value, json)
+}
+
+/// Deadline helper for CLI awaits.
+pub(crate) async fn within<T>(
+    what: &str,
+    d: Duration,
+    f: impl std::future::Future<Output = T>,
+) -> Result<T, CliError> {
+    tokio::time::timeout(d, f)
+        .await
+        .map_err(|_| CliError::Internal(format!("{what}: no answer within {d:?}")))
+}

@@ -1,0 +1,118 @@
+//! `r4 dlq …` and `r4 kill` / `r4 resume` as a user runs them (the real
+//! binary) against a real redis-server.
+
+use std::process::{Command, Output, Stdio};
+
+use r4::engine::dlq::{self, DlqRecord};
+use r4::engine::killswitch;
+use r4::queue::redis::RedisQueue;
+use r4::queue::{Keys, Queue};
+use r4::testutil::RedisServer;
+
+fn r4<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_r4"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run r4")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[tokio::test]
+async fn dlq_and_kill_commands() {
+    let server = RedisServer::start().await.unwrap();
+    let url = server.url();
+    let q = RedisQueue::connect(&url).await.unwrap();
+    let keys = Keys::new("team", "wf");
+    let rec = |task: &str| DlqRecord {
+        id: String::new(),
+        reason: "max_deliveries".into(),
+        error: "agent answered 503".into(),
+        task_id: task.into(),
+        step: "a".into(),
+        source: "in".into(),
+        entry_id: "1-0".into(),
+        deliveries: 5,
+        replays: 0,
+        replayable: true,
+        tool: None,
+        dead_at_ms: r4::engine::task::now_ms(),
+        engine: "e".into(),
+        history: vec![],
+        original: vec![
+            ("task_id".into(), task.to_owned().into()),
+            ("payload".into(), "{}".into()),
+        ],
+    };
+    let id1 = q.add(&keys.dlq(), rec("t1").encode(), None).await.unwrap();
+    q.add(&keys.dlq(), rec("t2").encode(), None).await.unwrap();
+    q.add(&keys.dlq(), rec("t3").encode(), None).await.unwrap();
+    let base = ["--redis", url.as_str(), "--namespace", "team"];
+    let with = |cmd: &[&str]| -> Vec<String> {
+        cmd.iter()
+            .chain(base.iter())
+            .map(|s| s.to_string())
+            .collect()
+    };
+
+    let o = r4(&with(&["dlq", "list", "wf"]));
+    assert!(o.status.success(), "{}", text(&o));
+    let t = text(&o);
+    assert!(
+        t.contains("max_deliveries") && t.contains("t1") && t.contains("3 entries"),
+        "{t}"
+    );
+
+    let o = r4(&with(&["dlq", "show", "wf", &id1]));
+    assert!(
+        o.status.success() && text(&o).contains("\"history\""),
+        "{}",
+        text(&o)
+    );
+    let o = r4(&with(&["dlq", "show", "wf", "9-9"]));
+    assert!(!o.status.success() && text(&o).contains("no DLQ entry"));
+
+    let o = r4(&with(&["dlq", "replay", "wf", "--id", &id1]));
+    assert!(o.status.success(), "{}", text(&o));
+    let back = q.range(&keys.stream("in"), "-", "+", 0).await.unwrap();
+    assert_eq!(back.len(), 1);
+    assert_eq!(back[0].field("task_id").unwrap().as_ref(), b"t1");
+    assert_eq!(back[0].field("replays").unwrap().as_ref(), b"1");
+    assert_eq!(dlq::list(&q, &keys, 0).await.unwrap().len(), 2);
+
+    // No terminal, no --yes: refuse and keep everything.
+    let o = r4(&with(&["dlq", "purge", "wf"]));
+    assert!(
+        !o.status.success() && text(&o).contains("--yes"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(q.len(&keys.dlq()).await.unwrap(), 2);
+    let o = r4(&with(&["dlq", "purge", "wf", "--yes"]));
+    assert!(
+        o.status.success() && text(&o).contains("purged 2"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(q.len(&keys.dlq()).await.unwrap(), 0);
+
+    let o = r4(&with(&["kill", "wf/a"]));
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(killswitch::read(&q, &keys).await.unwrap().stops(Some("a")));
+    let o = r4(&with(&["resume", "wf/a"]));
+    assert!(o.status.success());
+    assert!(!killswitch::read(&q, &keys).await.unwrap().stops(Some("a")));
+    let o = r4(&["kill", "wf"]);
+    assert!(
+        !o.status.success() && text(&o).contains("--redis"),
+        "{}",
+        text(&o)
+    );
+}
