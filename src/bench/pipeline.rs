@@ -196,6 +196,7 @@ async fn through_r4(
         read_block: Duration::from_millis(100),
         batch: CONCURRENCY,
         drain: Duration::from_secs(5),
+        ..Default::default()
     });
     let stats = role.stats();
     let (stop_tx, stop_rx) = watch::channel(false);

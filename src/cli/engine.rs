@@ -46,12 +46,79 @@ pub struct EngineArgs {
     /// Address of the HTTP endpoints (intake API, /healthz, /readyz, /metrics).
     #[arg(long, default_value = "0.0.0.0:8080")]
     pub listen: String,
+    /// Address of the tool proxy the agent container calls its tools through (role agent;
+    /// localhost only: it applies the policies, not authentication).
+    #[arg(long, default_value = "127.0.0.1:8082")]
+    pub tools_listen: String,
     /// URL the agent container takes tasks on (role agent).
     #[arg(long, default_value = "http://127.0.0.1:8081/tasks")]
     pub agent_url: String,
     /// Engine id (consumer name); default: the agent or role name plus a random suffix.
     #[arg(long)]
     pub engine_id: Option<String>,
+}
+
+/// The agent's tool proxy: policy stacks over real HTTP, MCP annotations learnt, kill switches
+/// and breaker states kept current, breakers shared through Redis where the policy says so,
+/// served on `--tools-listen`. Returns the server task.
+async fn start_tool_proxy(
+    args: &EngineArgs,
+    cfg: &Arc<WorkflowConfig>,
+    agent: &str,
+    q: Arc<dyn Queue>,
+    id: &str,
+    stop: watch::Receiver<bool>,
+) -> Result<tokio::task::JoinHandle<std::io::Result<()>>, CliError> {
+    use crate::engine::tools::{self, ToolProxy};
+    let client = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(2))
+        .build()
+        .map_err(|e| CliError::Internal(format!("cannot build the HTTP client: {e}")))?;
+    let transport = move |_: &crate::api::workflow::ToolSpec| tools::http_transport(client.clone());
+    let proxy: Arc<ToolProxy> = Arc::new(
+        cfg.tool_proxy(&transport, None, None)
+            .map_err(|e| CliError::Usage(e.to_string()))?,
+    );
+    proxy.discover_mcp(&transport).await;
+    for t in &cfg.spec.tools {
+        let policy = t
+            .policy_ref
+            .as_ref()
+            .or(cfg.spec.policy_ref.as_ref())
+            .and_then(|p| cfg.policies.get(p));
+        let shared = policy
+            .and_then(|p| p.circuit_breaker.as_ref())
+            .and_then(|cb| cb.shared)
+            .unwrap_or(false);
+        if let (true, Some(b)) = (shared, proxy.breaker(&t.name)) {
+            let store = crate::resilience::SharedBreakerStore::connect(&args.redis)
+                .await
+                .map_err(|e| CliError::Usage(format!("cannot connect to {}: {e}", args.redis)))?
+                .with_prefix(format!("{}:", cfg.keys.prefix()));
+            store.attach(b, Duration::from_secs(1)).await.map_err(|e| {
+                CliError::Internal(format!("cannot share breaker of {}: {e}", t.name))
+            })?;
+        }
+    }
+    tokio::spawn(tools::supervise(
+        proxy.clone(),
+        q,
+        cfg.clone(),
+        id.to_string(),
+        stop.clone(),
+    ));
+    let allowed = cfg
+        .agent(agent)
+        .map(|a| a.tools.clone())
+        .unwrap_or_default();
+    let listener = tokio::net::TcpListener::bind(&args.tools_listen)
+        .await
+        .map_err(|e| CliError::Io(args.tools_listen.clone(), e))?;
+    Ok(tokio::spawn(http::serve(
+        listener,
+        tools::http::router(proxy, allowed),
+        stop,
+    )))
 }
 
 pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
@@ -127,6 +194,7 @@ async fn run_engine(args: EngineArgs, cfg: Arc<WorkflowConfig>) -> Result<ExitCo
         Role::Agent => {
             let delivery = HttpDelivery::new(args.agent_url.clone())
                 .map_err(|e| CliError::Usage(format!("--agent-url: {e}")))?;
+            let tools = start_tool_proxy(&args, &cfg, &name, q.clone(), &id, rx.clone()).await?;
             let role =
                 AgentRole::new(cfg.clone(), &name, q, Arc::new(delivery), &id).map_err(internal)?;
             let server = tokio::spawn(http::serve(
@@ -136,6 +204,7 @@ async fn run_engine(args: EngineArgs, cfg: Arc<WorkflowConfig>) -> Result<ExitCo
             ));
             role.run(rx).await.map_err(internal)?;
             let _ = server.await;
+            let _ = tools.await;
         }
         Role::Intake => {
             let intake = Intake::new(cfg.clone(), q.clone(), &id);

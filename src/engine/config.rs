@@ -207,6 +207,10 @@ pub struct WorkflowConfig {
     pub max_payload_bytes: usize,
     /// Tools killed in the spec (`killSwitches.tools`).
     pub killed_tools: BTreeMap<String, bool>,
+    /// The workflow spec as written (the tool proxy builds its policy stacks from it).
+    pub spec: AgentWorkflowSpec,
+    /// CircuitPolicies available to the workflow's tools, by name.
+    pub policies: BTreeMap<String, CircuitPolicySpec>,
 }
 
 impl WorkflowConfig {
@@ -256,7 +260,34 @@ impl WorkflowConfig {
                 .as_ref()
                 .map(|k| k.tools.clone())
                 .unwrap_or_default(),
+            spec: spec.clone(),
+            policies: spec
+                .policy_ref
+                .iter()
+                .zip(policy)
+                .map(|(n, p)| (n.clone(), p.clone()))
+                .collect(),
         })
+    }
+
+    /// Add the CircuitPolicies that tools may name (`tools[].policyRef`).
+    pub fn with_policies(
+        mut self,
+        policies: impl IntoIterator<Item = (String, CircuitPolicySpec)>,
+    ) -> Self {
+        self.policies.extend(policies);
+        self
+    }
+
+    /// The tool proxy of this workflow: each tool's policy stack around `transport`.
+    pub fn tool_proxy(
+        &self,
+        transport: &dyn Fn(&crate::api::workflow::ToolSpec) -> super::tools::Transport,
+        metrics: Option<crate::resilience::Metrics>,
+        seed: Option<u64>,
+    ) -> Result<super::tools::ToolProxy, EngineError> {
+        super::tools::ToolProxy::new(&self.spec, &self.policies, transport, metrics, seed)
+            .map_err(|e| EngineError::Config(e.to_string()))
     }
 
     /// Resolve from validated manifests: the workflow named `workflow` (or
@@ -301,7 +332,19 @@ impl WorkflowConfig {
         if let (Some(p), None) = (&w.spec.policy_ref, policy) {
             tracing::warn!(policy = %p, "policyRef not in the given file; using default policy");
         }
-        Self::new(&ns, &name, &w.spec, policy)
+        let policies = manifests.iter().filter_map(|m| match m {
+            Manifest::Policy(cp)
+                if cp.metadata.namespace.as_deref().unwrap_or("default")
+                    == w.metadata.namespace.as_deref().unwrap_or("default") =>
+            {
+                Some((
+                    cp.metadata.name.clone().unwrap_or_default(),
+                    cp.spec.clone(),
+                ))
+            }
+            _ => None,
+        });
+        Ok(Self::new(&ns, &name, &w.spec, policy)?.with_policies(policies))
     }
 
     /// Parse multi-document YAML (workflow + policies) and resolve.

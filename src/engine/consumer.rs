@@ -54,6 +54,9 @@ pub struct AgentOptions {
     /// How long in-flight tasks may finish on shutdown before they are left
     /// pending (checkpointed) for another engine.
     pub drain: Duration,
+    /// Seed of the backoff jitter (`r4 run --seed` makes a run repeatable);
+    /// `None` draws from the thread's RNG.
+    pub jitter_seed: Option<u64>,
 }
 
 impl Default for AgentOptions {
@@ -62,6 +65,7 @@ impl Default for AgentOptions {
             read_block: Duration::from_millis(200),
             batch: 64,
             drain: Duration::from_secs(20),
+            jitter_seed: None,
         }
     }
 }
@@ -89,6 +93,20 @@ struct Ctx {
     sem: Arc<Semaphore>,
     downgrade: watch::Receiver<Option<Downgrade>>,
     shutdown: watch::Receiver<bool>,
+    jitter: Option<std::sync::Mutex<rand::rngs::SmallRng>>,
+}
+
+impl Ctx {
+    /// A uniform draw in `[0, 1)` for backoff jitter.
+    fn jitter_draw(&self) -> f64 {
+        match &self.jitter {
+            Some(rng) => rng
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .random::<f64>(),
+            None => rand::rng().random::<f64>(),
+        }
+    }
 }
 
 impl AgentRole {
@@ -161,6 +179,11 @@ impl AgentRole {
             stream: stream.clone(),
             downgrade: down_rx,
             shutdown: shutdown.clone(),
+            jitter: self.opts.jitter_seed.map(|s| {
+                std::sync::Mutex::new(<rand::rngs::SmallRng as rand::SeedableRng>::seed_from_u64(
+                    s,
+                ))
+            }),
         });
         let stats_task = tokio::spawn(publish_stats(
             q.clone(),
@@ -652,10 +675,7 @@ async fn handle(ctx: Arc<Ctx>, mut entry: StreamEntry, permit: OwnedSemaphorePer
             .await;
         drop(permit.take());
         let retry_n = u32::try_from(round.len()).unwrap_or(u32::MAX);
-        let delay = policy
-            .backoff
-            .delay(retry_n, rand::rng().random::<f64>())
-            .min(hold);
+        let delay = policy.backoff.delay(retry_n, ctx.jitter_draw()).min(hold);
         let mut shutdown = ctx.shutdown.clone();
         if wait_or_shutdown(&mut shutdown, delay).await {
             return; // left pending: checkpointed for redelivery

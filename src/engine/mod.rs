@@ -12,8 +12,8 @@
 //! Shared concepts, one module each: [`config`] (the workflow resolved to
 //! numbers), [`task`] (the envelope), [`dlq`], [`saga`], [`killswitch`],
 //! [`breakers`] (published breaker states), [`degraded`], [`stats`],
-//! [`http`] (health and metrics endpoints). The tool proxy and the policy
-//! mechanisms live in `resilience`, not here.
+//! [`http`] (health and metrics endpoints), [`tools`] (the tool proxy that
+//! applies each tool's policy stack; the mechanisms themselves live in `resilience`).
 
 pub mod breakers;
 pub mod config;
@@ -28,6 +28,7 @@ pub mod repair;
 pub mod saga;
 pub mod stats;
 pub mod task;
+pub mod tools;
 
 pub use config::WorkflowConfig;
 pub use consumer::{AgentOptions, AgentRole};

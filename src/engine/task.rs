@@ -280,11 +280,20 @@ pub(crate) fn json_bytes<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).unwrap_or_else(|_| b"null".to_vec())
 }
 
-/// Milliseconds since the Unix epoch.
+/// Milliseconds since the Unix epoch, on tokio's clock: the wall clock read once, then advanced
+/// by `tokio::time::Instant`. In a pod that is the wall clock (and monotonic); under `r4 run`'s
+/// virtual clock it is simulated time, so backoffs, replay delays, ages and latencies measured
+/// in milliseconds agree with the timers that drive the simulation.
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    static ANCHOR: std::sync::OnceLock<(u64, tokio::time::Instant)> = std::sync::OnceLock::new();
+    let (wall, mono) = *ANCHOR.get_or_init(|| {
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        (wall, tokio::time::Instant::now())
+    });
+    let elapsed = tokio::time::Instant::now().saturating_duration_since(mono);
+    wall.saturating_add(u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]

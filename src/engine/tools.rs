@@ -115,12 +115,14 @@ pub enum Refusal {
 
 impl ToolProxy {
     /// Build the proxy for every tool of `spec`; `policies` are the workflow's CircuitPolicies by
-    /// name, `transport` makes the way to reach each tool.
+    /// name, `transport` makes the way to reach each tool. `seed` makes the policies' random
+    /// draws (jitter, throttling) repeatable.
     pub fn new(
         spec: &AgentWorkflowSpec,
         policies: &BTreeMap<String, CircuitPolicySpec>,
         transport: &dyn Fn(&ToolSpec) -> Transport,
         metrics: Option<Metrics>,
+        seed: Option<u64>,
     ) -> Result<Self, FieldError> {
         let mut tools = BTreeMap::new();
         for (i, t) in spec.tools.iter().enumerate() {
@@ -134,12 +136,13 @@ impl ToolProxy {
                 })?),
                 None => None,
             };
-            let cfg = PolicyConfig::from_spec(policy, t.fallback.as_ref()).map_err(|e| {
+            let mut cfg = PolicyConfig::from_spec(policy, t.fallback.as_ref()).map_err(|e| {
                 FieldError::new(
                     format!("spec.tools[{i}].{}", e.path.trim_start_matches("spec.")),
                     e.message,
                 )
             })?;
+            cfg.seed = seed.map(|s| s.wrapping_add((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
             let telemetry = Telemetry::new(&t.name, metrics.clone());
             let inner = transport(t);
             let Stack {
@@ -481,6 +484,94 @@ fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Keep a proxy in step with its workflow until `stop`: the tools' kill switches (spec and
+/// Redis) and the breaker states, published on every transition (and refreshed while not
+/// closed, see [`super::breakers::REFRESH`]) for the repair role and degraded mode of every
+/// engine of the workflow.
+pub async fn supervise(
+    proxy: Arc<ToolProxy>,
+    queue: Arc<dyn crate::queue::Queue>,
+    cfg: Arc<super::WorkflowConfig>,
+    engine: String,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    use super::breakers::{BreakerRecord, BreakerState as Published, BreakerStates, REFRESH};
+    let (tx, mut transitions) = tokio::sync::mpsc::unbounded_channel::<String>();
+    for name in proxy.tools.keys() {
+        if let Some(b) = proxy.breaker(name) {
+            let (tx, name) = (tx.clone(), name.clone());
+            b.on_transition(move |_| {
+                let _ = tx.send(name.clone());
+            });
+        }
+    }
+    let mut switches = super::killswitch::watch(queue.clone(), cfg.keys.clone());
+    let spec_killed: BTreeSet<String> = cfg
+        .killed_tools
+        .iter()
+        .filter(|(_, on)| **on)
+        .map(|(t, _)| t.clone())
+        .collect();
+    let mut since: BTreeMap<String, u64> = BTreeMap::new();
+    let mut tick = tokio::time::interval(REFRESH);
+    let publish = |tool: String, state: BreakerState, since: u64| {
+        let q = queue.clone();
+        let keys = cfg.keys.clone();
+        let engine = engine.clone();
+        let failure_rate = proxy.counters().get(&tool).map_or(0.0, |c| {
+            if c.calls == 0 {
+                0.0
+            } else {
+                c.failures as f64 / c.calls as f64
+            }
+        });
+        async move {
+            let record = BreakerRecord {
+                state: match state {
+                    BreakerState::Closed => Published::Closed,
+                    BreakerState::Open => Published::Open,
+                    BreakerState::HalfOpen => Published::HalfOpen,
+                },
+                since_ms: since,
+                updated_ms: super::task::now_ms(),
+                engine,
+                failure_rate,
+            };
+            if let Err(e) = BreakerStates::new(q.as_ref(), &keys)
+                .publish(&tool, &record)
+                .await
+            {
+                tracing::warn!(tool = %tool, error = %e, "cannot publish breaker state");
+            }
+        }
+    };
+    loop {
+        let killed = spec_killed
+            .union(&switches.borrow().tools)
+            .cloned()
+            .collect();
+        proxy.set_killed(killed);
+        tokio::select! {
+            r = stop.changed() => if r.is_err() || *stop.borrow() { return },
+            changed = switches.changed() => if changed.is_err() { return },
+            Some(tool) = transitions.recv() => {
+                let state = proxy.breaker(&tool).map_or(BreakerState::Closed, |b| b.state());
+                let at = super::task::now_ms();
+                since.insert(tool.clone(), at);
+                publish(tool, state, at).await;
+            }
+            _ = tick.tick() => {
+                for (tool, state) in proxy.breaker_states() {
+                    if state != BreakerState::Closed {
+                        let at = since.get(&tool).copied().unwrap_or_else(super::task::now_ms);
+                        publish(tool, state, at).await;
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// HTTP front of the proxy for one agent (listen on localhost in the agent's pod).
 pub mod http {
     use super::*;
@@ -661,6 +752,7 @@ agents:
             &policies(policy),
             &|_| http_transport(client.clone()),
             None,
+            None,
         )
         .unwrap()
     }
@@ -787,7 +879,14 @@ agents:
         let url = serve(tool.clone()).await;
         let client = reqwest::Client::new();
         let transport = move |_: &ToolSpec| http_transport(client.clone());
-        let p = ToolProxy::new(&workflow(&url, ""), &policies(RETRY), &transport, None).unwrap();
+        let p = ToolProxy::new(
+            &workflow(&url, ""),
+            &policies(RETRY),
+            &transport,
+            None,
+            None,
+        )
+        .unwrap();
         p.discover_mcp(&transport).await;
         tool.status.store(500, Ordering::SeqCst);
         let before = tool.requests.load(Ordering::SeqCst);
@@ -839,6 +938,68 @@ agents:
             .unwrap();
         assert_eq!(r.status(), 403);
         assert_eq!(r.headers()[DEGRADED_HEADER], "bank; reason=not-allowed");
+    }
+
+    #[tokio::test]
+    async fn supervisor_publishes_breaker_states_and_applies_kill_switches() {
+        use crate::engine::breakers::BreakerStates;
+        use crate::engine::killswitch::{self, Target};
+        use crate::queue::memory::MemoryQueue;
+        let tool = FakeTool::default();
+        tool.status.store(500, Ordering::SeqCst);
+        let url = serve(tool.clone()).await;
+        let policy = "circuitBreaker: {failureRateThreshold: 0.5, window: {type: Count, size: 4}, minimumCalls: 4, openDuration: 1h}\n";
+        let cfg = Arc::new(
+            crate::engine::WorkflowConfig::new("ns", "wf", &workflow(&url, ""), None)
+                .unwrap()
+                .with_policies(policies(policy)),
+        );
+        let client = reqwest::Client::new();
+        let proxy = Arc::new(
+            cfg.tool_proxy(&|_| http_transport(client.clone()), None, None)
+                .unwrap(),
+        );
+        let q: Arc<dyn crate::queue::Queue> = Arc::new(MemoryQueue::new());
+        let (stop_tx, stop) = tokio::sync::watch::channel(false);
+        let sup = tokio::spawn(supervise(
+            proxy.clone(),
+            q.clone(),
+            cfg.clone(),
+            "e1".into(),
+            stop,
+        ));
+        for _ in 0..4 {
+            proxy.call(&tools(), "ledger", keyed("k", "{}")).await;
+        }
+        assert_eq!(proxy.breaker_states()["ledger"], BreakerState::Open);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let open = BreakerStates::new(q.as_ref(), &cfg.keys)
+                .open_tools()
+                .await
+                .unwrap();
+            if open == vec!["ledger".to_string()] {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "breaker state never published: {open:?}"
+            );
+            tokio::task::yield_now().await;
+        }
+        killswitch::engage(q.as_ref(), &cfg.keys, &Target::Tool("bank".into()))
+            .await
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while proxy.check(&tools(), "bank") != Err(Refusal::Killed) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "kill switch never reached the proxy"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stop_tx.send(true).unwrap();
+        sup.await.unwrap();
     }
 
     #[test]

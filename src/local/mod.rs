@@ -4,3 +4,5 @@
 
 pub mod report;
 pub mod sim;
+pub mod simagent;
+pub mod simtool;

@@ -199,6 +199,7 @@ pub fn fast_opts() -> AgentOptions {
         read_block: Duration::from_millis(50),
         batch: 16,
         drain: Duration::from_secs(5),
+        ..Default::default()
     }
 }
 

@@ -1,0 +1,222 @@
+//! A simulated tool as a [`Transport`]: the `simulate:` block of a tool (latency, error rate,
+//! outage windows) plus whatever faults a drill imposes. It honours `Idempotency-Key` the way a
+//! payments API does (an effect is applied once per key) and records every applied effect in
+//! the [`EffectLedger`], which is how `r4 run` counts duplicated side effects without trusting
+//! the engine.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use tokio::time::Instant;
+use tower::util::BoxCloneService;
+
+use super::sim::{EffectLedger, FaultSource, LatencyModel, OutageSchedule};
+use crate::api::workflow::ToolSpec;
+use crate::engine::tools::{IDEMPOTENCY_HEADER, Transport};
+use crate::resilience::{BoxError, HttpRequest, HttpResponse, ResilienceError};
+
+/// One simulated tool.
+pub struct SimTool {
+    name: String,
+    latency: LatencyModel,
+    error_rate: f64,
+    outages: OutageSchedule,
+    read_only: bool,
+    ledger: Arc<EffectLedger>,
+    faults: Arc<dyn FaultSource>,
+    start: Instant,
+    rng: Mutex<SmallRng>,
+    requests: AtomicU64,
+}
+
+impl SimTool {
+    /// The tool of `spec` (which must have a `simulate:` block), seeded for repeatable runs.
+    pub fn new(
+        spec: &ToolSpec,
+        seed: u64,
+        start: Instant,
+        ledger: Arc<EffectLedger>,
+        faults: Arc<dyn FaultSource>,
+    ) -> Result<Self, String> {
+        let sim = spec
+            .simulate
+            .as_ref()
+            .ok_or_else(|| format!("tool {:?} has no simulate block", spec.name))?;
+        Ok(Self {
+            name: spec.name.clone(),
+            latency: LatencyModel::new(&sim.latency),
+            error_rate: sim.error_rate,
+            outages: OutageSchedule::new(&sim.outages)?,
+            read_only: spec.read_only.unwrap_or(false),
+            ledger,
+            faults,
+            start,
+            rng: Mutex::new(SmallRng::seed_from_u64(seed)),
+            requests: AtomicU64::new(0),
+        })
+    }
+
+    /// Requests received (hedged copies and retries included).
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// This tool as the proxy's transport.
+    pub fn transport(self: &Arc<Self>) -> Transport {
+        let this = Arc::clone(self);
+        BoxCloneService::new(tower::service_fn(move |req: HttpRequest| {
+            let this = Arc::clone(&this);
+            async move { this.handle(req).await }
+        }))
+    }
+
+    async fn handle(&self, req: HttpRequest) -> Result<HttpResponse, BoxError> {
+        let faults = self.faults.tool_faults(&self.name);
+        if faults.outage || self.outages.is_down(self.start.elapsed()) {
+            return Err(ResilienceError::Connect(
+                format!("{}: connection refused (outage)", self.name).into(),
+            )
+            .into());
+        }
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let (mut delay, fail, slow_draw) = {
+            let mut rng = self.rng.lock().unwrap_or_else(|p| p.into_inner());
+            let d = self.latency.sample(&mut *rng);
+            let fail = rng.random::<f64>() < (self.error_rate + faults.error_rate).min(1.0);
+            (d, fail, rng.random::<f64>())
+        };
+        if let Some((extra, share)) = faults.extra_latency
+            && slow_draw < share
+        {
+            delay += extra;
+        }
+        tokio::time::sleep(delay).await;
+        if fail {
+            return Ok(HttpResponse::new(
+                503,
+                format!("{{\"error\":\"{} failed\"}}", self.name),
+            ));
+        }
+        if !self.read_only {
+            let key = req.header(IDEMPOTENCY_HEADER).unwrap_or("");
+            let (task, step) = key.split_once(':').unwrap_or((key, ""));
+            self.ledger.apply(&self.name, true, key, task, step);
+        }
+        Ok(HttpResponse::new(
+            200,
+            format!("{{\"tool\":\"{}\",\"ok\":true}}", self.name),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::local::sim::{NoFaults, ToolFaults};
+    use std::time::Duration;
+    use tower::ServiceExt;
+
+    fn spec(yaml: &str) -> ToolSpec {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    struct Down;
+    impl FaultSource for Down {
+        fn tool_faults(&self, _: &str) -> ToolFaults {
+            ToolFaults {
+                outage: true,
+                ..Default::default()
+            }
+        }
+    }
+
+    fn keyed(key: &str) -> HttpRequest {
+        let mut r = HttpRequest::post("", b"{}".to_vec());
+        r.headers.push((IDEMPOTENCY_HEADER.into(), key.into()));
+        r
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn applies_effects_once_per_key_and_takes_its_time() {
+        let ledger = Arc::new(EffectLedger::new());
+        let t = Arc::new(
+            SimTool::new(
+                &spec("{name: ledger, url: 'http://x', simulate: {latency: {medianMs: 100, p99Ms: 100}}}"),
+                1,
+                Instant::now(),
+                ledger.clone(),
+                Arc::new(NoFaults),
+            )
+            .unwrap(),
+        );
+        let before = Instant::now();
+        let r = t.transport().oneshot(keyed("t1:resolution")).await.unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(before.elapsed(), Duration::from_millis(100));
+        t.transport().oneshot(keyed("t1:resolution")).await.unwrap();
+        assert_eq!((ledger.effects(), ledger.duplicate_effects()), (1, 0));
+        assert_eq!(t.requests(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn outages_refuse_connections() {
+        let y = "{name: bank, url: 'http://x', simulate: {latency: {medianMs: 1}, outages: [{after: 0s, for: 1m}]}}";
+        let t = Arc::new(
+            SimTool::new(
+                &spec(y),
+                1,
+                Instant::now(),
+                Arc::default(),
+                Arc::new(NoFaults),
+            )
+            .unwrap(),
+        );
+        let e = t.transport().oneshot(keyed("a:b")).await.unwrap_err();
+        assert!(ResilienceError::from_inner(e).is_connect());
+        tokio::time::advance(Duration::from_secs(61)).await;
+        assert_eq!(
+            t.transport().oneshot(keyed("a:b")).await.unwrap().status,
+            200
+        );
+        let y = "{name: bank, url: 'http://x', simulate: {latency: {medianMs: 1}}}";
+        let t = Arc::new(
+            SimTool::new(&spec(y), 1, Instant::now(), Arc::default(), Arc::new(Down)).unwrap(),
+        );
+        assert!(
+            t.transport().oneshot(keyed("a:b")).await.is_err(),
+            "a drill outage refuses too"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn error_rate_is_honoured() {
+        let y =
+            "{name: bank, url: 'http://x', simulate: {latency: {medianMs: 1}, errorRate: 0.25}}";
+        let t = Arc::new(
+            SimTool::new(
+                &spec(y),
+                9,
+                Instant::now(),
+                Arc::default(),
+                Arc::new(NoFaults),
+            )
+            .unwrap(),
+        );
+        let mut failed = 0;
+        for i in 0..4000 {
+            if t.transport()
+                .oneshot(keyed(&format!("{i}:s")))
+                .await
+                .unwrap()
+                .status
+                == 503
+            {
+                failed += 1;
+            }
+        }
+        let rate = failed as f64 / 4000.0;
+        assert!((rate - 0.25).abs() < 0.03, "{rate}");
+    }
+}
