@@ -35,9 +35,9 @@ enum Command {
     Controller,
     /// The resilience engine of a managed pod: one role (agent sidecar, intake or repair).
     Engine(r4::cli::engine::EngineArgs),
-    /// Run a workflow on one machine (available with the `r4 run` issue).
-    #[command(hide = true)]
-    Run,
+    /// Run a workflow on one machine, no cluster: simulated agents and tools, the real engine,
+    /// live progress and a report.
+    Run(r4::cli::run::RunArgs),
     /// Engage a kill switch: WORKFLOW (all agents), WORKFLOW/AGENT or WORKFLOW/tool:TOOL.
     Kill(KillArgs),
     /// Release a kill switch engaged with `r4 kill`.
@@ -120,7 +120,27 @@ enum BenchCommand {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            // One line that names the flag; clap's usage hint would make it three.
+            let text = e.to_string();
+            let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+            let mut line = lines
+                .next()
+                .unwrap_or("invalid arguments")
+                .trim_start_matches("error: ")
+                .to_string();
+            if line.ends_with(':') {
+                // "the following required arguments were not provided:" — name them.
+                let named: Vec<&str> = lines.take_while(|l| !l.starts_with("Usage:")).collect();
+                line = format!("{line} {}", named.join(", "));
+            }
+            eprintln!("r4: {line}");
+            return ExitCode::from(2);
+        }
+    };
     let result = match cli.command {
         Command::Crds { out_dir } => r4::cli::crds(out_dir.as_deref()),
         Command::Validate {
@@ -158,6 +178,7 @@ fn main() -> ExitCode {
             r4::cli::engine::kill_switch(&k.target, k.redis.as_deref(), &k.namespace, false)
         }
         Command::Dlq { command } => r4::cli::dlq::run(command),
+        Command::Run(args) => r4::cli::run::run(args),
         other => Err(r4::cli::CliError::NotYet(
             format!("{other:?}").to_lowercase(),
         )),

@@ -3,6 +3,7 @@
 
 pub mod dlq;
 pub mod engine;
+pub mod run;
 
 use std::io::Read;
 use std::path::Path;

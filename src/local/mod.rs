@@ -3,6 +3,7 @@
 //! and a final report. It reuses the engine; it does not reimplement it.
 
 pub mod report;
+pub mod run;
 pub mod sim;
 pub mod simagent;
 pub mod simtool;

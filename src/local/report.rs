@@ -63,6 +63,20 @@ pub struct RunReport {
     pub incident_cost: CostReport,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub drill: Option<DrillReport>,
+    /// Tasks degraded mode routed to a stream no agent consumes (manual review).
+    pub routed: u64,
+    /// Completed tasks slower than `slo.p95LatencyMs` (each counts as a failure in the cost model).
+    pub late: u64,
+    /// Tool calls answered by a fallback.
+    pub fallbacks: u64,
+    /// Side effects the simulated tools applied.
+    pub effects: u64,
+    /// Simulated (virtual clock) or real seconds the run took.
+    pub elapsed_seconds: f64,
+    /// Wall-clock seconds the run took.
+    pub wall_seconds: f64,
+    /// `virtual` (embedded queue, tokio's paused clock) or `real` (Redis).
+    pub clock: String,
 }
 
 /// SLO attainment from counts and the measured p95.
@@ -124,79 +138,77 @@ impl RunReport {
 
     /// The table for people.
     pub fn to_table(&self) -> String {
-        let mut s = String::new();
-        let row = |s: &mut String, k: &str, v: String| s.push_str(&format!("  {k:<22} {v}\n"));
-        row(&mut s, "submitted", self.submitted.to_string());
-        row(&mut s, "completed", self.completed.to_string());
-        row(&mut s, "dead-lettered", self.dead_lettered.to_string());
-        row(&mut s, "lost", self.lost.to_string());
-        row(
-            &mut s,
-            "duplicate effects",
-            self.duplicate_effects.to_string(),
-        );
-        row(
-            &mut s,
-            "throughput",
-            format!("{:.0} tasks/s", self.tasks_per_sec),
-        );
-        let l = &self.latency_ms;
-        row(
-            &mut s,
-            "latency p50/p95/p99/p99.9",
-            format!(
-                "{:.0} / {:.0} / {:.0} / {:.0} ms",
-                l.p50, l.p95, l.p99, l.p999
+        let mut rows: Vec<(&str, String)> = vec![
+            ("submitted", self.submitted.to_string()),
+            ("completed", self.completed.to_string()),
+            ("dead-lettered", self.dead_lettered.to_string()),
+            ("routed (manual review)", self.routed.to_string()),
+            ("lost", self.lost.to_string()),
+            (
+                "duplicate effects",
+                format!("{} (of {} effects)", self.duplicate_effects, self.effects),
             ),
-        );
-        row(
-            &mut s,
-            "retries / hedges",
-            format!("{} / {}", self.retries, self.hedges),
-        );
-        row(&mut s, "breaker trips", self.breaker_trips.to_string());
-        row(&mut s, "replays", self.replays.to_string());
-        row(
-            &mut s,
-            "SLO success rate",
-            format!(
-                "{:.4}% (error budget left {:.0}%)",
-                self.slo.success_rate * 100.0,
-                self.slo.error_budget_remaining * 100.0
+            (
+                "throughput",
+                format!(
+                    "{:.1} tasks/s over {:.1} s ({} clock, {:.1} s wall)",
+                    self.tasks_per_sec, self.elapsed_seconds, self.clock, self.wall_seconds
+                ),
             ),
-        );
-        row(
-            &mut s,
-            "SLO p95",
-            format!("{:.0} ms", self.slo.p95_latency_ms),
-        );
-        row(
-            &mut s,
-            "incident cost",
-            format!(
-                "{:.2}% failures ≈ ${:.0}/day",
-                self.incident_cost.failure_rate * 100.0,
-                self.incident_cost.daily_cost
+            (
+                "latency p50/p95/p99/p99.9",
+                format!(
+                    "{:.0} / {:.0} / {:.0} / {:.0} ms",
+                    self.latency_ms.p50,
+                    self.latency_ms.p95,
+                    self.latency_ms.p99,
+                    self.latency_ms.p999
+                ),
             ),
-        );
+            (
+                "retries / hedges",
+                format!("{} / {}", self.retries, self.hedges),
+            ),
+            ("fallback answers", self.fallbacks.to_string()),
+            ("breaker trips", self.breaker_trips.to_string()),
+            ("replays", self.replays.to_string()),
+            ("slower than SLO p95", self.late.to_string()),
+            (
+                "SLO success rate",
+                format!(
+                    "{:.4}% (error budget left {:.0}%)",
+                    self.slo.success_rate * 100.0,
+                    self.slo.error_budget_remaining * 100.0
+                ),
+            ),
+            (
+                "incident cost",
+                format!(
+                    "{:.2}% failed ≈ ${:.0}/day",
+                    self.incident_cost.failure_rate * 100.0,
+                    self.incident_cost.daily_cost
+                ),
+            ),
+        ];
         if let Some(d) = &self.drill {
             let secs = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.1} s"));
-            row(&mut s, "drill verdict", d.verdict.clone());
-            row(
-                &mut s,
+            rows.push(("drill verdict", d.verdict.clone()));
+            rows.push((
                 "failover / recovery",
                 format!(
                     "{} / {}",
                     secs(d.failover_seconds),
                     secs(d.recovery_seconds)
                 ),
-            );
-            row(&mut s, "DLQ growth", d.dlq_growth.to_string());
+            ));
+            rows.push(("DLQ growth", d.dlq_growth.to_string()));
             if let Some(a) = &d.aborted_because {
-                row(&mut s, "aborted because", a.clone());
+                rows.push(("aborted because", a.clone()));
             }
         }
-        s
+        rows.iter()
+            .map(|(k, v)| format!("  {k:<26} {v}\n"))
+            .collect()
     }
 }
 

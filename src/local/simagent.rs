@@ -3,11 +3,12 @@
 //! agents (those that produce nothing) record each task they finish, so `r4 run` counts
 //! completions on the agents' side, independently of the engine's bookkeeping.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
+use tokio::time::Instant;
 
 use super::sim::{EffectLedger, LatencyModel};
 use crate::api::workflow::AgentSpec;
@@ -17,33 +18,34 @@ use crate::engine::delivery::{
 use crate::engine::tools::{DEGRADED_HEADER, IDEMPOTENCY_HEADER, ToolProxy};
 use crate::resilience::HttpRequest;
 
-/// Task ids finished by terminal agents.
+/// Tasks finished by terminal agents, with the (tokio) instant each first finished.
 #[derive(Debug, Default)]
 pub struct Finished {
-    ids: Mutex<HashSet<String>>,
+    at: Mutex<HashMap<String, Instant>>,
 }
 
 impl Finished {
     pub fn record(&self, task_id: &str) {
-        self.ids
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(task_id.to_string());
+        self.lock()
+            .entry(task_id.to_string())
+            .or_insert_with(Instant::now);
     }
 
     pub fn len(&self) -> usize {
-        self.ids.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.lock().len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    pub fn contains(&self, task_id: &str) -> bool {
-        self.ids
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(task_id)
+    /// When `task_id` finished, if it did.
+    pub fn finished_at(&self, task_id: &str) -> Option<Instant> {
+        self.lock().get(task_id).copied()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
+        self.at.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 

@@ -453,6 +453,21 @@ pub async fn range_rev_range_delete(q: Q) {
     assert_eq!(last2.iter().map(val).collect::<Vec<_>>(), ["4", "3"]);
     let rev_mid = q.rev_range(&s, &ids[3], &ids[1], 0).await.unwrap();
     assert_eq!(rev_mid.iter().map(val).collect::<Vec<_>>(), ["3", "2", "1"]);
+    // Paging with exclusive bounds, as the DLQ readers do.
+    let mut paged = Vec::new();
+    let mut from = "-".to_owned();
+    loop {
+        let page = q.range(&s, &from, "+", 2).await.unwrap();
+        let Some(last) = page.last() else { break };
+        from = format!("({}", last.id);
+        paged.extend(page.iter().map(val));
+    }
+    assert_eq!(paged, ["0", "1", "2", "3", "4"]);
+    let before = q
+        .rev_range(&s, &format!("({}", ids[3]), "-", 0)
+        .await
+        .unwrap();
+    assert_eq!(before.iter().map(val).collect::<Vec<_>>(), ["2", "1", "0"]);
     assert_eq!(q.delete(&s, &ids[..2]).await.unwrap(), 2);
     assert_eq!(q.delete(&s, &ids[..2]).await.unwrap(), 0);
     assert_eq!(q.len(&s).await.unwrap(), 3);

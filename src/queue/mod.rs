@@ -355,8 +355,19 @@ impl EntryId {
     }
 
     /// Parse a range bound: `-`, `+`, `<ms>` (seq 0 as a start, max as an
-    /// end) or `<ms>-<seq>`.
+    /// end), `<ms>-<seq>`, or either form after `(` for an exclusive bound
+    /// (Redis 6.2+), which is how callers page through a stream.
     pub fn parse_bound(s: &str, is_start: bool) -> Result<Self, QueueError> {
+        if let Some(rest) = s.strip_prefix('(') {
+            let id = Self::parse_bound(rest, is_start)?;
+            let next = if is_start {
+                id.successor()
+            } else {
+                id.predecessor()
+            };
+            return next
+                .ok_or_else(|| QueueError::Invalid(format!("empty exclusive range at {s:?}")));
+        }
         match s {
             "-" => Ok(Self::MIN),
             "+" => Ok(Self::MAX),
@@ -370,6 +381,22 @@ impl EntryId {
                     seq: if is_start { 0 } else { u64::MAX },
                 })
             }
+        }
+    }
+}
+
+impl EntryId {
+    fn successor(self) -> Option<Self> {
+        match self.seq.checked_add(1) {
+            Some(seq) => Some(Self { ms: self.ms, seq }),
+            None => self.ms.checked_add(1).map(|ms| Self { ms, seq: 0 }),
+        }
+    }
+
+    fn predecessor(self) -> Option<Self> {
+        match self.seq.checked_sub(1) {
+            Some(seq) => Some(Self { ms: self.ms, seq }),
+            None => self.ms.checked_sub(1).map(|ms| Self { ms, seq: u64::MAX }),
         }
     }
 }

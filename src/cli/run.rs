@@ -1,0 +1,226 @@
+//! `r4 run`: load the workflow (and the policies it names), run it on one machine, show live
+//! progress on a terminal and print the report (a table, or one JSON line with `--json`).
+
+use std::collections::BTreeSet;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use super::{CliError, read_input};
+use crate::api::validate::{Manifest, RefMode, validate_texts};
+use crate::local::run::{self, Mechanism, Progress, RunOptions};
+use crate::queue::Queue;
+
+/// Arguments of `r4 run`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// The workflow (and any CircuitPolicy files); policies a workflow names that are not given
+    /// are looked up as `<name>.yaml` next to the workflow file.
+    #[arg(short = 'f', long = "file", value_name = "FILE", required = true, num_args = 1..)]
+    pub files: Vec<PathBuf>,
+    /// Tasks to submit.
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub tasks: u64,
+    /// Submit at this many tasks per second (open loop); default: keep the entry agent busy.
+    #[arg(long, value_name = "TASKS_PER_SEC", value_parser = parse_rate, allow_hyphen_values = true)]
+    pub rate: Option<f64>,
+    /// Run on this Redis instead of the embedded queue (real clock instead of the virtual one).
+    #[arg(long, value_name = "URL")]
+    pub redis: Option<String>,
+    /// Print the report as one JSON object (the last line).
+    #[arg(long)]
+    pub json: bool,
+    /// Seed of every random draw (latencies, errors, jitter): the same seed, the same run.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Switch a mechanism off in every policy, to compare (repeatable).
+    #[arg(long, value_enum, value_name = "MECHANISM")]
+    pub disable: Vec<Mechanism>,
+    /// A ChaosDrill to run against the workflow (not available in this build yet).
+    #[arg(long, value_name = "DRILL.yaml", hide = true)]
+    pub drill: Option<PathBuf>,
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if r.is_finite() && r > 0.0 && r <= 1_000_000.0 => Ok(r),
+        _ => Err(format!(
+            "must be a number of tasks per second in (0, 1000000], got {s:?}"
+        )),
+    }
+}
+
+/// Load the files, then any policy the workflows name that is missing, from beside them.
+fn load(files: &[PathBuf]) -> Result<Vec<Manifest>, CliError> {
+    let mut texts = Vec::new();
+    for f in files {
+        texts.push((f.display().to_string(), read_input(f)?));
+    }
+    let first = validate_texts(&texts, RefMode::Warn);
+    if !first.errors.is_empty() {
+        return Err(manifest_errors(&first.errors));
+    }
+    let have: BTreeSet<String> = first
+        .manifests
+        .iter()
+        .filter(|(_, m)| matches!(m, Manifest::Policy(_)))
+        .map(|(_, m)| m.name().to_string())
+        .collect();
+    let mut extra = Vec::new();
+    for (source, m) in &first.manifests {
+        let Manifest::Workflow(w) = m else { continue };
+        let dir = Path::new(source.split('#').next().unwrap_or(""))
+            .parent()
+            .unwrap_or(Path::new("."));
+        let wanted = w
+            .spec
+            .policy_ref
+            .iter()
+            .chain(w.spec.tools.iter().filter_map(|t| t.policy_ref.as_ref()));
+        for name in wanted {
+            let path = dir.join(format!("{name}.yaml"));
+            if !have.contains(name)
+                && path.is_file()
+                && !extra
+                    .iter()
+                    .any(|(p, _): &(String, String)| *p == path.display().to_string())
+            {
+                eprintln!(
+                    "r4 run: CircuitPolicy {name:?} taken from {}",
+                    path.display()
+                );
+                extra.push((path.display().to_string(), read_input(&path)?));
+            }
+        }
+    }
+    texts.extend(extra);
+    let report = validate_texts(&texts, RefMode::Require);
+    if !report.errors.is_empty() {
+        return Err(manifest_errors(&report.errors));
+    }
+    Ok(report.manifests.into_iter().map(|(_, m)| m).collect())
+}
+
+fn manifest_errors(errors: &[String]) -> CliError {
+    for e in errors.iter().skip(1) {
+        eprintln!("{e}");
+    }
+    let more = if errors.len() > 1 {
+        format!(" (and {} more above)", errors.len() - 1)
+    } else {
+        String::new()
+    };
+    CliError::Usage(format!(
+        "{}{more}",
+        errors.first().cloned().unwrap_or_default()
+    ))
+}
+
+/// `r4 run …`.
+pub fn run(args: RunArgs) -> Result<ExitCode, CliError> {
+    if args.drill.is_some() {
+        return Err(CliError::Usage(
+            "--drill: chaos drills in r4 run are not available in this build yet".into(),
+        ));
+    }
+    let manifests = load(&args.files)?;
+    let namespace = match &args.redis {
+        // A fresh namespace per run: every key carries it, so runs on one Redis never mix.
+        Some(_) => format!("r4-run-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),
+        None => "r4-run".to_string(),
+    };
+    let cfg = run::prepare(&manifests, &namespace, &args.disable)
+        .map_err(|e| CliError::Usage(e.to_string()))?;
+    let progress = std::io::stderr().is_terminal();
+    let opts = RunOptions {
+        tasks: args.tasks,
+        rate: args.rate,
+        seed: args.seed,
+        progress,
+        clock: if args.redis.is_some() {
+            "real"
+        } else {
+            "virtual"
+        },
+    };
+    let bar = progress.then(|| {
+        let bar = indicatif::ProgressBar::new(args.tasks);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} done  {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    });
+    let on_progress = |p: &Progress| {
+        if let Some(bar) = &bar {
+            bar.set_position(p.completed + p.dead_lettered);
+            let secs = p.elapsed.as_secs_f64().max(0.001);
+            let breakers: Vec<String> = p
+                .breakers
+                .iter()
+                .map(|(t, s)| format!("{t}={s:?}"))
+                .collect();
+            bar.set_message(format!(
+                "{:.0} tasks/s  DLQ {}  breakers {}",
+                p.completed as f64 / secs,
+                p.dead_lettered,
+                if breakers.is_empty() {
+                    "-".into()
+                } else {
+                    breakers.join(",")
+                }
+            ));
+        }
+    };
+    let report = match &args.redis {
+        None => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .start_paused(true)
+                .build()
+                .map_err(|e| CliError::Internal(format!("cannot start the runtime: {e}")))?;
+            rt.block_on(async {
+                let q: Arc<dyn Queue> = Arc::new(crate::queue::memory::MemoryQueue::new());
+                run::run(cfg, q, &opts, on_progress).await
+            })
+        }
+        Some(url) => {
+            let rt = super::engine::runtime()?;
+            rt.block_on(async {
+                let q = super::engine::connect(url).await?;
+                let keys = cfg.keys.clone();
+                let result = run::run(cfg, q.clone(), &opts, on_progress).await;
+                // The run's keys are its own (fresh namespace): leave the Redis as it was.
+                if let Ok(found) = q.scan_prefix(keys.prefix()).await {
+                    for chunk in found.chunks(500) {
+                        let _ = q.del(chunk).await;
+                    }
+                }
+                Ok::<_, CliError>(result)
+            })?
+        }
+    }
+    .map_err(|e| CliError::Internal(e.to_string()))?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    if args.json {
+        println!("{}", report.to_json_line());
+    } else {
+        println!(
+            "r4 run: {} tasks through {}",
+            report.submitted,
+            args.files[0].display()
+        );
+        print!("{}", report.to_table());
+    }
+    if report.lost > 0 || report.duplicate_effects > 0 {
+        eprintln!(
+            "r4 run: {} lost, {} duplicate effects",
+            report.lost, report.duplicate_effects
+        );
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,226 @@
+//! `r4 run` as a user runs it: the real binary, the worked example, the embedded queue and a
+//! real redis-server; the figures come from its `--json` line.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+fn r4() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_r4"))
+}
+
+fn sample(name: &str) -> String {
+    format!("{}/config/samples/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn fixture(name: &str) -> String {
+    format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Run `r4 run ARGS --json`; the report is the last line of standard output.
+fn run_json(args: &[&str]) -> Value {
+    let out = r4()
+        .arg("run")
+        .args(args)
+        .arg("--json")
+        .output()
+        .expect("run r4");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "r4 run {args:?} failed: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(last).unwrap_or_else(|e| panic!("last line is not JSON ({e}): {last}"))
+}
+
+fn n(v: &Value, k: &str) -> u64 {
+    v[k].as_u64()
+        .unwrap_or_else(|| panic!("{k} missing in {v}"))
+}
+
+fn assert_accounted(v: &Value) {
+    let submitted = n(v, "submitted");
+    assert_eq!(
+        n(v, "completed") + n(v, "dead_lettered") + n(v, "routed"),
+        submitted,
+        "{v}"
+    );
+    assert_eq!(n(v, "lost"), 0, "{v}");
+    assert_eq!(n(v, "duplicate_effects"), 0, "{v}");
+}
+
+#[test]
+fn the_worked_example_accounts_for_every_task() {
+    let v = run_json(&["-f", &sample("payment-disputes.yaml"), "--tasks", "20000"]);
+    assert_eq!(n(&v, "submitted"), 20000);
+    assert_accounted(&v);
+    assert_eq!(
+        n(&v, "effects"),
+        20000,
+        "one ledger effect per resolved dispute: {v}"
+    );
+    for k in ["p50", "p95", "p99", "p999"] {
+        assert!(
+            v["latency_ms"][k].as_f64().is_some_and(|x| x > 0.0),
+            "{k}: {v}"
+        );
+    }
+    for k in ["success_rate", "p95_latency_ms", "error_budget_remaining"] {
+        assert!(v["slo"][k].is_number(), "slo.{k}: {v}");
+    }
+    assert!(v["incident_cost"]["daily_cost"].is_number());
+    assert!(v["tasks_per_sec"].as_f64().is_some_and(|x| x > 0.0));
+}
+
+#[test]
+fn the_same_seed_gives_the_same_run() {
+    let strip = |mut v: Value| {
+        v.as_object_mut().unwrap().remove("wall_seconds");
+        v
+    };
+    let args = [
+        "-f",
+        &sample("payment-disputes.yaml"),
+        "--tasks",
+        "3000",
+        "--seed",
+        "42",
+    ];
+    assert_eq!(strip(run_json(&args)), strip(run_json(&args)));
+}
+
+#[test]
+fn hedging_cuts_the_tail_and_the_failure_cost() {
+    let args = [
+        "-f",
+        &sample("payment-disputes.yaml"),
+        "--tasks",
+        "10000",
+        "--seed",
+        "3",
+    ];
+    let with = run_json(&args);
+    let mut off = args.to_vec();
+    off.extend(["--disable", "hedge"]);
+    let without = run_json(&off);
+    assert_eq!(n(&without, "hedges"), 0);
+    assert!(n(&with, "hedges") > 0);
+    // At most 5% extra requests to the bank (one bank call per task).
+    assert!(n(&with, "hedges") <= 10000 / 20, "{with}");
+    let fr = |v: &Value| v["incident_cost"]["failure_rate"].as_f64().unwrap();
+    assert!(
+        fr(&with) < fr(&without),
+        "hedging should lower the failure rate: {} vs {}",
+        fr(&with),
+        fr(&without)
+    );
+    let p99 = |v: &Value| v["latency_ms"]["p99"].as_f64().unwrap();
+    assert!(
+        p99(&with) * 5.0 < p99(&without),
+        "p99 {} vs {}",
+        p99(&with),
+        p99(&without)
+    );
+    assert_accounted(&with);
+    assert_accounted(&without);
+}
+
+#[test]
+fn an_outage_trips_the_breaker_and_loses_nothing() {
+    let v = run_json(&[
+        "-f",
+        &fixture("outage-workflow.yaml"),
+        "--tasks",
+        "3000",
+        "--rate",
+        "100",
+    ]);
+    assert_accounted(&v);
+    assert!(n(&v, "breaker_trips") >= 1, "{v}");
+    assert!(
+        n(&v, "fallbacks") + n(&v, "routed") > 0,
+        "the outage must be absorbed somehow: {v}"
+    );
+}
+
+#[test]
+fn a_real_redis_gives_the_same_accounting() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let server = rt
+        .block_on(r4::testutil::RedisServer::start())
+        .expect("redis-server (make deps)");
+    let v = run_json(&[
+        "-f",
+        &sample("payment-disputes.yaml"),
+        "--tasks",
+        "3000",
+        "--redis",
+        &server.url(),
+    ]);
+    assert_eq!(n(&v, "submitted"), 3000);
+    assert_eq!(v["clock"], "real");
+    assert_accounted(&v);
+    // The run cleaned up after itself: its keys were under a namespace of its own.
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut con = client.get_connection().unwrap();
+    let size: u64 = redis::cmd("DBSIZE").query(&mut con).unwrap();
+    assert_eq!(size, 0);
+}
+
+fn fails_with(args: &[&str], expected: &str) {
+    let out = r4().args(args).output().expect("run r4");
+    assert!(!out.status.success(), "{args:?} should fail");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(expected),
+        "{args:?}: expected {expected:?} in {stderr}"
+    );
+}
+
+#[test]
+fn bad_flags_and_manifests_get_one_line_naming_them() {
+    let wf = sample("payment-disputes.yaml");
+    fails_with(&["run", "-f", &wf, "--tasks", "0"], "--tasks");
+    fails_with(&["run", "-f", &wf, "--rate", "-5"], "--rate");
+    fails_with(&["run", "-f", &wf, "--disable", "magic"], "--disable");
+    fails_with(
+        &["run", "-f", "/nonexistent/wf.yaml"],
+        "/nonexistent/wf.yaml",
+    );
+    fails_with(&["run"], "--file");
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(&wf).unwrap();
+    let no_sim = text.replacen(
+        "      simulate:\n        latency: {medianMs: 2, p99Ms: 8}\n",
+        "",
+        1,
+    );
+    assert_ne!(no_sim, text);
+    let path = dir.path().join("wf.yaml");
+    std::fs::write(&path, &no_sim).unwrap();
+    for p in ["default-policy.yaml", "bank-policy.yaml"] {
+        std::fs::copy(sample(p), dir.path().join(p)).unwrap();
+    }
+    fails_with(
+        &["run", "-f", path.to_str().unwrap()],
+        "spec.agents[0].simulate: required by r4 run",
+    );
+    let bad = text.replacen("concurrency: 32", "concurrency: 0", 1);
+    std::fs::write(&path, &bad).unwrap();
+    fails_with(
+        &["run", "-f", path.to_str().unwrap()],
+        "spec.agents[1].concurrency: must be >= 1, got 0",
+    );
+    let out = r4()
+        .args(["run", "-f", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim().lines().count(),
+        1,
+        "one line"
+    );
+}
