@@ -68,6 +68,7 @@ async fn start_tool_proxy(
     q: Arc<dyn Queue>,
     id: &str,
     stop: watch::Receiver<bool>,
+    registry: &prometheus::Registry,
 ) -> Result<tokio::task::JoinHandle<std::io::Result<()>>, CliError> {
     use crate::engine::tools::{self, ToolProxy};
     let client = reqwest::Client::builder()
@@ -75,10 +76,17 @@ async fn start_tool_proxy(
         .build()
         .map_err(|e| CliError::Internal(format!("cannot build the HTTP client: {e}")))?;
     let transport = move |_: &crate::api::workflow::ToolSpec| tools::http_transport(client.clone());
-    let proxy: Arc<ToolProxy> = Arc::new(
-        cfg.tool_proxy(&transport, None, None)
+    let proxy: Arc<ToolProxy> =
+        Arc::new(
+            cfg.tool_proxy(
+                &transport,
+                Some(crate::resilience::Metrics::register(registry).map_err(|e| {
+                    CliError::Internal(format!("cannot register policy metrics: {e}"))
+                })?),
+                None,
+            )
             .map_err(|e| CliError::Usage(e.to_string()))?,
-    );
+        );
     proxy.discover_mcp(&transport).await;
     for t in &cfg.spec.tools {
         let policy = t
@@ -194,12 +202,14 @@ async fn run_engine(args: EngineArgs, cfg: Arc<WorkflowConfig>) -> Result<ExitCo
         Role::Agent => {
             let delivery = HttpDelivery::new(args.agent_url.clone())
                 .map_err(|e| CliError::Usage(format!("--agent-url: {e}")))?;
-            let tools = start_tool_proxy(&args, &cfg, &name, q.clone(), &id, rx.clone()).await?;
+            let registry = prometheus::Registry::new();
+            let tools =
+                start_tool_proxy(&args, &cfg, &name, q.clone(), &id, rx.clone(), &registry).await?;
             let role =
                 AgentRole::new(cfg.clone(), &name, q, Arc::new(delivery), &id).map_err(internal)?;
             let server = tokio::spawn(http::serve(
                 listener,
-                http::router(http::Health::new(role.stats())),
+                http::router(http::Health::new(role.stats()).with_registry(registry)),
                 rx.clone(),
             ));
             role.run(rx).await.map_err(internal)?;

@@ -19,6 +19,8 @@ use super::stats::Stats;
 pub struct Health {
     pub stats: Arc<Stats>,
     pub ready: Arc<AtomicBool>,
+    /// More metrics to serve beside the engine's (the tool proxy's policy metrics).
+    pub registry: Option<prometheus::Registry>,
 }
 
 impl Health {
@@ -26,7 +28,14 @@ impl Health {
         Self {
             stats,
             ready: Arc::new(AtomicBool::new(true)),
+            registry: None,
         }
+    }
+
+    /// Serve `registry`'s metrics on `/metrics` too.
+    pub fn with_registry(mut self, registry: prometheus::Registry) -> Self {
+        self.registry = Some(registry);
+        self
     }
 }
 
@@ -53,8 +62,20 @@ async fn metrics(State(h): State<Health>) -> impl IntoResponse {
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4",
         )],
-        h.stats.render_metrics(),
+        render(&h),
     )
+}
+
+fn render(h: &Health) -> String {
+    let mut text = h.stats.render_metrics();
+    if let Some(r) = &h.registry {
+        let mut buf = Vec::new();
+        let encoder = prometheus::TextEncoder::new();
+        if prometheus::Encoder::encode(&encoder, &r.gather(), &mut buf).is_ok() {
+            text.push_str(&String::from_utf8_lossy(&buf));
+        }
+    }
+    text
 }
 
 /// Serve `router` on `listener` until `shutdown` turns true.
