@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use super::CliError;
-use super::engine::{connect, runtime, within};
+use super::engine::{connect, within};
+use super::runtime;
 use crate::engine::dlq::{self, DlqRecord};
 use crate::queue::Keys;
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::{CliError, read_input};
+use super::{CliError, print_json, read_input, runtime};
 use crate::engine::killswitch::{self, Target};
 use crate::engine::{self, AgentRole, HttpDelivery, Intake, RepairRole, WorkflowConfig, http};
 use crate::queue::redis::RedisQueue;
@@ -127,13 +127,6 @@ async fn start_tool_proxy(
         tools::http::router(proxy, allowed),
         stop,
     )))
-}
-
-pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| CliError::Internal(format!("cannot start the async runtime: {e}")))
 }
 
 pub(crate) async fn connect(url: &str) -> Result<Arc<dyn Queue>, CliError> {
@@ -295,19 +288,6 @@ pub fn kill_switch(
         );
         Ok(ExitCode::SUCCESS)
     })
-}
-
-fn print_json(value: &serde_json::Value, json: bool) -> Result<ExitCode, CliError> {
-    let text = if json {
-        serde_json::to_string(value)
-    } else {
-        serde_json::to_string_pretty(value)
-    };
-    println!(
-        "{}",
-        text.map_err(|e| CliError::Internal(format!("cannot print result: {e}")))?
-    );
-    Ok(ExitCode::SUCCESS)
 }
 
 /// `r4 bench pipeline`.

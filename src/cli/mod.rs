@@ -96,7 +96,8 @@ pub fn validate(files: &[std::path::PathBuf], require_refs: bool) -> Result<Exit
     }
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
+/// The multi-threaded runtime every networked subcommand runs on.
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -104,7 +105,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
 }
 
 /// Print a bench result: pretty for people, one line with `--json` (the last line either way).
-fn print_json(value: &serde_json::Value, json: bool) -> Result<ExitCode, CliError> {
+pub(crate) fn print_json(value: &serde_json::Value, json: bool) -> Result<ExitCode, CliError> {
     let text = if json {
         serde_json::to_string(value)
     } else {

@@ -186,7 +186,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, CliError> {
             })
         }
         Some(url) => {
-            let rt = super::engine::runtime()?;
+            let rt = super::runtime()?;
             rt.block_on(async {
                 let q = super::engine::connect(url).await?;
                 let keys = cfg.keys.clone();

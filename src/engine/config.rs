@@ -6,7 +6,7 @@
 //! would let a live consumer's entry be claimed away. Leaves the policy
 //! mechanisms themselves (hedging, breakers, budgets) to `resilience`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use crate::api::policy::{CircuitPolicySpec, Jitter};
@@ -277,6 +277,15 @@ impl WorkflowConfig {
     ) -> Self {
         self.policies.extend(policies);
         self
+    }
+
+    /// Tools whose kill switch is engaged in the spec (`killSwitches.tools`).
+    pub fn spec_killed_tools(&self) -> BTreeSet<String> {
+        self.killed_tools
+            .iter()
+            .filter(|(_, on)| **on)
+            .map(|(t, _)| t.clone())
+            .collect()
     }
 
     /// The tool proxy of this workflow: each tool's policy stack around `transport`.

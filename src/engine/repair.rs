@@ -104,13 +104,7 @@ impl RepairRole {
         let keys = &self.cfg.keys;
         let switches = killswitch::read(q, keys).await?;
         let mut down: BTreeSet<String> = switches.tools;
-        down.extend(
-            self.cfg
-                .killed_tools
-                .iter()
-                .filter(|(_, on)| **on)
-                .map(|(t, _)| t.clone()),
-        );
+        down.extend(self.cfg.spec_killed_tools());
         down.extend(BreakerStates::new(q, keys).open_tools().await?);
         let now = task::now_ms();
         let mut start = "-".to_owned();

@@ -506,12 +506,7 @@ pub async fn supervise(
         }
     }
     let mut switches = super::killswitch::watch(queue.clone(), cfg.keys.clone());
-    let spec_killed: BTreeSet<String> = cfg
-        .killed_tools
-        .iter()
-        .filter(|(_, on)| **on)
-        .map(|(t, _)| t.clone())
-        .collect();
+    let spec_killed = cfg.spec_killed_tools();
     let mut since: BTreeMap<String, u64> = BTreeMap::new();
     let mut tick = tokio::time::interval(REFRESH);
     let publish = |tool: String, state: BreakerState, since: u64| {
