@@ -87,7 +87,12 @@ async fn start_tool_proxy(
             )
             .map_err(|e| CliError::Usage(e.to_string()))?,
         );
-    proxy.discover_mcp(&transport).await;
+    {
+        // Learn MCP annotations in the background: a slow or absent MCP server must not hold up
+        // the engine; until then its tools keep the safe default (not idempotent).
+        let (proxy, transport) = (proxy.clone(), transport.clone());
+        tokio::spawn(async move { proxy.discover_mcp(&transport).await });
+    }
     for t in &cfg.spec.tools {
         let policy = t
             .policy_ref

@@ -212,7 +212,7 @@ impl ToolProxy {
 
     /// Ask each MCP tool whose idempotency the spec leaves open for its `tools/list` and keep the
     /// annotations. A server that does not answer keeps the safe default (not idempotent).
-    pub async fn discover_mcp(&self, transport: &dyn Fn(&ToolSpec) -> Transport) {
+    pub async fn discover_mcp(&self, transport: &(dyn Fn(&ToolSpec) -> Transport + Sync)) {
         for (name, t) in &self.tools {
             if t.protocol != ToolProtocol::Mcp || t.spec.idempotent.is_some() {
                 continue;
