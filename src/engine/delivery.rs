@@ -39,6 +39,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
+use rand::Rng;
+use reqwest::header::{HeaderName, HeaderValue};
 use serde::{Deserialize, Serialize};
 
 /// Boxed future of [`Delivery::deliver`].
@@ -137,7 +139,14 @@ pub trait Delivery: Send + Sync {
 pub struct HttpDelivery {
     client: reqwest::Client,
     url: String,
+    /// `url`, parsed once (not on every delivery); `None` if it does not
+    /// parse, and then every attempt fails with reqwest's own error.
+    parsed: Option<reqwest::Url>,
 }
+
+static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+static DEADLINE_MS: HeaderName = HeaderName::from_static("x-r4-deadline-ms");
 
 /// Largest agent answer read.
 const MAX_RESPONSE_BYTES: usize = 16 << 20;
@@ -149,21 +158,25 @@ impl HttpDelivery {
             .pool_max_idle_per_host(256)
             .tcp_nodelay(true)
             .build()?;
+        let url = url.into();
         Ok(Self {
             client,
-            url: url.into(),
+            parsed: reqwest::Url::parse(&url).ok(),
+            url,
         })
     }
 
     async fn attempt(&self, req: &DeliveryRequest) -> Result<Outputs, DeliveryError> {
         let deadline_ms = u64::try_from(req.deadline.as_millis()).unwrap_or(u64::MAX);
-        let resp = self
-            .client
-            .post(&self.url)
+        let post = match &self.parsed {
+            Some(u) => self.client.post(u.clone()),
+            None => self.client.post(&self.url),
+        };
+        let resp = post
             .timeout(req.deadline)
-            .header("Idempotency-Key", &req.idempotency_key)
-            .header("traceparent", &req.traceparent)
-            .header("X-R4-Deadline-Ms", deadline_ms.to_string())
+            .header(&IDEMPOTENCY_KEY, &req.idempotency_key)
+            .header(&TRACEPARENT, &req.traceparent)
+            .header(&DEADLINE_MS, HeaderValue::from(deadline_ms))
             .json(req)
             .send()
             .await
@@ -269,18 +282,37 @@ fn truncate(mut s: String) -> String {
 
 /// A child W3C `traceparent`: same trace as `parent` (a new one if absent or
 /// malformed), a fresh span id, sampled.
+///
+/// Ids come from the thread's CSPRNG, not from a `getrandom` system call
+/// per id: this runs for every task at intake and at every step.
 pub fn child_traceparent(parent: Option<&str>) -> String {
-    let trace = parent
-        .and_then(|p| {
-            let parts: Vec<&str> = p.split('-').collect();
-            (parts.len() == 4
-                && parts[1].len() == 32
-                && parts[1].bytes().all(|b| b.is_ascii_hexdigit()))
-            .then(|| parts[1].to_owned())
-        })
-        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
-    let span = &uuid::Uuid::new_v4().simple().to_string()[..16];
-    format!("00-{trace}-{span}-01")
+    let mut rng = rand::rng();
+    // W3C: an all-zero trace or span id is invalid.
+    let span = rng.random::<u64>().max(1);
+    match parent.and_then(parent_trace) {
+        Some(trace) => format!("00-{trace}-{span:016x}-01"),
+        None => format!("00-{:032x}-{span:016x}-01", rng.random::<u128>().max(1)),
+    }
+}
+
+/// The trace id of a well-formed `traceparent` (`vv-<32 hex>-<span>-<flags>`).
+fn parent_trace(p: &str) -> Option<&str> {
+    let mut parts = p.split('-');
+    let (Some(_), Some(trace), Some(_), Some(_), None) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) else {
+        return None;
+    };
+    (trace.len() == 32 && trace.bytes().all(|b| b.is_ascii_hexdigit())).then_some(trace)
+}
+
+/// A random (version 4) UUID from the thread's CSPRNG, for task ids.
+pub fn random_uuid() -> uuid::Uuid {
+    uuid::Builder::from_random_bytes(rand::rng().random()).into_uuid()
 }
 
 #[cfg(test)]
@@ -295,6 +327,10 @@ mod tests {
         assert_eq!(root[3..35], child[3..35]);
         assert_ne!(root[36..52], child[36..52]);
         assert_ne!(child_traceparent(Some("garbage"))[3..35], root[3..35]);
+        let other = child_traceparent(None);
+        assert_ne!(root[3..35], other[3..35]);
+        assert_eq!(random_uuid().get_version_num(), 4);
+        assert_ne!(random_uuid(), random_uuid());
     }
 
     #[test]
