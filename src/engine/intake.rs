@@ -31,7 +31,7 @@ use tokio::time::Instant;
 use crate::queue::Queue;
 
 use super::config::WorkflowConfig;
-use super::delivery::child_traceparent;
+use super::delivery::{child_traceparent, random_uuid};
 use super::http::{self, Health};
 use super::stats::{Outcome, Stats};
 use super::task::{self, Task};
@@ -76,8 +76,21 @@ impl Intake {
         idempotency_key: Option<&str>,
         traceparent: Option<&str>,
     ) -> Result<(String, bool), crate::queue::QueueError> {
+        let raw = Bytes::from(task::json_bytes(&payload));
+        self.submit_raw(raw, idempotency_key, traceparent).await
+    }
+
+    /// [`Self::submit`] with the payload as JSON text the caller has
+    /// validated (a JSON object), stored as it is: one JSON pass per
+    /// submission instead of parse, re-encode and copy.
+    async fn submit_raw(
+        &self,
+        payload: Bytes,
+        idempotency_key: Option<&str>,
+        traceparent: Option<&str>,
+    ) -> Result<(String, bool), crate::queue::QueueError> {
         let stream = self.cfg.keys.stream(self.cfg.entry_stream());
-        let mut t = Task::new(String::new(), payload);
+        let mut t = Task::new(String::new(), serde_json::Value::Null);
         t.traceparent = Some(child_traceparent(traceparent));
         t.submitted_ms = Some(task::now_ms());
         match idempotency_key {
@@ -88,7 +101,7 @@ impl Intake {
                         &self.cfg.keys.idem(key),
                         self.cfg.policy.idempotency_ttl,
                         &stream,
-                        t.encode_without_id(),
+                        t.encode_with_payload(false, payload),
                         self.cfg.max_len,
                     )
                     .await?;
@@ -96,9 +109,13 @@ impl Intake {
                 Ok((s.task_id, created))
             }
             None => {
-                t.task_id = uuid::Uuid::new_v4().to_string();
+                t.task_id = random_uuid().to_string();
                 self.queue
-                    .add(&stream, t.encode(), self.cfg.max_len)
+                    .add(
+                        &stream,
+                        t.encode_with_payload(true, payload),
+                        self.cfg.max_len,
+                    )
                     .await?;
                 Ok((t.task_id, true))
             }
@@ -147,11 +164,12 @@ async fn submit(State(intake): State<Arc<Intake>>, headers: HeaderMap, body: Bod
             );
         }
     };
-    let payload: serde_json::Value = match serde_json::from_slice(&bytes) {
-        Ok(v) => v,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("body is not JSON: {e}")),
-    };
-    if !payload.is_object() {
+    // Validate without building a value: the body is stored as it came.
+    if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&bytes) {
+        return error(StatusCode::BAD_REQUEST, format!("body is not JSON: {e}"));
+    }
+    // Valid JSON whose first token is `{` is an object.
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return error(StatusCode::BAD_REQUEST, "body must be a JSON object");
     }
     let key = match headers.get("idempotency-key") {
@@ -175,7 +193,7 @@ async fn submit(State(intake): State<Arc<Intake>>, headers: HeaderMap, body: Bod
         },
     };
     let tp = headers.get("traceparent").and_then(|v| v.to_str().ok());
-    let fut = intake.submit(payload, key, tp);
+    let fut = intake.submit_raw(bytes, key, tp);
     match tokio::time::timeout(Duration::from_secs(10), fut).await {
         Ok(Ok((task_id, created))) => {
             let outcome = if created {

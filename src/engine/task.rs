@@ -246,11 +246,27 @@ impl Task {
         f
     }
 
+    /// Encode with `payload` (JSON text the caller has validated) in place
+    /// of `self.payload`: the intake stores a body as it came instead of
+    /// parsing it into a value and printing it again. Without `task_id`
+    /// when `with_id` is false (for `submit_idempotent`).
+    pub fn encode_with_payload(&self, with_id: bool, payload: Bytes) -> Fields {
+        let mut f: Fields = Vec::with_capacity(8);
+        if with_id {
+            f.push((TASK_ID.into(), Bytes::from(self.task_id.clone())));
+        }
+        self.encode_tail(&mut f, payload);
+        f
+    }
+
     fn encode_rest(&self, f: &mut Fields) {
-        f.push((
-            PAYLOAD.into(),
-            Bytes::from(serde_json::to_vec(&self.payload).unwrap_or_else(|_| b"null".to_vec())),
-        ));
+        let payload =
+            Bytes::from(serde_json::to_vec(&self.payload).unwrap_or_else(|_| b"null".to_vec()));
+        self.encode_tail(f, payload);
+    }
+
+    fn encode_tail(&self, f: &mut Fields, payload: Bytes) {
+        f.push((PAYLOAD.into(), payload));
         if let Kind::Compensate { compensation, rest } = &self.kind {
             f.push((TYPE.into(), Bytes::from_static(b"compensate")));
             f.push((COMPENSATE.into(), Bytes::from(compensation.clone())));
@@ -325,6 +341,14 @@ mod tests {
         };
         assert_eq!(Task::decode(&t.encode(), 1024).unwrap(), t);
         assert_eq!(t.encode()[0].0, TASK_ID);
+        let raw = Bytes::from_static(br#"{ "a" : 1 }"#);
+        assert_eq!(
+            Task::decode(&t.encode_with_payload(true, raw.clone()), 1024).unwrap(),
+            t
+        );
+        let without = t.encode_with_payload(false, raw.clone());
+        assert_eq!(without[0], (PAYLOAD.to_owned(), raw));
+        assert_eq!(without[1..], t.encode_without_id()[1..]);
     }
 
     #[test]
