@@ -403,7 +403,7 @@ async fn handle(ctx: Arc<Ctx>, mut entry: StreamEntry, permit: OwnedSemaphorePer
     let started = Instant::now();
     let _in_flight = ctx.stats.in_flight();
     let mut permit = Some(permit);
-    let task = match Task::decode(&entry.fields, ctx.cfg.max_payload_bytes) {
+    let mut task = match Task::decode(&entry.fields, ctx.cfg.max_payload_bytes) {
         Ok(t) => t,
         Err(rej) => {
             let rec = record(
@@ -572,25 +572,28 @@ async fn handle(ctx: Arc<Ctx>, mut entry: StreamEntry, permit: OwnedSemaphorePer
     }
     let mut agent_time = Duration::ZERO;
     let traceparent = child_traceparent(task.traceparent.as_deref());
+    // Built once for every attempt of this round; the payload moves into it
+    // (no copy per task) and a pass-through output takes it from there.
+    let mut req = DeliveryRequest {
+        task_id: task.task_id.clone(),
+        step: ctx.agent.name.clone(),
+        kind: if compensation.is_some() {
+            RequestKind::Compensate
+        } else {
+            RequestKind::Task
+        },
+        compensation: compensation.as_ref().map(|(c, _)| c.clone()),
+        payload: std::mem::take(&mut task.payload),
+        attempt: entry.delivery_count,
+        idempotency_key: match &compensation {
+            None => format!("{}:{}", task.task_id, ctx.agent.name),
+            Some(_) => format!("{}:compensate:{}", task.task_id, ctx.agent.name),
+        },
+        traceparent,
+        deadline: policy.per_attempt.min(hold),
+    };
     loop {
-        let req = DeliveryRequest {
-            task_id: task.task_id.clone(),
-            step: ctx.agent.name.clone(),
-            kind: if compensation.is_some() {
-                RequestKind::Compensate
-            } else {
-                RequestKind::Task
-            },
-            compensation: compensation.as_ref().map(|(c, _)| c.clone()),
-            payload: task.payload.clone(),
-            attempt: entry.delivery_count,
-            idempotency_key: match &compensation {
-                None => format!("{}:{}", task.task_id, ctx.agent.name),
-                Some(_) => format!("{}:compensate:{}", task.task_id, ctx.agent.name),
-            },
-            traceparent: traceparent.clone(),
-            deadline: policy.per_attempt.min(hold),
-        };
+        req.attempt = entry.delivery_count;
         let t = Instant::now();
         let res = ctx.delivery.deliver(&req).await;
         agent_time += t.elapsed();
@@ -599,9 +602,10 @@ async fn handle(ctx: Arc<Ctx>, mut entry: StreamEntry, permit: OwnedSemaphorePer
                 let out = build_outputs(
                     &ctx,
                     &task,
+                    &req.payload,
                     outputs,
                     compensation.as_ref().map(|(_, r)| r.as_slice()),
-                    &traceparent,
+                    &req.traceparent,
                 );
                 match complete(&ctx, &entry, &inbox, out).await {
                     Ok(c) => {
@@ -724,6 +728,7 @@ async fn handle(ctx: Arc<Ctx>, mut entry: StreamEntry, permit: OwnedSemaphorePer
 fn build_outputs(
     ctx: &Ctx,
     task: &Task,
+    input: &serde_json::Value,
     outputs: Outputs,
     compensation_rest: Option<&[task::SagaStep]>,
     traceparent: &str,
@@ -744,7 +749,7 @@ fn build_outputs(
     for p in &ctx.agent.produces {
         let payload = match &outputs {
             Outputs::All(v) => v.clone(),
-            Outputs::PassThrough => task.payload.clone(),
+            Outputs::PassThrough => input.clone(),
             Outputs::PerStream(m) => match m.get(p) {
                 Some(v) => v.clone(),
                 None => continue,
