@@ -7,15 +7,16 @@
 //! HdrHistogram V2). `r4 status` and the controller read through
 //! [`read_workflow`]; they never parse engine internals.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
 use hdrhistogram::Histogram;
 use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 use serde::{Deserialize, Serialize};
 
@@ -127,6 +128,13 @@ pub struct Stats {
     m_retries: IntCounterVec,
     m_in_flight: IntGaugeVec,
     m_replays: IntCounterVec,
+    /// This engine's children of the vectors above (its agent label is
+    /// fixed), resolved on first use instead of hashing the labels on every
+    /// task; lazily, so a series appears only once it has something to say.
+    c_tasks: [OnceLock<IntCounter>; 5],
+    c_duration: OnceLock<prometheus::Histogram>,
+    c_retries: OnceLock<IntCounter>,
+    c_in_flight: OnceLock<IntGauge>,
 }
 
 impl std::fmt::Debug for Stats {
@@ -218,11 +226,34 @@ impl Stats {
             m_retries,
             m_in_flight,
             m_replays,
+            c_tasks: Default::default(),
+            c_duration: OnceLock::new(),
+            c_retries: OnceLock::new(),
+            c_in_flight: OnceLock::new(),
         }
     }
 
     fn agent_label(&self) -> &str {
         self.agent.as_deref().unwrap_or("")
+    }
+
+    fn tasks_counter(&self, outcome: Outcome) -> &IntCounter {
+        let i = match outcome {
+            Outcome::Completed => 0,
+            Outcome::Duplicate => 1,
+            Outcome::DeadLettered => 2,
+            Outcome::Routed => 3,
+            Outcome::Skipped => 4,
+        };
+        self.c_tasks[i].get_or_init(|| {
+            self.m_tasks
+                .with_label_values(&[self.agent_label(), outcome.as_str()])
+        })
+    }
+
+    fn in_flight_gauge(&self) -> &IntGauge {
+        self.c_in_flight
+            .get_or_init(|| self.m_in_flight.with_label_values(&[self.agent_label()]))
     }
 
     /// A task finished at this step. `total`: read to done; `agent_time`:
@@ -237,12 +268,10 @@ impl Stats {
             Outcome::Skipped => return,
         };
         c.fetch_add(1, Ordering::Relaxed);
-        self.m_tasks
-            .with_label_values(&[self.agent_label(), outcome.as_str()])
-            .inc();
+        self.tasks_counter(outcome).inc();
         if outcome == Outcome::Completed {
-            self.m_duration
-                .with_label_values(&[self.agent_label()])
+            self.c_duration
+                .get_or_init(|| self.m_duration.with_label_values(&[self.agent_label()]))
                 .observe(total.as_secs_f64());
             let us = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1);
             if let Ok(mut h) = self.latency.lock() {
@@ -259,8 +288,8 @@ impl Stats {
         self.failed.fetch_add(1, Ordering::Relaxed);
         if will_retry {
             self.retries.fetch_add(1, Ordering::Relaxed);
-            self.m_retries
-                .with_label_values(&[self.agent_label()])
+            self.c_retries
+                .get_or_init(|| self.m_retries.with_label_values(&[self.agent_label()]))
                 .inc();
         }
     }
@@ -282,9 +311,7 @@ impl Stats {
     /// Count a task in flight until the guard drops.
     pub fn in_flight(&self) -> InFlight<'_> {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.m_in_flight
-            .with_label_values(&[self.agent_label()])
-            .inc();
+        self.in_flight_gauge().inc();
         InFlight(self)
     }
 
@@ -359,10 +386,7 @@ pub struct InFlight<'a>(&'a Stats);
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
-        self.0
-            .m_in_flight
-            .with_label_values(&[self.0.agent_label()])
-            .dec();
+        self.0.in_flight_gauge().dec();
     }
 }
 
