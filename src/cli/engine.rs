@@ -46,8 +46,8 @@ pub struct EngineArgs {
     /// Address of the HTTP endpoints (intake API, /healthz, /readyz, /metrics).
     #[arg(long, default_value = "0.0.0.0:8080")]
     pub listen: String,
-    /// Address of the tool proxy the agent container calls its tools through (role agent;
-    /// localhost only: it applies the policies, not authentication).
+    /// Address of the tool proxy the agent container calls its tools through (role agent with
+    /// tools; localhost only: it applies the policies, not authentication; port 0 = any).
     #[arg(long, default_value = "127.0.0.1:8082")]
     pub tools_listen: String,
     /// URL the agent container takes tasks on (role agent).
@@ -201,8 +201,16 @@ async fn run_engine(args: EngineArgs, cfg: Arc<WorkflowConfig>) -> Result<ExitCo
             let delivery = HttpDelivery::new(args.agent_url.clone())
                 .map_err(|e| CliError::Usage(format!("--agent-url: {e}")))?;
             let registry = prometheus::Registry::new();
-            let tools =
-                start_tool_proxy(&args, &cfg, &name, q.clone(), &id, rx.clone(), &registry).await?;
+            // An agent without tools has nothing to proxy: no listener, no port to collide on.
+            let has_tools = cfg.agent(&name).is_some_and(|a| !a.tools.is_empty());
+            let tools = if has_tools {
+                Some(
+                    start_tool_proxy(&args, &cfg, &name, q.clone(), &id, rx.clone(), &registry)
+                        .await?,
+                )
+            } else {
+                None
+            };
             let role =
                 AgentRole::new(cfg.clone(), &name, q, Arc::new(delivery), &id).map_err(internal)?;
             let server = tokio::spawn(http::serve(
@@ -212,7 +220,9 @@ async fn run_engine(args: EngineArgs, cfg: Arc<WorkflowConfig>) -> Result<ExitCo
             ));
             role.run(rx).await.map_err(internal)?;
             let _ = server.await;
-            let _ = tools.await;
+            if let Some(tools) = tools {
+                let _ = tools.await;
+            }
         }
         Role::Intake => {
             let intake = Intake::new(cfg.clone(), q.clone(), &id);
