@@ -41,8 +41,9 @@ use super::{
     Submitted, Subscription,
 };
 
-/// How many idle dedicated blocking-read connections are kept for reuse.
-pub const MAX_IDLE_BLOCKING: usize = 8;
+/// How many idle dedicated blocking-read connections are kept for reuse. Enough for every
+/// reader of a busy process: with fewer, readers beyond the cap reconnect after each read.
+pub const MAX_IDLE_BLOCKING: usize = 64;
 
 /// Timeouts of the Redis backend.
 #[derive(Debug, Clone, Copy)]
