@@ -331,13 +331,7 @@ impl AgentRole {
             return;
         }
         let mut down: BTreeSet<String> = state.tools.clone();
-        down.extend(
-            self.cfg
-                .killed_tools
-                .iter()
-                .filter(|(_, on)| **on)
-                .map(|(t, _)| t.clone()),
-        );
+        down.extend(self.cfg.spec_killed_tools());
         match super::breakers::BreakerStates::new(self.queue.as_ref(), &self.cfg.keys)
             .open_tools()
             .await
