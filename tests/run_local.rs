@@ -224,3 +224,23 @@ fn bad_flags_and_manifests_get_one_line_naming_them() {
         "one line"
     );
 }
+
+#[test]
+fn a_last_agent_that_publishes_to_a_sink_still_completes_tasks() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(sample("payment-disputes.yaml")).unwrap();
+    let archived = text.replacen(
+        "      consumes: resolutions\n",
+        "      consumes: resolutions\n      produces: [archive]\n",
+        1,
+    );
+    assert_ne!(archived, text);
+    let path = dir.path().join("wf.yaml");
+    std::fs::write(&path, archived).unwrap();
+    for p in ["default-policy.yaml", "bank-policy.yaml"] {
+        std::fs::copy(sample(p), dir.path().join(p)).unwrap();
+    }
+    let v = run_json(&["-f", path.to_str().unwrap(), "--tasks", "500"]);
+    assert_eq!(n(&v, "completed"), 500, "{v}");
+    assert_accounted(&v);
+}

@@ -196,7 +196,16 @@ fn start(
         stop_rx.clone(),
     )));
     let mut agent_stats = Vec::new();
+    let consumed: BTreeSet<&str> = cfg
+        .spec
+        .agents
+        .iter()
+        .map(|a| a.consumes.as_str())
+        .collect();
     for (i, a) in cfg.spec.agents.iter().enumerate() {
+        // The end of the workflow: nothing this agent produces is consumed by another agent
+        // (it may still publish to a sink stream, e.g. an archive).
+        let terminal = a.produces.iter().all(|s| !consumed.contains(s.as_str()));
         let sim = SimAgent::new(
             a,
             seed_for(opts.seed, i as u64),
@@ -204,7 +213,8 @@ fn start(
             finished.clone(),
             ledger.clone(),
         )
-        .map_err(|e| RunError::Invalid(FieldError::new(format!("spec.agents[{i}].simulate"), e)))?;
+        .map_err(|e| RunError::Invalid(FieldError::new(format!("spec.agents[{i}].simulate"), e)))?
+        .terminal(terminal);
         let sim = Arc::new(sim);
         let replicas = a.replicas.unwrap_or(1).max(1) as u64;
         for r in 0..replicas {

@@ -82,12 +82,19 @@ impl SimAgent {
             calls: sim.calls.clone(),
             latency: LatencyModel::new(&sim.latency),
             error_rate: sim.error_rate,
-            terminal: spec.produces.is_empty(),
+            terminal: false,
             proxy,
             rng: Mutex::new(SmallRng::seed_from_u64(seed)),
             finished,
             ledger,
         })
+    }
+
+    /// Mark this agent as the end of the workflow: a task it finishes is complete. `r4 run`
+    /// decides that from the graph (an agent none of whose outputs another agent consumes).
+    pub fn terminal(mut self, terminal: bool) -> Self {
+        self.terminal = terminal;
+        self
     }
 
     async fn work(&self, req: &DeliveryRequest) -> Result<Outputs, DeliveryError> {
