@@ -214,6 +214,18 @@ fn bad_flags_and_manifests_get_one_line_naming_them() {
         &["run", "-f", path.to_str().unwrap()],
         "spec.agents[1].concurrency: must be >= 1, got 0",
     );
+    let stopped = text.replacen(
+        "agents: {resolution: false}",
+        "agents: {resolution: true}",
+        1,
+    );
+    assert_ne!(stopped, text);
+    std::fs::write(&path, &stopped).unwrap();
+    fails_with(
+        &["run", "-f", path.to_str().unwrap()],
+        "spec.killSwitches.agents.resolution: engaged",
+    );
+    std::fs::write(&path, &bad).unwrap();
     let out = r4()
         .args(["run", "-f", path.to_str().unwrap()])
         .output()

@@ -105,6 +105,23 @@ pub fn prepare(
             )));
         }
     }
+    if let Some(ks) = &cfg.spec.kill_switches {
+        let engaged = ks
+            .all
+            .then(|| "spec.killSwitches.all".to_string())
+            .or_else(|| {
+                ks.agents
+                    .iter()
+                    .find(|(_, on)| **on)
+                    .map(|(a, _)| format!("spec.killSwitches.agents.{a}"))
+            });
+        if let Some(path) = engaged {
+            return Err(RunError::Invalid(FieldError::new(
+                path,
+                "engaged: the stopped agents would take no task and the run could not finish; release it to rehearse",
+            )));
+        }
+    }
     for (name, p) in cfg.policies.iter_mut() {
         let _ = name;
         for m in disable {
@@ -419,7 +436,13 @@ pub async fn run(
                             || last_exact.routed.contains(*id)
                     })
                     .count() as u64;
-                let settled = accounted >= opts.tasks && last_exact.awaiting_replay == 0;
+                // Every task is accounted for; automatic replays still due are waited for up to
+                // the replay horizon in virtual time, but at most 30 s of a real clock.
+                let all = accounted >= opts.tasks;
+                let replays_due = last_exact.awaiting_replay > 0;
+                let waited_enough =
+                    opts.clock == "real" && done_at.elapsed() > Duration::from_secs(30);
+                let settled = all && (!replays_due || waited_enough);
                 if settled || done_at.elapsed() > horizon || wall.elapsed() > wall_limit {
                     break;
                 }
