@@ -620,3 +620,36 @@ fn every_cel_rule_compiles_and_fits_the_api_server_cost_budget() {
         assert!(warnings.is_empty(), "{kind}: rule {rule:?}: {warnings:?}");
     }
 }
+
+#[test]
+fn references_resolve_across_documents_without_a_namespace() {
+    let wf = WORKFLOW.replace(
+        "metadata: {name: wf}",
+        "metadata: {name: wf, namespace: payments}",
+    );
+    let same = validate_texts(
+        &[("a.yaml".into(), format!("{wf}\n---\n{POLICY}"))],
+        RefMode::Require,
+    );
+    assert!(
+        same.errors.is_empty(),
+        "a policy without a namespace goes wherever it is applied: {:#?}",
+        same.errors
+    );
+    let other = POLICY.replace(
+        "metadata: {name: pol}",
+        "metadata: {name: pol, namespace: billing}",
+    );
+    let apart = validate_texts(
+        &[("a.yaml".into(), format!("{wf}\n---\n{other}"))],
+        RefMode::Require,
+    );
+    assert!(
+        apart
+            .errors
+            .iter()
+            .any(|e| e.contains("spec.policyRef: CircuitPolicy \"pol\" not found")),
+        "{:#?}",
+        apart.errors
+    );
+}

@@ -1049,6 +1049,15 @@ fn check_fault_fields(e: &mut Vec<FieldError>, p: &str, f: &Fault) {
     }
 }
 
+/// Whether two documents end up in the same namespace: one without `metadata.namespace` lands
+/// in whatever namespace it is applied to (as with `kubectl apply -n`), so it matches any.
+pub fn same_namespace(a: Option<&str>, b: Option<&str>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => a == b,
+        _ => true,
+    }
+}
+
 /// How unresolved references between documents are treated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RefMode {
@@ -1090,10 +1099,10 @@ pub fn check_set(manifests: &[Manifest], mode: RefMode) -> Vec<SetFinding> {
             });
         }
     }
-    let find = |kind: &str, ns: &str, name: &str| {
-        manifests.iter().find(|m| {
-            m.kind() == kind && m.namespace().unwrap_or("default") == ns && m.name() == name
-        })
+    let find = |kind: &str, ns: Option<&str>, name: &str| {
+        manifests
+            .iter()
+            .find(|m| m.kind() == kind && same_namespace(m.namespace(), ns) && m.name() == name)
     };
     let unresolved = |index: usize, path: String, what: String| SetFinding {
         index,
@@ -1101,7 +1110,7 @@ pub fn check_set(manifests: &[Manifest], mode: RefMode) -> Vec<SetFinding> {
         is_error: mode == RefMode::Require,
     };
     for (i, m) in manifests.iter().enumerate() {
-        let ns = m.namespace().unwrap_or("default");
+        let ns = m.namespace();
         match m {
             Manifest::Workflow(w) => {
                 if let Some(p) = &w.spec.policy_ref

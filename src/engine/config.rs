@@ -343,8 +343,10 @@ impl WorkflowConfig {
         }
         let policies = manifests.iter().filter_map(|m| match m {
             Manifest::Policy(cp)
-                if cp.metadata.namespace.as_deref().unwrap_or("default")
-                    == w.metadata.namespace.as_deref().unwrap_or("default") =>
+                if crate::api::validate::same_namespace(
+                    cp.metadata.namespace.as_deref(),
+                    w.metadata.namespace.as_deref(),
+                ) =>
             {
                 Some((
                     cp.metadata.name.clone().unwrap_or_default(),
