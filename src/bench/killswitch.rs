@@ -132,10 +132,12 @@ spec:
         stopped.store(true, Ordering::Relaxed);
         samples.extend(acks.iter().map(|a| a.at_ms.saturating_sub(t0)));
         tokio::time::sleep(Duration::from_millis(300)).await;
+        // Clear the flag before releasing: engines resume the moment the release lands, and
+        // those deliveries are not "after stop".
+        stopped.store(false, Ordering::Relaxed);
         let v = killswitch::release(admin.as_ref(), &cfg.keys, &Target::All)
             .await
             .map_err(|e| e.to_string())?;
-        stopped.store(false, Ordering::Relaxed);
         wait_acks(
             admin.as_ref(),
             &cfg,
