@@ -296,24 +296,18 @@ async fn account(
     let keys = &cfg.keys;
     let replay = &cfg.policy.replay;
     for (stream, is_dlq) in [(keys.dlq(), true), (keys.poison(), false)] {
-        let mut from = "-".to_string();
-        loop {
-            let page = q.range(&stream, &from, "+", 1000).await?;
-            let Some(last) = page.last() else { break };
-            from = format!("({}", last.id);
-            for e in &page {
-                let rec = dlq::DlqRecord::decode(e);
-                if is_dlq
-                    && repair
-                    && replay.automatic
-                    && rec.replayable
-                    && rec.replays < replay.max_replays
-                {
-                    acc.awaiting_replay += 1;
-                }
-                if !rec.task_id.is_empty() {
-                    acc.dead.insert(rec.task_id);
-                }
+        for e in &read_all(q, &stream).await? {
+            let rec = dlq::DlqRecord::decode(e);
+            if is_dlq
+                && repair
+                && replay.automatic
+                && rec.replayable
+                && rec.replays < replay.max_replays
+            {
+                acc.awaiting_replay += 1;
+            }
+            if !rec.task_id.is_empty() {
+                acc.dead.insert(rec.task_id);
             }
         }
     }
@@ -325,22 +319,32 @@ async fn account(
         .filter(|s| !consumed.contains(s))
         .collect();
     for s in sinks {
-        let mut from = "-".to_string();
-        loop {
-            let page = q.range(&keys.stream(s), &from, "+", 1000).await?;
-            let Some(last) = page.last() else { break };
-            from = format!("({}", last.id);
-            for e in &page {
-                if let Some(id) = e
-                    .field(crate::engine::task::TASK_ID)
-                    .and_then(|v| std::str::from_utf8(v).ok())
-                {
-                    acc.routed.insert(id.to_string());
-                }
+        for e in &read_all(q, &keys.stream(s)).await? {
+            if let Some(id) = e
+                .field(crate::engine::task::TASK_ID)
+                .and_then(|v| std::str::from_utf8(v).ok())
+            {
+                acc.routed.insert(id.to_string());
             }
         }
     }
     Ok(acc)
+}
+
+/// Every entry of `stream`, paged with exclusive bounds so no page is too large.
+async fn read_all(
+    q: &dyn Queue,
+    stream: &str,
+) -> Result<Vec<crate::queue::StreamEntry>, QueueError> {
+    let mut out = Vec::new();
+    let mut from = "-".to_string();
+    loop {
+        let page = q.range(stream, &from, "+", 1000).await?;
+        let Some(last) = page.last() else { break };
+        from = format!("({}", last.id);
+        out.extend(page);
+    }
+    Ok(out)
 }
 
 /// Run the workflow: submit `opts.tasks` tasks, wait until each is completed, dead-lettered or
