@@ -122,6 +122,10 @@ mod tests {
         serde_yaml::from_str(yaml).unwrap()
     }
 
+    fn tool(yaml: &str, seed: u64, faults: Arc<dyn FaultSource>) -> Arc<SimTool> {
+        Arc::new(SimTool::new(&spec(yaml), seed, Instant::now(), Arc::default(), faults).unwrap())
+    }
+
     struct Down;
     impl FaultSource for Down {
         fn tool_faults(&self, _: &str) -> ToolFaults {
@@ -163,16 +167,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn outages_refuse_connections() {
         let y = "{name: bank, url: 'http://x', simulate: {latency: {medianMs: 1}, outages: [{after: 0s, for: 1m}]}}";
-        let t = Arc::new(
-            SimTool::new(
-                &spec(y),
-                1,
-                Instant::now(),
-                Arc::default(),
-                Arc::new(NoFaults),
-            )
-            .unwrap(),
-        );
+        let t = tool(y, 1, Arc::new(NoFaults));
         let e = t.transport().oneshot(keyed("a:b")).await.unwrap_err();
         assert!(ResilienceError::from_inner(e).is_connect());
         tokio::time::advance(Duration::from_secs(61)).await;
@@ -181,9 +176,7 @@ mod tests {
             200
         );
         let y = "{name: bank, url: 'http://x', simulate: {latency: {medianMs: 1}}}";
-        let t = Arc::new(
-            SimTool::new(&spec(y), 1, Instant::now(), Arc::default(), Arc::new(Down)).unwrap(),
-        );
+        let t = tool(y, 1, Arc::new(Down));
         assert!(
             t.transport().oneshot(keyed("a:b")).await.is_err(),
             "a drill outage refuses too"
@@ -194,16 +187,7 @@ mod tests {
     async fn error_rate_is_honoured() {
         let y =
             "{name: bank, url: 'http://x', simulate: {latency: {medianMs: 1}, errorRate: 0.25}}";
-        let t = Arc::new(
-            SimTool::new(
-                &spec(y),
-                9,
-                Instant::now(),
-                Arc::default(),
-                Arc::new(NoFaults),
-            )
-            .unwrap(),
-        );
+        let t = tool(y, 9, Arc::new(NoFaults));
         let mut failed = 0;
         for i in 0..4000 {
             if t.transport()
