@@ -267,10 +267,7 @@ impl ToolProxy {
             idempotent,
             read_only,
         };
-        let svc = match t.service.lock() {
-            Ok(g) => g.clone(),
-            Err(p) => p.into_inner().clone(),
-        };
+        let svc = crate::resilience::lock(&t.service).clone();
         match svc.oneshot(call).await {
             Ok(resp) => {
                 let mut resp = resp;

@@ -119,10 +119,7 @@ impl EffectLedger {
     /// idempotent and has seen the key, nothing is applied (the API deduplicates). Returns
     /// whether an effect was applied.
     pub fn apply(&self, tool: &str, idempotent: bool, key: &str, task: &str, step: &str) -> bool {
-        let mut g = match self.inner.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut g = crate::resilience::lock(&self.inner);
         if idempotent
             && g.keys
                 .insert((tool.to_string(), key.to_string()), ())
@@ -138,10 +135,7 @@ impl EffectLedger {
 
     /// Effects applied more than once for the same logical step.
     pub fn duplicate_effects(&self) -> u64 {
-        let g = match self.inner.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let g = crate::resilience::lock(&self.inner);
         g.applied
             .values()
             .map(|n| u64::from(n.saturating_sub(1)))
@@ -150,10 +144,7 @@ impl EffectLedger {
 
     /// Effects applied in all.
     pub fn effects(&self) -> u64 {
-        let g = match self.inner.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let g = crate::resilience::lock(&self.inner);
         g.applied.values().map(|n| u64::from(*n)).sum()
     }
 }

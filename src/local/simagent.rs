@@ -45,7 +45,7 @@ impl Finished {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
-        self.at.lock().unwrap_or_else(|p| p.into_inner())
+        crate::resilience::lock(&self.at)
     }
 }
 
@@ -111,7 +111,7 @@ impl SimAgent {
             return Ok(Outputs::PassThrough);
         }
         let (delay, fails) = {
-            let mut rng = self.rng.lock().unwrap_or_else(|p| p.into_inner());
+            let mut rng = crate::resilience::lock(&self.rng);
             (
                 self.latency.sample(&mut *rng),
                 rng.random::<f64>() < self.error_rate,

@@ -82,7 +82,7 @@ impl SimTool {
         }
         self.requests.fetch_add(1, Ordering::Relaxed);
         let (mut delay, fail, slow_draw) = {
-            let mut rng = self.rng.lock().unwrap_or_else(|p| p.into_inner());
+            let mut rng = crate::resilience::lock(&self.rng);
             let d = self.latency.sample(&mut *rng);
             let fail = rng.random::<f64>() < (self.error_rate + faults.error_rate).min(1.0);
             (d, fail, rng.random::<f64>())

@@ -42,8 +42,8 @@ pub type BoxFut<T> = Pin<Box<dyn Future<Output = Result<T, ResilienceError>> + S
 
 /// Lock ignoring poisoning: the protected state is counters and windows that
 /// stay consistent even if a holder panicked, and a panic in one call must
-/// not take every later call down with it.
-#[doc(hidden)]
+/// not take every later call down with it. The engine and `r4 run` use it for their
+/// counters and RNGs too.
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
