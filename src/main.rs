@@ -5,6 +5,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// r4 keeps teams of autonomous agents working through failures.
 #[derive(Parser, Debug)]
 #[command(name = "r4", version, about, long_about = None)]

@@ -6,6 +6,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -291,4 +292,157 @@ async fn crash_test_zero_lost_zero_duplicates() {
             );
         }
     }
+}
+
+/// Start `r4 engine --role intake` on `addr`.
+fn spawn_intake(file: &std::path::Path, redis: &str, addr: &str) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_r4"))
+        .args(["engine", "--role", "intake", "--redis", redis])
+        .args(["--namespace", "crash"])
+        .arg("--workflow-file")
+        .arg(file)
+        .args(["--listen", addr])
+        .env("RUST_LOG", "error")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn r4 engine --role intake")
+}
+
+/// The batch intake under SIGKILL: submitters POST keyed batches to an
+/// intake process that is killed every 50–250 ms (also in the middle of a
+/// request) and restarted; a batch whose answer did not arrive is resent
+/// until one does. Then every key has exactly one stream entry, carrying
+/// the task id the submitter was told, and no resend ever found its batch
+/// half applied (it is one atomic step: all new or all duplicates).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_test_intake_batches_all_or_nothing() {
+    const SUBMITTERS: usize = 4;
+    const BATCH: usize = 40;
+    /// Submit until the intake has been killed this often.
+    const KILLS: u32 = 15;
+    let started = Instant::now();
+    let server = RedisServer::start().await.expect("redis-server");
+    let url = server.url();
+    let q = RedisQueue::connect(&url).await.expect("connect");
+    let cfg =
+        r4::engine::WorkflowConfig::from_yaml("crash", WORKFLOW, None, Some("crash")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("crash.yaml");
+    std::fs::write(&file, WORKFLOW).unwrap();
+    // A port of our own for every restart (tokio binds with SO_REUSEADDR).
+    let addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let endpoint = format!("http://{addr}/v1/tasks:batch");
+    let kills = Arc::new(AtomicU32::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let killer = {
+        let (file, url, addr) = (file.clone(), url.clone(), addr.clone());
+        let (kills, done) = (kills.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut child = spawn_intake(&file, &url, &addr);
+            while !done.load(Ordering::Relaxed) {
+                let ms = rand::rng().random_range(30..150);
+                std::thread::sleep(Duration::from_millis(ms));
+                let _ = child.kill();
+                let _ = child.wait();
+                kills.fetch_add(1, Ordering::Relaxed);
+                child = spawn_intake(&file, &url, &addr);
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        })
+    };
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let mut subs = Vec::new();
+    for s in 0..SUBMITTERS {
+        let (http, endpoint, kills) = (http.clone(), endpoint.clone(), kills.clone());
+        subs.push(tokio::spawn(async move {
+            let mut told: Vec<(String, String)> = Vec::new();
+            let (mut resends, mut found_applied) = (0u32, 0u32);
+            let mut b = 0;
+            while kills.load(Ordering::Relaxed) < KILLS {
+                b += 1;
+                let keys: Vec<String> = (0..BATCH).map(|i| format!("s{s}-b{b}-t{i}")).collect();
+                let body = json!({"tasks": keys.iter().map(|k| json!({"payload": {"key": k}, "idempotency_key": k})).collect::<Vec<_>>()});
+                let deadline = Instant::now() + Duration::from_secs(60);
+                let mut first = true;
+                let answer: Value = loop {
+                    assert!(Instant::now() < deadline, "batch {s}/{b} never accepted");
+                    if !first {
+                        resends += 1;
+                    }
+                    first = false;
+                    match http.post(&endpoint).json(&body).send().await {
+                        Ok(r) if r.status() == 202 => match r.json().await {
+                            Ok(v) => break v,
+                            Err(_) => continue,
+                        },
+                        _ => tokio::time::sleep(Duration::from_millis(20)).await,
+                    }
+                };
+                let tasks = answer["tasks"].as_array().expect("tasks");
+                assert_eq!(tasks.len(), BATCH);
+                let dups = tasks.iter().filter(|t| t["duplicate"] == true).count();
+                assert!(
+                    dups == 0 || dups == BATCH,
+                    "batch {s}/{b} was half applied: {dups} of {BATCH} already there"
+                );
+                if dups == BATCH {
+                    found_applied += 1;
+                }
+                for (k, t) in keys.into_iter().zip(tasks) {
+                    told.push((k, t["task_id"].as_str().unwrap_or_default().to_owned()));
+                }
+            }
+            (told, resends, found_applied)
+        }));
+    }
+    let mut told = HashMap::new();
+    let (mut resends, mut found_applied) = (0, 0);
+    for s in subs {
+        let (t, r, f) = s.await.unwrap();
+        told.extend(t);
+        resends += r;
+        found_applied += f;
+    }
+    done.store(true, Ordering::Relaxed);
+    killer.join().unwrap();
+    let kills = kills.load(Ordering::Relaxed);
+    // One stream entry per key, with the id the submitter was told.
+    let input = cfg.keys.stream("in");
+    let mut seen: HashMap<String, u32> = HashMap::new();
+    let mut last = "-".to_owned();
+    loop {
+        let page = q.range(&input, &last, "+", 1000).await.unwrap();
+        let Some(tail) = page.last() else { break };
+        last = format!("({}", tail.id);
+        for e in &page {
+            let t = Task::decode(&e.fields, 1 << 20).expect("a well-formed task");
+            let key = t.payload["key"].as_str().unwrap_or_default().to_owned();
+            assert_eq!(
+                told.get(&key),
+                Some(&t.task_id),
+                "key {key}: entry and answer agree"
+            );
+            *seen.entry(key).or_default() += 1;
+        }
+    }
+    let expected = told.len();
+    let duplicates: u32 = seen.values().map(|n| n - 1).sum();
+    let lost = told.keys().filter(|k| !seen.contains_key(*k)).count();
+    println!(
+        "intake crash test: tasks={expected} batches={} entries={} lost={lost} duplicates={duplicates} kills={kills} resends={resends} resends_found_applied={found_applied} elapsed={:.1}s",
+        expected / BATCH,
+        seen.values().sum::<u32>(),
+        started.elapsed().as_secs_f64()
+    );
+    assert!(expected > 0);
+    assert_eq!((lost, duplicates), (0, 0));
 }

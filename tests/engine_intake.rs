@@ -142,3 +142,151 @@ async fn intake_http_contract() {
     let _ = stop.send(true);
     let _ = server.await;
 }
+
+#[tokio::test]
+async fn intake_batch_contract() {
+    let (_b, q) = queue(true).await;
+    let cfg = Arc::new(workflow(
+        "intake-batch",
+        "    - {name: a, image: x, consumes: in, produces: [done]}",
+        "  intake: {enabled: true, maxPayloadBytes: 1024}",
+    ));
+    let intake = Intake::new(cfg.clone(), q.clone(), "intake-b");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/v1/tasks:batch", listener.local_addr().unwrap());
+    let (stop, rx) = watch::channel(false);
+    let server = tokio::spawn(r4::engine::http::serve(listener, intake.router(), rx));
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let post = |body: String| {
+        http.post(&url)
+            .header(
+                "traceparent",
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            )
+            .body(body)
+            .send()
+    };
+    let stream = cfg.keys.stream("in");
+    // Keyed and unkeyed tasks, a key repeated inside the batch.
+    let body = json!({"tasks": [
+        {"payload": {"n": 1}, "idempotency_key": "k-1"},
+        {"payload": {"n": 2}},
+        {"payload": {"n": 3}, "idempotency_key": "k-1"},
+        {"payload": {"n": 4}, "idempotency_key": "k-4"},
+    ]});
+    let r = post(body.to_string()).await.unwrap();
+    assert_eq!(r.status(), 202);
+    let j: Value = r.json().await.unwrap();
+    let t = j["tasks"].as_array().unwrap();
+    assert_eq!(t.len(), 4);
+    assert_eq!(t[0]["task_id"], t[2]["task_id"]);
+    let dups: Vec<_> = t.iter().map(|x| x["duplicate"].clone()).collect();
+    assert_eq!(
+        dups,
+        [json!(false), json!(false), json!(true), json!(false)]
+    );
+    let entries = q.range(&stream, "-", "+", 0).await.unwrap();
+    assert_eq!(entries.len(), 3, "one entry per created task");
+    let payloads: Vec<_> = entries
+        .iter()
+        .map(|e| String::from_utf8_lossy(e.field("payload").unwrap()).into_owned())
+        .collect();
+    assert_eq!(
+        payloads,
+        [r#"{"n":1}"#, r#"{"n":2}"#, r#"{"n":4}"#],
+        "stored as sent, in order"
+    );
+    let trace = |e: &r4::queue::StreamEntry| {
+        String::from_utf8_lossy(e.field("traceparent").unwrap())[3..35].to_owned()
+    };
+    assert!(
+        entries
+            .iter()
+            .all(|e| trace(e) == "0af7651916cd43dd8448eb211c80319c")
+    );
+    // The resent batch is deduplicated by its keys; the single API shares them.
+    let again: Value =
+        post(json!({"tasks": [{"payload": {"n": 4}, "idempotency_key": "k-4"}]}).to_string())
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    assert_eq!(again["tasks"][0]["task_id"], t[3]["task_id"]);
+    let single: Value = http
+        .post(url.replace(":batch", ""))
+        .header("Idempotency-Key", "k-1")
+        .body(r#"{"n": 1}"#)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(single["task_id"], t[0]["task_id"]);
+    assert_eq!(q.len(&stream).await.unwrap(), 3);
+    // Every refusal names the task and enqueues nothing of the batch.
+    let big = "y".repeat(2000);
+    for (body, status, says) in [
+        (
+            json!({"tasks": [{"payload": {}}, {"payload": [1]}]}),
+            400,
+            "tasks[1].payload: must be a JSON object",
+        ),
+        (
+            json!({"tasks": [{"payload": {}}, {"payload": {"x": big}}]}),
+            413,
+            "tasks[1].payload: larger than 1024",
+        ),
+        (
+            json!({"tasks": [{"payload": {}, "idempotency_key": ""}]}),
+            400,
+            "tasks[0].idempotency_key",
+        ),
+        (
+            json!({"tasks": [{"payload": {}, "priority": 1}]}),
+            400,
+            "tasks[0]: unknown field `priority`",
+        ),
+        (
+            json!({"tasks": [{"idempotency_key": "k"}]}),
+            400,
+            "tasks[0]: missing field `payload`",
+        ),
+        (
+            json!({"tasks": []}),
+            400,
+            "tasks: must hold 1..=1000 tasks, got 0",
+        ),
+        (json!({"items": []}), 400, "body: unknown field `items`"),
+        (json!([{"payload": {}}]), 400, "body:"),
+    ] {
+        let r = post(body.to_string()).await.unwrap();
+        assert_eq!(r.status(), status, "{body}");
+        let e: Value = r.json().await.unwrap();
+        let msg = e["error"].as_str().unwrap();
+        assert!(msg.contains(says), "{msg:?} should say {says:?}");
+        assert!(!msg.contains('\n'), "one line: {msg:?}");
+    }
+    let r = post("{\"tasks\": [".into()).await.unwrap();
+    assert_eq!(r.status(), 400);
+    let too_many = json!({"tasks": vec![json!({"payload": {}}); 1001]});
+    assert_eq!(post(too_many.to_string()).await.unwrap().status(), 400);
+    assert_eq!(
+        q.len(&stream).await.unwrap(),
+        3,
+        "refused batches add nothing"
+    );
+    // The tasks flow through the agents like single submissions.
+    let run = start_agents(&cfg, &q, &ScriptedAgent::ok());
+    eventually("batch completed", Duration::from_secs(20), || async {
+        q.len(&cfg.keys.stream("done")).await.unwrap() == 3
+    })
+    .await;
+    run.stop().await;
+    let _ = stop.send(true);
+    let _ = server.await;
+}

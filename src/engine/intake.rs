@@ -6,6 +6,15 @@
 //!   entry ([`Queue::submit_idempotent`], kept for `idempotency.ttl`).
 //!   Answers `202 {"task_id", "duplicate"}`, or `400`/`413` with
 //!   `{"error": "<one line>"}`, or `503` when the queue is unreachable.
+//! - `POST /v1/tasks:batch`: body `{"tasks": [{"payload": {...},
+//!   "idempotency_key"?: "..."}, ...]}`, 1..=[`MAX_BATCH`] tasks, at most
+//!   [`MAX_BATCH_BODY`] bytes, each payload within the payload limit. The
+//!   whole batch is validated first (a bad task is a `400`/`413` naming
+//!   `tasks[i]`, and nothing is enqueued), then enqueued in ONE atomic step
+//!   ([`Queue::submit_batch`]): all of it or none of it. Answers `202
+//!   {"tasks": [{"task_id", "duplicate"}, ...]}` in request order. For
+//!   producers with many small tasks: one HTTP exchange and one Redis
+//!   round trip per batch instead of per task.
 //! - `GET /v1/tasks/{id}`: `{"task_id", "state", "steps"}` where state is
 //!   `dead_lettered` (a DLQ marker exists), `completed` (every terminal
 //!   agent's inbox key exists), `in_progress` (some step completed) or
@@ -28,7 +37,9 @@ use bytes::Bytes;
 use serde_json::json;
 use tokio::time::Instant;
 
-use crate::queue::Queue;
+use serde_json::value::RawValue;
+
+use crate::queue::{Queue, Submission};
 
 use super::config::WorkflowConfig;
 use super::delivery::{child_traceparent, random_uuid};
@@ -38,6 +49,21 @@ use super::task::{self, Task};
 
 /// Longest accepted `Idempotency-Key`.
 pub const MAX_IDEMPOTENCY_KEY: usize = 256;
+
+/// Most tasks in one `POST /v1/tasks:batch`.
+pub const MAX_BATCH: usize = 1000;
+
+/// Largest `POST /v1/tasks:batch` body (each payload is also held to the
+/// workflow's payload limit).
+pub const MAX_BATCH_BODY: usize = 16 << 20;
+
+/// A task of [`Intake::submit_batch`]: its payload (JSON object text the
+/// caller has validated) and optional idempotency key.
+#[derive(Debug, Clone)]
+pub struct BatchTask {
+    pub payload: Bytes,
+    pub idempotency_key: Option<String>,
+}
 
 /// The intake role.
 pub struct Intake {
@@ -63,6 +89,7 @@ impl Intake {
     pub fn router(self: &Arc<Self>) -> Router {
         Router::new()
             .route("/v1/tasks", post(submit))
+            .route("/v1/tasks:batch", post(submit_batch))
             .route("/v1/tasks/{id}", get(status))
             .with_state(self.clone())
             .merge(http::router(Health::new(self.stats.clone())))
@@ -122,6 +149,47 @@ impl Intake {
         }
     }
 
+    /// Enqueue `tasks` in one atomic step (see [`Queue::submit_batch`]):
+    /// returns `(task id, created)` per task, in order. Every task gets its
+    /// own child span of `traceparent`.
+    pub async fn submit_batch(
+        &self,
+        tasks: Vec<BatchTask>,
+        traceparent: Option<&str>,
+    ) -> Result<Vec<(String, bool)>, crate::queue::QueueError> {
+        let stream = self.cfg.keys.stream(self.cfg.entry_stream());
+        let now = task::now_ms();
+        let items = tasks
+            .into_iter()
+            .map(|bt| {
+                let mut t = Task::new(String::new(), serde_json::Value::Null);
+                t.traceparent = Some(child_traceparent(traceparent));
+                t.submitted_ms = Some(now);
+                Submission {
+                    idem_key: bt.idempotency_key.as_deref().map(|k| self.cfg.keys.idem(k)),
+                    task_id: random_uuid().to_string(),
+                    fields: t.encode_with_payload(false, bt.payload),
+                }
+            })
+            .collect();
+        let done = self
+            .queue
+            .submit_batch(
+                &stream,
+                self.cfg.policy.idempotency_ttl,
+                items,
+                self.cfg.max_len,
+            )
+            .await?;
+        Ok(done
+            .into_iter()
+            .map(|d| {
+                let created = d.created();
+                (d.task_id, created)
+            })
+            .collect())
+    }
+
     /// Status of a task (see the module docs).
     pub async fn status(&self, id: &str) -> Result<serde_json::Value, crate::queue::QueueError> {
         let keys = &self.cfg.keys;
@@ -175,19 +243,11 @@ async fn submit(State(intake): State<Arc<Intake>>, headers: HeaderMap, body: Bod
     let key = match headers.get("idempotency-key") {
         None => None,
         Some(v) => match v.to_str() {
-            Ok(k)
-                if !k.is_empty()
-                    && k.len() <= MAX_IDEMPOTENCY_KEY
-                    && k.bytes().all(|b| b.is_ascii_graphic()) =>
-            {
-                Some(k)
-            }
+            Ok(k) if valid_key(k) => Some(k),
             _ => {
                 return error(
                     StatusCode::BAD_REQUEST,
-                    format!(
-                        "Idempotency-Key must be 1..={MAX_IDEMPOTENCY_KEY} printable ASCII characters"
-                    ),
+                    format!("Idempotency-Key {}", key_rule()),
                 );
             }
         },
@@ -209,6 +269,119 @@ async fn submit(State(intake): State<Arc<Intake>>, headers: HeaderMap, body: Bod
                 Json(json!({"task_id": task_id, "duplicate": !created})),
             )
                 .into_response()
+        }
+        Ok(Err(e)) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("queue unavailable: {e}"),
+        ),
+        Err(_) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "queue unavailable: timeout",
+        ),
+    }
+}
+
+/// What an idempotency key must be.
+fn key_rule() -> String {
+    format!("must be 1..={MAX_IDEMPOTENCY_KEY} printable ASCII characters")
+}
+
+fn valid_key(k: &str) -> bool {
+    !k.is_empty() && k.len() <= MAX_IDEMPOTENCY_KEY && k.bytes().all(|b| b.is_ascii_graphic())
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchBody<'a> {
+    #[serde(borrow)]
+    tasks: Vec<&'a RawValue>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchItem<'a> {
+    #[serde(borrow)]
+    payload: &'a RawValue,
+    #[serde(default)]
+    idempotency_key: Option<String>,
+}
+
+/// Parse and check a batch body; nothing is enqueued unless all of it is
+/// good. Payloads are slices of `body` (no copy).
+fn parse_batch(body: &Bytes, max_payload: usize) -> Result<Vec<BatchTask>, (StatusCode, String)> {
+    let bad = |m: String| (StatusCode::BAD_REQUEST, m);
+    let parsed: BatchBody<'_> =
+        serde_json::from_slice(body).map_err(|e| bad(format!("body: {e}")))?;
+    if parsed.tasks.is_empty() || parsed.tasks.len() > MAX_BATCH {
+        return Err(bad(format!(
+            "tasks: must hold 1..={MAX_BATCH} tasks, got {}",
+            parsed.tasks.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(parsed.tasks.len());
+    for (i, raw) in parsed.tasks.iter().enumerate() {
+        let item: BatchItem<'_> =
+            serde_json::from_str(raw.get()).map_err(|e| bad(format!("tasks[{i}]: {e}")))?;
+        let text = item.payload.get().as_bytes();
+        if !text.starts_with(b"{") {
+            return Err(bad(format!("tasks[{i}].payload: must be a JSON object")));
+        }
+        if text.len() > max_payload {
+            return Err((
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("tasks[{i}].payload: larger than {max_payload} bytes"),
+            ));
+        }
+        if let Some(k) = &item.idempotency_key
+            && !valid_key(k)
+        {
+            return Err(bad(format!("tasks[{i}].idempotency_key: {}", key_rule())));
+        }
+        out.push(BatchTask {
+            payload: body.slice_ref(text),
+            idempotency_key: item.idempotency_key,
+        });
+    }
+    Ok(out)
+}
+
+async fn submit_batch(
+    State(intake): State<Arc<Intake>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let started = Instant::now();
+    let bytes: Bytes = match axum::body::to_bytes(body, MAX_BATCH_BODY).await {
+        Ok(b) => b,
+        Err(_) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("batch body larger than {MAX_BATCH_BODY} bytes"),
+            );
+        }
+    };
+    let tasks = match parse_batch(&bytes, intake.cfg.max_payload_bytes) {
+        Ok(t) => t,
+        Err((status, msg)) => return error(status, msg),
+    };
+    let tp = headers.get("traceparent").and_then(|v| v.to_str().ok());
+    let fut = intake.submit_batch(tasks, tp);
+    match tokio::time::timeout(Duration::from_secs(10), fut).await {
+        Ok(Ok(done)) => {
+            let per_task = started.elapsed() / u32::try_from(done.len()).unwrap_or(1).max(1);
+            let answer: Vec<_> = done
+                .into_iter()
+                .map(|(task_id, created)| {
+                    let outcome = if created {
+                        Outcome::Completed
+                    } else {
+                        Outcome::Duplicate
+                    };
+                    intake.stats.record(outcome, per_task, Duration::ZERO);
+                    json!({"task_id": task_id, "duplicate": !created})
+                })
+                .collect();
+            (StatusCode::ACCEPTED, Json(json!({"tasks": answer}))).into_response()
         }
         Ok(Err(e)) => error(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -393,6 +393,107 @@ pub async fn submit_idempotent_dedups(q: Q) {
     assert_eq!(q.len(&s).await.unwrap(), 2);
 }
 
+fn sub(k: &Keys, key: Option<&str>, id: &str, v: &str) -> super::Submission {
+    super::Submission {
+        idem_key: key.map(|key| k.idem(key)),
+        task_id: id.into(),
+        fields: f(v),
+    }
+}
+
+pub async fn submit_batch_in_order_and_dedups(q: Q) {
+    let k = keys();
+    let s = k.stream("intake");
+    let before = q
+        .submit_idempotent(&k.idem("old"), HOUR, &s, f("old"), None)
+        .await
+        .unwrap();
+    let done = q
+        .submit_batch(
+            &s,
+            HOUR,
+            vec![
+                sub(&k, None, "t1", "a"),
+                sub(&k, Some("k2"), "t2", "b"),
+                sub(&k, Some("old"), "t3", "c"),
+                sub(&k, Some("k2"), "t4", "d"),
+                sub(&k, None, "t5", "e"),
+            ],
+            Some(1000),
+        )
+        .await
+        .unwrap();
+    let ids: Vec<_> = done.iter().map(|d| d.task_id.as_str()).collect();
+    assert_eq!(ids, ["t1", "t2", before.task_id.as_str(), "t2", "t5"]);
+    let created: Vec<_> = done.iter().map(|d| d.created()).collect();
+    assert_eq!(created, [true, true, false, false, true]);
+    // Stream order is submission order; duplicates added nothing.
+    let entries = q.range(&s, "-", "+", 0).await.unwrap();
+    let vals: Vec<_> = entries.iter().map(val).collect();
+    assert_eq!(vals, ["old", "a", "b", "e"]);
+    assert_eq!(entries[1].fields[0].0, "task_id");
+    assert_eq!(Some(entries[2].id.clone()), done[1].entry_id);
+    assert_eq!(
+        q.get(&k.idem("k2")).await.unwrap(),
+        Some(Bytes::from_static(b"t2"))
+    );
+    // A resent batch creates nothing for its keyed tasks.
+    let again = q
+        .submit_batch(&s, HOUR, vec![sub(&k, Some("k2"), "t9", "b")], None)
+        .await
+        .unwrap();
+    assert_eq!(
+        (again[0].task_id.as_str(), again[0].created()),
+        ("t2", false)
+    );
+    assert!(
+        q.submit_batch(&s, HOUR, vec![], None)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+pub async fn submit_batch_is_all_or_nothing(q: Q) {
+    let k = keys();
+    let s = k.stream("intake");
+    // The fourth key holds a hash: the whole batch fails, nothing is written.
+    let bad = k.idem("bad");
+    q.hset(&bad, f("x")).await.unwrap();
+    let err = q
+        .submit_batch(
+            &s,
+            HOUR,
+            vec![
+                sub(&k, Some("a"), "t1", "a"),
+                sub(&k, None, "t2", "b"),
+                sub(&k, Some("c"), "t3", "c"),
+                sub(&k, Some("bad"), "t4", "d"),
+            ],
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, QueueError::WrongType(ref key) if key == &bad),
+        "{err:?}"
+    );
+    assert_eq!(q.len(&s).await.unwrap(), 0);
+    assert_eq!(q.get(&k.idem("a")).await.unwrap(), None);
+    assert_eq!(q.get(&k.idem("c")).await.unwrap(), None);
+    // The same for a stream name that is not a stream.
+    let not_stream = k.stream("kv");
+    q.set(&not_stream, Bytes::from_static(b"v"), None)
+        .await
+        .unwrap();
+    let err = q
+        .submit_batch(&not_stream, HOUR, vec![sub(&k, Some("a"), "t1", "a")], None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, QueueError::WrongType(_)), "{err:?}");
+    assert_eq!(q.get(&k.idem("a")).await.unwrap(), None);
+}
+
 pub async fn concurrent_submits_create_one_task(q: Q) {
     let k = keys();
     let s = k.stream("intake");
@@ -721,6 +822,8 @@ conformance!(
     complete_failure_changes_nothing,
     dead_letter_is_atomic,
     submit_idempotent_dedups,
+    submit_batch_in_order_and_dedups,
+    submit_batch_is_all_or_nothing,
     concurrent_submits_create_one_task,
     maxlen_trims,
     range_rev_range_delete,

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 
 use super::{
     Claimed, Completion, EntryId, Fields, PendingSummary, Queue, QueueError, QueueFuture,
-    StreamEntry, Submitted, Subscription,
+    StreamEntry, Submission, Submitted, Subscription, check_fields,
 };
 
 /// Capacity of each pub/sub channel; slow subscribers skip lagged messages.
@@ -156,15 +156,6 @@ impl State {
         }
         Ok(s)
     }
-}
-
-fn check_fields(fields: &Fields) -> Result<(), QueueError> {
-    if fields.is_empty() {
-        return Err(QueueError::Invalid(
-            "a stream entry needs at least one field".into(),
-        ));
-    }
-    Ok(())
 }
 
 fn parse_ids(ids: &[String]) -> Result<Vec<EntryId>, QueueError> {
@@ -598,42 +589,68 @@ impl Queue for MemoryQueue {
         })
     }
 
-    fn submit_idempotent<'a>(
+    fn submit_batch<'a>(
         &'a self,
-        idem_key: &'a str,
-        ttl: Duration,
         stream: &'a str,
-        fields: Fields,
+        ttl: Duration,
+        items: Vec<Submission>,
         maxlen: Option<u64>,
-    ) -> QueueFuture<'a, Submitted> {
+    ) -> QueueFuture<'a, Vec<Submitted>> {
         Box::pin(async move {
+            if items.is_empty() {
+                return Ok(Vec::new());
+            }
             if ttl.is_zero() {
                 return Err(QueueError::Invalid(
                     "idempotency ttl must be positive".into(),
                 ));
             }
             let mut st = self.lock();
-            if let Some(e) = st.kv_live(idem_key) {
-                return match &e.value {
-                    KvValue::Str(v) => Ok(Submitted {
+            // Everything that can fail is checked before the first write.
+            st.check_stream_key(stream)?;
+            for it in &items {
+                if let Some(k) = &it.idem_key
+                    && (st.streams.contains_key(k)
+                        || matches!(
+                            st.kv_live(k),
+                            Some(KvEntry {
+                                value: KvValue::Hash(_),
+                                ..
+                            })
+                        ))
+                {
+                    return Err(QueueError::WrongType(k.clone()));
+                }
+            }
+            let mut out = Vec::with_capacity(items.len());
+            for it in items {
+                if let Some(k) = &it.idem_key
+                    && let Some(KvEntry {
+                        value: KvValue::Str(v),
+                        ..
+                    }) = st.kv_live(k)
+                {
+                    out.push(Submitted {
                         task_id: String::from_utf8_lossy(v).into_owned(),
                         entry_id: None,
-                    }),
-                    KvValue::Hash(_) => Err(QueueError::WrongType(idem_key.to_owned())),
-                };
+                    });
+                    continue;
+                }
+                let mut all = Vec::with_capacity(it.fields.len() + 1);
+                all.push(("task_id".to_owned(), Bytes::from(it.task_id.clone())));
+                all.extend(it.fields);
+                let entry_id = st.xadd(stream, all, maxlen)?;
+                if let Some(k) = &it.idem_key {
+                    st.set(k, Bytes::from(it.task_id.clone()), Some(ttl));
+                }
+                out.push(Submitted {
+                    task_id: it.task_id,
+                    entry_id: Some(entry_id),
+                });
             }
-            let task_id = uuid::Uuid::new_v4().to_string();
-            let mut all = Vec::with_capacity(fields.len() + 1);
-            all.push(("task_id".to_owned(), Bytes::from(task_id.clone())));
-            all.extend(fields);
-            let entry_id = st.xadd(stream, all, maxlen)?;
-            st.set(idem_key, Bytes::from(task_id.clone()), Some(ttl));
             drop(st);
             self.notify.notify_waiters();
-            Ok(Submitted {
-                task_id,
-                entry_id: Some(entry_id),
-            })
+            Ok(out)
         })
     }
 

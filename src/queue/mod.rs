@@ -117,6 +117,17 @@ impl Submitted {
     }
 }
 
+/// One task of [`Queue::submit_batch`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Submission {
+    /// Bind this key to the task; `None`: no deduplication.
+    pub idem_key: Option<String>,
+    /// The task's id if this submission creates it (the caller's fresh id).
+    pub task_id: String,
+    /// The entry's fields after the leading `task_id`.
+    pub fields: Fields,
+}
+
 /// Errors from the queue layer.
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
@@ -283,7 +294,7 @@ pub trait Queue: Send + Sync {
     /// Idempotent intake: if `idem_key` is bound, return its task id and add
     /// nothing; otherwise, atomically, XADD `fields` to `stream` with a
     /// leading `task_id` field holding a fresh UUID, and bind `idem_key` to
-    /// that id for `ttl`.
+    /// that id for `ttl`. (A batch of one, see [`Queue::submit_batch`].)
     fn submit_idempotent<'a>(
         &'a self,
         idem_key: &'a str,
@@ -291,7 +302,39 @@ pub trait Queue: Send + Sync {
         stream: &'a str,
         fields: Fields,
         maxlen: Option<u64>,
-    ) -> QueueFuture<'a, Submitted>;
+    ) -> QueueFuture<'a, Submitted> {
+        Box::pin(async move {
+            let one = Submission {
+                idem_key: Some(idem_key.to_owned()),
+                task_id: uuid::Uuid::new_v4().to_string(),
+                fields,
+            };
+            let mut done = self.submit_batch(stream, ttl, vec![one], maxlen).await?;
+            done.pop()
+                .ok_or_else(|| QueueError::Protocol("empty submit reply".into()))
+        })
+    }
+
+    /// Batch intake, ONE atomic step for the whole batch. For each
+    /// submission in order: if its `idem_key` is bound (before the batch or
+    /// by an earlier submission of it), the result is the bound task id and
+    /// nothing is added; otherwise XADD a leading `task_id` field and
+    /// `fields` to `stream` (with `MAXLEN ~ maxlen`) and, if it has a key,
+    /// bind the key to `task_id` for `ttl`.
+    ///
+    /// Invariant: either every submission is applied or none is — every key
+    /// is type-checked before the first write, so a wrong-typed key fails
+    /// the batch with nothing written. A client whose batch failed (or whose
+    /// answer was lost) can therefore resend it: keyed tasks are not
+    /// duplicated, and a failed batch left no half behind. Results are in
+    /// submission order. All keys must be of one workflow (same hash tag).
+    fn submit_batch<'a>(
+        &'a self,
+        stream: &'a str,
+        ttl: Duration,
+        items: Vec<Submission>,
+        maxlen: Option<u64>,
+    ) -> QueueFuture<'a, Vec<Submitted>>;
 
     /// GET a string key.
     fn get<'a>(&'a self, key: &'a str) -> QueueFuture<'a, Option<Bytes>>;
@@ -320,6 +363,16 @@ pub trait Queue: Send + Sync {
 
     /// SUBSCRIBE. Messages published after this returns are delivered.
     fn subscribe<'a>(&'a self, channel: &'a str) -> QueueFuture<'a, Subscription>;
+}
+
+/// An entry needs at least one field (Redis refuses an empty XADD).
+pub(crate) fn check_fields(fields: &Fields) -> Result<(), QueueError> {
+    if fields.is_empty() {
+        return Err(QueueError::Invalid(
+            "a stream entry needs at least one field".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Helper: build [`Fields`] from string pairs.

@@ -2,7 +2,7 @@
 //! reconnects by itself after a Redis restart).
 //!
 //! Owns: the command encodings, the Lua scripts that make `complete`,
-//! `dead_letter`, `submit_idempotent` and `autoclaim` atomic, reply parsing
+//! `dead_letter`, `submit_batch` and `autoclaim` atomic, reply parsing
 //! (never trusting the reply's shape), and the per-call deadlines.
 //!
 //! # Blocking reads
@@ -28,6 +28,7 @@
 //! `connect_timeout` for opening connections. `ConnectionManager`'s own
 //! response timeout is set too, as a second line.
 
+use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -38,7 +39,7 @@ use futures::StreamExt;
 
 use super::{
     Claimed, Completion, Fields, PendingSummary, Queue, QueueError, QueueFuture, StreamEntry,
-    Submitted, Subscription,
+    Submission, Submitted, Subscription, check_fields,
 };
 
 /// How many idle dedicated blocking-read connections are kept for reuse. Enough for every
@@ -111,25 +112,47 @@ redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 return id
 "#;
 
-// KEYS[1] idempotency key, KEYS[2] stream; ARGV[1] fresh task id,
-// ARGV[2] ttl ms, ARGV[3] maxlen or '', ARGV[4..] fields.
-const SUBMIT_LUA: &str = r#"
-local existing = redis.call('GET', KEYS[1])
-if existing then return {existing} end
-local t = redis.call('TYPE', KEYS[2])['ok']
+// KEYS[1] stream, KEYS[2..] idempotency keys (distinct); ARGV[1] ttl ms,
+// ARGV[2] maxlen or '', ARGV[3] submission count, then per submission:
+// task id, key index into KEYS (0: none), field count n, n field/value pairs.
+// Every key is type-checked before the first write (a script error does not
+// undo earlier writes): the batch is applied whole or not at all.
+const SUBMIT_BATCH_LUA: &str = r#"
+local t = redis.call('TYPE', KEYS[1])['ok']
 if t ~= 'stream' and t ~= 'none' then
-  return redis.error_reply('WRONGTYPE ' .. KEYS[2])
+  return redis.error_reply('WRONGTYPE ' .. KEYS[1])
 end
-local args = {'XADD', KEYS[2]}
-if ARGV[3] ~= '' then
-  args[#args + 1] = 'MAXLEN'; args[#args + 1] = '~'; args[#args + 1] = ARGV[3]
+for i = 2, #KEYS do
+  local kt = redis.call('TYPE', KEYS[i])['ok']
+  if kt ~= 'string' and kt ~= 'none' then
+    return redis.error_reply('WRONGTYPE ' .. KEYS[i])
+  end
 end
-args[#args + 1] = '*'
-args[#args + 1] = 'task_id'; args[#args + 1] = ARGV[1]
-for i = 4, #ARGV do args[#args + 1] = ARGV[i] end
-local id = redis.call(unpack(args))
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return {ARGV[1], id}
+local out = {}
+local p = 4
+for n = 1, tonumber(ARGV[3]) do
+  local id = ARGV[p]
+  local ki = tonumber(ARGV[p + 1])
+  local first = p + 3
+  p = first + 2 * tonumber(ARGV[p + 2])
+  local existing = false
+  if ki > 0 then existing = redis.call('GET', KEYS[ki]) end
+  if existing then
+    out[n] = {existing}
+  else
+    local args = {'XADD', KEYS[1]}
+    if ARGV[2] ~= '' then
+      args[#args + 1] = 'MAXLEN'; args[#args + 1] = '~'; args[#args + 1] = ARGV[2]
+    end
+    args[#args + 1] = '*'
+    args[#args + 1] = 'task_id'; args[#args + 1] = id
+    for j = first, p - 1 do args[#args + 1] = ARGV[j] end
+    local eid = redis.call(unpack(args))
+    if ki > 0 then redis.call('SET', KEYS[ki], id, 'PX', ARGV[1]) end
+    out[n] = {id, eid}
+  end
+end
+return out
 "#;
 
 // KEYS[1] stream; ARGV[1] group, ARGV[2] consumer, ARGV[3] min idle ms, ARGV[4] count.
@@ -222,7 +245,7 @@ impl RedisQueue {
             scripts: Scripts {
                 complete: Script::new(COMPLETE_LUA),
                 dead_letter: Script::new(DEAD_LETTER_LUA),
-                submit: Script::new(SUBMIT_LUA),
+                submit: Script::new(SUBMIT_BATCH_LUA),
                 autoclaim: Script::new(AUTOCLAIM_LUA),
                 claim: Script::new(CLAIM_LUA),
                 transfer: Script::new(TRANSFER_LUA),
@@ -338,15 +361,6 @@ fn wrong_type_key(re: &RedisError) -> Option<&str> {
     // Our scripts put the offending key in the error detail.
     re.detail()
         .filter(|d| d.starts_with("r4:") || !d.contains(' '))
-}
-
-fn check_fields(fields: &Fields) -> Result<(), QueueError> {
-    if fields.is_empty() {
-        return Err(QueueError::Invalid(
-            "a stream entry needs at least one field".into(),
-        ));
-    }
-    Ok(())
 }
 
 /// Validate ids client-side so both backends reject malformed ids alike
@@ -899,37 +913,61 @@ impl Queue for RedisQueue {
         })
     }
 
-    fn submit_idempotent<'a>(
+    fn submit_batch<'a>(
         &'a self,
-        idem_key: &'a str,
-        ttl: Duration,
         stream: &'a str,
-        fields: Fields,
+        ttl: Duration,
+        items: Vec<Submission>,
         maxlen: Option<u64>,
-    ) -> QueueFuture<'a, Submitted> {
+    ) -> QueueFuture<'a, Vec<Submitted>> {
         Box::pin(async move {
+            if items.is_empty() {
+                return Ok(Vec::new());
+            }
             let ttl = ttl_ms(ttl, "idempotency ttl")?;
-            let task_id = uuid::Uuid::new_v4().to_string();
-            let mut inv = self.scripts.submit.key(idem_key);
-            inv.key(stream)
-                .arg(task_id.as_str())
-                .arg(ttl)
-                .arg(maxlen_arg(maxlen));
-            for (k, v) in &fields {
-                inv.arg(k.as_str()).arg(v.as_ref());
+            let mut inv = self.scripts.submit.key(stream);
+            // Distinct keys, numbered as the script sees them (KEYS[2..]).
+            let mut key_index: HashMap<&str, usize> = HashMap::new();
+            for k in items.iter().filter_map(|i| i.idem_key.as_deref()) {
+                let next = key_index.len() + 2;
+                key_index.entry(k).or_insert_with(|| {
+                    inv.key(k);
+                    next
+                });
+            }
+            inv.arg(ttl).arg(maxlen_arg(maxlen)).arg(items.len());
+            for it in &items {
+                let ki = it.idem_key.as_deref().map_or(0, |k| key_index[k]);
+                inv.arg(it.task_id.as_str()).arg(ki).arg(it.fields.len());
+                for (k, v) in &it.fields {
+                    inv.arg(k.as_str()).arg(v.as_ref());
+                }
             }
             let v = self
-                .invoke("submit_idempotent", &inv)
+                .invoke("submit_batch", &inv)
                 .await
-                .map_err(|e| wrong_type(e, idem_key))?;
-            let mut it = v_array(v)?.into_iter();
-            let task_id = it
-                .next()
-                .map(v_string)
-                .transpose()?
-                .ok_or_else(|| QueueError::Protocol("empty submit reply".into()))?;
-            let entry_id = it.next().map(v_string).transpose()?;
-            Ok(Submitted { task_id, entry_id })
+                .map_err(|e| wrong_type(e, stream))?;
+            let replies = v_array(v)?;
+            if replies.len() != items.len() {
+                return Err(QueueError::Protocol(format!(
+                    "{} submit results for {} submissions",
+                    replies.len(),
+                    items.len()
+                )));
+            }
+            replies
+                .into_iter()
+                .map(|r| {
+                    let mut it = v_array(r)?.into_iter();
+                    let task_id = it
+                        .next()
+                        .map(v_string)
+                        .transpose()?
+                        .ok_or_else(|| QueueError::Protocol("empty submit result".into()))?;
+                    let entry_id = it.next().map(v_string).transpose()?;
+                    Ok(Submitted { task_id, entry_id })
+                })
+                .collect()
         })
     }
 
