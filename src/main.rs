@@ -78,9 +78,15 @@ enum BenchCommand {
         /// Redis to measure on; without it a private redis-server is started.
         #[arg(long)]
         redis: Option<String>,
-        /// Tasks per contender.
+        /// Tasks per contender and round.
         #[arg(long, default_value_t = 20000, value_parser = clap::value_parser!(u64).range(100..=1_000_000))]
         tasks: u64,
+        /// Tasks per submission: r4 POSTs /v1/tasks:batch with this many, the bare peer pipelines as many XADDs (1: one at a time).
+        #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=1000))]
+        batch: u64,
+        /// Interleaved rounds of every contender (medians are reported).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=20))]
+        rounds: u64,
         /// Print only the JSON object (on one line).
         #[arg(long)]
         json: bool,
@@ -158,8 +164,20 @@ fn main() -> ExitCode {
                 seed,
             } => r4::cli::bench_hedge(json, calls, warmup, seed),
             BenchCommand::Breaker { json } => r4::cli::bench_breaker(json),
-            BenchCommand::Pipeline { redis, tasks, json } => {
-                r4::cli::engine::bench_pipeline(redis.as_deref(), tasks as usize, json)
+            BenchCommand::Pipeline {
+                redis,
+                tasks,
+                batch,
+                rounds,
+                json,
+            } => {
+                let opts = r4::bench::pipeline::Options {
+                    redis,
+                    tasks: tasks as usize,
+                    batch: batch as usize,
+                    rounds: rounds as usize,
+                };
+                r4::cli::engine::bench_pipeline(opts, json)
             }
             BenchCommand::Killswitch {
                 redis,

@@ -306,9 +306,12 @@ pub fn kill_switch(
 }
 
 /// `r4 bench pipeline`.
-pub fn bench_pipeline(redis: Option<&str>, tasks: usize, json: bool) -> Result<ExitCode, CliError> {
+pub fn bench_pipeline(
+    opts: crate::bench::pipeline::Options,
+    json: bool,
+) -> Result<ExitCode, CliError> {
     let value = runtime()?
-        .block_on(crate::bench::pipeline::run(redis.map(str::to_owned), tasks))
+        .block_on(crate::bench::pipeline::run(opts))
         .map_err(CliError::Internal)?;
     print_json(&value, json)
 }

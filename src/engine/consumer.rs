@@ -33,8 +33,9 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::api::workflow::DegradedAction;
-use crate::queue::{Completion, Fields, Queue, QueueError, StreamEntry};
+use crate::queue::{Completing, Completion, Fields, Queue, QueueError, StreamEntry};
 
+use super::commit::GroupCommit;
 use super::config::{Agent, WorkflowConfig};
 use super::degraded::{self, Downgrade};
 use super::delivery::{Delivery, DeliveryRequest, Outputs, RequestKind, child_traceparent};
@@ -90,7 +91,12 @@ struct Ctx {
     stats: Arc<Stats>,
     engine_id: String,
     stream: String,
+    commit: GroupCommit,
+    /// Deliveries in progress: at most the agent's `concurrency`.
     sem: Arc<Semaphore>,
+    /// Entries this engine holds (delivering or completing): at most twice
+    /// the concurrency, so completions in flight cannot pile up.
+    held: Arc<Semaphore>,
     downgrade: watch::Receiver<Option<Downgrade>>,
     shutdown: watch::Receiver<bool>,
     jitter: Option<std::sync::Mutex<rand::rngs::SmallRng>>,
@@ -170,6 +176,7 @@ impl AgentRole {
         let (down_tx, down_rx) = watch::channel(None);
         let ctx = Arc::new(Ctx {
             sem: Arc::new(Semaphore::new(self.agent.concurrency)),
+            held: Arc::new(Semaphore::new(self.agent.concurrency.saturating_mul(2))),
             cfg: self.cfg.clone(),
             agent: self.agent.clone(),
             queue: q.clone(),
@@ -177,6 +184,13 @@ impl AgentRole {
             stats: self.stats.clone(),
             engine_id: self.engine_id.clone(),
             stream: stream.clone(),
+            commit: GroupCommit::start(
+                q.clone(),
+                stream.clone(),
+                group.clone(),
+                self.cfg.policy.idempotency_ttl,
+                self.cfg.max_len,
+            ),
             downgrade: down_rx,
             shutdown: shutdown.clone(),
             jitter: self.opts.jitter_seed.map(|s| {
@@ -242,11 +256,19 @@ impl AgentRole {
                 _ = shutdown.changed() => continue,
                 _ = switch.changed() => continue,
             };
-            let mut permits = vec![first];
+            let first_held = tokio::select! {
+                p = ctx.held.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                _ = shutdown.changed() => continue,
+                _ = switch.changed() => continue,
+            };
+            let mut permits = vec![(first, first_held)];
             while permits.len() < self.opts.batch {
-                match ctx.sem.clone().try_acquire_owned() {
-                    Ok(p) => permits.push(p),
-                    Err(_) => break,
+                match (
+                    ctx.sem.clone().try_acquire_owned(),
+                    ctx.held.clone().try_acquire_owned(),
+                ) {
+                    (Ok(p), Ok(h)) => permits.push((p, h)),
+                    _ => break,
                 }
             }
             let mut entries = Vec::new();
@@ -301,9 +323,11 @@ impl AgentRole {
                 }
             }
             for entry in entries {
-                let Some(permit) = permits.pop() else { break };
+                let Some((permit, held)) = permits.pop() else {
+                    break;
+                };
                 let ctx = ctx.clone();
-                tasks.spawn(async move { handle(ctx, entry, permit).await });
+                tasks.spawn(async move { handle(ctx, entry, permit, held).await });
             }
         }
         // Safe stop: no more reads; let in-flight tasks finish for a while.
@@ -393,7 +417,17 @@ pub(crate) async fn publish_stats(
 }
 
 /// The life of one entry.
-async fn handle(ctx: Arc<Ctx>, mut entry: StreamEntry, permit: OwnedSemaphorePermit) {
+/// Handle one entry. `permit` is a delivery slot (`ctx.sem`), released as
+/// soon as the agent has answered so the next entry can be read while this
+/// one's completion is on its way to Redis; `held` (`ctx.held`) bounds the
+/// entries in this engine, and is kept until the entry is done or backs off.
+async fn handle(
+    ctx: Arc<Ctx>,
+    mut entry: StreamEntry,
+    permit: OwnedSemaphorePermit,
+    held: OwnedSemaphorePermit,
+) {
+    let mut held = Some(held);
     let started = Instant::now();
     let _in_flight = ctx.stats.in_flight();
     let mut permit = Some(permit);
@@ -593,6 +627,7 @@ async fn handle(ctx: Arc<Ctx>, mut entry: StreamEntry, permit: OwnedSemaphorePer
         agent_time += t.elapsed();
         let err = match res {
             Ok(outputs) => {
+                drop(permit.take());
                 let out = build_outputs(
                     &ctx,
                     &task,
@@ -672,6 +707,7 @@ async fn handle(ctx: Arc<Ctx>, mut entry: StreamEntry, permit: OwnedSemaphorePer
             )
             .await;
         drop(permit.take());
+        drop(held.take());
         let retry_n = u32::try_from(round.len()).unwrap_or(u32::MAX);
         let delay = policy.backoff.delay(retry_n, ctx.jitter_draw()).min(hold);
         let mut shutdown = ctx.shutdown.clone();
@@ -795,15 +831,11 @@ async fn complete(
     outputs: Vec<(String, Fields)>,
 ) -> Result<Completion, QueueError> {
     retry_queue(ctx, || {
-        ctx.queue.complete(
-            &ctx.stream,
-            &ctx.agent.name,
-            &entry.id,
-            inbox,
-            ctx.cfg.policy.idempotency_ttl,
-            outputs.clone(),
-            ctx.cfg.max_len,
-        )
+        ctx.commit.complete(Completing {
+            entry_id: entry.id.clone(),
+            inbox_key: inbox.to_owned(),
+            outputs: outputs.clone(),
+        })
     })
     .await
 }

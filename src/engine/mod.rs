@@ -9,13 +9,15 @@
 //! - [`repair::RepairRole`]: replay DLQ entries once their dependency is
 //!   healthy, quarantine poison.
 //!
-//! Shared concepts, one module each: [`config`] (the workflow resolved to
+//! Shared concepts, one module each: [`commit`] (group commit of
+//! completions), [`config`] (the workflow resolved to
 //! numbers), [`task`] (the envelope), [`dlq`], [`saga`], [`killswitch`],
 //! [`breakers`] (published breaker states), [`degraded`], [`stats`],
 //! [`http`] (health and metrics endpoints), [`tools`] (the tool proxy that
 //! applies each tool's policy stack; the mechanisms themselves live in `resilience`).
 
 pub mod breakers;
+pub mod commit;
 pub mod config;
 pub mod consumer;
 pub mod degraded;

@@ -317,6 +317,104 @@ pub async fn complete_failure_changes_nothing(q: Q) {
     assert_eq!(q.get(&inbox).await.unwrap(), None);
 }
 
+fn completing(
+    k: &Keys,
+    id: &str,
+    task: &str,
+    outputs: Vec<(String, super::Fields)>,
+) -> super::Completing {
+    super::Completing {
+        entry_id: id.to_owned(),
+        inbox_key: k.inbox(task, "s"),
+        outputs,
+    }
+}
+
+pub async fn complete_batch_group_commit(q: Q) {
+    let k = keys();
+    let (input, out) = (k.stream("in"), k.stream("out"));
+    q.ensure_group(&input, "g").await.unwrap();
+    for v in ["a", "b", "c"] {
+        q.add(&input, f(v), None).await.unwrap();
+    }
+    let e = q.read_group(&input, "g", "c", 10, ZERO).await.unwrap();
+    // t2 was completed before; t1 appears twice (a redelivered copy).
+    q.set(&k.inbox("t2", "s"), Bytes::from_static(b"x"), None)
+        .await
+        .unwrap();
+    let done = q
+        .complete_batch(
+            &input,
+            "g",
+            vec![
+                completing(&k, &e[0].id, "t1", vec![(out.clone(), f("A"))]),
+                completing(&k, &e[1].id, "t2", vec![(out.clone(), f("B"))]),
+                completing(&k, &e[2].id, "t1", vec![(out.clone(), f("A again"))]),
+            ],
+            HOUR,
+            None,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(&done[0], Completion::Published { output_ids } if output_ids.len() == 1));
+    assert_eq!(
+        done[1..],
+        [Completion::AlreadyDone, Completion::AlreadyDone]
+    );
+    let published: Vec<_> = q
+        .range(&out, "-", "+", 0)
+        .await
+        .unwrap()
+        .iter()
+        .map(val)
+        .collect();
+    assert_eq!(published, ["A"]);
+    assert_eq!(
+        q.pending_summary(&input, "g").await.unwrap().count,
+        0,
+        "all acked"
+    );
+    assert!(
+        q.complete_batch(&input, "g", vec![], HOUR, None)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+pub async fn complete_batch_is_all_or_nothing(q: Q) {
+    let k = keys();
+    let (input, out, bad) = (k.stream("in"), k.stream("out"), k.stream("bad"));
+    q.ensure_group(&input, "g").await.unwrap();
+    for v in ["a", "b"] {
+        q.add(&input, f(v), None).await.unwrap();
+    }
+    let e = q.read_group(&input, "g", "c", 10, ZERO).await.unwrap();
+    q.set(&bad, Bytes::from("not a stream"), None)
+        .await
+        .unwrap();
+    let err = q
+        .complete_batch(
+            &input,
+            "g",
+            vec![
+                completing(&k, &e[0].id, "t1", vec![(out.clone(), f("A"))]),
+                completing(&k, &e[1].id, "t2", vec![(bad.clone(), f("B"))]),
+            ],
+            HOUR,
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, QueueError::WrongType(ref key) if *key == bad),
+        "{err:?}"
+    );
+    assert_eq!(q.len(&out).await.unwrap(), 0);
+    assert_eq!(q.pending_summary(&input, "g").await.unwrap().count, 2);
+    assert_eq!(q.get(&k.inbox("t1", "s")).await.unwrap(), None);
+}
+
 pub async fn dead_letter_is_atomic(q: Q) {
     let k = keys();
     let (input, dlq) = (k.stream("in"), k.dlq());
@@ -820,6 +918,8 @@ conformance!(
     transfer_moves_once,
     complete_is_atomic_and_idempotent,
     complete_failure_changes_nothing,
+    complete_batch_group_commit,
+    complete_batch_is_all_or_nothing,
     dead_letter_is_atomic,
     submit_idempotent_dedups,
     submit_batch_in_order_and_dedups,

@@ -20,8 +20,8 @@ use tokio::sync::{Notify, broadcast};
 use tokio::time::Instant;
 
 use super::{
-    Claimed, Completion, EntryId, Fields, PendingSummary, Queue, QueueError, QueueFuture,
-    StreamEntry, Submission, Submitted, Subscription, check_fields,
+    Claimed, Completing, Completion, EntryId, Fields, PendingSummary, Queue, QueueError,
+    QueueFuture, StreamEntry, Submission, Submitted, Subscription, check_fields,
 };
 
 /// Capacity of each pub/sub channel; slow subscribers skip lagged messages.
@@ -531,42 +531,50 @@ impl Queue for MemoryQueue {
         })
     }
 
-    fn complete<'a>(
+    fn complete_batch<'a>(
         &'a self,
         stream: &'a str,
         group: &'a str,
-        entry_id: &'a str,
-        inbox_key: &'a str,
+        items: Vec<Completing>,
         inbox_ttl: Duration,
-        outputs: Vec<(String, Fields)>,
         maxlen: Option<u64>,
-    ) -> QueueFuture<'a, Completion> {
+    ) -> QueueFuture<'a, Vec<Completion>> {
         Box::pin(async move {
-            let id = EntryId::parse(entry_id)?;
             if inbox_ttl.is_zero() {
                 return Err(QueueError::Invalid("inbox_ttl must be positive".into()));
             }
             let mut st = self.lock();
-            if st.kv_live(inbox_key).is_some() {
-                st.xack(stream, group, &[id]);
-                return Ok(Completion::AlreadyDone);
-            }
             // Validate everything first so a failure changes nothing.
-            for (out, fields) in &outputs {
-                st.check_stream_key(out)?;
-                check_fields(fields)?;
+            let mut ids = Vec::with_capacity(items.len());
+            for it in &items {
+                ids.push(EntryId::parse(&it.entry_id)?);
+                for (out, fields) in &it.outputs {
+                    st.check_stream_key(out)?;
+                    check_fields(fields)?;
+                }
             }
-            let mut output_ids = Vec::with_capacity(outputs.len());
-            for (out, fields) in outputs {
-                output_ids.push(st.xadd(&out, fields, maxlen)?);
+            let mut published = false;
+            let mut done = Vec::with_capacity(items.len());
+            for (it, id) in items.into_iter().zip(ids) {
+                if st.kv_live(&it.inbox_key).is_some() {
+                    st.xack(stream, group, &[id]);
+                    done.push(Completion::AlreadyDone);
+                    continue;
+                }
+                let mut output_ids = Vec::with_capacity(it.outputs.len());
+                for (out, fields) in it.outputs {
+                    output_ids.push(st.xadd(&out, fields, maxlen)?);
+                }
+                published |= !output_ids.is_empty();
+                st.xack(stream, group, &[id]);
+                st.set(&it.inbox_key, Bytes::from(it.entry_id), Some(inbox_ttl));
+                done.push(Completion::Published { output_ids });
             }
-            st.xack(stream, group, &[id]);
-            st.set(inbox_key, Bytes::from(entry_id.to_owned()), Some(inbox_ttl));
             drop(st);
-            if !output_ids.is_empty() {
+            if published {
                 self.notify.notify_waiters();
             }
-            Ok(Completion::Published { output_ids })
+            Ok(done)
         })
     }
 

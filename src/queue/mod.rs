@@ -117,6 +117,17 @@ impl Submitted {
     }
 }
 
+/// One entry of [`Queue::complete_batch`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completing {
+    /// The input entry to acknowledge.
+    pub entry_id: String,
+    /// The step's inbox key (set with the batch's TTL).
+    pub inbox_key: String,
+    /// `(stream, fields)` to publish.
+    pub outputs: Vec<(String, Fields)>,
+}
+
 /// One task of [`Queue::submit_batch`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Submission {
@@ -149,6 +160,10 @@ pub enum QueueError {
     /// A caller-supplied argument is invalid (e.g. a malformed entry id).
     #[error("invalid argument: {0}")]
     Invalid(String),
+    /// A call made on behalf of several callers (a group commit) failed;
+    /// each of them gets this copy of the error.
+    #[error("{0}")]
+    Shared(String),
 }
 
 /// Redis Streams semantics plus the few KV / pub-sub helpers the engine needs.
@@ -268,6 +283,7 @@ pub trait Queue: Send + Sync {
     /// fields)` of `outputs` (with `MAXLEN ~ maxlen`), XACK `entry_id` and SET
     /// `inbox_key` with `inbox_ttl`; if it exists, only XACK. All keys must be
     /// of one workflow (same hash tag, see [`Keys`]).
+    /// (A batch of one, see [`Queue::complete_batch`].)
     #[allow(clippy::too_many_arguments)]
     fn complete<'a>(
         &'a self,
@@ -278,7 +294,35 @@ pub trait Queue: Send + Sync {
         inbox_ttl: Duration,
         outputs: Vec<(String, Fields)>,
         maxlen: Option<u64>,
-    ) -> QueueFuture<'a, Completion>;
+    ) -> QueueFuture<'a, Completion> {
+        Box::pin(async move {
+            let one = Completing {
+                entry_id: entry_id.to_owned(),
+                inbox_key: inbox_key.to_owned(),
+                outputs,
+            };
+            let mut done = self
+                .complete_batch(stream, group, vec![one], inbox_ttl, maxlen)
+                .await?;
+            done.pop()
+                .ok_or_else(|| QueueError::Protocol("empty complete reply".into()))
+        })
+    }
+
+    /// Group commit: [`Queue::complete`] for several entries of one
+    /// consumer group in ONE atomic step. Each entry is completed in order
+    /// under the module's invariant (an entry whose inbox key exists, even
+    /// one set by an earlier entry of the same batch, is only acked), and
+    /// either all entries are applied or none is: every output key is
+    /// type-checked before the first write. Results are in order.
+    fn complete_batch<'a>(
+        &'a self,
+        stream: &'a str,
+        group: &'a str,
+        items: Vec<Completing>,
+        inbox_ttl: Duration,
+        maxlen: Option<u64>,
+    ) -> QueueFuture<'a, Vec<Completion>>;
 
     /// Atomic dead-letter: XADD `record` to `dlq_stream` and XACK `entry_id`
     /// in one step. Returns the DLQ entry id. The DLQ is never trimmed.

@@ -38,8 +38,8 @@ use bytes::Bytes;
 use futures::StreamExt;
 
 use super::{
-    Claimed, Completion, Fields, PendingSummary, Queue, QueueError, QueueFuture, StreamEntry,
-    Submission, Submitted, Subscription, check_fields,
+    Claimed, Completing, Completion, Fields, PendingSummary, Queue, QueueError, QueueFuture,
+    StreamEntry, Submission, Submitted, Subscription, check_fields,
 };
 
 /// How many idle dedicated blocking-read connections are kept for reuse. Enough for every
@@ -65,38 +65,55 @@ impl Default for RedisConfig {
     }
 }
 
-// KEYS[1] input stream, KEYS[2] inbox key, KEYS[3..] output streams.
-// ARGV[1] group, ARGV[2] entry id, ARGV[3] inbox ttl ms, ARGV[4] maxlen or '',
-// then per output: field count n, then n field/value pairs.
-// Validates every output key before the first write, so the only way to fail
-// half-way is the server dying mid-script (Redis scripts are atomic with
-// respect to other clients and to the AOF, but do not roll back).
-const COMPLETE_LUA: &str = r#"
-if redis.call('EXISTS', KEYS[2]) == 1 then
-  redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-  return {0}
+// Group commit. KEYS[1] input stream, KEYS[2..] inbox and output keys
+// (distinct); ARGV[1] group, ARGV[2] inbox ttl ms, ARGV[3] maxlen or '',
+// ARGV[4] entry count, then per entry: entry id, inbox key index, output
+// count m, then per output: stream key index, field count n, n pairs.
+// Output keys are type-checked before the first write (a script error does
+// not undo earlier writes): the batch is applied whole or not at all.
+const COMPLETE_BATCH_LUA: &str = r#"
+local count = tonumber(ARGV[4])
+local p = 5
+local plan = {}
+for e = 1, count do
+  local item = {id = ARGV[p], inbox = KEYS[tonumber(ARGV[p + 1])], outs = {}}
+  local m = tonumber(ARGV[p + 2])
+  p = p + 3
+  for o = 1, m do
+    local key = KEYS[tonumber(ARGV[p])]
+    local n = tonumber(ARGV[p + 1])
+    local t = redis.call('TYPE', key)['ok']
+    if t ~= 'stream' and t ~= 'none' then
+      return redis.error_reply('WRONGTYPE ' .. key)
+    end
+    item.outs[o] = {key, p + 2, n}
+    p = p + 2 + 2 * n
+  end
+  plan[e] = item
 end
-for i = 3, #KEYS do
-  local t = redis.call('TYPE', KEYS[i])['ok']
-  if t ~= 'stream' and t ~= 'none' then
-    return redis.error_reply('WRONGTYPE ' .. KEYS[i])
+local out = {}
+for e = 1, count do
+  local item = plan[e]
+  if redis.call('EXISTS', item.inbox) == 1 then
+    redis.call('XACK', KEYS[1], ARGV[1], item.id)
+    out[e] = {0}
+  else
+    local ids = {1}
+    for _, o in ipairs(item.outs) do
+      local args = {'XADD', o[1]}
+      if ARGV[3] ~= '' then
+        args[#args + 1] = 'MAXLEN'; args[#args + 1] = '~'; args[#args + 1] = ARGV[3]
+      end
+      args[#args + 1] = '*'
+      for j = o[2], o[2] + 2 * o[3] - 1 do args[#args + 1] = ARGV[j] end
+      ids[#ids + 1] = redis.call(unpack(args))
+    end
+    redis.call('XACK', KEYS[1], ARGV[1], item.id)
+    redis.call('SET', item.inbox, item.id, 'PX', ARGV[2])
+    out[e] = ids
   end
 end
-local ids = {1}
-local pos = 5
-for i = 3, #KEYS do
-  local n = tonumber(ARGV[pos]); pos = pos + 1
-  local args = {'XADD', KEYS[i]}
-  if ARGV[4] ~= '' then
-    args[#args + 1] = 'MAXLEN'; args[#args + 1] = '~'; args[#args + 1] = ARGV[4]
-  end
-  args[#args + 1] = '*'
-  for _ = 1, 2 * n do args[#args + 1] = ARGV[pos]; pos = pos + 1 end
-  ids[#ids + 1] = redis.call(unpack(args))
-end
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
-return ids
+return out
 "#;
 
 // KEYS[1] input stream, KEYS[2] dlq; ARGV[1] group, ARGV[2] entry id, ARGV[3..] fields.
@@ -243,7 +260,7 @@ impl RedisQueue {
             blocking_pool: Mutex::new(Vec::new()),
             config,
             scripts: Scripts {
-                complete: Script::new(COMPLETE_LUA),
+                complete: Script::new(COMPLETE_BATCH_LUA),
                 dead_letter: Script::new(DEAD_LETTER_LUA),
                 submit: Script::new(SUBMIT_BATCH_LUA),
                 autoclaim: Script::new(AUTOCLAIM_LUA),
@@ -843,49 +860,81 @@ impl Queue for RedisQueue {
         })
     }
 
-    fn complete<'a>(
+    fn complete_batch<'a>(
         &'a self,
         stream: &'a str,
         group: &'a str,
-        entry_id: &'a str,
-        inbox_key: &'a str,
+        items: Vec<Completing>,
         inbox_ttl: Duration,
-        outputs: Vec<(String, Fields)>,
         maxlen: Option<u64>,
-    ) -> QueueFuture<'a, Completion> {
+    ) -> QueueFuture<'a, Vec<Completion>> {
         Box::pin(async move {
-            super::EntryId::parse(entry_id)?;
+            if items.is_empty() {
+                return Ok(Vec::new());
+            }
             let ttl = ttl_ms(inbox_ttl, "inbox_ttl")?;
-            for (_, f) in &outputs {
-                check_fields(f)?;
+            for it in &items {
+                super::EntryId::parse(&it.entry_id)?;
+                for (_, f) in &it.outputs {
+                    check_fields(f)?;
+                }
             }
             let mut inv = self.scripts.complete.key(stream);
-            inv.key(inbox_key);
-            for (out, _) in &outputs {
-                inv.key(out.as_str());
+            // Distinct keys, numbered as the script sees them (KEYS[2..]).
+            let mut index: HashMap<&str, usize> = HashMap::new();
+            let mut args: Vec<usize> = Vec::new();
+            for it in &items {
+                let keys = std::iter::once(it.inbox_key.as_str())
+                    .chain(it.outputs.iter().map(|(out, _)| out.as_str()));
+                for k in keys {
+                    let next = index.len() + 2;
+                    args.push(*index.entry(k).or_insert_with(|| {
+                        inv.key(k);
+                        next
+                    }));
+                }
             }
             inv.arg(group)
-                .arg(entry_id)
                 .arg(ttl)
-                .arg(maxlen_arg(maxlen));
-            for (_, fields) in &outputs {
-                inv.arg(fields.len());
-                for (k, v) in fields {
-                    inv.arg(k.as_str()).arg(v.as_ref());
+                .arg(maxlen_arg(maxlen))
+                .arg(items.len());
+            let mut key_ix = args.into_iter();
+            for it in &items {
+                inv.arg(it.entry_id.as_str())
+                    .arg(key_ix.next().unwrap_or_default())
+                    .arg(it.outputs.len());
+                for (_, fields) in &it.outputs {
+                    inv.arg(key_ix.next().unwrap_or_default()).arg(fields.len());
+                    for (k, v) in fields {
+                        inv.arg(k.as_str()).arg(v.as_ref());
+                    }
                 }
             }
             let v = self
                 .invoke("complete", &inv)
                 .await
                 .map_err(|e| wrong_type(e, stream))?;
-            let mut it = v_array(v)?.into_iter();
-            match it.next().map(v_int).transpose()? {
-                Some(0) => Ok(Completion::AlreadyDone),
-                Some(1) => Ok(Completion::Published {
-                    output_ids: it.map(v_string).collect::<Result<_, _>>()?,
-                }),
-                _ => Err(QueueError::Protocol("bad complete reply".into())),
+            let replies = v_array(v)?;
+            if replies.len() != items.len() {
+                return Err(QueueError::Protocol(format!(
+                    "{} complete results for {} entries",
+                    replies.len(),
+                    items.len()
+                )));
             }
+            replies
+                .into_iter()
+                .map(|r| {
+                    let mut it = v_array(r)?.into_iter();
+                    match it.next().map(v_int).transpose()? {
+                        Some(0) => Ok(Completion::AlreadyDone),
+                        Some(1) => Ok(Completion::Published {
+                            output_ids: it.map(v_string).collect::<Result<_, _>>()?,
+                        }),
+                        _ => Err(QueueError::Protocol("bad complete reply".into())),
+                    }
+                })
+                .collect()
         })
     }
 

@@ -1,0 +1,197 @@
+//! Group commit of completions.
+//!
+//! Every finished task of an agent role ends in [`Queue::complete`]: its
+//! outputs, its XACK and its inbox key in one atomic step. Under load many
+//! tasks finish while one such call is on the wire; instead of one Redis
+//! round trip (and one script run) each, [`GroupCommit`] sends whatever
+//! completions are waiting as ONE [`Queue::complete_batch`] — the group
+//! commit of databases. Nothing waits on purpose: a completion that finds
+//! no call in flight goes out at once (a batch of one), so latency at low
+//! load is unchanged and batches grow only when Redis is the bottleneck.
+//!
+//! Safety is the queue's: the batch is atomic, and each entry keeps the
+//! per-entry invariant. A completion lost with the process (queued, not
+//! yet sent) leaves its entry pending, which is redelivered and
+//! deduplicated by its inbox key like any crash before completion.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::queue::{Completing, Completion, Queue, QueueError};
+
+/// Most completions sent in one call.
+pub const MAX_GROUP: usize = 64;
+
+type Reply = oneshot::Sender<Result<Completion, QueueError>>;
+
+/// The completions of one consumer group (one agent role).
+pub struct GroupCommit {
+    tx: mpsc::UnboundedSender<(Completing, Reply)>,
+}
+
+/// Where the completions go.
+struct Target {
+    queue: Arc<dyn Queue>,
+    stream: String,
+    group: String,
+    inbox_ttl: Duration,
+    maxlen: Option<u64>,
+}
+
+impl GroupCommit {
+    /// Start the committer task; it ends when the last [`GroupCommit`]
+    /// handle is dropped and every queued completion is sent.
+    pub fn start(
+        queue: Arc<dyn Queue>,
+        stream: String,
+        group: String,
+        inbox_ttl: Duration,
+        maxlen: Option<u64>,
+    ) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let target = Target {
+            queue,
+            stream,
+            group,
+            inbox_ttl,
+            maxlen,
+        };
+        tokio::spawn(commit_loop(target, rx));
+        Self { tx }
+    }
+
+    /// Complete one entry (see [`Queue::complete`]), together with whatever
+    /// other completions are waiting.
+    pub async fn complete(&self, item: Completing) -> Result<Completion, QueueError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send((item, reply))
+            .map_err(|_| QueueError::Shared("group commit stopped".into()))?;
+        answer
+            .await
+            .unwrap_or_else(|_| Err(QueueError::Shared("group commit stopped".into())))
+    }
+}
+
+async fn commit_loop(t: Target, mut rx: mpsc::UnboundedReceiver<(Completing, Reply)>) {
+    let mut group = Vec::with_capacity(MAX_GROUP);
+    while rx.recv_many(&mut group, MAX_GROUP).await > 0 {
+        let (items, replies): (Vec<_>, Vec<_>) = group.drain(..).unzip();
+        let batch = items.len() > 1;
+        match t.complete(items.clone()).await {
+            Ok(done) => {
+                for (reply, c) in replies.into_iter().zip(done) {
+                    let _ = reply.send(Ok(c));
+                }
+            }
+            // One entry's own fault (a wrong-typed output stream, a bad
+            // id): complete them one by one so only that entry fails.
+            Err(QueueError::WrongType(_) | QueueError::Invalid(_)) if batch => {
+                for (reply, item) in replies.into_iter().zip(items) {
+                    let one = t.complete(vec![item]).await.and_then(|mut v| {
+                        v.pop()
+                            .ok_or_else(|| QueueError::Protocol("empty complete reply".into()))
+                    });
+                    let _ = reply.send(one);
+                }
+            }
+            Err(e) => {
+                let mut e = Some(e);
+                let text = e.as_ref().map(ToString::to_string).unwrap_or_default();
+                for reply in replies {
+                    let err = e.take().unwrap_or_else(|| QueueError::Shared(text.clone()));
+                    let _ = reply.send(Err(err));
+                }
+            }
+        }
+    }
+}
+
+impl Target {
+    async fn complete(&self, items: Vec<Completing>) -> Result<Vec<Completion>, QueueError> {
+        self.queue
+            .complete_batch(
+                &self.stream,
+                &self.group,
+                items,
+                self.inbox_ttl,
+                self.maxlen,
+            )
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::memory::MemoryQueue;
+    use crate::queue::{Keys, fields};
+    use bytes::Bytes;
+
+    #[tokio::test]
+    async fn concurrent_completions_share_calls_and_a_bad_one_fails_alone() {
+        let q: Arc<dyn Queue> = Arc::new(MemoryQueue::new());
+        let k = Keys::new("t", "commit");
+        let (input, out, bad) = (k.stream("in"), k.stream("out"), k.stream("bad"));
+        q.ensure_group(&input, "g").await.unwrap();
+        for i in 0..100 {
+            q.add(&input, fields([("n", i.to_string())]), None)
+                .await
+                .unwrap();
+        }
+        q.set(&bad, Bytes::from_static(b"kv"), None).await.unwrap();
+        let entries = q
+            .read_group(&input, "g", "c", 0, Duration::ZERO)
+            .await
+            .unwrap();
+        let gc = Arc::new(GroupCommit::start(
+            q.clone(),
+            input.clone(),
+            "g".into(),
+            Duration::from_secs(60),
+            None,
+        ));
+        let mut handles = Vec::new();
+        for (i, e) in entries.into_iter().enumerate() {
+            let gc = gc.clone();
+            let to = if i == 7 { bad.clone() } else { out.clone() };
+            let item = Completing {
+                entry_id: e.id,
+                inbox_key: k.inbox(&format!("t{i}"), "s"),
+                outputs: vec![(to, fields([("n", i.to_string())]))],
+            };
+            handles.push(tokio::spawn(async move { gc.complete(item).await }));
+        }
+        let mut results = Vec::new();
+        for h in handles {
+            results.push(h.await.unwrap());
+        }
+        for (i, r) in results.iter().enumerate() {
+            if i == 7 {
+                assert!(matches!(r, Err(QueueError::WrongType(_))), "{r:?}");
+            } else {
+                assert!(matches!(r, Ok(Completion::Published { .. })), "{i}: {r:?}");
+            }
+        }
+        assert_eq!(q.len(&out).await.unwrap(), 99);
+        let pending = q.pending_summary(&input, "g").await.unwrap();
+        assert_eq!(pending.count, 1, "only the bad entry is left pending");
+    }
+
+    #[tokio::test]
+    async fn a_refused_completion_is_reported_to_its_caller() {
+        let q: Arc<dyn Queue> = Arc::new(MemoryQueue::new());
+        let gc = GroupCommit::start(q, "s".into(), "g".into(), Duration::from_secs(1), None);
+        // An invalid id: the queue refuses, the caller hears it.
+        let r = gc
+            .complete(Completing {
+                entry_id: "nope".into(),
+                inbox_key: "k".into(),
+                outputs: vec![],
+            })
+            .await;
+        assert!(matches!(r, Err(QueueError::Invalid(_))), "{r:?}");
+    }
+}
