@@ -104,7 +104,7 @@ async fn repair_replays_once_the_dependency_is_healthy() {
 
 #[tokio::test]
 async fn repair_quarantines_poison_and_compensates_in_reverse() {
-    let (_b, q) = queue(true).await;
+    let (b, q) = queue(true).await;
     let cfg = Arc::new(workflow(
         "poison",
         r#"    - {name: a, image: x, consumes: in, produces: [ab], saga: {compensate: undo-a}}
@@ -177,6 +177,25 @@ async fn repair_quarantines_poison_and_compensates_in_reverse() {
             .await
             .unwrap()
             .is_some()
+    );
+    // The saga log is not kept forever: it expires with the inbox keys.
+    let Backend::Redis(server) = &b else {
+        unreachable!()
+    };
+    let mut raw = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(cfg.keys.saga("t-poison"))
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let inbox_ttl = cfg.policy.idempotency_ttl.as_millis() as i64;
+    assert!(
+        ttl > 0 && ttl <= inbox_ttl,
+        "saga log TTL {ttl} ms, inbox TTL {inbox_ttl} ms"
     );
     let _ = stop_repair.send(true);
     let _ = rh.await;

@@ -292,9 +292,7 @@ async fn bare(
             }
         }));
     }
-    for p in producers {
-        let _ = p.await;
-    }
+    join_within(producers, Duration::from_secs(60)).await?;
     wait_until(
         || done.load(Ordering::Relaxed) as usize >= tasks,
         Duration::from_secs(60),
@@ -372,7 +370,6 @@ async fn through_r4(
                 };
                 let _ = client
                     .post(url.clone())
-                    .timeout(Duration::from_secs(10))
                     .header("content-type", "application/json")
                     .body(body.unwrap_or_default())
                     .send()
@@ -380,9 +377,7 @@ async fn through_r4(
             }
         }));
     }
-    for p in producers {
-        let _ = p.await;
-    }
+    join_within(producers, Duration::from_secs(60)).await?;
     wait_until(
         || stats.counters().completed as usize >= tasks,
         Duration::from_secs(60),
@@ -409,6 +404,19 @@ fn client() -> Result<reqwest::Client, String> {
         .no_proxy()
         .build()
         .map_err(|e| e.to_string())
+}
+
+/// Wait for the submitters; no per-request timers (the peer's producers
+/// have none either), one deadline for all of them instead.
+async fn join_within(
+    handles: Vec<tokio::task::JoinHandle<()>>,
+    within: Duration,
+) -> Result<(), String> {
+    let all = futures::future::join_all(handles);
+    tokio::time::timeout(within, all)
+        .await
+        .map(|_| ())
+        .map_err(|_| format!("submitters did not finish within {within:?}"))
 }
 
 async fn wait_until(mut cond: impl FnMut() -> bool, within: Duration) -> Result<(), String> {

@@ -161,6 +161,7 @@ mod tests {
                 entry_id: e.id,
                 inbox_key: k.inbox(&format!("t{i}"), "s"),
                 outputs: vec![(to, fields([("n", i.to_string())]))],
+                expire: vec![],
             };
             handles.push(tokio::spawn(async move { gc.complete(item).await }));
         }
@@ -190,6 +191,7 @@ mod tests {
                 entry_id: "nope".into(),
                 inbox_key: "k".into(),
                 outputs: vec![],
+                expire: vec![],
             })
             .await;
         assert!(matches!(r, Err(QueueError::Invalid(_))), "{r:?}");

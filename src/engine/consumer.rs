@@ -512,7 +512,7 @@ async fn handle(
     if entry.delivery_count > 1
         && let Ok(Some(_)) = ctx.queue.get(&inbox).await
     {
-        if let Ok(Completion::AlreadyDone) = complete(&ctx, &entry, &inbox, vec![]).await {
+        if let Ok(Completion::AlreadyDone) = complete(&ctx, &entry, &inbox, vec![], vec![]).await {
             ctx.stats
                 .record(Outcome::Duplicate, started.elapsed(), Duration::ZERO);
         }
@@ -530,7 +530,7 @@ async fn handle(
                 routed.step = None;
                 routed.traceparent = Some(child_traceparent(task.traceparent.as_deref()));
                 let out = vec![(ctx.cfg.keys.stream(&to), routed.encode())];
-                if let Ok(c) = complete(&ctx, &entry, &inbox, out).await {
+                if let Ok(c) = complete(&ctx, &entry, &inbox, out, vec![]).await {
                     let o = if c == Completion::AlreadyDone {
                         Outcome::Duplicate
                     } else {
@@ -636,7 +636,13 @@ async fn handle(
                     compensation.as_ref().map(|(_, r)| r.as_slice()),
                     &req.traceparent,
                 );
-                match complete(&ctx, &entry, &inbox, out).await {
+                // A compensable step's saga-log record expires with its
+                // inbox key: after that the step is new work anyway.
+                let expire = match (&ctx.agent.compensate, &compensation) {
+                    (Some(_), None) => vec![ctx.cfg.keys.saga(&task.task_id)],
+                    _ => Vec::new(),
+                };
+                match complete(&ctx, &entry, &inbox, out, expire).await {
                     Ok(c) => {
                         if !round.is_empty() {
                             let _ = ctx.queue.del(std::slice::from_ref(&attempts_key)).await;
@@ -824,17 +830,21 @@ where
     }
 }
 
+/// Complete `entry` through the group commit; `expire` are outputs that
+/// live as long as the inbox key (the task's saga log).
 async fn complete(
     ctx: &Ctx,
     entry: &StreamEntry,
     inbox: &str,
     outputs: Vec<(String, Fields)>,
+    expire: Vec<String>,
 ) -> Result<Completion, QueueError> {
     retry_queue(ctx, || {
         ctx.commit.complete(Completing {
             entry_id: entry.id.clone(),
             inbox_key: inbox.to_owned(),
             outputs: outputs.clone(),
+            expire: expire.clone(),
         })
     })
     .await

@@ -5,6 +5,9 @@
 //! `saga.compensate` appends `{agent, compensate}` to the task's saga log
 //! (stream `r4:{ns/wf}:saga:<task-id>`) as one more output of the step's
 //! atomic completion — so a step is in the log if and only if it completed.
+//! The same step sets the log's TTL to the inbox keys' (`idempotency.ttl`):
+//! once those have expired the steps are new work anyway, so the log goes
+//! with them instead of piling up one stream per task.
 //!
 //! When the task cannot complete (dead-lettered for a permanent reason, or
 //! quarantined as poison), [`start`] reads the log, reverses it, and puts

@@ -327,6 +327,7 @@ fn completing(
         entry_id: id.to_owned(),
         inbox_key: k.inbox(task, "s"),
         outputs,
+        expire: vec![],
     }
 }
 
@@ -380,6 +381,36 @@ pub async fn complete_batch_group_commit(q: Q) {
             .unwrap()
             .is_empty()
     );
+}
+
+pub async fn complete_batch_expires_what_it_is_told(q: Q) {
+    let k = keys();
+    let (input, out, log) = (k.stream("in"), k.stream("out"), k.saga("t1"));
+    q.ensure_group(&input, "g").await.unwrap();
+    q.add(&input, f("a"), None).await.unwrap();
+    let e = q.read_group(&input, "g", "c", 1, ZERO).await.unwrap();
+    let mut item = completing(
+        &k,
+        &e[0].id,
+        "t1",
+        vec![(out.clone(), f("A")), (log.clone(), f("step"))],
+    );
+    item.expire = vec![log.clone()];
+    q.complete_batch(&input, "g", vec![item], Duration::from_millis(300), None)
+        .await
+        .unwrap();
+    assert_eq!(q.len(&log).await.unwrap(), 1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while q.len(&log).await.unwrap() > 0 {
+        assert!(Instant::now() < deadline, "the saga log never expired");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        q.get(&k.inbox("t1", "s")).await.unwrap(),
+        None,
+        "with the inbox key"
+    );
+    assert_eq!(q.len(&out).await.unwrap(), 1, "other outputs stay");
 }
 
 pub async fn complete_batch_is_all_or_nothing(q: Q) {
@@ -920,6 +951,7 @@ conformance!(
     complete_failure_changes_nothing,
     complete_batch_group_commit,
     complete_batch_is_all_or_nothing,
+    complete_batch_expires_what_it_is_told,
     dead_letter_is_atomic,
     submit_idempotent_dedups,
     submit_batch_in_order_and_dedups,

@@ -45,6 +45,8 @@ struct MemStream {
     entries: BTreeMap<EntryId, Fields>,
     last_id: EntryId,
     groups: HashMap<String, Group>,
+    /// Set by a completion's `expire`; the stream is dropped after it.
+    expires_at: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -82,6 +84,20 @@ impl State {
     fn purge_expired(&mut self) {
         let now = Instant::now();
         self.kv.retain(|_, e| e.expires_at.is_none_or(|t| t > now));
+        self.streams
+            .retain(|_, s| s.expires_at.is_none_or(|t| t > now));
+    }
+
+    /// Drop `key`'s stream if it has expired (checked on access, like KV).
+    fn expire_stream(&mut self, key: &str) {
+        let now = Instant::now();
+        if self
+            .streams
+            .get(key)
+            .is_some_and(|s| s.expires_at.is_some_and(|t| t <= now))
+        {
+            self.streams.remove(key);
+        }
     }
 
     /// Fail with WRONGTYPE if `key` exists as a non-stream.
@@ -89,6 +105,7 @@ impl State {
         if self.kv_live(key).is_some() {
             return Err(QueueError::WrongType(key.to_owned()));
         }
+        self.expire_stream(key);
         Ok(())
     }
 
@@ -564,6 +581,12 @@ impl Queue for MemoryQueue {
                 let mut output_ids = Vec::with_capacity(it.outputs.len());
                 for (out, fields) in it.outputs {
                     output_ids.push(st.xadd(&out, fields, maxlen)?);
+                }
+                let until = Instant::now() + inbox_ttl;
+                for key in &it.expire {
+                    if let Some(s) = st.streams.get_mut(key) {
+                        s.expires_at = Some(until);
+                    }
                 }
                 published |= !output_ids.is_empty();
                 st.xack(stream, group, &[id]);

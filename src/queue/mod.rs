@@ -126,6 +126,10 @@ pub struct Completing {
     pub inbox_key: String,
     /// `(stream, fields)` to publish.
     pub outputs: Vec<(String, Fields)>,
+    /// Output streams that expire with the inbox key: their TTL is set to
+    /// the inbox TTL in the same step (a task's saga log, which is garbage
+    /// once the step can no longer be redone).
+    pub expire: Vec<String>,
 }
 
 /// One task of [`Queue::submit_batch`].
@@ -300,6 +304,7 @@ pub trait Queue: Send + Sync {
                 entry_id: entry_id.to_owned(),
                 inbox_key: inbox_key.to_owned(),
                 outputs,
+                expire: Vec::new(),
             };
             let mut done = self
                 .complete_batch(stream, group, vec![one], inbox_ttl, maxlen)

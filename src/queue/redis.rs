@@ -68,7 +68,8 @@ impl Default for RedisConfig {
 // Group commit. KEYS[1] input stream, KEYS[2..] inbox and output keys
 // (distinct); ARGV[1] group, ARGV[2] inbox ttl ms, ARGV[3] maxlen or '',
 // ARGV[4] entry count, then per entry: entry id, inbox key index, output
-// count m, then per output: stream key index, field count n, n pairs.
+// count m, then per output: stream key index, field count n, n pairs, then
+// expire count x and x key indices (PEXPIREd with the inbox TTL).
 // Output keys are type-checked before the first write (a script error does
 // not undo earlier writes): the batch is applied whole or not at all.
 const COMPLETE_BATCH_LUA: &str = r#"
@@ -89,6 +90,10 @@ for e = 1, count do
     item.outs[o] = {key, p + 2, n}
     p = p + 2 + 2 * n
   end
+  item.expire = {}
+  local x = tonumber(ARGV[p])
+  for i = 1, x do item.expire[i] = KEYS[tonumber(ARGV[p + i])] end
+  p = p + 1 + x
   plan[e] = item
 end
 local out = {}
@@ -108,6 +113,7 @@ for e = 1, count do
       for j = o[2], o[2] + 2 * o[3] - 1 do args[#args + 1] = ARGV[j] end
       ids[#ids + 1] = redis.call(unpack(args))
     end
+    for _, key in ipairs(item.expire) do redis.call('PEXPIRE', key, ARGV[2]) end
     redis.call('XACK', KEYS[1], ARGV[1], item.id)
     redis.call('SET', item.inbox, item.id, 'PX', ARGV[2])
     out[e] = ids
@@ -885,7 +891,8 @@ impl Queue for RedisQueue {
             let mut args: Vec<usize> = Vec::new();
             for it in &items {
                 let keys = std::iter::once(it.inbox_key.as_str())
-                    .chain(it.outputs.iter().map(|(out, _)| out.as_str()));
+                    .chain(it.outputs.iter().map(|(out, _)| out.as_str()))
+                    .chain(it.expire.iter().map(String::as_str));
                 for k in keys {
                     let next = index.len() + 2;
                     args.push(*index.entry(k).or_insert_with(|| {
@@ -908,6 +915,10 @@ impl Queue for RedisQueue {
                     for (k, v) in fields {
                         inv.arg(k.as_str()).arg(v.as_ref());
                     }
+                }
+                inv.arg(it.expire.len());
+                for _ in &it.expire {
+                    inv.arg(key_ix.next().unwrap_or_default());
                 }
             }
             let v = self
