@@ -90,6 +90,16 @@ async fn agent(
     (StatusCode::OK, Json(json!({})))
 }
 
+/// The crash workflow, resolved, and written to `<tempdir>/crash.yaml` for
+/// the engine processes.
+fn workflow_file() -> (r4::engine::WorkflowConfig, tempfile::TempDir) {
+    let cfg =
+        r4::engine::WorkflowConfig::from_yaml("crash", WORKFLOW, None, Some("crash")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("crash.yaml"), WORKFLOW).unwrap();
+    (cfg, dir)
+}
+
 struct Engine {
     agent: &'static str,
     child: Child,
@@ -133,11 +143,8 @@ async fn crash_test_zero_lost_zero_duplicates() {
         .expect("redis-server with AOF");
     let url = server.url();
     let q = RedisQueue::connect(&url).await.expect("connect");
-    let cfg =
-        r4::engine::WorkflowConfig::from_yaml("crash", WORKFLOW, None, Some("crash")).unwrap();
-    let dir = tempfile::tempdir().unwrap();
+    let (cfg, dir) = workflow_file();
     let file = dir.path().join("crash.yaml");
-    std::fs::write(&file, WORKFLOW).unwrap();
 
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let app = Router::new()
@@ -326,11 +333,8 @@ async fn crash_test_intake_batches_all_or_nothing() {
     let server = RedisServer::start().await.expect("redis-server");
     let url = server.url();
     let q = RedisQueue::connect(&url).await.expect("connect");
-    let cfg =
-        r4::engine::WorkflowConfig::from_yaml("crash", WORKFLOW, None, Some("crash")).unwrap();
-    let dir = tempfile::tempdir().unwrap();
+    let (cfg, dir) = workflow_file();
     let file = dir.path().join("crash.yaml");
-    std::fs::write(&file, WORKFLOW).unwrap();
     // A port of our own for every restart (tokio binds with SO_REUSEADDR).
     let addr = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -7,19 +7,31 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use engine_common::*;
-use r4::engine::Intake;
+use r4::engine::{Intake, WorkflowConfig};
+use r4::queue::Queue;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
-#[tokio::test]
-async fn intake_http_contract() {
-    let (_b, q) = queue(true).await;
+/// A workflow with one agent, its intake on a free port over a real
+/// redis-server, and an HTTP client.
+struct Served {
+    _redis: Backend,
+    q: Arc<dyn Queue>,
+    cfg: Arc<WorkflowConfig>,
+    base: String,
+    stop: watch::Sender<bool>,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    http: reqwest::Client,
+}
+
+async fn serve_intake(name: &str) -> Served {
+    let (redis, q) = queue(true).await;
     let cfg = Arc::new(workflow(
-        "intake",
+        name,
         "    - {name: a, image: x, consumes: in, produces: [done]}",
         "  intake: {enabled: true, maxPayloadBytes: 1024}",
     ));
-    let intake = Intake::new(cfg.clone(), q.clone(), "intake-t");
+    let intake = Intake::new(cfg.clone(), q.clone(), &format!("{name}-intake"));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let (stop, rx) = watch::channel(false);
@@ -28,6 +40,28 @@ async fn intake_http_contract() {
         .timeout(Duration::from_secs(5))
         .build()
         .unwrap();
+    Served {
+        _redis: redis,
+        q,
+        cfg,
+        base,
+        stop,
+        server,
+        http,
+    }
+}
+
+#[tokio::test]
+async fn intake_http_contract() {
+    let Served {
+        _redis,
+        q,
+        cfg,
+        base,
+        stop,
+        server,
+        http,
+    } = serve_intake("intake").await;
     let post = |body: String, key: Option<&str>| {
         let mut r = http
             .post(format!("{base}/v1/tasks"))
@@ -145,21 +179,16 @@ async fn intake_http_contract() {
 
 #[tokio::test]
 async fn intake_batch_contract() {
-    let (_b, q) = queue(true).await;
-    let cfg = Arc::new(workflow(
-        "intake-batch",
-        "    - {name: a, image: x, consumes: in, produces: [done]}",
-        "  intake: {enabled: true, maxPayloadBytes: 1024}",
-    ));
-    let intake = Intake::new(cfg.clone(), q.clone(), "intake-b");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/v1/tasks:batch", listener.local_addr().unwrap());
-    let (stop, rx) = watch::channel(false);
-    let server = tokio::spawn(r4::engine::http::serve(listener, intake.router(), rx));
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .unwrap();
+    let Served {
+        _redis,
+        q,
+        cfg,
+        base,
+        stop,
+        server,
+        http,
+    } = serve_intake("intake-batch").await;
+    let url = format!("{base}/v1/tasks:batch");
     let post = |body: String| {
         http.post(&url)
             .header(

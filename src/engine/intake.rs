@@ -190,6 +190,17 @@ impl Intake {
             .collect())
     }
 
+    /// Count an accepted submission; its answer.
+    fn accepted(&self, task_id: String, created: bool, took: Duration) -> serde_json::Value {
+        let outcome = if created {
+            Outcome::Completed
+        } else {
+            Outcome::Duplicate
+        };
+        self.stats.record(outcome, took, Duration::ZERO);
+        json!({"task_id": task_id, "duplicate": !created})
+    }
+
     /// Status of a task (see the module docs).
     pub async fn status(&self, id: &str) -> Result<serde_json::Value, crate::queue::QueueError> {
         let keys = &self.cfg.keys;
@@ -253,33 +264,39 @@ async fn submit(State(intake): State<Arc<Intake>>, headers: HeaderMap, body: Bod
         },
     };
     let tp = headers.get("traceparent").and_then(|v| v.to_str().ok());
-    let fut = intake.submit_raw(bytes, key, tp);
-    match tokio::time::timeout(Duration::from_secs(10), fut).await {
-        Ok(Ok((task_id, created))) => {
-            let outcome = if created {
-                Outcome::Completed
-            } else {
-                Outcome::Duplicate
-            };
-            intake
-                .stats
-                .record(outcome, started.elapsed(), Duration::ZERO);
+    match queue_call(intake.submit_raw(bytes, key, tp)).await {
+        Ok((task_id, created)) => {
+            let took = started.elapsed();
             (
                 StatusCode::ACCEPTED,
-                Json(json!({"task_id": task_id, "duplicate": !created})),
+                Json(intake.accepted(task_id, created, took)),
             )
                 .into_response()
         }
-        Ok(Err(e)) => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("queue unavailable: {e}"),
-        ),
-        Err(_) => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "queue unavailable: timeout",
-        ),
+        Err(refusal) => refusal,
     }
 }
+
+/// A queue call of a request handler, bounded by [`QUEUE_DEADLINE`]; a
+/// failure is the `503` to answer.
+async fn queue_call<T>(
+    fut: impl Future<Output = Result<T, crate::queue::QueueError>>,
+) -> Result<T, Response> {
+    match tokio::time::timeout(QUEUE_DEADLINE, fut).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("queue unavailable: {e}"),
+        )),
+        Err(_) => Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "queue unavailable: timeout",
+        )),
+    }
+}
+
+/// Longest a request waits for the queue before answering `503`.
+const QUEUE_DEADLINE: Duration = Duration::from_secs(10);
 
 /// What an idempotency key must be.
 fn key_rule() -> String {
@@ -365,32 +382,16 @@ async fn submit_batch(
         Err((status, msg)) => return error(status, msg),
     };
     let tp = headers.get("traceparent").and_then(|v| v.to_str().ok());
-    let fut = intake.submit_batch(tasks, tp);
-    match tokio::time::timeout(Duration::from_secs(10), fut).await {
-        Ok(Ok(done)) => {
+    match queue_call(intake.submit_batch(tasks, tp)).await {
+        Ok(done) => {
             let per_task = started.elapsed() / u32::try_from(done.len()).unwrap_or(1).max(1);
             let answer: Vec<_> = done
                 .into_iter()
-                .map(|(task_id, created)| {
-                    let outcome = if created {
-                        Outcome::Completed
-                    } else {
-                        Outcome::Duplicate
-                    };
-                    intake.stats.record(outcome, per_task, Duration::ZERO);
-                    json!({"task_id": task_id, "duplicate": !created})
-                })
+                .map(|(task_id, created)| intake.accepted(task_id, created, per_task))
                 .collect();
             (StatusCode::ACCEPTED, Json(json!({"tasks": answer}))).into_response()
         }
-        Ok(Err(e)) => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("queue unavailable: {e}"),
-        ),
-        Err(_) => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "queue unavailable: timeout",
-        ),
+        Err(refusal) => refusal,
     }
 }
 

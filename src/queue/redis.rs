@@ -454,6 +454,18 @@ fn v_u64(v: Value) -> Result<u64, QueueError> {
 }
 
 /// Arrays (RESP2) and sets/maps (RESP3, flattened) as a list; Nil as empty.
+/// The reply of a batch script: one array per item, `n` of them.
+fn per_item(v: Value, n: usize, what: &str) -> Result<Vec<Vec<Value>>, QueueError> {
+    let replies = v_array(v)?;
+    if replies.len() != n {
+        return Err(QueueError::Protocol(format!(
+            "{} {what} results for {n} items",
+            replies.len()
+        )));
+    }
+    replies.into_iter().map(v_array).collect()
+}
+
 fn v_array(v: Value) -> Result<Vec<Value>, QueueError> {
     match v {
         Value::Nil => Ok(Vec::new()),
@@ -925,18 +937,10 @@ impl Queue for RedisQueue {
                 .invoke("complete", &inv)
                 .await
                 .map_err(|e| wrong_type(e, stream))?;
-            let replies = v_array(v)?;
-            if replies.len() != items.len() {
-                return Err(QueueError::Protocol(format!(
-                    "{} complete results for {} entries",
-                    replies.len(),
-                    items.len()
-                )));
-            }
-            replies
+            per_item(v, items.len(), "complete")?
                 .into_iter()
                 .map(|r| {
-                    let mut it = v_array(r)?.into_iter();
+                    let mut it = r.into_iter();
                     match it.next().map(v_int).transpose()? {
                         Some(0) => Ok(Completion::AlreadyDone),
                         Some(1) => Ok(Completion::Published {
@@ -1007,18 +1011,10 @@ impl Queue for RedisQueue {
                 .invoke("submit_batch", &inv)
                 .await
                 .map_err(|e| wrong_type(e, stream))?;
-            let replies = v_array(v)?;
-            if replies.len() != items.len() {
-                return Err(QueueError::Protocol(format!(
-                    "{} submit results for {} submissions",
-                    replies.len(),
-                    items.len()
-                )));
-            }
-            replies
+            per_item(v, items.len(), "submit")?
                 .into_iter()
                 .map(|r| {
-                    let mut it = v_array(r)?.into_iter();
+                    let mut it = r.into_iter();
                     let task_id = it
                         .next()
                         .map(v_string)
