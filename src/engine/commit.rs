@@ -2,12 +2,13 @@
 //!
 //! Every finished task of an agent role ends in [`Queue::complete`]: its
 //! outputs, its XACK and its inbox key in one atomic step. Under load many
-//! tasks finish while one such call is on the wire; instead of one Redis
+//! tasks finish while such calls are on the wire; instead of one Redis
 //! round trip (and one script run) each, [`GroupCommit`] sends whatever
 //! completions are waiting as ONE [`Queue::complete_batch`] — the group
-//! commit of databases. Nothing waits on purpose: a completion that finds
-//! no call in flight goes out at once (a batch of one), so latency at low
-//! load is unchanged and batches grow only when Redis is the bottleneck.
+//! commit of databases — with up to [`IN_FLIGHT`] calls on the wire at
+//! once. Nothing waits on purpose: a completion that finds a free call
+//! goes out at once (a batch of one), so latency at low load is unchanged
+//! and groups grow only when calls are busy.
 //!
 //! Safety is the queue's: the batch is atomic, and each entry keeps the
 //! per-entry invariant. A completion lost with the process (queued, not
@@ -23,6 +24,10 @@ use crate::queue::{Completing, Completion, Queue, QueueError};
 
 /// Most completions sent in one call.
 pub const MAX_GROUP: usize = 64;
+
+/// Calls on the wire at once: a new group goes out while earlier ones are
+/// still running, so one slow reply does not hold every completion.
+pub const IN_FLIGHT: usize = 4;
 
 type Reply = oneshot::Sender<Result<Completion, QueueError>>;
 
@@ -76,34 +81,53 @@ impl GroupCommit {
 }
 
 async fn commit_loop(t: Target, mut rx: mpsc::UnboundedReceiver<(Completing, Reply)>) {
+    let t = Arc::new(t);
+    let mut in_flight = tokio::task::JoinSet::new();
     let mut group = Vec::with_capacity(MAX_GROUP);
-    while rx.recv_many(&mut group, MAX_GROUP).await > 0 {
-        let (items, replies): (Vec<_>, Vec<_>) = group.drain(..).unzip();
-        let batch = items.len() > 1;
-        match t.complete(items.clone()).await {
-            Ok(done) => {
-                for (reply, c) in replies.into_iter().zip(done) {
-                    let _ = reply.send(Ok(c));
+    loop {
+        while in_flight.len() >= IN_FLIGHT {
+            in_flight.join_next().await;
+        }
+        tokio::select! {
+            n = rx.recv_many(&mut group, MAX_GROUP) => {
+                if n == 0 {
+                    break;
                 }
+                let (items, replies): (Vec<_>, Vec<_>) = group.drain(..).unzip();
+                in_flight.spawn(commit(t.clone(), items, replies));
             }
-            // One entry's own fault (a wrong-typed output stream, a bad
-            // id): complete them one by one so only that entry fails.
-            Err(QueueError::WrongType(_) | QueueError::Invalid(_)) if batch => {
-                for (reply, item) in replies.into_iter().zip(items) {
-                    let one = t.complete(vec![item]).await.and_then(|mut v| {
-                        v.pop()
-                            .ok_or_else(|| QueueError::Protocol("empty complete reply".into()))
-                    });
-                    let _ = reply.send(one);
-                }
+            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
+        }
+    }
+    while in_flight.join_next().await.is_some() {}
+}
+
+/// Send one group and answer its callers.
+async fn commit(t: Arc<Target>, items: Vec<Completing>, replies: Vec<Reply>) {
+    let batch = items.len() > 1;
+    match t.complete(items.clone()).await {
+        Ok(done) => {
+            for (reply, c) in replies.into_iter().zip(done) {
+                let _ = reply.send(Ok(c));
             }
-            Err(e) => {
-                let mut e = Some(e);
-                let text = e.as_ref().map(ToString::to_string).unwrap_or_default();
-                for reply in replies {
-                    let err = e.take().unwrap_or_else(|| QueueError::Shared(text.clone()));
-                    let _ = reply.send(Err(err));
-                }
+        }
+        // One entry's own fault (a wrong-typed output stream, a bad id):
+        // complete them one by one so only that entry fails.
+        Err(QueueError::WrongType(_) | QueueError::Invalid(_)) if batch => {
+            for (reply, item) in replies.into_iter().zip(items) {
+                let one = t.complete(vec![item]).await.and_then(|mut v| {
+                    v.pop()
+                        .ok_or_else(|| QueueError::Protocol("empty complete reply".into()))
+                });
+                let _ = reply.send(one);
+            }
+        }
+        Err(e) => {
+            let mut e = Some(e);
+            let text = e.as_ref().map(ToString::to_string).unwrap_or_default();
+            for reply in replies {
+                let err = e.take().unwrap_or_else(|| QueueError::Shared(text.clone()));
+                let _ = reply.send(Err(err));
             }
         }
     }
