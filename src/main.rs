@@ -85,7 +85,7 @@ enum BenchCommand {
         #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=1000))]
         batch: u64,
         /// Interleaved rounds of every contender (medians are reported).
-        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=20))]
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=20))]
         rounds: u64,
         /// Print only the JSON object (on one line).
         #[arg(long)]
