@@ -155,7 +155,7 @@ mod tests {
     use bytes::Bytes;
 
     #[tokio::test]
-    async fn concurrent_completions_share_calls_and_a_bad_one_fails_alone() {
+    async fn concurrent_completions_are_answered_and_a_bad_one_fails_alone() {
         let q: Arc<dyn Queue> = Arc::new(MemoryQueue::new());
         let k = Keys::new("t", "commit");
         let (input, out, bad) = (k.stream("in"), k.stream("out"), k.stream("bad"));
@@ -203,6 +203,84 @@ mod tests {
         assert_eq!(q.len(&out).await.unwrap(), 99);
         let pending = q.pending_summary(&input, "g").await.unwrap();
         assert_eq!(pending.count, 1, "only the bad entry is left pending");
+    }
+
+    /// Script runs (EVALSHA/EVAL) Redis has served so far.
+    async fn script_calls(url: &str) -> u64 {
+        let mut c = ::redis::Client::open(url)
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let info: String = ::redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        info.lines()
+            .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+            .filter_map(|l| {
+                l.split("calls=")
+                    .nth(1)?
+                    .split(',')
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .sum()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn on_redis_many_completions_share_few_script_runs() {
+        let server = crate::testutil::RedisServer::start().await.unwrap();
+        let q: Arc<dyn Queue> = Arc::new(
+            crate::queue::redis::RedisQueue::connect(&server.url())
+                .await
+                .unwrap(),
+        );
+        let k = Keys::new("t", "commit-redis");
+        let (input, out) = (k.stream("in"), k.stream("out"));
+        q.ensure_group(&input, "g").await.unwrap();
+        const N: usize = 400;
+        for i in 0..N {
+            q.add(&input, fields([("n", i.to_string())]), None)
+                .await
+                .unwrap();
+        }
+        let entries = q
+            .read_group(&input, "g", "c", 0, Duration::ZERO)
+            .await
+            .unwrap();
+        let gc = Arc::new(GroupCommit::start(
+            q.clone(),
+            input.clone(),
+            "g".into(),
+            Duration::from_secs(60),
+            None,
+        ));
+        let before = script_calls(&server.url()).await;
+        let mut handles = Vec::new();
+        for (i, e) in entries.into_iter().enumerate() {
+            let (gc, out) = (gc.clone(), out.clone());
+            let item = Completing {
+                entry_id: e.id,
+                inbox_key: k.inbox(&format!("t{i}"), "s"),
+                outputs: vec![(out, fields([("n", i.to_string())]))],
+                expire: vec![],
+            };
+            handles.push(tokio::spawn(async move { gc.complete(item).await }));
+        }
+        for h in handles {
+            assert!(matches!(h.await.unwrap(), Ok(Completion::Published { .. })));
+        }
+        let runs = script_calls(&server.url()).await - before;
+        println!("{N} completions in {runs} script runs");
+        assert_eq!(q.len(&out).await.unwrap(), N as u64);
+        assert_eq!(q.pending_summary(&input, "g").await.unwrap().count, 0);
+        assert!(
+            runs >= (N / MAX_GROUP) as u64 && runs < N as u64 / 2,
+            "{N} completions took {runs} script runs"
+        );
     }
 
     #[tokio::test]
