@@ -116,3 +116,32 @@ async fn dlq_and_kill_commands() {
         text(&o)
     );
 }
+
+#[test]
+fn bench_refusals_are_one_line_naming_the_flag() {
+    for (args, says) in [
+        (
+            vec![
+                "bench",
+                "pipeline",
+                "--redis",
+                "redis://127.0.0.1:1",
+                "--rounds",
+                "1",
+            ],
+            "--redis redis://127.0.0.1:1",
+        ),
+        (
+            vec!["bench", "killswitch", "--redis", "redis://127.0.0.1:1"],
+            "--redis redis://127.0.0.1:1",
+        ),
+        (vec!["bench", "pipeline", "--batch", "0"], "--batch"),
+        (vec!["bench", "pipeline", "--rounds", "21"], "--rounds"),
+    ] {
+        let o = r4(&args);
+        assert!(!o.status.success(), "{args:?} should fail");
+        let err = String::from_utf8_lossy(&o.stderr).trim().to_owned();
+        assert!(err.contains(says), "{args:?}: {err:?} should name {says:?}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: one line: {err:?}");
+    }
+}

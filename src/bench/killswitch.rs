@@ -67,8 +67,11 @@ spec:
     let cfg = Arc::new(
         WorkflowConfig::from_yaml("bench", yaml, None, Some(&ns)).map_err(|e| e.to_string())?,
     );
-    let admin: Arc<dyn Queue> =
-        Arc::new(RedisQueue::connect(&url).await.map_err(|e| e.to_string())?);
+    let admin: Arc<dyn Queue> = Arc::new(
+        RedisQueue::connect(&url)
+            .await
+            .map_err(|e| format!("--redis {url}: {e}"))?,
+    );
     let delivered = Arc::new(AtomicU64::new(0));
     let stopped = Arc::new(AtomicBool::new(false));
     let late = Arc::new(AtomicU64::new(0));
@@ -76,8 +79,11 @@ spec:
     let mut ids = Vec::new();
     let mut handles = Vec::new();
     for i in 0..engines {
-        let q: Arc<dyn Queue> =
-            Arc::new(RedisQueue::connect(&url).await.map_err(|e| e.to_string())?);
+        let q: Arc<dyn Queue> = Arc::new(
+            RedisQueue::connect(&url)
+                .await
+                .map_err(|e| format!("--redis {url}: {e}"))?,
+        );
         let id = format!("ks-engine-{i}");
         let d = Counting {
             n: delivered.clone(),
