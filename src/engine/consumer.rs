@@ -8,8 +8,13 @@
 //!
 //! # Invariants
 //! - An entry is acked only by [`Queue::complete`] (with its outputs and its
-//!   inbox key, one atomic step) or by [`Queue::dead_letter`] (with its DLQ
-//!   record, one atomic step). A crash at any instant leaves it pending, and
+//!   inbox key, one atomic step; sent through the group commit,
+//!   [`super::commit`]) or by [`Queue::dead_letter`] (with its DLQ record,
+//!   one atomic step).
+//! - At most `concurrency` deliveries run at once. A delivery slot is freed
+//!   as soon as the agent answers, so the next entry is read while the
+//!   completion travels; entries held (delivering or completing) stay at
+//!   most twice `concurrency`. A crash at any instant leaves it pending, and
 //!   a live engine claims it after `queue.visibilityTimeout`.
 //! - A retried entry stays pending with us; after the backoff we re-claim it
 //!   by id ([`Queue::claim`]), which counts the delivery in Redis — so
