@@ -10,12 +10,12 @@
 //! - An entry is acked only by [`Queue::complete`] (with its outputs and its
 //!   inbox key, one atomic step; sent through the group commit,
 //!   [`super::commit`]) or by [`Queue::dead_letter`] (with its DLQ record,
-//!   one atomic step).
+//!   one atomic step). A crash at any instant leaves it pending, and a live
+//!   engine claims it after `queue.visibilityTimeout`.
 //! - At most `concurrency` deliveries run at once. A delivery slot is freed
 //!   as soon as the agent answers, so the next entry is read while the
 //!   completion travels; entries held (delivering or completing) stay at
-//!   most twice `concurrency`. A crash at any instant leaves it pending, and
-//!   a live engine claims it after `queue.visibilityTimeout`.
+//!   most twice `concurrency`.
 //! - A retried entry stays pending with us; after the backoff we re-claim it
 //!   by id ([`Queue::claim`]), which counts the delivery in Redis — so
 //!   `deadLetter.maxDeliveries` holds across crashes — and tells us if
@@ -421,8 +421,7 @@ pub(crate) async fn publish_stats(
     }
 }
 
-/// The life of one entry.
-/// Handle one entry. `permit` is a delivery slot (`ctx.sem`), released as
+/// The life of one entry. `permit` is a delivery slot (`ctx.sem`), released as
 /// soon as the agent has answered so the next entry can be read while this
 /// one's completion is on its way to Redis; `held` (`ctx.held`) bounds the
 /// entries in this engine, and is kept until the entry is done or backs off.
