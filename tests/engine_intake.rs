@@ -134,31 +134,20 @@ async fn intake_http_contract() {
         st["state"] == "completed"
     })
     .await;
-    assert_eq!(
-        http.get(format!("{base}/v1/tasks/bad%20id"))
+    // A malformed id, then health and metrics.
+    for (path, status) in [
+        ("/v1/tasks/bad%20id", 400),
+        ("/healthz", 200),
+        ("/readyz", 200),
+    ] {
+        let got = http
+            .get(format!("{base}{path}"))
             .send()
             .await
             .unwrap()
-            .status(),
-        400
-    );
-    // Health and metrics.
-    assert_eq!(
-        http.get(format!("{base}/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    assert_eq!(
-        http.get(format!("{base}/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+            .status();
+        assert_eq!(got, status, "GET {path}");
+    }
     let m = http
         .get(format!("{base}/metrics"))
         .send()
