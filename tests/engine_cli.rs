@@ -85,7 +85,13 @@ async fn dlq_and_kill_commands() {
     assert_eq!(back.len(), 1);
     assert_eq!(back[0].field("task_id").unwrap().as_ref(), b"t1");
     assert_eq!(back[0].field("replays").unwrap().as_ref(), b"1");
-    assert_eq!(dlq::list(&q, &keys, 0).await.unwrap().len(), 2);
+    assert_eq!(
+        dlq::list(&q, &keys, dlq::Store::Dlq, 0)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
 
     // No terminal, no --yes: refuse and keep everything.
     let o = r4(&with(&["dlq", "purge", "wf"]));

@@ -192,7 +192,7 @@ async fn intake_batch_contract() {
     let body = json!({"tasks": [
         {"payload": {"n": 1}, "idempotency_key": "k-1"},
         {"payload": {"n": 2}},
-        {"payload": {"n": 3}, "idempotency_key": "k-1"},
+        {"payload": {"n": 1}, "idempotency_key": "k-1"},
         {"payload": {"n": 4}, "idempotency_key": "k-4"},
     ]});
     let r = post(body.to_string()).await.unwrap();
@@ -245,6 +245,41 @@ async fn intake_batch_contract() {
         .await
         .unwrap();
     assert_eq!(single["task_id"], t[0]["task_id"]);
+    assert_eq!(q.len(&stream).await.unwrap(), 3);
+    // A key reused for another payload is refused (422), never answered
+    // with another task's id; nothing is enqueued.
+    let r = http
+        .post(url.replace(":batch", ""))
+        .header("Idempotency-Key", "k-1")
+        .body(r#"{"n": 9}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    let e: Value = r.json().await.unwrap();
+    assert!(
+        e["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("Idempotency-Key: already used for another payload"),
+        "{e}"
+    );
+    let r = post(
+        json!({"tasks": [{"payload": {"n": 5}, "idempotency_key": "k-5"},
+                         {"payload": {"n": 9}, "idempotency_key": "k-4"}]})
+        .to_string(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 422);
+    let e: Value = r.json().await.unwrap();
+    assert!(
+        e["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("tasks[1].idempotency_key: already used"),
+        "{e}"
+    );
     assert_eq!(q.len(&stream).await.unwrap(), 3);
     // Every refusal names the task and enqueues nothing of the batch.
     let big = "y".repeat(2000);

@@ -1,5 +1,6 @@
-//! `r4 dlq list|show|replay|purge WORKFLOW`: inspect and act on a workflow's
-//! dead-letter stream in its Redis.
+//! `r4 dlq list|show|replay|purge WORKFLOW [--poison]`: inspect and act on
+//! a workflow's dead-letter stream (or, with `--poison`, its poison stream:
+//! what the repair role quarantined) in its Redis.
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::process::ExitCode;
@@ -8,7 +9,7 @@ use std::time::Duration;
 use super::CliError;
 use super::engine::{connect, within};
 use super::runtime;
-use crate::engine::dlq::{self, DlqRecord};
+use crate::engine::dlq::{self, DlqRecord, Store};
 use crate::queue::Keys;
 
 /// What to do.
@@ -60,6 +61,9 @@ pub struct DlqTarget {
     pub redis: String,
     #[arg(long, default_value = "default")]
     pub namespace: String,
+    /// Act on the poison stream (quarantined tasks) instead of the DLQ.
+    #[arg(long)]
+    pub poison: bool,
 }
 
 const T: Duration = Duration::from_secs(30);
@@ -85,12 +89,14 @@ pub fn run(cmd: DlqCommand) -> Result<ExitCode, CliError> {
         | DlqCommand::Purge { at, .. } => at.clone(),
     };
     let keys = Keys::new(&at.namespace, &at.workflow);
+    let store = if at.poison { Store::Poison } else { Store::Dlq };
+    let name = store.name();
     runtime()?.block_on(async move {
         let q = connect(&at.redis).await?;
         let q = q.as_ref();
         match cmd {
             DlqCommand::List { json, .. } => {
-                let recs = within("list", T, dlq::list(q, &keys, 0))
+                let recs = within("list", T, dlq::list(q, &keys, store, 0))
                     .await?
                     .map_err(internal)?;
                 if json {
@@ -123,10 +129,10 @@ pub fn run(cmd: DlqCommand) -> Result<ExitCode, CliError> {
                 Ok(ExitCode::SUCCESS)
             }
             DlqCommand::Show { id, .. } => {
-                let rec = within("show", T, dlq::show(q, &keys, &id))
+                let rec = within("show", T, dlq::show(q, &keys, store, &id))
                     .await?
                     .map_err(|e| CliError::Usage(e.to_string()))?
-                    .ok_or_else(|| CliError::Usage(format!("no DLQ entry {id}")))?;
+                    .ok_or_else(|| CliError::Usage(format!("no {name} entry {id}")))?;
                 let mut v = record_json(&rec);
                 v["history"] = serde_json::to_value(&rec.history).unwrap_or_default();
                 v["original"] = rec
@@ -144,17 +150,17 @@ pub fn run(cmd: DlqCommand) -> Result<ExitCode, CliError> {
                 Ok(ExitCode::SUCCESS)
             }
             DlqCommand::Replay { ids, all, .. } => {
-                let recs = within("list", T, dlq::list(q, &keys, 0))
+                let recs = within("list", T, dlq::list(q, &keys, store, 0))
                     .await?
                     .map_err(internal)?;
                 let chosen: Vec<&DlqRecord> =
                     recs.iter().filter(|r| all || ids.contains(&r.id)).collect();
                 if let Some(missing) = ids.iter().find(|i| !recs.iter().any(|r| &r.id == *i)) {
-                    return Err(CliError::Usage(format!("no DLQ entry {missing}")));
+                    return Err(CliError::Usage(format!("no {name} entry {missing}")));
                 }
                 let mut n = 0;
                 for r in chosen {
-                    match within("replay", T, dlq::replay(q, &keys, r, None)).await? {
+                    match within("replay", T, dlq::replay(q, &keys, store, r, None)).await? {
                         Ok(Some(new)) => {
                             n += 1;
                             println!(
@@ -162,7 +168,7 @@ pub fn run(cmd: DlqCommand) -> Result<ExitCode, CliError> {
                                 r.id, r.task_id, r.source
                             );
                         }
-                        Ok(None) => println!("{} was no longer in the DLQ", r.id),
+                        Ok(None) => println!("{} was no longer in the {name} stream", r.id),
                         Err(e) => eprintln!("cannot replay {}: {e}", r.id),
                     }
                 }
@@ -170,7 +176,7 @@ pub fn run(cmd: DlqCommand) -> Result<ExitCode, CliError> {
                 Ok(ExitCode::SUCCESS)
             }
             DlqCommand::Purge { yes, .. } => {
-                let n = within("len", T, q.len(&keys.dlq()))
+                let n = within("len", T, q.len(&store.key(&keys)))
                     .await?
                     .map_err(internal)?;
                 if !yes {
@@ -180,7 +186,7 @@ pub fn run(cmd: DlqCommand) -> Result<ExitCode, CliError> {
                         ));
                     }
                     print!(
-                        "purge {n} entries of {}/{}? type 'yes': ",
+                        "purge {n} {name} entries of {}/{}? type 'yes': ",
                         at.namespace, at.workflow
                     );
                     let _ = std::io::stdout().flush();
@@ -191,7 +197,7 @@ pub fn run(cmd: DlqCommand) -> Result<ExitCode, CliError> {
                         return Ok(ExitCode::from(1));
                     }
                 }
-                let gone = within("purge", T, dlq::purge(q, &keys))
+                let gone = within("purge", T, dlq::purge(q, &keys, store))
                     .await?
                     .map_err(internal)?;
                 println!("purged {gone} entries");

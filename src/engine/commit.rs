@@ -41,27 +41,32 @@ struct Target {
     queue: Arc<dyn Queue>,
     stream: String,
     group: String,
+    consumer: String,
     inbox_ttl: Duration,
-    maxlen: Option<u64>,
+    limit: Option<u64>,
 }
 
 impl GroupCommit {
     /// Start the committer task; it ends when the last [`GroupCommit`]
     /// handle is dropped and every queued completion is sent.
+    /// Completions of entries `consumer` holds in `group` of `stream`;
+    /// `limit` is the backlog limit of the output work streams.
     pub fn start(
         queue: Arc<dyn Queue>,
         stream: String,
         group: String,
+        consumer: String,
         inbox_ttl: Duration,
-        maxlen: Option<u64>,
+        limit: Option<u64>,
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let target = Target {
             queue,
             stream,
             group,
+            consumer,
             inbox_ttl,
-            maxlen,
+            limit,
         };
         tokio::spawn(commit_loop(target, rx));
         Self { tx }
@@ -139,9 +144,10 @@ impl Target {
             .complete_batch(
                 &self.stream,
                 &self.group,
+                &self.consumer,
                 items,
                 self.inbox_ttl,
-                self.maxlen,
+                self.limit,
             )
             .await
     }
@@ -174,6 +180,7 @@ mod tests {
             q.clone(),
             input.clone(),
             "g".into(),
+            "c".into(),
             Duration::from_secs(60),
             None,
         ));
@@ -185,7 +192,7 @@ mod tests {
                 entry_id: e.id,
                 inbox_key: k.inbox(&format!("t{i}"), "s"),
                 outputs: vec![(to, fields([("n", i.to_string())]))],
-                expire: vec![],
+                ..Completing::default()
             };
             handles.push(tokio::spawn(async move { gc.complete(item).await }));
         }
@@ -255,6 +262,7 @@ mod tests {
             q.clone(),
             input.clone(),
             "g".into(),
+            "c".into(),
             Duration::from_secs(60),
             None,
         ));
@@ -266,7 +274,7 @@ mod tests {
                 entry_id: e.id,
                 inbox_key: k.inbox(&format!("t{i}"), "s"),
                 outputs: vec![(out, fields([("n", i.to_string())]))],
-                expire: vec![],
+                ..Completing::default()
             };
             handles.push(tokio::spawn(async move { gc.complete(item).await }));
         }
@@ -286,14 +294,20 @@ mod tests {
     #[tokio::test]
     async fn a_refused_completion_is_reported_to_its_caller() {
         let q: Arc<dyn Queue> = Arc::new(MemoryQueue::new());
-        let gc = GroupCommit::start(q, "s".into(), "g".into(), Duration::from_secs(1), None);
+        let gc = GroupCommit::start(
+            q,
+            "s".into(),
+            "g".into(),
+            "c".into(),
+            Duration::from_secs(1),
+            None,
+        );
         // An invalid id: the queue refuses, the caller hears it.
         let r = gc
             .complete(Completing {
                 entry_id: "nope".into(),
                 inbox_key: "k".into(),
-                outputs: vec![],
-                expire: vec![],
+                ..Completing::default()
             })
             .await;
         assert!(matches!(r, Err(QueueError::Invalid(_))), "{r:?}");

@@ -10,12 +10,17 @@
 //! - An entry is acked only by [`Queue::complete`] (with its outputs and its
 //!   inbox key, one atomic step; sent through the group commit,
 //!   [`super::commit`]) or by [`Queue::dead_letter`] (with its DLQ record,
-//!   one atomic step). A crash at any instant leaves it pending, and a live
-//!   engine claims it after `queue.visibilityTimeout`.
+//!   one atomic step), and each writes only if the entry is still pending
+//!   for this engine — so completion and dead-lettering exclude each
+//!   other. A crash at any instant leaves it pending, and a live engine
+//!   claims it after `queue.visibilityTimeout` (scanning the pending list
+//!   with a cursor, so none is starved behind live ones).
 //! - At most `concurrency` deliveries run at once. A delivery slot is freed
-//!   as soon as the agent answers, so the next entry is read while the
-//!   completion travels; entries held (delivering or completing) stay at
-//!   most twice `concurrency`.
+//!   as soon as the agent answers (or the entry backs off), so the next
+//!   entry is read while the completion travels; entries held (delivering,
+//!   completing or backing off) stay at most twice `concurrency`.
+//! - An unreachable agent is not a task failure: reads pause until it
+//!   answers, and no delivery is counted meanwhile.
 //! - A retried entry stays pending with us; after the backoff we re-claim it
 //!   by id ([`Queue::claim`]), which counts the delivery in Redis — so
 //!   `deadLetter.maxDeliveries` holds across crashes — and tells us if
@@ -38,12 +43,14 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::api::workflow::DegradedAction;
-use crate::queue::{Completing, Completion, Fields, Queue, QueueError, StreamEntry};
+use crate::queue::{Completing, Completion, DeadLetter, Fields, Queue, QueueError, StreamEntry};
 
 use super::commit::GroupCommit;
 use super::config::{Agent, WorkflowConfig};
 use super::degraded::{self, Downgrade};
-use super::delivery::{Delivery, DeliveryRequest, Outputs, RequestKind, child_traceparent};
+use super::delivery::{
+    Delivery, DeliveryError, DeliveryRequest, Outputs, RequestKind, child_traceparent,
+};
 use super::dlq::{DlqRecord, reason};
 use super::killswitch::{self, SwitchState};
 use super::stats::{Outcome, Stats};
@@ -193,6 +200,7 @@ impl AgentRole {
                 q.clone(),
                 stream.clone(),
                 group.clone(),
+                self.engine_id.clone(),
                 self.cfg.policy.idempotency_ttl,
                 self.cfg.max_len,
             ),
@@ -214,13 +222,31 @@ impl AgentRole {
             .clamp(Duration::from_millis(50), Duration::from_secs(5));
         let mut last_claim: Option<Instant> = None;
         let mut last_down_check: Option<Instant> = None;
+        let mut last_reap = Instant::now();
+        let mut cursor = String::from("0-0");
         let mut acked: Option<(u64, bool)> = None;
         let mut tasks: JoinSet<()> = JoinSet::new();
         loop {
             if *shutdown.borrow() {
                 break;
             }
-            while tasks.try_join_next().is_some() {}
+            while let Some(r) = tasks.try_join_next() {
+                self.joined(r);
+            }
+            if switch.has_changed().is_err() {
+                // The watcher ended (it panicked): never run blind — a new
+                // one starts from "unknown", which stops us until it reads.
+                tracing::error!(agent = %self.agent.name, "kill-switch watcher ended; restarting it");
+                switch = killswitch::watch(q.clone(), self.cfg.keys.clone());
+            }
+            if self.stats.agent_down() {
+                // Our agent cannot be reached: the entries we hold wait for
+                // it; read nothing new until it answers.
+                if wait_or_shutdown(&mut shutdown, AGENT_PROBE_MIN).await {
+                    break;
+                }
+                continue;
+            }
             let state = switch.borrow_and_update().clone();
             if last_down_check.is_none_or(|t| t.elapsed() >= killswitch::REREAD) {
                 last_down_check = Some(Instant::now());
@@ -255,16 +281,18 @@ impl AgentRole {
                 }
                 continue;
             }
-            // Wait for at least one free slot, then take what is free.
+            // Wait for at least one free slot, then take what is free. (A
+            // closed switch channel is seen at the top of the loop; wait a
+            // little instead of spinning on it.)
             let first = tokio::select! {
                 p = ctx.sem.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
                 _ = shutdown.changed() => continue,
-                _ = switch.changed() => continue,
+                r = switch.changed() => { if r.is_err() { tokio::time::sleep(AGENT_PROBE_MIN).await; } continue }
             };
             let first_held = tokio::select! {
                 p = ctx.held.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
                 _ = shutdown.changed() => continue,
-                _ = switch.changed() => continue,
+                r = switch.changed() => { if r.is_err() { tokio::time::sleep(AGENT_PROBE_MIN).await; } continue }
             };
             let mut permits = vec![(first, first_held)];
             while permits.len() < self.opts.batch {
@@ -279,26 +307,46 @@ impl AgentRole {
             let mut entries = Vec::new();
             if last_claim.is_none_or(|t| t.elapsed() >= claim_every) {
                 last_claim = Some(Instant::now());
-                match q
-                    .autoclaim(
-                        &stream,
-                        &group,
-                        &self.engine_id,
-                        self.cfg.visibility_timeout,
-                        permits.len(),
-                    )
-                    .await
-                {
-                    Ok(c) => {
-                        if !c.entries.is_empty() {
-                            tracing::info!(
-                                n = c.entries.len(),
-                                "claimed entries of a dead or slow consumer"
-                            );
+                // Go on from where the last scan stopped (entries behind many
+                // live pending ones are reached too); a few calls per round
+                // at most.
+                for _ in 0..CLAIM_CALLS {
+                    match q
+                        .autoclaim(
+                            &stream,
+                            &group,
+                            &self.engine_id,
+                            self.cfg.visibility_timeout,
+                            permits.len(),
+                            &cursor,
+                        )
+                        .await
+                    {
+                        Ok(c) => {
+                            if !c.entries.is_empty() {
+                                tracing::info!(
+                                    n = c.entries.len(),
+                                    "claimed entries of a dead or slow consumer"
+                                );
+                            }
+                            if !c.deleted.is_empty() {
+                                dead_letter_trimmed(&ctx, &c.deleted).await;
+                            }
+                            entries = c.entries;
+                            cursor = c.next;
                         }
-                        entries = c.entries;
+                        Err(e) => {
+                            tracing::warn!(error = %e, "autoclaim failed");
+                            cursor = "0-0".into();
+                        }
                     }
-                    Err(e) => tracing::warn!(error = %e, "autoclaim failed"),
+                    if cursor == "0-0" || !entries.is_empty() {
+                        break;
+                    }
+                }
+                if cursor == "0-0" && last_reap.elapsed() >= self.cfg.visibility_timeout * 4 {
+                    last_reap = Instant::now();
+                    self.reap_consumers(&stream, &group).await;
                 }
             }
             if entries.is_empty() {
@@ -337,7 +385,9 @@ impl AgentRole {
         }
         // Safe stop: no more reads; let in-flight tasks finish for a while.
         let drained = tokio::time::timeout(self.opts.drain, async {
-            while tasks.join_next().await.is_some() {}
+            while let Some(r) = tasks.join_next().await {
+                self.joined(r);
+            }
         })
         .await;
         if drained.is_err() {
@@ -353,6 +403,39 @@ impl AgentRole {
             .publish(q.as_ref(), &self.cfg.keys, Duration::from_secs(30))
             .await;
         Ok(())
+    }
+
+    /// A task handler ended: a panic is logged and counted, and the engine
+    /// stops being ready (its entry stays pending for another engine).
+    fn joined(&self, r: Result<(), tokio::task::JoinError>) {
+        if let Err(e) = r
+            && e.is_panic()
+        {
+            self.stats.panicked();
+            tracing::error!(agent = %self.agent.name, error = %e, "task handler panicked; its entry is left pending and this engine reports not ready");
+        }
+    }
+
+    /// Remove consumers of dead engines from the group: those idle for
+    /// four visibility timeouts with nothing pending (their entries have
+    /// been claimed), so the group does not grow one consumer per engine
+    /// ever started. Only an empty consumer is removed ([`Queue::remove_consumer`]).
+    async fn reap_consumers(&self, stream: &str, group: &str) {
+        let idle = self.cfg.visibility_timeout * 4;
+        let Ok(consumers) = self.queue.consumers(stream, group).await else {
+            return;
+        };
+        for c in consumers {
+            if c.name != self.engine_id && c.pending == 0 && c.idle >= idle {
+                match self.queue.remove_consumer(stream, group, &c.name).await {
+                    Ok(true) => {
+                        tracing::info!(consumer = %c.name, "removed the consumer of a gone engine")
+                    }
+                    Ok(false) => {}
+                    Err(e) => tracing::debug!(error = %e, "cannot remove a consumer"),
+                }
+            }
+        }
     }
 
     async fn refresh_downgrade(&self, state: &SwitchState, tx: &watch::Sender<Option<Downgrade>>) {
@@ -391,6 +474,10 @@ impl AgentRole {
     }
 }
 
+/// Most autoclaim calls per claim round (each scans at most ten times the
+/// free slots of pending entries).
+const CLAIM_CALLS: usize = 8;
+
 /// Sleep `d` unless shutdown comes first (then true).
 async fn wait_or_shutdown(shutdown: &mut watch::Receiver<bool>, d: Duration) -> bool {
     if *shutdown.borrow() {
@@ -421,26 +508,68 @@ pub(crate) async fn publish_stats(
     }
 }
 
-/// The life of one entry. `permit` is a delivery slot (`ctx.sem`), released as
-/// soon as the agent has answered so the next entry can be read while this
-/// one's completion is on its way to Redis; `held` (`ctx.held`) bounds the
-/// entries in this engine, and is kept until the entry is done or backs off.
+/// The slots an entry holds in its engine: a delivery slot (`ctx.sem`),
+/// released as soon as the agent has answered (so the next entry is read
+/// while this one's completion travels, and while it backs off), and its
+/// place among the entries the engine holds (`ctx.held`, at most twice the
+/// concurrency), kept until the entry is done or left pending.
+struct Slots {
+    permit: Option<OwnedSemaphorePermit>,
+    _held: OwnedSemaphorePermit,
+}
+
+/// A decoded entry that is ours to deliver.
+struct Step {
+    task: Task,
+    /// `(compensation, the rest of the chain)` for a compensation entry.
+    compensation: Option<(String, Vec<task::SagaStep>)>,
+    /// The step's inbox key.
+    inbox: String,
+}
+
+/// The life of one entry: [`decode`] → [`gate`] → [`deliver`] → [`settle`].
 async fn handle(
     ctx: Arc<Ctx>,
-    mut entry: StreamEntry,
+    entry: StreamEntry,
     permit: OwnedSemaphorePermit,
     held: OwnedSemaphorePermit,
 ) {
-    let mut held = Some(held);
     let started = Instant::now();
     let _in_flight = ctx.stats.in_flight();
-    let mut permit = Some(permit);
-    let mut task = match Task::decode(&entry.fields, ctx.cfg.max_payload_bytes) {
+    let mut slots = Slots {
+        permit: Some(permit),
+        _held: held,
+    };
+    let Some(step) = decode(&ctx, &entry, started).await else {
+        return;
+    };
+    let Some(round) = gate(&ctx, &entry, &step, started).await else {
+        return;
+    };
+    deliver(&ctx, entry, step, round, &mut slots, started).await;
+}
+
+/// Decode: is the entry a task, and ours?
+///
+/// Invariant: an entry that is not a task (malformed, oversized, unknown
+/// type, a step or compensation no agent has) is dead-lettered with its
+/// reason and its raw fields — never dropped, never retried; another
+/// agent's entry on a shared stream is acked for our group only. `None`
+/// when the entry has been settled here.
+async fn decode(ctx: &Ctx, entry: &StreamEntry, started: Instant) -> Option<Step> {
+    let task = match Task::decode(&entry.fields, ctx.cfg.max_payload_bytes) {
         Ok(t) => t,
         Err(rej) => {
-            let rec = record(
-                &ctx,
-                &entry,
+            // Keep whatever task id the raw entry carries, so the DLQ and the
+            // intake's status can name the task.
+            let raw_id = entry
+                .field(task::TASK_ID)
+                .and_then(|b| std::str::from_utf8(b).ok())
+                .filter(|id| task::valid_task_id(id))
+                .map(str::to_owned);
+            let mut rec = record(
+                ctx,
+                entry,
                 None,
                 rej.reason.as_str(),
                 &rej.to_string(),
@@ -448,8 +577,9 @@ async fn handle(
                 None,
                 false,
             );
-            dead_letter(&ctx, &entry, rec, None, started).await;
-            return;
+            rec.task_id = raw_id.unwrap_or_default();
+            dead_letter(ctx, entry, rec, None, started).await;
+            return None;
         }
     };
     if let Some(step) = task.step.as_deref()
@@ -457,7 +587,7 @@ async fn handle(
     {
         if ctx.cfg.agent(step).is_some() {
             // Another agent's entry on a shared stream: not ours to handle.
-            let _ = retry_queue(&ctx, || {
+            let _ = retry_queue(ctx, || {
                 ctx.queue.ack(
                     &ctx.stream,
                     &ctx.agent.name,
@@ -465,13 +595,14 @@ async fn handle(
                 )
             })
             .await;
+            tracing::debug!(task = %task.task_id, step = %ctx.agent.name, reason = "other-step", "skipped");
             ctx.stats
                 .record(Outcome::Skipped, started.elapsed(), Duration::ZERO);
         } else {
             let msg = format!("unknown step {step:?}");
             let rec = record(
-                &ctx,
-                &entry,
+                ctx,
+                entry,
                 Some(&task),
                 reason::UNKNOWN_STEP,
                 &msg,
@@ -479,9 +610,9 @@ async fn handle(
                 None,
                 false,
             );
-            dead_letter(&ctx, &entry, rec, None, started).await;
+            dead_letter(ctx, entry, rec, None, started).await;
         }
-        return;
+        return None;
     }
     let compensation = match &task.kind {
         Kind::Task => None,
@@ -492,8 +623,8 @@ async fn handle(
                     ctx.agent.name
                 );
                 let rec = record(
-                    &ctx,
-                    &entry,
+                    ctx,
+                    entry,
                     Some(&task),
                     reason::UNKNOWN_STEP,
                     &msg,
@@ -501,8 +632,8 @@ async fn handle(
                     None,
                     false,
                 );
-                dead_letter(&ctx, &entry, rec, None, started).await;
-                return;
+                dead_letter(ctx, entry, rec, None, started).await;
+                return None;
             }
             Some((compensation.clone(), rest.clone()))
         }
@@ -512,19 +643,53 @@ async fn handle(
         Some(_) => format!("compensate:{}", ctx.agent.name),
     };
     let inbox = ctx.cfg.keys.inbox(&task.task_id, &step_key);
-    // A redelivered entry may have completed already: ack without delivering.
-    if entry.delivery_count > 1
-        && let Ok(Some(_)) = ctx.queue.get(&inbox).await
-    {
-        if let Ok(Completion::AlreadyDone) = complete(&ctx, &entry, &inbox, vec![], vec![]).await {
-            ctx.stats
-                .record(Outcome::Duplicate, started.elapsed(), Duration::ZERO);
+    Some(Step {
+        task,
+        compensation,
+        inbox,
+    })
+}
+
+/// Gate: must the entry be delivered at all?
+///
+/// Invariant: a redelivered entry whose step another engine finished is
+/// acked only if its inbox key exists at that instant (one atomic step,
+/// [`Completing::only_if_done`]); degraded mode routes or fails tasks (not
+/// compensations); an entry past `maxDeliveries` is dead-lettered. Returns
+/// the attempts of this round made by engines that died with the entry, or
+/// `None` when the entry has been settled here.
+async fn gate(
+    ctx: &Ctx,
+    entry: &StreamEntry,
+    step: &Step,
+    started: Instant,
+) -> Option<Vec<Attempt>> {
+    let task = &step.task;
+    if entry.delivery_count > 1 {
+        let probe = Completing {
+            entry_id: entry.id.clone(),
+            inbox_key: step.inbox.clone(),
+            only_if_done: true,
+            ..Completing::default()
+        };
+        match retry_queue(ctx, || ctx.commit.complete(probe.clone())).await {
+            Ok(Completion::AlreadyDone) => {
+                tracing::debug!(task = %task.task_id, step = %ctx.agent.name, reason = "already-done", "acked");
+                ctx.stats
+                    .record(Outcome::Duplicate, started.elapsed(), Duration::ZERO);
+                return None;
+            }
+            Ok(Completion::NotPending) => return None,
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(task = %task.task_id, step = %ctx.agent.name, reason = "queue", error = %e, "left pending");
+                return None;
+            }
         }
-        return;
     }
     // Degraded mode applies to tasks, not to compensations.
     let downgrade = ctx.downgrade.borrow().clone();
-    if compensation.is_none()
+    if step.compensation.is_none()
         && let Some(d) = downgrade
     {
         match d.action {
@@ -534,41 +699,41 @@ async fn handle(
                 routed.step = None;
                 routed.traceparent = Some(child_traceparent(task.traceparent.as_deref()));
                 let out = vec![(ctx.cfg.keys.stream(&to), routed.encode())];
-                if let Ok(c) = complete(&ctx, &entry, &inbox, out, vec![]).await {
-                    let o = if c == Completion::AlreadyDone {
-                        Outcome::Duplicate
-                    } else {
-                        Outcome::Routed
+                if let Some(c) = complete(ctx, entry, &step.inbox, out, vec![]).await {
+                    let o = match c {
+                        Completion::AlreadyDone => Outcome::Duplicate,
+                        Completion::Published { .. } => {
+                            tracing::info!(task = %task.task_id, step = %ctx.agent.name, reason = "degraded-route", to = %to, "routed");
+                            Outcome::Routed
+                        }
+                        _ => return None,
                     };
                     ctx.stats.record(o, started.elapsed(), Duration::ZERO);
                 }
-                return;
+                return None;
             }
             DegradedAction::Fail => {
                 let msg = format!("required tools down: {}", d.tools.join(", "));
                 let tool = d.tools.first().cloned();
                 let rec = record(
-                    &ctx,
-                    &entry,
-                    Some(&task),
+                    ctx,
+                    entry,
+                    Some(task),
                     reason::DEGRADED,
                     &msg,
                     vec![],
                     tool,
                     true,
                 );
-                dead_letter(&ctx, &entry, rec, None, started).await;
-                return;
+                dead_letter(ctx, entry, rec, None, started).await;
+                return None;
             }
             // Pause: the loop stopped reading; an entry already read is delivered.
             DegradedAction::Pause => {}
         }
     }
-    let policy = &ctx.cfg.policy;
-    let hold = ctx.cfg.max_hold();
     let attempts_key = ctx.cfg.keys.attempts(&ctx.agent.name, &entry.id);
-    // Attempts of this round made by engines that died with the entry.
-    let mut round: Vec<Attempt> = if entry.delivery_count > 1 {
+    let round: Vec<Attempt> = if entry.delivery_count > 1 {
         match ctx.queue.get(&attempts_key).await {
             Ok(Some(b)) => serde_json::from_slice(&b).unwrap_or_default(),
             _ => Vec::new(),
@@ -576,12 +741,7 @@ async fn handle(
     } else {
         Vec::new()
     };
-    let history_of = |round: &[Attempt]| {
-        let mut h = task.history.clone();
-        h.extend_from_slice(round);
-        h
-    };
-    if entry.delivery_count > policy.max_deliveries {
+    if entry.delivery_count > ctx.cfg.policy.max_deliveries {
         let msg = round.last().map(|a| a.error.clone()).unwrap_or_else(|| {
             format!(
                 "delivered {} times without completing (engine crashes?)",
@@ -589,19 +749,56 @@ async fn handle(
             )
         });
         let tool = round.last().and_then(|a| a.tool.clone());
+        let mut history = task.history.clone();
+        history.extend(round);
         let rec = record(
-            &ctx,
-            &entry,
-            Some(&task),
+            ctx,
+            entry,
+            Some(task),
             reason::MAX_DELIVERIES,
             &msg,
-            history_of(&round),
+            history,
             tool,
             true,
         );
-        dead_letter(&ctx, &entry, rec, Some(&attempts_key), started).await;
-        return;
+        dead_letter(ctx, entry, rec, Some(&attempts_key), started).await;
+        return None;
     }
+    Some(round)
+}
+
+/// Deliver: attempt after attempt until the agent answers, the failure is
+/// permanent or the deliveries are spent.
+///
+/// Invariants: the agent being unreachable (its container restarting) is
+/// not the task's failure — the engine marks its agent down (reads pause,
+/// `/readyz` fails), keeps the entry (its idle time refreshed, no delivery
+/// counted) and delivers again once the agent answers. A retryable failure
+/// keeps the entry pending with us while it backs off (its `held` slot
+/// kept, its delivery slot released) and re-claims it by id, which counts
+/// the delivery in Redis, so `maxDeliveries` holds across crashes. One
+/// delivery or one backoff never exceeds half the visibility timeout.
+async fn deliver(
+    ctx: &Ctx,
+    mut entry: StreamEntry,
+    step: Step,
+    mut round: Vec<Attempt>,
+    slots: &mut Slots,
+    started: Instant,
+) {
+    let Step {
+        mut task,
+        compensation,
+        inbox,
+    } = step;
+    let policy = &ctx.cfg.policy;
+    let hold = ctx.cfg.max_hold();
+    let attempts_key = ctx.cfg.keys.attempts(&ctx.agent.name, &entry.id);
+    let history_of = |task: &Task, round: &[Attempt]| {
+        let mut h = task.history.clone();
+        h.extend_from_slice(round);
+        h
+    };
     let mut agent_time = Duration::ZERO;
     let traceparent = child_traceparent(task.traceparent.as_deref());
     // Built once for every attempt of this round; the payload moves into it
@@ -631,45 +828,39 @@ async fn handle(
         agent_time += t.elapsed();
         let err = match res {
             Ok(outputs) => {
-                drop(permit.take());
+                agent_answers(ctx);
+                drop(slots.permit.take());
                 let out = build_outputs(
-                    &ctx,
+                    ctx,
                     &task,
                     &req.payload,
                     outputs,
                     compensation.as_ref().map(|(_, r)| r.as_slice()),
                     &req.traceparent,
                 );
-                // A compensable step's saga-log record expires with its
-                // inbox key: after that the step is new work anyway.
-                let expire = match (&ctx.agent.compensate, &compensation) {
-                    (Some(_), None) => vec![ctx.cfg.keys.saga(&task.task_id)],
-                    _ => Vec::new(),
-                };
-                match complete(&ctx, &entry, &inbox, out, expire).await {
-                    Ok(c) => {
+                match settle(ctx, &entry, &task, &inbox, out, &compensation).await {
+                    Settled::Done(o) => {
                         if !round.is_empty() {
                             let _ = ctx.queue.del(std::slice::from_ref(&attempts_key)).await;
                         }
-                        if compensation.is_some() {
-                            ctx.stats.compensated();
+                        if let Some(o) = o {
+                            ctx.stats.record(o, started.elapsed(), agent_time);
                         }
-                        let o = if c == Completion::AlreadyDone {
-                            Outcome::Duplicate
-                        } else {
-                            Outcome::Completed
-                        };
-                        ctx.stats.record(o, started.elapsed(), agent_time);
+                        return;
                     }
-                    // Left pending: another engine redelivers after the
-                    // visibility timeout; the agent dedupes by key.
-                    Err(e) => {
-                        tracing::error!(error = %e, task = %task.task_id, "cannot complete; left pending")
-                    }
+                    Settled::Fail(e) => e,
                 }
-                return;
             }
-            Err(e) => e,
+            Err(e) if e.unreachable => {
+                if !wait_for_agent(ctx, &entry, &req, &e).await {
+                    return; // shutdown or lost the entry: left pending
+                }
+                continue;
+            }
+            Err(e) => {
+                agent_answers(ctx);
+                e
+            }
         };
         let last = err.permanent || entry.delivery_count >= policy.max_deliveries;
         ctx.stats.failed_attempt(!last);
@@ -689,25 +880,25 @@ async fn handle(
         });
         if last {
             let why = if err.permanent {
-                reason::PERMANENT
+                err_reason(&err)
             } else {
                 reason::MAX_DELIVERIES
             };
             let rec = record(
-                &ctx,
+                ctx,
                 &entry,
                 Some(&task),
                 why,
                 &err.to_string(),
-                history_of(&round),
+                history_of(&task, &round),
                 err.tool.clone(),
                 !err.permanent,
             );
-            dead_letter(&ctx, &entry, rec, Some(&attempts_key), started).await;
+            dead_letter(ctx, &entry, rec, Some(&attempts_key), started).await;
             return;
         }
         // Keep the history where a successor can find it, then back off
-        // without holding a concurrency slot.
+        // keeping our place among the held entries.
         let _ = ctx
             .queue
             .set(
@@ -716,15 +907,15 @@ async fn handle(
                 Some(policy.idempotency_ttl),
             )
             .await;
-        drop(permit.take());
-        drop(held.take());
+        drop(slots.permit.take());
         let retry_n = u32::try_from(round.len()).unwrap_or(u32::MAX);
         let delay = policy.backoff.delay(retry_n, ctx.jitter_draw()).min(hold);
+        tracing::debug!(task = %task.task_id, step = %ctx.agent.name, reason = "retry", attempt = entry.delivery_count, error = %err, delay_ms = delay.as_millis() as u64, "retrying");
         let mut shutdown = ctx.shutdown.clone();
         if wait_or_shutdown(&mut shutdown, delay).await {
             return; // left pending: checkpointed for redelivery
         }
-        permit = match ctx.sem.clone().acquire_owned().await {
+        slots.permit = match ctx.sem.clone().acquire_owned().await {
             Ok(p) => Some(p),
             Err(_) => return,
         };
@@ -742,23 +933,185 @@ async fn handle(
             // Acked or taken over meanwhile: not ours any more.
             Ok(_) => return,
             Err(e) => {
-                tracing::warn!(error = %e, "cannot re-claim for retry; left pending");
+                tracing::warn!(task = %task.task_id, step = %ctx.agent.name, reason = "queue", error = %e, "cannot re-claim for retry; left pending");
                 return;
             }
         }
         if entry.delivery_count > policy.max_deliveries {
             let rec = record(
-                &ctx,
+                ctx,
                 &entry,
                 Some(&task),
                 reason::MAX_DELIVERIES,
                 &err.to_string(),
-                history_of(&round),
+                history_of(&task, &round),
                 err.tool.clone(),
                 true,
             );
-            dead_letter(&ctx, &entry, rec, Some(&attempts_key), started).await;
+            dead_letter(ctx, &entry, rec, Some(&attempts_key), started).await;
             return;
+        }
+    }
+}
+
+/// The DLQ reason of a permanent failure.
+fn err_reason(err: &DeliveryError) -> &'static str {
+    if err.message.starts_with(OVERSIZED_PREFIX) {
+        reason::OVERSIZED_OUTPUT
+    } else {
+        reason::PERMANENT
+    }
+}
+
+const OVERSIZED_PREFIX: &str = "output larger than";
+
+/// The agent answered (anything at all): it is up.
+fn agent_answers(ctx: &Ctx) {
+    if ctx.stats.agent_down() && ctx.stats.set_agent_down(false) {
+        tracing::info!(agent = %ctx.agent.name, "agent answers again; reading resumes");
+    }
+}
+
+/// The agent could not be reached: mark it down (reads pause, `/readyz`
+/// fails) and wait, keeping the entry (idle time refreshed, no delivery
+/// counted), until it is worth trying again. `false` on shutdown or when
+/// the entry is no longer ours.
+async fn wait_for_agent(
+    ctx: &Ctx,
+    entry: &StreamEntry,
+    req: &DeliveryRequest,
+    err: &DeliveryError,
+) -> bool {
+    if ctx.stats.set_agent_down(true) {
+        tracing::warn!(agent = %ctx.agent.name, task = %req.task_id, error = %err, "agent unreachable; reads paused until it answers");
+    }
+    let mut shutdown = ctx.shutdown.clone();
+    let mut touched = Instant::now();
+    let mut wait = AGENT_PROBE_MIN;
+    loop {
+        if wait_or_shutdown(&mut shutdown, wait).await {
+            return false;
+        }
+        if touched.elapsed() >= ctx.cfg.max_hold() / 2 {
+            touched = Instant::now();
+            match ctx
+                .queue
+                .touch(
+                    &ctx.stream,
+                    &ctx.agent.name,
+                    &ctx.engine_id,
+                    std::slice::from_ref(&entry.id),
+                )
+                .await
+            {
+                Ok(ours) if ours.is_empty() => return false,
+                _ => {}
+            }
+        }
+        // Another entry's delivery found it up meanwhile, or it is time to
+        // probe again ourselves.
+        if !ctx.stats.agent_down() || wait >= AGENT_PROBE_MAX {
+            return true;
+        }
+        wait = (wait * 2).min(AGENT_PROBE_MAX);
+    }
+}
+
+/// Shortest and longest wait between deliveries to an unreachable agent.
+const AGENT_PROBE_MIN: Duration = Duration::from_millis(100);
+const AGENT_PROBE_MAX: Duration = Duration::from_secs(1);
+
+/// How a successful delivery ended.
+enum Settled {
+    /// Settled (with the outcome to count, if any).
+    Done(Option<Outcome>),
+    /// The step failed after all (an oversized output, downstream full for
+    /// too long): go on as for a failed delivery.
+    Fail(DeliveryError),
+}
+
+/// Settle: the agent answered; complete the step atomically.
+///
+/// Invariants: an output larger than the payload limit (the limit of every
+/// hop) fails the step for good (reason `oversized`), nothing is published;
+/// the outputs, the ack and the inbox key are one atomic step (through the
+/// group commit); while an output stream is at its backlog limit nothing is
+/// written and we wait, keeping the entry, for up to half the visibility
+/// timeout — then the step fails retryably.
+async fn settle(
+    ctx: &Ctx,
+    entry: &StreamEntry,
+    task: &Task,
+    inbox: &str,
+    out: Vec<(String, Fields)>,
+    compensation: &Option<(String, Vec<task::SagaStep>)>,
+) -> Settled {
+    let limit = ctx.cfg.max_payload_bytes;
+    if let Some(n) = out
+        .iter()
+        .filter_map(|(_, f)| f.iter().find(|(k, _)| k == task::PAYLOAD))
+        .map(|(_, v)| v.len())
+        .find(|n| *n > limit)
+    {
+        return Settled::Fail(DeliveryError::permanent(format!(
+            "{OVERSIZED_PREFIX} intake.maxPayloadBytes: {n} > {limit} bytes"
+        )));
+    }
+    // A compensable step's saga-log record expires with its inbox key:
+    // after that the step is new work anyway.
+    let expire = match (&ctx.agent.compensate, compensation) {
+        (Some(_), None) => vec![ctx.cfg.keys.saga(&task.task_id)],
+        _ => Vec::new(),
+    };
+    let give_up = Instant::now() + ctx.cfg.max_hold();
+    let mut wait = Duration::from_millis(50);
+    let mut touched = Instant::now();
+    loop {
+        let Some(c) = complete(ctx, entry, inbox, out.clone(), expire.clone()).await else {
+            return Settled::Done(None);
+        };
+        match c {
+            Completion::Published { .. } => {
+                if compensation.is_some() {
+                    ctx.stats.compensated();
+                }
+                tracing::debug!(task = %task.task_id, step = %ctx.agent.name, reason = "completed", "completed");
+                return Settled::Done(Some(Outcome::Completed));
+            }
+            Completion::AlreadyDone => {
+                tracing::debug!(task = %task.task_id, step = %ctx.agent.name, reason = "already-done", "acked");
+                return Settled::Done(Some(Outcome::Duplicate));
+            }
+            Completion::NotPending | Completion::NotDone => {
+                tracing::info!(task = %task.task_id, step = %ctx.agent.name, reason = "not-ours", "completion dropped: the entry was settled elsewhere");
+                return Settled::Done(None);
+            }
+            Completion::Full { stream } => {
+                ctx.stats.backpressure();
+                if Instant::now() + wait >= give_up {
+                    return Settled::Fail(DeliveryError::retryable(format!(
+                        "output stream {} is at queue.maxLen",
+                        stream.rsplit(':').next().unwrap_or(&stream)
+                    )));
+                }
+                let mut shutdown = ctx.shutdown.clone();
+                if wait_or_shutdown(&mut shutdown, wait).await {
+                    return Settled::Done(None); // left pending
+                }
+                wait = (wait * 2).min(Duration::from_secs(1));
+                if touched.elapsed() >= ctx.cfg.max_hold() / 4 {
+                    touched = Instant::now();
+                    let _ = ctx
+                        .queue
+                        .touch(
+                            &ctx.stream,
+                            &ctx.agent.name,
+                            &ctx.engine_id,
+                            std::slice::from_ref(&entry.id),
+                        )
+                        .await;
+                }
+            }
         }
     }
 }
@@ -835,23 +1188,34 @@ where
 }
 
 /// Complete `entry` through the group commit; `expire` are outputs that
-/// live as long as the inbox key (the task's saga log).
+/// live as long as the inbox key (the task's saga log). `None` when the
+/// queue could not be reached (the entry is left pending, logged).
 async fn complete(
     ctx: &Ctx,
     entry: &StreamEntry,
     inbox: &str,
     outputs: Vec<(String, Fields)>,
     expire: Vec<String>,
-) -> Result<Completion, QueueError> {
-    retry_queue(ctx, || {
+) -> Option<Completion> {
+    let res = retry_queue(ctx, || {
         ctx.commit.complete(Completing {
             entry_id: entry.id.clone(),
             inbox_key: inbox.to_owned(),
             outputs: outputs.clone(),
             expire: expire.clone(),
+            only_if_done: false,
         })
     })
-    .await
+    .await;
+    match res {
+        Ok(c) => Some(c),
+        // Left pending: another engine redelivers after the visibility
+        // timeout; the agent dedupes by key.
+        Err(e) => {
+            tracing::error!(entry = %entry.id, step = %ctx.agent.name, reason = "queue", error = %e, "cannot complete; left pending");
+            None
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -884,9 +1248,13 @@ fn record(
     }
 }
 
-/// Dead-letter an entry (atomically with its XACK). A task that failed for
-/// a reason replay cannot fix starts its saga compensations first (a crash
-/// in between starts them twice, which the inbox key absorbs).
+/// Dead-letter an entry: ONE atomic step ([`Queue::dead_letter`]) that,
+/// only if the entry is still pending for this engine, writes the DLQ
+/// record, the task's DLQ marker, its replay schedule (a replayable record
+/// with automatic replay) and — for a task that failed for a reason replay
+/// cannot fix — its first saga compensation, and acks the entry. So a task
+/// is either completed or dead-lettered, never both, and compensations
+/// start exactly when it is dead-lettered.
 async fn dead_letter(
     ctx: &Ctx,
     entry: &StreamEntry,
@@ -894,48 +1262,98 @@ async fn dead_letter(
     attempts_key: Option<&str>,
     started: Instant,
 ) {
-    if !rec.replayable && !rec.task_id.is_empty() && rec.reason != reason::UNKNOWN_STEP {
+    let valid_id = task::valid_task_id(&rec.task_id);
+    let compensation = if !rec.replayable && valid_id && rec.reason != reason::UNKNOWN_STEP {
         let tp = entry
             .field(task::TRACEPARENT)
             .and_then(|b| std::str::from_utf8(b).ok());
-        if let Err(e) =
-            saga::start(ctx.queue.as_ref(), &ctx.cfg, &rec.task_id, &rec.reason, tp).await
+        match saga::first_compensation(ctx.queue.as_ref(), &ctx.cfg, &rec.task_id, &rec.reason, tp)
+            .await
         {
-            tracing::error!(error = %e, "cannot start compensations; entry left pending");
-            return;
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(task = %rec.task_id, step = %rec.step, reason = %rec.reason, error = %e, "cannot read the saga log; entry left pending");
+                return;
+            }
         }
-    }
-    if !rec.task_id.is_empty() && task::valid_task_id(&rec.task_id) {
-        let _ = ctx
-            .queue
-            .set(
-                &ctx.cfg.keys.task_dlq(&rec.task_id),
+    } else {
+        None
+    };
+    let policy = &ctx.cfg.policy;
+    let d = DeadLetter {
+        entry_id: entry.id.clone(),
+        consumer: ctx.engine_id.clone(),
+        dlq: ctx.cfg.keys.dlq(),
+        record: rec.encode(),
+        also: compensation.into_iter().collect(),
+        marker: valid_id.then(|| {
+            (
+                ctx.cfg.keys.task_dlq(&rec.task_id),
                 Bytes::from(rec.reason.clone()),
-                Some(ctx.cfg.policy.idempotency_ttl),
             )
-            .await;
-    }
-    let fields = rec.encode();
-    let dlq = ctx.cfg.keys.dlq();
+        }),
+        marker_ttl: policy.idempotency_ttl,
+        schedule: (rec.replayable && policy.replay.automatic).then(|| {
+            (
+                ctx.cfg.keys.dlq_due(),
+                super::dlq::due_at(policy.replay.backoff, rec.dead_at_ms, rec.replays),
+            )
+        }),
+    };
     match retry_queue(ctx, || {
-        ctx.queue.dead_letter(
-            &ctx.stream,
-            &ctx.agent.name,
-            &entry.id,
-            &dlq,
-            fields.clone(),
-        )
+        ctx.queue
+            .dead_letter(&ctx.stream, &ctx.agent.name, d.clone())
     })
     .await
     {
-        Ok(_) => {
-            tracing::warn!(task = %rec.task_id, reason = %rec.reason, error = %rec.error, "dead-lettered");
+        Ok(Some(_)) => {
+            tracing::warn!(task = %rec.task_id, step = %rec.step, reason = %rec.reason, error = %rec.error, entry = %entry.id, deliveries = entry.delivery_count, "dead-lettered");
             ctx.stats
                 .record(Outcome::DeadLettered, started.elapsed(), Duration::ZERO);
             if let Some(k) = attempts_key {
                 let _ = ctx.queue.del(&[k.to_owned()]).await;
             }
         }
-        Err(e) => tracing::error!(error = %e, "cannot dead-letter; entry left pending"),
+        Ok(None) => {
+            tracing::info!(task = %rec.task_id, step = %rec.step, reason = "not-ours", "dead-lettering dropped: the entry was settled elsewhere");
+        }
+        Err(e) => {
+            tracing::error!(task = %rec.task_id, step = %rec.step, reason = %rec.reason, error = %e, "cannot dead-letter; entry left pending")
+        }
+    }
+}
+
+/// Dead-letter entries a claim found gone from the stream (only their ids
+/// are known): they were accepted, so they are accounted for, never
+/// silently dropped. The claim already removed them from the pending list,
+/// and exactly one claimer is told of each.
+async fn dead_letter_trimmed(ctx: &Ctx, ids: &[String]) {
+    for id in ids {
+        let rec = DlqRecord {
+            id: String::new(),
+            reason: reason::TRIMMED.into(),
+            error: format!("entry {id} was pending but is gone from its stream"),
+            task_id: String::new(),
+            step: ctx.agent.name.clone(),
+            source: ctx.agent.consumes.clone(),
+            entry_id: id.clone(),
+            deliveries: 0,
+            replays: 0,
+            replayable: false,
+            tool: None,
+            dead_at_ms: task::now_ms(),
+            engine: ctx.engine_id.clone(),
+            history: Vec::new(),
+            original: Vec::new(),
+        };
+        let dlq = ctx.cfg.keys.dlq();
+        match retry_queue(ctx, || ctx.queue.add(&dlq, rec.encode(), None)).await {
+            Ok(_) => {
+                tracing::error!(entry = %id, step = %ctx.agent.name, reason = reason::TRIMMED, "dead-lettered")
+            }
+            Err(e) => {
+                tracing::error!(entry = %id, step = %ctx.agent.name, reason = reason::TRIMMED, error = %e, "a trimmed entry could not be recorded")
+            }
+        }
     }
 }

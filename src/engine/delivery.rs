@@ -93,6 +93,10 @@ pub struct DeliveryError {
     pub message: String,
     /// The dependency that failed, if the agent named one.
     pub tool: Option<String>,
+    /// The agent itself could not be reached (connection refused or reset
+    /// before an answer): not the task's failure — the engine pauses and
+    /// waits for its agent instead of spending the task's deliveries.
+    pub unreachable: bool,
 }
 
 impl DeliveryError {
@@ -101,6 +105,15 @@ impl DeliveryError {
             permanent: false,
             message: message.into(),
             tool: None,
+            unreachable: false,
+        }
+    }
+
+    /// The agent could not be reached at all.
+    pub fn unreachable(message: impl Into<String>) -> Self {
+        Self {
+            unreachable: true,
+            ..Self::retryable(message)
         }
     }
 
@@ -109,6 +122,7 @@ impl DeliveryError {
             permanent: true,
             message: message.into(),
             tool: None,
+            unreachable: false,
         }
     }
 
@@ -186,10 +200,12 @@ impl HttpDelivery {
             .send()
             .await
             .map_err(|e| {
+                if e.is_connect() {
+                    // Nothing reached the agent: it is not running (yet).
+                    return DeliveryError::unreachable(format!("agent unreachable: {e}"));
+                }
                 let what = if e.is_timeout() {
                     "timeout"
-                } else if e.is_connect() {
-                    "connect error"
                 } else {
                     "request error"
                 };
@@ -225,6 +241,7 @@ impl HttpDelivery {
             permanent,
             message: format!("agent answered {}: {message}", status.as_u16()),
             tool: tool.or(body_tool),
+            unreachable: false,
         })
     }
 }

@@ -12,9 +12,18 @@
 //! `deadLetter.replay.maxReplays` times, then `DLQ → poison` with the full
 //! history. Replay and quarantine are each one atomic move
 //! ([`Queue::transfer`]): the entry leaves the DLQ exactly when it lands in
-//! the work stream (or the poison stream), and two replayers cannot both
-//! move it. A replayed task keeps its task id, so its inbox keys and the
-//! agents' idempotency keys dedupe anything that had in fact completed.
+//! the work stream (or the poison stream), two replayers cannot both move
+//! it, and what goes with the move happens in the same step — a replay
+//! clears the task's DLQ marker and its replay schedule, a quarantine starts
+//! the task's saga compensations. A replayed task keeps its task id, so its
+//! inbox keys and the agents' idempotency keys dedupe anything that had in
+//! fact completed; it is replayed to the step that failed (`step`), so on a
+//! stream several agents read only that agent takes it again.
+//!
+//! The DLQ and the poison stream are trimmed by `deadLetter.retention`
+//! ([`trim_retention`]); replayable records are scheduled for the repair
+//! role in a sorted set of due times (`Keys::dlq_due`), so a repair pass
+//! reads only what is due, never the whole DLQ.
 //!
 //! Record fields: `reason`, `error`, `task_id`, `step`, `source` (stream
 //! name), `entry_id` (in the source), `deliveries`, `replays`, `replayable`
@@ -25,7 +34,7 @@
 
 use bytes::Bytes;
 
-use crate::queue::{Fields, Keys, Queue, QueueError, StreamEntry};
+use crate::queue::{Fields, Keys, Queue, QueueError, StreamEntry, Transfer};
 
 use super::task::{self, Attempt};
 
@@ -39,6 +48,35 @@ pub mod reason {
     pub const MAX_DELIVERIES: &str = "max_deliveries";
     /// `degradedMode.action: Fail` while a required tool was down.
     pub const DEGRADED: &str = "degraded";
+    /// The entry was pending but is gone from its stream (deleted by hand,
+    /// or lost by a Redis without persistence): only its id is known.
+    pub const TRIMMED: &str = "trimmed";
+    /// The agent's output is larger than `intake.maxPayloadBytes`, the
+    /// limit of every hop: the producing step fails for good.
+    pub const OVERSIZED_OUTPUT: &str = "oversized";
+}
+
+/// The DLQ or the poison stream of a workflow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Store {
+    Dlq,
+    Poison,
+}
+
+impl Store {
+    pub fn key(self, keys: &Keys) -> String {
+        match self {
+            Store::Dlq => keys.dlq(),
+            Store::Poison => keys.poison(),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Store::Dlq => "DLQ",
+            Store::Poison => "poison",
+        }
+    }
 }
 
 /// A decoded DLQ record.
@@ -106,11 +144,28 @@ impl DlqRecord {
                 .map(|b| String::from_utf8_lossy(b).into_owned())
                 .unwrap_or_default()
         };
+        let original: Fields = e
+            .fields
+            .iter()
+            .filter_map(|(k, v)| k.strip_prefix("f:").map(|k| (k.to_owned(), v.clone())))
+            .collect();
+        // A record written for an entry that could not be decoded may lack
+        // the task id; the raw entry may still carry a readable one.
+        let mut task_id = s("task_id");
+        if task_id.is_empty()
+            && let Some(raw) = original
+                .iter()
+                .find(|(k, _)| k == "task_id")
+                .and_then(|(_, v)| std::str::from_utf8(v).ok())
+                .filter(|id| task::valid_task_id(id))
+        {
+            task_id = raw.to_owned();
+        }
         Self {
             id: e.id.clone(),
             reason: s("reason"),
             error: s("error"),
-            task_id: s("task_id"),
+            task_id,
             step: s("step"),
             source: s("source"),
             entry_id: s("entry_id"),
@@ -126,11 +181,7 @@ impl DlqRecord {
                 .field("history")
                 .and_then(|b| serde_json::from_slice(b).ok())
                 .unwrap_or_default(),
-            original: e
-                .fields
-                .iter()
-                .filter_map(|(k, v)| k.strip_prefix("f:").map(|k| (k.to_owned(), v.clone())))
-                .collect(),
+            original,
         }
     }
 
@@ -140,14 +191,20 @@ impl DlqRecord {
     }
 
     /// The entry to put back on the source stream: the original fields
-    /// with `replays` bumped and the full history carried along.
+    /// with `replays` bumped, the full history carried along, and `step`
+    /// set to the agent that failed it (so on a stream several agents read,
+    /// only that one takes it again).
     pub fn replay_fields(&self) -> Fields {
         let mut f: Fields = self
             .original
             .iter()
             .filter(|(k, _)| k != task::REPLAYS && k != task::HISTORY)
+            .filter(|(k, _)| k != task::STEP || self.step.is_empty())
             .cloned()
             .collect();
+        if !self.step.is_empty() {
+            f.push((task::STEP.into(), Bytes::from(self.step.clone())));
+        }
         f.push((
             task::REPLAYS.into(),
             Bytes::from((self.replays + 1).to_string()),
@@ -162,53 +219,77 @@ impl DlqRecord {
     }
 }
 
-/// Up to `count` records (0: all), oldest first.
-pub async fn list(q: &dyn Queue, keys: &Keys, count: usize) -> Result<Vec<DlqRecord>, QueueError> {
-    Ok(q.range(&keys.dlq(), "-", "+", count)
+/// Up to `count` records (0: all) of `store`, oldest first.
+pub async fn list(
+    q: &dyn Queue,
+    keys: &Keys,
+    store: Store,
+    count: usize,
+) -> Result<Vec<DlqRecord>, QueueError> {
+    Ok(q.range(&store.key(keys), "-", "+", count)
         .await?
         .iter()
         .map(DlqRecord::decode)
         .collect())
 }
 
-/// One record by DLQ id.
-pub async fn show(q: &dyn Queue, keys: &Keys, id: &str) -> Result<Option<DlqRecord>, QueueError> {
+/// One record by id.
+pub async fn show(
+    q: &dyn Queue,
+    keys: &Keys,
+    store: Store,
+    id: &str,
+) -> Result<Option<DlqRecord>, QueueError> {
     crate::queue::EntryId::parse(id)?;
-    Ok(q.range(&keys.dlq(), id, id, 1)
+    Ok(q.range(&store.key(keys), id, id, 1)
         .await?
         .first()
         .map(DlqRecord::decode))
 }
 
-/// Replay: move the record back to its source stream (atomically, see the
-/// module docs). `None` if it was no longer in the DLQ.
+/// Replay: move the record from `store` back to its source stream,
+/// atomically with clearing the task's DLQ marker and its replay schedule
+/// (see the module docs). `None` if it was no longer there; refused with
+/// [`QueueError::Full`] while the source stream is at `limit`.
 pub async fn replay(
     q: &dyn Queue,
     keys: &Keys,
+    store: Store,
     record: &DlqRecord,
-    maxlen: Option<u64>,
+    limit: Option<u64>,
 ) -> Result<Option<String>, QueueError> {
     if record.source.is_empty() || record.original.is_empty() {
         return Err(QueueError::Invalid(format!(
-            "DLQ entry {} has no source stream or original fields to replay",
+            "{} entry {} has no source stream or original fields to replay",
+            store.name(),
             record.id
         )));
     }
-    q.transfer(
-        &keys.dlq(),
-        &record.id,
-        &keys.stream(&record.source),
-        record.replay_fields(),
-        maxlen,
-    )
+    let mut del = Vec::new();
+    if task::valid_task_id(&record.task_id) {
+        del.push(keys.task_dlq(&record.task_id));
+    }
+    q.transfer(Transfer {
+        from: store.key(keys),
+        id: record.id.clone(),
+        to: keys.stream(&record.source),
+        fields: record.replay_fields(),
+        limit,
+        also: Vec::new(),
+        del,
+        unschedule: Some((keys.dlq_due(), record.id.clone())),
+    })
     .await
 }
 
-/// Quarantine: move the record, with its full history, to the poison stream.
+/// Quarantine: move the record, with its full history, to the poison
+/// stream; `compensation` (the task's first saga compensation) is added in
+/// the same step, so compensations start exactly when the move happens.
 pub async fn quarantine(
     q: &dyn Queue,
     keys: &Keys,
     record: &DlqRecord,
+    compensation: Option<(String, Fields)>,
 ) -> Result<Option<String>, QueueError> {
     let mut f = record.encode();
     f.push((
@@ -216,23 +297,59 @@ pub async fn quarantine(
         Bytes::from(task::now_ms().to_string()),
     ));
     f.push(("dlq_id".into(), Bytes::from(record.id.clone())));
-    q.transfer(&keys.dlq(), &record.id, &keys.poison(), f, None)
-        .await
+    q.transfer(Transfer {
+        from: keys.dlq(),
+        id: record.id.clone(),
+        to: keys.poison(),
+        fields: f,
+        limit: None,
+        also: compensation.into_iter().collect(),
+        del: Vec::new(),
+        unschedule: Some((keys.dlq_due(), record.id.clone())),
+    })
+    .await
 }
 
-/// Delete every record; returns how many there were.
-pub async fn purge(q: &dyn Queue, keys: &Keys) -> Result<u64, QueueError> {
+/// When replay number `replays` of a record written at `dead_at_ms` is due
+/// (`deadLetter.replay.backoff * 2^replays` later).
+pub fn due_at(replay_backoff: std::time::Duration, dead_at_ms: u64, replays: u32) -> u64 {
+    let wait = replay_backoff * 2u32.saturating_pow(replays.min(20));
+    dead_at_ms.saturating_add(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Delete every record of `store`; returns how many there were.
+pub async fn purge(q: &dyn Queue, keys: &Keys, store: Store) -> Result<u64, QueueError> {
+    let key = store.key(keys);
     let ids: Vec<String> = q
-        .range(&keys.dlq(), "-", "+", 0)
+        .range(&key, "-", "+", 0)
         .await?
         .into_iter()
         .map(|e| e.id)
         .collect();
     let mut n = 0;
     for chunk in ids.chunks(500) {
-        n += q.delete(&keys.dlq(), chunk).await?;
+        n += q.delete(&key, chunk).await?;
+        if store == Store::Dlq {
+            for id in chunk {
+                q.unschedule(&keys.dlq_due(), id).await?;
+            }
+        }
     }
     Ok(n)
+}
+
+/// Drop DLQ and poison records older than `retention`; returns how many.
+pub async fn trim_retention(
+    q: &dyn Queue,
+    keys: &Keys,
+    retention: std::time::Duration,
+) -> Result<u64, QueueError> {
+    let ms = u64::try_from(retention.as_millis()).unwrap_or(u64::MAX);
+    let before = task::now_ms().saturating_sub(ms);
+    if before == 0 {
+        return Ok(0);
+    }
+    Ok(q.trim_older(&keys.dlq(), before).await? + q.trim_older(&keys.poison(), before).await?)
 }
 
 #[cfg(test)]
@@ -267,7 +384,7 @@ mod tests {
             ],
         };
         let id = q.add(&keys.dlq(), rec.encode(), None).await.unwrap();
-        let got = show(&q, &keys, &id).await.unwrap().unwrap();
+        let got = show(&q, &keys, Store::Dlq, &id).await.unwrap().unwrap();
         assert_eq!(
             got,
             DlqRecord {
@@ -275,10 +392,13 @@ mod tests {
                 ..rec.clone()
             }
         );
-        let moved = replay(&q, &keys, &got, None).await.unwrap();
+        let moved = replay(&q, &keys, Store::Dlq, &got, None).await.unwrap();
         assert!(moved.is_some());
         assert!(
-            replay(&q, &keys, &got, None).await.unwrap().is_none(),
+            replay(&q, &keys, Store::Dlq, &got, None)
+                .await
+                .unwrap()
+                .is_none(),
             "once"
         );
         let back = q.range(&keys.stream("code"), "-", "+", 0).await.unwrap();
@@ -293,8 +413,8 @@ mod tests {
         q.add(&keys.dlq(), fields([("reason", "y")]), None)
             .await
             .unwrap();
-        assert_eq!(list(&q, &keys, 0).await.unwrap().len(), 2);
-        assert_eq!(purge(&q, &keys).await.unwrap(), 2);
+        assert_eq!(list(&q, &keys, Store::Dlq, 0).await.unwrap().len(), 2);
+        assert_eq!(purge(&q, &keys, Store::Dlq).await.unwrap(), 2);
         assert_eq!(q.len(&keys.dlq()).await.unwrap(), 0);
     }
 }

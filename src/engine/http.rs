@@ -49,7 +49,7 @@ pub fn router(health: Health) -> Router {
 }
 
 async fn readyz(State(h): State<Health>) -> impl IntoResponse {
-    if h.ready.load(Ordering::Relaxed) {
+    if h.ready.load(Ordering::Relaxed) && h.stats.ready() {
         (StatusCode::OK, "ready\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")

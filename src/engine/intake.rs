@@ -5,7 +5,11 @@
 //!   header: the same key always yields the same task id and one stream
 //!   entry ([`Queue::submit_idempotent`], kept for `idempotency.ttl`).
 //!   Answers `202 {"task_id", "duplicate"}`, or `400`/`413` with
-//!   `{"error": "<one line>"}`, or `503` when the queue is unreachable.
+//!   `{"error": "<one line>"}`, `422` when the key was used before with
+//!   another payload (Stripe's rule; nothing is enqueued), `429` with
+//!   `Retry-After` when the entry stream's backlog is at `queue.maxLen`
+//!   (backpressure: nothing accepted is ever dropped, so the intake says no
+//!   instead), or `503` when the queue is unreachable.
 //! - `POST /v1/tasks:batch`: body `{"tasks": [{"payload": {...},
 //!   "idempotency_key"?: "..."}, ...]}`, 1..=[`MAX_BATCH`] tasks, at most
 //!   [`MAX_BATCH_BODY`] bytes, each payload within the payload limit. The
@@ -39,7 +43,7 @@ use tokio::time::Instant;
 
 use serde_json::value::RawValue;
 
-use crate::queue::{Queue, Submission};
+use crate::queue::{Queue, QueueError, Submission};
 
 use super::config::WorkflowConfig;
 use super::delivery::{child_traceparent, random_uuid};
@@ -122,16 +126,23 @@ impl Intake {
         t.submitted_ms = Some(task::now_ms());
         match idempotency_key {
             Some(key) => {
+                let one = Submission {
+                    idem_key: Some(self.cfg.keys.idem(key)),
+                    fingerprint: Some(fingerprint(&payload)),
+                    task_id: random_uuid().to_string(),
+                    fields: t.encode_with_payload(false, payload),
+                };
                 let s = self
                     .queue
-                    .submit_idempotent(
-                        &self.cfg.keys.idem(key),
-                        self.cfg.policy.idempotency_ttl,
+                    .submit_batch(
                         &stream,
-                        t.encode_with_payload(false, payload),
+                        self.cfg.policy.idempotency_ttl,
+                        vec![one],
                         self.cfg.max_len,
                     )
-                    .await?;
+                    .await?
+                    .pop()
+                    .ok_or_else(|| QueueError::Protocol("empty submit reply".into()))?;
                 let created = s.created();
                 Ok((s.task_id, created))
             }
@@ -167,6 +178,10 @@ impl Intake {
                 t.submitted_ms = Some(now);
                 Submission {
                     idem_key: bt.idempotency_key.as_deref().map(|k| self.cfg.keys.idem(k)),
+                    fingerprint: bt
+                        .idempotency_key
+                        .as_ref()
+                        .map(|_| fingerprint(&bt.payload)),
                     task_id: random_uuid().to_string(),
                     fields: t.encode_with_payload(false, bt.payload),
                 }
@@ -231,6 +246,64 @@ fn error(status: StatusCode, msg: impl Into<String>) -> Response {
     (status, Json(json!({"error": msg.into()}))).into_response()
 }
 
+/// The digest an idempotency key is bound with: a resend with the same key
+/// and another payload is refused (`422`), not answered with another
+/// task's id.
+/// The JSON is canonicalised first (parsed and written back with sorted
+/// keys and no spaces), so a resend that formats the same payload
+/// differently is still the same request.
+fn fingerprint(payload: &[u8]) -> String {
+    use sha2::Digest;
+    let canonical = serde_json::from_slice::<serde_json::Value>(payload)
+        .ok()
+        .and_then(|v| serde_json::to_vec(&v).ok());
+    let bytes = canonical.as_deref().unwrap_or(payload);
+    hex::encode(&sha2::Sha256::digest(bytes)[..16])
+}
+
+/// Seconds a client is asked to wait when the backlog is full.
+const RETRY_AFTER_SECS: u64 = 1;
+
+/// The answer to a queue refusal or failure. `batch`: name the task of a
+/// batch a conflict is about.
+fn refusal(e: QueueError, batch: bool) -> Response {
+    match e {
+        QueueError::Full {
+            stream,
+            backlog,
+            limit,
+        } => {
+            let name = stream.rsplit(':').next().unwrap_or(&stream).to_owned();
+            let mut r = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "queue.maxLen: stream {name:?} holds {backlog} unfinished tasks (limit {limit}); retry later"
+                ),
+            );
+            r.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(RETRY_AFTER_SECS),
+            );
+            r
+        }
+        QueueError::Conflict { index, task_id } => {
+            let what = if batch {
+                format!("tasks[{index}].idempotency_key")
+            } else {
+                "Idempotency-Key".to_owned()
+            };
+            error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("{what}: already used for another payload (task {task_id})"),
+            )
+        }
+        e => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("queue unavailable: {e}"),
+        ),
+    }
+}
+
 async fn submit(State(intake): State<Arc<Intake>>, headers: HeaderMap, body: Body) -> Response {
     let started = Instant::now();
     let limit = intake.cfg.max_payload_bytes;
@@ -264,7 +337,7 @@ async fn submit(State(intake): State<Arc<Intake>>, headers: HeaderMap, body: Bod
         },
     };
     let tp = headers.get("traceparent").and_then(|v| v.to_str().ok());
-    match queue_call(intake.submit_raw(bytes, key, tp)).await {
+    match queue_call(intake.submit_raw(bytes, key, tp), false).await {
         Ok((task_id, created)) => {
             let took = started.elapsed();
             (
@@ -278,16 +351,14 @@ async fn submit(State(intake): State<Arc<Intake>>, headers: HeaderMap, body: Bod
 }
 
 /// A queue call of a request handler, bounded by [`QUEUE_DEADLINE`]; a
-/// failure is the `503` to answer.
+/// failure is the answer to give ([`refusal`]).
 async fn queue_call<T>(
     fut: impl Future<Output = Result<T, crate::queue::QueueError>>,
+    batch: bool,
 ) -> Result<T, Response> {
     match tokio::time::timeout(QUEUE_DEADLINE, fut).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("queue unavailable: {e}"),
-        )),
+        Ok(Err(e)) => Err(refusal(e, batch)),
         Err(_) => Err(error(
             StatusCode::SERVICE_UNAVAILABLE,
             "queue unavailable: timeout",
@@ -382,7 +453,7 @@ async fn submit_batch(
         Err((status, msg)) => return error(status, msg),
     };
     let tp = headers.get("traceparent").and_then(|v| v.to_str().ok());
-    match queue_call(intake.submit_batch(tasks, tp)).await {
+    match queue_call(intake.submit_batch(tasks, tp), true).await {
         Ok(done) => {
             let per_task = started.elapsed() / u32::try_from(done.len()).unwrap_or(1).max(1);
             let answer: Vec<_> = done

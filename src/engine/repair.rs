@@ -10,10 +10,16 @@
 //! - its dependency is healthy: the record names no tool, or that tool is
 //!   neither killed nor has an open published breaker.
 //!
-//! A record that already used `maxReplays` replays is moved to the poison
-//! stream with its full history instead, and its saga compensations start.
-//! Replay and quarantine are [`super::dlq::replay`] / [`super::dlq::quarantine`]:
-//! one atomic move each, so concurrent repairers never double-replay.
+//! The consumer schedules every replayable record, in the same atomic step
+//! that writes it, in the sorted set `Keys::dlq_due` at its due time; a
+//! pass reads only what is due (at most [`PASS`] records), never the whole
+//! DLQ. A due record whose dependency is still down is rescheduled one
+//! interval later. A record that already used `maxReplays` replays is moved
+//! to the poison stream with its full history instead, and its saga
+//! compensations start in the same step. Replay and quarantine are
+//! [`super::dlq::replay`] / [`super::dlq::quarantine`]: one atomic move
+//! each, so concurrent repairers never double-replay. Each pass also trims
+//! the DLQ and the poison stream by `deadLetter.retention`.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -21,13 +27,16 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::queue::Queue;
+use crate::queue::{Queue, QueueError};
 
 use super::breakers::BreakerStates;
 use super::config::WorkflowConfig;
-use super::dlq::{self, DlqRecord};
+use super::dlq::{self, Store};
 use super::stats::Stats;
 use super::{EngineError, killswitch, saga, task};
+
+/// Most due records one pass looks at.
+pub const PASS: usize = 500;
 
 /// What one pass did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -93,66 +102,71 @@ impl RepairRole {
         Ok(())
     }
 
-    /// One look at the whole DLQ.
+    /// One look at the records that are due.
     pub async fn pass(&self) -> Result<PassReport, EngineError> {
         let mut report = PassReport::default();
+        let q = self.queue.as_ref();
+        let keys = &self.cfg.keys;
+        if let Err(e) = dlq::trim_retention(q, keys, self.cfg.policy.retention).await {
+            tracing::warn!(error = %e, "cannot trim the DLQ by retention");
+        }
         let replay = self.cfg.policy.replay;
         if !replay.automatic {
             return Ok(report);
         }
-        let q = self.queue.as_ref();
-        let keys = &self.cfg.keys;
         let switches = killswitch::read(q, keys).await?;
         let mut down: BTreeSet<String> = switches.tools;
         down.extend(self.cfg.spec_killed_tools());
         down.extend(BreakerStates::new(q, keys).open_tools().await?);
         let now = task::now_ms();
-        let mut start = "-".to_owned();
-        loop {
-            let page = q.range(&keys.dlq(), &start, "+", 500).await?;
-            let Some(last) = page.last() else { break };
-            start = format!("({}", last.id);
-            let n = page.len();
-            for e in &page {
-                let rec = DlqRecord::decode(e);
-                if !rec.replayable {
-                    continue;
+        let later = now.saturating_add(u64::try_from(self.interval.as_millis()).unwrap_or(0));
+        for id in q.due(&keys.dlq_due(), now, PASS).await? {
+            let Some(rec) = dlq::show(q, keys, Store::Dlq, &id).await? else {
+                // Replayed by hand, purged or trimmed by retention.
+                q.unschedule(&keys.dlq_due(), &id).await?;
+                continue;
+            };
+            if !rec.replayable {
+                q.unschedule(&keys.dlq_due(), &id).await?;
+                continue;
+            }
+            if rec.replays >= replay.max_replays {
+                let tp = rec
+                    .original
+                    .iter()
+                    .find(|(k, _)| k == task::TRACEPARENT)
+                    .and_then(|(_, v)| std::str::from_utf8(v).ok());
+                let comp = if rec.task_id.is_empty() {
+                    None
+                } else {
+                    saga::first_compensation(q, &self.cfg, &rec.task_id, "poison", tp).await?
+                };
+                if dlq::quarantine(q, keys, &rec, comp).await?.is_some() {
+                    self.stats.quarantined();
+                    tracing::warn!(task = %rec.task_id, step = %rec.step, reason = "poison", replays = rec.replays, "quarantined as poison");
+                    report.quarantined += 1;
                 }
-                if rec.replays >= replay.max_replays {
-                    if dlq::quarantine(q, keys, &rec).await?.is_some() {
-                        self.stats.quarantined();
-                        tracing::warn!(task = %rec.task_id, replays = rec.replays, "quarantined as poison");
-                        if !rec.task_id.is_empty() {
-                            let tp = rec
-                                .original
-                                .iter()
-                                .find(|(k, _)| k == task::TRACEPARENT)
-                                .and_then(|(_, v)| std::str::from_utf8(v).ok());
-                            saga::start(q, &self.cfg, &rec.task_id, "poison", tp).await?;
-                        }
-                        report.quarantined += 1;
-                    }
-                    continue;
-                }
-                let wait = replay.backoff * 2u32.saturating_pow(rec.replays.min(20));
-                let due = rec
-                    .dead_at_ms
-                    .saturating_add(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX));
-                let healthy = rec.tool.as_ref().is_none_or(|t| !down.contains(t));
-                if now < due || !healthy {
-                    report.waiting += 1;
-                    continue;
-                }
-                if dlq::replay(q, keys, &rec, self.cfg.max_len)
-                    .await?
-                    .is_some()
-                {
+                continue;
+            }
+            let healthy = rec.tool.as_ref().is_none_or(|t| !down.contains(t));
+            if !healthy {
+                q.schedule(&keys.dlq_due(), &id, later).await?;
+                report.waiting += 1;
+                continue;
+            }
+            match dlq::replay(q, keys, Store::Dlq, &rec, self.cfg.max_len).await {
+                Ok(Some(_)) => {
                     self.stats.replayed();
+                    tracing::info!(task = %rec.task_id, step = %rec.step, reason = %rec.reason, replays = rec.replays + 1, "replayed from the DLQ");
                     report.replayed += 1;
                 }
-            }
-            if n < 500 {
-                break;
+                Ok(None) => {}
+                // The work stream is at its backlog limit: try again later.
+                Err(QueueError::Full { .. }) => {
+                    q.schedule(&keys.dlq_due(), &id, later).await?;
+                    report.waiting += 1;
+                }
+                Err(e) => return Err(e.into()),
             }
         }
         Ok(report)

@@ -10,16 +10,17 @@
 //! with them instead of piling up one stream per task.
 //!
 //! When the task cannot complete (dead-lettered for a permanent reason, or
-//! quarantined as poison), [`start`] reads the log, reverses it, and puts
-//! ONE compensation entry (`type=compensate`, `step=<agent>`, `saga=<the
-//! rest>`) on the input stream of the newest step's agent. That agent's
+//! quarantined as poison), [`first_compensation`] reads the log, reverses
+//! it, and builds ONE compensation entry (`type=compensate`, `step=<agent>`,
+//! `saga=<the rest>`) for the input stream of the newest step's agent; the
+//! caller adds it in the same atomic step as the move that decides the
+//! task's fate (the dead-lettering, the quarantine), so compensations start
+//! if and only if that move happened. That agent's
 //! consumer delivers it with the idempotency key `<task-id>:compensate:<step>`
 //! and, in the same atomic completion that acks it, publishes the next
 //! compensation to the next agent. So compensations run strictly in reverse
 //! order, each at most once per inbox key, and a crash anywhere resumes the
-//! chain where it stopped. `start` itself may run twice (a crash between it
-//! and the dead-letter): the duplicate first entry is absorbed by the inbox
-//! key and the agent's idempotency key.
+//! chain where it stopped.
 
 use bytes::Bytes;
 
@@ -89,19 +90,23 @@ pub fn compensation_entry(
     Some((cfg.keys.stream(&agent.consumes), t.encode()))
 }
 
-/// Start compensating a task that cannot complete. Returns how many
-/// compensations are due.
-pub async fn start(
+/// The entry that starts compensating a task that cannot complete, to be
+/// added atomically with the move that decides so (`None`: no completed
+/// compensable step).
+pub async fn first_compensation(
     q: &dyn Queue,
     cfg: &WorkflowConfig,
     task_id: &str,
     reason: &str,
     traceparent: Option<&str>,
-) -> Result<usize, QueueError> {
+) -> Result<Option<(String, Fields)>, QueueError> {
     let mut chain = log(q, cfg, task_id).await?;
     chain.reverse();
-    if let Some((stream, fields)) = compensation_entry(cfg, task_id, &chain, reason, traceparent) {
-        q.add(&stream, fields, cfg.max_len).await?;
-    }
-    Ok(chain.len())
+    Ok(compensation_entry(
+        cfg,
+        task_id,
+        &chain,
+        reason,
+        traceparent,
+    ))
 }

@@ -135,6 +135,13 @@ pub struct Stats {
     c_duration: OnceLock<prometheus::Histogram>,
     c_retries: OnceLock<IntCounter>,
     c_in_flight: OnceLock<IntGauge>,
+    /// The agent container could not be reached (its breaker is open).
+    agent_down: std::sync::atomic::AtomicBool,
+    /// Task handlers that panicked: the engine is not ready after one.
+    panics: AtomicU64,
+    m_agent_up: IntGauge,
+    m_panics: IntCounter,
+    m_backpressure: IntCounter,
 }
 
 impl std::fmt::Debug for Stats {
@@ -193,8 +200,27 @@ impl Stats {
             &["outcome"],
         )
         .expect("static metric definition");
+        let m_agent_up = IntGauge::new(
+            "r4_engine_agent_up",
+            "1 while the agent container answers, 0 while it cannot be reached (reads paused)",
+        )
+        .expect("static metric definition");
+        m_agent_up.set(1);
+        let m_panics = IntCounter::new(
+            "r4_engine_task_panics_total",
+            "Task handlers that panicked (the engine reports not ready after one)",
+        )
+        .expect("static metric definition");
+        let m_backpressure = IntCounter::new(
+            "r4_engine_backpressure_total",
+            "Completions held back because an output stream was at its backlog limit",
+        )
+        .expect("static metric definition");
         for c in [
-            Box::new(m_tasks.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(m_agent_up.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(m_panics.clone()),
+            Box::new(m_backpressure.clone()),
+            Box::new(m_tasks.clone()),
             Box::new(m_duration.clone()),
             Box::new(m_retries.clone()),
             Box::new(m_in_flight.clone()),
@@ -230,7 +256,45 @@ impl Stats {
             c_duration: OnceLock::new(),
             c_retries: OnceLock::new(),
             c_in_flight: OnceLock::new(),
+            agent_down: std::sync::atomic::AtomicBool::new(false),
+            panics: AtomicU64::new(0),
+            m_agent_up,
+            m_panics,
+            m_backpressure,
         }
+    }
+
+    /// The agent container's reachability changed; returns whether this
+    /// call changed it (so the caller logs the transition once).
+    pub fn set_agent_down(&self, down: bool) -> bool {
+        let was = self.agent_down.swap(down, Ordering::Relaxed);
+        self.m_agent_up.set(if down { 0 } else { 1 });
+        was != down
+    }
+
+    pub fn agent_down(&self) -> bool {
+        self.agent_down.load(Ordering::Relaxed)
+    }
+
+    /// A task handler panicked.
+    pub fn panicked(&self) {
+        self.panics.fetch_add(1, Ordering::Relaxed);
+        self.m_panics.inc();
+    }
+
+    pub fn panics(&self) -> u64 {
+        self.panics.load(Ordering::Relaxed)
+    }
+
+    /// A completion waited for room in a full output stream.
+    pub fn backpressure(&self) {
+        self.m_backpressure.inc();
+    }
+
+    /// Whether the role can do its work: its agent answers and no task
+    /// handler has panicked (`/readyz`).
+    pub fn ready(&self) -> bool {
+        !self.agent_down() && self.panics() == 0
     }
 
     fn agent_label(&self) -> &str {

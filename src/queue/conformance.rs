@@ -133,12 +133,12 @@ pub async fn delivery_count_increases_on_redelivery(q: Q) {
     let id = q.add(&s, f("x"), None).await.unwrap();
     let first = q.read_group(&s, "g", "c1", 1, ZERO).await.unwrap();
     assert_eq!(first[0].delivery_count, 1);
-    let c2 = q.autoclaim(&s, "g", "c2", ZERO, 10).await.unwrap();
+    let c2 = q.autoclaim(&s, "g", "c2", ZERO, 10, "0-0").await.unwrap();
     assert_eq!(c2.entries.len(), 1);
     assert_eq!(c2.entries[0].id, id);
     assert_eq!(c2.entries[0].delivery_count, 2);
     assert_eq!(val(&c2.entries[0]), "x");
-    let c3 = q.autoclaim(&s, "g", "c3", ZERO, 10).await.unwrap();
+    let c3 = q.autoclaim(&s, "g", "c3", ZERO, 10, "0-0").await.unwrap();
     assert_eq!(c3.entries[0].delivery_count, 3);
     let p = q.pending_summary(&s, "g").await.unwrap();
     assert_eq!(p.consumers, vec![("c3".to_owned(), 1)]);
@@ -157,7 +157,10 @@ pub async fn autoclaim_respects_min_idle(q: Q) {
         2
     );
     let min_idle = Duration::from_millis(300);
-    let none = q.autoclaim(&s, "g", "rescuer", min_idle, 10).await.unwrap();
+    let none = q
+        .autoclaim(&s, "g", "rescuer", min_idle, 10, "0-0")
+        .await
+        .unwrap();
     assert!(none.entries.is_empty(), "{none:?}");
     tokio::time::sleep(Duration::from_millis(400)).await;
     // Fresh delivery: not idle long enough.
@@ -165,7 +168,10 @@ pub async fn autoclaim_respects_min_idle(q: Q) {
         q.read_group(&s, "g", "live", 1, ZERO).await.unwrap().len(),
         1
     );
-    let got = q.autoclaim(&s, "g", "rescuer", min_idle, 10).await.unwrap();
+    let got = q
+        .autoclaim(&s, "g", "rescuer", min_idle, 10, "0-0")
+        .await
+        .unwrap();
     assert_eq!(got.entries.iter().map(val).collect::<Vec<_>>(), ["0", "1"]);
     assert!(got.entries.iter().all(|e| e.delivery_count == 2));
     assert!(got.deleted.is_empty());
@@ -187,7 +193,7 @@ pub async fn autoclaim_reports_deleted_entries(q: Q) {
         2
     );
     assert_eq!(q.delete(&s, std::slice::from_ref(&id)).await.unwrap(), 1);
-    let got = q.autoclaim(&s, "g", "r", ZERO, 10).await.unwrap();
+    let got = q.autoclaim(&s, "g", "r", ZERO, 10, "0-0").await.unwrap();
     assert_eq!(got.deleted, vec![id]);
     assert_eq!(got.entries.iter().map(val).collect::<Vec<_>>(), ["kept"]);
     assert_eq!(q.pending_summary(&s, "g").await.unwrap().count, 1);
@@ -204,7 +210,10 @@ pub async fn complete_is_atomic_and_idempotent(q: Q) {
         .unwrap()
         .remove(0);
     // The slow consumer looks dead; another takes the entry over.
-    let claimed = q.autoclaim(&input, "g", "fast", ZERO, 1).await.unwrap();
+    let claimed = q
+        .autoclaim(&input, "g", "fast", ZERO, 1, "0-0")
+        .await
+        .unwrap();
     assert_eq!(claimed.entries[0].id, e.id);
     let inbox = k.inbox("t1", "step1");
     let outputs = vec![(out_a.clone(), f("A")), (out_b.clone(), f("B"))];
@@ -212,6 +221,7 @@ pub async fn complete_is_atomic_and_idempotent(q: Q) {
         .complete(
             &input,
             "g",
+            "fast",
             &e.id,
             &inbox,
             HOUR,
@@ -234,12 +244,13 @@ pub async fn complete_is_atomic_and_idempotent(q: Q) {
     );
     assert_eq!(q.pending_summary(&input, "g").await.unwrap().count, 0);
     assert!(q.get(&inbox).await.unwrap().is_some());
-    // The slow consumer wakes up and completes the same step: nothing is
-    // published a second time.
+    // The slow consumer wakes up and completes the same step: the entry is
+    // not its own any more, nothing is written a second time.
     let again = q
         .complete(
             &input,
             "g",
+            "slow",
             &e.id,
             &inbox,
             HOUR,
@@ -248,7 +259,7 @@ pub async fn complete_is_atomic_and_idempotent(q: Q) {
         )
         .await
         .unwrap();
-    assert_eq!(again, Completion::AlreadyDone);
+    assert_eq!(again, Completion::NotPending);
     assert_eq!(q.len(&out_a).await.unwrap(), 1);
     assert_eq!(q.len(&out_b).await.unwrap(), 1);
     // A duplicate delivery of the same step (a second entry for it) is
@@ -260,7 +271,7 @@ pub async fn complete_is_atomic_and_idempotent(q: Q) {
         .unwrap()
         .remove(0);
     let r = q
-        .complete(&input, "g", &dup.id, &inbox, HOUR, outputs, Some(1000))
+        .complete(&input, "g", "c", &dup.id, &inbox, HOUR, outputs, Some(1000))
         .await
         .unwrap();
     assert_eq!(r, Completion::AlreadyDone);
@@ -275,7 +286,7 @@ pub async fn complete_is_atomic_and_idempotent(q: Q) {
         .remove(0);
     let inbox2 = k.inbox("t2", "sink");
     let r = q
-        .complete(&input, "g", &sink.id, &inbox2, HOUR, vec![], None)
+        .complete(&input, "g", "c", &sink.id, &inbox2, HOUR, vec![], None)
         .await
         .unwrap();
     assert_eq!(r, Completion::Published { output_ids: vec![] });
@@ -300,6 +311,7 @@ pub async fn complete_failure_changes_nothing(q: Q) {
         .complete(
             &input,
             "g",
+            "c",
             &e.id,
             &inbox,
             HOUR,
@@ -327,7 +339,7 @@ fn completing(
         entry_id: id.to_owned(),
         inbox_key: k.inbox(task, "s"),
         outputs,
-        expire: vec![],
+        ..super::Completing::default()
     }
 }
 
@@ -347,6 +359,7 @@ pub async fn complete_batch_group_commit(q: Q) {
         .complete_batch(
             &input,
             "g",
+            "c",
             vec![
                 completing(&k, &e[0].id, "t1", vec![(out.clone(), f("A"))]),
                 completing(&k, &e[1].id, "t2", vec![(out.clone(), f("B"))]),
@@ -376,7 +389,7 @@ pub async fn complete_batch_group_commit(q: Q) {
         "all acked"
     );
     assert!(
-        q.complete_batch(&input, "g", vec![], HOUR, None)
+        q.complete_batch(&input, "g", "c", vec![], HOUR, None)
             .await
             .unwrap()
             .is_empty()
@@ -396,9 +409,16 @@ pub async fn complete_batch_expires_what_it_is_told(q: Q) {
         vec![(out.clone(), f("A")), (log.clone(), f("step"))],
     );
     item.expire = vec![log.clone()];
-    q.complete_batch(&input, "g", vec![item], Duration::from_millis(300), None)
-        .await
-        .unwrap();
+    q.complete_batch(
+        &input,
+        "g",
+        "c",
+        vec![item],
+        Duration::from_millis(300),
+        None,
+    )
+    .await
+    .unwrap();
     assert_eq!(q.len(&log).await.unwrap(), 1);
     let deadline = Instant::now() + Duration::from_secs(5);
     while q.len(&log).await.unwrap() > 0 {
@@ -428,6 +448,7 @@ pub async fn complete_batch_is_all_or_nothing(q: Q) {
         .complete_batch(
             &input,
             "g",
+            "c",
             vec![
                 completing(&k, &e[0].id, "t1", vec![(out.clone(), f("A"))]),
                 completing(&k, &e[1].id, "t2", vec![(bad.clone(), f("B"))]),
@@ -461,9 +482,10 @@ pub async fn dead_letter_is_atomic(q: Q) {
         ("reason", "too many deliveries".to_owned()),
     ]);
     let dlq_id = q
-        .dead_letter(&input, "g", &e.id, &dlq, record)
+        .dead_letter(&input, "g", dl(&e.id, "c", &dlq, record))
         .await
-        .unwrap();
+        .unwrap()
+        .expect("pending for c");
     assert_eq!(q.pending_summary(&input, "g").await.unwrap().count, 0);
     let listed = q.rev_range(&dlq, "+", "-", 10).await.unwrap();
     assert_eq!(listed.len(), 1);
@@ -482,11 +504,21 @@ pub async fn dead_letter_is_atomic(q: Q) {
     let bad = k.poison();
     q.set(&bad, Bytes::from("x"), None).await.unwrap();
     let err = q
-        .dead_letter(&input, "g", &e2.id, &bad, f("r"))
+        .dead_letter(&input, "g", dl(&e2.id, "c", &bad, f("r")))
         .await
         .unwrap_err();
     assert!(matches!(err, QueueError::WrongType(_)), "{err:?}");
     assert_eq!(q.pending_summary(&input, "g").await.unwrap().count, 1);
+}
+
+fn dl(id: &str, consumer: &str, dlq: &str, record: super::Fields) -> super::DeadLetter {
+    super::DeadLetter {
+        entry_id: id.to_owned(),
+        consumer: consumer.to_owned(),
+        dlq: dlq.to_owned(),
+        record,
+        ..super::DeadLetter::default()
+    }
 }
 
 pub async fn submit_idempotent_dedups(q: Q) {
@@ -525,6 +557,7 @@ pub async fn submit_idempotent_dedups(q: Q) {
 fn sub(k: &Keys, key: Option<&str>, id: &str, v: &str) -> super::Submission {
     super::Submission {
         idem_key: key.map(|key| k.idem(key)),
+        fingerprint: None,
         task_id: id.into(),
         fields: f(v),
     }
@@ -645,26 +678,412 @@ pub async fn concurrent_submits_create_one_task(q: Q) {
     assert_eq!(q.len(&s).await.unwrap(), 1);
 }
 
-pub async fn maxlen_trims(q: Q) {
+pub async fn limit_refuses_and_never_drops_unacked(q: Q) {
     let k = keys();
     let s = k.stream("in");
-    let mut last = String::new();
-    for i in 0..600 {
-        last = q.add(&s, f(&i.to_string()), Some(10)).await.unwrap();
+    q.ensure_group(&s, "g").await.unwrap();
+    for i in 0..10 {
+        q.add(&s, f(&i.to_string()), Some(10)).await.unwrap();
     }
-    let len = q.len(&s).await.unwrap();
-    // `MAXLEN ~` keeps at least 10; Redis trims whole nodes (100 entries),
-    // so a few more may stay.
-    assert!((10..=210).contains(&len), "len {len}");
-    let newest = q.rev_range(&s, "+", "-", 1).await.unwrap();
-    assert_eq!(newest[0].id, last);
-    assert_eq!(val(&newest[0]), "599");
-    // Without maxlen nothing is trimmed.
-    let s2 = k.stream("untrimmed");
+    // Full: refused, nothing written, nothing trimmed (no group acked yet).
+    let err = q.add(&s, f("10"), Some(10)).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            QueueError::Full {
+                backlog: 10,
+                limit: 10,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(q.len(&s).await.unwrap(), 10);
+    // Read 5, ack 3: exactly 3 entries are finished for every group.
+    let got = q.read_group(&s, "g", "c", 5, ZERO).await.unwrap();
+    let acked: Vec<String> = got[..3].iter().map(|e| e.id.clone()).collect();
+    q.ack(&s, "g", &acked).await.unwrap();
+    for i in 10..13 {
+        q.add(&s, f(&i.to_string()), Some(10)).await.unwrap();
+    }
+    assert!(matches!(
+        q.add(&s, f("13"), Some(10)).await,
+        Err(QueueError::Full { .. })
+    ));
+    // Every entry not acked is still there, in order.
+    let left: Vec<String> = q
+        .range(&s, "-", "+", 0)
+        .await
+        .unwrap()
+        .iter()
+        .map(val)
+        .collect();
+    assert_eq!(left, (3..13).map(|i| i.to_string()).collect::<Vec<_>>());
+    // A second group that has read nothing holds everything it has not read.
+    let s2 = k.stream("two-groups");
+    q.ensure_group(&s2, "a").await.unwrap();
+    q.ensure_group(&s2, "b").await.unwrap();
+    for i in 0..4 {
+        q.add(&s2, f(&i.to_string()), Some(4)).await.unwrap();
+    }
+    let all: Vec<String> = q
+        .read_group(&s2, "a", "c", 0, ZERO)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    q.ack(&s2, "a", &all).await.unwrap();
+    assert!(matches!(
+        q.add(&s2, f("4"), Some(4)).await,
+        Err(QueueError::Full { .. })
+    ));
+    assert_eq!(
+        q.read_group(&s2, "b", "c", 0, ZERO).await.unwrap().len(),
+        4,
+        "group b still gets every entry"
+    );
+    // A stream nobody reads is never trimmed.
+    let s3 = k.stream("no-group");
+    for i in 0..3 {
+        q.add(&s3, f(&i.to_string()), Some(3)).await.unwrap();
+    }
+    assert!(q.add(&s3, f("x"), Some(3)).await.is_err());
+    assert_eq!(q.len(&s3).await.unwrap(), 3);
+    // Without a limit nothing is refused.
     for i in 0..150 {
-        q.add(&s2, f(&i.to_string()), None).await.unwrap();
+        q.add(&s3, f(&i.to_string()), None).await.unwrap();
     }
-    assert_eq!(q.len(&s2).await.unwrap(), 150);
+    assert_eq!(q.len(&s3).await.unwrap(), 153);
+}
+
+pub async fn submit_batch_respects_the_limit(q: Q) {
+    let k = keys();
+    let s = k.stream("intake");
+    q.ensure_group(&s, "g").await.unwrap();
+    let items = |from: usize, n: usize| -> Vec<super::Submission> {
+        (from..from + n)
+            .map(|i| sub(&k, Some(&format!("k{i}")), &format!("t{i}"), "p"))
+            .collect()
+    };
+    q.submit_batch(&s, HOUR, items(0, 8), Some(10))
+        .await
+        .unwrap();
+    // 3 new ones do not fit: the whole batch is refused, nothing written.
+    let err = q
+        .submit_batch(&s, HOUR, items(8, 3), Some(10))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, QueueError::Full { backlog: 8, .. }),
+        "{err:?}"
+    );
+    assert_eq!(q.len(&s).await.unwrap(), 8);
+    assert_eq!(q.get(&k.idem("k8")).await.unwrap(), None);
+    // Resending already-applied tasks adds nothing, so it is not refused.
+    let again = q
+        .submit_batch(&s, HOUR, items(0, 8), Some(8))
+        .await
+        .unwrap();
+    assert!(again.iter().all(|d| !d.created()));
+}
+
+pub async fn submit_fingerprint_conflict(q: Q) {
+    let k = keys();
+    let s = k.stream("intake");
+    let with = |key: &str, fp: &str, id: &str| super::Submission {
+        fingerprint: Some(fp.into()),
+        ..sub(&k, Some(key), id, "p")
+    };
+    let a = q
+        .submit_batch(&s, HOUR, vec![with("k", "aaa", "t1")], None)
+        .await
+        .unwrap();
+    assert!(a[0].created());
+    let same = q
+        .submit_batch(&s, HOUR, vec![with("k", "aaa", "t2")], None)
+        .await
+        .unwrap();
+    assert_eq!((same[0].task_id.as_str(), same[0].created()), ("t1", false));
+    let err = q
+        .submit_batch(
+            &s,
+            HOUR,
+            vec![with("new", "x", "t3"), with("k", "bbb", "t4")],
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, QueueError::Conflict { index: 1, ref task_id } if task_id == "t1"),
+        "{err:?}"
+    );
+    assert_eq!(q.len(&s).await.unwrap(), 1, "nothing of the batch written");
+    assert_eq!(q.get(&k.idem("new")).await.unwrap(), None);
+    // Within one batch, too.
+    let err = q
+        .submit_batch(
+            &s,
+            HOUR,
+            vec![with("n2", "x", "t5"), with("n2", "y", "t6")],
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, QueueError::Conflict { index: 1, .. }),
+        "{err:?}"
+    );
+}
+
+pub async fn complete_waits_for_room_downstream(q: Q) {
+    let k = keys();
+    let (input, out) = (k.stream("in"), k.stream("out"));
+    q.ensure_group(&input, "g").await.unwrap();
+    q.ensure_group(&out, "next").await.unwrap();
+    q.add(&input, f("task"), None).await.unwrap();
+    q.add(&out, f("backlog"), None).await.unwrap();
+    let e = q.read_group(&input, "g", "c", 1, ZERO).await.unwrap();
+    let item = completing(&k, &e[0].id, "t1", vec![(out.clone(), f("A"))]);
+    let done = q
+        .complete_batch(&input, "g", "c", vec![item.clone()], HOUR, Some(1))
+        .await
+        .unwrap();
+    assert_eq!(
+        done,
+        [Completion::Full {
+            stream: out.clone()
+        }]
+    );
+    assert_eq!(q.len(&out).await.unwrap(), 1);
+    assert_eq!(q.pending_summary(&input, "g").await.unwrap().count, 1);
+    assert_eq!(q.get(&k.inbox("t1", "s")).await.unwrap(), None);
+    // The next agent finishes its entry: now there is room.
+    let o = q.read_group(&out, "next", "c", 1, ZERO).await.unwrap();
+    q.ack(&out, "next", &[o[0].id.clone()]).await.unwrap();
+    let done = q
+        .complete_batch(&input, "g", "c", vec![item], HOUR, Some(1))
+        .await
+        .unwrap();
+    assert!(matches!(&done[0], Completion::Published { .. }), "{done:?}");
+    assert_eq!(q.pending_summary(&input, "g").await.unwrap().count, 0);
+}
+
+pub async fn complete_and_dead_letter_exclude_each_other(q: Q) {
+    let k = keys();
+    let (input, out, dlq) = (k.stream("in"), k.stream("out"), k.dlq());
+    q.ensure_group(&input, "g").await.unwrap();
+    q.add(&input, f("a"), None).await.unwrap();
+    let e = q.read_group(&input, "g", "slow", 1, ZERO).await.unwrap();
+    let id = e[0].id.clone();
+    // A peer claims it (the slow engine looked dead) and dead-letters it.
+    q.autoclaim(&input, "g", "peer", ZERO, 10, "0-0")
+        .await
+        .unwrap();
+    let moved = q
+        .dead_letter(&input, "g", dl(&id, "peer", &dlq, f("dead")))
+        .await
+        .unwrap();
+    assert!(moved.is_some());
+    // The slow engine completes it after all: nothing is written.
+    let late = q
+        .complete_batch(
+            &input,
+            "g",
+            "slow",
+            vec![completing(&k, &id, "t1", vec![(out.clone(), f("A"))])],
+            HOUR,
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(late, [Completion::NotPending]);
+    assert_eq!(q.len(&out).await.unwrap(), 0);
+    assert_eq!(q.get(&k.inbox("t1", "s")).await.unwrap(), None);
+    // A resent dead-lettering (its reply was lost) writes no second record.
+    let again = q
+        .dead_letter(&input, "g", dl(&id, "peer", &dlq, f("dead")))
+        .await
+        .unwrap();
+    assert_eq!(again, None);
+    assert_eq!(q.len(&dlq).await.unwrap(), 1);
+    // The other order: completed first, then a late dead-lettering.
+    q.add(&input, f("b"), None).await.unwrap();
+    let e = q.read_group(&input, "g", "c", 1, ZERO).await.unwrap();
+    let done = q
+        .complete_batch(
+            &input,
+            "g",
+            "c",
+            vec![completing(&k, &e[0].id, "t2", vec![])],
+            HOUR,
+            None,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(done[0], Completion::Published { .. }));
+    let late = q
+        .dead_letter(&input, "g", dl(&e[0].id, "c", &dlq, f("dead")))
+        .await
+        .unwrap();
+    assert_eq!(late, None);
+    assert_eq!(q.len(&dlq).await.unwrap(), 1);
+    // `only_if_done` acks only when the inbox key exists.
+    q.add(&input, f("c"), None).await.unwrap();
+    let e = q.read_group(&input, "g", "c", 1, ZERO).await.unwrap();
+    let mut probe = completing(&k, &e[0].id, "t3", vec![(out.clone(), f("X"))]);
+    probe.only_if_done = true;
+    let r = q
+        .complete_batch(&input, "g", "c", vec![probe.clone()], HOUR, None)
+        .await
+        .unwrap();
+    assert_eq!(r, [Completion::NotDone]);
+    assert_eq!(q.pending_summary(&input, "g").await.unwrap().count, 1);
+    q.set(&k.inbox("t3", "s"), Bytes::from("x"), None)
+        .await
+        .unwrap();
+    let r = q
+        .complete_batch(&input, "g", "c", vec![probe], HOUR, None)
+        .await
+        .unwrap();
+    assert_eq!(r, [Completion::AlreadyDone]);
+    assert_eq!(q.len(&out).await.unwrap(), 0);
+}
+
+pub async fn dead_letter_writes_what_goes_with_it(q: Q) {
+    let k = keys();
+    let (input, comp, dlq) = (k.stream("in"), k.stream("comp"), k.dlq());
+    q.ensure_group(&input, "g").await.unwrap();
+    q.add(&input, f("a"), None).await.unwrap();
+    let e = q.read_group(&input, "g", "c", 1, ZERO).await.unwrap();
+    let mut d = dl(&e[0].id, "c", &dlq, f("dead"));
+    d.also = vec![(comp.clone(), f("undo"))];
+    d.marker = Some((k.task_dlq("t1"), Bytes::from("permanent")));
+    d.marker_ttl = HOUR;
+    d.schedule = Some((k.dlq_due(), 1234));
+    let id = q.dead_letter(&input, "g", d).await.unwrap().unwrap();
+    assert_eq!(q.len(&comp).await.unwrap(), 1);
+    assert_eq!(
+        q.get(&k.task_dlq("t1")).await.unwrap(),
+        Some(Bytes::from("permanent"))
+    );
+    assert!(q.due(&k.dlq_due(), 1233, 10).await.unwrap().is_empty());
+    assert_eq!(
+        q.due(&k.dlq_due(), 1234, 10).await.unwrap(),
+        std::slice::from_ref(&id)
+    );
+    // Replay: the marker and the schedule go with the move.
+    let back = q
+        .transfer(super::Transfer {
+            from: dlq.clone(),
+            id: id.clone(),
+            to: input.clone(),
+            fields: f("again"),
+            limit: None,
+            also: vec![],
+            del: vec![k.task_dlq("t1")],
+            unschedule: Some((k.dlq_due(), id.clone())),
+        })
+        .await
+        .unwrap();
+    assert!(back.is_some());
+    assert_eq!(q.get(&k.task_dlq("t1")).await.unwrap(), None);
+    assert!(q.due(&k.dlq_due(), u64::MAX, 10).await.unwrap().is_empty());
+    q.schedule(&k.dlq_due(), "x", 5).await.unwrap();
+    q.schedule(&k.dlq_due(), "y", 3).await.unwrap();
+    assert_eq!(q.due(&k.dlq_due(), 10, 10).await.unwrap(), ["y", "x"]);
+    q.unschedule(&k.dlq_due(), "y").await.unwrap();
+    assert_eq!(q.due(&k.dlq_due(), 10, 10).await.unwrap(), ["x"]);
+}
+
+pub async fn autoclaim_cursor_reaches_entries_behind_live_ones(q: Q) {
+    let k = keys();
+    let s = k.stream("in");
+    q.ensure_group(&s, "g").await.unwrap();
+    for i in 0..1200 {
+        q.add(&s, f(&i.to_string()), None).await.unwrap();
+    }
+    // The first 700 are held by a live engine, the last 500 by a dead one.
+    let live: Vec<String> = q
+        .read_group(&s, "g", "live", 700, ZERO)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    let dead = q.read_group(&s, "g", "dead", 500, ZERO).await.unwrap();
+    assert_eq!((live.len(), dead.len()), (700, 500));
+    let min_idle = Duration::from_millis(300);
+    // Establish idle time (this is the condition under test, not a wait).
+    tokio::time::sleep(min_idle + Duration::from_millis(50)).await;
+    let still = q.touch(&s, "g", "live", &live).await.unwrap();
+    assert_eq!(still.len(), 700, "touch keeps the live engine's entries");
+    // From 0-0 every call scans only live entries: nothing comes back.
+    let first = q
+        .autoclaim(&s, "g", "rescuer", min_idle, 10, "0-0")
+        .await
+        .unwrap();
+    assert!(first.entries.is_empty(), "{}", first.entries.len());
+    assert_ne!(first.next, "0-0");
+    // Following the cursor reaches every dead entry.
+    let mut cursor = first.next;
+    let mut claimed = 0;
+    for _ in 0..200 {
+        let c = q
+            .autoclaim(&s, "g", "rescuer", min_idle, 10, &cursor)
+            .await
+            .unwrap();
+        claimed += c.entries.len();
+        cursor = c.next;
+        if cursor == "0-0" {
+            break;
+        }
+    }
+    assert_eq!(claimed, 500);
+    let p = q.pending_summary(&s, "g").await.unwrap();
+    assert_eq!(
+        p.consumers,
+        vec![("live".to_owned(), 700), ("rescuer".to_owned(), 500)]
+    );
+    // Touching does not count a delivery and does not steal.
+    assert!(q.touch(&s, "g", "other", &live).await.unwrap().is_empty());
+    let again = q.claim(&s, "g", "live", &live[..1]).await.unwrap();
+    assert_eq!(again[0].delivery_count, 2);
+    // An engine with nothing pending can be removed; one holding entries not.
+    assert!(!q.remove_consumer(&s, "g", "live").await.unwrap());
+    assert!(q.remove_consumer(&s, "g", "dead").await.unwrap());
+    let names: Vec<String> = q
+        .consumers(&s, "g")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.name)
+        .collect();
+    assert_eq!(names, ["live", "rescuer"]);
+}
+
+pub async fn trim_older_drops_by_time(q: Q) {
+    let k = keys();
+    let s = k.dlq();
+    let old = q.add(&s, f("old"), None).await.unwrap();
+    let cut = super::EntryId::parse(&old).unwrap().ms + 1;
+    while super::EntryId::parse(&q.add(&s, f("new"), None).await.unwrap())
+        .unwrap()
+        .ms
+        < cut
+    {
+        tokio::task::yield_now().await;
+    }
+    let older = q
+        .range(&s, "-", &format!("{}", cut - 1), 0)
+        .await
+        .unwrap()
+        .len() as u64;
+    assert!(older >= 1);
+    assert_eq!(q.trim_older(&s, cut).await.unwrap(), older);
+    assert!(!q.range(&s, "-", "+", 0).await.unwrap().is_empty());
+    let left = q.range(&s, "-", "+", 0).await.unwrap();
+    assert!(left.iter().all(|e| val(e) == "new"));
 }
 
 pub async fn range_rev_range_delete(q: Q) {
@@ -871,7 +1290,7 @@ pub async fn claim_by_id(q: Q) {
     assert_eq!(p.count, 1);
     assert_eq!(p.consumers, vec![("c2".to_owned(), 1)]);
     // Claiming resets the idle time: an autoclaim with a long min idle skips it.
-    let none = q.autoclaim(&s, "g", "c3", HOUR, 10).await.unwrap();
+    let none = q.autoclaim(&s, "g", "c3", HOUR, 10, "0-0").await.unwrap();
     assert!(none.entries.is_empty());
     assert!(q.claim(&s, "g", "c2", &["bad".to_owned()]).await.is_err());
 }
@@ -881,10 +1300,14 @@ pub async fn transfer_moves_once(q: Q) {
     let (dlq, src) = (k.dlq(), k.stream("src"));
     let id = q.add(&dlq, f("dead"), None).await.unwrap();
     let kept = q.add(&dlq, f("other"), None).await.unwrap();
-    let moved = q
-        .transfer(&dlq, &id, &src, f("replayed"), Some(1000))
-        .await
-        .unwrap();
+    let mv = |id: &str, to: &str, v: &str| super::Transfer {
+        from: dlq.clone(),
+        id: id.to_owned(),
+        to: to.to_owned(),
+        fields: f(v),
+        ..super::Transfer::default()
+    };
+    let moved = q.transfer(mv(&id, &src, "replayed")).await.unwrap();
     let new_id = moved.expect("entry existed, so it moves");
     let in_src = q.range(&src, "-", "+", 0).await.unwrap();
     assert_eq!(in_src.len(), 1);
@@ -896,16 +1319,13 @@ pub async fn transfer_moves_once(q: Q) {
         [kept]
     );
     // A second mover of the same entry changes nothing.
-    assert_eq!(
-        q.transfer(&dlq, &id, &src, f("again"), None).await.unwrap(),
-        None
-    );
+    assert_eq!(q.transfer(mv(&id, &src, "again")).await.unwrap(), None);
     assert_eq!(q.len(&src).await.unwrap(), 1);
     // Wrong type at the destination fails before any write.
     let kv = k.fault("kv");
     q.set(&kv, Bytes::from("x"), None).await.unwrap();
     let other = q.range(&dlq, "-", "+", 0).await.unwrap()[0].id.clone();
-    assert!(q.transfer(&dlq, &other, &kv, f("x"), None).await.is_err());
+    assert!(q.transfer(mv(&other, &kv, "x")).await.is_err());
     assert_eq!(q.len(&dlq).await.unwrap(), 1);
 }
 
@@ -957,7 +1377,14 @@ conformance!(
     submit_batch_in_order_and_dedups,
     submit_batch_is_all_or_nothing,
     concurrent_submits_create_one_task,
-    maxlen_trims,
+    limit_refuses_and_never_drops_unacked,
+    submit_batch_respects_the_limit,
+    submit_fingerprint_conflict,
+    complete_waits_for_room_downstream,
+    complete_and_dead_letter_exclude_each_other,
+    dead_letter_writes_what_goes_with_it,
+    autoclaim_cursor_reaches_entries_behind_live_ones,
+    trim_older_drops_by_time,
     range_rev_range_delete,
     blocking_read_wakes_on_add,
     ttl_expiry,
@@ -1000,6 +1427,7 @@ async fn redis_complete_survives_crash_restart_with_aof() {
         .complete(
             &input,
             "g",
+            "c",
             &got[0].id,
             &inbox,
             HOUR,
@@ -1018,12 +1446,13 @@ async fn redis_complete_survives_crash_restart_with_aof() {
     let p = q.pending_summary(&input, "g").await.unwrap();
     assert_eq!(p.count, 1, "only the un-completed entry is pending");
     assert_eq!(p.min_id.as_deref(), Some(got[1].id.as_str()));
-    // A consumer that redoes the completed step after the crash publishes
-    // nothing.
+    // A consumer that redoes the completed step after the crash writes
+    // nothing (the entry is acked: not pending any more).
     let again = q
         .complete(
             &input,
             "g",
+            "c",
             &got[0].id,
             &inbox,
             HOUR,
@@ -1032,10 +1461,13 @@ async fn redis_complete_survives_crash_restart_with_aof() {
         )
         .await
         .unwrap();
-    assert_eq!(again, Completion::AlreadyDone);
+    assert_eq!(again, Completion::NotPending);
     assert_eq!(q.len(&out).await.unwrap(), 1);
     // The entry left pending by the crash is redelivered with a higher count.
-    let claimed = q.autoclaim(&input, "g", "c2", ZERO, 10).await.unwrap();
+    let claimed = q
+        .autoclaim(&input, "g", "c2", ZERO, 10, "0-0")
+        .await
+        .unwrap();
     assert_eq!(claimed.entries.len(), 1);
     assert_eq!(claimed.entries[0].delivery_count, 2);
     // Blocking reads use fresh dedicated connections after the restart too.
@@ -1082,7 +1514,7 @@ async fn memory_idle_and_ttl_follow_paused_clock() {
     .unwrap();
     let min_idle = Duration::from_secs(60);
     assert!(
-        q.autoclaim(&s, "g", "r", min_idle, 10)
+        q.autoclaim(&s, "g", "r", min_idle, 10, "0-0")
             .await
             .unwrap()
             .entries
@@ -1091,7 +1523,10 @@ async fn memory_idle_and_ttl_follow_paused_clock() {
     tokio::time::advance(Duration::from_secs(31)).await;
     assert_eq!(q.get(&k.fault("f")).await.unwrap(), None);
     tokio::time::advance(Duration::from_secs(30)).await;
-    let got = q.autoclaim(&s, "g", "r", min_idle, 10).await.unwrap();
+    let got = q
+        .autoclaim(&s, "g", "r", min_idle, 10, "0-0")
+        .await
+        .unwrap();
     assert_eq!(got.entries.len(), 1);
     // A long block under the paused clock times out without real waiting.
     let none = q

@@ -45,6 +45,12 @@ impl Keys {
         format!("{}:dlq", self.prefix)
     }
 
+    /// Replay schedule of the DLQ: a sorted set of DLQ record ids scored by
+    /// the time (ms) each is due for the repair role: `r4:{ns/wf}:dlq:due`.
+    pub fn dlq_due(&self) -> String {
+        format!("{}:dlq:due", self.prefix)
+    }
+
     /// Poison stream (entries that cannot even be parsed): `r4:{ns/wf}:poison`.
     pub fn poison(&self) -> String {
         format!("{}:poison", self.prefix)
@@ -199,6 +205,7 @@ mod tests {
             k.stream("planner"),
             k.stream("coder"),
             k.dlq(),
+            k.dlq_due(),
             k.poison(),
             k.inbox("task-1", "coder"),
             k.idem("intake-42"),

@@ -3,8 +3,9 @@
 //!
 //! Owns: streams with `<ms>-<seq>` ids, consumer groups with a pending list
 //! (PEL: owner, delivery count, last delivery time), blocking reads woken by
-//! a [`tokio::sync::Notify`], `MAXLEN` trimming (exact, which satisfies the
-//! `~` contract), string/hash keys with TTLs, and pub/sub via
+//! a [`tokio::sync::Notify`], backlog limits with trimming of what every
+//! group acknowledged (as the Redis scripts do), string/hash/sorted-set keys
+//! with TTLs, and pub/sub via
 //! [`tokio::sync::broadcast`]. Idle and TTL times use [`tokio::time::Instant`]
 //! so they follow a paused test clock. Everything lives under one
 //! `std::sync::Mutex` that is never held across an await, which makes every
@@ -20,8 +21,9 @@ use tokio::sync::{Notify, broadcast};
 use tokio::time::Instant;
 
 use super::{
-    Claimed, Completing, Completion, EntryId, Fields, PendingSummary, Queue, QueueError,
-    QueueFuture, StreamEntry, Submission, Submitted, Subscription, check_fields,
+    Claimed, Completing, Completion, ConsumerInfo, DeadLetter, EntryId, Fields, HOUSEKEEP_LEN,
+    PendingSummary, Queue, QueueError, QueueFuture, StreamEntry, Submission, Submitted,
+    Subscription, Transfer, check_fields,
 };
 
 /// Capacity of each pub/sub channel; slow subscribers skip lagged messages.
@@ -38,6 +40,14 @@ struct Pending {
 struct Group {
     last_delivered: EntryId,
     pel: BTreeMap<EntryId, Pending>,
+    /// Consumers and when each last read or claimed (XINFO CONSUMERS idle).
+    consumers: HashMap<String, Instant>,
+}
+
+impl Group {
+    fn seen(&mut self, consumer: &str, now: Instant) {
+        self.consumers.insert(consumer.to_owned(), now);
+    }
 }
 
 #[derive(Debug, Default)]
@@ -53,6 +63,8 @@ struct MemStream {
 enum KvValue {
     Str(Bytes),
     Hash(BTreeMap<String, Bytes>),
+    /// Sorted set: member → score.
+    Zset(BTreeMap<String, u64>),
 }
 
 #[derive(Debug)]
@@ -109,12 +121,35 @@ impl State {
         Ok(())
     }
 
-    fn xadd(
-        &mut self,
-        stream: &str,
-        fields: Fields,
-        maxlen: Option<u64>,
-    ) -> Result<String, QueueError> {
+    /// Room for `n` more entries in `stream` under `limit` (see the
+    /// `Queue` trait docs): trims what every group acknowledged when the
+    /// stream looks full. `Err(backlog)` when there is none.
+    fn room(&mut self, stream: &str, limit: Option<u64>, n: u64) -> Result<(), u64> {
+        let Some(s) = self.streams.get_mut(stream) else {
+            return match limit {
+                Some(l) if n > l => Err(0),
+                _ => Ok(()),
+            };
+        };
+        let len = |s: &MemStream| s.entries.len() as u64;
+        if len(s) + n > limit.unwrap_or(HOUSEKEEP_LEN) {
+            s.trim_acked();
+        }
+        match limit {
+            Some(l) if len(s) + n > l => Err(len(s)),
+            _ => Ok(()),
+        }
+    }
+
+    fn full(stream: &str, backlog: u64, limit: Option<u64>) -> QueueError {
+        QueueError::Full {
+            stream: stream.to_owned(),
+            backlog,
+            limit: limit.unwrap_or(0),
+        }
+    }
+
+    fn xadd(&mut self, stream: &str, fields: Fields) -> Result<String, QueueError> {
         self.check_stream_key(stream)?;
         check_fields(&fields)?;
         let s = self.streams.entry(stream.to_owned()).or_default();
@@ -131,13 +166,16 @@ impl State {
         };
         s.last_id = id;
         s.entries.insert(id, fields);
-        if let Some(max) = maxlen {
-            let max = usize::try_from(max).unwrap_or(usize::MAX);
-            while s.entries.len() > max {
-                s.entries.pop_first();
-            }
-        }
         Ok(id.to_string())
+    }
+
+    /// Whether `id` is pending in `group` for `consumer`.
+    fn pending_for(&self, stream: &str, group: &str, id: &EntryId, consumer: &str) -> bool {
+        self.streams
+            .get(stream)
+            .and_then(|s| s.groups.get(group))
+            .and_then(|g| g.pel.get(id))
+            .is_some_and(|p| p.consumer == consumer)
     }
 
     fn xack(&mut self, stream: &str, group: &str, ids: &[EntryId]) -> u64 {
@@ -162,6 +200,31 @@ impl State {
         );
     }
 
+    fn zadd(&mut self, key: &str, member: &str, score: u64) -> Result<(), QueueError> {
+        if self.streams.contains_key(key) {
+            return Err(QueueError::WrongType(key.to_owned()));
+        }
+        if self.kv_live(key).is_none() {
+            self.kv.insert(
+                key.to_owned(),
+                KvEntry {
+                    value: KvValue::Zset(BTreeMap::new()),
+                    expires_at: None,
+                },
+            );
+        }
+        match self.kv.get_mut(key) {
+            Some(KvEntry {
+                value: KvValue::Zset(z),
+                ..
+            }) => {
+                z.insert(member.to_owned(), score);
+                Ok(())
+            }
+            _ => Err(QueueError::WrongType(key.to_owned())),
+        }
+    }
+
     fn group_mut(&mut self, stream: &str, group: &str) -> Result<&mut MemStream, QueueError> {
         let no_group = || QueueError::NoGroup {
             stream: stream.to_owned(),
@@ -172,6 +235,34 @@ impl State {
             return Err(no_group());
         }
         Ok(s)
+    }
+}
+
+impl MemStream {
+    /// Remove exactly the entries every group has read and acknowledged
+    /// (below each group's oldest pending id, or up to its last delivered
+    /// one when nothing is pending). Without groups nothing goes.
+    fn trim_acked(&mut self) {
+        let floor = self
+            .groups
+            .values()
+            .map(|g| match g.pel.keys().next() {
+                Some(first) => *first,
+                None => g.last_delivered.successor().unwrap_or(EntryId::MAX),
+            })
+            .min();
+        if let Some(floor) = floor {
+            self.entries = self.entries.split_off(&floor);
+        }
+    }
+}
+
+/// An idempotency key's value: `<task id>` or `<task id> <fingerprint>`.
+fn split_binding(v: &Bytes) -> (String, String) {
+    let s = String::from_utf8_lossy(v);
+    match s.split_once(' ') {
+        Some((id, fp)) => (id.to_owned(), fp.to_owned()),
+        None => (s.into_owned(), String::new()),
     }
 }
 
@@ -227,6 +318,7 @@ impl MemoryQueue {
             return Ok(Vec::new());
         };
         let now = Instant::now();
+        g.seen(consumer, now);
         let mut out = Vec::new();
         let start = EntryId {
             ms: g.last_delivered.ms,
@@ -296,10 +388,16 @@ impl Queue for MemoryQueue {
         &'a self,
         stream: &'a str,
         fields: Fields,
-        maxlen: Option<u64>,
+        limit: Option<u64>,
     ) -> QueueFuture<'a, String> {
         Box::pin(async move {
-            let id = self.lock().xadd(stream, fields, maxlen)?;
+            let mut st = self.lock();
+            st.check_stream_key(stream)?;
+            check_fields(&fields)?;
+            st.room(stream, limit, 1)
+                .map_err(|b| State::full(stream, b, limit))?;
+            let id = st.xadd(stream, fields)?;
+            drop(st);
             self.notify.notify_waiters();
             Ok(id)
         })
@@ -365,8 +463,10 @@ impl Queue for MemoryQueue {
         consumer: &'a str,
         min_idle: Duration,
         count: usize,
+        start: &'a str,
     ) -> QueueFuture<'a, Claimed> {
         Box::pin(async move {
+            let start = EntryId::parse(start)?;
             let mut st = self.lock();
             let s = st.group_mut(stream, group)?;
             let MemStream {
@@ -376,11 +476,18 @@ impl Queue for MemoryQueue {
                 return Ok(Claimed::default());
             };
             let now = Instant::now();
-            let mut claimed = Claimed::default();
+            g.seen(consumer, now);
+            let mut claimed = Claimed {
+                next: "0-0".into(),
+                ..Claimed::default()
+            };
             let mut gone = Vec::new();
             let count = if count == 0 { 100 } else { count };
-            for (id, p) in g.pel.iter_mut() {
-                if claimed.entries.len() >= count {
+            // Like Redis: look at most 10 * count pending entries per call,
+            // and say where the next call should go on.
+            for (scanned, (id, p)) in g.pel.range_mut(start..).enumerate() {
+                if claimed.entries.len() >= count || scanned >= count * 10 {
+                    claimed.next = id.to_string();
                     break;
                 }
                 if now.saturating_duration_since(p.delivered_at) < min_idle {
@@ -426,6 +533,7 @@ impl Queue for MemoryQueue {
                 return Ok(Vec::new());
             };
             let now = Instant::now();
+            g.seen(consumer, now);
             let mut out = Vec::new();
             for id in ids {
                 let Some(p) = g.pel.get_mut(&id) else {
@@ -451,28 +559,73 @@ impl Queue for MemoryQueue {
         })
     }
 
-    fn transfer<'a>(
+    fn touch<'a>(
         &'a self,
-        from: &'a str,
-        id: &'a str,
-        to: &'a str,
-        fields: Fields,
-        maxlen: Option<u64>,
-    ) -> QueueFuture<'a, Option<String>> {
+        stream: &'a str,
+        group: &'a str,
+        consumer: &'a str,
+        ids: &'a [String],
+    ) -> QueueFuture<'a, Vec<String>> {
         Box::pin(async move {
-            let eid = EntryId::parse(id)?;
-            check_fields(&fields)?;
+            let ids = parse_ids(ids)?;
             let mut st = self.lock();
-            st.check_stream_key(to)?;
+            let s = st.group_mut(stream, group)?;
+            let Some(g) = s.groups.get_mut(group) else {
+                return Ok(Vec::new());
+            };
+            let now = Instant::now();
+            let mut out = Vec::new();
+            for id in ids {
+                if let Some(p) = g.pel.get_mut(&id)
+                    && p.consumer == consumer
+                {
+                    p.delivered_at = now;
+                    out.push(id.to_string());
+                }
+            }
+            if !out.is_empty() {
+                g.seen(consumer, now);
+            }
+            Ok(out)
+        })
+    }
+
+    fn transfer(&self, t: Transfer) -> QueueFuture<'_, Option<String>> {
+        Box::pin(async move {
+            let eid = EntryId::parse(&t.id)?;
+            check_fields(&t.fields)?;
+            let mut st = self.lock();
+            st.check_stream_key(&t.to)?;
+            for (k, f) in &t.also {
+                st.check_stream_key(k)?;
+                check_fields(f)?;
+            }
             let exists = st
                 .streams
-                .get(from)
+                .get(&t.from)
                 .is_some_and(|s| s.entries.contains_key(&eid));
             if !exists {
                 return Ok(None);
             }
-            let new_id = st.xadd(to, fields, maxlen)?;
-            if let Some(s) = st.streams.get_mut(from) {
+            st.room(&t.to, t.limit, 1)
+                .map_err(|b| State::full(&t.to, b, t.limit))?;
+            let new_id = st.xadd(&t.to, t.fields)?;
+            for (k, f) in t.also {
+                st.xadd(&k, f)?;
+            }
+            for k in &t.del {
+                st.kv.remove(k);
+                st.streams.remove(k);
+            }
+            if let Some((k, m)) = &t.unschedule
+                && let Some(KvEntry {
+                    value: KvValue::Zset(z),
+                    ..
+                }) = st.kv_live(k)
+            {
+                z.remove(m);
+            }
+            if let Some(s) = st.streams.get_mut(&t.from) {
                 s.entries.remove(&eid);
             }
             drop(st);
@@ -552,9 +705,10 @@ impl Queue for MemoryQueue {
         &'a self,
         stream: &'a str,
         group: &'a str,
+        consumer: &'a str,
         items: Vec<Completing>,
         inbox_ttl: Duration,
-        maxlen: Option<u64>,
+        limit: Option<u64>,
     ) -> QueueFuture<'a, Vec<Completion>> {
         Box::pin(async move {
             if inbox_ttl.is_zero() {
@@ -572,15 +726,37 @@ impl Queue for MemoryQueue {
             }
             let mut published = false;
             let mut done = Vec::with_capacity(items.len());
-            for (it, id) in items.into_iter().zip(ids) {
+            'items: for (it, id) in items.into_iter().zip(ids) {
+                if !st.pending_for(stream, group, &id, consumer) {
+                    done.push(Completion::NotPending);
+                    continue;
+                }
                 if st.kv_live(&it.inbox_key).is_some() {
                     st.xack(stream, group, &[id]);
                     done.push(Completion::AlreadyDone);
                     continue;
                 }
+                if it.only_if_done {
+                    done.push(Completion::NotDone);
+                    continue;
+                }
+                let mut want: BTreeMap<&str, u64> = BTreeMap::new();
+                for (out, _) in &it.outputs {
+                    if !it.expire.contains(out) {
+                        *want.entry(out.as_str()).or_default() += 1;
+                    }
+                }
+                for (out, n) in want {
+                    if st.room(out, limit, n).is_err() {
+                        done.push(Completion::Full {
+                            stream: out.to_owned(),
+                        });
+                        continue 'items;
+                    }
+                }
                 let mut output_ids = Vec::with_capacity(it.outputs.len());
                 for (out, fields) in it.outputs {
-                    output_ids.push(st.xadd(&out, fields, maxlen)?);
+                    output_ids.push(st.xadd(&out, fields)?);
                 }
                 let until = Instant::now() + inbox_ttl;
                 for key in &it.expire {
@@ -605,18 +781,34 @@ impl Queue for MemoryQueue {
         &'a self,
         stream: &'a str,
         group: &'a str,
-        entry_id: &'a str,
-        dlq_stream: &'a str,
-        record: Fields,
-    ) -> QueueFuture<'a, String> {
+        d: DeadLetter,
+    ) -> QueueFuture<'a, Option<String>> {
         Box::pin(async move {
-            let id = EntryId::parse(entry_id)?;
+            let id = EntryId::parse(&d.entry_id)?;
+            check_fields(&d.record)?;
             let mut st = self.lock();
-            let dlq_id = st.xadd(dlq_stream, record, None)?;
+            st.check_stream_key(&d.dlq)?;
+            for (k, f) in &d.also {
+                st.check_stream_key(k)?;
+                check_fields(f)?;
+            }
+            if !st.pending_for(stream, group, &id, &d.consumer) {
+                return Ok(None);
+            }
+            let dlq_id = st.xadd(&d.dlq, d.record)?;
+            for (k, f) in d.also {
+                st.xadd(&k, f)?;
+            }
+            if let Some((k, v)) = d.marker {
+                st.set(&k, v, Some(d.marker_ttl.max(Duration::from_millis(1))));
+            }
+            if let Some((k, score)) = d.schedule {
+                st.zadd(&k, &dlq_id, score)?;
+            }
             st.xack(stream, group, &[id]);
             drop(st);
             self.notify.notify_waiters();
-            Ok(dlq_id)
+            Ok(Some(dlq_id))
         })
     }
 
@@ -625,7 +817,7 @@ impl Queue for MemoryQueue {
         stream: &'a str,
         ttl: Duration,
         items: Vec<Submission>,
-        maxlen: Option<u64>,
+        limit: Option<u64>,
     ) -> QueueFuture<'a, Vec<Submitted>> {
         Box::pin(async move {
             if items.is_empty() {
@@ -639,19 +831,44 @@ impl Queue for MemoryQueue {
             let mut st = self.lock();
             // Everything that can fail is checked before the first write.
             st.check_stream_key(stream)?;
-            for it in &items {
-                if let Some(k) = &it.idem_key
-                    && (st.streams.contains_key(k)
-                        || matches!(
-                            st.kv_live(k),
-                            Some(KvEntry {
-                                value: KvValue::Hash(_),
-                                ..
-                            })
-                        ))
-                {
+            let mut bound: HashMap<String, (String, String)> = HashMap::new();
+            let mut fresh = 0u64;
+            for (index, it) in items.iter().enumerate() {
+                let Some(k) = &it.idem_key else {
+                    fresh += 1;
+                    continue;
+                };
+                if st.streams.contains_key(k) {
                     return Err(QueueError::WrongType(k.clone()));
                 }
+                let existing = match bound.get(k) {
+                    Some(b) => Some(b.clone()),
+                    None => match st.kv_live(k) {
+                        None => None,
+                        Some(KvEntry {
+                            value: KvValue::Str(v),
+                            ..
+                        }) => Some(split_binding(v)),
+                        Some(_) => return Err(QueueError::WrongType(k.clone())),
+                    },
+                };
+                let fp = it.fingerprint.clone().unwrap_or_default();
+                match existing {
+                    Some((task_id, bound_fp)) => {
+                        if !fp.is_empty() && !bound_fp.is_empty() && fp != bound_fp {
+                            return Err(QueueError::Conflict { index, task_id });
+                        }
+                        bound.insert(k.clone(), (task_id, bound_fp));
+                    }
+                    None => {
+                        fresh += 1;
+                        bound.insert(k.clone(), (it.task_id.clone(), fp));
+                    }
+                }
+            }
+            if fresh > 0 {
+                st.room(stream, limit, fresh)
+                    .map_err(|b| State::full(stream, b, limit))?;
             }
             let mut out = Vec::with_capacity(items.len());
             for it in items {
@@ -662,7 +879,7 @@ impl Queue for MemoryQueue {
                     }) = st.kv_live(k)
                 {
                     out.push(Submitted {
-                        task_id: String::from_utf8_lossy(v).into_owned(),
+                        task_id: split_binding(v).0,
                         entry_id: None,
                     });
                     continue;
@@ -670,9 +887,13 @@ impl Queue for MemoryQueue {
                 let mut all = Vec::with_capacity(it.fields.len() + 1);
                 all.push(("task_id".to_owned(), Bytes::from(it.task_id.clone())));
                 all.extend(it.fields);
-                let entry_id = st.xadd(stream, all, maxlen)?;
+                let entry_id = st.xadd(stream, all)?;
                 if let Some(k) = &it.idem_key {
-                    st.set(k, Bytes::from(it.task_id.clone()), Some(ttl));
+                    let v = match it.fingerprint.as_deref() {
+                        Some(fp) if !fp.is_empty() => format!("{} {fp}", it.task_id),
+                        _ => it.task_id.clone(),
+                    };
+                    st.set(k, Bytes::from(v), Some(ttl));
                 }
                 out.push(Submitted {
                     task_id: it.task_id,
@@ -847,6 +1068,119 @@ impl Queue for MemoryQueue {
                 }
             });
             Ok(Box::pin(stream) as Subscription)
+        })
+    }
+
+    fn trim_older<'a>(&'a self, stream: &'a str, min_ms: u64) -> QueueFuture<'a, u64> {
+        Box::pin(async move {
+            let mut st = self.lock();
+            st.check_stream_key(stream)?;
+            let Some(s) = st.streams.get_mut(stream) else {
+                return Ok(0);
+            };
+            let before = s.entries.len();
+            s.entries = s.entries.split_off(&EntryId { ms: min_ms, seq: 0 });
+            Ok((before - s.entries.len()) as u64)
+        })
+    }
+
+    fn due<'a>(
+        &'a self,
+        key: &'a str,
+        max_score: u64,
+        count: usize,
+    ) -> QueueFuture<'a, Vec<String>> {
+        Box::pin(async move {
+            let mut st = self.lock();
+            if st.streams.contains_key(key) {
+                return Err(QueueError::WrongType(key.to_owned()));
+            }
+            match st.kv_live(key) {
+                None => Ok(Vec::new()),
+                Some(KvEntry {
+                    value: KvValue::Zset(z),
+                    ..
+                }) => {
+                    let mut due: Vec<(u64, &String)> = z
+                        .iter()
+                        .filter(|(_, s)| **s <= max_score)
+                        .map(|(m, s)| (*s, m))
+                        .collect();
+                    due.sort();
+                    Ok(due
+                        .into_iter()
+                        .take(count.max(1))
+                        .map(|(_, m)| m.clone())
+                        .collect())
+                }
+                Some(_) => Err(QueueError::WrongType(key.to_owned())),
+            }
+        })
+    }
+
+    fn schedule<'a>(&'a self, key: &'a str, member: &'a str, score: u64) -> QueueFuture<'a, ()> {
+        Box::pin(async move { self.lock().zadd(key, member, score) })
+    }
+
+    fn unschedule<'a>(&'a self, key: &'a str, member: &'a str) -> QueueFuture<'a, ()> {
+        Box::pin(async move {
+            let mut st = self.lock();
+            match st.kv_live(key) {
+                None => Ok(()),
+                Some(KvEntry {
+                    value: KvValue::Zset(z),
+                    ..
+                }) => {
+                    z.remove(member);
+                    Ok(())
+                }
+                Some(_) => Err(QueueError::WrongType(key.to_owned())),
+            }
+        })
+    }
+
+    fn consumers<'a>(
+        &'a self,
+        stream: &'a str,
+        group: &'a str,
+    ) -> QueueFuture<'a, Vec<ConsumerInfo>> {
+        Box::pin(async move {
+            let mut st = self.lock();
+            let s = st.group_mut(stream, group)?;
+            let Some(g) = s.groups.get(group) else {
+                return Ok(Vec::new());
+            };
+            let now = Instant::now();
+            let mut out: Vec<ConsumerInfo> = g
+                .consumers
+                .iter()
+                .map(|(name, seen)| ConsumerInfo {
+                    name: name.clone(),
+                    pending: g.pel.values().filter(|p| &p.consumer == name).count() as u64,
+                    idle: now.saturating_duration_since(*seen),
+                })
+                .collect();
+            out.sort_by(|a, b| a.name.cmp(&b.name));
+            Ok(out)
+        })
+    }
+
+    fn remove_consumer<'a>(
+        &'a self,
+        stream: &'a str,
+        group: &'a str,
+        consumer: &'a str,
+    ) -> QueueFuture<'a, bool> {
+        Box::pin(async move {
+            let mut st = self.lock();
+            let s = st.group_mut(stream, group)?;
+            let Some(g) = s.groups.get_mut(group) else {
+                return Ok(false);
+            };
+            if g.pel.values().any(|p| p.consumer == consumer) {
+                return Ok(false);
+            }
+            Ok(g.consumers.remove(consumer).is_some())
         })
     }
 }

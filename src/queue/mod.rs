@@ -73,8 +73,12 @@ pub struct Claimed {
     /// delivery counts.
     pub entries: Vec<StreamEntry>,
     /// Ids that were pending but whose entries no longer exist (trimmed or
-    /// deleted); they have been removed from the pending list.
+    /// deleted); they have been removed from the pending list. Exactly one
+    /// claimer is told of each, so it must account for it (dead-letter it).
     pub deleted: Vec<String>,
+    /// Where the next call should start scanning the pending list (`0-0`
+    /// once the scan reached its end: start again from the beginning).
+    pub next: String,
 }
 
 /// Result of [`Queue::pending_summary`] (XPENDING summary form).
@@ -98,6 +102,15 @@ pub enum Completion {
     Published { output_ids: Vec<String> },
     /// The inbox key already existed: the input was acked, nothing published.
     AlreadyDone,
+    /// The entry is no longer pending for this consumer (acked, dead-lettered
+    /// or claimed by another engine meanwhile): nothing was written.
+    NotPending,
+    /// `only_if_done` and the inbox key does not exist (any more): nothing
+    /// was written; the step must be done for real.
+    NotDone,
+    /// An output stream's backlog is at its limit: nothing was written, the
+    /// entry stays pending (backpressure; retry later).
+    Full { stream: String },
 }
 
 /// Result of [`Queue::submit_idempotent`].
@@ -118,10 +131,15 @@ impl Submitted {
 }
 
 /// One entry of [`Queue::complete_batch`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Completing {
     /// The input entry to acknowledge.
     pub entry_id: String,
+    /// Only acknowledge, and only if the inbox key exists (a redelivered
+    /// entry whose step another engine finished): the check and the ack are
+    /// one step, so a key that expires in between cannot ack the entry
+    /// without its outputs.
+    pub only_if_done: bool,
     /// The step's inbox key (set with the batch's TTL).
     pub inbox_key: String,
     /// `(stream, fields)` to publish.
@@ -137,10 +155,53 @@ pub struct Completing {
 pub struct Submission {
     /// Bind this key to the task; `None`: no deduplication.
     pub idem_key: Option<String>,
+    /// Digest of the payload, stored with the key: a later submission with
+    /// the same key and another digest is a conflict (Stripe's rule).
+    pub fingerprint: Option<String>,
     /// The task's id if this submission creates it (the caller's fresh id).
     pub task_id: String,
     /// The entry's fields after the leading `task_id`.
     pub fields: Fields,
+}
+
+/// One dead-lettering ([`Queue::dead_letter`]): everything that must happen
+/// together when a task leaves its work stream for the DLQ.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DeadLetter {
+    /// The input entry to acknowledge.
+    pub entry_id: String,
+    /// The consumer that must still own the entry (the move happens only
+    /// then, so a completion and a dead-lettering can never both happen).
+    pub consumer: String,
+    /// The DLQ stream and the record to add to it.
+    pub dlq: String,
+    pub record: Fields,
+    /// Entries added in the same step (a saga's first compensation).
+    pub also: Vec<(String, Fields)>,
+    /// A string key set in the same step with `marker_ttl` (the task's DLQ
+    /// marker), `None`: none.
+    pub marker: Option<(String, Bytes)>,
+    pub marker_ttl: Duration,
+    /// Sorted set and score (due time, ms) under which the new record's id
+    /// is scheduled for the repair role; `None`: not scheduled.
+    pub schedule: Option<(String, u64)>,
+}
+
+/// One atomic move of a record between streams ([`Queue::transfer`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Transfer {
+    pub from: String,
+    pub id: String,
+    pub to: String,
+    pub fields: Fields,
+    /// Backlog limit of `to` (`None`: none).
+    pub limit: Option<u64>,
+    /// Entries added in the same step (a saga's first compensation).
+    pub also: Vec<(String, Fields)>,
+    /// Keys deleted in the same step (the task's DLQ marker on replay).
+    pub del: Vec<String>,
+    /// `(sorted set, member)` removed in the same step (the repair schedule).
+    pub unschedule: Option<(String, String)>,
 }
 
 /// Errors from the queue layer.
@@ -168,21 +229,44 @@ pub enum QueueError {
     /// each of them gets this copy of the error.
     #[error("{0}")]
     Shared(String),
+    /// Backpressure: the stream's backlog (entries not yet acknowledged by
+    /// every consumer group) is at its limit; nothing was written.
+    #[error("stream {stream:?} is full: backlog {backlog} at limit {limit}")]
+    Full {
+        stream: String,
+        backlog: u64,
+        limit: u64,
+    },
+    /// Submission `index` of a batch reuses an idempotency key bound to task
+    /// `task_id` with a different payload; nothing was written.
+    #[error("idempotency key of task {index} was used for another payload (task {task_id})")]
+    Conflict { index: usize, task_id: String },
 }
 
 /// Redis Streams semantics plus the few KV / pub-sub helpers the engine needs.
 ///
 /// Conventions: `block == Duration::ZERO` means "do not block" (unlike Redis'
 /// `BLOCK 0`, which waits forever — the engine never wants that). Range bounds
-/// accept `-`, `+`, `<ms>` and `<ms>-<seq>`. `maxlen` trims approximately
-/// (`MAXLEN ~`): at least `maxlen` newest entries are kept, possibly more.
+/// accept `-`, `+`, `<ms>` and `<ms>-<seq>`.
+///
+/// # Backlog limits, never trimming of unacknowledged entries
+///
+/// A `limit` on a write to a work stream is a **backpressure** limit, not a
+/// trim length: the backlog of a stream is the number of its entries, after
+/// removing those that every consumer group has read and acknowledged; a write that would take the backlog past the
+/// limit writes nothing and fails with [`QueueError::Full`] (or, inside a
+/// completion, [`Completion::Full`]). An entry some group has not read, or
+/// read and not acked, is never removed by the queue. A stream with no
+/// consumer group is never trimmed. Without a limit, acknowledged entries
+/// are trimmed once the stream holds [`HOUSEKEEP_LEN`] entries.
 pub trait Queue: Send + Sync {
-    /// XADD with `MAXLEN ~ maxlen` (`None`: no trimming). Returns the entry id.
+    /// XADD, refusing with [`QueueError::Full`] past `limit` (see the trait
+    /// docs; `None`: no limit). Returns the entry id.
     fn add<'a>(
         &'a self,
         stream: &'a str,
         fields: Fields,
-        maxlen: Option<u64>,
+        limit: Option<u64>,
     ) -> QueueFuture<'a, String>;
 
     /// Create `group` on `stream` reading from the beginning (`0`), creating
@@ -208,10 +292,13 @@ pub trait Queue: Send + Sync {
         ids: &'a [String],
     ) -> QueueFuture<'a, u64>;
 
-    /// XAUTOCLAIM from `0-0`: take over up to `count` (0: 100, Redis'
-    /// default) entries pending for at least `min_idle` (left by a dead or
-    /// slow consumer), incrementing their delivery counts. Redis scans at most
-    /// `10 * count` pending entries per call; call again to go further.
+    /// XAUTOCLAIM from `start` (`0-0`: the beginning): take over up to
+    /// `count` (0: 100, Redis' default) entries pending for at least
+    /// `min_idle` (left by a dead or slow consumer), incrementing their
+    /// delivery counts. At most `10 * count` pending entries are scanned per
+    /// call (as Redis does); the caller keeps [`Claimed::next`] and passes
+    /// it as the next `start`, so entries behind many live pending ones are
+    /// reached too.
     fn autoclaim<'a>(
         &'a self,
         stream: &'a str,
@@ -219,6 +306,7 @@ pub trait Queue: Send + Sync {
         consumer: &'a str,
         min_idle: Duration,
         count: usize,
+        start: &'a str,
     ) -> QueueFuture<'a, Claimed>;
 
     /// XCLAIM by id with min-idle 0: take over those of `ids` that are still
@@ -237,19 +325,28 @@ pub trait Queue: Send + Sync {
         ids: &'a [String],
     ) -> QueueFuture<'a, Vec<StreamEntry>>;
 
-    /// Atomic move between streams: if entry `id` still exists in `from`,
-    /// XADD `fields` to `to` (with `MAXLEN ~ maxlen`) and XDEL `id` from
-    /// `from`, in one step, returning the new entry id; if it no longer
-    /// exists, change nothing and return `None`. Two concurrent movers of the
-    /// same entry therefore add it once (DLQ replay and poison quarantine).
-    fn transfer<'a>(
+    /// Keep entries this consumer holds: those of `ids` still pending for
+    /// `consumer` get their idle time reset, WITHOUT counting a delivery
+    /// (XCLAIM JUSTID), so no peer claims them while we wait for our own
+    /// agent or for room downstream. Returns the ids that are still ours.
+    fn touch<'a>(
         &'a self,
-        from: &'a str,
-        id: &'a str,
-        to: &'a str,
-        fields: Fields,
-        maxlen: Option<u64>,
-    ) -> QueueFuture<'a, Option<String>>;
+        stream: &'a str,
+        group: &'a str,
+        consumer: &'a str,
+        ids: &'a [String],
+    ) -> QueueFuture<'a, Vec<String>>;
+
+    /// Atomic move between streams: if entry `t.id` still exists in
+    /// `t.from`, in one step XADD `t.fields` to `t.to` (refused with
+    /// [`QueueError::Full`] past `t.limit`), XADD every `t.also`, DEL every
+    /// `t.del`, ZREM `t.unschedule` and XDEL the entry from `t.from`,
+    /// returning the new entry id; if it no longer exists, change nothing
+    /// and return `None`. Two concurrent movers of the same entry therefore
+    /// move it once (DLQ replay and poison quarantine), and what goes with
+    /// the move (a saga's compensation, the task's DLQ marker) happens
+    /// exactly when the move does.
+    fn transfer(&self, t: Transfer) -> QueueFuture<'_, Option<String>>;
 
     /// XPENDING summary of `group`.
     fn pending_summary<'a>(
@@ -282,63 +379,74 @@ pub trait Queue: Send + Sync {
     /// XDEL. Returns how many entries existed and were deleted.
     fn delete<'a>(&'a self, stream: &'a str, ids: &'a [String]) -> QueueFuture<'a, u64>;
 
-    /// Atomic completion (see the module docs for the invariant): in one
-    /// atomic step, if `inbox_key` does not exist, XADD every `(stream,
-    /// fields)` of `outputs` (with `MAXLEN ~ maxlen`), XACK `entry_id` and SET
-    /// `inbox_key` with `inbox_ttl`; if it exists, only XACK. All keys must be
-    /// of one workflow (same hash tag, see [`Keys`]).
-    /// (A batch of one, see [`Queue::complete_batch`].)
+    /// Atomic completion (see the module docs for the invariant), a batch
+    /// of one (see [`Queue::complete_batch`]).
     #[allow(clippy::too_many_arguments)]
     fn complete<'a>(
         &'a self,
         stream: &'a str,
         group: &'a str,
+        consumer: &'a str,
         entry_id: &'a str,
         inbox_key: &'a str,
         inbox_ttl: Duration,
         outputs: Vec<(String, Fields)>,
-        maxlen: Option<u64>,
+        limit: Option<u64>,
     ) -> QueueFuture<'a, Completion> {
         Box::pin(async move {
             let one = Completing {
                 entry_id: entry_id.to_owned(),
                 inbox_key: inbox_key.to_owned(),
                 outputs,
-                expire: Vec::new(),
+                ..Completing::default()
             };
             let mut done = self
-                .complete_batch(stream, group, vec![one], inbox_ttl, maxlen)
+                .complete_batch(stream, group, consumer, vec![one], inbox_ttl, limit)
                 .await?;
             done.pop()
                 .ok_or_else(|| QueueError::Protocol("empty complete reply".into()))
         })
     }
 
-    /// Group commit: [`Queue::complete`] for several entries of one
-    /// consumer group in ONE atomic step. Each entry is completed in order
-    /// under the module's invariant (an entry whose inbox key exists, even
-    /// one set by an earlier entry of the same batch, is only acked), and
-    /// either all entries are applied or none is: every output key is
-    /// type-checked before the first write. Results are in order.
+    /// Group commit: complete several entries of one consumer group in ONE
+    /// atomic step. For each entry, in order:
+    /// 1. if it is not pending for `consumer` any more → [`Completion::NotPending`],
+    ///    nothing written (so a completion and a dead-lettering of one entry
+    ///    are mutually exclusive, and a slow engine whose entry was claimed
+    ///    away writes nothing);
+    /// 2. if its inbox key exists (even one set by an earlier entry of the
+    ///    batch) → XACK only, [`Completion::AlreadyDone`];
+    /// 3. if `only_if_done` → [`Completion::NotDone`], nothing written;
+    /// 4. if an output work stream (every output not in `expire`) would go
+    ///    past `limit` → [`Completion::Full`], nothing written;
+    /// 5. else XADD every output, PEXPIRE the `expire` keys, XACK, SET the
+    ///    inbox key with `inbox_ttl` → [`Completion::Published`].
+    ///
+    /// Either every entry is applied or none is: every output key is
+    /// type-checked before the first write. Results are in order. All keys
+    /// must be of one workflow (same hash tag, see [`Keys`]).
     fn complete_batch<'a>(
         &'a self,
         stream: &'a str,
         group: &'a str,
+        consumer: &'a str,
         items: Vec<Completing>,
         inbox_ttl: Duration,
-        maxlen: Option<u64>,
+        limit: Option<u64>,
     ) -> QueueFuture<'a, Vec<Completion>>;
 
-    /// Atomic dead-letter: XADD `record` to `dlq_stream` and XACK `entry_id`
-    /// in one step. Returns the DLQ entry id. The DLQ is never trimmed.
+    /// Atomic dead-letter: only if `d.entry_id` is still pending for
+    /// `d.consumer`, in one step XADD `d.record` to `d.dlq`, XADD every
+    /// `d.also`, SET `d.marker`, ZADD `d.schedule` and XACK the entry.
+    /// Returns the DLQ entry id, or `None` if the entry was not pending for
+    /// that consumer (nothing written: it completed, was dead-lettered by
+    /// someone else, or was claimed away). The DLQ has no backlog limit.
     fn dead_letter<'a>(
         &'a self,
         stream: &'a str,
         group: &'a str,
-        entry_id: &'a str,
-        dlq_stream: &'a str,
-        record: Fields,
-    ) -> QueueFuture<'a, String>;
+        d: DeadLetter,
+    ) -> QueueFuture<'a, Option<String>>;
 
     /// Idempotent intake: if `idem_key` is bound, return its task id and add
     /// nothing; otherwise, atomically, XADD `fields` to `stream` with a
@@ -350,15 +458,16 @@ pub trait Queue: Send + Sync {
         ttl: Duration,
         stream: &'a str,
         fields: Fields,
-        maxlen: Option<u64>,
+        limit: Option<u64>,
     ) -> QueueFuture<'a, Submitted> {
         Box::pin(async move {
             let one = Submission {
                 idem_key: Some(idem_key.to_owned()),
+                fingerprint: None,
                 task_id: uuid::Uuid::new_v4().to_string(),
                 fields,
             };
-            let mut done = self.submit_batch(stream, ttl, vec![one], maxlen).await?;
+            let mut done = self.submit_batch(stream, ttl, vec![one], limit).await?;
             done.pop()
                 .ok_or_else(|| QueueError::Protocol("empty submit reply".into()))
         })
@@ -368,21 +477,23 @@ pub trait Queue: Send + Sync {
     /// submission in order: if its `idem_key` is bound (before the batch or
     /// by an earlier submission of it), the result is the bound task id and
     /// nothing is added; otherwise XADD a leading `task_id` field and
-    /// `fields` to `stream` (with `MAXLEN ~ maxlen`) and, if it has a key,
-    /// bind the key to `task_id` for `ttl`.
+    /// `fields` to `stream` and, if it has a key, bind the key to `task_id`
+    /// (and its fingerprint) for `ttl`.
     ///
-    /// Invariant: either every submission is applied or none is — every key
-    /// is type-checked before the first write, so a wrong-typed key fails
-    /// the batch with nothing written. A client whose batch failed (or whose
-    /// answer was lost) can therefore resend it: keyed tasks are not
-    /// duplicated, and a failed batch left no half behind. Results are in
-    /// submission order. All keys must be of one workflow (same hash tag).
+    /// Invariant: either every submission is applied or none is. Every key
+    /// is type-checked, every bound key's fingerprint compared
+    /// ([`QueueError::Conflict`]) and the backlog limit checked for the
+    /// submissions that would be new ([`QueueError::Full`]) before the first
+    /// write. A client whose batch failed (or whose answer was lost) can
+    /// therefore resend it: keyed tasks are not duplicated, and a failed
+    /// batch left no half behind. Results are in submission order. All keys
+    /// must be of one workflow (same hash tag).
     fn submit_batch<'a>(
         &'a self,
         stream: &'a str,
         ttl: Duration,
         items: Vec<Submission>,
-        maxlen: Option<u64>,
+        limit: Option<u64>,
     ) -> QueueFuture<'a, Vec<Submitted>>;
 
     /// GET a string key.
@@ -412,7 +523,57 @@ pub trait Queue: Send + Sync {
 
     /// SUBSCRIBE. Messages published after this returns are delivered.
     fn subscribe<'a>(&'a self, channel: &'a str) -> QueueFuture<'a, Subscription>;
+
+    /// XTRIM MINID: remove the entries of `stream` older than `min_ms`
+    /// (wall-clock ms in their ids). For streams no group reads (the DLQ and
+    /// poison streams, trimmed by retention). Returns how many went.
+    fn trim_older<'a>(&'a self, stream: &'a str, min_ms: u64) -> QueueFuture<'a, u64>;
+
+    /// Members of sorted set `key` with a score at most `max_score`, lowest
+    /// first, at most `count`.
+    fn due<'a>(
+        &'a self,
+        key: &'a str,
+        max_score: u64,
+        count: usize,
+    ) -> QueueFuture<'a, Vec<String>>;
+
+    /// ZADD (`member` at `score`, replacing its score).
+    fn schedule<'a>(&'a self, key: &'a str, member: &'a str, score: u64) -> QueueFuture<'a, ()>;
+
+    /// ZREM.
+    fn unschedule<'a>(&'a self, key: &'a str, member: &'a str) -> QueueFuture<'a, ()>;
+
+    /// Consumers of `group` with their pending counts and idle times.
+    fn consumers<'a>(
+        &'a self,
+        stream: &'a str,
+        group: &'a str,
+    ) -> QueueFuture<'a, Vec<ConsumerInfo>>;
+
+    /// XGROUP DELCONSUMER, but only if `consumer` has no pending entry (one
+    /// atomic step: its entries are never dropped with it). Returns whether
+    /// it was removed.
+    fn remove_consumer<'a>(
+        &'a self,
+        stream: &'a str,
+        group: &'a str,
+        consumer: &'a str,
+    ) -> QueueFuture<'a, bool>;
 }
+
+/// One consumer of a group ([`Queue::consumers`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerInfo {
+    pub name: String,
+    pub pending: u64,
+    /// Time since its last read or claim.
+    pub idle: Duration,
+}
+
+/// Without a backlog limit, acknowledged entries of a work stream are
+/// trimmed once it holds this many entries.
+pub const HOUSEKEEP_LEN: u64 = 10_000;
 
 /// An entry needs at least one field (Redis refuses an empty XADD).
 pub(crate) fn check_fields(fields: &Fields) -> Result<(), QueueError> {

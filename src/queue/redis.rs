@@ -38,8 +38,9 @@ use bytes::Bytes;
 use futures::StreamExt;
 
 use super::{
-    Claimed, Completing, Completion, Fields, PendingSummary, Queue, QueueError, QueueFuture,
-    StreamEntry, Submission, Submitted, Subscription, check_fields,
+    Claimed, Completing, Completion, ConsumerInfo, DeadLetter, Fields, PendingSummary, Queue,
+    QueueError, QueueFuture, StreamEntry, Submission, Submitted, Subscription, Transfer,
+    check_fields,
 };
 
 /// How many idle dedicated blocking-read connections are kept for reuse. Enough for every
@@ -65,30 +66,101 @@ impl Default for RedisConfig {
     }
 }
 
+// Shared by every script that writes to a work stream: backlog limits
+// (see the `Queue` trait docs). `trim_acked` removes exactly the entries
+// every consumer group has read and acknowledged: for each group the floor
+// is its oldest pending id, or the id after its last delivered one when
+// nothing is pending; XTRIM MINID at the lowest floor. A stream without
+// groups is never trimmed. `room` answers whether `n` more entries fit
+// under `limit` ('' = no limit, then only housekeeping trims).
+const LIMIT_LUA: &str = r#"
+local function id_parts(id)
+  local d = string.find(id, '-', 1, true)
+  return tonumber(string.sub(id, 1, d - 1)), tonumber(string.sub(id, d + 1)), string.sub(id, 1, d - 1)
+end
+local function id_lt(a, b)
+  local am, as = id_parts(a)
+  local bm, bs = id_parts(b)
+  return am < bm or (am == bm and as < bs)
+end
+local function trim_acked(key)
+  if redis.call('TYPE', key)['ok'] ~= 'stream' then return end
+  local groups = redis.call('XINFO', 'GROUPS', key)
+  if #groups == 0 then return end
+  local floor = nil
+  for _, g in ipairs(groups) do
+    local name, last
+    for i = 1, #g, 2 do
+      if g[i] == 'name' then name = g[i + 1] elseif g[i] == 'last-delivered-id' then last = g[i + 1] end
+    end
+    local p = redis.call('XPENDING', key, name)
+    local lim
+    if p[1] > 0 then
+      lim = p[2]
+    else
+      local _, seq, ms = id_parts(last)
+      lim = ms .. '-' .. string.format('%d', seq + 1)
+    end
+    if floor == nil or id_lt(lim, floor) then floor = lim end
+  end
+  redis.call('XTRIM', key, 'MINID', floor)
+end
+local function room(key, limit, n)
+  local len = redis.call('XLEN', key)
+  local lim = tonumber(limit)
+  if len + n > (lim or HOUSEKEEP) then
+    trim_acked(key)
+    len = redis.call('XLEN', key)
+  end
+  if lim and len + n > lim then return false, len end
+  return true, len
+end
+local function pending_for(key, group, id, consumer)
+  local p = redis.call('XPENDING', key, group, id, id, 1)
+  return p[1] ~= nil and p[1][2] == consumer
+end
+local function check_stream(key)
+  local t = redis.call('TYPE', key)['ok']
+  if t ~= 'stream' and t ~= 'none' then
+    return redis.error_reply('WRONGTYPE ' .. key)
+  end
+end
+"#;
+
+// KEYS[1] stream; ARGV[1] limit or '', ARGV[2..] fields.
+const ADD_LUA: &str = r#"
+local e = check_stream(KEYS[1]); if e then return e end
+local ok, len = room(KEYS[1], ARGV[1], 1)
+if not ok then return {0, len} end
+local args = {'XADD', KEYS[1], '*'}
+for i = 2, #ARGV do args[#args + 1] = ARGV[i] end
+return {1, redis.call(unpack(args))}
+"#;
+
 // Group commit. KEYS[1] input stream, KEYS[2..] inbox and output keys
-// (distinct); ARGV[1] group, ARGV[2] inbox ttl ms, ARGV[3] maxlen or '',
-// ARGV[4] entry count, then per entry: entry id, inbox key index, output
-// count m, then per output: stream key index, field count n, n pairs, then
-// expire count x and x key indices (PEXPIREd with the inbox TTL).
-// Output keys are type-checked before the first write (a script error does
-// not undo earlier writes): the batch is applied whole or not at all.
+// (distinct); ARGV[1] group, ARGV[2] inbox ttl ms, ARGV[3] limit or '',
+// ARGV[4] entry count, ARGV[5] consumer, then per entry: entry id, inbox key
+// index, only-if-done flag, output count m, then per output: stream key
+// index, limited flag, field count n, n pairs, then expire count x and x
+// key indices (PEXPIREd with the inbox TTL). Output keys are type-checked
+// before the first write (a script error does not undo earlier writes):
+// the batch is applied whole or not at all. Per entry the result is
+// {1, ids...} published, {0} already done, {2} not pending for this
+// consumer, {3} not done (only-if-done), {4, key} an output stream full.
 const COMPLETE_BATCH_LUA: &str = r#"
 local count = tonumber(ARGV[4])
-local p = 5
+local p = 6
 local plan = {}
 for e = 1, count do
-  local item = {id = ARGV[p], inbox = KEYS[tonumber(ARGV[p + 1])], outs = {}}
-  local m = tonumber(ARGV[p + 2])
-  p = p + 3
+  local item = {id = ARGV[p], inbox = KEYS[tonumber(ARGV[p + 1])], only = ARGV[p + 2] == '1', outs = {}}
+  local m = tonumber(ARGV[p + 3])
+  p = p + 4
   for o = 1, m do
     local key = KEYS[tonumber(ARGV[p])]
-    local n = tonumber(ARGV[p + 1])
-    local t = redis.call('TYPE', key)['ok']
-    if t ~= 'stream' and t ~= 'none' then
-      return redis.error_reply('WRONGTYPE ' .. key)
-    end
-    item.outs[o] = {key, p + 2, n}
-    p = p + 2 + 2 * n
+    local n = tonumber(ARGV[p + 2])
+    local err = check_stream(key); if err then return err end
+    item.outs[o] = {key, p + 3, n, ARGV[p + 1] == '1'}
+    p = p + 3 + 2 * n
   end
   item.expire = {}
   local x = tonumber(ARGV[p])
@@ -99,97 +171,157 @@ end
 local out = {}
 for e = 1, count do
   local item = plan[e]
-  if redis.call('EXISTS', item.inbox) == 1 then
+  if not pending_for(KEYS[1], ARGV[1], item.id, ARGV[5]) then
+    out[e] = {2}
+  elseif redis.call('EXISTS', item.inbox) == 1 then
     redis.call('XACK', KEYS[1], ARGV[1], item.id)
     out[e] = {0}
+  elseif item.only then
+    out[e] = {3}
   else
-    local ids = {1}
+    local want = {}
     for _, o in ipairs(item.outs) do
-      local args = {'XADD', o[1]}
-      if ARGV[3] ~= '' then
-        args[#args + 1] = 'MAXLEN'; args[#args + 1] = '~'; args[#args + 1] = ARGV[3]
-      end
-      args[#args + 1] = '*'
-      for j = o[2], o[2] + 2 * o[3] - 1 do args[#args + 1] = ARGV[j] end
-      ids[#ids + 1] = redis.call(unpack(args))
+      if o[4] then want[o[1]] = (want[o[1]] or 0) + 1 end
     end
-    for _, key in ipairs(item.expire) do redis.call('PEXPIRE', key, ARGV[2]) end
-    redis.call('XACK', KEYS[1], ARGV[1], item.id)
-    redis.call('SET', item.inbox, item.id, 'PX', ARGV[2])
-    out[e] = ids
+    local full = nil
+    for key, n in pairs(want) do
+      if not room(key, ARGV[3], n) then full = key; break end
+    end
+    if full then
+      out[e] = {4, full}
+    else
+      local ids = {1}
+      for _, o in ipairs(item.outs) do
+        local args = {'XADD', o[1], '*'}
+        for j = o[2], o[2] + 2 * o[3] - 1 do args[#args + 1] = ARGV[j] end
+        ids[#ids + 1] = redis.call(unpack(args))
+      end
+      for _, key in ipairs(item.expire) do redis.call('PEXPIRE', key, ARGV[2]) end
+      redis.call('XACK', KEYS[1], ARGV[1], item.id)
+      redis.call('SET', item.inbox, item.id, 'PX', ARGV[2])
+      out[e] = ids
+    end
   end
 end
 return out
 "#;
 
-// KEYS[1] input stream, KEYS[2] dlq; ARGV[1] group, ARGV[2] entry id, ARGV[3..] fields.
+// KEYS[1] input stream, KEYS[2] dlq, KEYS[3..] other keys; ARGV[1] group,
+// ARGV[2] entry id, ARGV[3] consumer, ARGV[4] marker key index (0: none),
+// ARGV[5] marker value, ARGV[6] marker ttl ms, ARGV[7] schedule key index
+// (0: none), ARGV[8] schedule score, ARGV[9] record field count n, n pairs,
+// then `also` count m, per entry: key index, field count, pairs.
+// Writes nothing unless the entry is still pending for the consumer.
 const DEAD_LETTER_LUA: &str = r#"
-local t = redis.call('TYPE', KEYS[2])['ok']
-if t ~= 'stream' and t ~= 'none' then
-  return redis.error_reply('WRONGTYPE ' .. KEYS[2])
+local e = check_stream(KEYS[2]); if e then return e end
+local p = 10 + 2 * tonumber(ARGV[9])
+local also = {}
+for i = 1, tonumber(ARGV[p]) do
+  local key = KEYS[tonumber(ARGV[p + 1])]
+  local n = tonumber(ARGV[p + 2])
+  local err = check_stream(key); if err then return err end
+  also[i] = {key, p + 3, n}
+  p = p + 2 + 2 * n
 end
+if not pending_for(KEYS[1], ARGV[1], ARGV[2], ARGV[3]) then return false end
 local args = {'XADD', KEYS[2], '*'}
-for i = 3, #ARGV do args[#args + 1] = ARGV[i] end
+for i = 10, 9 + 2 * tonumber(ARGV[9]) do args[#args + 1] = ARGV[i] end
 local id = redis.call(unpack(args))
+for _, a in ipairs(also) do
+  local xa = {'XADD', a[1], '*'}
+  for j = a[2], a[2] + 2 * a[3] - 1 do xa[#xa + 1] = ARGV[j] end
+  redis.call(unpack(xa))
+end
+if tonumber(ARGV[4]) > 0 then redis.call('SET', KEYS[tonumber(ARGV[4])], ARGV[5], 'PX', ARGV[6]) end
+if tonumber(ARGV[7]) > 0 then redis.call('ZADD', KEYS[tonumber(ARGV[7])], ARGV[8], id) end
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 return id
 "#;
 
 // KEYS[1] stream, KEYS[2..] idempotency keys (distinct); ARGV[1] ttl ms,
-// ARGV[2] maxlen or '', ARGV[3] submission count, then per submission:
-// task id, key index into KEYS (0: none), field count n, n field/value pairs.
-// Every key is type-checked before the first write (a script error does not
-// undo earlier writes): the batch is applied whole or not at all.
+// ARGV[2] limit or '', ARGV[3] submission count, then per submission:
+// task id, key index into KEYS (0: none), fingerprint ('' none), field
+// count n, n field/value pairs. A key's value is `<task id>` or
+// `<task id> <fingerprint>`. Everything that can refuse the batch (types,
+// fingerprint conflicts, the backlog limit for the new submissions) is
+// checked before the first write: the batch is applied whole or not at all.
 const SUBMIT_BATCH_LUA: &str = r#"
-local t = redis.call('TYPE', KEYS[1])['ok']
-if t ~= 'stream' and t ~= 'none' then
-  return redis.error_reply('WRONGTYPE ' .. KEYS[1])
-end
+local e = check_stream(KEYS[1]); if e then return e end
 for i = 2, #KEYS do
   local kt = redis.call('TYPE', KEYS[i])['ok']
   if kt ~= 'string' and kt ~= 'none' then
     return redis.error_reply('WRONGTYPE ' .. KEYS[i])
   end
 end
-local out = {}
+local items = {}
 local p = 4
+local fresh = 0
+local seen = {}
 for n = 1, tonumber(ARGV[3]) do
-  local id = ARGV[p]
-  local ki = tonumber(ARGV[p + 1])
-  local first = p + 3
-  p = first + 2 * tonumber(ARGV[p + 2])
-  local existing = false
-  if ki > 0 then existing = redis.call('GET', KEYS[ki]) end
+  local it = {id = ARGV[p], ki = tonumber(ARGV[p + 1]), fp = ARGV[p + 2], first = p + 4}
+  p = it.first + 2 * tonumber(ARGV[p + 3])
+  it.last = p - 1
+  local bound = nil
+  if it.ki > 0 then
+    bound = seen[it.ki]
+    if not bound then
+      local v = redis.call('GET', KEYS[it.ki])
+      if v then
+        local sp = string.find(v, ' ', 1, true)
+        if sp then bound = {string.sub(v, 1, sp - 1), string.sub(v, sp + 1)} else bound = {v, ''} end
+      end
+    end
+  end
+  if bound then
+    if it.fp ~= '' and bound[2] ~= '' and it.fp ~= bound[2] then
+      return redis.error_reply('CONFLICT ' .. (n - 1) .. ' ' .. bound[1])
+    end
+    it.existing = bound[1]
+  else
+    fresh = fresh + 1
+    if it.ki > 0 then seen[it.ki] = {it.id, it.fp} end
+  end
+  items[n] = it
+end
+if fresh > 0 then
+  local ok, len = room(KEYS[1], ARGV[2], fresh)
+  if not ok then return redis.error_reply('FULL ' .. len) end
+end
+local out = {}
+local bound_now = {}
+for n, it in ipairs(items) do
+  local existing = it.existing or (it.ki > 0 and bound_now[it.ki])
   if existing then
     out[n] = {existing}
   else
-    local args = {'XADD', KEYS[1]}
-    if ARGV[2] ~= '' then
-      args[#args + 1] = 'MAXLEN'; args[#args + 1] = '~'; args[#args + 1] = ARGV[2]
-    end
-    args[#args + 1] = '*'
-    args[#args + 1] = 'task_id'; args[#args + 1] = id
-    for j = first, p - 1 do args[#args + 1] = ARGV[j] end
+    local args = {'XADD', KEYS[1], '*', 'task_id', it.id}
+    for j = it.first, it.last do args[#args + 1] = ARGV[j] end
     local eid = redis.call(unpack(args))
-    if ki > 0 then redis.call('SET', KEYS[ki], id, 'PX', ARGV[1]) end
-    out[n] = {id, eid}
+    if it.ki > 0 then
+      local v = it.id
+      if it.fp ~= '' then v = v .. ' ' .. it.fp end
+      redis.call('SET', KEYS[it.ki], v, 'PX', ARGV[1])
+      bound_now[it.ki] = it.id
+    end
+    out[n] = {it.id, eid}
   end
 end
 return out
 "#;
 
-// KEYS[1] stream; ARGV[1] group, ARGV[2] consumer, ARGV[3] min idle ms, ARGV[4] count.
-// XAUTOCLAIM does not report delivery counts; read them in the same atomic
-// step with XPENDING so they cannot race with another claimer.
+// KEYS[1] stream; ARGV[1] group, ARGV[2] consumer, ARGV[3] min idle ms,
+// ARGV[4] count, ARGV[5] start. XAUTOCLAIM does not report delivery counts;
+// read them in the same atomic step with XPENDING so they cannot race with
+// another claimer. Returns {entries, counts, deleted ids, next cursor}.
 const AUTOCLAIM_LUA: &str = r#"
-local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], '0-0', 'COUNT', ARGV[4])
+local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[5], 'COUNT', ARGV[4])
 local entries = r[2]
 local counts = {}
 for i, e in ipairs(entries) do
   local p = redis.call('XPENDING', KEYS[1], ARGV[1], e[1], e[1], 1)
   if p[1] then counts[i] = p[1][4] else counts[i] = 0 end
 end
-return {entries, counts, r[3] or {}}
+return {entries, counts, r[3] or {}, r[1]}
 "#;
 
 // KEYS[1] stream; ARGV[1] group, ARGV[2] consumer, ARGV[3..] ids. Same
@@ -206,25 +338,77 @@ end
 return {entries, counts}
 "#;
 
-// KEYS[1] from, KEYS[2] to; ARGV[1] id, ARGV[2] maxlen or '', ARGV[3..] fields.
+// KEYS[1] from, KEYS[2] to, KEYS[3..] other keys; ARGV[1] id, ARGV[2] limit
+// or '', ARGV[3] unschedule key index (0: none), ARGV[4] member, ARGV[5]
+// field count n, n pairs, then `also` count m (key index, field count,
+// pairs each), then del count d and d key indices.
 const TRANSFER_LUA: &str = r#"
-local t = redis.call('TYPE', KEYS[2])['ok']
-if t ~= 'stream' and t ~= 'none' then
-  return redis.error_reply('WRONGTYPE ' .. KEYS[2])
+local e = check_stream(KEYS[2]); if e then return e end
+local p = 6 + 2 * tonumber(ARGV[5])
+local also = {}
+for i = 1, tonumber(ARGV[p]) do
+  local key = KEYS[tonumber(ARGV[p + 1])]
+  local n = tonumber(ARGV[p + 2])
+  local err = check_stream(key); if err then return err end
+  also[i] = {key, p + 3, n}
+  p = p + 2 + 2 * n
 end
+local dels = {}
+p = p + 1
+for i = 1, tonumber(ARGV[p]) do dels[i] = KEYS[tonumber(ARGV[p + i])] end
 if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then return false end
-local args = {'XADD', KEYS[2]}
-if ARGV[2] ~= '' then
-  args[#args + 1] = 'MAXLEN'; args[#args + 1] = '~'; args[#args + 1] = ARGV[2]
-end
-args[#args + 1] = '*'
-for i = 3, #ARGV do args[#args + 1] = ARGV[i] end
+local ok, len = room(KEYS[2], ARGV[2], 1)
+if not ok then return redis.error_reply('FULL ' .. len) end
+local args = {'XADD', KEYS[2], '*'}
+for i = 6, 5 + 2 * tonumber(ARGV[5]) do args[#args + 1] = ARGV[i] end
 local id = redis.call(unpack(args))
+for _, a in ipairs(also) do
+  local xa = {'XADD', a[1], '*'}
+  for j = a[2], a[2] + 2 * a[3] - 1 do xa[#xa + 1] = ARGV[j] end
+  redis.call(unpack(xa))
+end
+for _, k in ipairs(dels) do redis.call('DEL', k) end
+if tonumber(ARGV[3]) > 0 then redis.call('ZREM', KEYS[tonumber(ARGV[3])], ARGV[4]) end
 redis.call('XDEL', KEYS[1], ARGV[1])
 return id
 "#;
 
+// KEYS[1] stream; ARGV[1] group, ARGV[2] consumer, ARGV[3..] ids. Resets
+// the idle time of the ids still pending for the consumer, without counting
+// a delivery (JUSTID); returns them.
+const TOUCH_LUA: &str = r#"
+local out = {}
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if p[1] ~= nil and p[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    out[#out + 1] = ARGV[i]
+  end
+end
+return out
+"#;
+
+// KEYS[1] stream; ARGV[1] group, ARGV[2] consumer. Removes the consumer
+// only when nothing is pending for it.
+const REMOVE_CONSUMER_LUA: &str = r#"
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
+if #p > 0 then return 0 end
+redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"#;
+
+/// A script with the shared limit functions in front of it.
+fn with_limits(body: &str) -> Script {
+    Script::new(&format!(
+        "local HOUSEKEEP = {}\n{LIMIT_LUA}\n{body}",
+        super::HOUSEKEEP_LEN
+    ))
+}
+
 struct Scripts {
+    add: Script,
+    touch: Script,
+    remove_consumer: Script,
     complete: Script,
     dead_letter: Script,
     submit: Script,
@@ -266,12 +450,15 @@ impl RedisQueue {
             blocking_pool: Mutex::new(Vec::new()),
             config,
             scripts: Scripts {
-                complete: Script::new(COMPLETE_BATCH_LUA),
-                dead_letter: Script::new(DEAD_LETTER_LUA),
-                submit: Script::new(SUBMIT_BATCH_LUA),
+                add: with_limits(ADD_LUA),
+                touch: Script::new(TOUCH_LUA),
+                remove_consumer: Script::new(REMOVE_CONSUMER_LUA),
+                complete: with_limits(COMPLETE_BATCH_LUA),
+                dead_letter: with_limits(DEAD_LETTER_LUA),
+                submit: with_limits(SUBMIT_BATCH_LUA),
                 autoclaim: Script::new(AUTOCLAIM_LUA),
                 claim: Script::new(CLAIM_LUA),
-                transfer: Script::new(TRANSFER_LUA),
+                transfer: with_limits(TRANSFER_LUA),
             },
         })
     }
@@ -370,6 +557,32 @@ fn map_err(e: QueueError, stream: &str, group: &str) -> QueueError {
     }
 }
 
+/// Map our scripts' refusals (`FULL <backlog>`, `CONFLICT <index> <task>`)
+/// to typed errors; anything else through [`wrong_type`].
+fn refusal(e: QueueError, stream: &str, limit: Option<u64>) -> QueueError {
+    if let QueueError::Redis(re) = &e {
+        match re.code() {
+            Some("FULL") => {
+                return QueueError::Full {
+                    stream: stream.to_owned(),
+                    backlog: re.detail().and_then(|d| d.trim().parse().ok()).unwrap_or(0),
+                    limit: limit.unwrap_or(0),
+                };
+            }
+            Some("CONFLICT") => {
+                let mut parts = re.detail().unwrap_or("").split_whitespace();
+                let index = parts.next().and_then(|i| i.parse().ok()).unwrap_or(0);
+                return QueueError::Conflict {
+                    index,
+                    task_id: parts.next().unwrap_or("").to_owned(),
+                };
+            }
+            _ => {}
+        }
+    }
+    wrong_type(e, stream)
+}
+
 /// Map a WRONGTYPE reply to `WrongType(key)`.
 fn wrong_type(e: QueueError, key: &str) -> QueueError {
     match &e {
@@ -403,8 +616,36 @@ fn ttl_ms(ttl: Duration, what: &str) -> Result<u64, QueueError> {
     Ok(ms)
 }
 
-fn maxlen_arg(maxlen: Option<u64>) -> String {
-    maxlen.map(|m| m.to_string()).unwrap_or_default()
+fn limit_arg(limit: Option<u64>) -> String {
+    limit.map(|m| m.to_string()).unwrap_or_default()
+}
+
+/// Numbers distinct keys as a script sees them (`KEYS[first..]`), adding
+/// each to the invocation once.
+struct KeyIndex<'k> {
+    index: HashMap<&'k str, usize>,
+    first: usize,
+}
+
+impl<'k> KeyIndex<'k> {
+    fn new(first: usize) -> Self {
+        Self {
+            index: HashMap::new(),
+            first,
+        }
+    }
+
+    fn of(&mut self, inv: &mut ::redis::ScriptInvocation<'_>, key: &'k str) -> usize {
+        let next = self.index.len() + self.first;
+        *self.index.entry(key).or_insert_with(|| {
+            inv.key(key);
+            next
+        })
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 // ---- reply parsing: never trust the shape of a reply ----
@@ -498,6 +739,23 @@ fn v_fields(v: Value) -> Result<Fields, QueueError> {
     Ok(out)
 }
 
+/// A flat `[k1, v1, ...]` list (or RESP3 map) with values kept raw.
+fn v_fields_raw(v: Value) -> Result<Vec<(String, Value)>, QueueError> {
+    if let Value::Map(m) = v {
+        return m.into_iter().map(|(k, v)| Ok((v_string(k)?, v))).collect();
+    }
+    let flat = v_array(v)?;
+    if flat.len() % 2 != 0 {
+        return Err(QueueError::Protocol("odd field/value list".into()));
+    }
+    let mut out = Vec::with_capacity(flat.len() / 2);
+    let mut it = flat.into_iter();
+    while let (Some(k), Some(v)) = (it.next(), it.next()) {
+        out.push((v_string(k)?, v));
+    }
+    Ok(out)
+}
+
 fn pair(v: Value, what: &str) -> Result<(Value, Value), QueueError> {
     let mut a = v_array(v)?;
     if a.len() != 2 {
@@ -542,24 +800,29 @@ impl Queue for RedisQueue {
         &'a self,
         stream: &'a str,
         fields: Fields,
-        maxlen: Option<u64>,
+        limit: Option<u64>,
     ) -> QueueFuture<'a, String> {
         Box::pin(async move {
             check_fields(&fields)?;
-            let mut cmd = ::redis::cmd("XADD");
-            cmd.arg(stream);
-            if let Some(m) = maxlen {
-                cmd.arg("MAXLEN").arg("~").arg(m);
-            }
-            cmd.arg("*");
+            let mut inv = self.scripts.add.key(stream);
+            inv.arg(limit_arg(limit));
             for (k, v) in &fields {
-                cmd.arg(k.as_str()).arg(v.as_ref());
+                inv.arg(k.as_str()).arg(v.as_ref());
             }
             let v = self
-                .query("XADD", &cmd)
+                .invoke("add", &inv)
                 .await
                 .map_err(|e| wrong_type(e, stream))?;
-            v_string(v)
+            let (ok, v) = pair(v, "an add reply")?;
+            if v_int(ok)? == 1 {
+                v_string(v)
+            } else {
+                Err(QueueError::Full {
+                    stream: stream.to_owned(),
+                    backlog: v_u64(v)?,
+                    limit: limit.unwrap_or(0),
+                })
+            }
         })
     }
 
@@ -661,20 +924,23 @@ impl Queue for RedisQueue {
         consumer: &'a str,
         min_idle: Duration,
         count: usize,
+        start: &'a str,
     ) -> QueueFuture<'a, Claimed> {
         Box::pin(async move {
+            super::EntryId::parse(start)?;
             let mut inv = self.scripts.autoclaim.key(stream);
             inv.arg(group)
                 .arg(consumer)
-                .arg(u64::try_from(min_idle.as_millis()).unwrap_or(u64::MAX))
-                .arg(if count == 0 { 100 } else { count });
+                .arg(ms(min_idle))
+                .arg(if count == 0 { 100 } else { count })
+                .arg(start);
             let v = self
                 .invoke("XAUTOCLAIM", &inv)
                 .await
                 .map_err(|e| map_err(e, stream, group))?;
             let mut parts = v_array(v)?.into_iter();
-            let (Some(entries), Some(counts), Some(deleted)) =
-                (parts.next(), parts.next(), parts.next())
+            let (Some(entries), Some(counts), Some(deleted), Some(next)) =
+                (parts.next(), parts.next(), parts.next(), parts.next())
             else {
                 return Err(QueueError::Protocol("short autoclaim reply".into()));
             };
@@ -699,6 +965,7 @@ impl Queue for RedisQueue {
                     .into_iter()
                     .map(v_string)
                     .collect::<Result<_, _>>()?,
+                next: v_string(next)?,
             })
         })
     }
@@ -749,26 +1016,70 @@ impl Queue for RedisQueue {
         })
     }
 
-    fn transfer<'a>(
+    fn touch<'a>(
         &'a self,
-        from: &'a str,
-        id: &'a str,
-        to: &'a str,
-        fields: Fields,
-        maxlen: Option<u64>,
-    ) -> QueueFuture<'a, Option<String>> {
+        stream: &'a str,
+        group: &'a str,
+        consumer: &'a str,
+        ids: &'a [String],
+    ) -> QueueFuture<'a, Vec<String>> {
         Box::pin(async move {
-            super::EntryId::parse(id)?;
-            check_fields(&fields)?;
-            let mut inv = self.scripts.transfer.key(from);
-            inv.key(to).arg(id).arg(maxlen_arg(maxlen));
-            for (k, v) in &fields {
+            check_ids(ids)?;
+            if ids.is_empty() {
+                return Ok(Vec::new());
+            }
+            let mut inv = self.scripts.touch.key(stream);
+            inv.arg(group).arg(consumer);
+            for id in ids {
+                inv.arg(id.as_str());
+            }
+            let v = self
+                .invoke("touch", &inv)
+                .await
+                .map_err(|e| map_err(e, stream, group))?;
+            v_array(v)?.into_iter().map(v_string).collect()
+        })
+    }
+
+    fn transfer(&self, t: Transfer) -> QueueFuture<'_, Option<String>> {
+        Box::pin(async move {
+            super::EntryId::parse(&t.id)?;
+            check_fields(&t.fields)?;
+            for (_, f) in &t.also {
+                check_fields(f)?;
+            }
+            let mut inv = self.scripts.transfer.key(t.from.as_str());
+            inv.key(t.to.as_str());
+            let mut keys = KeyIndex::new(3);
+            let also: Vec<usize> = t.also.iter().map(|(k, _)| keys.of(&mut inv, k)).collect();
+            let dels: Vec<usize> = t.del.iter().map(|k| keys.of(&mut inv, k)).collect();
+            let unschedule = t
+                .unschedule
+                .as_ref()
+                .map_or(0, |(k, _)| keys.of(&mut inv, k));
+            inv.arg(t.id.as_str())
+                .arg(limit_arg(t.limit))
+                .arg(unschedule)
+                .arg(t.unschedule.as_ref().map_or("", |(_, m)| m.as_str()))
+                .arg(t.fields.len());
+            for (k, v) in &t.fields {
                 inv.arg(k.as_str()).arg(v.as_ref());
+            }
+            inv.arg(t.also.len());
+            for ((_, fields), ix) in t.also.iter().zip(also) {
+                inv.arg(ix).arg(fields.len());
+                for (k, v) in fields {
+                    inv.arg(k.as_str()).arg(v.as_ref());
+                }
+            }
+            inv.arg(dels.len());
+            for ix in dels {
+                inv.arg(ix);
             }
             let v = self
                 .invoke("transfer", &inv)
                 .await
-                .map_err(|e| wrong_type(e, to))?;
+                .map_err(|e| refusal(e, &t.to, t.limit))?;
             v_opt_string(v)
         })
     }
@@ -882,9 +1193,10 @@ impl Queue for RedisQueue {
         &'a self,
         stream: &'a str,
         group: &'a str,
+        consumer: &'a str,
         items: Vec<Completing>,
         inbox_ttl: Duration,
-        maxlen: Option<u64>,
+        limit: Option<u64>,
     ) -> QueueFuture<'a, Vec<Completion>> {
         Box::pin(async move {
             if items.is_empty() {
@@ -898,32 +1210,32 @@ impl Queue for RedisQueue {
                 }
             }
             let mut inv = self.scripts.complete.key(stream);
-            // Distinct keys, numbered as the script sees them (KEYS[2..]).
-            let mut index: HashMap<&str, usize> = HashMap::new();
+            let mut keys = KeyIndex::new(2);
             let mut args: Vec<usize> = Vec::new();
             for it in &items {
-                let keys = std::iter::once(it.inbox_key.as_str())
+                let all = std::iter::once(it.inbox_key.as_str())
                     .chain(it.outputs.iter().map(|(out, _)| out.as_str()))
                     .chain(it.expire.iter().map(String::as_str));
-                for k in keys {
-                    let next = index.len() + 2;
-                    args.push(*index.entry(k).or_insert_with(|| {
-                        inv.key(k);
-                        next
-                    }));
+                for k in all {
+                    args.push(keys.of(&mut inv, k));
                 }
             }
             inv.arg(group)
                 .arg(ttl)
-                .arg(maxlen_arg(maxlen))
-                .arg(items.len());
+                .arg(limit_arg(limit))
+                .arg(items.len())
+                .arg(consumer);
             let mut key_ix = args.into_iter();
             for it in &items {
                 inv.arg(it.entry_id.as_str())
                     .arg(key_ix.next().unwrap_or_default())
+                    .arg(if it.only_if_done { "1" } else { "0" })
                     .arg(it.outputs.len());
-                for (_, fields) in &it.outputs {
-                    inv.arg(key_ix.next().unwrap_or_default()).arg(fields.len());
+                for (out, fields) in &it.outputs {
+                    let limited = !it.expire.contains(out);
+                    inv.arg(key_ix.next().unwrap_or_default())
+                        .arg(if limited { "1" } else { "0" })
+                        .arg(fields.len());
                     for (k, v) in fields {
                         inv.arg(k.as_str()).arg(v.as_ref());
                     }
@@ -946,6 +1258,11 @@ impl Queue for RedisQueue {
                         Some(1) => Ok(Completion::Published {
                             output_ids: it.map(v_string).collect::<Result<_, _>>()?,
                         }),
+                        Some(2) => Ok(Completion::NotPending),
+                        Some(3) => Ok(Completion::NotDone),
+                        Some(4) => Ok(Completion::Full {
+                            stream: it.next().map(v_string).transpose()?.unwrap_or_default(),
+                        }),
                         _ => Err(QueueError::Protocol("bad complete reply".into())),
                     }
                 })
@@ -957,23 +1274,44 @@ impl Queue for RedisQueue {
         &'a self,
         stream: &'a str,
         group: &'a str,
-        entry_id: &'a str,
-        dlq_stream: &'a str,
-        record: Fields,
-    ) -> QueueFuture<'a, String> {
+        d: DeadLetter,
+    ) -> QueueFuture<'a, Option<String>> {
         Box::pin(async move {
-            super::EntryId::parse(entry_id)?;
-            check_fields(&record)?;
+            super::EntryId::parse(&d.entry_id)?;
+            check_fields(&d.record)?;
+            for (_, f) in &d.also {
+                check_fields(f)?;
+            }
             let mut inv = self.scripts.dead_letter.key(stream);
-            inv.key(dlq_stream).arg(group).arg(entry_id);
-            for (k, v) in &record {
+            inv.key(d.dlq.as_str());
+            let mut keys = KeyIndex::new(3);
+            let also: Vec<usize> = d.also.iter().map(|(k, _)| keys.of(&mut inv, k)).collect();
+            let marker = d.marker.as_ref().map_or(0, |(k, _)| keys.of(&mut inv, k));
+            let sched = d.schedule.as_ref().map_or(0, |(k, _)| keys.of(&mut inv, k));
+            inv.arg(group)
+                .arg(d.entry_id.as_str())
+                .arg(d.consumer.as_str())
+                .arg(marker)
+                .arg(d.marker.as_ref().map_or(&b""[..], |(_, v)| v.as_ref()))
+                .arg(ms(d.marker_ttl).max(1))
+                .arg(sched)
+                .arg(d.schedule.as_ref().map_or(0, |(_, s)| *s))
+                .arg(d.record.len());
+            for (k, v) in &d.record {
                 inv.arg(k.as_str()).arg(v.as_ref());
+            }
+            inv.arg(d.also.len());
+            for ((_, fields), ix) in d.also.iter().zip(also) {
+                inv.arg(ix).arg(fields.len());
+                for (k, v) in fields {
+                    inv.arg(k.as_str()).arg(v.as_ref());
+                }
             }
             let v = self
                 .invoke("dead_letter", &inv)
                 .await
-                .map_err(|e| wrong_type(e, dlq_stream))?;
-            v_string(v)
+                .map_err(|e| wrong_type(e, &d.dlq))?;
+            v_opt_string(v)
         })
     }
 
@@ -982,27 +1320,30 @@ impl Queue for RedisQueue {
         stream: &'a str,
         ttl: Duration,
         items: Vec<Submission>,
-        maxlen: Option<u64>,
+        limit: Option<u64>,
     ) -> QueueFuture<'a, Vec<Submitted>> {
         Box::pin(async move {
             if items.is_empty() {
                 return Ok(Vec::new());
             }
             let ttl = ttl_ms(ttl, "idempotency ttl")?;
-            let mut inv = self.scripts.submit.key(stream);
-            // Distinct keys, numbered as the script sees them (KEYS[2..]).
-            let mut key_index: HashMap<&str, usize> = HashMap::new();
-            for k in items.iter().filter_map(|i| i.idem_key.as_deref()) {
-                let next = key_index.len() + 2;
-                key_index.entry(k).or_insert_with(|| {
-                    inv.key(k);
-                    next
-                });
-            }
-            inv.arg(ttl).arg(maxlen_arg(maxlen)).arg(items.len());
             for it in &items {
-                let ki = it.idem_key.as_deref().map_or(0, |k| key_index[k]);
-                inv.arg(it.task_id.as_str()).arg(ki).arg(it.fields.len());
+                if it.fingerprint.as_deref().is_some_and(|f| f.contains(' ')) {
+                    return Err(QueueError::Invalid("a fingerprint has no spaces".into()));
+                }
+            }
+            let mut inv = self.scripts.submit.key(stream);
+            let mut keys = KeyIndex::new(2);
+            let ix: Vec<usize> = items
+                .iter()
+                .map(|i| i.idem_key.as_deref().map_or(0, |k| keys.of(&mut inv, k)))
+                .collect();
+            inv.arg(ttl).arg(limit_arg(limit)).arg(items.len());
+            for (it, ki) in items.iter().zip(ix) {
+                inv.arg(it.task_id.as_str())
+                    .arg(ki)
+                    .arg(it.fingerprint.as_deref().unwrap_or(""))
+                    .arg(it.fields.len());
                 for (k, v) in &it.fields {
                     inv.arg(k.as_str()).arg(v.as_ref());
                 }
@@ -1010,7 +1351,7 @@ impl Queue for RedisQueue {
             let v = self
                 .invoke("submit_batch", &inv)
                 .await
-                .map_err(|e| wrong_type(e, stream))?;
+                .map_err(|e| refusal(e, stream, limit))?;
             per_item(v, items.len(), "submit")?
                 .into_iter()
                 .map(|r| {
@@ -1158,6 +1499,117 @@ impl Queue for RedisQueue {
                 .into_on_message()
                 .map(|msg| Bytes::copy_from_slice(msg.get_payload_bytes()));
             Ok(Box::pin(stream) as Subscription)
+        })
+    }
+
+    fn trim_older<'a>(&'a self, stream: &'a str, min_ms: u64) -> QueueFuture<'a, u64> {
+        Box::pin(async move {
+            let mut cmd = ::redis::cmd("XTRIM");
+            cmd.arg(stream).arg("MINID").arg(format!("{min_ms}-0"));
+            v_u64(
+                self.query("XTRIM", &cmd)
+                    .await
+                    .map_err(|e| wrong_type(e, stream))?,
+            )
+        })
+    }
+
+    fn due<'a>(
+        &'a self,
+        key: &'a str,
+        max_score: u64,
+        count: usize,
+    ) -> QueueFuture<'a, Vec<String>> {
+        Box::pin(async move {
+            let mut cmd = ::redis::cmd("ZRANGE");
+            cmd.arg(key)
+                .arg("-inf")
+                .arg(max_score)
+                .arg("BYSCORE")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(count.max(1));
+            v_array(
+                self.query("ZRANGE", &cmd)
+                    .await
+                    .map_err(|e| wrong_type(e, key))?,
+            )?
+            .into_iter()
+            .map(v_string)
+            .collect()
+        })
+    }
+
+    fn schedule<'a>(&'a self, key: &'a str, member: &'a str, score: u64) -> QueueFuture<'a, ()> {
+        Box::pin(async move {
+            let mut cmd = ::redis::cmd("ZADD");
+            cmd.arg(key).arg(score).arg(member);
+            self.query("ZADD", &cmd)
+                .await
+                .map_err(|e| wrong_type(e, key))?;
+            Ok(())
+        })
+    }
+
+    fn unschedule<'a>(&'a self, key: &'a str, member: &'a str) -> QueueFuture<'a, ()> {
+        Box::pin(async move {
+            let mut cmd = ::redis::cmd("ZREM");
+            cmd.arg(key).arg(member);
+            self.query("ZREM", &cmd)
+                .await
+                .map_err(|e| wrong_type(e, key))?;
+            Ok(())
+        })
+    }
+
+    fn consumers<'a>(
+        &'a self,
+        stream: &'a str,
+        group: &'a str,
+    ) -> QueueFuture<'a, Vec<ConsumerInfo>> {
+        Box::pin(async move {
+            let mut cmd = ::redis::cmd("XINFO");
+            cmd.arg("CONSUMERS").arg(stream).arg(group);
+            let v = self
+                .query("XINFO CONSUMERS", &cmd)
+                .await
+                .map_err(|e| map_err(e, stream, group))?;
+            let mut out = Vec::new();
+            for c in v_array(v)? {
+                let (mut name, mut pending, mut idle) = (String::new(), 0, 0);
+                for (k, v) in v_fields_raw(c)? {
+                    match k.as_str() {
+                        "name" => name = v_string(v)?,
+                        "pending" => pending = v_u64(v)?,
+                        "idle" => idle = v_u64(v)?,
+                        _ => {}
+                    }
+                }
+                out.push(ConsumerInfo {
+                    name,
+                    pending,
+                    idle: Duration::from_millis(idle),
+                });
+            }
+            out.sort_by(|a, b| a.name.cmp(&b.name));
+            Ok(out)
+        })
+    }
+
+    fn remove_consumer<'a>(
+        &'a self,
+        stream: &'a str,
+        group: &'a str,
+        consumer: &'a str,
+    ) -> QueueFuture<'a, bool> {
+        Box::pin(async move {
+            let mut inv = self.scripts.remove_consumer.key(stream);
+            inv.arg(group).arg(consumer);
+            let v = self
+                .invoke("remove_consumer", &inv)
+                .await
+                .map_err(|e| map_err(e, stream, group))?;
+            Ok(v_int(v)? == 1)
         })
     }
 }

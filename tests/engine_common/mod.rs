@@ -250,7 +250,7 @@ pub async fn add_task(
 }
 
 pub async fn dlq(q: &Arc<dyn Queue>, cfg: &WorkflowConfig) -> Vec<r4::engine::dlq::DlqRecord> {
-    r4::engine::dlq::list(q.as_ref(), &cfg.keys, 0)
+    r4::engine::dlq::list(q.as_ref(), &cfg.keys, r4::engine::dlq::Store::Dlq, 0)
         .await
         .unwrap()
 }
