@@ -167,15 +167,26 @@ impl Policy {
 /// `idempotency.ttl: auto`: the longest time a step may still be redelivered
 /// — every delivery with its backoff, every automatic replay with its
 /// backoff — or the DLQ retention (a manual replay may come that late),
-/// whichever is longer, plus an hour of margin.
+/// whichever is longer, plus an hour of margin; but never more than
+/// [`MAX_AUTO_TTL`] beyond the retention (exponential replay backoff with
+/// many replays would otherwise keep every inbox key for centuries).
 pub fn auto_ttl(p: &Policy) -> Duration {
     let retry = (p.per_attempt + p.backoff.max) * u32::try_from(p.max_deliveries).unwrap_or(100);
     let mut replay = Duration::ZERO;
     for n in 0..p.replay.max_replays.min(30) {
-        replay += p.replay.backoff * 2u32.saturating_pow(n) + retry;
+        replay = replay.saturating_add(
+            p.replay
+                .backoff
+                .saturating_mul(2u32.saturating_pow(n))
+                .saturating_add(retry),
+        );
     }
-    (retry + replay).max(p.retention) + Duration::from_secs(3600)
+    let horizon = (retry + replay).min(p.retention.max(MAX_AUTO_TTL));
+    horizon.max(p.retention) + Duration::from_secs(3600)
 }
+
+/// Longest `idempotency.ttl: auto` (unless the retention is longer).
+pub const MAX_AUTO_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// What to do with an agent's tasks while a tool it needs is down.
 pub type Degraded = DegradedMode;
@@ -417,6 +428,21 @@ impl WorkflowConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn auto_ttl_is_capped() {
+        let mut p = base_policy();
+        p.replay.max_replays = 30;
+        p.replay.backoff = Duration::from_secs(60);
+        let ttl = auto_ttl(&p);
+        assert_eq!(ttl, MAX_AUTO_TTL + Duration::from_secs(3600), "{ttl:?}");
+        // A retention beyond the cap still wins.
+        p.retention = MAX_AUTO_TTL * 2;
+        assert_eq!(auto_ttl(&p), MAX_AUTO_TTL * 2 + Duration::from_secs(3600));
+        // Small policies are unchanged: the horizon or the retention.
+        let q = base_policy();
+        assert!(auto_ttl(&q) <= q.retention + Duration::from_secs(3600) * 2);
+    }
 
     #[test]
     fn backoff_grows_and_caps() {

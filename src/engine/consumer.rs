@@ -172,9 +172,10 @@ impl AgentRole {
         let stream = self.cfg.keys.stream(&self.agent.consumes);
         let group = self.agent.name.clone();
         let q = self.queue.clone();
-        // The group must exist before anything else; retry while Redis is away.
+        // The groups must exist before anything else (ours and those of the
+        // agents we write to); retry while Redis is away.
         loop {
-            match q.ensure_group(&stream, &group).await {
+            match ensure_groups(q.as_ref(), &self.cfg).await {
                 Ok(()) => break,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot create consumer group; retrying");
@@ -472,6 +473,20 @@ impl AgentRole {
             tx.send_replace(next);
         }
     }
+}
+
+/// Create the consumer group of every agent of the workflow on its input
+/// stream (from the beginning; existing groups are left as they are).
+/// Every role calls this before it writes or reads anything: a work stream
+/// must have its groups from the first entry on, or the queue would treat
+/// it as the end of the graph and cap it instead of refusing past
+/// `queue.maxLen` (see the `Queue` trait docs).
+pub async fn ensure_groups(q: &dyn Queue, cfg: &WorkflowConfig) -> Result<(), QueueError> {
+    for a in &cfg.agents {
+        q.ensure_group(&cfg.keys.stream(&a.consumes), &a.name)
+            .await?;
+    }
+    Ok(())
 }
 
 /// Most autoclaim calls per claim round (each scans at most ten times the

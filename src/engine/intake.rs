@@ -74,6 +74,10 @@ pub struct Intake {
     cfg: Arc<WorkflowConfig>,
     queue: Arc<dyn Queue>,
     stats: Arc<Stats>,
+    /// The workflow's consumer groups exist (created before the first
+    /// submission, so the entry stream refuses past `maxLen` instead of
+    /// being capped like the end of a graph).
+    prepared: std::sync::atomic::AtomicBool,
 }
 
 impl Intake {
@@ -82,7 +86,18 @@ impl Intake {
             cfg,
             queue,
             stats: Arc::new(Stats::new(engine_id, "intake", None)),
+            prepared: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Create the workflow's consumer groups once, before the first write.
+    async fn prepare(&self) -> Result<(), QueueError> {
+        use std::sync::atomic::Ordering;
+        if !self.prepared.load(Ordering::Acquire) {
+            super::consumer::ensure_groups(self.queue.as_ref(), &self.cfg).await?;
+            self.prepared.store(true, Ordering::Release);
+        }
+        Ok(())
     }
 
     pub fn stats(&self) -> Arc<Stats> {
@@ -120,6 +135,7 @@ impl Intake {
         idempotency_key: Option<&str>,
         traceparent: Option<&str>,
     ) -> Result<(String, bool), crate::queue::QueueError> {
+        self.prepare().await?;
         let stream = self.cfg.keys.stream(self.cfg.entry_stream());
         let mut t = Task::new(String::new(), serde_json::Value::Null);
         t.traceparent = Some(child_traceparent(traceparent));
@@ -168,6 +184,7 @@ impl Intake {
         tasks: Vec<BatchTask>,
         traceparent: Option<&str>,
     ) -> Result<Vec<(String, bool)>, crate::queue::QueueError> {
+        self.prepare().await?;
         let stream = self.cfg.keys.stream(self.cfg.entry_stream());
         let now = task::now_ms();
         let items = tasks

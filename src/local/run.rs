@@ -402,12 +402,16 @@ pub async fn run(
             }
             let key = format!("r4-run-{}-{n}", opts.seed);
             let payload = serde_json::json!({"n": n, "dispute": format!("D-{n:06}")});
-            let (task_id, _) = intake
-                .submit(payload, Some(&key), None)
-                .await
-                .map_err(|e| {
-                    RunError::Engine(EngineError::Io(format!("intake refused task {n}: {e}")))
-                })?;
+            let (task_id, _) = match intake.submit(payload, Some(&key), None).await {
+                Ok(t) => t,
+                // Backpressure (`queue.maxLen`): submit again on a later tick.
+                Err(QueueError::Full { .. }) => break,
+                Err(e) => {
+                    return Err(RunError::Engine(EngineError::Io(format!(
+                        "intake refused task {n}: {e}"
+                    ))));
+                }
+            };
             submitted.entry(task_id.clone()).or_insert_with(|| {
                 order.push(task_id);
                 Instant::now()

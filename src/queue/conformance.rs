@@ -743,18 +743,20 @@ pub async fn limit_refuses_and_never_drops_unacked(q: Q) {
         4,
         "group b still gets every entry"
     );
-    // A stream nobody reads is never trimmed.
+    // A stream no group reads (the end of a graph) is capped, newest kept.
     let s3 = k.stream("no-group");
-    for i in 0..3 {
-        q.add(&s3, f(&i.to_string()), Some(3)).await.unwrap();
+    let mut last = String::new();
+    for i in 0..60 {
+        last = q.add(&s3, f(&i.to_string()), Some(10)).await.unwrap();
     }
-    assert!(q.add(&s3, f("x"), Some(3)).await.is_err());
-    assert_eq!(q.len(&s3).await.unwrap(), 3);
-    // Without a limit nothing is refused.
+    assert_eq!(q.len(&s3).await.unwrap(), 10);
+    let newest = q.rev_range(&s3, "+", "-", 1).await.unwrap();
+    assert_eq!((newest[0].id.as_str(), val(&newest[0]).as_str()), (last.as_str(), "59"));
+    // Without a limit nothing is refused or trimmed.
     for i in 0..150 {
         q.add(&s3, f(&i.to_string()), None).await.unwrap();
     }
-    assert_eq!(q.len(&s3).await.unwrap(), 153);
+    assert_eq!(q.len(&s3).await.unwrap(), 160);
 }
 
 pub async fn submit_batch_respects_the_limit(q: Q) {

@@ -126,15 +126,23 @@ impl State {
     /// stream looks full. `Err(backlog)` when there is none.
     fn room(&mut self, stream: &str, limit: Option<u64>, n: u64) -> Result<(), u64> {
         let Some(s) = self.streams.get_mut(stream) else {
-            return match limit {
-                Some(l) if n > l => Err(0),
-                _ => Ok(()),
-            };
+            return Ok(());
         };
         let len = |s: &MemStream| s.entries.len() as u64;
-        if len(s) + n > limit.unwrap_or(HOUSEKEEP_LEN) {
-            s.trim_acked();
+        if len(s) + n <= limit.unwrap_or(HOUSEKEEP_LEN) {
+            return Ok(());
         }
+        if s.groups.is_empty() {
+            // A stream no group reads (the end of a graph): capped.
+            if let Some(l) = limit {
+                let keep = usize::try_from(l.saturating_sub(n)).unwrap_or(usize::MAX);
+                while s.entries.len() > keep {
+                    s.entries.pop_first();
+                }
+            }
+            return Ok(());
+        }
+        s.trim_acked();
         match limit {
             Some(l) if len(s) + n > l => Err(len(s)),
             _ => Ok(()),

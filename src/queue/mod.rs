@@ -251,14 +251,18 @@ pub enum QueueError {
 ///
 /// # Backlog limits, never trimming of unacknowledged entries
 ///
-/// A `limit` on a write to a work stream is a **backpressure** limit, not a
-/// trim length: the backlog of a stream is the number of its entries, after
-/// removing those that every consumer group has read and acknowledged; a write that would take the backlog past the
-/// limit writes nothing and fails with [`QueueError::Full`] (or, inside a
-/// completion, [`Completion::Full`]). An entry some group has not read, or
-/// read and not acked, is never removed by the queue. A stream with no
-/// consumer group is never trimmed. Without a limit, acknowledged entries
-/// are trimmed once the stream holds [`HOUSEKEEP_LEN`] entries.
+/// A `limit` on a write to a work stream (a stream some consumer group
+/// reads) is a **backpressure** limit, not a trim length: the backlog of a
+/// stream is the number of its entries after removing those that every
+/// group has read and acknowledged; a write that would take the backlog
+/// past the limit writes nothing and fails with [`QueueError::Full`] (or,
+/// inside a completion, [`Completion::Full`]). An entry some group has not
+/// read, or read and not acked, is never removed by the queue. A stream no
+/// group reads (the end of a graph) is capped at the limit by dropping its
+/// oldest entries — so the engine creates the groups of every agent before
+/// anything is written (`engine::consumer::ensure_groups`). Without a
+/// limit, acknowledged entries are trimmed once a stream holds
+/// [`HOUSEKEEP_LEN`] entries.
 pub trait Queue: Send + Sync {
     /// XADD, refusing with [`QueueError::Full`] past `limit` (see the trait
     /// docs; `None`: no limit). Returns the entry id.

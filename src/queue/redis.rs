@@ -71,8 +71,9 @@ impl Default for RedisConfig {
 // every consumer group has read and acknowledged: for each group the floor
 // is its oldest pending id, or the id after its last delivered one when
 // nothing is pending; XTRIM MINID at the lowest floor. A stream without
-// groups is never trimmed. `room` answers whether `n` more entries fit
-// under `limit` ('' = no limit, then only housekeeping trims).
+// groups is never trimmed by it. `room` answers whether `n` more entries
+// fit under `limit` ('' = no limit, then only housekeeping trims); a stream
+// no group reads is capped at `limit` by trimming its oldest entries.
 const LIMIT_LUA: &str = r#"
 local function id_parts(id)
   local d = string.find(id, '-', 1, true)
@@ -108,10 +109,18 @@ end
 local function room(key, limit, n)
   local len = redis.call('XLEN', key)
   local lim = tonumber(limit)
-  if len + n > (lim or HOUSEKEEP) then
-    trim_acked(key)
-    len = redis.call('XLEN', key)
+  if len + n <= (lim or HOUSEKEEP) then return true, len end
+  local groups = 0
+  if redis.call('TYPE', key)['ok'] == 'stream' then
+    groups = #redis.call('XINFO', 'GROUPS', key)
   end
+  if groups == 0 then
+    -- A stream no group reads (the end of a graph): capped, oldest first.
+    if lim then redis.call('XTRIM', key, 'MAXLEN', math.max(lim - n, 0)) end
+    return true, len
+  end
+  trim_acked(key)
+  len = redis.call('XLEN', key)
   if lim and len + n > lim then return false, len end
   return true, len
 end

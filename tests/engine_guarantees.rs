@@ -1,0 +1,381 @@
+//! The engine's two central promises tried the way they broke before:
+//! nothing accepted is lost (a backlog past `queue.maxLen`, an agent
+//! container that is down, a dead engine's pending entries behind live
+//! ones, an oversized output, a replay on a shared stream), each against a
+//! real redis-server where the behaviour depends on Redis.
+
+mod engine_common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use engine_common::*;
+use r4::engine::delivery::Outputs;
+use r4::engine::dlq::{self, Store};
+use r4::engine::{AgentRole, DeliveryError, HttpDelivery, Intake};
+use r4::queue::Queue;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// 5,000 tasks into a workflow with `maxLen: 1000` while no agent runs:
+/// every task is either accepted (and completed once agents start) or
+/// refused with 429 + Retry-After at submission. None is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backlog_past_max_len_is_refused_never_lost() {
+    let (_redis, q) = queue(true).await;
+    let cfg = Arc::new(workflow(
+        "backlog",
+        "    - {name: a, image: x, consumes: in, produces: [out]}\n    - {name: b, image: x, consumes: out, produces: [done]}",
+        "  intake: {enabled: true}",
+    ));
+    let cfg = Arc::new(r4::engine::WorkflowConfig {
+        max_len: Some(1000),
+        ..(*cfg).clone()
+    });
+    let intake = Intake::new(cfg.clone(), q.clone(), "intake-1");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/v1/tasks", listener.local_addr().unwrap());
+    let (stop, rx) = watch::channel(false);
+    let server = tokio::spawn(r4::engine::http::serve(listener, intake.router(), rx));
+    let http = reqwest::Client::new();
+    const N: usize = 5000;
+    let submit = |keys: Vec<usize>| {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            let mut refused = Vec::new();
+            let mut accepted = Vec::new();
+            for n in keys {
+                let r = http
+                    .post(&url)
+                    .header("Idempotency-Key", format!("task-{n}"))
+                    .body(json!({"n": n}).to_string())
+                    .send()
+                    .await
+                    .unwrap();
+                match r.status().as_u16() {
+                    202 => {
+                        let v: Value = r.json().await.unwrap();
+                        accepted.push((n, v["task_id"].as_str().unwrap().to_owned()));
+                    }
+                    429 => {
+                        assert_eq!(r.headers()["retry-after"], "1");
+                        let v: Value = r.json().await.unwrap();
+                        let msg = v["error"].as_str().unwrap();
+                        assert!(msg.starts_with("queue.maxLen: "), "{msg}");
+                        refused.push(n);
+                    }
+                    s => panic!("unexpected status {s}"),
+                }
+            }
+            (accepted, refused)
+        }
+    };
+    // Four clients at once, no agent running.
+    let mut handles = Vec::new();
+    for c in 0..4 {
+        handles.push(tokio::spawn(submit((c..N).step_by(4).collect())));
+    }
+    let mut accepted: BTreeMap<usize, String> = BTreeMap::new();
+    let mut refused = Vec::new();
+    for h in handles {
+        let (a, r) = h.await.unwrap();
+        accepted.extend(a);
+        refused.extend(r);
+    }
+    assert_eq!(accepted.len() + refused.len(), N);
+    assert_eq!(accepted.len(), 1000, "exactly maxLen accepted");
+    let input = cfg.keys.stream("in");
+    assert_eq!(q.len(&input).await.unwrap(), 1000, "nothing trimmed");
+    // Agents start: every accepted task completes.
+    let agent = ScriptedAgent::ok();
+    let run = start_agents(&cfg, &q, &agent);
+    let done_tasks = |agent: &ScriptedAgent| -> BTreeSet<String> {
+        agent
+            .calls_for("b")
+            .into_iter()
+            .map(|c| c.task_id)
+            .collect()
+    };
+    eventually("accepted tasks complete", WAIT, || async {
+        done_tasks(&agent).len() >= 1000
+    })
+    .await;
+    // The refused ones are resubmitted while agents run (a client honouring
+    // Retry-After) until all are in.
+    let mut left = refused;
+    let deadline = Instant::now() + WAIT;
+    while !left.is_empty() {
+        assert!(Instant::now() < deadline, "{} never accepted", left.len());
+        let (a, r) = submit(left).await;
+        accepted.extend(a);
+        left = r;
+        if !left.is_empty() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    eventually("every task completes", WAIT, || async {
+        done_tasks(&agent).len() >= N
+    })
+    .await;
+    run.stop().await;
+    let done = done_tasks(&agent);
+    assert_eq!(done.len(), N);
+    assert!(accepted.values().all(|id| done.contains(id)), "none lost");
+    assert!(dlq(&q, &cfg).await.is_empty());
+    let _ = stop.send(true);
+    let _ = server.await;
+}
+
+/// An agent container that cannot be reached for 10 s (restarting) costs
+/// no task a delivery: reads pause, `/readyz` says not ready, the held
+/// entries keep their delivery count of 1, and every task is delivered
+/// once the agent answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_down_for_ten_seconds_costs_no_delivery() {
+    let (_redis, q) = queue(true).await;
+    let cfg = Arc::new(workflow(
+        "agent-down",
+        "    - {name: a, image: x, consumes: in, produces: [done], concurrency: 4}",
+        "",
+    ));
+    // A port nothing listens on yet.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let delivery = HttpDelivery::new(format!("http://127.0.0.1:{port}/")).unwrap();
+    let role = AgentRole::new(
+        cfg.clone(),
+        "a",
+        q.clone(),
+        Arc::new(delivery),
+        "agent-down-1",
+    )
+    .unwrap()
+    .with_options(fast_opts());
+    let stats = role.stats();
+    let (tx, rx) = watch::channel(false);
+    let h = tokio::spawn(async move { role.run(rx).await.unwrap() });
+    for i in 0..30 {
+        add_task(&q, &cfg, "in", &format!("t{i}"), json!({"i": i})).await;
+    }
+    eventually("the agent is marked down", WAIT, || async {
+        stats.agent_down()
+    })
+    .await;
+    assert!(!stats.ready(), "/readyz fails while the agent is down");
+    // Down for 10 s: ten visibility timeouts of this workflow.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(dlq(&q, &cfg).await.is_empty());
+    let pending = q
+        .pending_summary(&cfg.keys.stream("in"), "a")
+        .await
+        .unwrap();
+    assert!(
+        pending.count <= 8,
+        "reads paused: {} held",
+        pending.count
+    );
+    // The agent comes up and records what it is asked.
+    let seen: Arc<Mutex<Vec<(String, u64)>>> = Arc::default();
+    let s2 = seen.clone();
+    let app = axum::Router::new().route(
+        "/",
+        axum::routing::post(move |body: axum::Json<Value>| {
+            let s2 = s2.clone();
+            async move {
+                let id = body["task_id"].as_str().unwrap_or("").to_owned();
+                let attempt = body["attempt"].as_u64().unwrap_or(0);
+                s2.lock().unwrap().push((id, attempt));
+                axum::Json(json!({}))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let agent_server = tokio::spawn(async move { axum::serve(listener, app).await });
+    eventually("every task delivered", WAIT, || async {
+        q.len(&cfg.keys.stream("done")).await.unwrap() == 30
+    })
+    .await;
+    assert!(stats.ready(), "ready again");
+    let seen = seen.lock().unwrap().clone();
+    let ids: BTreeSet<&str> = seen.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(ids.len(), 30);
+    assert_eq!(seen.len(), 30, "each task delivered once");
+    assert!(
+        seen.iter().all(|(_, attempt)| *attempt == 1),
+        "no delivery was spent while the agent was down: {seen:?}"
+    );
+    assert!(dlq(&q, &cfg).await.is_empty());
+    let _ = tx.send(true);
+    let _ = h.await;
+    agent_server.abort();
+}
+
+/// A dead engine's 500 pending entries sit behind 700 entries a live
+/// engine keeps working on: a new engine reclaims every one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_engines_entries_behind_live_ones_are_reclaimed() {
+    let (_redis, q) = queue(true).await;
+    let cfg = Arc::new(workflow(
+        "reclaim",
+        "    - {name: a, image: x, consumes: in, produces: [done], concurrency: 8}",
+        "",
+    ));
+    let input = cfg.keys.stream("in");
+    q.ensure_group(&input, "a").await.unwrap();
+    for i in 0..1200 {
+        add_task(&q, &cfg, "in", &format!("t{i}"), json!({"i": i})).await;
+    }
+    let live: Vec<String> = q
+        .read_group(&input, "a", "live", 700, Duration::ZERO)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    let dead = q
+        .read_group(&input, "a", "dead", 500, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!((live.len(), dead.len()), (700, 500));
+    // The live engine keeps its entries fresh.
+    let (q2, input2, live2) = (q.clone(), input.clone(), live.clone());
+    let keeper = tokio::spawn(async move {
+        loop {
+            let _ = q2.touch(&input2, "a", "live", &live2).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let agent = ScriptedAgent::ok();
+    let run = start_agents(&cfg, &q, &agent);
+    let dead_ids: BTreeSet<String> = dead
+        .iter()
+        .map(|e| {
+            String::from_utf8_lossy(e.field("task_id").unwrap()).into_owned()
+        })
+        .collect();
+    eventually("all 500 reclaimed", WAIT, || async {
+        let done: BTreeSet<String> = agent.calls().into_iter().map(|c| c.task_id).collect();
+        dead_ids.iter().all(|id| done.contains(id))
+    })
+    .await;
+    keeper.abort();
+    let done: BTreeSet<String> = agent.calls().into_iter().map(|c| c.task_id).collect();
+    assert!(
+        live.len() == 700 && done.len() == 500,
+        "only the dead engine's entries were taken: {}",
+        done.len()
+    );
+    run.stop().await;
+}
+
+/// An output larger than the payload limit fails the producing step for
+/// good (reason `oversized`); nothing reaches the next agent.
+#[tokio::test]
+async fn an_oversized_output_fails_the_producing_step() {
+    let (_b, q) = queue(false).await;
+    let cfg = Arc::new(workflow(
+        "oversized",
+        "    - {name: a, image: x, consumes: in, produces: [ab]}\n    - {name: b, image: x, consumes: ab, produces: [done]}",
+        "  intake: {enabled: true, maxPayloadBytes: 1024}",
+    ));
+    let agent = ScriptedAgent::new(|req, _| {
+        if req.step == "a" {
+            Ok(Outputs::All(json!({"blob": "x".repeat(5000)})))
+        } else {
+            Ok(Outputs::PassThrough)
+        }
+    });
+    let run = start_agents(&cfg, &q, &agent);
+    add_task(&q, &cfg, "in", "t-big", json!({"n": 1})).await;
+    eventually("dead-lettered", WAIT, || async {
+        q.len(&cfg.keys.dlq()).await.unwrap() == 1
+    })
+    .await;
+    run.stop().await;
+    let rec = &dlq(&q, &cfg).await[0];
+    assert_eq!(
+        (rec.reason.as_str(), rec.step.as_str(), rec.task_id.as_str()),
+        ("oversized", "a", "t-big")
+    );
+    assert!(!rec.replayable);
+    assert!(rec.error.contains("intake.maxPayloadBytes"), "{}", rec.error);
+    assert_eq!(q.len(&cfg.keys.stream("ab")).await.unwrap(), 0);
+    assert!(agent.calls_for("b").is_empty());
+    assert_eq!(agent.calls_for("a").len(), 1, "permanent: not retried");
+}
+
+/// A record of an entry that could not be decoded keeps the raw task id;
+/// the task's DLQ marker is set and cleared with the moves; a replay goes
+/// to the step that failed, not to every agent reading the stream.
+#[tokio::test]
+async fn dlq_records_keep_ids_and_replay_targets_the_failed_step() {
+    let (_b, q) = queue(false).await;
+    let cfg = Arc::new(workflow(
+        "shared",
+        "    - {name: a, image: x, consumes: in, produces: [done-a]}\n    - {name: b, image: x, consumes: in, produces: [done-b]}",
+        "",
+    ));
+    let b_ok = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ok = b_ok.clone();
+    let agent = ScriptedAgent::new(move |req, _| {
+        if req.step == "b" && !ok.load(std::sync::atomic::Ordering::SeqCst) {
+            Err(DeliveryError::permanent("b refuses"))
+        } else {
+            Ok(Outputs::PassThrough)
+        }
+    });
+    let run = start_agents(&cfg, &q, &agent);
+    // A malformed entry (payload not JSON) that carries a task id.
+    q.add(
+        &cfg.keys.stream("in"),
+        r4::queue::fields([("task_id", "t-raw"), ("payload", "{not json")]),
+        None,
+    )
+    .await
+    .unwrap();
+    add_task(&q, &cfg, "in", "t-shared", json!({"n": 1})).await;
+    eventually("b dead-letters t-shared", WAIT, || async {
+        dlq(&q, &cfg).await.iter().any(|r| r.task_id == "t-shared")
+    })
+    .await;
+    let recs = dlq(&q, &cfg).await;
+    let raw: Vec<_> = recs.iter().filter(|r| r.task_id == "t-raw").collect();
+    assert_eq!(raw.len(), 2, "both groups record the malformed entry by its id");
+    assert!(raw.iter().all(|r| r.reason == "malformed"));
+    let marker = cfg.keys.task_dlq("t-shared");
+    assert!(q.get(&marker).await.unwrap().is_some());
+    let rec = recs.iter().find(|r| r.task_id == "t-shared").unwrap();
+    assert_eq!(rec.step, "b");
+    let a_calls_before = agent
+        .calls_for("a")
+        .iter()
+        .filter(|c| c.task_id == "t-shared")
+        .count();
+    assert_eq!(a_calls_before, 1);
+    b_ok.store(true, std::sync::atomic::Ordering::SeqCst);
+    let moved = dlq::replay(q.as_ref(), &cfg.keys, Store::Dlq, rec, None)
+        .await
+        .unwrap();
+    assert!(moved.is_some());
+    assert!(q.get(&marker).await.unwrap().is_none(), "marker cleared");
+    eventually("b completes the replay", WAIT, || async {
+        q.len(&cfg.keys.stream("done-b")).await.unwrap() == 1
+    })
+    .await;
+    run.stop().await;
+    let a_calls = agent
+        .calls_for("a")
+        .iter()
+        .filter(|c| c.task_id == "t-shared")
+        .count();
+    assert_eq!(a_calls, 1, "the replay went to b only");
+    assert_eq!(q.len(&cfg.keys.stream("done-a")).await.unwrap(), 1);
+}
