@@ -1,8 +1,12 @@
 //! The crash test: several real `r4 engine` processes on one Redis with AOF,
-//! a loopback agent that counts side effects, tens of thousands of tasks,
-//! engines SIGKILLed at random moments and restarted, Redis crashed and
-//! restarted once — then every task is completed or dead-lettered, with
-//! 0 lost and 0 duplicate effects, counted by the agent, not by the engine.
+//! a loopback agent that counts side effects, tens of thousands of tasks
+//! (a backlog twenty times `queue.maxLen`, so completions also wait for
+//! room downstream), engines SIGKILLed at random moments and restarted,
+//! the agent container "restarted" (its port refuses connections for a
+//! while), Redis crashed and restarted once — then every task is completed
+//! or dead-lettered, with 0 lost, 0 duplicate effects (counted by the
+//! agent) and 0 duplicate outputs (counted by a downstream consumer group),
+//! not by the engine.
 
 use std::collections::{HashMap, HashSet};
 use std::process::{Child, Command, Stdio};
@@ -33,7 +37,7 @@ apiVersion: r4.dev/v1alpha1
 kind: AgentWorkflow
 metadata: {name: crash}
 spec:
-  queue: {redis: {url: "redis://unused"}, visibilityTimeout: 2s}
+  queue: {redis: {url: "redis://unused"}, visibilityTimeout: 2s, maxLen: 1000}
   policyRef: crash-policy
   agents:
     - {name: a, image: x, consumes: in, produces: [ab], concurrency: 32}
@@ -88,6 +92,103 @@ async fn agent(
     l.by_key.insert(key, 1);
     *l.by_logical.entry((task, step)).or_default() += 1;
     (StatusCode::OK, Json(json!({})))
+}
+
+/// A TCP front for the agent that can be "restarted": while down, its port
+/// refuses connections and every open connection is cut, like a container
+/// that is being replaced.
+struct AgentPort {
+    addr: std::net::SocketAddr,
+    backend: std::net::SocketAddr,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl AgentPort {
+    async fn start(backend: std::net::SocketAddr) -> Self {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let mut p = Self {
+            addr,
+            backend,
+            task: None,
+        };
+        p.task = Some(Self::serve(l, backend));
+        p
+    }
+
+    fn serve(
+        l: tokio::net::TcpListener,
+        backend: std::net::SocketAddr,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((mut inbound, _)) = l.accept().await {
+                conns.spawn(async move {
+                    if let Ok(mut out) = tokio::net::TcpStream::connect(backend).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                    }
+                });
+            }
+        })
+    }
+
+    /// Down: the listener and every connection through it are gone.
+    fn stop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort(); // drops the listener and the JoinSet (aborting each connection)
+        }
+    }
+
+    async fn restart(&mut self) {
+        let l = tokio::net::TcpListener::bind(self.addr).await.unwrap();
+        self.task = Some(Self::serve(l, self.backend));
+    }
+}
+
+/// A downstream consumer of `done`: reads it through its own consumer group
+/// (which makes `done` a work stream the engines may not overfill) and
+/// records each task's distinct output entries; a duplicate output would be
+/// a second entry id for one task. Survives the Redis restart.
+async fn check_outputs(
+    q: Arc<RedisQueue>,
+    done: String,
+    seen: Arc<Mutex<HashMap<String, HashSet<String>>>>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut cursor = "0-0".to_owned();
+    while !stop.load(Ordering::Relaxed) {
+        let mut got = match q
+            .read_group(&done, "checker", "c", 1000, Duration::from_millis(100))
+            .await
+        {
+            Ok(g) => g,
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Vec::new()
+            }
+        };
+        // Our own entries whose ack a Redis crash may have lost.
+        if let Ok(c) = q
+            .autoclaim(&done, "checker", "c", Duration::from_secs(1), 1000, &cursor)
+            .await
+        {
+            got.extend(c.entries);
+            cursor = c.next;
+        }
+        if got.is_empty() {
+            continue;
+        }
+        {
+            let mut seen = seen.lock().unwrap();
+            for e in &got {
+                if let Ok(t) = Task::decode(&e.fields, 1 << 20) {
+                    seen.entry(t.task_id).or_default().insert(e.id.clone());
+                }
+            }
+        }
+        let ids: Vec<String> = got.into_iter().map(|e| e.id).collect();
+        let _ = q.ack(&done, "checker", &ids).await;
+    }
 }
 
 /// The crash workflow, resolved, and written to `<tempdir>/crash.yaml` for
@@ -151,14 +252,32 @@ async fn crash_test_zero_lost_zero_duplicates() {
         .route("/tasks", post(agent))
         .with_state(ledger.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let agent_url = format!("http://{}/tasks", listener.local_addr().unwrap());
+    let backend = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await });
+    let mut agent_port = AgentPort::start(backend).await;
+    let agent_url = format!("http://{}/tasks", agent_port.addr);
 
     // Submit every task before the chaos (a submit that races a Redis crash
     // cannot know whether it landed; the intake's idempotency key covers
     // that in production, and is tested elsewhere).
     let input = cfg.keys.stream("in");
     let q = Arc::new(q);
+    // The groups exist before the first entry, as the engines (and the
+    // controller) make sure in production; the checker's makes `done` a
+    // work stream too.
+    r4::engine::consumer::ensure_groups(q.as_ref(), &cfg)
+        .await
+        .unwrap();
+    let done = cfg.keys.stream("done");
+    q.ensure_group(&done, "checker").await.unwrap();
+    let seen: Arc<Mutex<HashMap<String, HashSet<String>>>> = Arc::default();
+    let stop_checker = Arc::new(AtomicBool::new(false));
+    let checker = tokio::spawn(check_outputs(
+        q.clone(),
+        done.clone(),
+        seen.clone(),
+        stop_checker.clone(),
+    ));
     let mut subs = Vec::new();
     for p in 0..16 {
         let (q, input) = (q.clone(), input.clone());
@@ -181,9 +300,9 @@ async fn crash_test_zero_lost_zero_duplicates() {
         .map(|a| spawn_engine(a, &file, &url, &agent_url))
         .collect();
 
-    let done = cfg.keys.stream("done");
     let mut kills = 0u32;
     let mut redis_restarted = false;
+    let mut agent_restarts = 0u32;
     let deadline = Instant::now() + Duration::from_secs(150);
     let finished = |completed: &HashSet<String>, dead: &HashSet<String>| {
         completed.union(dead).count() >= TASKS
@@ -194,7 +313,7 @@ async fn crash_test_zero_lost_zero_duplicates() {
         // Chaos: SIGKILL a random engine every 0.05–0.3 s and start a new one.
         let pause = rand::rng().random_range(50..300);
         tokio::time::sleep(Duration::from_millis(pause)).await;
-        let progress = q.len(&done).await.unwrap_or(0) as usize;
+        let progress = seen.lock().unwrap().len();
         if progress < TASKS * 9 / 10 {
             let i = rand::rng().random_range(0..engines.len());
             let agent = engines[i].agent;
@@ -207,14 +326,18 @@ async fn crash_test_zero_lost_zero_duplicates() {
             server.restart().await.expect("redis restart with AOF");
             redis_restarted = true;
         }
+        // The agent container restarts twice: its port refuses for 1.5 s.
+        if (agent_restarts == 0 && progress > TASKS / 5)
+            || (agent_restarts == 1 && progress > TASKS / 2)
+        {
+            agent_port.stop();
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            agent_port.restart().await;
+            agent_restarts += 1;
+        }
         if last_scan.elapsed() > Duration::from_secs(2) || progress >= TASKS {
             last_scan = Instant::now();
-            if let Ok(out) = q.range(&done, "-", "+", 0).await {
-                completed = out
-                    .iter()
-                    .filter_map(|e| Task::decode(&e.fields, 1 << 20).ok().map(|t| t.task_id))
-                    .collect();
-            }
+            completed = seen.lock().unwrap().keys().cloned().collect();
             if let Ok(d) = q.range(&cfg.keys.dlq(), "-", "+", 0).await {
                 dead = d.iter().map(|e| DlqRecord::decode(e).task_id).collect();
             }
@@ -234,15 +357,17 @@ async fn crash_test_zero_lost_zero_duplicates() {
         let _ = e.child.wait();
     }
     assert!(redis_restarted, "Redis was restarted once");
+    assert_eq!(agent_restarts, 2, "the agent was restarted twice");
+    stop_checker.store(true, Ordering::Relaxed);
+    let _ = checker.await;
 
     // Count independently of the engines.
-    let out = q.range(&done, "-", "+", 0).await.unwrap();
-    let mut per_task: HashMap<String, u64> = HashMap::new();
-    for e in &out {
-        *per_task
-            .entry(Task::decode(&e.fields, 1 << 20).unwrap().task_id)
-            .or_default() += 1;
-    }
+    let per_task: HashMap<String, u64> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(t, ids)| (t.clone(), ids.len() as u64))
+        .collect();
     let dlq: Vec<DlqRecord> = q
         .range(&cfg.keys.dlq(), "-", "+", 0)
         .await
@@ -261,7 +386,7 @@ async fn crash_test_zero_lost_zero_duplicates() {
     let duplicate_effects: u64 = l.by_logical.values().map(|n| n.saturating_sub(1)).sum();
     let effects: u64 = l.by_logical.values().sum();
     println!(
-        "crash test: submitted={TASKS} completed={} dead_lettered={} lost={} duplicates={} (effects {effects}, duplicate effects {duplicate_effects}, duplicate outputs {duplicate_outputs}) agent_calls={} kills={kills} redis_restarts=1 elapsed={:.1}s",
+        "crash test: submitted={TASKS} max_len=1000 completed={} dead_lettered={} lost={} duplicates={} (effects {effects}, duplicate effects {duplicate_effects}, duplicate outputs {duplicate_outputs}) agent_calls={} kills={kills} agent_restarts={agent_restarts} redis_restarts=1 elapsed={:.1}s",
         per_task.len(),
         dead.len(),
         lost.len(),

@@ -175,11 +175,7 @@ async fn an_agent_down_for_ten_seconds_costs_no_delivery() {
         .pending_summary(&cfg.keys.stream("in"), "a")
         .await
         .unwrap();
-    assert!(
-        pending.count <= 8,
-        "reads paused: {} held",
-        pending.count
-    );
+    assert!(pending.count <= 8, "reads paused: {} held", pending.count);
     // The agent comes up and records what it is asked.
     let seen: Arc<Mutex<Vec<(String, u64)>>> = Arc::default();
     let s2 = seen.clone();
@@ -257,9 +253,7 @@ async fn a_dead_engines_entries_behind_live_ones_are_reclaimed() {
     let run = start_agents(&cfg, &q, &agent);
     let dead_ids: BTreeSet<String> = dead
         .iter()
-        .map(|e| {
-            String::from_utf8_lossy(e.field("task_id").unwrap()).into_owned()
-        })
+        .map(|e| String::from_utf8_lossy(e.field("task_id").unwrap()).into_owned())
         .collect();
     eventually("all 500 reclaimed", WAIT, || async {
         let done: BTreeSet<String> = agent.calls().into_iter().map(|c| c.task_id).collect();
@@ -306,7 +300,11 @@ async fn an_oversized_output_fails_the_producing_step() {
         ("oversized", "a", "t-big")
     );
     assert!(!rec.replayable);
-    assert!(rec.error.contains("intake.maxPayloadBytes"), "{}", rec.error);
+    assert!(
+        rec.error.contains("intake.maxPayloadBytes"),
+        "{}",
+        rec.error
+    );
     assert_eq!(q.len(&cfg.keys.stream("ab")).await.unwrap(), 0);
     assert!(agent.calls_for("b").is_empty());
     assert_eq!(agent.calls_for("a").len(), 1, "permanent: not retried");
@@ -348,7 +346,11 @@ async fn dlq_records_keep_ids_and_replay_targets_the_failed_step() {
     .await;
     let recs = dlq(&q, &cfg).await;
     let raw: Vec<_> = recs.iter().filter(|r| r.task_id == "t-raw").collect();
-    assert_eq!(raw.len(), 2, "both groups record the malformed entry by its id");
+    assert_eq!(
+        raw.len(),
+        2,
+        "both groups record the malformed entry by its id"
+    );
     assert!(raw.iter().all(|r| r.reason == "malformed"));
     let marker = cfg.keys.task_dlq("t-shared");
     assert!(q.get(&marker).await.unwrap().is_some());

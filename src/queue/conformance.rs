@@ -751,7 +751,10 @@ pub async fn limit_refuses_and_never_drops_unacked(q: Q) {
     }
     assert_eq!(q.len(&s3).await.unwrap(), 10);
     let newest = q.rev_range(&s3, "+", "-", 1).await.unwrap();
-    assert_eq!((newest[0].id.as_str(), val(&newest[0]).as_str()), (last.as_str(), "59"));
+    assert_eq!(
+        (newest[0].id.as_str(), val(&newest[0]).as_str()),
+        (last.as_str(), "59")
+    );
     // Without a limit nothing is refused or trimmed.
     for i in 0..150 {
         q.add(&s3, f(&i.to_string()), None).await.unwrap();
