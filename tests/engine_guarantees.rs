@@ -14,7 +14,6 @@ use engine_common::*;
 use r4::engine::delivery::Outputs;
 use r4::engine::dlq::{self, Store};
 use r4::engine::{AgentRole, DeliveryError, HttpDelivery, Intake};
-use r4::queue::Queue;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 use tokio::time::Instant;
