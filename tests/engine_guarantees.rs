@@ -380,3 +380,144 @@ async fn dlq_records_keep_ids_and_replay_targets_the_failed_step() {
     assert_eq!(a_calls, 1, "the replay went to b only");
     assert_eq!(q.len(&cfg.keys.stream("done-a")).await.unwrap(), 1);
 }
+
+/// `r4 dlq … --poison` lists, shows, replays and purges the poison stream
+/// as the real binary does for the DLQ.
+#[tokio::test]
+async fn dlq_commands_act_on_the_poison_stream() {
+    let server = r4::testutil::RedisServer::start().await.unwrap();
+    let url = server.url();
+    let q = r4::queue::redis::RedisQueue::connect(&url).await.unwrap();
+    let keys = r4::queue::Keys::new("team", "wf");
+    let rec = |task: &str| r4::engine::dlq::DlqRecord {
+        id: String::new(),
+        reason: "max_deliveries".into(),
+        error: "503".into(),
+        task_id: task.into(),
+        step: "a".into(),
+        source: "in".into(),
+        entry_id: "1-0".into(),
+        deliveries: 5,
+        replays: 3,
+        replayable: true,
+        tool: None,
+        dead_at_ms: r4::engine::task::now_ms(),
+        engine: "e".into(),
+        history: vec![],
+        original: vec![
+            ("task_id".into(), task.to_owned().into()),
+            ("payload".into(), "{}".into()),
+        ],
+    };
+    use r4::queue::Queue;
+    let p1 = q
+        .add(&keys.poison(), rec("p1").encode(), None)
+        .await
+        .unwrap();
+    q.add(&keys.poison(), rec("p2").encode(), None)
+        .await
+        .unwrap();
+    q.add(&keys.dlq(), rec("d1").encode(), None).await.unwrap();
+    let run = |args: &[&str]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_r4"))
+            .args(args)
+            .args(["--redis", url.as_str(), "--namespace", "team"])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let t = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        (o.status.success(), t)
+    };
+    let (ok, t) = run(&["dlq", "list", "wf", "--poison"]);
+    assert!(
+        ok && t.contains("p1") && t.contains("p2") && !t.contains("d1"),
+        "{t}"
+    );
+    let (ok, t) = run(&["dlq", "show", "wf", &p1, "--poison"]);
+    assert!(ok && t.contains("\"p1\""), "{t}");
+    // Without --poison the same id names a DLQ entry, if any (ids are per stream).
+    let (_, t) = run(&["dlq", "show", "wf", &p1]);
+    assert!(!t.contains("\"p1\""), "{t}");
+    let (ok, t) = run(&["dlq", "show", "wf", "9-9", "--poison"]);
+    assert!(!ok && t.contains("no poison entry 9-9"), "{t}");
+    let (ok, t) = run(&["dlq", "replay", "wf", "--id", &p1, "--poison"]);
+    assert!(ok, "{t}");
+    let back = q.range(&keys.stream("in"), "-", "+", 0).await.unwrap();
+    assert_eq!(back.len(), 1);
+    assert_eq!(back[0].field("step").unwrap().as_ref(), b"a");
+    let (ok, t) = run(&["dlq", "purge", "wf", "--poison", "--yes"]);
+    assert!(ok && t.contains("purged 1"), "{t}");
+    assert_eq!(q.len(&keys.poison()).await.unwrap(), 0);
+    assert_eq!(q.len(&keys.dlq()).await.unwrap(), 1, "the DLQ is untouched");
+}
+
+/// A repair pass reads only the records that are due, not the whole DLQ:
+/// counted by Redis itself.
+#[tokio::test]
+async fn a_repair_pass_reads_only_due_records() {
+    let (redis, q) = queue(true).await;
+    let Backend::Redis(server) = &redis else {
+        unreachable!()
+    };
+    let cfg = Arc::new(workflow(
+        "due",
+        "    - {name: a, image: x, consumes: in, produces: [done]}",
+        "",
+    ));
+    // 2,000 records nobody schedules (permanent failures) and one that is due.
+    for i in 0..2000 {
+        let f = r4::queue::fields([
+            ("reason", "permanent".to_owned()),
+            ("task_id", format!("p{i}")),
+        ]);
+        q.add(&cfg.keys.dlq(), f, None).await.unwrap();
+    }
+    let due = r4::queue::fields([
+        ("reason", "max_deliveries"),
+        ("task_id", "t-due"),
+        ("step", "a"),
+        ("source", "in"),
+        ("replayable", "1"),
+        ("f:task_id", "t-due"),
+        ("f:payload", "{}"),
+    ]);
+    let id = q.add(&cfg.keys.dlq(), due, None).await.unwrap();
+    q.schedule(&cfg.keys.dlq_due(), &id, 1).await.unwrap();
+    let xrange_calls = || async {
+        let mut c = ::redis::Client::open(server.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let info: String = ::redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        info.lines()
+            .find(|l| l.starts_with("cmdstat_xrange:"))
+            .and_then(|l| {
+                l.split("calls=")
+                    .nth(1)?
+                    .split(',')
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .unwrap_or(0)
+    };
+    let before = xrange_calls().await;
+    let role = r4::engine::RepairRole::new(cfg.clone(), q.clone(), "repair-due");
+    let report = role.pass().await.unwrap();
+    let reads = xrange_calls().await - before;
+    assert_eq!(report.replayed, 1, "{report:?}");
+    // One XRANGE for the due record (plus at most the transfer's own check,
+    // which runs inside its script and is not counted as a command call).
+    assert!(reads <= 2, "{reads} XRANGE calls for one due record");
+    assert_eq!(q.len(&cfg.keys.stream("in")).await.unwrap(), 1);
+    assert_eq!(q.len(&cfg.keys.dlq()).await.unwrap(), 2000);
+}
