@@ -240,14 +240,6 @@ impl AgentRole {
                 tracing::error!(agent = %self.agent.name, "kill-switch watcher ended; restarting it");
                 switch = killswitch::watch(q.clone(), self.cfg.keys.clone());
             }
-            if self.stats.agent_down() {
-                // Our agent cannot be reached: the entries we hold wait for
-                // it; read nothing new until it answers.
-                if wait_or_shutdown(&mut shutdown, AGENT_PROBE_MIN).await {
-                    break;
-                }
-                continue;
-            }
             let state = switch.borrow_and_update().clone();
             if last_down_check.is_none_or(|t| t.elapsed() >= killswitch::REREAD) {
                 last_down_check = Some(Instant::now());
@@ -278,6 +270,16 @@ impl AgentRole {
                 tokio::select! {
                     _ = switch.changed() => {}
                     _ = tokio::time::sleep(killswitch::REREAD) => {}
+                    _ = shutdown.changed() => {}
+                }
+                continue;
+            }
+            if self.stats.agent_down() {
+                // Our agent cannot be reached: the entries we hold wait for
+                // it; read nothing new until it answers.
+                tokio::select! {
+                    _ = switch.changed() => {}
+                    _ = tokio::time::sleep(AGENT_PROBE_MIN) => {}
                     _ = shutdown.changed() => {}
                 }
                 continue;
@@ -720,6 +722,10 @@ async fn gate(
                         Completion::Published { .. } => {
                             tracing::info!(task = %task.task_id, step = %ctx.agent.name, reason = "degraded-route", to = %to, "routed");
                             Outcome::Routed
+                        }
+                        Completion::Full { stream } => {
+                            tracing::warn!(task = %task.task_id, step = %ctx.agent.name, reason = "route-target-full", stream = %stream, "left pending: the degraded-mode route is at queue.maxLen");
+                            return None;
                         }
                         _ => return None,
                     };
