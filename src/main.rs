@@ -128,6 +128,16 @@ enum BenchCommand {
     },
 }
 
+/// What is logged without `RUST_LOG`: long-running processes report at `info` (r4's own
+/// events; dependencies only from `warn`); one-shot commands and simulations only errors, so
+/// their output is theirs (`r4 run` would otherwise print every simulated dead letter).
+fn default_log_filter(command: &Command) -> &'static str {
+    match command {
+        Command::Engine(_) | Command::Controller => "warn,r4=info",
+        _ => "error",
+    }
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -150,6 +160,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    r4::telemetry::init(default_log_filter(&cli.command));
     let result = match cli.command {
         Command::Crds { out_dir } => r4::cli::crds(out_dir.as_deref()),
         Command::Validate {

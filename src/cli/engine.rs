@@ -188,13 +188,16 @@ async fn run_engine(args: EngineArgs, cfg: Arc<WorkflowConfig>) -> Result<ExitCo
     let (tx, rx) = watch::channel(false);
     tokio::spawn(async move {
         wait_for_signal().await;
-        eprintln!("r4 engine: stopping safely");
+        tracing::info!("stopping safely");
         let _ = tx.send(true);
     });
     let internal = |e: engine::EngineError| CliError::Internal(e.to_string());
-    eprintln!(
-        "r4 engine: {id} role={:?} workflow={}/{} listening on {addr}",
-        args.role, cfg.namespace, cfg.name
+    tracing::info!(
+        engine = %id,
+        role = ?args.role,
+        workflow = %format_args!("{}/{}", cfg.namespace, cfg.name),
+        listen = %addr,
+        "engine started"
     );
     match args.role {
         Role::Agent => {

@@ -929,7 +929,7 @@ async fn dead_letter(
     .await
     {
         Ok(_) => {
-            tracing::warn!(task = %rec.task_id, reason = %rec.reason, error = %rec.error, "dead-lettered");
+            tracing::warn!(task = %rec.task_id, step = %ctx.agent.name, reason = %rec.reason, error = %rec.error, "dead-lettered");
             ctx.stats
                 .record(Outcome::DeadLettered, started.elapsed(), Duration::ZERO);
             if let Some(k) = attempts_key {
