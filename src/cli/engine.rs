@@ -104,10 +104,14 @@ async fn start_tool_proxy(
             .and_then(|cb| cb.shared)
             .unwrap_or(false);
         if let (true, Some(b)) = (shared, proxy.breaker(&t.name)) {
-            let store = crate::resilience::SharedBreakerStore::connect(&args.redis)
+            let keys = cfg.keys.clone();
+            let names = crate::resilience::SharedBreakerKeys::new(
+                move |tool| keys.breaker(tool),
+                cfg.keys.breaker_channel(),
+            );
+            let store = crate::resilience::SharedBreakerStore::connect(&args.redis, names)
                 .await
-                .map_err(|e| CliError::Usage(format!("cannot connect to {}: {e}", args.redis)))?
-                .with_prefix(format!("{}:", cfg.keys.prefix()));
+                .map_err(|e| CliError::Usage(format!("cannot connect to {}: {e}", args.redis)))?;
             store.attach(b, Duration::from_secs(1)).await.map_err(|e| {
                 CliError::Internal(format!("cannot share breaker of {}: {e}", t.name))
             })?;
