@@ -116,6 +116,14 @@ spec:
             .send()
             .await
         {
+            // Until the engine has read its kill switches, every call is refused (fail closed).
+            Ok(r)
+                if r.headers().get("r4-degraded").and_then(|v| v.to_str().ok())
+                    == Some("bank; reason=killswitch-unknown")
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
             Ok(r) => break r,
             Err(_) if tokio::time::Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(50)).await

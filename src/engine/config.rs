@@ -288,6 +288,12 @@ impl WorkflowConfig {
             .collect()
     }
 
+    /// Every switch engaged in the spec (`killSwitches.all`, `.agents`, `.tools`), which
+    /// [`super::killswitch::watch`] merges into the state it publishes.
+    pub fn spec_switches(&self) -> super::killswitch::SpecSwitches {
+        super::killswitch::SpecSwitches::from_spec(self.spec.kill_switches.as_ref())
+    }
+
     /// The tool proxy of this workflow: each tool's policy stack around `transport`.
     pub fn tool_proxy(
         &self,

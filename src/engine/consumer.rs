@@ -177,7 +177,13 @@ impl AgentRole {
                 }
             }
         }
-        let mut switch = killswitch::watch(q.clone(), self.cfg.keys.clone());
+        let mut switch =
+            killswitch::watch(q.clone(), self.cfg.keys.clone(), self.cfg.spec_switches());
+        let acker = killswitch::Acknowledger::start(
+            q.clone(),
+            self.cfg.keys.clone(),
+            self.engine_id.clone(),
+        );
         let (down_tx, down_rx) = watch::channel(None);
         let ctx = Arc::new(Ctx {
             sem: Arc::new(Semaphore::new(self.agent.concurrency)),
@@ -214,7 +220,6 @@ impl AgentRole {
             .clamp(Duration::from_millis(50), Duration::from_secs(5));
         let mut last_claim: Option<Instant> = None;
         let mut last_down_check: Option<Instant> = None;
-        let mut acked: Option<(u64, bool)> = None;
         let mut tasks: JoinSet<()> = JoinSet::new();
         loop {
             if *shutdown.borrow() {
@@ -231,22 +236,9 @@ impl AgentRole {
                     .borrow()
                     .as_ref()
                     .is_some_and(|d| d.action == DegradedAction::Pause);
-            if acked != Some((state.version, paused)) {
-                // Acknowledge only once we are really not reading any more
-                // (we are between reads here).
-                match killswitch::acknowledge(
-                    q.as_ref(),
-                    &self.cfg.keys,
-                    &self.engine_id,
-                    state.version,
-                    paused,
-                )
-                .await
-                {
-                    Ok(()) => acked = Some((state.version, paused)),
-                    Err(e) => tracing::warn!(error = %e, "cannot acknowledge kill switch"),
-                }
-            }
+            // Acknowledge only once we are really not reading any more
+            // (we are between reads here).
+            acker.set(state.version, paused);
             if paused {
                 tokio::select! {
                     _ = switch.changed() => {}
