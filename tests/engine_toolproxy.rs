@@ -68,6 +68,7 @@ spec:
   tools:
     - {{name: bank, url: "http://{tool}/statements", idempotent: true}}
     - {{name: ledger, url: "http://{tool}/entries"}}
+  inputs: [other]
   agents:
     - {{name: a, image: i, consumes: in, tools: [bank]}}
     - {{name: b, image: i, consumes: other, tools: [ledger]}}
