@@ -1,6 +1,7 @@
 //! r4: a Kubernetes operator that keeps teams of autonomous agents working through failures.
 //!
-//! Data flows one way: [`api`] → (`resilience`, `queue`) → `engine` → (`controller`, `local`).
+//! Data flows one way: [`api`] → (`resilience`, `queue`) → `engine` → (`controller`, `local`);
+//! [`telemetry`] installs the process's logging.
 
 pub mod api;
 pub mod bench;
@@ -9,5 +10,6 @@ pub mod engine;
 pub mod local;
 pub mod queue;
 pub mod resilience;
+pub mod telemetry;
 #[doc(hidden)]
 pub mod testutil;

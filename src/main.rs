@@ -67,8 +67,13 @@ struct KillArgs {
     /// Set the switch directly in this Redis (without it, the spec would be patched through the controller).
     #[arg(long, env = "R4_REDIS_URL")]
     redis: Option<String>,
-    #[arg(long, default_value = "default")]
-    namespace: String,
+    /// Namespace of the workflow; default: the manifest's with -f, else `default`.
+    #[arg(long)]
+    namespace: Option<String>,
+    /// Check the target against this manifest instead of the names the workflow's engines
+    /// published in Redis (for a workflow none of whose engines has started yet).
+    #[arg(short = 'f', long = "file", value_name = "WORKFLOW.yaml")]
+    file: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -128,6 +133,26 @@ enum BenchCommand {
     },
 }
 
+fn kill_switch(k: &KillArgs, engage: bool) -> Result<ExitCode, r4::cli::CliError> {
+    r4::cli::engine::kill_switch(
+        &k.target,
+        k.redis.as_deref(),
+        k.namespace.as_deref(),
+        k.file.as_deref(),
+        engage,
+    )
+}
+
+/// What is logged without `RUST_LOG`: long-running processes report at `info` (r4's own
+/// events; dependencies only from `warn`); one-shot commands and simulations only errors, so
+/// their output is theirs (`r4 run` would otherwise print every simulated dead letter).
+fn default_log_filter(command: &Command) -> &'static str {
+    match command {
+        Command::Engine(_) | Command::Controller => "warn,r4=info",
+        _ => "error",
+    }
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -150,6 +175,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    r4::telemetry::init(default_log_filter(&cli.command));
     let result = match cli.command {
         Command::Crds { out_dir } => r4::cli::crds(out_dir.as_deref()),
         Command::Validate {
@@ -192,12 +218,8 @@ fn main() -> ExitCode {
             ),
         },
         Command::Engine(args) => r4::cli::engine::engine(args),
-        Command::Kill(k) => {
-            r4::cli::engine::kill_switch(&k.target, k.redis.as_deref(), &k.namespace, true)
-        }
-        Command::Resume(k) => {
-            r4::cli::engine::kill_switch(&k.target, k.redis.as_deref(), &k.namespace, false)
-        }
+        Command::Kill(k) => kill_switch(&k, true),
+        Command::Resume(k) => kill_switch(&k, false),
         Command::Dlq { command } => r4::cli::dlq::run(command),
         Command::Run(args) => r4::cli::run::run(args),
         other => Err(r4::cli::CliError::NotYet(

@@ -246,6 +246,123 @@ fn invalid_workflows_are_refused_naming_the_field() {
     );
 }
 
+/// An agent whose input stream nothing writes would wait forever: refused, unless the stream is
+/// declared as written from outside (`spec.inputs`).
+#[test]
+fn a_stream_nothing_feeds_is_refused_unless_declared_as_input() {
+    let orphan = edit(
+        WORKFLOW,
+        "    - {name: resolution,",
+        "    - {name: audit, image: i:4, consumes: audit-log}\n    - {name: resolution,",
+    );
+    let errs = errors_of(&orphan);
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert!(
+        errs[0].contains("spec.agents[2].consumes: agent \"audit\" consumes stream \"audit-log\", which no agent produces")
+            && errs[0].contains("it feeds \"tickets\"")
+            && errs[0].contains("spec.inputs"),
+        "{errs:#?}"
+    );
+    // Declared as written from outside: valid, and the intake still feeds tickets.
+    let declared = edit(&orphan, "  agents:\n", "  inputs: [audit-log]\n  agents:\n");
+    assert!(
+        errors_of(&declared).is_empty(),
+        "{:#?}",
+        errors_of(&declared)
+    );
+    let report = validate_texts(&[("t.yaml".into(), declared)], RefMode::Warn);
+    let Some((_, r4::api::validate::Manifest::Workflow(w))) = report.manifests.first() else {
+        panic!("no workflow");
+    };
+    assert_eq!(r4::api::validate::entry_stream(&w.spec), Some("tickets"));
+    // A degraded-mode route feeds the stream it names.
+    let routed = edit(
+        WORKFLOW,
+        "    - {name: resolution,",
+        "    - {name: review, image: i:4, consumes: manual-review}\n    - {name: resolution,",
+    );
+    assert!(errors_of(&routed).is_empty(), "{:#?}", errors_of(&routed));
+    // An input no agent reads, or twice.
+    assert_refused(
+        &edit(WORKFLOW, "  agents:\n", "  inputs: [nowhere]\n  agents:\n"),
+        "spec.inputs[0]: no agent consumes stream \"nowhere\"",
+    );
+    assert_refused(
+        &edit(WORKFLOW, "  agents:\n", "  inputs: [Bad_Name]\n  agents:\n"),
+        "spec.inputs[0]: \"Bad_Name\" is not a DNS-1123 label",
+    );
+}
+
+/// Every problem of a document in one report: a schema error no longer hides the semantic and
+/// CEL rules, and nothing is said about the values the schema already refused.
+#[test]
+fn every_error_of_a_document_is_reported_at_once() {
+    // A wrong type (schema) and a duplicate agent name (semantic rule).
+    let doc = edit(
+        &edit(WORKFLOW, "name: resolution, image", "name: intake, image"),
+        "{name: intake, image: i:1, consumes: tickets,",
+        "{name: intake, image: i:1, replicas: two, consumes: tickets,",
+    );
+    let errs = errors_of(&doc);
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("spec.agents[0].replicas: must be an integer")),
+        "{errs:#?}"
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("spec.agents[2].name: duplicate agent \"intake\"")),
+        "{errs:#?}"
+    );
+    // An unknown field, a missing required field, and a policy rule elsewhere.
+    let doc = edit(
+        &edit(
+            &edit(
+                WORKFLOW,
+                "maxLen: 1000}",
+                "maxLen: 1000, visibilityTimeout: 10ms}",
+            ),
+            "{name: ledger, url: \"http://ledger:8080/\"}",
+            "{name: ledger}",
+        ),
+        "  policyRef: pol\n",
+        "  policyRef: pol\n  colour: blue\n",
+    );
+    let errs = errors_of(&doc);
+    for expected in [
+        "spec.colour: unknown field",
+        "spec.tools[1].url: required field missing",
+        "spec.queue.visibilityTimeout: must be at least 1s",
+    ] {
+        assert!(
+            errs.iter().any(|e| e.contains(expected)),
+            "expected {expected:?} in {errs:#?}"
+        );
+    }
+    assert_eq!(errs.len(), 3, "nothing about placeholders: {errs:#?}");
+    // A missing agent name: said once, not again as a duplicate or an unknown kill switch.
+    let doc = edit(WORKFLOW, "{name: resolution, image: i:3,", "{image: i:3,");
+    let errs = errors_of(&doc);
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("spec.agents[2].name: required field missing")),
+        "{errs:#?}"
+    );
+    assert!(!errs.iter().any(|e| e.contains("duplicate")), "{errs:#?}");
+    // A bad discriminator: nothing about the fields its placeholder would require.
+    let doc = edit(
+        WORKFLOW,
+        "action: Route, to: manual-review",
+        "action: Teleport",
+    );
+    let errs = errors_of(&doc);
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert!(
+        errs[0].contains("spec.agents[1].degradedMode.action: must be one of"),
+        "{errs:#?}"
+    );
+}
+
 #[test]
 fn invalid_policies_are_refused_naming_the_field() {
     let cases = [

@@ -109,18 +109,120 @@ async fn dlq_and_kill_commands() {
     );
     assert_eq!(q.len(&keys.dlq()).await.unwrap(), 0);
 
+    // No engine of wf has run yet: r4 kill cannot know what it is made of.
+    let o = r4(&with(&["kill", "wf/a"]));
+    refused(&o, "unknown workflow team/wf");
+    assert!(!killswitch::read(&q, &keys).await.unwrap().stops(Some("a")));
+    // What an engine writes on start.
+    let topology = killswitch::Topology {
+        agents: vec!["a".into(), "enricher".into()],
+        tools: vec!["bank".into()],
+    };
+    killswitch::publish_topology(&q, &keys, &topology)
+        .await
+        .unwrap();
+
     let o = r4(&with(&["kill", "wf/a"]));
     assert!(o.status.success(), "{}", text(&o));
     assert!(killswitch::read(&q, &keys).await.unwrap().stops(Some("a")));
     let o = r4(&with(&["resume", "wf/a"]));
     assert!(o.status.success());
     assert!(!killswitch::read(&q, &keys).await.unwrap().stops(Some("a")));
+    let o = r4(&with(&["kill", "wf/tool:bank"]));
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        killswitch::read(&q, &keys)
+            .await
+            .unwrap()
+            .tool_killed("bank")
+    );
+
+    // Typos and strangers are refused, naming what exists, and nothing is engaged.
+    let before = killswitch::read(&q, &keys).await.unwrap();
+    let o = r4(&with(&["kill", "wf/enrichr"]));
+    refused(
+        &o,
+        "unknown agent \"enrichr\" in workflow team/wf (agents: a, enricher)",
+    );
+    let o = r4(&with(&["resume", "wf/tool:vault"]));
+    refused(
+        &o,
+        "unknown tool \"vault\" in workflow team/wf (tools: bank)",
+    );
+    let o = r4(&with(&["kill", "claims"]));
+    refused(&o, "unknown workflow team/claims");
+    let o = r4(&[
+        "kill",
+        "wf/a",
+        "--redis",
+        url.as_str(),
+        "--namespace",
+        "other",
+    ]);
+    refused(&o, "unknown workflow other/wf");
+    assert_eq!(killswitch::read(&q, &keys).await.unwrap(), before);
+
+    // -f takes the names from the manifest: for a workflow none of whose engines ran yet.
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("claims.yaml");
+    std::fs::write(
+        &manifest,
+        r#"apiVersion: r4.dev/v1alpha1
+kind: AgentWorkflow
+metadata: {name: claims, namespace: team}
+spec:
+  queue: {redis: {url: "redis://127.0.0.1:6379"}}
+  agents:
+    - {name: enricher, image: i, consumes: in}
+"#,
+    )
+    .unwrap();
+    let file = manifest.to_str().unwrap();
+    let o = r4(&[
+        "kill",
+        "claims/enricher",
+        "--redis",
+        url.as_str(),
+        "-f",
+        file,
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let claims = Keys::new("team", "claims");
+    assert!(
+        killswitch::read(&q, &claims)
+            .await
+            .unwrap()
+            .stops(Some("enricher"))
+    );
+    let o = r4(&[
+        "kill",
+        "claims/enrichr",
+        "--redis",
+        url.as_str(),
+        "-f",
+        file,
+    ]);
+    refused(
+        &o,
+        "unknown agent \"enrichr\" in workflow team/claims (agents: enricher)",
+    );
+    let o = r4(&["kill", "nope", "--redis", url.as_str(), "-f", file]);
+    refused(&o, "workflow \"nope\"");
+
     let o = r4(&["kill", "wf"]);
     assert!(
         !o.status.success() && text(&o).contains("--redis"),
         "{}",
         text(&o)
     );
+}
+
+/// Failed with exit status 1 or 2 and one line on stderr containing `says`.
+fn refused(o: &Output, says: &str) {
+    assert!(!o.status.success(), "should fail: {}", text(o));
+    let err = String::from_utf8_lossy(&o.stderr).trim().to_owned();
+    assert!(err.contains(says), "{err:?} should say {says:?}");
+    assert_eq!(err.lines().count(), 1, "one line: {err:?}");
 }
 
 #[test]

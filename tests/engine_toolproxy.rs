@@ -68,6 +68,7 @@ spec:
   tools:
     - {{name: bank, url: "http://{tool}/statements", idempotent: true}}
     - {{name: ledger, url: "http://{tool}/entries"}}
+  inputs: [other]
   agents:
     - {{name: a, image: i, consumes: in, tools: [bank]}}
     - {{name: b, image: i, consumes: other, tools: [ledger]}}
@@ -116,6 +117,14 @@ spec:
             .send()
             .await
         {
+            // Until the engine has read its kill switches, every call is refused (fail closed).
+            Ok(r)
+                if r.headers().get("r4-degraded").and_then(|v| v.to_str().ok())
+                    == Some("bank; reason=killswitch-unknown")
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
             Ok(r) => break r,
             Err(_) if tokio::time::Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(50)).await

@@ -134,41 +134,210 @@ pub fn validate_value(value: &Value) -> Result<Manifest, Vec<FieldError>> {
 
     let mut errors = check_metadata(value);
     check_schema(schema, value, "", &mut errors);
+    // Every problem of the document at once: after schema errors, the CEL and semantic rules
+    // still run, on a copy whose bad values are replaced by well-typed placeholders; what they
+    // say about a replaced value is left out (it would be about the placeholder).
+    let mut repaired = Vec::new();
+    let mut checked = value.clone();
     if !errors.is_empty() {
-        // CEL rules and typed checks assume a well-typed object.
-        return Err(errors);
+        repair(schema, &mut checked, "", &mut repaired);
     }
+    let about_repaired = |e: &FieldError| repaired.iter().any(|r| related(&e.path, r));
 
     let decoded = match kind {
         "AgentWorkflow" => {
-            serde_json::from_value(value.clone()).map(|o| Manifest::Workflow(Box::new(o)))
+            serde_json::from_value(checked.clone()).map(|o| Manifest::Workflow(Box::new(o)))
         }
         "CircuitPolicy" => {
-            serde_json::from_value(value.clone()).map(|o| Manifest::Policy(Box::new(o)))
+            serde_json::from_value(checked.clone()).map(|o| Manifest::Policy(Box::new(o)))
         }
-        _ => serde_json::from_value(value.clone()).map(|o| Manifest::Drill(Box::new(o))),
+        _ => serde_json::from_value(checked.clone()).map(|o| Manifest::Drill(Box::new(o))),
     };
     let manifest = match decoded {
         Ok(m) => m,
+        Err(_) if !errors.is_empty() => return Err(errors),
         Err(e) => return Err(vec![FieldError::new("", format!("cannot decode: {e}"))]),
     };
 
-    let semantic = match &manifest {
+    let semantic: Vec<FieldError> = match &manifest {
         Manifest::Workflow(w) => check_workflow(w.metadata.name.as_deref().unwrap_or(""), &w.spec),
         Manifest::Policy(p) => check_policy(&p.spec),
         Manifest::Drill(d) => check_drill(&d.spec, None),
-    };
-    errors.extend(semantic.iter().cloned());
-    for cel in check_cel(schema, value) {
+    }
+    .into_iter()
+    .filter(|e| !about_repaired(e))
+    .collect();
+    for cel in check_cel(schema, &checked) {
         // A semantic rule at the same place already said it more precisely.
-        if !semantic.iter().any(|s| s.path.starts_with(&cel.path)) {
+        if !semantic.iter().any(|s| s.path.starts_with(&cel.path)) && !about_repaired(&cel) {
             errors.push(cel);
         }
     }
+    errors.extend(semantic);
     if errors.is_empty() {
         Ok(manifest)
     } else {
         Err(errors)
+    }
+}
+
+/// Whether two field paths are the same field or one holds the other (`spec` holds
+/// `spec.agents[1].name`; `spec.agents[1]` does not hold `spec.agents[10]`).
+fn related(a: &str, b: &str) -> bool {
+    let holds = |outer: &str, inner: &str| {
+        outer.is_empty()
+            || inner == outer
+            || inner
+                .strip_prefix(outer)
+                .is_some_and(|rest| rest.starts_with(['.', '[']))
+    };
+    holds(a, b) || holds(b, a)
+}
+
+/// Make a document that failed the schema decodable, so the remaining rules can still run:
+/// a value of the wrong type (or outside its enum) becomes a placeholder of the right type, a
+/// missing required field gets one, an unknown field is removed. The paths touched, written
+/// as [`check_schema`] writes them, go to `repaired`. Values that are well-typed but out of
+/// range or off-pattern are kept: the rules may read them.
+fn repair(schema: &Value, value: &mut Value, path: &str, repaired: &mut Vec<String>) {
+    if value.is_null() {
+        if schema.get("nullable").and_then(Value::as_bool) != Some(true) {
+            *value = placeholder(schema);
+            repaired.push(path.to_string());
+        }
+        return;
+    }
+    let ty = schema.get("type").and_then(Value::as_str);
+    let in_enum = schema
+        .get("enum")
+        .and_then(Value::as_array)
+        .is_none_or(|allowed| allowed.contains(value));
+    if !has_type(ty, value) || !in_enum {
+        *value = placeholder(schema);
+        // An enum is a discriminator (`action`, `type`): the rules about its siblings depend
+        // on the value the placeholder made up, so they are left out too.
+        let scope = if schema.get("enum").is_some() {
+            parent(path)
+        } else {
+            path
+        };
+        repaired.push(scope.to_string());
+        return;
+    }
+    let preserve = schema
+        .get("x-kubernetes-preserve-unknown-fields")
+        .and_then(Value::as_bool)
+        == Some(true);
+    match value {
+        Value::Object(map) => {
+            let props = schema.get("properties").and_then(Value::as_object);
+            let additional = schema.get("additionalProperties").filter(|a| a.is_object());
+            if let Some(required) = schema.get("required").and_then(Value::as_array) {
+                for r in required.iter().filter_map(Value::as_str) {
+                    if !map.contains_key(r) {
+                        let s = props.and_then(|p| p.get(r)).unwrap_or(&Value::Null);
+                        map.insert(r.to_string(), placeholder(s));
+                        repaired.push(join(path, r));
+                    }
+                }
+            }
+            let keys: Vec<String> = map.keys().cloned().collect();
+            for k in keys {
+                let child = if additional.is_some() && props.is_none() {
+                    format!("{path}[{k:?}]")
+                } else {
+                    join(path, &k)
+                };
+                let sub = props.and_then(|p| p.get(&k)).or(additional);
+                match (sub, map.get_mut(&k)) {
+                    (Some(s), Some(v)) => repair(s, v, &child, repaired),
+                    (None, _)
+                        if !(preserve
+                            || path.is_empty()
+                                && matches!(k.as_str(), "apiVersion" | "kind" | "metadata")) =>
+                    {
+                        map.remove(&k);
+                        repaired.push(child);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Value::Array(items) => {
+            if let Some(item_schema) = schema.get("items") {
+                for (i, v) in items.iter_mut().enumerate() {
+                    repair(item_schema, v, &format!("{path}[{i}]"), repaired);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The path of the object holding `path` (`spec.agents[1].degradedMode` for
+/// `spec.agents[1].degradedMode.action`, `spec.faults` for `spec.faults[0]`).
+fn parent(path: &str) -> &str {
+    let cut = if path.ends_with(']') {
+        path.rfind('[')
+    } else {
+        path.rfind('.')
+    };
+    cut.map_or("", |i| &path[..i])
+}
+
+/// A well-typed stand-in for a value of `schema`: its default, else its first enum value, else
+/// the type's zero (objects with their required fields).
+fn placeholder(schema: &Value) -> Value {
+    if let Some(d) = schema.get("default") {
+        return d.clone();
+    }
+    if let Some(first) = schema
+        .get("enum")
+        .and_then(Value::as_array)
+        .and_then(|a| a.first())
+    {
+        return first.clone();
+    }
+    let min = schema.get("minimum").and_then(Value::as_f64).unwrap_or(0.0);
+    match schema.get("type").and_then(Value::as_str) {
+        Some("object") => {
+            let props = schema.get("properties").and_then(Value::as_object);
+            let mut m = serde_json::Map::new();
+            for r in schema
+                .get("required")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+            {
+                let s = props.and_then(|p| p.get(r)).unwrap_or(&Value::Null);
+                m.insert(r.to_string(), placeholder(s));
+            }
+            Value::Object(m)
+        }
+        Some("array") => Value::Array(Vec::new()),
+        Some("string") => Value::String(String::new()),
+        Some("integer") => Value::from(min as i64),
+        Some("number") => Value::from(min),
+        Some("boolean") => Value::Bool(false),
+        _ => Value::Null,
+    }
+}
+
+/// Whether `value` has the OpenAPI type `ty` (no type: anything).
+fn has_type(ty: Option<&str>, value: &Value) -> bool {
+    match ty {
+        Some("object") => value.is_object(),
+        Some("array") => value.is_array(),
+        Some("string") => value.is_string(),
+        Some("boolean") => value.is_boolean(),
+        Some("integer") => {
+            value.as_i64().is_some()
+                || value.as_u64().is_some()
+                || value.as_f64().is_some_and(|f| f.fract() == 0.0)
+        }
+        Some("number") => value.is_number(),
+        _ => true,
     }
 }
 
@@ -278,20 +447,7 @@ fn check_schema(schema: &Value, value: &Value, path: &str, errors: &mut Vec<Fiel
         .and_then(Value::as_bool)
         == Some(true);
     let ty = schema.get("type").and_then(Value::as_str);
-    let ok = match ty {
-        Some("object") => value.is_object(),
-        Some("array") => value.is_array(),
-        Some("string") => value.is_string(),
-        Some("boolean") => value.is_boolean(),
-        Some("integer") => {
-            value.as_i64().is_some()
-                || value.as_u64().is_some()
-                || value.as_f64().is_some_and(|f| f.fract() == 0.0)
-        }
-        Some("number") => value.is_number(),
-        _ => true,
-    };
-    if !ok {
+    if !has_type(ty, value) {
         let want = ty.unwrap_or("?");
         errors.push(FieldError::new(
             path,
@@ -716,6 +872,48 @@ pub fn check_workflow(name: &str, spec: &AgentWorkflowSpec) -> Vec<FieldError> {
             "no entry stream: every consumed stream is produced by another agent, so no task can enter",
         ));
     }
+    // Every consumed stream needs a writer, or its agent waits forever.
+    let routed: BTreeSet<&str> = spec
+        .agents
+        .iter()
+        .filter_map(|a| a.degraded_mode.as_ref()?.to.as_deref())
+        .collect();
+    let entry = entry_stream(spec);
+    for (i, a) in spec.agents.iter().enumerate() {
+        let s = a.consumes.as_str();
+        if !produced.contains(s)
+            && !routed.contains(s)
+            && !spec.inputs.iter().any(|x| x == s)
+            && entry != Some(s)
+        {
+            e.push(FieldError::new(
+                format!("spec.agents[{i}].consumes"),
+                format!(
+                    "agent {:?} consumes stream {s:?}, which no agent produces and the intake does not feed (it feeds {:?}); its tasks would never come — produce it, or list it in spec.inputs if something outside the workflow writes it",
+                    a.name,
+                    entry.unwrap_or("")
+                ),
+            ));
+        }
+    }
+    let consumed: BTreeSet<&str> = spec.agents.iter().map(|a| a.consumes.as_str()).collect();
+    let mut seen_inputs = BTreeSet::new();
+    for (i, s) in spec.inputs.iter().enumerate() {
+        let p = format!("spec.inputs[{i}]");
+        if !is_dns_label(s) {
+            e.push(FieldError::new(
+                &p,
+                format!("{s:?} is not a DNS-1123 label (a stream name)"),
+            ));
+        } else if !seen_inputs.insert(s.as_str()) {
+            e.push(FieldError::new(&p, format!("duplicate input {s:?}")));
+        } else if !consumed.contains(s.as_str()) {
+            e.push(FieldError::new(
+                &p,
+                format!("no agent consumes stream {s:?}"),
+            ));
+        }
+    }
 
     if let Some(ks) = &spec.kill_switches {
         for k in ks.agents.keys() {
@@ -744,6 +942,24 @@ pub fn check_workflow(name: &str, spec: &AgentWorkflowSpec) -> Vec<FieldError> {
         ));
     }
     e
+}
+
+/// The stream the intake feeds: the first stream an agent consumes that no agent produces (nor
+/// routes to in degraded mode) and that is not an external input (`spec.inputs`). `None` when
+/// there is none.
+pub fn entry_stream(spec: &AgentWorkflowSpec) -> Option<&str> {
+    let written = |s: &str| {
+        spec.agents.iter().any(|a| {
+            a.produces.iter().any(|p| p == s)
+                || a.degraded_mode
+                    .as_ref()
+                    .is_some_and(|d| d.to.as_deref() == Some(s))
+        })
+    };
+    spec.agents
+        .iter()
+        .map(|a| a.consumes.as_str())
+        .find(|s| !written(s) && !spec.inputs.iter().any(|x| x == s))
 }
 
 /// Semantic rules of a CircuitPolicy.

@@ -53,6 +53,14 @@ pub struct AgentWorkflowSpec {
     /// The agents, each a Deployment with an r4 engine sidecar.
     #[schemars(length(min = 1, max = 32))]
     pub agents: Vec<AgentSpec>,
+    /// Streams written from outside the workflow (another system `XADD`s to them). Every stream
+    /// an agent consumes must be produced by an agent, be a degraded-mode route, be the entry
+    /// stream the intake feeds (the first consumed stream nothing produces and not listed here)
+    /// or be listed here; otherwise its agent would wait forever and validation refuses it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    #[x_kube(merge_strategy = ListMerge::Set)]
+    pub inputs: Vec<StreamName>,
     /// The Task Intake API (HTTP `POST /v1/tasks`) and its Service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub intake: Option<IntakeSpec>,

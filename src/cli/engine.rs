@@ -104,10 +104,14 @@ async fn start_tool_proxy(
             .and_then(|cb| cb.shared)
             .unwrap_or(false);
         if let (true, Some(b)) = (shared, proxy.breaker(&t.name)) {
-            let store = crate::resilience::SharedBreakerStore::connect(&args.redis)
+            let keys = cfg.keys.clone();
+            let names = crate::resilience::SharedBreakerKeys::new(
+                move |tool| keys.breaker(tool),
+                cfg.keys.breaker_channel(),
+            );
+            let store = crate::resilience::SharedBreakerStore::connect(&args.redis, names)
                 .await
-                .map_err(|e| CliError::Usage(format!("cannot connect to {}: {e}", args.redis)))?
-                .with_prefix(format!("{}:", cfg.keys.prefix()));
+                .map_err(|e| CliError::Usage(format!("cannot connect to {}: {e}", args.redis)))?;
             store.attach(b, Duration::from_secs(1)).await.map_err(|e| {
                 CliError::Internal(format!("cannot share breaker of {}: {e}", t.name))
             })?;
@@ -170,6 +174,13 @@ pub fn engine(args: EngineArgs) -> Result<ExitCode, CliError> {
 
 async fn run_engine(args: EngineArgs, cfg: Arc<WorkflowConfig>) -> Result<ExitCode, CliError> {
     let q = connect(&args.redis).await?;
+    // Say what this workflow is made of, so `r4 kill` can refuse a name nothing obeys.
+    if let Err(e) =
+        killswitch::publish_topology(q.as_ref(), &cfg.keys, &killswitch::Topology::of(&cfg.spec))
+            .await
+    {
+        tracing::warn!(error = %e, "cannot publish the workflow's names for r4 kill");
+    }
     let name = match args.role {
         Role::Agent => args.agent.clone().unwrap_or_default(),
         Role::Intake => "intake".into(),
@@ -188,13 +199,16 @@ async fn run_engine(args: EngineArgs, cfg: Arc<WorkflowConfig>) -> Result<ExitCo
     let (tx, rx) = watch::channel(false);
     tokio::spawn(async move {
         wait_for_signal().await;
-        eprintln!("r4 engine: stopping safely");
+        tracing::info!("stopping safely");
         let _ = tx.send(true);
     });
     let internal = |e: engine::EngineError| CliError::Internal(e.to_string());
-    eprintln!(
-        "r4 engine: {id} role={:?} workflow={}/{} listening on {addr}",
-        args.role, cfg.namespace, cfg.name
+    tracing::info!(
+        engine = %id,
+        role = ?args.role,
+        workflow = %format_args!("{}/{}", cfg.namespace, cfg.name),
+        listen = %addr,
+        "engine started"
     );
     match args.role {
         Role::Agent => {
@@ -266,11 +280,15 @@ async fn wait_for_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
-/// `r4 kill WORKFLOW[/AGENT]` / `r4 resume …` directly in Redis.
+/// `r4 kill WORKFLOW[/AGENT|/tool:TOOL]` / `r4 resume …` directly in Redis. The target must
+/// name something that exists: with `-f`, in the manifest; else in the names the workflow's
+/// engines published on start. A workflow no engine ever ran, or a name it does not have, is
+/// refused with the names it does have — a switch nothing obeys would only look engaged.
 pub fn kill_switch(
     target: &str,
     redis: Option<&str>,
-    namespace: &str,
+    namespace: Option<&str>,
+    file: Option<&std::path::Path>,
     engage: bool,
 ) -> Result<ExitCode, CliError> {
     let Some(url) = redis else {
@@ -284,13 +302,50 @@ pub fn kill_switch(
     };
     if workflow.is_empty() || rest == Some("") {
         return Err(CliError::Usage(format!(
-            "bad target {target:?}: expected WORKFLOW[/AGENT]"
+            "bad target {target:?}: expected WORKFLOW[/AGENT|/tool:TOOL]"
         )));
     }
     let t = Target::parse_suffix(rest);
-    let keys = Keys::new(namespace, workflow);
+    // With -f, the manifest names the parts (and the namespace, unless --namespace does).
+    let from_file = match file {
+        Some(path) => {
+            let text = read_input(path)?;
+            let cfg = WorkflowConfig::from_yaml(
+                &path.display().to_string(),
+                &text,
+                Some(workflow),
+                namespace,
+            )
+            .map_err(|e| {
+                CliError::Usage(format!(
+                    "workflow {workflow:?} from {}: {e}",
+                    path.display()
+                ))
+            })?;
+            Some((cfg.namespace.clone(), killswitch::Topology::of(&cfg.spec)))
+        }
+        None => None,
+    };
+    let namespace = match &from_file {
+        Some((ns, _)) => ns.clone(),
+        None => namespace.unwrap_or("default").to_owned(),
+    };
+    let keys = Keys::new(&namespace, workflow);
+    let name = format!("{namespace}/{workflow}");
     runtime()?.block_on(async {
         let q = connect(url).await?;
+        let topology = match from_file {
+            Some((_, t)) => t,
+            None => killswitch::topology(q.as_ref(), &keys)
+                .await
+                .map_err(|e| CliError::Internal(e.to_string()))?
+                .ok_or_else(|| {
+                    CliError::Usage(format!(
+                        "unknown workflow {name}: no engine of it has run on this Redis (check --namespace, or pass -f WORKFLOW.yaml to take its agents and tools from the manifest)"
+                    ))
+                })?,
+        };
+        topology.check(&name, &t).map_err(CliError::Usage)?;
         let res = if engage {
             killswitch::engage(q.as_ref(), &keys, &t).await
         } else {

@@ -299,6 +299,12 @@ impl WorkflowConfig {
             .collect()
     }
 
+    /// Every switch engaged in the spec (`killSwitches.all`, `.agents`, `.tools`), which
+    /// [`super::killswitch::watch`] merges into the state it publishes.
+    pub fn spec_switches(&self) -> super::killswitch::SpecSwitches {
+        super::killswitch::SpecSwitches::from_spec(self.spec.kill_switches.as_ref())
+    }
+
     /// The tool proxy of this workflow: each tool's policy stack around `transport`.
     pub fn tool_proxy(
         &self,
@@ -389,17 +395,11 @@ impl WorkflowConfig {
     }
 
     /// The stream the intake publishes to: the first agent's input stream
-    /// that no agent produces (the workflow's entry point).
+    /// that no agent produces and that is not an external input
+    /// (`spec.inputs`): the workflow's entry point. (The same rule as
+    /// [`crate::api::validate::entry_stream`].)
     pub fn entry_stream(&self) -> &str {
-        self.agents
-            .iter()
-            .map(|a| a.consumes.as_str())
-            .find(|s| {
-                !self
-                    .agents
-                    .iter()
-                    .any(|a| a.produces.iter().any(|p| p == s))
-            })
+        crate::api::validate::entry_stream(&self.spec)
             .or_else(|| self.agents.first().map(|a| a.consumes.as_str()))
             .unwrap_or("tasks")
     }

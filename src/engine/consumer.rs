@@ -185,7 +185,13 @@ impl AgentRole {
                 }
             }
         }
-        let mut switch = killswitch::watch(q.clone(), self.cfg.keys.clone());
+        let mut switch =
+            killswitch::watch(q.clone(), self.cfg.keys.clone(), self.cfg.spec_switches());
+        let acker = killswitch::Acknowledger::start(
+            q.clone(),
+            self.cfg.keys.clone(),
+            self.engine_id.clone(),
+        );
         let (down_tx, down_rx) = watch::channel(None);
         let ctx = Arc::new(Ctx {
             sem: Arc::new(Semaphore::new(self.agent.concurrency)),
@@ -225,7 +231,6 @@ impl AgentRole {
         let mut last_down_check: Option<Instant> = None;
         let mut last_reap = Instant::now();
         let mut cursor = String::from("0-0");
-        let mut acked: Option<(u64, bool)> = None;
         let mut tasks: JoinSet<()> = JoinSet::new();
         loop {
             if *shutdown.borrow() {
@@ -238,7 +243,8 @@ impl AgentRole {
                 // The watcher ended (it panicked): never run blind — a new
                 // one starts from "unknown", which stops us until it reads.
                 tracing::error!(agent = %self.agent.name, "kill-switch watcher ended; restarting it");
-                switch = killswitch::watch(q.clone(), self.cfg.keys.clone());
+                switch =
+                    killswitch::watch(q.clone(), self.cfg.keys.clone(), self.cfg.spec_switches());
             }
             let state = switch.borrow_and_update().clone();
             if last_down_check.is_none_or(|t| t.elapsed() >= killswitch::REREAD) {
@@ -250,22 +256,9 @@ impl AgentRole {
                     .borrow()
                     .as_ref()
                     .is_some_and(|d| d.action == DegradedAction::Pause);
-            if acked != Some((state.version, paused)) {
-                // Acknowledge only once we are really not reading any more
-                // (we are between reads here).
-                match killswitch::acknowledge(
-                    q.as_ref(),
-                    &self.cfg.keys,
-                    &self.engine_id,
-                    state.version,
-                    paused,
-                )
-                .await
-                {
-                    Ok(()) => acked = Some((state.version, paused)),
-                    Err(e) => tracing::warn!(error = %e, "cannot acknowledge kill switch"),
-                }
-            }
+            // Acknowledge only once we are really not reading any more
+            // (we are between reads here).
+            acker.set(state.version, paused);
             if paused {
                 tokio::select! {
                     _ = switch.changed() => {}

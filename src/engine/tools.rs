@@ -1,7 +1,8 @@
 //! The tool proxy: every tool call an agent makes goes through here, on localhost.
 //!
 //! It owns capability gating (an agent may only call the tools its spec lists), kill switches
-//! on tools, the idempotency decision (spec, else the MCP tool annotations `idempotentHint` /
+//! on tools (failing closed: a new proxy refuses every call until the switch state has been
+//! read, [`ToolProxy::set_killed`]), the idempotency decision (spec, else the MCP tool annotations `idempotentHint` /
 //! `readOnlyHint`), and it applies each tool's `CircuitPolicy` stack from
 //! [`crate::resilience`]. How a request reaches the tool is a [`Transport`]: real HTTP in a
 //! pod, a simulated tool in `r4 run`. It never fails a call with a Rust error: refusals and
@@ -99,7 +100,8 @@ struct ProxiedTool {
 /// The proxy for one workflow.
 pub struct ToolProxy {
     tools: BTreeMap<String, ProxiedTool>,
-    killed: RwLock<BTreeSet<String>>,
+    /// Tools whose kill switch is engaged; `None` until the switch state is known.
+    killed: RwLock<Option<BTreeSet<String>>>,
 }
 
 /// Why the proxy refused a call before sending it.
@@ -111,6 +113,8 @@ pub enum Refusal {
     NotAllowed,
     /// The tool's kill switch is engaged.
     Killed,
+    /// The kill-switch state has not been read yet: every call is refused until it is.
+    SwitchUnknown,
 }
 
 impl ToolProxy {
@@ -162,18 +166,21 @@ impl ToolProxy {
         }
         Ok(Self {
             tools,
-            killed: RwLock::new(BTreeSet::new()),
+            killed: RwLock::new(None),
         })
     }
 
-    /// The tools whose kill switch is engaged (the kill-switch watcher keeps this current).
+    /// The tools whose kill switch is engaged, as read (the kill-switch watcher keeps this
+    /// current, see [`supervise`]). Until the first call every tool is refused
+    /// ([`Refusal::SwitchUnknown`]): a proxy must not forward a call it may not know is killed.
     pub fn set_killed(&self, killed: BTreeSet<String>) {
-        *write(&self.killed) = killed;
+        *write(&self.killed) = Some(killed);
     }
 
-    /// Whether a tool is down for degraded-mode purposes: killed or its breaker open.
+    /// Whether a tool is down for degraded-mode purposes: killed (or not known not to be)
+    /// or its breaker open.
     pub fn is_down(&self, tool: &str) -> bool {
-        if read(&self.killed).contains(tool) {
+        if read(&self.killed).as_ref().is_none_or(|k| k.contains(tool)) {
             return true;
         }
         self.tools
@@ -240,10 +247,11 @@ impl ToolProxy {
         if !agent_tools.iter().any(|t| t == tool) {
             return Err(Refusal::NotAllowed);
         }
-        if read(&self.killed).contains(tool) {
-            return Err(Refusal::Killed);
+        match &*read(&self.killed) {
+            None => Err(Refusal::SwitchUnknown),
+            Some(killed) if killed.contains(tool) => Err(Refusal::Killed),
+            Some(_) => Ok(()),
         }
-        Ok(())
     }
 
     /// Call `tool` on behalf of an agent allowed `agent_tools`. Always answers: refusals are
@@ -378,6 +386,11 @@ fn refusal_response(tool: &str, r: &Refusal) -> HttpResponse {
             "killed",
             format!("tool {tool:?} is stopped by its kill switch"),
         ),
+        Refusal::SwitchUnknown => (
+            503,
+            "killswitch-unknown",
+            format!("tool {tool:?}: kill switch state unknown (not read yet); retry shortly"),
+        ),
     };
     degraded(status, tool, reason, &msg)
 }
@@ -482,7 +495,7 @@ fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 }
 
 /// Keep a proxy in step with its workflow until `stop`: the tools' kill switches (spec and
-/// Redis) and the breaker states, published on every transition (and refreshed while not
+/// Redis; the proxy refuses every call until they are first read) and the breaker states, published on every transition (and refreshed while not
 /// closed, see [`super::breakers::REFRESH`]) for the repair role and degraded mode of every
 /// engine of the workflow.
 pub async fn supervise(
@@ -502,8 +515,8 @@ pub async fn supervise(
             });
         }
     }
-    let mut switches = super::killswitch::watch(queue.clone(), cfg.keys.clone());
-    let spec_killed = cfg.spec_killed_tools();
+    let mut switches =
+        super::killswitch::watch(queue.clone(), cfg.keys.clone(), cfg.spec_switches());
     let mut since: BTreeMap<String, u64> = BTreeMap::new();
     let mut tick = tokio::time::interval(REFRESH);
     let publish = |tool: String, state: BreakerState, since: u64| {
@@ -538,11 +551,13 @@ pub async fn supervise(
         }
     };
     loop {
-        let killed = spec_killed
-            .union(&switches.borrow().tools)
-            .cloned()
-            .collect();
-        proxy.set_killed(killed);
+        {
+            // The spec's switches are merged in by the watcher.
+            let state = switches.borrow();
+            if state.known {
+                proxy.set_killed(state.tools.clone());
+            }
+        }
         tokio::select! {
             r = stop.changed() => if r.is_err() || *stop.borrow() { return },
             changed = switches.changed() => if changed.is_err() { return },
@@ -737,16 +752,19 @@ agents:
         BTreeMap::from([("pol".to_string(), serde_yaml::from_str(yaml).unwrap())])
     }
 
+    /// A proxy whose switch state is known (nothing killed).
     fn proxy(url: &str, policy: &str) -> ToolProxy {
         let client = reqwest::Client::new();
-        ToolProxy::new(
+        let p = ToolProxy::new(
             &workflow(url, ""),
             &policies(policy),
             &|_| http_transport(client.clone()),
             None,
             None,
         )
-        .unwrap()
+        .unwrap();
+        p.set_killed(BTreeSet::new());
+        p
     }
 
     fn tools() -> Vec<String> {
@@ -783,6 +801,63 @@ agents:
             p.call(&tools(), "ledger", keyed("k", "{}")).await.status,
             200
         );
+    }
+
+    /// Fail closed: nothing is forwarded before the kill switches have been read — not by a
+    /// new proxy, not while the state cannot be read — and calls flow once it is known.
+    #[tokio::test]
+    async fn refuses_every_call_until_the_switch_state_is_read() {
+        use crate::queue::memory::MemoryQueue;
+        let tool = FakeTool::default();
+        let url = serve(tool.clone()).await;
+        let cfg = Arc::new(
+            crate::engine::WorkflowConfig::new("ns", "wf", &workflow(&url, ""), None)
+                .unwrap()
+                .with_policies(policies(RETRY)),
+        );
+        let client = reqwest::Client::new();
+        let p = Arc::new(
+            cfg.tool_proxy(&|_| http_transport(client.clone()), None, None)
+                .unwrap(),
+        );
+        let r = p.call(&tools(), "ledger", keyed("k", "{}")).await;
+        assert_eq!(r.status, 503);
+        assert_eq!(
+            r.header(DEGRADED_HEADER),
+            Some("ledger; reason=killswitch-unknown")
+        );
+        assert!(p.is_down("ledger"));
+        // The state cannot be read (the key holds a string): still refused.
+        let q: Arc<dyn crate::queue::Queue> = Arc::new(MemoryQueue::new());
+        q.set(&cfg.keys.killswitch(), bytes::Bytes::from("x"), None)
+            .await
+            .unwrap();
+        let (stop_tx, stop) = tokio::sync::watch::channel(false);
+        let sup = tokio::spawn(supervise(
+            p.clone(),
+            q.clone(),
+            cfg.clone(),
+            "e".into(),
+            stop,
+        ));
+        tokio::time::sleep(crate::engine::killswitch::REREAD * 2).await;
+        assert_eq!(p.check(&tools(), "ledger"), Err(Refusal::SwitchUnknown));
+        assert_eq!(tool.requests.load(Ordering::SeqCst), 0, "nothing forwarded");
+        q.del(&[cfg.keys.killswitch()]).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while p.check(&tools(), "ledger").is_err() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the proxy never learnt the state"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            p.call(&tools(), "ledger", keyed("k", "{}")).await.status,
+            200
+        );
+        stop_tx.send(true).unwrap();
+        sup.await.unwrap();
     }
 
     #[tokio::test]
@@ -879,6 +954,7 @@ agents:
             None,
         )
         .unwrap();
+        p.set_killed(BTreeSet::new());
         p.discover_mcp(&transport).await;
         tool.status.store(500, Ordering::SeqCst);
         let before = tool.requests.load(Ordering::SeqCst);
@@ -960,6 +1036,15 @@ agents:
             "e1".into(),
             stop,
         ));
+        // Calls are refused until the supervisor has read the kill switches.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while proxy.check(&tools(), "ledger") == Err(Refusal::SwitchUnknown) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "switches never read"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         for _ in 0..4 {
             proxy.call(&tools(), "ledger", keyed("k", "{}")).await;
         }

@@ -6,6 +6,13 @@
 //! That is what lets the atomic Lua scripts in [`crate::queue::redis`] touch
 //! several of them in one call on a cluster. [`key_slot`] implements the
 //! Redis Cluster CRC16 keyslot so tests can check this.
+//!
+//! Nothing outside this file builds a key name. After the prefix, every key
+//! starts with its kind's own segment (`stream:`, `inbox:`, `breaker:`, …), and
+//! a caller-supplied name (agent, tool, stream, task id) only ever comes after
+//! that segment, so no name — not `dlq`, not `stream:x`, not `a:b` — can make
+//! one kind's key equal another's (tested below). Pub/sub channels
+//! (`…:chan`) live in Redis' channel namespace, apart from keys.
 
 /// Key builder for one workflow.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -14,10 +21,11 @@ pub struct Keys {
 }
 
 impl Keys {
-    /// Keys for `namespace/workflow`. Braces in either part are replaced by
-    /// `_` so they cannot break the hash tag.
+    /// Keys for `namespace/workflow`. Braces and slashes in either part are
+    /// replaced by `_` so they cannot break the hash tag or make two
+    /// workflows share one (`a/b` + `c` vs `a` + `b/c`).
     pub fn new(namespace: &str, workflow: &str) -> Self {
-        let clean = |s: &str| s.replace(['{', '}'], "_");
+        let clean = |s: &str| s.replace(['{', '}', '/'], "_");
         Self {
             prefix: format!("r4:{{{}/{}}}", clean(namespace), clean(workflow)),
         }
@@ -116,9 +124,10 @@ impl Keys {
     }
 
     /// Dead-letter marker of a task (for the intake's status answer):
-    /// `r4:{ns/wf}:task:<id>:dlq`.
+    /// `r4:{ns/wf}:task-dlq:<id>`. (Not `task:<id>:dlq`: task ids may hold
+    /// `:`, and `task:` + `x:dlq` would be this key of task `x`.)
     pub fn task_dlq(&self, id: &str) -> String {
-        format!("{}:task:{id}:dlq", self.prefix)
+        format!("{}:task-dlq:{id}", self.prefix)
     }
 
     /// Published circuit-breaker states, one hash field per tool:
@@ -146,6 +155,24 @@ impl Keys {
     /// Pub/sub channel announcing degraded-mode changes: `r4:{ns/wf}:degraded:chan`.
     pub fn degraded_channel(&self) -> String {
         format!("{}:degraded:chan", self.prefix)
+    }
+
+    /// A tool's shared circuit-breaker opening (a string with a TTL of the
+    /// open duration, see `resilience::shared_breaker`): `r4:{ns/wf}:breaker:<tool>`.
+    pub fn breaker(&self, tool: &str) -> String {
+        format!("{}:breaker:{tool}", self.prefix)
+    }
+
+    /// Pub/sub channel announcing shared breaker openings: `r4:{ns/wf}:breaker:chan`.
+    pub fn breaker_channel(&self) -> String {
+        format!("{}:breaker:chan", self.prefix)
+    }
+
+    /// The names the workflow's engines run (agents and tools, written by
+    /// every engine on start), which `r4 kill` checks targets against:
+    /// `r4:{ns/wf}:topology`.
+    pub fn topology(&self) -> String {
+        format!("{}:topology", self.prefix)
     }
 }
 
@@ -182,6 +209,7 @@ pub fn crc16(data: &[u8]) -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     #[test]
     fn crc16_matches_redis_reference() {
@@ -224,6 +252,9 @@ mod tests {
             k.killswitch_version(),
             k.degraded("coder"),
             k.degraded_channel(),
+            k.breaker("bank"),
+            k.breaker_channel(),
+            k.topology(),
         ];
         let slot = key_slot(b"team-a/review-flow");
         for key in &keys {
@@ -235,6 +266,124 @@ mod tests {
         // Different workflows usually land elsewhere; at least the tag differs.
         let other = Keys::new("team-a", "other");
         assert_ne!(other.dlq(), k.dlq());
+    }
+
+    /// Every key kind, fed `n` (and `m` where it takes two names).
+    fn every_key(k: &Keys, n: &str, m: &str) -> Vec<(&'static str, String)> {
+        vec![
+            ("stream", k.stream(n)),
+            ("dlq", k.dlq()),
+            ("poison", k.poison()),
+            ("inbox", k.inbox(n, m)),
+            ("idem", k.idem(n)),
+            ("task", k.task(n)),
+            ("killswitch", k.killswitch()),
+            ("stats", k.stats(n)),
+            ("fault", k.fault(n)),
+            ("checkpoint", k.checkpoint(n)),
+            ("attempts", k.attempts(n, m)),
+            ("saga", k.saga(n)),
+            ("task_dlq", k.task_dlq(n)),
+            ("breakers", k.breakers()),
+            ("killswitch_acks", k.killswitch_acks()),
+            ("killswitch_version", k.killswitch_version()),
+            ("degraded", k.degraded(n)),
+            ("breaker", k.breaker(n)),
+            ("topology", k.topology()),
+        ]
+    }
+
+    #[test]
+    fn no_two_kinds_collide_for_any_name() {
+        // Names a user may pick (tools, agents, streams are DNS labels; task ids and
+        // idempotency keys may hold ':' and '.'), chosen to hit other kinds' segments.
+        let names = [
+            "",
+            "x",
+            "dlq",
+            "poison",
+            "killswitch",
+            "acks",
+            "version",
+            "chan",
+            "breakers",
+            "breaker",
+            "topology",
+            "task",
+            "dlq:x",
+            "stream:x",
+            "a:b",
+            "x:dlq",
+            ":",
+            "a:b:c",
+            "1-0",
+            "killswitch:acks",
+            "task-dlq",
+            "inbox",
+            "stats:e",
+            "*",
+            "{x}",
+        ];
+        let k = Keys::new("ns", "wf");
+        let mut owner: BTreeMap<String, &'static str> = BTreeMap::new();
+        for n in names {
+            for m in names {
+                for (kind, key) in every_key(&k, n, m) {
+                    if let Some(other) = owner.insert(key.clone(), kind) {
+                        assert_eq!(other, kind, "{key:?} is both a {other} and a {kind} key");
+                    }
+                }
+            }
+        }
+        // The rule behind it: a fixed kind segment right after the prefix; a name only after
+        // it; the segments of kinds without a name are no named kind's segment.
+        let named = [
+            "stream",
+            "inbox",
+            "idem",
+            "task",
+            "stats",
+            "fault",
+            "checkpoint",
+            "attempts",
+            "saga",
+            "task-dlq",
+            "degraded",
+            "breaker",
+        ];
+        for (kind, key) in every_key(&k, "NAME", "OTHER") {
+            let rest = key
+                .strip_prefix("r4:{ns/wf}:")
+                .unwrap_or_else(|| panic!("{kind}: {key}"));
+            match rest.split_once(':') {
+                Some((seg, name)) if named.contains(&seg) => {
+                    assert!(
+                        name.starts_with("NAME"),
+                        "{kind}: the name comes first after {seg:?}: {key}"
+                    )
+                }
+                _ => {
+                    assert!(
+                        !rest.contains("NAME"),
+                        "{kind}: a name outside a named kind: {key}"
+                    );
+                    let seg = rest.split(':').next().unwrap_or("");
+                    assert!(
+                        !named.contains(&seg),
+                        "{kind}: {seg:?} is a named kind's segment"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn workflows_cannot_share_a_tag() {
+        assert_ne!(
+            Keys::new("a/b", "c").prefix(),
+            Keys::new("a", "b/c").prefix()
+        );
+        assert_ne!(Keys::new("a", "b").dlq(), Keys::new("a", "b:dlq").dlq());
     }
 
     #[test]

@@ -1191,4 +1191,90 @@ impl Queue for MemoryQueue {
             Ok(g.consumers.remove(consumer).is_some())
         })
     }
+
+    fn hset_versioned<'a>(
+        &'a self,
+        hash: &'a str,
+        counter: &'a str,
+        channel: &'a str,
+        fields: Fields,
+    ) -> QueueFuture<'a, u64> {
+        Box::pin(async move {
+            let version = {
+                let mut st = self.lock();
+                for key in [hash, counter] {
+                    if st.streams.contains_key(key) {
+                        return Err(QueueError::WrongType(key.to_owned()));
+                    }
+                }
+                let current = match st.kv_live(counter) {
+                    None => 0,
+                    Some(KvEntry {
+                        value: KvValue::Str(v),
+                        ..
+                    }) => std::str::from_utf8(v)
+                        .ok()
+                        .and_then(|s| s.parse::<u64>().ok())
+                        .ok_or_else(|| {
+                            QueueError::Invalid(format!("counter {counter:?} is not an integer"))
+                        })?,
+                    Some(_) => return Err(QueueError::WrongType(counter.to_owned())),
+                };
+                if matches!(
+                    st.kv_live(hash),
+                    Some(KvEntry {
+                        value: KvValue::Str(_),
+                        ..
+                    })
+                ) {
+                    return Err(QueueError::WrongType(hash.to_owned()));
+                }
+                let version = current + 1;
+                let expires_at = st.kv_live(counter).and_then(|e| e.expires_at);
+                st.kv.insert(
+                    counter.to_owned(),
+                    KvEntry {
+                        value: KvValue::Str(Bytes::from(version.to_string())),
+                        expires_at,
+                    },
+                );
+                let entry = st.kv.entry(hash.to_owned()).or_insert_with(|| KvEntry {
+                    value: KvValue::Hash(BTreeMap::new()),
+                    expires_at: None,
+                });
+                if let KvValue::Hash(h) = &mut entry.value {
+                    h.extend(fields);
+                    h.insert("version".to_owned(), Bytes::from(version.to_string()));
+                }
+                version
+            };
+            // After the write, outside the state lock: a subscriber that re-reads on the
+            // message sees this version or a later one.
+            let _ = self.sender(channel).send(Bytes::from(version.to_string()));
+            Ok(version)
+        })
+    }
+
+    fn hdel<'a>(&'a self, key: &'a str, fields: &'a [String]) -> QueueFuture<'a, u64> {
+        Box::pin(async move {
+            let mut st = self.lock();
+            if st.streams.contains_key(key) {
+                return Err(QueueError::WrongType(key.to_owned()));
+            }
+            match st.kv_live(key) {
+                None => Ok(0),
+                Some(KvEntry {
+                    value: KvValue::Hash(h),
+                    ..
+                }) => {
+                    let n = fields.iter().filter(|f| h.remove(*f).is_some()).count() as u64;
+                    if h.is_empty() {
+                        st.kv.remove(key);
+                    }
+                    Ok(n)
+                }
+                Some(_) => Err(QueueError::WrongType(key.to_owned())),
+            }
+        })
+    }
 }

@@ -564,6 +564,26 @@ pub trait Queue: Send + Sync {
         group: &'a str,
         consumer: &'a str,
     ) -> QueueFuture<'a, bool>;
+
+    /// Versioned hash write, in ONE atomic step: INCR `counter`, HSET
+    /// `fields` plus `version` = the new counter value into `hash`, PUBLISH
+    /// that value on `channel`; returns it. (The kill switch's state.)
+    ///
+    /// Invariant: the hash's `version` never goes backwards — it is only
+    /// written inside the step, with a counter value no earlier step had —
+    /// and a reader that sees version v sees every write up to v and none
+    /// after it, so "state v" names one state. Both keys are type-checked
+    /// before the first write. `hash` and `counter` must share a hash tag.
+    fn hset_versioned<'a>(
+        &'a self,
+        hash: &'a str,
+        counter: &'a str,
+        channel: &'a str,
+        fields: Fields,
+    ) -> QueueFuture<'a, u64>;
+
+    /// HDEL. Returns how many of `fields` existed.
+    fn hdel<'a>(&'a self, key: &'a str, fields: &'a [String]) -> QueueFuture<'a, u64>;
 }
 
 /// One consumer of a group ([`Queue::consumers`]).

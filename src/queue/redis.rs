@@ -1621,7 +1621,69 @@ impl Queue for RedisQueue {
             Ok(v_int(v)? == 1)
         })
     }
+    fn hset_versioned<'a>(
+        &'a self,
+        hash: &'a str,
+        counter: &'a str,
+        channel: &'a str,
+        fields: Fields,
+    ) -> QueueFuture<'a, u64> {
+        Box::pin(async move {
+            let script = Script::new(HSET_VERSIONED_LUA);
+            let mut inv = script.key(hash);
+            inv.key(counter).arg(channel);
+            for (k, v) in &fields {
+                inv.arg(k.as_str()).arg(v.as_ref());
+            }
+            v_u64(
+                self.invoke("hset_versioned", &inv)
+                    .await
+                    .map_err(|e| wrong_type(e, hash))?,
+            )
+        })
+    }
+
+    fn hdel<'a>(&'a self, key: &'a str, fields: &'a [String]) -> QueueFuture<'a, u64> {
+        Box::pin(async move {
+            if fields.is_empty() {
+                return Ok(0);
+            }
+            let mut cmd = ::redis::cmd("HDEL");
+            cmd.arg(key).arg(fields);
+            v_u64(
+                self.query("HDEL", &cmd)
+                    .await
+                    .map_err(|e| wrong_type(e, key))?,
+            )
+        })
+    }
 }
+
+// Queue::hset_versioned. KEYS[1] hash, KEYS[2] counter; ARGV[1] channel,
+// ARGV[2..] field/value pairs. Both keys are checked before the first write
+// (a script error does not undo earlier writes).
+const HSET_VERSIONED_LUA: &str = r#"
+local t = redis.call('TYPE', KEYS[1])['ok']
+if t ~= 'hash' and t ~= 'none' then
+  return redis.error_reply('WRONGTYPE ' .. KEYS[1])
+end
+t = redis.call('TYPE', KEYS[2])['ok']
+if t ~= 'string' and t ~= 'none' then
+  return redis.error_reply('WRONGTYPE ' .. KEYS[2])
+end
+local cur = redis.call('GET', KEYS[2])
+if cur and not tonumber(cur) then
+  return redis.error_reply('ERR counter ' .. KEYS[2] .. ' is not an integer')
+end
+local v = redis.call('INCR', KEYS[2])
+local args = {'HSET', KEYS[1]}
+for i = 2, #ARGV do args[#args + 1] = ARGV[i] end
+args[#args + 1] = 'version'
+args[#args + 1] = tostring(v)
+redis.call(unpack(args))
+redis.call('PUBLISH', ARGV[1], tostring(v))
+return v
+"#;
 
 fn is_io(e: &RedisError) -> bool {
     e.is_io_error() || e.is_connection_dropped() || e.is_timeout() || e.code().is_none()

@@ -30,7 +30,7 @@ pub use classify::{
 pub use config::*;
 pub use error::{BoxError, ResilienceError};
 pub use metrics::{Counters, CountersSnapshot, Metrics, Telemetry};
-pub use shared_breaker::SharedBreakerStore;
+pub use shared_breaker::{SharedBreakerKeys, SharedBreakerStore};
 pub use stack::{PolicyService, Stack, build_stack};
 
 use std::future::Future;

@@ -1,8 +1,12 @@
 //! Opt-in breaker state shared across replicas through Redis.
 //!
-//! When a replica's breaker opens, it writes `r4:breaker:{target}` with a
-//! TTL equal to the open duration (`SET .. PX`) and publishes
-//! `"{ttl_ms} {target}"` on the `r4:breaker:events` channel. Every attached
+//! When a replica's breaker opens, it writes the target's key with a TTL
+//! equal to the open duration (`SET .. PX`) and publishes `"{ttl_ms} {target}"`
+//! on the store's channel. Which key and which channel is the caller's
+//! [`SharedBreakerKeys`]: this module names no key itself (the engine takes
+//! both from `queue::Keys`, `r4:{ns/wf}:breaker:<tool>` and
+//! `r4:{ns/wf}:breaker:chan`, so a tool named `dlq` cannot overwrite the
+//! workflow's DLQ). Every attached
 //! replica is subscribed to that channel and opens its local breaker for the
 //! remaining time at once; it also polls the key's `PTTL` every
 //! `poll_interval`, which covers replicas that started (or lost their
@@ -14,6 +18,7 @@
 //! Redis being unreachable only degrades to per-replica breakers: errors are
 //! logged and never fail a call.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -23,45 +28,56 @@ use tokio::task::JoinHandle;
 
 use super::breaker::{Breaker, BreakerState};
 
+/// Where a fleet's shared breaker state lives: the key of each target and the one channel
+/// openings are announced on. Built by the caller, who owns key naming.
+#[derive(Clone)]
+pub struct SharedBreakerKeys {
+    key: Arc<dyn Fn(&str) -> String + Send + Sync>,
+    channel: String,
+}
+
+impl SharedBreakerKeys {
+    /// `key(target)` names a target's key; `channel` the announcements.
+    pub fn new(
+        key: impl Fn(&str) -> String + Send + Sync + 'static,
+        channel: impl Into<String>,
+    ) -> Self {
+        Self {
+            key: Arc::new(key),
+            channel: channel.into(),
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct SharedBreakerStore {
     client: redis::Client,
     conn: ConnectionManager,
-    prefix: String,
+    keys: SharedBreakerKeys,
 }
 
 impl std::fmt::Debug for SharedBreakerStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SharedBreakerStore")
-            .field("prefix", &self.prefix)
+            .field("channel", &self.keys.channel)
             .finish()
     }
 }
 
 impl SharedBreakerStore {
-    /// Connect to `redis_url` (e.g. `redis://127.0.0.1:6379`).
-    pub async fn connect(redis_url: &str) -> redis::RedisResult<Self> {
+    /// Connect to `redis_url` (e.g. `redis://127.0.0.1:6379`), keeping state under `keys`.
+    pub async fn connect(redis_url: &str, keys: SharedBreakerKeys) -> redis::RedisResult<Self> {
         let client = redis::Client::open(redis_url)?;
         let conn = ConnectionManager::new(client.clone()).await?;
-        Ok(SharedBreakerStore {
-            client,
-            conn,
-            prefix: "r4:breaker:".into(),
-        })
-    }
-
-    /// Use another key prefix (tests, several fleets on one Redis).
-    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
-        self.prefix = prefix.into();
-        self
+        Ok(SharedBreakerStore { client, conn, keys })
     }
 
     fn key(&self, target: &str) -> String {
-        format!("{}{}", self.prefix, target)
+        (self.keys.key)(target)
     }
 
     fn channel(&self) -> String {
-        format!("{}events", self.prefix)
+        self.keys.channel.clone()
     }
 
     /// Publish that `target` is open for `ttl` (key with TTL + event).
@@ -177,10 +193,10 @@ mod tests {
     use crate::resilience::{FailureClass, Outcome, Telemetry};
 
     async fn connect(url: &str) -> SharedBreakerStore {
-        SharedBreakerStore::connect(url)
+        let keys = SharedBreakerKeys::new(|t| format!("test:breaker:{t}"), "test:breaker:chan");
+        SharedBreakerStore::connect(url, keys)
             .await
             .expect("connect to the test redis-server")
-            .with_prefix("test:breaker:")
     }
 
     fn cfg() -> BreakerConfig {
