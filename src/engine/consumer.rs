@@ -193,32 +193,7 @@ impl AgentRole {
             self.engine_id.clone(),
         );
         let (down_tx, down_rx) = watch::channel(None);
-        let ctx = Arc::new(Ctx {
-            sem: Arc::new(Semaphore::new(self.agent.concurrency)),
-            held: Arc::new(Semaphore::new(self.agent.concurrency.saturating_mul(2))),
-            cfg: self.cfg.clone(),
-            agent: self.agent.clone(),
-            queue: q.clone(),
-            delivery: self.delivery.clone(),
-            stats: self.stats.clone(),
-            engine_id: self.engine_id.clone(),
-            stream: stream.clone(),
-            commit: GroupCommit::start(
-                q.clone(),
-                stream.clone(),
-                group.clone(),
-                self.engine_id.clone(),
-                self.cfg.policy.idempotency_ttl,
-                self.cfg.max_len,
-            ),
-            downgrade: down_rx,
-            shutdown: shutdown.clone(),
-            jitter: self.opts.jitter_seed.map(|s| {
-                std::sync::Mutex::new(<rand::rngs::SmallRng as rand::SeedableRng>::seed_from_u64(
-                    s,
-                ))
-            }),
-        });
+        let ctx = self.context(&stream, down_rx, shutdown.clone());
         let stats_task = tokio::spawn(publish_stats(
             q.clone(),
             self.cfg.keys.clone(),
@@ -303,43 +278,9 @@ impl AgentRole {
             let mut entries = Vec::new();
             if last_claim.is_none_or(|t| t.elapsed() >= claim_every) {
                 last_claim = Some(Instant::now());
-                // Go on from where the last scan stopped (entries behind many
-                // live pending ones are reached too); a few calls per round
-                // at most.
-                for _ in 0..CLAIM_CALLS {
-                    match q
-                        .autoclaim(
-                            &stream,
-                            &group,
-                            &self.engine_id,
-                            self.cfg.visibility_timeout,
-                            permits.len(),
-                            &cursor,
-                        )
-                        .await
-                    {
-                        Ok(c) => {
-                            if !c.entries.is_empty() {
-                                tracing::info!(
-                                    n = c.entries.len(),
-                                    "claimed entries of a dead or slow consumer"
-                                );
-                            }
-                            if !c.deleted.is_empty() {
-                                dead_letter_trimmed(&ctx, &c.deleted).await;
-                            }
-                            entries = c.entries;
-                            cursor = c.next;
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "autoclaim failed");
-                            cursor = "0-0".into();
-                        }
-                    }
-                    if cursor == "0-0" || !entries.is_empty() {
-                        break;
-                    }
-                }
+                entries = self
+                    .claim_round(&ctx, &stream, &mut cursor, permits.len())
+                    .await;
                 if cursor == "0-0" && last_reap.elapsed() >= self.cfg.visibility_timeout * 4 {
                     last_reap = Instant::now();
                     self.reap_consumers(&stream, &group).await;
@@ -399,6 +340,90 @@ impl AgentRole {
             .publish(q.as_ref(), &self.cfg.keys, Duration::from_secs(30))
             .await;
         Ok(())
+    }
+
+    /// What every task handler of this role shares.
+    fn context(
+        &self,
+        stream: &str,
+        downgrade: watch::Receiver<Option<Downgrade>>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Arc<Ctx> {
+        Arc::new(Ctx {
+            sem: Arc::new(Semaphore::new(self.agent.concurrency)),
+            held: Arc::new(Semaphore::new(self.agent.concurrency.saturating_mul(2))),
+            cfg: self.cfg.clone(),
+            agent: self.agent.clone(),
+            queue: self.queue.clone(),
+            delivery: self.delivery.clone(),
+            stats: self.stats.clone(),
+            engine_id: self.engine_id.clone(),
+            stream: stream.to_owned(),
+            commit: GroupCommit::start(
+                self.queue.clone(),
+                stream.to_owned(),
+                self.agent.name.clone(),
+                self.engine_id.clone(),
+                self.cfg.policy.idempotency_ttl,
+                self.cfg.max_len,
+            ),
+            downgrade,
+            shutdown,
+            jitter: self.opts.jitter_seed.map(|s| {
+                std::sync::Mutex::new(<rand::rngs::SmallRng as rand::SeedableRng>::seed_from_u64(
+                    s,
+                ))
+            }),
+        })
+    }
+
+    /// Claim entries idle past the visibility timeout (left by a dead or
+    /// slow engine), going on from `cursor` where the last scan stopped so
+    /// entries behind many live pending ones are reached too; a few calls
+    /// at most. Entries a claim finds deleted are dead-lettered (`trimmed`).
+    async fn claim_round(
+        &self,
+        ctx: &Ctx,
+        stream: &str,
+        cursor: &mut String,
+        count: usize,
+    ) -> Vec<StreamEntry> {
+        for _ in 0..CLAIM_CALLS {
+            let claimed = self
+                .queue
+                .autoclaim(
+                    stream,
+                    &self.agent.name,
+                    &self.engine_id,
+                    self.cfg.visibility_timeout,
+                    count,
+                    cursor,
+                )
+                .await;
+            match claimed {
+                Ok(c) => {
+                    if !c.deleted.is_empty() {
+                        dead_letter_trimmed(ctx, &c.deleted).await;
+                    }
+                    *cursor = c.next;
+                    if !c.entries.is_empty() {
+                        tracing::info!(
+                            n = c.entries.len(),
+                            "claimed entries of a dead or slow consumer"
+                        );
+                        return c.entries;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "autoclaim failed");
+                    *cursor = "0-0".into();
+                }
+            }
+            if cursor.as_str() == "0-0" {
+                break;
+            }
+        }
+        Vec::new()
     }
 
     /// A task handler ended: a panic is logged and counted, and the engine
