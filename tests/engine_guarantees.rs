@@ -521,3 +521,126 @@ async fn a_repair_pass_reads_only_due_records() {
     assert_eq!(q.len(&cfg.keys.stream("in")).await.unwrap(), 1);
     assert_eq!(q.len(&cfg.keys.dlq()).await.unwrap(), 2000);
 }
+
+/// Entries waiting out a retry backoff keep their place among the entries
+/// an engine holds: with the agent failing every task, the engine never
+/// holds more than twice its concurrency (it used to release its slots on
+/// backoff and read on, spending every task's deliveries in a second).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_in_backoff_keep_their_slot() {
+    let (_redis, q) = queue(true).await;
+    let cfg = Arc::new(workflow(
+        "backoff-held",
+        "    - {name: a, image: x, consumes: in, produces: [done], concurrency: 2}",
+        "",
+    ));
+    let agent = ScriptedAgent::new(|_, _| Err(DeliveryError::retryable("busy")));
+    q.ensure_group(&cfg.keys.stream("in"), "a").await.unwrap();
+    for i in 0..40 {
+        add_task(&q, &cfg, "in", &format!("t{i}"), json!({"i": i})).await;
+    }
+    let run = start_agents(&cfg, &q, &agent);
+    let input = cfg.keys.stream("in");
+    let until = Instant::now() + Duration::from_secs(2);
+    let mut most = 0;
+    while Instant::now() < until {
+        let p = q.pending_summary(&input, "a").await.unwrap();
+        most = most.max(p.count);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    run.stop().await;
+    assert!(most <= 4, "held {most} entries with concurrency 2");
+    assert!(most >= 1, "the engine did work");
+}
+
+/// A task handler that panics is logged and counted; the engine stops
+/// being ready; the entry stays pending and another engine completes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_makes_the_engine_unready_and_loses_nothing() {
+    let (_redis, q) = queue(true).await;
+    let cfg = Arc::new(workflow(
+        "panics",
+        "    - {name: a, image: x, consumes: in, produces: [done]}",
+        "",
+    ));
+    struct Panics;
+    impl r4::engine::Delivery for Panics {
+        fn deliver<'a>(
+            &'a self,
+            _req: &'a r4::engine::DeliveryRequest,
+        ) -> r4::engine::delivery::DeliveryFuture<'a> {
+            Box::pin(async { panic!("agent client bug") })
+        }
+    }
+    let role = AgentRole::new(cfg.clone(), "a", q.clone(), Arc::new(Panics), "panicky")
+        .unwrap()
+        .with_options(fast_opts());
+    let stats = role.stats();
+    let (tx, rx) = watch::channel(false);
+    let h = tokio::spawn(async move { role.run(rx).await.unwrap() });
+    add_task(&q, &cfg, "in", "t-panic", json!({})).await;
+    eventually("the panic is counted", WAIT, || async {
+        stats.panics() >= 1
+    })
+    .await;
+    assert!(!stats.ready(), "/readyz fails after a panic");
+    let _ = tx.send(true);
+    let _ = h.await;
+    // A healthy engine takes the entry over after the visibility timeout.
+    let agent = ScriptedAgent::ok();
+    let run = start_agents(&cfg, &q, &agent);
+    eventually("completed by another engine", WAIT, || async {
+        q.len(&cfg.keys.stream("done")).await.unwrap() == 1
+    })
+    .await;
+    run.stop().await;
+    assert!(dlq(&q, &cfg).await.is_empty());
+}
+
+/// The consumer of an engine that is gone (nothing pending, idle for four
+/// visibility timeouts) is removed from the group by a live engine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_of_gone_engines_are_removed() {
+    let (_redis, q) = queue(true).await;
+    let cfg = Arc::new(workflow(
+        "reap",
+        "    - {name: a, image: x, consumes: in, produces: [done]}",
+        "",
+    ));
+    let input = cfg.keys.stream("in");
+    q.ensure_group(&input, "a").await.unwrap();
+    // An engine that did its work and went away.
+    add_task(&q, &cfg, "in", "t-before", json!({})).await;
+    let got = q
+        .read_group(&input, "a", "gone-1", 1, Duration::ZERO)
+        .await
+        .unwrap();
+    q.ack(&input, "a", &[got[0].id.clone()]).await.unwrap();
+    let names = |q: Arc<dyn r4::queue::Queue>, input: String| async move {
+        q.consumers(&input, "a")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|c| c.name)
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        names(q.clone(), input.clone())
+            .await
+            .contains(&"gone-1".to_owned())
+    );
+    let agent = ScriptedAgent::ok();
+    let run = start_agents(&cfg, &q, &agent);
+    eventually("the gone engine's consumer is removed", WAIT, || {
+        let (q, input) = (q.clone(), input.clone());
+        async move { !names(q, input).await.contains(&"gone-1".to_owned()) }
+    })
+    .await;
+    // The live engine is not disturbed: it still takes work.
+    add_task(&q, &cfg, "in", "t-after", json!({})).await;
+    eventually("the live engine completes a task", WAIT, || async {
+        agent.calls().iter().any(|c| c.task_id == "t-after")
+    })
+    .await;
+    run.stop().await;
+}
