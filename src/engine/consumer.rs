@@ -118,10 +118,7 @@ impl Ctx {
     /// A uniform draw in `[0, 1)` for backoff jitter.
     fn jitter_draw(&self) -> f64 {
         match &self.jitter {
-            Some(rng) => rng
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .random::<f64>(),
+            Some(rng) => crate::resilience::lock(rng).random::<f64>(),
             None => rand::rng().random::<f64>(),
         }
     }

@@ -54,5 +54,8 @@ pub enum EngineError {
 
 /// A fresh engine id: `<name>-<8 hex>` (also the consumer name).
 pub fn engine_id(name: &str) -> String {
-    format!("{name}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+    format!(
+        "{name}-{}",
+        &delivery::random_uuid().simple().to_string()[..8]
+    )
 }
