@@ -11,3 +11,4 @@ pub mod queue;
 pub mod resilience;
 #[doc(hidden)]
 pub mod testutil;
+pub mod tls;

@@ -111,7 +111,7 @@ pub async fn run(opts: Options) -> Result<serde_json::Value, String> {
             .await
             .map_err(|e| format!("--redis {url}: {e}"))?,
     );
-    let raw = ::redis::Client::open(url.as_str())
+    let raw = crate::tls::redis_client(&url)
         .map_err(|e| e.to_string())?
         .get_multiplexed_async_connection()
         .await

@@ -41,7 +41,7 @@ impl std::fmt::Debug for SharedBreakerStore {
 impl SharedBreakerStore {
     /// Connect to `redis_url` (e.g. `redis://127.0.0.1:6379`).
     pub async fn connect(redis_url: &str) -> redis::RedisResult<Self> {
-        let client = redis::Client::open(redis_url)?;
+        let client = crate::tls::redis_client(redis_url)?;
         let conn = ConnectionManager::new(client.clone()).await?;
         Ok(SharedBreakerStore {
             client,
