@@ -9,6 +9,7 @@ pub mod engine;
 pub mod local;
 pub mod queue;
 pub mod resilience;
+pub mod telemetry;
 #[doc(hidden)]
 pub mod testutil;
 pub mod tls;

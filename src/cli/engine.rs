@@ -13,6 +13,7 @@ use crate::engine::killswitch::{self, Target};
 use crate::engine::{self, AgentRole, HttpDelivery, Intake, RepairRole, WorkflowConfig, http};
 use crate::queue::redis::RedisQueue;
 use crate::queue::{Keys, Queue};
+use crate::telemetry::redact::redact_url;
 
 /// Which role an engine runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -37,8 +38,8 @@ pub struct EngineArgs {
     /// The agent this engine serves (role agent).
     #[arg(long)]
     pub agent: Option<String>,
-    /// Redis URL.
-    #[arg(long, env = "R4_REDIS_URL")]
+    /// Redis URL (`rediss://` for TLS; a private CA's PEM bundle in R4_REDIS_CA_FILE).
+    #[arg(long, env = "R4_REDIS_URL", hide_env_values = true)]
     pub redis: String,
     /// Namespace of the workflow (hash tag of its keys); default: the manifest's, else `default`.
     #[arg(long)]
@@ -106,7 +107,12 @@ async fn start_tool_proxy(
         if let (true, Some(b)) = (shared, proxy.breaker(&t.name)) {
             let store = crate::resilience::SharedBreakerStore::connect(&args.redis)
                 .await
-                .map_err(|e| CliError::Usage(format!("cannot connect to {}: {e}", args.redis)))?
+                .map_err(|e| {
+                    CliError::Usage(format!(
+                        "cannot connect to {}: {e}",
+                        redact_url(&args.redis)
+                    ))
+                })?
                 .with_prefix(format!("{}:", cfg.keys.prefix()));
             store.attach(b, Duration::from_secs(1)).await.map_err(|e| {
                 CliError::Internal(format!("cannot share breaker of {}: {e}", t.name))
@@ -137,7 +143,7 @@ async fn start_tool_proxy(
 pub(crate) async fn connect(url: &str) -> Result<Arc<dyn Queue>, CliError> {
     let q = RedisQueue::connect(url)
         .await
-        .map_err(|e| CliError::Usage(format!("cannot connect to {url}: {e}")))?;
+        .map_err(|e| CliError::Usage(format!("cannot connect to {}: {e}", redact_url(url))))?;
     Ok(Arc::new(q))
 }
 

@@ -193,7 +193,7 @@ impl HttpDelivery {
                 } else {
                     "request error"
                 };
-                DeliveryError::retryable(format!("{what}: {e}"))
+                DeliveryError::retryable(format!("{what}: {}", e.without_url()))
             })?;
         let status = resp.status();
         let tool = resp

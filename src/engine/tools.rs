@@ -427,7 +427,8 @@ impl tower::Service<ToolCall> for CallAdapter {
 }
 
 /// Real HTTP to a tool, with connect failures marked as such (the request never left, so even
-/// a non-idempotent call may be retried).
+/// a non-idempotent call may be retried). Errors never carry the URL (it may hold a token in
+/// its query, and the agent sees them).
 pub fn http_transport(client: reqwest::Client) -> Transport {
     BoxCloneService::new(tower::service_fn(move |req: HttpRequest| {
         let client = client.clone();
@@ -441,12 +442,12 @@ pub fn http_transport(client: reqwest::Client) -> Transport {
             let resp = match b.send().await {
                 Ok(r) => r,
                 Err(e) if e.is_connect() => {
-                    return Err(ResilienceError::Connect(Box::new(e)).into());
+                    return Err(ResilienceError::Connect(Box::new(e.without_url())).into());
                 }
                 Err(e) if e.is_timeout() => {
                     return Err(ResilienceError::Timeout(Duration::ZERO).into());
                 }
-                Err(e) => return Err(Box::new(e) as BoxError),
+                Err(e) => return Err(Box::new(e.without_url()) as BoxError),
             };
             let status = resp.status().as_u16();
             let headers = resp
@@ -461,7 +462,7 @@ pub fn http_transport(client: reqwest::Client) -> Transport {
             let body = resp
                 .bytes()
                 .await
-                .map_err(|e| Box::new(e) as BoxError)?
+                .map_err(|e| Box::new(e.without_url()) as BoxError)?
                 .to_vec();
             Ok(HttpResponse {
                 status,
@@ -1011,6 +1012,25 @@ agents:
         assert_eq!(
             protocol_of(&t("http://x:8080/v1/entries")),
             ToolProtocol::Http
+        );
+    }
+
+    #[tokio::test]
+    async fn errors_given_to_the_agent_carry_no_url() {
+        // Nothing listens on this port; the URL's query holds a token.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let p = proxy(&format!("http://127.0.0.1:{port}/x?key=hunter2&"), RETRY);
+        let r = p.call(&tools(), "ledger", keyed("k", "{}")).await;
+        assert_eq!(r.status, 502);
+        let body = String::from_utf8_lossy(&r.body);
+        assert!(body.contains("connect"), "{body}");
+        assert!(
+            !body.contains("hunter2") && !body.contains("127.0.0.1"),
+            "{body}"
         );
     }
 }
