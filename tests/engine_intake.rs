@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use engine_common::*;
+use r4::engine::task::{self, Task};
 use r4::engine::{Intake, WorkflowConfig};
 use r4::queue::Queue;
 use serde_json::{Value, json};
@@ -305,6 +306,90 @@ async fn intake_batch_contract() {
     })
     .await;
     run.stop().await;
+    let _ = stop.send(true);
+    let _ = server.await;
+}
+
+/// Bodies the engine cannot read: the intake must refuse every one with the reason, alone
+/// (`400`) and in a batch (naming `tasks[i]`, nothing enqueued), and accept their neighbours.
+#[tokio::test]
+async fn intake_refuses_exactly_what_the_engine_cannot_read() {
+    let Served {
+        _redis,
+        q,
+        cfg,
+        base,
+        stop,
+        server,
+        http,
+    } = serve_intake("intake-parse").await;
+    let deep = |d: usize| format!("{{\"a\":{}{}}}", "[".repeat(d - 1), "]".repeat(d - 1));
+    let bad: Vec<(Vec<u8>, &str)> = vec![
+        (b"{\"s\": \"\xff\xfe\"}".to_vec(), "invalid unicode"),
+        (br#"{"s": "\ud800"}"#.to_vec(), "hex escape"),
+        (br#"{"s": "\udc00"}"#.to_vec(), "surrogate"),
+        (deep(task::MAX_DEPTH + 1).into_bytes(), "recursion limit"),
+    ];
+    let good: Vec<Vec<u8>> = vec![
+        br#"{"s": "\ud83d\ude00 \u00e9"}"#.to_vec(),
+        deep(task::MAX_DEPTH).into_bytes(),
+    ];
+    let engine_reads = |p: &[u8]| {
+        let fields = vec![
+            ("task_id".to_string(), bytes::Bytes::from_static(b"t")),
+            ("payload".to_string(), bytes::Bytes::copy_from_slice(p)),
+        ];
+        Task::decode(&fields, cfg.max_payload_bytes).is_ok()
+    };
+    for (body, says) in &bad {
+        assert!(!engine_reads(body), "the engine refuses {says}");
+        let r = http
+            .post(format!("{base}/v1/tasks"))
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{says}");
+        let e: Value = r.json().await.unwrap();
+        let msg = e["error"].as_str().unwrap();
+        assert!(
+            msg.contains(says) && msg.starts_with("payload is not JSON"),
+            "{msg}"
+        );
+        // In a batch, after a good task: the whole batch is refused, naming the bad one.
+        let mut batch = br#"{"tasks": [{"payload": {}}, {"payload": "#.to_vec();
+        batch.extend_from_slice(body);
+        batch.extend_from_slice(b"}]}");
+        let r = http
+            .post(format!("{base}/v1/tasks:batch"))
+            .body(batch)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "batch: {says}");
+        let e: Value = r.json().await.unwrap();
+        let msg = e["error"].as_str().unwrap();
+        assert!(msg.starts_with("tasks[1]") && msg.contains(says), "{msg}");
+    }
+    assert_eq!(
+        q.len(&cfg.keys.stream("in")).await.unwrap(),
+        0,
+        "nothing enqueued"
+    );
+    for body in &good {
+        assert!(engine_reads(body));
+        let r = http
+            .post(format!("{base}/v1/tasks"))
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202, "{}", String::from_utf8_lossy(body));
+    }
+    // What was accepted is read by the engine as stored.
+    for e in q.range(&cfg.keys.stream("in"), "-", "+", 0).await.unwrap() {
+        assert!(engine_reads(e.field("payload").unwrap()));
+    }
     let _ = stop.send(true);
     let _ = server.await;
 }

@@ -22,6 +22,11 @@
 //!   keeps no per-task record of its own, so a submission costs one write).
 //!   Inbox keys live for `idempotency.ttl`, so status is known that long.
 //! - `/healthz`, `/readyz`, `/metrics` ([`super::http`]).
+//!
+//! A payload is accepted only if the engine can read it later: the intake checks it with
+//! [`task::check_payload`], the rules `Task::decode` applies (size, JSON with valid UTF-8
+//! strings and no lone surrogate escapes, nesting at most [`task::MAX_DEPTH`]); a refusal is
+//! a `400` with the reason (naming `tasks[i]` in a batch).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -243,9 +248,9 @@ async fn submit(State(intake): State<Arc<Intake>>, headers: HeaderMap, body: Bod
             );
         }
     };
-    // Validate without building a value: the body is stored as it came.
-    if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&bytes) {
-        return error(StatusCode::BAD_REQUEST, format!("body is not JSON: {e}"));
+    // The engine's own rules, without building a value: the body is stored as it came.
+    if let Err(e) = task::check_payload(&bytes, limit) {
+        return error(StatusCode::BAD_REQUEST, format!("payload {e}"));
     }
     // Valid JSON whose first token is `{` is an object.
     if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
@@ -311,7 +316,40 @@ fn valid_key(k: &str) -> bool {
 #[serde(deny_unknown_fields)]
 struct BatchBody<'a> {
     #[serde(borrow)]
-    tasks: Vec<&'a RawValue>,
+    tasks: Tasks<'a>,
+}
+
+/// The raw tasks of a batch; an element the reader refuses (invalid UTF-8 inside it, say)
+/// is named `tasks[i]` in the error.
+struct Tasks<'a>(Vec<&'a RawValue>);
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for Tasks<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Elements<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Elements<'a> {
+            type Value = Tasks<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a list of tasks")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Tasks<'a>, A::Error> {
+                let mut out = Vec::new();
+                loop {
+                    let i = out.len();
+                    match seq.next_element::<&'de RawValue>() {
+                        Ok(Some(raw)) => out.push(raw),
+                        Ok(None) => return Ok(Tasks(out)),
+                        Err(e) => {
+                            return Err(serde::de::Error::custom(format!("tasks[{i}]: {e}")));
+                        }
+                    }
+                }
+            }
+        }
+        d.deserialize_seq(Elements(std::marker::PhantomData))
+    }
 }
 
 #[derive(serde::Deserialize)]
@@ -327,27 +365,39 @@ struct BatchItem<'a> {
 /// good. Payloads are slices of `body` (no copy).
 fn parse_batch(body: &Bytes, max_payload: usize) -> Result<Vec<BatchTask>, (StatusCode, String)> {
     let bad = |m: String| (StatusCode::BAD_REQUEST, m);
-    let parsed: BatchBody<'_> =
-        serde_json::from_slice(body).map_err(|e| bad(format!("body: {e}")))?;
-    if parsed.tasks.is_empty() || parsed.tasks.len() > MAX_BATCH {
+    let parsed: BatchBody<'_> = serde_json::from_slice(body).map_err(|e| {
+        let msg = e.to_string();
+        if msg.starts_with("tasks[") {
+            bad(msg)
+        } else {
+            bad(format!("body: {msg}"))
+        }
+    })?;
+    if parsed.tasks.0.is_empty() || parsed.tasks.0.len() > MAX_BATCH {
         return Err(bad(format!(
             "tasks: must hold 1..={MAX_BATCH} tasks, got {}",
-            parsed.tasks.len()
+            parsed.tasks.0.len()
         )));
     }
-    let mut out = Vec::with_capacity(parsed.tasks.len());
-    for (i, raw) in parsed.tasks.iter().enumerate() {
+    let mut out = Vec::with_capacity(parsed.tasks.0.len());
+    for (i, raw) in parsed.tasks.0.iter().enumerate() {
         let item: BatchItem<'_> =
             serde_json::from_str(raw.get()).map_err(|e| bad(format!("tasks[{i}]: {e}")))?;
         let text = item.payload.get().as_bytes();
         if !text.starts_with(b"{") {
             return Err(bad(format!("tasks[{i}].payload: must be a JSON object")));
         }
-        if text.len() > max_payload {
-            return Err((
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("tasks[{i}].payload: larger than {max_payload} bytes"),
-            ));
+        match task::check_payload(text, max_payload) {
+            Ok(()) => {}
+            Err(task::PayloadError::TooLarge { .. }) => {
+                return Err((
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("tasks[{i}].payload: larger than {max_payload} bytes"),
+                ));
+            }
+            Err(e @ task::PayloadError::NotJson(_)) => {
+                return Err(bad(format!("tasks[{i}].payload {e}")));
+            }
         }
         if let Some(k) = &item.idempotency_key
             && !valid_key(k)
