@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use engine_common::*;
+use r4::engine::intake::IntakeOptions;
+use r4::engine::limits::ServerLimits;
 use r4::engine::task::{self, Task};
 use r4::engine::{Intake, WorkflowConfig};
 use r4::queue::Queue;
@@ -26,17 +28,37 @@ struct Served {
 }
 
 async fn serve_intake(name: &str) -> Served {
-    let (redis, q) = queue(true).await;
+    serve_intake_with(
+        name,
+        true,
+        IntakeOptions::default(),
+        ServerLimits::default(),
+    )
+    .await
+}
+
+async fn serve_intake_with(
+    name: &str,
+    redis: bool,
+    options: IntakeOptions,
+    limits: ServerLimits,
+) -> Served {
+    let (redis, q) = queue(redis).await;
     let cfg = Arc::new(workflow(
         name,
         "    - {name: a, image: x, consumes: in, produces: [done]}",
         "  intake: {enabled: true, maxPayloadBytes: 1024}",
     ));
-    let intake = Intake::new(cfg.clone(), q.clone(), &format!("{name}-intake"));
+    let intake = Intake::with_options(cfg.clone(), q.clone(), &format!("{name}-intake"), options);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let (stop, rx) = watch::channel(false);
-    let server = tokio::spawn(r4::engine::http::serve(listener, intake.router(), rx));
+    let server = tokio::spawn(r4::engine::http::serve_with(
+        listener,
+        intake.router(),
+        rx,
+        limits,
+    ));
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .build()
@@ -390,6 +412,168 @@ async fn intake_refuses_exactly_what_the_engine_cannot_read() {
     for e in q.range(&cfg.keys.stream("in"), "-", "+", 0).await.unwrap() {
         assert!(engine_reads(e.field("payload").unwrap()));
     }
+    let _ = stop.send(true);
+    let _ = server.await;
+}
+
+/// Connect, send `bytes` (one chunk every `gap`), then read until the server closes the
+/// connection; what it answered and when it closed.
+async fn slow_client(addr: &str, chunks: Vec<Vec<u8>>, gap: Duration) -> (String, Duration) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let started = std::time::Instant::now();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut rd, mut wr) = s.split();
+    let write = async {
+        for c in chunks {
+            if wr.write_all(&c).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(gap).await;
+        }
+        std::future::pending::<()>().await;
+    };
+    let mut out = Vec::new();
+    let read = rd.read_to_end(&mut out);
+    let deadline = Duration::from_secs(10);
+    tokio::select! {
+        _ = write => unreachable!(),
+        r = tokio::time::timeout(deadline, read) => {
+            assert!(r.is_ok(), "the server kept a slow client for {deadline:?}");
+        }
+    }
+    (
+        String::from_utf8_lossy(&out).into_owned(),
+        started.elapsed(),
+    )
+}
+
+#[tokio::test]
+async fn the_intake_cuts_slow_clients_and_sheds_load() {
+    let limits = ServerLimits {
+        header_read_timeout: Duration::from_millis(300),
+        body_read_timeout: Duration::from_millis(300),
+        ..ServerLimits::default()
+    };
+    let Served {
+        _redis,
+        base,
+        stop,
+        server,
+        http,
+        ..
+    } = serve_intake_with(
+        "intake-slow",
+        false,
+        IntakeOptions { max_in_flight: 1 },
+        limits,
+    )
+    .await;
+    let addr = base.trim_start_matches("http://").to_string();
+    // Slowloris: half a header, then silence; then the header a byte at a time.
+    let (answer, took) = slow_client(
+        &addr,
+        vec![b"POST /v1/tasks HTTP/1.1\r\nHost: x\r\n".to_vec()],
+        Duration::ZERO,
+    )
+    .await;
+    assert!(took >= Duration::from_millis(250), "{took:?}");
+    assert!(!answer.contains(" 202 "), "{answer}");
+    let trickle: Vec<Vec<u8>> = b"POST /v1/tasks HTTP/1.1\r\nHost: x\r\nX-Pad: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n"
+        .iter()
+        .map(|b| vec![*b])
+        .collect();
+    let (_, took) = slow_client(&addr, trickle, Duration::from_millis(20)).await;
+    assert!(
+        took < Duration::from_millis(1500),
+        "a trickled header is cut by the header deadline, not per byte: {took:?}"
+    );
+    // A body that stops halfway: 408 once the body deadline passed.
+    let (answer, took) = slow_client(
+        &addr,
+        vec![b"POST /v1/tasks HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"a\":".to_vec()],
+        Duration::ZERO,
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(took >= Duration::from_millis(250), "{took:?}");
+    // One request in flight (its body still coming): the next is shed at once with 503.
+    let held = tokio::spawn({
+        let addr = addr.clone();
+        async move {
+            slow_client(
+                &addr,
+                vec![
+                    b"POST /v1/tasks HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{".to_vec(),
+                ],
+                Duration::ZERO,
+            )
+            .await
+        }
+    });
+    let mut shed = None;
+    for _ in 0..50 {
+        let r = http
+            .post(format!("{base}/v1/tasks"))
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 503 {
+            shed = Some(r);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let shed = shed.expect("a request over the in-flight limit is answered 503");
+    assert_eq!(shed.headers()["retry-after"], "1");
+    let r = http.get(format!("{base}/healthz")).send().await.unwrap();
+    assert_eq!(r.status(), 200, "health is not limited");
+    let _ = held.await;
+    let r = http
+        .post(format!("{base}/v1/tasks"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "the slot is free again");
+    let _ = stop.send(true);
+    let _ = server.await;
+}
+
+#[tokio::test]
+async fn connections_over_the_limit_are_closed() {
+    let Served {
+        _redis,
+        base,
+        stop,
+        server,
+        ..
+    } = serve_intake_with(
+        "intake-conns",
+        false,
+        IntakeOptions::default(),
+        ServerLimits {
+            max_connections: 1,
+            ..ServerLimits::default()
+        },
+    )
+    .await;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base.trim_start_matches("http://");
+    let _first = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut second = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let _ = second
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), second.read_to_end(&mut out)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "closed without an answer: {read:?} {}",
+        String::from_utf8_lossy(&out)
+    );
+    drop(_first);
     let _ = stop.send(true);
     let _ = server.await;
 }

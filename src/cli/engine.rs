@@ -71,12 +71,29 @@ async fn start_tool_proxy(
     stop: watch::Receiver<bool>,
     registry: &prometheus::Registry,
 ) -> Result<tokio::task::JoinHandle<std::io::Result<()>>, CliError> {
-    use crate::engine::tools::{self, ToolProxy};
+    use crate::engine::tools::{self, HttpToolOptions, ToolProxy};
     let client = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(2))
         .build()
         .map_err(|e| CliError::Internal(format!("cannot build the HTTP client: {e}")))?;
-    let transport = move |_: &crate::api::workflow::ToolSpec| tools::http_transport(client.clone());
+    // Per tool: its policy's overall deadline, which the HTTP client enforces too.
+    let mut options = std::collections::BTreeMap::new();
+    for (i, t) in cfg.spec.tools.iter().enumerate() {
+        let policy = tools::tool_policy(&cfg.spec, &cfg.policies, i)
+            .map_err(|e| CliError::Usage(e.to_string()))?;
+        let mut o = HttpToolOptions::default();
+        if let Some(d) = policy.timeout.and_then(|t| t.overall) {
+            o.timeout = d;
+        }
+        options.insert(t.name.clone(), o);
+    }
+    let options = Arc::new(options);
+    let transport = move |t: &crate::api::workflow::ToolSpec| {
+        tools::http_transport_with(
+            client.clone(),
+            options.get(&t.name).cloned().unwrap_or_default(),
+        )
+    };
     let proxy: Arc<ToolProxy> =
         Arc::new(
             cfg.tool_proxy(
@@ -204,8 +221,13 @@ async fn run_engine(args: EngineArgs, cfg: Arc<WorkflowConfig>) -> Result<ExitCo
     );
     match args.role {
         Role::Agent => {
+            let produces = cfg.agent(&name).map_or(0, |a| a.produces.len());
             let delivery = HttpDelivery::new(args.agent_url.clone())
-                .map_err(|e| CliError::Usage(format!("--agent-url: {e}")))?;
+                .map_err(|e| CliError::Usage(format!("--agent-url: {e}")))?
+                .with_max_answer(engine::limits::agent_answer_limit(
+                    cfg.max_payload_bytes,
+                    produces,
+                ));
             let registry = prometheus::Registry::new();
             // An agent without tools has nothing to proxy: no listener, no port to collide on.
             let has_tools = cfg.agent(&name).is_some_and(|a| !a.tools.is_empty());

@@ -27,6 +27,9 @@
 //! [`task::check_payload`], the rules `Task::decode` applies (size, JSON with valid UTF-8
 //! strings and no lone surrogate escapes, nesting at most [`task::MAX_DEPTH`]); a refusal is
 //! a `400` with the reason (naming `tasks[i]` in a batch).
+//!
+//! The API routes serve at most [`IntakeOptions::max_in_flight`] requests at once, and a body
+//! that does not arrive in time is answered `408` ([`super::limits`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,6 +48,8 @@ use tokio::time::Instant;
 use serde_json::value::RawValue;
 
 use crate::queue::{Queue, Submission};
+
+use super::limits;
 
 use super::config::WorkflowConfig;
 use super::delivery::{child_traceparent, random_uuid};
@@ -70,19 +75,46 @@ pub struct BatchTask {
     pub idempotency_key: Option<String>,
 }
 
+/// How an intake serves, besides its workflow.
+#[derive(Debug)]
+pub struct IntakeOptions {
+    /// API requests served at once; the next is answered `503`.
+    pub max_in_flight: usize,
+}
+
+impl Default for IntakeOptions {
+    fn default() -> Self {
+        Self {
+            max_in_flight: limits::MAX_IN_FLIGHT,
+        }
+    }
+}
+
 /// The intake role.
 pub struct Intake {
     cfg: Arc<WorkflowConfig>,
     queue: Arc<dyn Queue>,
     stats: Arc<Stats>,
+    options: IntakeOptions,
 }
 
 impl Intake {
     pub fn new(cfg: Arc<WorkflowConfig>, queue: Arc<dyn Queue>, engine_id: &str) -> Arc<Self> {
+        Self::with_options(cfg, queue, engine_id, IntakeOptions::default())
+    }
+
+    /// An intake with explicit [`IntakeOptions`].
+    pub fn with_options(
+        cfg: Arc<WorkflowConfig>,
+        queue: Arc<dyn Queue>,
+        engine_id: &str,
+        options: IntakeOptions,
+    ) -> Arc<Self> {
         Arc::new(Self {
             cfg,
             queue,
             stats: Arc::new(Stats::new(engine_id, "intake", None)),
+            options,
         })
     }
 
@@ -90,13 +122,15 @@ impl Intake {
         self.stats.clone()
     }
 
-    /// The full router: API + health endpoints.
+    /// The full router: API (at most `max_in_flight` requests at once) + health endpoints
+    /// (unlimited).
     pub fn router(self: &Arc<Self>) -> Router {
-        Router::new()
+        let api = Router::new()
             .route("/v1/tasks", post(submit))
             .route("/v1/tasks:batch", post(submit_batch))
             .route("/v1/tasks/{id}", get(status))
-            .with_state(self.clone())
+            .with_state(self.clone());
+        limits::in_flight_limit(api, self.options.max_in_flight)
             .merge(http::router(Health::new(self.stats.clone())))
     }
 
@@ -236,17 +270,30 @@ fn error(status: StatusCode, msg: impl Into<String>) -> Response {
     (status, Json(json!({"error": msg.into()}))).into_response()
 }
 
+/// Read a request body of at most `limit` bytes: `413` beyond it, `408` when it did not
+/// arrive within the server's body deadline ([`limits::DeadlineBody`]).
+async fn read_body(body: Body, limit: usize, what: &str) -> Result<Bytes, Response> {
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        if limits::is_body_timeout(&e) {
+            error(
+                StatusCode::REQUEST_TIMEOUT,
+                "request body not received in time",
+            )
+        } else {
+            error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("{what} larger than {limit} bytes"),
+            )
+        }
+    })
+}
+
 async fn submit(State(intake): State<Arc<Intake>>, headers: HeaderMap, body: Body) -> Response {
     let started = Instant::now();
     let limit = intake.cfg.max_payload_bytes;
-    let bytes: Bytes = match axum::body::to_bytes(body, limit).await {
+    let bytes = match read_body(body, limit, "payload").await {
         Ok(b) => b,
-        Err(_) => {
-            return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("payload larger than {limit} bytes"),
-            );
-        }
+        Err(refusal) => return refusal,
     };
     // The engine's own rules, without building a value: the body is stored as it came.
     if let Err(e) = task::check_payload(&bytes, limit) {
@@ -418,14 +465,9 @@ async fn submit_batch(
     body: Body,
 ) -> Response {
     let started = Instant::now();
-    let bytes: Bytes = match axum::body::to_bytes(body, MAX_BATCH_BODY).await {
+    let bytes = match read_body(body, MAX_BATCH_BODY, "batch body").await {
         Ok(b) => b,
-        Err(_) => {
-            return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("batch body larger than {MAX_BATCH_BODY} bytes"),
-            );
-        }
+        Err(refusal) => return refusal,
     };
     let tasks = match parse_batch(&bytes, intake.cfg.max_payload_bytes) {
         Ok(t) => t,

@@ -13,8 +13,9 @@
 //! completions), [`config`] (the workflow resolved to
 //! numbers), [`task`] (the envelope), [`dlq`], [`saga`], [`killswitch`],
 //! [`breakers`] (published breaker states), [`degraded`], [`stats`],
-//! [`http`] (health and metrics endpoints), [`tools`] (the tool proxy that
-//! applies each tool's policy stack; the mechanisms themselves live in `resilience`).
+//! [`http`] (health and metrics endpoints, the server every role runs), [`limits`] (the
+//! timeouts and size limits of every HTTP edge), [`tools`] (the tool proxy that applies each
+//! tool's policy stack; the mechanisms themselves live in `resilience`).
 
 pub mod breakers;
 pub mod commit;
@@ -26,6 +27,7 @@ pub mod dlq;
 pub mod http;
 pub mod intake;
 pub mod killswitch;
+pub mod limits;
 pub mod repair;
 pub mod saga;
 pub mod stats;

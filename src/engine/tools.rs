@@ -126,22 +126,7 @@ impl ToolProxy {
     ) -> Result<Self, FieldError> {
         let mut tools = BTreeMap::new();
         for (i, t) in spec.tools.iter().enumerate() {
-            let policy_name = t.policy_ref.as_ref().or(spec.policy_ref.as_ref());
-            let policy = match policy_name {
-                Some(name) => Some(policies.get(name).ok_or_else(|| {
-                    FieldError::new(
-                        format!("spec.tools[{i}].policyRef"),
-                        format!("CircuitPolicy {name:?} not found"),
-                    )
-                })?),
-                None => None,
-            };
-            let mut cfg = PolicyConfig::from_spec(policy, t.fallback.as_ref()).map_err(|e| {
-                FieldError::new(
-                    format!("spec.tools[{i}].{}", e.path.trim_start_matches("spec.")),
-                    e.message,
-                )
-            })?;
+            let mut cfg = tool_policy(spec, policies, i)?;
             cfg.seed = seed.map(|s| s.wrapping_add((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
             let telemetry = Telemetry::new(&t.name, metrics.clone());
             let inner = transport(t);
@@ -308,6 +293,34 @@ impl ToolProxy {
     }
 }
 
+/// The runtime policy of `spec.tools[i]`: its `policyRef`, else the workflow's, plus its
+/// fallback (see [`PolicyConfig::from_spec`] for the defaults, the overall deadline among
+/// them). Errors name the field.
+pub fn tool_policy(
+    spec: &AgentWorkflowSpec,
+    policies: &BTreeMap<String, CircuitPolicySpec>,
+    i: usize,
+) -> Result<PolicyConfig, FieldError> {
+    let Some(t) = spec.tools.get(i) else {
+        return Err(FieldError::new(format!("spec.tools[{i}]"), "no such tool"));
+    };
+    let policy = match t.policy_ref.as_ref().or(spec.policy_ref.as_ref()) {
+        Some(name) => Some(policies.get(name).ok_or_else(|| {
+            FieldError::new(
+                format!("spec.tools[{i}].policyRef"),
+                format!("CircuitPolicy {name:?} not found"),
+            )
+        })?),
+        None => None,
+    };
+    PolicyConfig::from_spec(policy, t.fallback.as_ref()).map_err(|e| {
+        FieldError::new(
+            format!("spec.tools[{i}].{}", e.path.trim_start_matches("spec.")),
+            e.message,
+        )
+    })
+}
+
 /// The wire protocol: the spec's, else MCP when the URL path ends in `/mcp`.
 pub fn protocol_of(t: &ToolSpec) -> ToolProtocol {
     t.protocol.unwrap_or_else(|| {
@@ -426,16 +439,45 @@ impl tower::Service<ToolCall> for CallAdapter {
     }
 }
 
+/// How real HTTP requests reach one tool.
+#[derive(Clone, Debug)]
+pub struct HttpToolOptions {
+    /// Deadline of one request, its answer included: the tool policy's `timeout.overall`,
+    /// a second line behind the policy stack's own timer.
+    pub timeout: Duration,
+    /// Largest answer read ([`super::limits::MAX_TOOL_RESPONSE`]).
+    pub max_response: usize,
+}
+
+impl Default for HttpToolOptions {
+    fn default() -> Self {
+        Self {
+            timeout: crate::resilience::DEFAULT_OVERALL_TIMEOUT,
+            max_response: super::limits::MAX_TOOL_RESPONSE,
+        }
+    }
+}
+
+/// Real HTTP to a tool with the default [`HttpToolOptions`].
+pub fn http_transport(client: reqwest::Client) -> Transport {
+    http_transport_with(client, HttpToolOptions::default())
+}
+
 /// Real HTTP to a tool, with connect failures marked as such (the request never left, so even
 /// a non-idempotent call may be retried). Errors never carry the URL (it may hold a token in
-/// its query, and the agent sees them).
-pub fn http_transport(client: reqwest::Client) -> Transport {
+/// its query, and the agent sees them); an answer over `max_response` bytes is refused.
+pub fn http_transport_with(client: reqwest::Client, options: HttpToolOptions) -> Transport {
+    let options = Arc::new(options);
     BoxCloneService::new(tower::service_fn(move |req: HttpRequest| {
         let client = client.clone();
+        let options = options.clone();
         async move {
             let method = reqwest::Method::from_bytes(req.method.as_bytes())
                 .map_err(|e| -> BoxError { format!("bad method {:?}: {e}", req.method).into() })?;
-            let mut b = client.request(method, &req.url).body(req.body);
+            let mut b = client
+                .request(method, &req.url)
+                .timeout(options.timeout)
+                .body(req.body);
             for (k, v) in &req.headers {
                 b = b.header(k, v);
             }
@@ -445,7 +487,7 @@ pub fn http_transport(client: reqwest::Client) -> Transport {
                     return Err(ResilienceError::Connect(Box::new(e.without_url())).into());
                 }
                 Err(e) if e.is_timeout() => {
-                    return Err(ResilienceError::Timeout(Duration::ZERO).into());
+                    return Err(ResilienceError::Timeout(options.timeout).into());
                 }
                 Err(e) => return Err(Box::new(e.without_url()) as BoxError),
             };
@@ -459,11 +501,13 @@ pub fn http_transport(client: reqwest::Client) -> Transport {
                         .map(|v| (k.as_str().to_string(), v.to_string()))
                 })
                 .collect();
-            let body = resp
-                .bytes()
-                .await
-                .map_err(|e| Box::new(e.without_url()) as BoxError)?
-                .to_vec();
+            let body = match super::limits::read_body(resp, options.max_response).await {
+                Ok(b) => b.to_vec(),
+                Err(super::limits::BodyError::Read(e)) if e.is_timeout() => {
+                    return Err(ResilienceError::Timeout(options.timeout).into());
+                }
+                Err(e) => return Err(format!("tool {e}").into()),
+            };
             Ok(HttpResponse {
                 status,
                 headers,
@@ -581,17 +625,19 @@ pub mod http {
         agent_tools: Arc<Vec<String>>,
     }
 
-    /// `POST /tools/{tool}`, `POST /tools/{tool}/{*path}`, `POST /mcp/{tool}`.
+    /// `POST /tools/{tool}`, `POST /tools/{tool}/{*path}`, `POST /mcp/{tool}`; at most
+    /// [`crate::engine::limits::MAX_IN_FLIGHT`] calls at once.
     pub fn router(proxy: Arc<ToolProxy>, agent_tools: Vec<String>) -> Router {
         let state = AppState {
             proxy,
             agent_tools: Arc::new(agent_tools),
         };
-        Router::new()
+        let api = Router::new()
             .route("/tools/{tool}", post(plain))
             .route("/tools/{tool}/{*path}", post(plain_path))
             .route("/mcp/{tool}", post(plain))
-            .with_state(state)
+            .with_state(state);
+        crate::engine::limits::in_flight_limit(api, crate::engine::limits::MAX_IN_FLIGHT)
     }
 
     async fn plain(
@@ -650,6 +696,7 @@ pub mod http {
 mod tests {
     use super::*;
     use axum::Router;
+    use axum::body::Bytes;
     use axum::http::{HeaderMap, StatusCode};
     use axum::routing::post;
     use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
@@ -1032,5 +1079,110 @@ agents:
             !body.contains("hunter2") && !body.contains("127.0.0.1"),
             "{body}"
         );
+    }
+
+    /// A tool server whose routes never answer or answer `size` bytes (chunked or not).
+    async fn serve_misbehaving(size: usize) -> String {
+        let app = Router::new()
+            .route(
+                "/hang",
+                post(|| async {
+                    std::future::pending::<()>().await;
+                    ""
+                }),
+            )
+            .route("/big", post(move || async move { "x".repeat(size) }))
+            .route(
+                "/big-chunked",
+                post(move || async move {
+                    let chunks = (0..size / 512)
+                        .map(|_| Ok::<_, std::io::Error>(Bytes::from(vec![b'x'; 512])));
+                    axum::body::Body::from_stream(futures::stream::iter(chunks))
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("http://{addr}")
+    }
+
+    fn one_tool(
+        url: &str,
+        policy: Option<&str>,
+    ) -> (AgentWorkflowSpec, BTreeMap<String, CircuitPolicySpec>) {
+        let spec = serde_yaml::from_str(&format!(
+            "queue: {{redis: {{url: \"redis://x\"}}}}\n{}tools:\n  - {{name: t, url: \"{url}\"}}\nagents:\n  - {{name: a, image: i, consumes: in, tools: [t]}}\n",
+            if policy.is_some() { "policyRef: pol\n" } else { "" }
+        ))
+        .unwrap();
+        (spec, policy.map(policies).unwrap_or_default())
+    }
+
+    #[tokio::test]
+    async fn a_tool_that_never_answers_fails_within_the_policy_timeout() {
+        let url = serve_misbehaving(0).await;
+        let (spec, pols) = one_tool(&format!("{url}/hang"), Some("timeout: {overall: 300ms}\n"));
+        let client = reqwest::Client::new();
+        let p = ToolProxy::new(
+            &spec,
+            &pols,
+            &|_| http_transport(client.clone()),
+            None,
+            None,
+        )
+        .unwrap();
+        let started = std::time::Instant::now();
+        let r = p.call(&["t".into()], "t", keyed("k", "{}")).await;
+        assert_eq!(r.status, 504);
+        assert_eq!(r.header(DEGRADED_HEADER), Some("t; reason=timeout"));
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_policy_a_hung_tool_fails_after_the_default_deadline() {
+        let (spec, pols) = one_tool("http://tool.invalid/x", None);
+        let hung: Transport = BoxCloneService::new(tower::service_fn(|_: HttpRequest| {
+            std::future::pending::<Result<HttpResponse, BoxError>>()
+        }));
+        let p = ToolProxy::new(&spec, &pols, &|_| hung.clone(), None, None).unwrap();
+        let started = tokio::time::Instant::now();
+        let r = p.call(&["t".into()], "t", keyed("k", "{}")).await;
+        assert_eq!(r.status, 504);
+        assert_eq!(
+            started.elapsed(),
+            crate::resilience::DEFAULT_OVERALL_TIMEOUT
+        );
+    }
+
+    #[tokio::test]
+    async fn oversized_tool_answers_are_refused() {
+        let url = serve_misbehaving(4096).await;
+        let client = reqwest::Client::new();
+        let options = HttpToolOptions {
+            max_response: 1024,
+            ..HttpToolOptions::default()
+        };
+        for path in ["/big", "/big-chunked"] {
+            let (spec, pols) = one_tool(&format!("{url}{path}"), None);
+            let p = ToolProxy::new(
+                &spec,
+                &pols,
+                &|_| http_transport_with(client.clone(), options.clone()),
+                None,
+                None,
+            )
+            .unwrap();
+            let r = p.call(&["t".into()], "t", keyed("k", "{}")).await;
+            assert_eq!(r.status, 502, "{path}");
+            let body = String::from_utf8_lossy(&r.body);
+            assert!(
+                body.contains("answer larger than 1024 bytes"),
+                "{path}: {body}"
+            );
+        }
     }
 }
