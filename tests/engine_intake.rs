@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use engine_common::*;
+use r4::engine::auth::Tokens;
 use r4::engine::intake::IntakeOptions;
 use r4::engine::limits::ServerLimits;
 use r4::engine::task::{self, Task};
@@ -416,6 +417,109 @@ async fn intake_refuses_exactly_what_the_engine_cannot_read() {
     let _ = server.await;
 }
 
+const TOKEN_A: &str = "token-of-billing-0123456789";
+const TOKEN_B: &str = "token-of-claims-0123456789";
+
+#[tokio::test]
+async fn intake_bearer_tokens_and_client_key_spaces() {
+    let tokens = Tokens::parse(&format!("billing:{TOKEN_A}\n{TOKEN_B}\n")).unwrap();
+    let Served {
+        _redis,
+        q,
+        cfg,
+        base,
+        stop,
+        server,
+        http,
+    } = serve_intake_with(
+        "intake-auth",
+        true,
+        IntakeOptions {
+            tokens: Some(tokens),
+            ..IntakeOptions::default()
+        },
+        ServerLimits::default(),
+    )
+    .await;
+    let post = |token: Option<&str>, key: &str| {
+        let mut r = http
+            .post(format!("{base}/v1/tasks"))
+            .header("Idempotency-Key", key)
+            .body(r#"{"n": 1}"#);
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        r.send()
+    };
+    // No token, a wrong one, another scheme: 401 with the challenge, nothing enqueued.
+    for (auth, challenge) in [
+        (None, r#"Bearer realm="r4-intake""#),
+        (
+            Some(format!("Bearer {TOKEN_A}x")),
+            r#"Bearer realm="r4-intake", error="invalid_token""#,
+        ),
+        (
+            Some(format!("Basic {TOKEN_A}")),
+            r#"Bearer realm="r4-intake""#,
+        ),
+    ] {
+        for path in ["/v1/tasks", "/v1/tasks:batch"] {
+            let mut r = http.post(format!("{base}{path}")).body("{}");
+            if let Some(a) = &auth {
+                r = r.header("authorization", a);
+            }
+            let r = r.send().await.unwrap();
+            assert_eq!(r.status(), 401, "{path} {auth:?}");
+            assert_eq!(r.headers()["www-authenticate"], challenge);
+        }
+    }
+    let r = http
+        .get(format!("{base}/v1/tasks/some-id"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "status needs a token too");
+    assert_eq!(q.len(&cfg.keys.stream("in")).await.unwrap(), 0);
+    // Probes and scrapers carry no token.
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let r = http.get(format!("{base}{path}")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+    }
+    // Each client has its own key space: the same key is two tasks for two clients, one
+    // task for one client, single or batched.
+    let id = |r: reqwest::Response| async move {
+        assert_eq!(r.status(), 202);
+        r.json::<Value>().await.unwrap()["task_id"].clone()
+    };
+    let a1 = id(post(Some(TOKEN_A), "order-1").await.unwrap()).await;
+    let a2 = id(post(Some(TOKEN_A), "order-1").await.unwrap()).await;
+    let b1 = id(post(Some(TOKEN_B), "order-1").await.unwrap()).await;
+    assert_eq!(a1, a2);
+    assert_ne!(a1, b1);
+    let batch: Value = http
+        .post(format!("{base}/v1/tasks:batch"))
+        .bearer_auth(TOKEN_B)
+        .body(r#"{"tasks": [{"payload": {"n": 1}, "idempotency_key": "order-1"}]}"#)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(batch["tasks"][0]["task_id"], b1);
+    assert_eq!(batch["tasks"][0]["duplicate"], true);
+    assert_eq!(q.len(&cfg.keys.stream("in")).await.unwrap(), 2);
+    let st = http
+        .get(format!("{base}/v1/tasks/{}", a1.as_str().unwrap()))
+        .bearer_auth(TOKEN_B)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(st.status(), 200);
+    let _ = stop.send(true);
+    let _ = server.await;
+}
+
 /// Connect, send `bytes` (one chunk every `gap`), then read until the server closes the
 /// connection; what it answered and when it closed.
 async fn slow_client(addr: &str, chunks: Vec<Vec<u8>>, gap: Duration) -> (String, Duration) {
@@ -464,7 +568,10 @@ async fn the_intake_cuts_slow_clients_and_sheds_load() {
     } = serve_intake_with(
         "intake-slow",
         false,
-        IntakeOptions { max_in_flight: 1 },
+        IntakeOptions {
+            max_in_flight: 1,
+            ..IntakeOptions::default()
+        },
         limits,
     )
     .await;

@@ -269,10 +269,21 @@ pub struct IntakeSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 100))]
     pub replicas: Option<i32>,
-    /// Largest accepted task payload in bytes.
+    /// Largest accepted task payload in bytes; the limit of every hop (agent outputs too).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 16_777_216))]
     pub max_payload_bytes: Option<i64>,
+    /// Require a bearer token on the Task Intake API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<IntakeAuth>,
+}
+
+/// Bearer-token authentication of the intake.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IntakeAuth {
+    /// The Secret key holding the accepted tokens: one per line, or `<client>:<token>` to name the client whose idempotency-key space it opens. Requests without a valid `Authorization: Bearer <token>` are answered 401.
+    pub token_secret_ref: SecretKeyRef,
 }
 
 /// DLQ repair agent.

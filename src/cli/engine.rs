@@ -192,6 +192,11 @@ pub fn engine(args: EngineArgs) -> Result<ExitCode, CliError> {
 }
 
 async fn run_engine(args: EngineArgs, cfg: Arc<WorkflowConfig>) -> Result<ExitCode, CliError> {
+    // Settled before connecting: an intake that would run open by mistake never starts.
+    let mut intake_opts = match args.role {
+        Role::Intake => Some(intake_options(&cfg)?),
+        _ => None,
+    };
     let q = connect(&args.redis).await?;
     let name = match args.role {
         Role::Agent => args.agent.clone().unwrap_or_default(),
@@ -253,7 +258,8 @@ async fn run_engine(args: EngineArgs, cfg: Arc<WorkflowConfig>) -> Result<ExitCo
             }
         }
         Role::Intake => {
-            let intake = Intake::new(cfg.clone(), q.clone(), &id);
+            let options = intake_opts.take().unwrap_or_default();
+            let intake = Intake::with_options(cfg.clone(), q.clone(), &id, options);
             let stats_task = tokio::spawn(engine::consumer::publish_stats(
                 q,
                 cfg.keys.clone(),
@@ -277,6 +283,25 @@ async fn run_engine(args: EngineArgs, cfg: Arc<WorkflowConfig>) -> Result<ExitCo
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The intake's options: bearer tokens from the environment ([`engine::auth`]). A workflow
+/// whose spec asks for `intake.auth` and an engine given no token refuse to start: an intake
+/// must not open by accident.
+fn intake_options(cfg: &WorkflowConfig) -> Result<engine::intake::IntakeOptions, CliError> {
+    let tokens = engine::auth::Tokens::from_env().map_err(CliError::Usage)?;
+    let required = cfg.spec.intake.as_ref().is_some_and(|i| i.auth.is_some());
+    if required && tokens.is_none() {
+        return Err(CliError::Usage(format!(
+            "spec.intake.auth is set but neither {} nor {} is: the intake would be open",
+            engine::auth::TOKEN_FILE_ENV,
+            engine::auth::TOKEN_ENV
+        )));
+    }
+    Ok(engine::intake::IntakeOptions {
+        tokens,
+        ..Default::default()
+    })
 }
 
 async fn wait_for_signal() {

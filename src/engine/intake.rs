@@ -30,6 +30,9 @@
 //!
 //! The API routes serve at most [`IntakeOptions::max_in_flight`] requests at once, and a body
 //! that does not arrive in time is answered `408` ([`super::limits`]).
+//!
+//! With bearer tokens ([`super::auth`]) every `/v1/…` route answers `401` without a valid
+//! one, and idempotency keys live in the authenticated client's own key space.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,6 +52,7 @@ use serde_json::value::RawValue;
 
 use crate::queue::{Queue, Submission};
 
+use super::auth::{self, Tokens};
 use super::limits;
 
 use super::config::WorkflowConfig;
@@ -78,6 +82,8 @@ pub struct BatchTask {
 /// How an intake serves, besides its workflow.
 #[derive(Debug)]
 pub struct IntakeOptions {
+    /// Bearer tokens to require on `/v1/…` (`None`: open).
+    pub tokens: Option<Tokens>,
     /// API requests served at once; the next is answered `503`.
     pub max_in_flight: usize,
 }
@@ -85,6 +91,7 @@ pub struct IntakeOptions {
 impl Default for IntakeOptions {
     fn default() -> Self {
         Self {
+            tokens: None,
             max_in_flight: limits::MAX_IN_FLIGHT,
         }
     }
@@ -98,12 +105,21 @@ pub struct Intake {
     options: IntakeOptions,
 }
 
+/// The client a request authenticated as (an extension set by the auth layer).
+#[derive(Clone)]
+struct Client(Arc<str>);
+
+/// The authenticated client's id, whose key space the request's idempotency keys live in.
+fn client_id(c: &Option<axum::Extension<Client>>) -> Option<&str> {
+    c.as_ref().map(|c| &*c.0.0)
+}
+
 impl Intake {
     pub fn new(cfg: Arc<WorkflowConfig>, queue: Arc<dyn Queue>, engine_id: &str) -> Arc<Self> {
         Self::with_options(cfg, queue, engine_id, IntakeOptions::default())
     }
 
-    /// An intake with explicit [`IntakeOptions`].
+    /// An intake with explicit [`IntakeOptions`] (authentication, in-flight limit).
     pub fn with_options(
         cfg: Arc<WorkflowConfig>,
         queue: Arc<dyn Queue>,
@@ -122,14 +138,20 @@ impl Intake {
         self.stats.clone()
     }
 
-    /// The full router: API (at most `max_in_flight` requests at once) + health endpoints
-    /// (unlimited).
+    /// The full router: API (authenticated when tokens are set, at most `max_in_flight` at
+    /// once) + health endpoints (open, unlimited).
     pub fn router(self: &Arc<Self>) -> Router {
-        let api = Router::new()
+        let mut api = Router::new()
             .route("/v1/tasks", post(submit))
             .route("/v1/tasks:batch", post(submit_batch))
-            .route("/v1/tasks/{id}", get(status))
-            .with_state(self.clone());
+            .route("/v1/tasks/{id}", get(status));
+        if self.options.tokens.is_some() {
+            api = api.route_layer(axum::middleware::from_fn_with_state(
+                self.clone(),
+                authenticate,
+            ));
+        }
+        let api = api.with_state(self.clone());
         limits::in_flight_limit(api, self.options.max_in_flight)
             .merge(http::router(Health::new(self.stats.clone())))
     }
@@ -270,6 +292,37 @@ fn error(status: StatusCode, msg: impl Into<String>) -> Response {
     (status, Json(json!({"error": msg.into()}))).into_response()
 }
 
+/// The auth layer of the API routes (only with tokens): a request passes only with a valid
+/// bearer token, and carries its [`Client`] on.
+async fn authenticate(
+    State(intake): State<Arc<Intake>>,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(tokens) = &intake.options.tokens else {
+        return next.run(req).await;
+    };
+    let header = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .map(|v| v.as_bytes());
+    match tokens.authenticate(header) {
+        Ok(client) => {
+            let client = Client(Arc::from(client));
+            req.extensions_mut().insert(client);
+            next.run(req).await
+        }
+        Err(e) => {
+            let mut r = error(StatusCode::UNAUTHORIZED, e.message());
+            if let Ok(v) = axum::http::HeaderValue::from_str(&e.challenge()) {
+                r.headers_mut()
+                    .insert(axum::http::header::WWW_AUTHENTICATE, v);
+            }
+            r
+        }
+    }
+}
+
 /// Read a request body of at most `limit` bytes: `413` beyond it, `408` when it did not
 /// arrive within the server's body deadline ([`limits::DeadlineBody`]).
 async fn read_body(body: Body, limit: usize, what: &str) -> Result<Bytes, Response> {
@@ -288,7 +341,12 @@ async fn read_body(body: Body, limit: usize, what: &str) -> Result<Bytes, Respon
     })
 }
 
-async fn submit(State(intake): State<Arc<Intake>>, headers: HeaderMap, body: Body) -> Response {
+async fn submit(
+    State(intake): State<Arc<Intake>>,
+    client: Option<axum::Extension<Client>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let started = Instant::now();
     let limit = intake.cfg.max_payload_bytes;
     let bytes = match read_body(body, limit, "payload").await {
@@ -306,7 +364,7 @@ async fn submit(State(intake): State<Arc<Intake>>, headers: HeaderMap, body: Bod
     let key = match headers.get("idempotency-key") {
         None => None,
         Some(v) => match v.to_str() {
-            Ok(k) if valid_key(k) => Some(k),
+            Ok(k) if valid_key(k) => Some(auth::scoped_key(client_id(&client), k)),
             _ => {
                 return error(
                     StatusCode::BAD_REQUEST,
@@ -316,7 +374,7 @@ async fn submit(State(intake): State<Arc<Intake>>, headers: HeaderMap, body: Bod
         },
     };
     let tp = headers.get("traceparent").and_then(|v| v.to_str().ok());
-    match queue_call(intake.submit_raw(bytes, key, tp)).await {
+    match queue_call(intake.submit_raw(bytes, key.as_deref(), tp)).await {
         Ok((task_id, created)) => {
             let took = started.elapsed();
             (
@@ -409,8 +467,12 @@ struct BatchItem<'a> {
 }
 
 /// Parse and check a batch body; nothing is enqueued unless all of it is
-/// good. Payloads are slices of `body` (no copy).
-fn parse_batch(body: &Bytes, max_payload: usize) -> Result<Vec<BatchTask>, (StatusCode, String)> {
+/// good. Payloads are slices of `body` (no copy); keys are put in `client`'s key space.
+fn parse_batch(
+    body: &Bytes,
+    max_payload: usize,
+    client: Option<&str>,
+) -> Result<Vec<BatchTask>, (StatusCode, String)> {
     let bad = |m: String| (StatusCode::BAD_REQUEST, m);
     let parsed: BatchBody<'_> = serde_json::from_slice(body).map_err(|e| {
         let msg = e.to_string();
@@ -453,7 +515,7 @@ fn parse_batch(body: &Bytes, max_payload: usize) -> Result<Vec<BatchTask>, (Stat
         }
         out.push(BatchTask {
             payload: body.slice_ref(text),
-            idempotency_key: item.idempotency_key,
+            idempotency_key: item.idempotency_key.map(|k| auth::scoped_key(client, &k)),
         });
     }
     Ok(out)
@@ -461,6 +523,7 @@ fn parse_batch(body: &Bytes, max_payload: usize) -> Result<Vec<BatchTask>, (Stat
 
 async fn submit_batch(
     State(intake): State<Arc<Intake>>,
+    client: Option<axum::Extension<Client>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -469,7 +532,7 @@ async fn submit_batch(
         Ok(b) => b,
         Err(refusal) => return refusal,
     };
-    let tasks = match parse_batch(&bytes, intake.cfg.max_payload_bytes) {
+    let tasks = match parse_batch(&bytes, intake.cfg.max_payload_bytes, client_id(&client)) {
         Ok(t) => t,
         Err((status, msg)) => return error(status, msg),
     };

@@ -14,9 +14,11 @@
 //! numbers), [`task`] (the envelope), [`dlq`], [`saga`], [`killswitch`],
 //! [`breakers`] (published breaker states), [`degraded`], [`stats`],
 //! [`http`] (health and metrics endpoints, the server every role runs), [`limits`] (the
-//! timeouts and size limits of every HTTP edge), [`tools`] (the tool proxy that applies each
-//! tool's policy stack; the mechanisms themselves live in `resilience`).
+//! timeouts and size limits of every HTTP edge), [`auth`] (the intake's bearer tokens),
+//! [`tools`] (the tool proxy that applies each tool's policy stack; the mechanisms
+//! themselves live in `resilience`).
 
+pub mod auth;
 pub mod breakers;
 pub mod commit;
 pub mod config;
