@@ -245,7 +245,10 @@ impl ToolProxy {
         let Some(t) = self.tools.get(tool) else {
             return refusal_response(tool, &Refusal::UnknownTool);
         };
-        request.url = forward_url(&t.spec.url, &request.url);
+        request.url = match forward_url(&t.spec.url, &request.url) {
+            Ok(url) => url,
+            Err(e) => return degraded(400, tool, "bad-path", &format!("tool {tool:?}: {e}")),
+        };
         let (idempotent, read_only) = self.hints_for(t, &request.body);
         let call = ToolCall {
             request,
@@ -333,16 +336,66 @@ pub fn protocol_of(t: &ToolSpec) -> ToolProtocol {
     })
 }
 
-/// The tool's URL plus the sub-path the agent asked for (`/tools/ledger/entries/7` → `…/entries/7`).
-fn forward_url(base: &str, sub: &str) -> String {
-    if sub.is_empty() || sub.starts_with("http://") || sub.starts_with("https://") {
-        return base.to_string();
+/// The tool's URL plus the sub-path the agent asked for (`/tools/ledger/entries/7` →
+/// `…/entries/7`), never anything outside the tool's URL.
+///
+/// A URL parser normalises `..`, `%2e%2e` and `\` and reads `?` and `#` as the start of the
+/// query and fragment, so a sub-path holding them could reach another path of the tool's
+/// host (`/tools/ledger/../admin`) or change its query. They are refused outright (the agent
+/// gets a `400`), and so are percent-encoded `.`, `/`, `\`, `?`, `#`, `%` and control
+/// characters, which a tool decoding the path once more would read the same way. Then the
+/// joined URL is checked: same scheme, host and port as the base, path under the base path,
+/// the base's own query and fragment unchanged.
+pub fn forward_url(base: &str, sub: &str) -> Result<String, String> {
+    if sub.is_empty() {
+        return Ok(base.to_string());
     }
-    format!(
-        "{}/{}",
-        base.trim_end_matches('/'),
-        sub.trim_start_matches('/')
-    )
+    check_sub_path(sub)?;
+    let base_url = reqwest::Url::parse(base).map_err(|e| format!("tool URL: {e}"))?;
+    let prefix = base_url.path().trim_end_matches('/').to_string();
+    let mut joined = base_url.clone();
+    joined.set_path(&format!("{prefix}/{}", sub.trim_start_matches('/')));
+    let under = joined.scheme() == base_url.scheme()
+        && joined.host_str() == base_url.host_str()
+        && joined.port_or_known_default() == base_url.port_or_known_default()
+        && joined.username() == base_url.username()
+        && joined.password() == base_url.password()
+        && joined.path().starts_with(&format!("{prefix}/"))
+        && joined.query() == base_url.query()
+        && joined.fragment() == base_url.fragment();
+    if !under {
+        return Err(format!("sub-path {sub:?} leaves the tool's URL"));
+    }
+    Ok(joined.into())
+}
+
+/// The characters and segments [`forward_url`] refuses in a sub-path.
+fn check_sub_path(sub: &str) -> Result<(), String> {
+    let refuse = |why: &str| Err(format!("sub-path {sub:?} {why}"));
+    if let Some(c) = sub
+        .chars()
+        .find(|c| matches!(c, '?' | '#' | '\\') || c.is_control() || c.is_whitespace())
+    {
+        return refuse(&format!("may not contain {c:?}"));
+    }
+    let bytes = sub.as_bytes();
+    for (i, _) in sub.match_indices('%') {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match hex {
+            None => return refuse("has a % that is not followed by two hex digits"),
+            Some(b) if b < 0x20 || b == 0x7f || b"./\\?#%".contains(&b) => {
+                return refuse(&format!("may not contain an encoded {:?}", b as char));
+            }
+            Some(_) => {}
+        }
+    }
+    if sub.split('/').any(|seg| seg == "." || seg == "..") {
+        return refuse("may not contain a '.' or '..' segment");
+    }
+    Ok(())
 }
 
 /// Annotations of an MCP `tools/list` answer: `result.tools[].{name, annotations}`.
@@ -1184,5 +1237,153 @@ agents:
                 "{path}: {body}"
             );
         }
+    }
+
+    #[test]
+    fn forward_url_never_leaves_the_base() {
+        let bases = [
+            "http://tool.example:8080/ledger",
+            "https://tool.example/api/v1/",
+            "http://10.0.0.1/x?tenant=7",
+            "http://tool.example",
+        ];
+        let parts = [
+            "a",
+            "b",
+            ".",
+            "..",
+            "/",
+            "//",
+            "%2e",
+            "%2E",
+            "%2e%2e",
+            ".%2e",
+            "%2f",
+            "%2F",
+            "%5c",
+            "\\",
+            "?",
+            "#",
+            "%3f",
+            "%23",
+            "%25",
+            "%252e",
+            "%00",
+            "%",
+            "%zz",
+            "@",
+            ":",
+            ";",
+            "~",
+            "http:",
+            "//evil.example",
+            "é",
+            " ",
+            "\t",
+            "&",
+            "=",
+            "x.y",
+            "...",
+        ];
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = |n: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % n as u64) as usize
+        };
+        let (mut accepted, mut refused) = (0, 0);
+        for round in 0..50_000 {
+            let base = bases[round % bases.len()];
+            let sub: String = (0..1 + next(6)).map(|_| parts[next(parts.len())]).collect();
+            let Ok(joined) = forward_url(base, &sub) else {
+                refused += 1;
+                continue;
+            };
+            accepted += 1;
+            let (b, j) = (
+                reqwest::Url::parse(base).unwrap(),
+                reqwest::Url::parse(&joined).unwrap(),
+            );
+            let prefix = format!("{}/", b.path().trim_end_matches('/'));
+            assert!(
+                j.origin() == b.origin()
+                    && j.path().starts_with(&prefix)
+                    && j.query() == b.query()
+                    && j.fragment().is_none()
+                    && !j.path()[prefix.len()..]
+                        .split('/')
+                        .any(|s| s == "." || s == ".."),
+                "{base} + {sub:?} = {joined}"
+            );
+            // What the tool receives parses back to the same URL: nothing left to normalise.
+            assert_eq!(reqwest::Url::parse(j.as_str()).unwrap(), j, "{joined}");
+        }
+        assert!(accepted > 1000 && refused > 1000, "{accepted} / {refused}");
+        // The plain cases.
+        assert_eq!(
+            forward_url("http://t/ledger", "entries/7").unwrap(),
+            "http://t/ledger/entries/7"
+        );
+        assert_eq!(
+            forward_url("http://t/api?k=1", "/entries").unwrap(),
+            "http://t/api/entries?k=1"
+        );
+        assert_eq!(forward_url("http://t/mcp", "").unwrap(), "http://t/mcp");
+        for bad in [
+            "..",
+            "a/../../admin",
+            "%2e%2e/admin",
+            "a?x=1",
+            "a#f",
+            "a\\b",
+            "%252e%252e",
+        ] {
+            assert!(forward_url("http://t/ledger", bad).is_err(), "{bad}");
+        }
+    }
+
+    /// One raw HTTP/1.1 request (no client-side URL normalisation); the status code.
+    async fn raw_post(addr: std::net::SocketAddr, path: &str) -> u16 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.unwrap();
+        let text = String::from_utf8_lossy(&out);
+        text.split(' ').nth(1).unwrap_or("0").parse().unwrap_or(0)
+    }
+
+    #[tokio::test]
+    async fn the_http_front_refuses_paths_that_leave_the_tool() {
+        let tool = FakeTool::default();
+        let url = serve(tool.clone()).await;
+        let p = Arc::new(proxy(&url, RETRY));
+        let app = http::router(p, vec!["ledger".into()]);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        for path in [
+            "/tools/ledger/%2e%2e/admin",
+            "/tools/ledger/%2E%2e",
+            "/tools/ledger/..%2fadmin",
+            "/tools/ledger/a/%2e%2e/%2e%2e/admin",
+            "/tools/ledger/%252e%252e/admin",
+            "/tools/ledger/a%3Fdebug=1",
+            "/tools/ledger/a%23frag",
+            "/tools/ledger/a%5c..%5cadmin",
+        ] {
+            assert_eq!(raw_post(addr, path).await, 400, "{path}");
+        }
+        assert_eq!(
+            tool.requests.load(Ordering::SeqCst),
+            0,
+            "nothing reached the tool"
+        );
+        assert_eq!(raw_post(addr, "/tools/ledger/entries/7").await, 200);
+        assert_eq!(tool.requests.load(Ordering::SeqCst), 1);
     }
 }
