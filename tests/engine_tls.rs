@@ -1,14 +1,17 @@
 //! TLS end to end, against servers whose certificate a private CA (generated here) signed:
-//! a redis-server on `--tls-port` reached through `rediss://`. Trust is given by naming the
-//! CA, never by switching verification off; without the CA the connection fails, and no
-//! error shows the password.
+//! a redis-server on `--tls-port` reached through `rediss://`, and an `https://` tool reached
+//! through the tool proxy. Trust is given by naming the CA, never by switching verification
+//! off; without the CA both connections fail, and no error shows the password.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use r4::engine::tools::{self, HttpToolOptions, ToolProxy};
 use r4::queue::Queue;
 use r4::queue::redis::{RedisConfig, RedisQueue};
+use r4::resilience::HttpRequest;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 
 /// A CA and a certificate for `localhost` / `127.0.0.1` it signed, as PEM files.
@@ -173,4 +176,114 @@ async fn rediss_through_a_private_ca() {
     let stderr = String::from_utf8_lossy(&bad_ca.stderr);
     assert!(!bad_ca.status.success());
     assert!(stderr.contains("R4_REDIS_CA_FILE"), "{stderr}");
+}
+
+/// An `https://` tool: answers 200 and records the `Authorization` header of each call.
+async fn serve_https_tool(pki: &Pki, seen: Arc<Mutex<Vec<String>>>) -> u16 {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    r4::tls::install_crypto_provider();
+    let config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![CertificateDer::from_pem_slice(pki.cert_pem.as_bytes()).unwrap()],
+            PrivateKeyDer::from_pem_slice(pki.key_pem.as_bytes()).unwrap(),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let app = axum::Router::new().route(
+        "/api",
+        axum::routing::post(move |h: axum::http::HeaderMap| {
+            let seen = seen.clone();
+            async move {
+                let a = h.get("authorization").and_then(|v| v.to_str().ok());
+                seen.lock().unwrap().push(a.unwrap_or("").to_string());
+                r#"{"ok": true}"#
+            }
+        }),
+    );
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let (acceptor, app) = (acceptor.clone(), app.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper_util::service::TowerToHyperService::new(app);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn https_tools_through_a_private_ca_with_credentials_from_a_secret() {
+    let pki = Pki::new();
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let port = serve_https_tool(&pki, seen.clone()).await;
+    let spec: r4::api::workflow::AgentWorkflowSpec = serde_yaml::from_str(&format!(
+        r#"
+queue: {{redis: {{url: "redis://x"}}}}
+tools:
+  - name: bank
+    url: "https://localhost:{port}/api"
+    headersFrom: [{{name: Authorization, secretRef: {{name: bank-creds, key: token}}}}]
+agents:
+  - {{name: a, image: i, consumes: in, tools: [bank]}}
+"#
+    ))
+    .unwrap();
+    // The mounted Secret, as the controller lays it out.
+    std::fs::create_dir(pki.path("bank")).unwrap();
+    std::fs::write(pki.path("bank/authorization"), "Bearer bank-s3cret\n").unwrap();
+    let headers = tools::load_tool_headers(&spec, &["bank".into()], pki.dir.path())
+        .unwrap()
+        .remove("bank")
+        .unwrap();
+    let call = |ca: Option<Vec<u8>>| {
+        let spec = spec.clone();
+        let headers = headers.clone();
+        async move {
+            let client = tools::http_client(ca.as_deref()).unwrap();
+            let options = HttpToolOptions {
+                headers,
+                ..HttpToolOptions::default()
+            };
+            let proxy = ToolProxy::new(
+                &spec,
+                &Default::default(),
+                &|_| tools::http_transport_with(client.clone(), options.clone()),
+                None,
+                None,
+            )
+            .unwrap();
+            proxy
+                .call(
+                    &["bank".into()],
+                    "bank",
+                    HttpRequest::post("", b"{}".to_vec()),
+                )
+                .await
+        }
+    };
+    let r = call(Some(pki.ca_pem.clone())).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(seen.lock().unwrap().as_slice(), ["Bearer bank-s3cret"]);
+    // Without the CA the handshake fails: nothing reaches the tool, no URL in the answer.
+    let r = call(None).await;
+    assert_eq!(r.status, 502);
+    let body = String::from_utf8_lossy(&r.body);
+    assert!(
+        !body.contains("localhost:") && !body.contains("s3cret"),
+        "{body}"
+    );
+    assert_eq!(seen.lock().unwrap().len(), 1);
 }

@@ -57,6 +57,13 @@ pub struct EngineArgs {
     /// Engine id (consumer name); default: the agent or role name plus a random suffix.
     #[arg(long)]
     pub engine_id: Option<String>,
+    /// PEM bundle of CA certificates to trust for `https://` tools, besides the webpki roots.
+    #[arg(long, env = "R4_TOOLS_CA_FILE", value_name = "FILE")]
+    pub tools_ca_file: Option<PathBuf>,
+    /// Directory of the tools' `headersFrom` values: one file `<tool>/<header name in lower
+    /// case>` each (role agent).
+    #[arg(long, env = "R4_TOOLS_SECRETS_DIR", value_name = "DIR", default_value = crate::engine::tools::DEFAULT_SECRETS_DIR)]
+    pub tools_secrets_dir: PathBuf,
 }
 
 /// The agent's tool proxy: policy stacks over real HTTP, MCP annotations learnt, kill switches
@@ -72,16 +79,29 @@ async fn start_tool_proxy(
     registry: &prometheus::Registry,
 ) -> Result<tokio::task::JoinHandle<std::io::Result<()>>, CliError> {
     use crate::engine::tools::{self, HttpToolOptions, ToolProxy};
-    let client = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(2))
-        .build()
-        .map_err(|e| CliError::Internal(format!("cannot build the HTTP client: {e}")))?;
-    // Per tool: its policy's overall deadline, which the HTTP client enforces too.
+    let ca = match &args.tools_ca_file {
+        Some(p) => Some(
+            crate::tls::read_ca_file(p)
+                .map_err(|e| CliError::Usage(format!("--tools-ca-file: {e}")))?,
+        ),
+        None => None,
+    };
+    let client = tools::http_client(ca.as_deref()).map_err(CliError::Internal)?;
+    let allowed = cfg
+        .agent(agent)
+        .map(|a| a.tools.clone())
+        .unwrap_or_default();
+    // Per tool: its credentials (headersFrom) and its policy's overall deadline.
+    let mut headers = tools::load_tool_headers(&cfg.spec, &allowed, &args.tools_secrets_dir)
+        .map_err(CliError::Usage)?;
     let mut options = std::collections::BTreeMap::new();
     for (i, t) in cfg.spec.tools.iter().enumerate() {
         let policy = tools::tool_policy(&cfg.spec, &cfg.policies, i)
             .map_err(|e| CliError::Usage(e.to_string()))?;
-        let mut o = HttpToolOptions::default();
+        let mut o = HttpToolOptions {
+            headers: headers.remove(&t.name).unwrap_or_default(),
+            ..HttpToolOptions::default()
+        };
         if let Some(d) = policy.timeout.and_then(|t| t.overall) {
             o.timeout = d;
         }
@@ -143,10 +163,6 @@ async fn start_tool_proxy(
         id.to_string(),
         stop.clone(),
     ));
-    let allowed = cfg
-        .agent(agent)
-        .map(|a| a.tools.clone())
-        .unwrap_or_default();
     let listener = tokio::net::TcpListener::bind(&args.tools_listen)
         .await
         .map_err(|e| CliError::Io(args.tools_listen.clone(), e))?;

@@ -495,6 +495,9 @@ impl tower::Service<ToolCall> for CallAdapter {
 /// How real HTTP requests reach one tool.
 #[derive(Clone, Debug)]
 pub struct HttpToolOptions {
+    /// Headers added to every request (the tool's `headersFrom`), marked sensitive so no
+    /// debug output shows them.
+    pub headers: Vec<(reqwest::header::HeaderName, reqwest::header::HeaderValue)>,
     /// Deadline of one request, its answer included: the tool policy's `timeout.overall`,
     /// a second line behind the policy stack's own timer.
     pub timeout: Duration,
@@ -505,10 +508,32 @@ pub struct HttpToolOptions {
 impl Default for HttpToolOptions {
     fn default() -> Self {
         Self {
+            headers: Vec::new(),
             timeout: crate::resilience::DEFAULT_OVERALL_TIMEOUT,
             max_response: super::limits::MAX_TOOL_RESPONSE,
         }
     }
+}
+
+/// The tool proxy's HTTP client: rustls trusting the webpki roots plus the PEM bundle
+/// `ca_pem` (`--tools-ca-file`), connect timeout 2 s, and no redirect followed — a redirect
+/// could take a call, and the credentials of its `headersFrom`, away from the tool's URL
+/// (the 3xx goes back to the agent instead).
+pub fn http_client(ca_pem: Option<&[u8]>) -> Result<reqwest::Client, String> {
+    crate::tls::install_crypto_provider();
+    let mut b = reqwest::Client::builder()
+        .use_rustls_tls()
+        .connect_timeout(Duration::from_secs(2))
+        .redirect(reqwest::redirect::Policy::none());
+    if let Some(pem) = ca_pem {
+        let certs = reqwest::Certificate::from_pem_bundle(pem)
+            .map_err(|e| format!("not a PEM certificate bundle: {}", e.without_url()))?;
+        for c in certs {
+            b = b.add_root_certificate(c);
+        }
+    }
+    b.build()
+        .map_err(|e| format!("cannot build the HTTP client: {}", e.without_url()))
 }
 
 /// Real HTTP to a tool with the default [`HttpToolOptions`].
@@ -518,7 +543,7 @@ pub fn http_transport(client: reqwest::Client) -> Transport {
 
 /// Real HTTP to a tool, with connect failures marked as such (the request never left, so even
 /// a non-idempotent call may be retried). Errors never carry the URL (it may hold a token in
-/// its query, and the agent sees them); an answer over `max_response` bytes is refused.
+/// its query; the agent sees them); an answer over `max_response` bytes is refused.
 pub fn http_transport_with(client: reqwest::Client, options: HttpToolOptions) -> Transport {
     let options = Arc::new(options);
     BoxCloneService::new(tower::service_fn(move |req: HttpRequest| {
@@ -532,6 +557,9 @@ pub fn http_transport_with(client: reqwest::Client, options: HttpToolOptions) ->
                 .timeout(options.timeout)
                 .body(req.body);
             for (k, v) in &req.headers {
+                b = b.header(k, v);
+            }
+            for (k, v) in &options.headers {
                 b = b.header(k, v);
             }
             let resp = match b.send().await {
@@ -569,6 +597,47 @@ pub fn http_transport_with(client: reqwest::Client, options: HttpToolOptions) ->
             })
         }
     }))
+}
+
+/// Default of `--tools-secrets-dir`: where the controller mounts the tools' `headersFrom`.
+pub const DEFAULT_SECRETS_DIR: &str = "/var/run/secrets/r4/tools";
+
+/// The `headersFrom` values of the tools named in `tools`, read from
+/// `<dir>/<tool>/<header name in lower case>` (a trailing newline is dropped). A declared
+/// header whose file is missing or unreadable is an error naming the field and the file —
+/// a tool is never called without the credentials its spec asks for. Errors never hold a
+/// value.
+pub fn load_tool_headers(
+    spec: &AgentWorkflowSpec,
+    tools: &[String],
+    dir: &std::path::Path,
+) -> Result<
+    BTreeMap<String, Vec<(reqwest::header::HeaderName, reqwest::header::HeaderValue)>>,
+    String,
+> {
+    let mut out = BTreeMap::new();
+    for (i, t) in spec.tools.iter().enumerate() {
+        if !tools.contains(&t.name) || t.headers_from.is_empty() {
+            continue;
+        }
+        let mut headers = Vec::new();
+        for (j, h) in t.headers_from.iter().enumerate() {
+            let field = format!("spec.tools[{i}].headersFrom[{j}]");
+            let name = reqwest::header::HeaderName::from_bytes(h.name.as_bytes())
+                .map_err(|_| format!("{field}.name: {:?} is not a header name", h.name))?;
+            let path = dir.join(&t.name).join(name.as_str());
+            let raw = std::fs::read(&path)
+                .map_err(|e| format!("{field}: cannot read {}: {e}", path.display()))?;
+            let value = raw.strip_suffix(b"\n").unwrap_or(&raw);
+            let value = value.strip_suffix(b"\r").unwrap_or(value);
+            let mut value = reqwest::header::HeaderValue::from_bytes(value)
+                .map_err(|_| format!("{field}: {} is not a valid header value", path.display()))?;
+            value.set_sensitive(true);
+            headers.push((name, value));
+        }
+        out.insert(t.name.clone(), headers);
+    }
+    Ok(out)
 }
 
 fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -1105,6 +1174,7 @@ agents:
             idempotent: None,
             read_only: None,
             fallback: None,
+            headers_from: Vec::new(),
             simulate: None,
         };
         assert_eq!(protocol_of(&t("http://x:8080/mcp")), ToolProtocol::Mcp);
@@ -1385,5 +1455,73 @@ agents:
         );
         assert_eq!(raw_post(addr, "/tools/ledger/entries/7").await, 200);
         assert_eq!(tool.requests.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn tool_credentials_come_from_files_and_are_sent() {
+        let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+        let s2 = seen.clone();
+        let app = Router::new().route(
+            "/api",
+            post(move |h: HeaderMap| {
+                let seen = s2.clone();
+                async move {
+                    let a = h.get("authorization").and_then(|v| v.to_str().ok());
+                    seen.lock().unwrap().push(a.unwrap_or("").to_string());
+                    "{}"
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let spec: AgentWorkflowSpec = serde_yaml::from_str(&format!(
+            r#"
+queue: {{redis: {{url: "redis://x"}}}}
+tools:
+  - name: t
+    url: "http://{addr}/api"
+    headersFrom: [{{name: Authorization, secretRef: {{name: tool-creds, key: token}}}}]
+agents:
+  - {{name: a, image: i, consumes: in, tools: [t]}}
+"#
+        ))
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let e = load_tool_headers(&spec, &["t".into()], dir.path()).unwrap_err();
+        assert!(
+            e.starts_with("spec.tools[0].headersFrom[0]: cannot read ")
+                && e.contains("t/authorization"),
+            "{e}"
+        );
+        std::fs::create_dir(dir.path().join("t")).unwrap();
+        std::fs::write(dir.path().join("t/authorization"), "Bearer s3cret-value\n").unwrap();
+        assert!(
+            load_tool_headers(&spec, &[], dir.path())
+                .unwrap()
+                .is_empty(),
+            "only the agent's tools"
+        );
+        let mut headers = load_tool_headers(&spec, &["t".into()], dir.path()).unwrap();
+        let h = headers.remove("t").unwrap();
+        assert!(h[0].1.is_sensitive() && !format!("{h:?}").contains("s3cret"));
+        let client = http_client(None).unwrap();
+        let options = HttpToolOptions {
+            headers: h,
+            ..HttpToolOptions::default()
+        };
+        let p = ToolProxy::new(
+            &spec,
+            &BTreeMap::new(),
+            &|_| http_transport_with(client.clone(), options.clone()),
+            None,
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            p.call(&["t".into()], "t", keyed("k", "{}")).await.status,
+            200
+        );
+        assert_eq!(seen.lock().unwrap().as_slice(), ["Bearer s3cret-value"]);
     }
 }
