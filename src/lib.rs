@@ -13,3 +13,4 @@ pub mod resilience;
 pub mod telemetry;
 #[doc(hidden)]
 pub mod testutil;
+pub mod tls;

@@ -65,7 +65,7 @@ struct KillArgs {
     /// WORKFLOW, WORKFLOW/AGENT or WORKFLOW/tool:TOOL.
     target: String,
     /// Set the switch directly in this Redis (without it, the spec would be patched through the controller).
-    #[arg(long, env = "R4_REDIS_URL")]
+    #[arg(long, env = "R4_REDIS_URL", hide_env_values = true)]
     redis: Option<String>,
     /// Namespace of the workflow; default: the manifest's with -f, else `default`.
     #[arg(long)]

@@ -770,3 +770,42 @@ fn references_resolve_across_documents_without_a_namespace() {
         apart.errors
     );
 }
+
+#[test]
+fn tool_credentials_live_in_secrets_not_in_urls() {
+    let with_tool = |tool: &str| {
+        WORKFLOW.replace(
+            "    - {name: bank-api, url: \"http://bank:8080/mcp\", idempotent: true, fallback: {cache: {ttl: 10m}}}",
+            tool,
+        )
+    };
+    let errors = |text: String| validate_texts(&[("a.yaml".into(), text)], RefMode::Warn).errors;
+    for url in [
+        "https://user:pass@bank:8443/mcp",
+        "http://token@bank:8080/mcp",
+        "https://u:p%40ss@bank/mcp?x=@",
+    ] {
+        let e = errors(with_tool(&format!(
+            "    - {{name: bank-api, url: \"{url}\", idempotent: true}}"
+        )));
+        assert!(
+            e.iter()
+                .any(|e| e.contains("spec.tools[0].url: must not carry credentials")),
+            "{url}: {e:#?}"
+        );
+    }
+    // An '@' after the host is a path, not credentials; headersFrom is the way.
+    let ok = errors(with_tool(
+        "    - name: bank-api\n      url: \"https://bank:8443/v1/@me\"\n      headersFrom: [{name: Authorization, secretRef: {name: bank, key: token}}]",
+    ));
+    assert!(ok.is_empty(), "{ok:#?}");
+    let e = errors(with_tool(
+        "    - name: bank-api\n      url: \"https://bank/mcp\"\n      headersFrom:\n        - {name: Authorization, secretRef: {name: b, key: t}}\n        - {name: authorization, secretRef: {name: b, key: u}}\n        - {name: Idempotency-Key, secretRef: {name: b, key: k}}",
+    ));
+    for says in [
+        "spec.tools[0].headersFrom[1].name: duplicate header",
+        "spec.tools[0].headersFrom[2].name: \"Idempotency-Key\" is set by the tool proxy",
+    ] {
+        assert!(e.iter().any(|e| e.contains(says)), "{says}: {e:#?}");
+    }
+}

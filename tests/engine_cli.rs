@@ -253,3 +253,61 @@ fn bench_refusals_are_one_line_naming_the_flag() {
         assert_eq!(err.lines().count(), 1, "{args:?}: one line: {err:?}");
     }
 }
+
+#[test]
+fn an_intake_that_asks_for_tokens_does_not_start_without_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let wf = dir.path().join("wf.yaml");
+    std::fs::write(
+        &wf,
+        r#"apiVersion: r4.dev/v1alpha1
+kind: AgentWorkflow
+metadata: {name: wf}
+spec:
+  queue: {redis: {url: "redis://127.0.0.1:1"}}
+  agents: [{name: a, image: i, consumes: in}]
+  intake: {enabled: true, auth: {tokenSecretRef: {name: intake-token, key: token}}}
+"#,
+    )
+    .unwrap();
+    let run = |env: &[(&str, &str)]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_r4"));
+        cmd.args(["engine", "--role", "intake", "--workflow-file"])
+            .arg(&wf)
+            .args([
+                "--redis",
+                "redis://:hunter2@127.0.0.1:1/",
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .env_remove("R4_INTAKE_TOKEN")
+            .env_remove("R4_INTAKE_TOKEN_FILE")
+            .stdin(Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().expect("run r4")
+    };
+    let o = run(&[]);
+    assert!(!o.status.success());
+    let t = text(&o);
+    assert!(
+        t.contains("spec.intake.auth is set but neither R4_INTAKE_TOKEN_FILE nor R4_INTAKE_TOKEN"),
+        "{t}"
+    );
+    // With a token it goes on to Redis (nothing listens there), naming it without the password.
+    let o = run(&[("R4_INTAKE_TOKEN", "a-token-of-sixteen-chars")]);
+    assert!(!o.status.success());
+    let t = text(&o);
+    assert!(
+        t.contains("cannot connect to redis://:***@127.0.0.1:1/"),
+        "{t}"
+    );
+    assert!(!t.contains("hunter2"), "{t}");
+    let o = run(&[("R4_INTAKE_TOKEN", "short")]);
+    assert!(
+        text(&o).contains("R4_INTAKE_TOKEN: line 1: a token must be"),
+        "{}",
+        text(&o)
+    );
+}

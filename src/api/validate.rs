@@ -771,6 +771,22 @@ pub fn check_workflow(name: &str, spec: &AgentWorkflowSpec) -> Vec<FieldError> {
                 format!("duplicate tool {:?}", t.name),
             ));
         }
+        let mut seen_headers = BTreeSet::new();
+        for (j, h) in t.headers_from.iter().enumerate() {
+            let lower = h.name.to_ascii_lowercase();
+            let path = format!("spec.tools[{i}].headersFrom[{j}].name");
+            if crate::api::workflow::RESERVED_TOOL_HEADERS.contains(&lower.as_str()) {
+                e.push(FieldError::new(
+                    path,
+                    format!("{:?} is set by the tool proxy itself", h.name),
+                ));
+            } else if !seen_headers.insert(lower) {
+                e.push(FieldError::new(
+                    path,
+                    format!("duplicate header {:?} (names are case-insensitive)", h.name),
+                ));
+            }
+        }
         if let Some(c) = t.fallback.as_ref().and_then(|f| f.cache.as_ref()) {
             positive(
                 &mut e,

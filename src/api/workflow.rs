@@ -118,14 +118,19 @@ pub struct RedisSpec {
 
 /// A tool the agents may call: an MCP server or a plain HTTP endpoint.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("!self.url.matches('^[a-zA-Z][a-zA-Z0-9+.-]*://[^/?#]*@')").message("must not carry credentials (user:password@host); put them in a Secret and name it in headersFrom").field_path(".url"))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ToolSpec {
     /// Tool name, referenced by agents, kill switches and drills.
     #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"), length(max = 63))]
     pub name: String,
-    /// Endpoint of the tool (`http://bank-mcp.tools:8080/mcp`).
+    /// Endpoint of the tool (`http://bank-mcp.tools:8080/mcp`, `https://…` for TLS). No credentials in the URL: use headersFrom.
     #[schemars(regex(pattern = r"^https?://[^\s/$.?#][^\s]*$"), length(max = 2048))]
     pub url: String,
+    /// HTTP headers sent with every call to the tool, each value taken from a Secret (credentials such as `Authorization`). The engine reads each value from the file `<tools-secrets-dir>/<tool>/<header name in lower case>` that the controller mounts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    pub headers_from: Vec<HeaderFrom>,
     /// Wire protocol: `Mcp` (JSON-RPC `tools/call`) or `Http`. Default: `Mcp` when the URL path ends in `/mcp`, else `Http`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<ToolProtocol>,
@@ -145,6 +150,32 @@ pub struct ToolSpec {
     /// Simulated behaviour for `r4 run` (no real endpoint is called when set).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub simulate: Option<ToolSimulation>,
+}
+
+/// Headers the tool proxy sets itself (or HTTP owns); `headersFrom` may not name them.
+pub const RESERVED_TOOL_HEADERS: &[&str] = &[
+    "idempotency-key",
+    "content-type",
+    "content-length",
+    "traceparent",
+    "tracestate",
+    "accept",
+    "host",
+    "connection",
+    "transfer-encoding",
+    "te",
+    "upgrade",
+];
+
+/// One HTTP header of a tool whose value is a Secret's.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HeaderFrom {
+    /// Header name (`Authorization`, `X-Api-Key`); not one the proxy sets itself (`Idempotency-Key`, `Content-Type`, `Traceparent`, `Host`, …).
+    #[schemars(regex(pattern = r"^[A-Za-z0-9][-A-Za-z0-9]*$"), length(max = 64))]
+    pub name: String,
+    /// The Secret key holding the header's value.
+    pub secret_ref: SecretKeyRef,
 }
 
 /// Wire protocol of a tool.
@@ -277,10 +308,21 @@ pub struct IntakeSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 100))]
     pub replicas: Option<i32>,
-    /// Largest accepted task payload in bytes.
+    /// Largest accepted task payload in bytes; the limit of every hop (agent outputs too).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 16_777_216))]
     pub max_payload_bytes: Option<i64>,
+    /// Require a bearer token on the Task Intake API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<IntakeAuth>,
+}
+
+/// Bearer-token authentication of the intake.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IntakeAuth {
+    /// The Secret key holding the accepted tokens: one per line, or `<client>:<token>` to name the client whose idempotency-key space it opens. Requests without a valid `Authorization: Bearer <token>` are answered 401.
+    pub token_secret_ref: SecretKeyRef,
 }
 
 /// DLQ repair agent.

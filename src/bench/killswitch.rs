@@ -67,11 +67,12 @@ spec:
     let cfg = Arc::new(
         WorkflowConfig::from_yaml("bench", yaml, None, Some(&ns)).map_err(|e| e.to_string())?,
     );
-    let admin: Arc<dyn Queue> = Arc::new(
-        RedisQueue::connect(&url)
-            .await
-            .map_err(|e| format!("--redis {url}: {e}"))?,
-    );
+    let admin: Arc<dyn Queue> = Arc::new(RedisQueue::connect(&url).await.map_err(|e| {
+        format!(
+            "--redis {}: {e}",
+            crate::telemetry::redact::redact_url(&url)
+        )
+    })?);
     let delivered = Arc::new(AtomicU64::new(0));
     let stopped = Arc::new(AtomicBool::new(false));
     let late = Arc::new(AtomicU64::new(0));
@@ -79,11 +80,12 @@ spec:
     let mut ids = Vec::new();
     let mut handles = Vec::new();
     for i in 0..engines {
-        let q: Arc<dyn Queue> = Arc::new(
-            RedisQueue::connect(&url)
-                .await
-                .map_err(|e| format!("--redis {url}: {e}"))?,
-        );
+        let q: Arc<dyn Queue> = Arc::new(RedisQueue::connect(&url).await.map_err(|e| {
+            format!(
+                "--redis {}: {e}",
+                crate::telemetry::redact::redact_url(&url)
+            )
+        })?);
         let id = format!("ks-engine-{i}");
         let d = Counting {
             n: delivered.clone(),

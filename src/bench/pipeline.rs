@@ -106,12 +106,13 @@ pub async fn run(opts: Options) -> Result<serde_json::Value, String> {
             u
         }
     };
-    let q: Arc<dyn Queue> = Arc::new(
-        RedisQueue::connect(&url)
-            .await
-            .map_err(|e| format!("--redis {url}: {e}"))?,
-    );
-    let raw = ::redis::Client::open(url.as_str())
+    let q: Arc<dyn Queue> = Arc::new(RedisQueue::connect(&url).await.map_err(|e| {
+        format!(
+            "--redis {}: {e}",
+            crate::telemetry::redact::redact_url(&url)
+        )
+    })?);
+    let raw = crate::tls::redis_client(&url)
         .map_err(|e| e.to_string())?
         .get_multiplexed_async_connection()
         .await

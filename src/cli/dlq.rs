@@ -57,7 +57,7 @@ pub struct DlqTarget {
     /// The workflow.
     pub workflow: String,
     /// Redis URL of the workflow's queue.
-    #[arg(long, env = "R4_REDIS_URL")]
+    #[arg(long, env = "R4_REDIS_URL", hide_env_values = true)]
     pub redis: String,
     #[arg(long, default_value = "default")]
     pub namespace: String,

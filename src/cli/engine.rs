@@ -13,6 +13,7 @@ use crate::engine::killswitch::{self, Target};
 use crate::engine::{self, AgentRole, HttpDelivery, Intake, RepairRole, WorkflowConfig, http};
 use crate::queue::redis::RedisQueue;
 use crate::queue::{Keys, Queue};
+use crate::telemetry::redact::redact_url;
 
 /// Which role an engine runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -37,8 +38,8 @@ pub struct EngineArgs {
     /// The agent this engine serves (role agent).
     #[arg(long)]
     pub agent: Option<String>,
-    /// Redis URL.
-    #[arg(long, env = "R4_REDIS_URL")]
+    /// Redis URL (`rediss://` for TLS; a private CA's PEM bundle in R4_REDIS_CA_FILE).
+    #[arg(long, env = "R4_REDIS_URL", hide_env_values = true)]
     pub redis: String,
     /// Namespace of the workflow (hash tag of its keys); default: the manifest's, else `default`.
     #[arg(long)]
@@ -56,6 +57,13 @@ pub struct EngineArgs {
     /// Engine id (consumer name); default: the agent or role name plus a random suffix.
     #[arg(long)]
     pub engine_id: Option<String>,
+    /// PEM bundle of CA certificates to trust for `https://` tools, besides the webpki roots.
+    #[arg(long, env = "R4_TOOLS_CA_FILE", value_name = "FILE")]
+    pub tools_ca_file: Option<PathBuf>,
+    /// Directory of the tools' `headersFrom` values: one file `<tool>/<header name in lower
+    /// case>` each (role agent).
+    #[arg(long, env = "R4_TOOLS_SECRETS_DIR", value_name = "DIR", default_value = crate::engine::tools::DEFAULT_SECRETS_DIR)]
+    pub tools_secrets_dir: PathBuf,
 }
 
 /// The agent's tool proxy: policy stacks over real HTTP, MCP annotations learnt, kill switches
@@ -70,12 +78,42 @@ async fn start_tool_proxy(
     stop: watch::Receiver<bool>,
     registry: &prometheus::Registry,
 ) -> Result<tokio::task::JoinHandle<std::io::Result<()>>, CliError> {
-    use crate::engine::tools::{self, ToolProxy};
-    let client = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(2))
-        .build()
-        .map_err(|e| CliError::Internal(format!("cannot build the HTTP client: {e}")))?;
-    let transport = move |_: &crate::api::workflow::ToolSpec| tools::http_transport(client.clone());
+    use crate::engine::tools::{self, HttpToolOptions, ToolProxy};
+    let ca = match &args.tools_ca_file {
+        Some(p) => Some(
+            crate::tls::read_ca_file(p)
+                .map_err(|e| CliError::Usage(format!("--tools-ca-file: {e}")))?,
+        ),
+        None => None,
+    };
+    let client = tools::http_client(ca.as_deref()).map_err(CliError::Internal)?;
+    let allowed = cfg
+        .agent(agent)
+        .map(|a| a.tools.clone())
+        .unwrap_or_default();
+    // Per tool: its credentials (headersFrom) and its policy's overall deadline.
+    let mut headers = tools::load_tool_headers(&cfg.spec, &allowed, &args.tools_secrets_dir)
+        .map_err(CliError::Usage)?;
+    let mut options = std::collections::BTreeMap::new();
+    for (i, t) in cfg.spec.tools.iter().enumerate() {
+        let policy = tools::tool_policy(&cfg.spec, &cfg.policies, i)
+            .map_err(|e| CliError::Usage(e.to_string()))?;
+        let mut o = HttpToolOptions {
+            headers: headers.remove(&t.name).unwrap_or_default(),
+            ..HttpToolOptions::default()
+        };
+        if let Some(d) = policy.timeout.and_then(|t| t.overall) {
+            o.timeout = d;
+        }
+        options.insert(t.name.clone(), o);
+    }
+    let options = Arc::new(options);
+    let transport = move |t: &crate::api::workflow::ToolSpec| {
+        tools::http_transport_with(
+            client.clone(),
+            options.get(&t.name).cloned().unwrap_or_default(),
+        )
+    };
     let proxy: Arc<ToolProxy> =
         Arc::new(
             cfg.tool_proxy(
@@ -111,7 +149,12 @@ async fn start_tool_proxy(
             );
             let store = crate::resilience::SharedBreakerStore::connect(&args.redis, names)
                 .await
-                .map_err(|e| CliError::Usage(format!("cannot connect to {}: {e}", args.redis)))?;
+                .map_err(|e| {
+                    CliError::Usage(format!(
+                        "cannot connect to {}: {e}",
+                        redact_url(&args.redis)
+                    ))
+                })?;
             store.attach(b, Duration::from_secs(1)).await.map_err(|e| {
                 CliError::Internal(format!("cannot share breaker of {}: {e}", t.name))
             })?;
@@ -124,10 +167,6 @@ async fn start_tool_proxy(
         id.to_string(),
         stop.clone(),
     ));
-    let allowed = cfg
-        .agent(agent)
-        .map(|a| a.tools.clone())
-        .unwrap_or_default();
     let listener = tokio::net::TcpListener::bind(&args.tools_listen)
         .await
         .map_err(|e| CliError::Io(args.tools_listen.clone(), e))?;
@@ -141,7 +180,7 @@ async fn start_tool_proxy(
 pub(crate) async fn connect(url: &str) -> Result<Arc<dyn Queue>, CliError> {
     let q = RedisQueue::connect(url)
         .await
-        .map_err(|e| CliError::Usage(format!("cannot connect to {url}: {e}")))?;
+        .map_err(|e| CliError::Usage(format!("cannot connect to {}: {e}", redact_url(url))))?;
     Ok(Arc::new(q))
 }
 
@@ -173,6 +212,11 @@ pub fn engine(args: EngineArgs) -> Result<ExitCode, CliError> {
 }
 
 async fn run_engine(args: EngineArgs, cfg: Arc<WorkflowConfig>) -> Result<ExitCode, CliError> {
+    // Settled before connecting: an intake that would run open by mistake never starts.
+    let mut intake_opts = match args.role {
+        Role::Intake => Some(intake_options(&cfg)?),
+        _ => None,
+    };
     let q = connect(&args.redis).await?;
     // Say what this workflow is made of, so `r4 kill` can refuse a name nothing obeys.
     if let Err(e) =
@@ -212,8 +256,13 @@ async fn run_engine(args: EngineArgs, cfg: Arc<WorkflowConfig>) -> Result<ExitCo
     );
     match args.role {
         Role::Agent => {
+            let produces = cfg.agent(&name).map_or(0, |a| a.produces.len());
             let delivery = HttpDelivery::new(args.agent_url.clone())
-                .map_err(|e| CliError::Usage(format!("--agent-url: {e}")))?;
+                .map_err(|e| CliError::Usage(format!("--agent-url: {e}")))?
+                .with_max_answer(engine::limits::agent_answer_limit(
+                    cfg.max_payload_bytes,
+                    produces,
+                ));
             let registry = prometheus::Registry::new();
             // An agent without tools has nothing to proxy: no listener, no port to collide on.
             let has_tools = cfg.agent(&name).is_some_and(|a| !a.tools.is_empty());
@@ -239,7 +288,8 @@ async fn run_engine(args: EngineArgs, cfg: Arc<WorkflowConfig>) -> Result<ExitCo
             }
         }
         Role::Intake => {
-            let intake = Intake::new(cfg.clone(), q.clone(), &id);
+            let options = intake_opts.take().unwrap_or_default();
+            let intake = Intake::with_options(cfg.clone(), q.clone(), &id, options);
             let stats_task = tokio::spawn(engine::consumer::publish_stats(
                 q,
                 cfg.keys.clone(),
@@ -263,6 +313,25 @@ async fn run_engine(args: EngineArgs, cfg: Arc<WorkflowConfig>) -> Result<ExitCo
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The intake's options: bearer tokens from the environment ([`engine::auth`]). A workflow
+/// whose spec asks for `intake.auth` and an engine given no token refuse to start: an intake
+/// must not open by accident.
+fn intake_options(cfg: &WorkflowConfig) -> Result<engine::intake::IntakeOptions, CliError> {
+    let tokens = engine::auth::Tokens::from_env().map_err(CliError::Usage)?;
+    let required = cfg.spec.intake.as_ref().is_some_and(|i| i.auth.is_some());
+    if required && tokens.is_none() {
+        return Err(CliError::Usage(format!(
+            "spec.intake.auth is set but neither {} nor {} is: the intake would be open",
+            engine::auth::TOKEN_FILE_ENV,
+            engine::auth::TOKEN_ENV
+        )));
+    }
+    Ok(engine::intake::IntakeOptions {
+        tokens,
+        ..Default::default()
+    })
 }
 
 async fn wait_for_signal() {

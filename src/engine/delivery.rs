@@ -156,13 +156,15 @@ pub struct HttpDelivery {
     /// `url`, parsed once (not on every delivery); `None` if it does not
     /// parse, and then every attempt fails with reqwest's own error.
     parsed: Option<reqwest::Url>,
+    /// Largest answer read ([`Self::with_max_answer`]).
+    max_answer: usize,
 }
 
 static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 static DEADLINE_MS: HeaderName = HeaderName::from_static("x-r4-deadline-ms");
 
-/// Largest agent answer read.
+/// Largest agent answer read unless [`HttpDelivery::with_max_answer`] says otherwise.
 const MAX_RESPONSE_BYTES: usize = 16 << 20;
 
 impl HttpDelivery {
@@ -182,7 +184,16 @@ impl HttpDelivery {
             client,
             parsed: reqwest::Url::parse(&url).ok(),
             url,
+            max_answer: MAX_RESPONSE_BYTES,
         })
+    }
+
+    /// Refuse answers longer than `bytes` (the engine passes
+    /// [`super::limits::agent_answer_limit`]): read up to there, never buffered whole, and
+    /// the attempt fails permanently — the same answer would come back.
+    pub fn with_max_answer(mut self, bytes: usize) -> Self {
+        self.max_answer = bytes;
+        self
     }
 
     async fn attempt(&self, req: &DeliveryRequest) -> Result<Outputs, DeliveryError> {
@@ -209,7 +220,7 @@ impl HttpDelivery {
                 } else {
                     "request error"
                 };
-                DeliveryError::retryable(format!("{what}: {e}"))
+                DeliveryError::retryable(format!("{what}: {}", e.without_url()))
             })?;
         let status = resp.status();
         let tool = resp
@@ -217,19 +228,14 @@ impl HttpDelivery {
             .get("x-r4-tool")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        if resp
-            .content_length()
-            .is_some_and(|l| l > MAX_RESPONSE_BYTES as u64)
-        {
-            return Err(DeliveryError::permanent("agent answer too large"));
-        }
-        let body = resp
-            .bytes()
+        let body = super::limits::read_body(resp, self.max_answer)
             .await
-            .map_err(|e| DeliveryError::retryable(format!("reading agent answer: {e}")))?;
-        if body.len() > MAX_RESPONSE_BYTES {
-            return Err(DeliveryError::permanent("agent answer too large"));
-        }
+            .map_err(|e| match e {
+                super::limits::BodyError::TooLarge { .. } => {
+                    DeliveryError::permanent(format!("agent {e}"))
+                }
+                super::limits::BodyError::Read(_) => DeliveryError::retryable(format!("agent {e}")),
+            })?;
         if status.is_success() {
             return parse_success(&body);
         }
@@ -368,6 +374,50 @@ mod tests {
         assert_eq!(
             parse_error(br#"{"error": "down", "tool": "bank"}"#),
             ("down".into(), Some("bank".into()))
+        );
+    }
+
+    #[tokio::test]
+    async fn an_answer_over_the_limit_is_refused_while_it_streams() {
+        use axum::routing::post;
+        let app = axum::Router::new()
+            .route("/big", post(|| async { "x".repeat(4096) }))
+            .route(
+                "/chunked",
+                post(|| async {
+                    let chunks = (0..64).map(|_| Ok::<_, std::io::Error>(vec![b' '; 512]));
+                    axum::body::Body::from_stream(futures::stream::iter(chunks))
+                }),
+            )
+            .route("/ok", post(|| async { r#"{"output": {"x": 1}}"# }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let req = DeliveryRequest {
+            task_id: "t".into(),
+            step: "a".into(),
+            kind: RequestKind::Task,
+            compensation: None,
+            payload: serde_json::json!({}),
+            attempt: 1,
+            idempotency_key: "t:a".into(),
+            traceparent: child_traceparent(None),
+            deadline: Duration::from_secs(5),
+        };
+        for path in ["big", "chunked"] {
+            let d = HttpDelivery::new(format!("http://{addr}/{path}"))
+                .unwrap()
+                .with_max_answer(1024);
+            let e = d.deliver(&req).await.unwrap_err();
+            assert!(e.permanent, "{path}: {e}");
+            assert!(e.message.contains("larger than 1024 bytes"), "{path}: {e}");
+        }
+        let d = HttpDelivery::new(format!("http://{addr}/ok"))
+            .unwrap()
+            .with_max_answer(1024);
+        assert_eq!(
+            d.deliver(&req).await.unwrap(),
+            Outputs::All(serde_json::json!({"x": 1}))
         );
     }
 }

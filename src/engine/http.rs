@@ -1,9 +1,11 @@
 //! The endpoints every role serves: `/healthz` (the process runs),
 //! `/readyz` (the role is ready to take work: connected and not stopping)
-//! and `/metrics` (Prometheus text). Roles add their own routes on top.
+//! and `/metrics` (Prometheus text). Roles add their own routes on top. [`serve`] runs every
+//! HTTP server of the engine under the limits of [`super::limits`].
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -12,6 +14,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use tokio::sync::watch;
 
+use super::limits::{DeadlineBody, ServerLimits};
 use super::stats::Stats;
 
 /// Shared state of the health endpoints.
@@ -78,15 +81,73 @@ fn render(h: &Health) -> String {
     text
 }
 
-/// Serve `router` on `listener` until `shutdown` turns true.
+/// Serve `router` on `listener` until `shutdown` turns true, with the default
+/// [`ServerLimits`].
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move {
-            let _ = shutdown.wait_for(|s| *s).await;
-        })
-        .await
+    serve_with(listener, router, shutdown, ServerLimits::default()).await
+}
+
+/// Serve `router` on `listener` until `shutdown` turns true, under `limits` (see
+/// [`super::limits`]): HTTP/1.1 with hyper's header read timeout, a deadline on every request
+/// body, at most `max_connections` open. On shutdown the listener closes, open connections
+/// finish their current request (graceful) and are waited for at most `drain_timeout`.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    mut shutdown: watch::Receiver<bool>,
+    limits: ServerLimits,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use tower::ServiceExt;
+
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    let connections = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let body_deadline = limits.body_read_timeout;
+    loop {
+        let accepted = tokio::select! {
+            _ = async { drop(shutdown.wait_for(|s| *s).await) } => break,
+            accepted = listener.accept() => accepted,
+        };
+        let stream = match accepted {
+            Ok((stream, _peer)) => stream,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning; the
+                // connections already open keep being served.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        // Over the limit: close at once rather than queue (the client sees a reset).
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let service =
+            router
+                .clone()
+                .map_request(move |req: axum::http::Request<hyper::body::Incoming>| {
+                    req.map(|b| axum::body::Body::new(DeadlineBody::new(b, body_deadline)))
+                });
+        let conn = builder.serve_connection(
+            TokioIo::new(stream),
+            hyper_util::service::TowerToHyperService::new(service),
+        );
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    let _ = tokio::time::timeout(limits.drain_timeout, graceful.shutdown()).await;
+    Ok(())
 }

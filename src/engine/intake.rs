@@ -26,6 +26,17 @@
 //!   keeps no per-task record of its own, so a submission costs one write).
 //!   Inbox keys live for `idempotency.ttl`, so status is known that long.
 //! - `/healthz`, `/readyz`, `/metrics` ([`super::http`]).
+//!
+//! A payload is accepted only if the engine can read it later: the intake checks it with
+//! [`task::check_payload`], the rules `Task::decode` applies (size, JSON with valid UTF-8
+//! strings and no lone surrogate escapes, nesting at most [`task::MAX_DEPTH`]); a refusal is
+//! a `400` with the reason (naming `tasks[i]` in a batch).
+//!
+//! The API routes serve at most [`IntakeOptions::max_in_flight`] requests at once, and a body
+//! that does not arrive in time is answered `408` ([`super::limits`]).
+//!
+//! With bearer tokens ([`super::auth`]) every `/v1/…` route answers `401` without a valid
+//! one, and idempotency keys live in the authenticated client's own key space.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,6 +55,9 @@ use tokio::time::Instant;
 use serde_json::value::RawValue;
 
 use crate::queue::{Queue, QueueError, Submission};
+
+use super::auth::{self, Tokens};
+use super::limits;
 
 use super::config::WorkflowConfig;
 use super::delivery::{child_traceparent, random_uuid};
@@ -69,6 +83,24 @@ pub struct BatchTask {
     pub idempotency_key: Option<String>,
 }
 
+/// How an intake serves, besides its workflow.
+#[derive(Debug)]
+pub struct IntakeOptions {
+    /// Bearer tokens to require on `/v1/…` (`None`: open).
+    pub tokens: Option<Tokens>,
+    /// API requests served at once; the next is answered `503`.
+    pub max_in_flight: usize,
+}
+
+impl Default for IntakeOptions {
+    fn default() -> Self {
+        Self {
+            tokens: None,
+            max_in_flight: limits::MAX_IN_FLIGHT,
+        }
+    }
+}
+
 /// The intake role.
 pub struct Intake {
     cfg: Arc<WorkflowConfig>,
@@ -78,15 +110,36 @@ pub struct Intake {
     /// submission, so the entry stream refuses past `maxLen` instead of
     /// being capped like the end of a graph).
     prepared: std::sync::atomic::AtomicBool,
+    options: IntakeOptions,
+}
+
+/// The client a request authenticated as (an extension set by the auth layer).
+#[derive(Clone)]
+struct Client(Arc<str>);
+
+/// The authenticated client's id, whose key space the request's idempotency keys live in.
+fn client_id(c: &Option<axum::Extension<Client>>) -> Option<&str> {
+    c.as_ref().map(|c| &*c.0.0)
 }
 
 impl Intake {
     pub fn new(cfg: Arc<WorkflowConfig>, queue: Arc<dyn Queue>, engine_id: &str) -> Arc<Self> {
+        Self::with_options(cfg, queue, engine_id, IntakeOptions::default())
+    }
+
+    /// An intake with explicit [`IntakeOptions`] (authentication, in-flight limit).
+    pub fn with_options(
+        cfg: Arc<WorkflowConfig>,
+        queue: Arc<dyn Queue>,
+        engine_id: &str,
+        options: IntakeOptions,
+    ) -> Arc<Self> {
         Arc::new(Self {
             cfg,
             queue,
             stats: Arc::new(Stats::new(engine_id, "intake", None)),
             prepared: std::sync::atomic::AtomicBool::new(false),
+            options,
         })
     }
 
@@ -104,13 +157,21 @@ impl Intake {
         self.stats.clone()
     }
 
-    /// The full router: API + health endpoints.
+    /// The full router: API (authenticated when tokens are set, at most `max_in_flight` at
+    /// once) + health endpoints (open, unlimited).
     pub fn router(self: &Arc<Self>) -> Router {
-        Router::new()
+        let mut api = Router::new()
             .route("/v1/tasks", post(submit))
             .route("/v1/tasks:batch", post(submit_batch))
-            .route("/v1/tasks/{id}", get(status))
-            .with_state(self.clone())
+            .route("/v1/tasks/{id}", get(status));
+        if self.options.tokens.is_some() {
+            api = api.route_layer(axum::middleware::from_fn_with_state(
+                self.clone(),
+                authenticate,
+            ));
+        }
+        let api = api.with_state(self.clone());
+        limits::in_flight_limit(api, self.options.max_in_flight)
             .merge(http::router(Health::new(self.stats.clone())))
     }
 
@@ -321,21 +382,70 @@ fn refusal(e: QueueError, batch: bool) -> Response {
     }
 }
 
-async fn submit(State(intake): State<Arc<Intake>>, headers: HeaderMap, body: Body) -> Response {
+/// The auth layer of the API routes (only with tokens): a request passes only with a valid
+/// bearer token, and carries its [`Client`] on.
+async fn authenticate(
+    State(intake): State<Arc<Intake>>,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(tokens) = &intake.options.tokens else {
+        return next.run(req).await;
+    };
+    let header = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .map(|v| v.as_bytes());
+    match tokens.authenticate(header) {
+        Ok(client) => {
+            let client = Client(Arc::from(client));
+            req.extensions_mut().insert(client);
+            next.run(req).await
+        }
+        Err(e) => {
+            let mut r = error(StatusCode::UNAUTHORIZED, e.message());
+            if let Ok(v) = axum::http::HeaderValue::from_str(&e.challenge()) {
+                r.headers_mut()
+                    .insert(axum::http::header::WWW_AUTHENTICATE, v);
+            }
+            r
+        }
+    }
+}
+
+/// Read a request body of at most `limit` bytes: `413` beyond it, `408` when it did not
+/// arrive within the server's body deadline ([`limits::DeadlineBody`]).
+async fn read_body(body: Body, limit: usize, what: &str) -> Result<Bytes, Response> {
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        if limits::is_body_timeout(&e) {
+            error(
+                StatusCode::REQUEST_TIMEOUT,
+                "request body not received in time",
+            )
+        } else {
+            error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("{what} larger than {limit} bytes"),
+            )
+        }
+    })
+}
+
+async fn submit(
+    State(intake): State<Arc<Intake>>,
+    client: Option<axum::Extension<Client>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let started = Instant::now();
     let limit = intake.cfg.max_payload_bytes;
-    let bytes: Bytes = match axum::body::to_bytes(body, limit).await {
+    let bytes = match read_body(body, limit, "payload").await {
         Ok(b) => b,
-        Err(_) => {
-            return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("payload larger than {limit} bytes"),
-            );
-        }
+        Err(refusal) => return refusal,
     };
-    // Validate without building a value: the body is stored as it came.
-    if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&bytes) {
-        return error(StatusCode::BAD_REQUEST, format!("body is not JSON: {e}"));
+    // The engine's own rules, without building a value: the body is stored as it came.
+    if let Err(e) = task::check_payload(&bytes, limit) {
+        return error(StatusCode::BAD_REQUEST, format!("payload {e}"));
     }
     // Valid JSON whose first token is `{` is an object.
     if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
@@ -344,7 +454,7 @@ async fn submit(State(intake): State<Arc<Intake>>, headers: HeaderMap, body: Bod
     let key = match headers.get("idempotency-key") {
         None => None,
         Some(v) => match v.to_str() {
-            Ok(k) if valid_key(k) => Some(k),
+            Ok(k) if valid_key(k) => Some(auth::scoped_key(client_id(&client), k)),
             _ => {
                 return error(
                     StatusCode::BAD_REQUEST,
@@ -354,7 +464,7 @@ async fn submit(State(intake): State<Arc<Intake>>, headers: HeaderMap, body: Bod
         },
     };
     let tp = headers.get("traceparent").and_then(|v| v.to_str().ok());
-    match queue_call(intake.submit_raw(bytes, key, tp), false).await {
+    match queue_call(intake.submit_raw(bytes, key.as_deref(), tp), false).await {
         Ok((task_id, created)) => {
             let took = started.elapsed();
             (
@@ -399,7 +509,40 @@ fn valid_key(k: &str) -> bool {
 #[serde(deny_unknown_fields)]
 struct BatchBody<'a> {
     #[serde(borrow)]
-    tasks: Vec<&'a RawValue>,
+    tasks: Tasks<'a>,
+}
+
+/// The raw tasks of a batch; an element the reader refuses (invalid UTF-8 inside it, say)
+/// is named `tasks[i]` in the error.
+struct Tasks<'a>(Vec<&'a RawValue>);
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for Tasks<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Elements<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Elements<'a> {
+            type Value = Tasks<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a list of tasks")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Tasks<'a>, A::Error> {
+                let mut out = Vec::new();
+                loop {
+                    let i = out.len();
+                    match seq.next_element::<&'de RawValue>() {
+                        Ok(Some(raw)) => out.push(raw),
+                        Ok(None) => return Ok(Tasks(out)),
+                        Err(e) => {
+                            return Err(serde::de::Error::custom(format!("tasks[{i}]: {e}")));
+                        }
+                    }
+                }
+            }
+        }
+        d.deserialize_seq(Elements(std::marker::PhantomData))
+    }
 }
 
 #[derive(serde::Deserialize)]
@@ -412,30 +555,46 @@ struct BatchItem<'a> {
 }
 
 /// Parse and check a batch body; nothing is enqueued unless all of it is
-/// good. Payloads are slices of `body` (no copy).
-fn parse_batch(body: &Bytes, max_payload: usize) -> Result<Vec<BatchTask>, (StatusCode, String)> {
+/// good. Payloads are slices of `body` (no copy); keys are put in `client`'s key space.
+fn parse_batch(
+    body: &Bytes,
+    max_payload: usize,
+    client: Option<&str>,
+) -> Result<Vec<BatchTask>, (StatusCode, String)> {
     let bad = |m: String| (StatusCode::BAD_REQUEST, m);
-    let parsed: BatchBody<'_> =
-        serde_json::from_slice(body).map_err(|e| bad(format!("body: {e}")))?;
-    if parsed.tasks.is_empty() || parsed.tasks.len() > MAX_BATCH {
+    let parsed: BatchBody<'_> = serde_json::from_slice(body).map_err(|e| {
+        let msg = e.to_string();
+        if msg.starts_with("tasks[") {
+            bad(msg)
+        } else {
+            bad(format!("body: {msg}"))
+        }
+    })?;
+    if parsed.tasks.0.is_empty() || parsed.tasks.0.len() > MAX_BATCH {
         return Err(bad(format!(
             "tasks: must hold 1..={MAX_BATCH} tasks, got {}",
-            parsed.tasks.len()
+            parsed.tasks.0.len()
         )));
     }
-    let mut out = Vec::with_capacity(parsed.tasks.len());
-    for (i, raw) in parsed.tasks.iter().enumerate() {
+    let mut out = Vec::with_capacity(parsed.tasks.0.len());
+    for (i, raw) in parsed.tasks.0.iter().enumerate() {
         let item: BatchItem<'_> =
             serde_json::from_str(raw.get()).map_err(|e| bad(format!("tasks[{i}]: {e}")))?;
         let text = item.payload.get().as_bytes();
         if !text.starts_with(b"{") {
             return Err(bad(format!("tasks[{i}].payload: must be a JSON object")));
         }
-        if text.len() > max_payload {
-            return Err((
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("tasks[{i}].payload: larger than {max_payload} bytes"),
-            ));
+        match task::check_payload(text, max_payload) {
+            Ok(()) => {}
+            Err(task::PayloadError::TooLarge { .. }) => {
+                return Err((
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("tasks[{i}].payload: larger than {max_payload} bytes"),
+                ));
+            }
+            Err(e @ task::PayloadError::NotJson(_)) => {
+                return Err(bad(format!("tasks[{i}].payload {e}")));
+            }
         }
         if let Some(k) = &item.idempotency_key
             && !valid_key(k)
@@ -444,7 +603,7 @@ fn parse_batch(body: &Bytes, max_payload: usize) -> Result<Vec<BatchTask>, (Stat
         }
         out.push(BatchTask {
             payload: body.slice_ref(text),
-            idempotency_key: item.idempotency_key,
+            idempotency_key: item.idempotency_key.map(|k| auth::scoped_key(client, &k)),
         });
     }
     Ok(out)
@@ -452,20 +611,16 @@ fn parse_batch(body: &Bytes, max_payload: usize) -> Result<Vec<BatchTask>, (Stat
 
 async fn submit_batch(
     State(intake): State<Arc<Intake>>,
+    client: Option<axum::Extension<Client>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
     let started = Instant::now();
-    let bytes: Bytes = match axum::body::to_bytes(body, MAX_BATCH_BODY).await {
+    let bytes = match read_body(body, MAX_BATCH_BODY, "batch body").await {
         Ok(b) => b,
-        Err(_) => {
-            return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("batch body larger than {MAX_BATCH_BODY} bytes"),
-            );
-        }
+        Err(refusal) => return refusal,
     };
-    let tasks = match parse_batch(&bytes, intake.cfg.max_payload_bytes) {
+    let tasks = match parse_batch(&bytes, intake.cfg.max_payload_bytes, client_id(&client)) {
         Ok(t) => t,
         Err((status, msg)) => return error(status, msg),
     };

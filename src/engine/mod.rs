@@ -13,9 +13,12 @@
 //! completions), [`config`] (the workflow resolved to
 //! numbers), [`task`] (the envelope), [`dlq`], [`saga`], [`killswitch`],
 //! [`breakers`] (published breaker states), [`degraded`], [`stats`],
-//! [`http`] (health and metrics endpoints), [`tools`] (the tool proxy that
-//! applies each tool's policy stack; the mechanisms themselves live in `resilience`).
+//! [`http`] (health and metrics endpoints, the server every role runs), [`limits`] (the
+//! timeouts and size limits of every HTTP edge), [`auth`] (the intake's bearer tokens),
+//! [`tools`] (the tool proxy that applies each tool's policy stack; the mechanisms
+//! themselves live in `resilience`).
 
+pub mod auth;
 pub mod breakers;
 pub mod commit;
 pub mod config;
@@ -26,6 +29,7 @@ pub mod dlq;
 pub mod http;
 pub mod intake;
 pub mod killswitch;
+pub mod limits;
 pub mod repair;
 pub mod saga;
 pub mod stats;

@@ -8,7 +8,7 @@
 //! | field | required | meaning |
 //! |---|---|---|
 //! | `task_id` | yes | stable id of the task across every step, retry and replay (`[A-Za-z0-9._:-]`, ≤ 128) |
-//! | `payload` | yes | UTF-8 JSON, at most the workflow's payload limit |
+//! | `payload` | yes | JSON the engine can read ([`parse_payload`]), at most the workflow's payload limit |
 //! | `type` | no | `task` (default) or `compensate` |
 //! | `step` | no | the agent this entry is for (absent: every consumer of the stream) |
 //! | `traceparent` | no | W3C trace context of the hop that wrote the entry |
@@ -36,6 +36,106 @@ pub const SUBMITTED_MS: &str = "submitted_ms";
 
 /// Longest accepted task id.
 pub const MAX_TASK_ID: usize = 128;
+
+/// Deepest nesting of arrays and objects in a payload. serde_json's recursion limit (128
+/// open containers, counting the outermost as 1, refused at the 128th) is what the engine's
+/// decoder enforces; this names it for the intake and the docs.
+pub const MAX_DEPTH: usize = 127;
+
+/// Why a payload is not one the engine can read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PayloadError {
+    /// Larger than the workflow's payload limit.
+    TooLarge { len: usize, limit: usize },
+    /// Not JSON the engine reads: syntax, invalid UTF-8 in a string, a lone surrogate
+    /// escape (`\ud800`), nesting deeper than [`MAX_DEPTH`], a number out of range.
+    NotJson(String),
+}
+
+impl std::fmt::Display for PayloadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PayloadError::TooLarge { len, limit } => {
+                write!(f, "is {len} bytes, limit {limit}")
+            }
+            PayloadError::NotJson(e) => write!(f, "is not JSON: {e}"),
+        }
+    }
+}
+
+/// Check that `raw` is a payload the engine can read, without building it: the rules of
+/// [`parse_payload`], by the same reader (serde_json's `deserialize_any`, which validates
+/// every string and counts nesting), so the intake refuses exactly what the engine could not
+/// read later.
+pub fn check_payload(raw: &[u8], max_payload: usize) -> Result<(), PayloadError> {
+    if raw.len() > max_payload {
+        return Err(PayloadError::TooLarge {
+            len: raw.len(),
+            limit: max_payload,
+        });
+    }
+    serde_json::from_slice::<Checked>(raw)
+        .map(|_| ())
+        .map_err(|e| PayloadError::NotJson(e.to_string()))
+}
+
+/// Read a payload: at most `max_payload` bytes of JSON (see [`PayloadError`]).
+pub fn parse_payload(raw: &[u8], max_payload: usize) -> Result<serde_json::Value, PayloadError> {
+    if raw.len() > max_payload {
+        return Err(PayloadError::TooLarge {
+            len: raw.len(),
+            limit: max_payload,
+        });
+    }
+    serde_json::from_slice(raw).map_err(|e| PayloadError::NotJson(e.to_string()))
+}
+
+/// A JSON value walked as `serde_json::Value` is built (`deserialize_any` all the way
+/// down: strings decoded and validated, nesting counted) but kept nowhere.
+struct Checked;
+
+impl<'de> Deserialize<'de> for Checked {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(CheckedVisitor)
+    }
+}
+
+struct CheckedVisitor;
+
+impl<'de> serde::de::Visitor<'de> for CheckedVisitor {
+    type Value = Checked;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_unit<E>(self) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Checked, A::Error> {
+        while seq.next_element::<Checked>()?.is_some() {}
+        Ok(Checked)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Checked, A::Error> {
+        while map.next_entry::<Checked, Checked>()?.is_some() {}
+        Ok(Checked)
+    }
+}
 
 /// One delivery attempt, as kept in the attempt history.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -175,14 +275,13 @@ impl Task {
         }
         let raw =
             field(fields, PAYLOAD).ok_or_else(|| reject(Reject::Malformed, "missing payload"))?;
-        if raw.len() > max_payload {
-            return Err(reject(
-                Reject::Oversized,
-                format!("payload is {} bytes, limit {max_payload}", raw.len()),
-            ));
-        }
-        let payload: serde_json::Value = serde_json::from_slice(raw)
-            .map_err(|e| reject(Reject::Malformed, format!("payload is not JSON: {e}")))?;
+        let payload = parse_payload(raw, max_payload).map_err(|e| {
+            let reason = match e {
+                PayloadError::TooLarge { .. } => Reject::Oversized,
+                PayloadError::NotJson(_) => Reject::Malformed,
+            };
+            reject(reason, format!("payload {e}"))
+        })?;
         let kind = match text(fields, TYPE)? {
             None | Some("task") => Kind::Task,
             Some("compensate") => {
@@ -388,5 +487,91 @@ mod tests {
         ];
         assert_eq!(r(bad_utf8).reason, Reject::Malformed);
         assert!(Task::decode(&fields([("task_id", "t"), ("payload", "{}")]), 16).is_ok());
+    }
+}
+
+#[cfg(test)]
+mod payload_tests {
+    use super::*;
+
+    fn nested(depth: usize) -> Vec<u8> {
+        let mut v = vec![b'['; depth];
+        v.extend(std::iter::repeat_n(b']', depth));
+        v
+    }
+
+    /// Payloads the old intake let through and the engine then refused, and their neighbours.
+    fn nasty() -> Vec<Vec<u8>> {
+        let mut v: Vec<Vec<u8>> = vec![
+            b"{\"s\": \"\xff\xfe\"}".to_vec(),
+            b"{\"\xc3\": 1}".to_vec(),
+            br#"{"s": "\ud800"}"#.to_vec(),
+            br#"{"s": "\udc00x"}"#.to_vec(),
+            br#"{"s": "\ud800\u0041"}"#.to_vec(),
+            br#"{"\ud800": 1}"#.to_vec(),
+            br#"{"s": "\ud83d\ude00"}"#.to_vec(),
+            br#"{"s": "\u00e9"}"#.to_vec(),
+            "{\"s\": \"é😀\"}".as_bytes().to_vec(),
+            br#"{"n": 1e400}"#.to_vec(),
+            br#"{"n": -0.0, "m": 18446744073709551615}"#.to_vec(),
+            br#"{"s": "\x"}"#.to_vec(),
+            b"{\"s\": \"a\x01b\"}".to_vec(),
+            br#"{"a": 1,}"#.to_vec(),
+            br#"{"a": 1} x"#.to_vec(),
+            b"{}".to_vec(),
+            b"".to_vec(),
+        ];
+        for d in [1, MAX_DEPTH - 1, MAX_DEPTH, MAX_DEPTH + 1, 10_000] {
+            v.push(nested(d));
+            let mut obj = b"{\"a\":".to_vec();
+            obj.extend(nested(d - 1));
+            obj.push(b'}');
+            v.push(obj);
+        }
+        v
+    }
+
+    #[test]
+    fn the_check_and_the_parser_agree_on_every_payload() {
+        for p in nasty() {
+            let checked = check_payload(&p, 1 << 20);
+            let parsed = parse_payload(&p, 1 << 20);
+            assert_eq!(
+                checked.is_ok(),
+                parsed.is_ok(),
+                "{:?}: check {checked:?}, parse {parsed:?}",
+                String::from_utf8_lossy(&p)
+            );
+            let decoded = Task::decode(
+                &vec![
+                    (TASK_ID.into(), Bytes::from_static(b"t")),
+                    (PAYLOAD.into(), Bytes::from(p.clone())),
+                ],
+                1 << 20,
+            );
+            assert_eq!(
+                checked.is_ok(),
+                decoded.is_ok(),
+                "{:?}",
+                String::from_utf8_lossy(&p)
+            );
+        }
+    }
+
+    #[test]
+    fn refuses_bad_strings_and_deep_nesting_with_the_reason() {
+        let e = check_payload(b"{\"s\": \"\xff\"}", 64).unwrap_err();
+        assert!(e.to_string().starts_with("is not JSON:"), "{e}");
+        let e = check_payload(br#"{"s": "\ud800"}"#, 64).unwrap_err();
+        assert!(e.to_string().contains("hex escape"), "{e}");
+        let e = check_payload(br#"{"s": "\udc00"}"#, 64).unwrap_err();
+        assert!(e.to_string().contains("surrogate"), "{e}");
+        assert!(check_payload(&nested(MAX_DEPTH), 1 << 10).is_ok());
+        let e = check_payload(&nested(MAX_DEPTH + 1), 1 << 10).unwrap_err();
+        assert!(e.to_string().contains("recursion limit"), "{e}");
+        assert_eq!(
+            check_payload(b"{\"a\": 1}", 4),
+            Err(PayloadError::TooLarge { len: 8, limit: 4 })
+        );
     }
 }

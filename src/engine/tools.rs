@@ -130,22 +130,7 @@ impl ToolProxy {
     ) -> Result<Self, FieldError> {
         let mut tools = BTreeMap::new();
         for (i, t) in spec.tools.iter().enumerate() {
-            let policy_name = t.policy_ref.as_ref().or(spec.policy_ref.as_ref());
-            let policy = match policy_name {
-                Some(name) => Some(policies.get(name).ok_or_else(|| {
-                    FieldError::new(
-                        format!("spec.tools[{i}].policyRef"),
-                        format!("CircuitPolicy {name:?} not found"),
-                    )
-                })?),
-                None => None,
-            };
-            let mut cfg = PolicyConfig::from_spec(policy, t.fallback.as_ref()).map_err(|e| {
-                FieldError::new(
-                    format!("spec.tools[{i}].{}", e.path.trim_start_matches("spec.")),
-                    e.message,
-                )
-            })?;
+            let mut cfg = tool_policy(spec, policies, i)?;
             cfg.seed = seed.map(|s| s.wrapping_add((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
             let telemetry = Telemetry::new(&t.name, metrics.clone());
             let inner = transport(t);
@@ -268,7 +253,10 @@ impl ToolProxy {
         let Some(t) = self.tools.get(tool) else {
             return refusal_response(tool, &Refusal::UnknownTool);
         };
-        request.url = forward_url(&t.spec.url, &request.url);
+        request.url = match forward_url(&t.spec.url, &request.url) {
+            Ok(url) => url,
+            Err(e) => return degraded(400, tool, "bad-path", &format!("tool {tool:?}: {e}")),
+        };
         let (idempotent, read_only) = self.hints_for(t, &request.body);
         let call = ToolCall {
             request,
@@ -316,6 +304,34 @@ impl ToolProxy {
     }
 }
 
+/// The runtime policy of `spec.tools[i]`: its `policyRef`, else the workflow's, plus its
+/// fallback (see [`PolicyConfig::from_spec`] for the defaults, the overall deadline among
+/// them). Errors name the field.
+pub fn tool_policy(
+    spec: &AgentWorkflowSpec,
+    policies: &BTreeMap<String, CircuitPolicySpec>,
+    i: usize,
+) -> Result<PolicyConfig, FieldError> {
+    let Some(t) = spec.tools.get(i) else {
+        return Err(FieldError::new(format!("spec.tools[{i}]"), "no such tool"));
+    };
+    let policy = match t.policy_ref.as_ref().or(spec.policy_ref.as_ref()) {
+        Some(name) => Some(policies.get(name).ok_or_else(|| {
+            FieldError::new(
+                format!("spec.tools[{i}].policyRef"),
+                format!("CircuitPolicy {name:?} not found"),
+            )
+        })?),
+        None => None,
+    };
+    PolicyConfig::from_spec(policy, t.fallback.as_ref()).map_err(|e| {
+        FieldError::new(
+            format!("spec.tools[{i}].{}", e.path.trim_start_matches("spec.")),
+            e.message,
+        )
+    })
+}
+
 /// The wire protocol: the spec's, else MCP when the URL path ends in `/mcp`.
 pub fn protocol_of(t: &ToolSpec) -> ToolProtocol {
     t.protocol.unwrap_or_else(|| {
@@ -328,16 +344,66 @@ pub fn protocol_of(t: &ToolSpec) -> ToolProtocol {
     })
 }
 
-/// The tool's URL plus the sub-path the agent asked for (`/tools/ledger/entries/7` → `…/entries/7`).
-fn forward_url(base: &str, sub: &str) -> String {
-    if sub.is_empty() || sub.starts_with("http://") || sub.starts_with("https://") {
-        return base.to_string();
+/// The tool's URL plus the sub-path the agent asked for (`/tools/ledger/entries/7` →
+/// `…/entries/7`), never anything outside the tool's URL.
+///
+/// A URL parser normalises `..`, `%2e%2e` and `\` and reads `?` and `#` as the start of the
+/// query and fragment, so a sub-path holding them could reach another path of the tool's
+/// host (`/tools/ledger/../admin`) or change its query. They are refused outright (the agent
+/// gets a `400`), and so are percent-encoded `.`, `/`, `\`, `?`, `#`, `%` and control
+/// characters, which a tool decoding the path once more would read the same way. Then the
+/// joined URL is checked: same scheme, host and port as the base, path under the base path,
+/// the base's own query and fragment unchanged.
+pub fn forward_url(base: &str, sub: &str) -> Result<String, String> {
+    if sub.is_empty() {
+        return Ok(base.to_string());
     }
-    format!(
-        "{}/{}",
-        base.trim_end_matches('/'),
-        sub.trim_start_matches('/')
-    )
+    check_sub_path(sub)?;
+    let base_url = reqwest::Url::parse(base).map_err(|e| format!("tool URL: {e}"))?;
+    let prefix = base_url.path().trim_end_matches('/').to_string();
+    let mut joined = base_url.clone();
+    joined.set_path(&format!("{prefix}/{}", sub.trim_start_matches('/')));
+    let under = joined.scheme() == base_url.scheme()
+        && joined.host_str() == base_url.host_str()
+        && joined.port_or_known_default() == base_url.port_or_known_default()
+        && joined.username() == base_url.username()
+        && joined.password() == base_url.password()
+        && joined.path().starts_with(&format!("{prefix}/"))
+        && joined.query() == base_url.query()
+        && joined.fragment() == base_url.fragment();
+    if !under {
+        return Err(format!("sub-path {sub:?} leaves the tool's URL"));
+    }
+    Ok(joined.into())
+}
+
+/// The characters and segments [`forward_url`] refuses in a sub-path.
+fn check_sub_path(sub: &str) -> Result<(), String> {
+    let refuse = |why: &str| Err(format!("sub-path {sub:?} {why}"));
+    if let Some(c) = sub
+        .chars()
+        .find(|c| matches!(c, '?' | '#' | '\\') || c.is_control() || c.is_whitespace())
+    {
+        return refuse(&format!("may not contain {c:?}"));
+    }
+    let bytes = sub.as_bytes();
+    for (i, _) in sub.match_indices('%') {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match hex {
+            None => return refuse("has a % that is not followed by two hex digits"),
+            Some(b) if b < 0x20 || b == 0x7f || b"./\\?#%".contains(&b) => {
+                return refuse(&format!("may not contain an encoded {:?}", b as char));
+            }
+            Some(_) => {}
+        }
+    }
+    if sub.split('/').any(|seg| seg == "." || seg == "..") {
+        return refuse("may not contain a '.' or '..' segment");
+    }
+    Ok(())
 }
 
 /// Annotations of an MCP `tools/list` answer: `result.tools[].{name, annotations}`.
@@ -439,27 +505,85 @@ impl tower::Service<ToolCall> for CallAdapter {
     }
 }
 
-/// Real HTTP to a tool, with connect failures marked as such (the request never left, so even
-/// a non-idempotent call may be retried).
+/// How real HTTP requests reach one tool.
+#[derive(Clone, Debug)]
+pub struct HttpToolOptions {
+    /// Headers added to every request (the tool's `headersFrom`), marked sensitive so no
+    /// debug output shows them.
+    pub headers: Vec<(reqwest::header::HeaderName, reqwest::header::HeaderValue)>,
+    /// Deadline of one request, its answer included: the tool policy's `timeout.overall`,
+    /// a second line behind the policy stack's own timer.
+    pub timeout: Duration,
+    /// Largest answer read ([`super::limits::MAX_TOOL_RESPONSE`]).
+    pub max_response: usize,
+}
+
+impl Default for HttpToolOptions {
+    fn default() -> Self {
+        Self {
+            headers: Vec::new(),
+            timeout: crate::resilience::DEFAULT_OVERALL_TIMEOUT,
+            max_response: super::limits::MAX_TOOL_RESPONSE,
+        }
+    }
+}
+
+/// The tool proxy's HTTP client: rustls trusting the webpki roots plus the PEM bundle
+/// `ca_pem` (`--tools-ca-file`), connect timeout 2 s, and no redirect followed — a redirect
+/// could take a call, and the credentials of its `headersFrom`, away from the tool's URL
+/// (the 3xx goes back to the agent instead).
+pub fn http_client(ca_pem: Option<&[u8]>) -> Result<reqwest::Client, String> {
+    crate::tls::install_crypto_provider();
+    let mut b = reqwest::Client::builder()
+        .use_rustls_tls()
+        .connect_timeout(Duration::from_secs(2))
+        .redirect(reqwest::redirect::Policy::none());
+    if let Some(pem) = ca_pem {
+        let certs = reqwest::Certificate::from_pem_bundle(pem)
+            .map_err(|e| format!("not a PEM certificate bundle: {}", e.without_url()))?;
+        for c in certs {
+            b = b.add_root_certificate(c);
+        }
+    }
+    b.build()
+        .map_err(|e| format!("cannot build the HTTP client: {}", e.without_url()))
+}
+
+/// Real HTTP to a tool with the default [`HttpToolOptions`].
 pub fn http_transport(client: reqwest::Client) -> Transport {
+    http_transport_with(client, HttpToolOptions::default())
+}
+
+/// Real HTTP to a tool, with connect failures marked as such (the request never left, so even
+/// a non-idempotent call may be retried). Errors never carry the URL (it may hold a token in
+/// its query; the agent sees them); an answer over `max_response` bytes is refused.
+pub fn http_transport_with(client: reqwest::Client, options: HttpToolOptions) -> Transport {
+    let options = Arc::new(options);
     BoxCloneService::new(tower::service_fn(move |req: HttpRequest| {
         let client = client.clone();
+        let options = options.clone();
         async move {
             let method = reqwest::Method::from_bytes(req.method.as_bytes())
                 .map_err(|e| -> BoxError { format!("bad method {:?}: {e}", req.method).into() })?;
-            let mut b = client.request(method, &req.url).body(req.body);
+            let mut b = client
+                .request(method, &req.url)
+                .timeout(options.timeout)
+                .body(req.body);
             for (k, v) in &req.headers {
+                b = b.header(k, v);
+            }
+            for (k, v) in &options.headers {
                 b = b.header(k, v);
             }
             let resp = match b.send().await {
                 Ok(r) => r,
                 Err(e) if e.is_connect() => {
-                    return Err(ResilienceError::Connect(Box::new(e)).into());
+                    return Err(ResilienceError::Connect(Box::new(e.without_url())).into());
                 }
                 Err(e) if e.is_timeout() => {
-                    return Err(ResilienceError::Timeout(Duration::ZERO).into());
+                    return Err(ResilienceError::Timeout(options.timeout).into());
                 }
-                Err(e) => return Err(Box::new(e) as BoxError),
+                Err(e) => return Err(Box::new(e.without_url()) as BoxError),
             };
             let status = resp.status().as_u16();
             let headers = resp
@@ -471,11 +595,13 @@ pub fn http_transport(client: reqwest::Client) -> Transport {
                         .map(|v| (k.as_str().to_string(), v.to_string()))
                 })
                 .collect();
-            let body = resp
-                .bytes()
-                .await
-                .map_err(|e| Box::new(e) as BoxError)?
-                .to_vec();
+            let body = match super::limits::read_body(resp, options.max_response).await {
+                Ok(b) => b.to_vec(),
+                Err(super::limits::BodyError::Read(e)) if e.is_timeout() => {
+                    return Err(ResilienceError::Timeout(options.timeout).into());
+                }
+                Err(e) => return Err(format!("tool {e}").into()),
+            };
             Ok(HttpResponse {
                 status,
                 headers,
@@ -484,6 +610,47 @@ pub fn http_transport(client: reqwest::Client) -> Transport {
             })
         }
     }))
+}
+
+/// Default of `--tools-secrets-dir`: where the controller mounts the tools' `headersFrom`.
+pub const DEFAULT_SECRETS_DIR: &str = "/var/run/secrets/r4/tools";
+
+/// The `headersFrom` values of the tools named in `tools`, read from
+/// `<dir>/<tool>/<header name in lower case>` (a trailing newline is dropped). A declared
+/// header whose file is missing or unreadable is an error naming the field and the file —
+/// a tool is never called without the credentials its spec asks for. Errors never hold a
+/// value.
+pub fn load_tool_headers(
+    spec: &AgentWorkflowSpec,
+    tools: &[String],
+    dir: &std::path::Path,
+) -> Result<
+    BTreeMap<String, Vec<(reqwest::header::HeaderName, reqwest::header::HeaderValue)>>,
+    String,
+> {
+    let mut out = BTreeMap::new();
+    for (i, t) in spec.tools.iter().enumerate() {
+        if !tools.contains(&t.name) || t.headers_from.is_empty() {
+            continue;
+        }
+        let mut headers = Vec::new();
+        for (j, h) in t.headers_from.iter().enumerate() {
+            let field = format!("spec.tools[{i}].headersFrom[{j}]");
+            let name = reqwest::header::HeaderName::from_bytes(h.name.as_bytes())
+                .map_err(|_| format!("{field}.name: {:?} is not a header name", h.name))?;
+            let path = dir.join(&t.name).join(name.as_str());
+            let raw = std::fs::read(&path)
+                .map_err(|e| format!("{field}: cannot read {}: {e}", path.display()))?;
+            let value = raw.strip_suffix(b"\n").unwrap_or(&raw);
+            let value = value.strip_suffix(b"\r").unwrap_or(value);
+            let mut value = reqwest::header::HeaderValue::from_bytes(value)
+                .map_err(|_| format!("{field}: {} is not a valid header value", path.display()))?;
+            value.set_sensitive(true);
+            headers.push((name, value));
+        }
+        out.insert(t.name.clone(), headers);
+    }
+    Ok(out)
 }
 
 fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -595,17 +762,19 @@ pub mod http {
         agent_tools: Arc<Vec<String>>,
     }
 
-    /// `POST /tools/{tool}`, `POST /tools/{tool}/{*path}`, `POST /mcp/{tool}`.
+    /// `POST /tools/{tool}`, `POST /tools/{tool}/{*path}`, `POST /mcp/{tool}`; at most
+    /// [`crate::engine::limits::MAX_IN_FLIGHT`] calls at once.
     pub fn router(proxy: Arc<ToolProxy>, agent_tools: Vec<String>) -> Router {
         let state = AppState {
             proxy,
             agent_tools: Arc::new(agent_tools),
         };
-        Router::new()
+        let api = Router::new()
             .route("/tools/{tool}", post(plain))
             .route("/tools/{tool}/{*path}", post(plain_path))
             .route("/mcp/{tool}", post(plain))
-            .with_state(state)
+            .with_state(state);
+        crate::engine::limits::in_flight_limit(api, crate::engine::limits::MAX_IN_FLIGHT)
     }
 
     async fn plain(
@@ -664,6 +833,7 @@ pub mod http {
 mod tests {
     use super::*;
     use axum::Router;
+    use axum::body::Bytes;
     use axum::http::{HeaderMap, StatusCode};
     use axum::routing::post;
     use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
@@ -1089,6 +1259,7 @@ agents:
             idempotent: None,
             read_only: None,
             fallback: None,
+            headers_from: Vec::new(),
             simulate: None,
         };
         assert_eq!(protocol_of(&t("http://x:8080/mcp")), ToolProtocol::Mcp);
@@ -1097,5 +1268,345 @@ agents:
             protocol_of(&t("http://x:8080/v1/entries")),
             ToolProtocol::Http
         );
+    }
+
+    #[tokio::test]
+    async fn errors_given_to_the_agent_carry_no_url() {
+        // Nothing listens on this port; the URL's query holds a token.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let p = proxy(&format!("http://127.0.0.1:{port}/x?key=hunter2&"), RETRY);
+        let r = p.call(&tools(), "ledger", keyed("k", "{}")).await;
+        assert_eq!(r.status, 502);
+        let body = String::from_utf8_lossy(&r.body);
+        assert!(body.contains("connect"), "{body}");
+        assert!(
+            !body.contains("hunter2") && !body.contains("127.0.0.1"),
+            "{body}"
+        );
+    }
+
+    /// A tool server whose routes never answer or answer `size` bytes (chunked or not).
+    async fn serve_misbehaving(size: usize) -> String {
+        let app = Router::new()
+            .route(
+                "/hang",
+                post(|| async {
+                    std::future::pending::<()>().await;
+                    ""
+                }),
+            )
+            .route("/big", post(move || async move { "x".repeat(size) }))
+            .route(
+                "/big-chunked",
+                post(move || async move {
+                    let chunks = (0..size / 512)
+                        .map(|_| Ok::<_, std::io::Error>(Bytes::from(vec![b'x'; 512])));
+                    axum::body::Body::from_stream(futures::stream::iter(chunks))
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("http://{addr}")
+    }
+
+    fn one_tool(
+        url: &str,
+        policy: Option<&str>,
+    ) -> (AgentWorkflowSpec, BTreeMap<String, CircuitPolicySpec>) {
+        let spec = serde_yaml::from_str(&format!(
+            "queue: {{redis: {{url: \"redis://x\"}}}}\n{}tools:\n  - {{name: t, url: \"{url}\"}}\nagents:\n  - {{name: a, image: i, consumes: in, tools: [t]}}\n",
+            if policy.is_some() { "policyRef: pol\n" } else { "" }
+        ))
+        .unwrap();
+        (spec, policy.map(policies).unwrap_or_default())
+    }
+
+    #[tokio::test]
+    async fn a_tool_that_never_answers_fails_within_the_policy_timeout() {
+        let url = serve_misbehaving(0).await;
+        let (spec, pols) = one_tool(&format!("{url}/hang"), Some("timeout: {overall: 300ms}\n"));
+        let client = reqwest::Client::new();
+        let p = ToolProxy::new(
+            &spec,
+            &pols,
+            &|_| http_transport(client.clone()),
+            None,
+            None,
+        )
+        .unwrap();
+        let started = std::time::Instant::now();
+        let r = p.call(&["t".into()], "t", keyed("k", "{}")).await;
+        assert_eq!(r.status, 504);
+        assert_eq!(r.header(DEGRADED_HEADER), Some("t; reason=timeout"));
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_policy_a_hung_tool_fails_after_the_default_deadline() {
+        let (spec, pols) = one_tool("http://tool.invalid/x", None);
+        let hung: Transport = BoxCloneService::new(tower::service_fn(|_: HttpRequest| {
+            std::future::pending::<Result<HttpResponse, BoxError>>()
+        }));
+        let p = ToolProxy::new(&spec, &pols, &|_| hung.clone(), None, None).unwrap();
+        let started = tokio::time::Instant::now();
+        let r = p.call(&["t".into()], "t", keyed("k", "{}")).await;
+        assert_eq!(r.status, 504);
+        assert_eq!(
+            started.elapsed(),
+            crate::resilience::DEFAULT_OVERALL_TIMEOUT
+        );
+    }
+
+    #[tokio::test]
+    async fn oversized_tool_answers_are_refused() {
+        let url = serve_misbehaving(4096).await;
+        let client = reqwest::Client::new();
+        let options = HttpToolOptions {
+            max_response: 1024,
+            ..HttpToolOptions::default()
+        };
+        for path in ["/big", "/big-chunked"] {
+            let (spec, pols) = one_tool(&format!("{url}{path}"), None);
+            let p = ToolProxy::new(
+                &spec,
+                &pols,
+                &|_| http_transport_with(client.clone(), options.clone()),
+                None,
+                None,
+            )
+            .unwrap();
+            let r = p.call(&["t".into()], "t", keyed("k", "{}")).await;
+            assert_eq!(r.status, 502, "{path}");
+            let body = String::from_utf8_lossy(&r.body);
+            assert!(
+                body.contains("answer larger than 1024 bytes"),
+                "{path}: {body}"
+            );
+        }
+    }
+
+    #[test]
+    fn forward_url_never_leaves_the_base() {
+        let bases = [
+            "http://tool.example:8080/ledger",
+            "https://tool.example/api/v1/",
+            "http://10.0.0.1/x?tenant=7",
+            "http://tool.example",
+        ];
+        let parts = [
+            "a",
+            "b",
+            ".",
+            "..",
+            "/",
+            "//",
+            "%2e",
+            "%2E",
+            "%2e%2e",
+            ".%2e",
+            "%2f",
+            "%2F",
+            "%5c",
+            "\\",
+            "?",
+            "#",
+            "%3f",
+            "%23",
+            "%25",
+            "%252e",
+            "%00",
+            "%",
+            "%zz",
+            "@",
+            ":",
+            ";",
+            "~",
+            "http:",
+            "//evil.example",
+            "é",
+            " ",
+            "\t",
+            "&",
+            "=",
+            "x.y",
+            "...",
+        ];
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = |n: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % n as u64) as usize
+        };
+        let (mut accepted, mut refused) = (0, 0);
+        for round in 0..50_000 {
+            let base = bases[round % bases.len()];
+            let sub: String = (0..1 + next(6)).map(|_| parts[next(parts.len())]).collect();
+            let Ok(joined) = forward_url(base, &sub) else {
+                refused += 1;
+                continue;
+            };
+            accepted += 1;
+            let (b, j) = (
+                reqwest::Url::parse(base).unwrap(),
+                reqwest::Url::parse(&joined).unwrap(),
+            );
+            let prefix = format!("{}/", b.path().trim_end_matches('/'));
+            assert!(
+                j.origin() == b.origin()
+                    && j.path().starts_with(&prefix)
+                    && j.query() == b.query()
+                    && j.fragment().is_none()
+                    && !j.path()[prefix.len()..]
+                        .split('/')
+                        .any(|s| s == "." || s == ".."),
+                "{base} + {sub:?} = {joined}"
+            );
+            // What the tool receives parses back to the same URL: nothing left to normalise.
+            assert_eq!(reqwest::Url::parse(j.as_str()).unwrap(), j, "{joined}");
+        }
+        assert!(accepted > 1000 && refused > 1000, "{accepted} / {refused}");
+        // The plain cases.
+        assert_eq!(
+            forward_url("http://t/ledger", "entries/7").unwrap(),
+            "http://t/ledger/entries/7"
+        );
+        assert_eq!(
+            forward_url("http://t/api?k=1", "/entries").unwrap(),
+            "http://t/api/entries?k=1"
+        );
+        assert_eq!(forward_url("http://t/mcp", "").unwrap(), "http://t/mcp");
+        for bad in [
+            "..",
+            "a/../../admin",
+            "%2e%2e/admin",
+            "a?x=1",
+            "a#f",
+            "a\\b",
+            "%252e%252e",
+        ] {
+            assert!(forward_url("http://t/ledger", bad).is_err(), "{bad}");
+        }
+    }
+
+    /// One raw HTTP/1.1 request (no client-side URL normalisation); the status code.
+    async fn raw_post(addr: std::net::SocketAddr, path: &str) -> u16 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.unwrap();
+        let text = String::from_utf8_lossy(&out);
+        text.split(' ').nth(1).unwrap_or("0").parse().unwrap_or(0)
+    }
+
+    #[tokio::test]
+    async fn the_http_front_refuses_paths_that_leave_the_tool() {
+        let tool = FakeTool::default();
+        let url = serve(tool.clone()).await;
+        let p = Arc::new(proxy(&url, RETRY));
+        let app = http::router(p, vec!["ledger".into()]);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        for path in [
+            "/tools/ledger/%2e%2e/admin",
+            "/tools/ledger/%2E%2e",
+            "/tools/ledger/..%2fadmin",
+            "/tools/ledger/a/%2e%2e/%2e%2e/admin",
+            "/tools/ledger/%252e%252e/admin",
+            "/tools/ledger/a%3Fdebug=1",
+            "/tools/ledger/a%23frag",
+            "/tools/ledger/a%5c..%5cadmin",
+        ] {
+            assert_eq!(raw_post(addr, path).await, 400, "{path}");
+        }
+        assert_eq!(
+            tool.requests.load(Ordering::SeqCst),
+            0,
+            "nothing reached the tool"
+        );
+        assert_eq!(raw_post(addr, "/tools/ledger/entries/7").await, 200);
+        assert_eq!(tool.requests.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn tool_credentials_come_from_files_and_are_sent() {
+        let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+        let s2 = seen.clone();
+        let app = Router::new().route(
+            "/api",
+            post(move |h: HeaderMap| {
+                let seen = s2.clone();
+                async move {
+                    let a = h.get("authorization").and_then(|v| v.to_str().ok());
+                    seen.lock().unwrap().push(a.unwrap_or("").to_string());
+                    "{}"
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let spec: AgentWorkflowSpec = serde_yaml::from_str(&format!(
+            r#"
+queue: {{redis: {{url: "redis://x"}}}}
+tools:
+  - name: t
+    url: "http://{addr}/api"
+    headersFrom: [{{name: Authorization, secretRef: {{name: tool-creds, key: token}}}}]
+agents:
+  - {{name: a, image: i, consumes: in, tools: [t]}}
+"#
+        ))
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let e = load_tool_headers(&spec, &["t".into()], dir.path()).unwrap_err();
+        assert!(
+            e.starts_with("spec.tools[0].headersFrom[0]: cannot read ")
+                && e.contains("t/authorization"),
+            "{e}"
+        );
+        std::fs::create_dir(dir.path().join("t")).unwrap();
+        std::fs::write(dir.path().join("t/authorization"), "Bearer s3cret-value\n").unwrap();
+        assert!(
+            load_tool_headers(&spec, &[], dir.path())
+                .unwrap()
+                .is_empty(),
+            "only the agent's tools"
+        );
+        let mut headers = load_tool_headers(&spec, &["t".into()], dir.path()).unwrap();
+        let h = headers.remove("t").unwrap();
+        assert!(h[0].1.is_sensitive() && !format!("{h:?}").contains("s3cret"));
+        let client = http_client(None).unwrap();
+        let options = HttpToolOptions {
+            headers: h,
+            ..HttpToolOptions::default()
+        };
+        let p = ToolProxy::new(
+            &spec,
+            &BTreeMap::new(),
+            &|_| http_transport_with(client.clone(), options.clone()),
+            None,
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            p.call(&["t".into()], "t", keyed("k", "{}")).await.status,
+            200
+        );
+        assert_eq!(seen.lock().unwrap().as_slice(), ["Bearer s3cret-value"]);
     }
 }

@@ -451,7 +451,12 @@ impl RedisQueue {
 
     /// Connect with explicit timeouts.
     pub async fn connect_with(url: &str, config: RedisConfig) -> Result<Self, QueueError> {
-        let client = Client::open(url)?;
+        Self::connect_client(crate::tls::redis_client(url)?, config).await
+    }
+
+    /// Connect through a client the caller built (e.g. TLS trusting a given CA,
+    /// [`crate::tls::redis_client_with_ca`]).
+    pub async fn connect_client(client: Client, config: RedisConfig) -> Result<Self, QueueError> {
         let conn = Self::open(&client, &config, Some(config.op_timeout)).await?;
         Ok(Self {
             client,

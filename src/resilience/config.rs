@@ -3,7 +3,8 @@
 //! `PolicyConfig` mirrors `CircuitPolicy.spec` of the CRD but is plain Rust
 //! (`std::time::Duration`, enums) so the layers never parse strings. Every
 //! section is optional: `None` switches the mechanism off, which keeps the
-//! default config a transparent pass-through.
+//! default config a transparent pass-through. (Configs built from a spec always carry an
+//! overall timeout: [`DEFAULT_OVERALL_TIMEOUT`].)
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -22,6 +23,10 @@ pub struct PolicyConfig {
     /// the OS; tests and benches set it so runs are reproducible.
     pub seed: Option<u64>,
 }
+
+/// Deadline of a logical tool call when its policy sets no `timeout.overall` (or there is
+/// no policy): a tool that never answers fails the call after this, never hangs it.
+pub const DEFAULT_OVERALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Clone, Debug, Default)]
 pub struct TimeoutConfig {

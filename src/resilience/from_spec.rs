@@ -20,9 +20,17 @@ fn opt(path: &str, v: Option<&DurationStr>) -> Result<Option<Duration>, FieldErr
 }
 
 impl PolicyConfig {
-    /// The runtime policy for one tool: its `CircuitPolicy` (or none: pass-through) and the
-    /// tool's own fallback. Errors name the field, as `r4 validate` does.
+    /// The runtime policy for one tool: its `CircuitPolicy` (or none: pass-through but for
+    /// the deadline) and the tool's own fallback. Errors name the field, as `r4 validate`
+    /// does. The call always has an overall deadline: see [`with_default_deadline`].
     pub fn from_spec(
+        spec: Option<&CircuitPolicySpec>,
+        fallback: Option<&FallbackSpec>,
+    ) -> Result<Self, FieldError> {
+        Self::from_spec_inner(spec, fallback).map(with_default_deadline)
+    }
+
+    fn from_spec_inner(
         spec: Option<&CircuitPolicySpec>,
         fallback: Option<&FallbackSpec>,
     ) -> Result<Self, FieldError> {
@@ -155,6 +163,23 @@ impl PolicyConfig {
     }
 }
 
+/// Give a policy without `timeout.overall` one: [`DEFAULT_OVERALL_TIMEOUT`], or, when
+/// `perAttempt` is set, enough for every attempt (`perAttempt × maxAttempts` plus the
+/// backoff ceiling between them) if that is longer.
+fn with_default_deadline(mut cfg: PolicyConfig) -> PolicyConfig {
+    let t = cfg.timeout.get_or_insert_with(TimeoutConfig::default);
+    if t.overall.is_none() {
+        let attempts = cfg.retry.as_ref().map_or(1, |r| r.max_attempts.max(1));
+        let backoff = cfg.retry.as_ref().map_or(Duration::ZERO, |r| r.backoff.max);
+        let all_attempts = t.per_attempt.map_or(Duration::ZERO, |p| {
+            p.saturating_mul(attempts)
+                .saturating_add(backoff.saturating_mul(attempts - 1))
+        });
+        t.overall = Some(DEFAULT_OVERALL_TIMEOUT.max(all_attempts));
+    }
+    cfg
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,7 +230,34 @@ throttle: {enabled: true, k: 1.5}
         let cfg = PolicyConfig::from_spec(Some(&spec), None).unwrap();
         assert!(cfg.hedge.is_none() && cfg.retry.is_none() && cfg.circuit_breaker.is_none());
         let cfg = PolicyConfig::from_spec(None, None).unwrap();
-        assert!(cfg.timeout.is_none() && cfg.fallback.is_none());
+        assert!(cfg.retry.is_none() && cfg.fallback.is_none());
+    }
+
+    #[test]
+    fn every_call_has_a_deadline() {
+        let overall = |yaml: Option<&str>| {
+            let spec = yaml.map(policy);
+            PolicyConfig::from_spec(spec.as_ref(), None)
+                .unwrap()
+                .timeout
+                .and_then(|t| t.overall)
+        };
+        assert_eq!(overall(None), Some(DEFAULT_OVERALL_TIMEOUT));
+        assert_eq!(
+            overall(Some("bulkhead: {maxConcurrent: 4}\n")),
+            Some(DEFAULT_OVERALL_TIMEOUT)
+        );
+        assert_eq!(
+            overall(Some("timeout: {overall: 90s}\n")),
+            Some(Duration::from_secs(90))
+        );
+        // Long attempts keep their retries: 3 × 20 s + 2 × 1 s.
+        assert_eq!(
+            overall(Some(
+                "timeout: {perAttempt: 20s}\nretry: {maxAttempts: 3, backoff: {initial: 10ms, max: 1s}}\n"
+            )),
+            Some(Duration::from_secs(62))
+        );
     }
 
     #[test]

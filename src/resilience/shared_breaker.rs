@@ -67,7 +67,7 @@ impl std::fmt::Debug for SharedBreakerStore {
 impl SharedBreakerStore {
     /// Connect to `redis_url` (e.g. `redis://127.0.0.1:6379`), keeping state under `keys`.
     pub async fn connect(redis_url: &str, keys: SharedBreakerKeys) -> redis::RedisResult<Self> {
-        let client = redis::Client::open(redis_url)?;
+        let client = crate::tls::redis_client(redis_url)?;
         let conn = ConnectionManager::new(client.clone()).await?;
         Ok(SharedBreakerStore { client, conn, keys })
     }
