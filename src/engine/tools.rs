@@ -1339,6 +1339,7 @@ agents:
             None,
         )
         .unwrap();
+        p.set_killed(BTreeSet::new());
         let started = std::time::Instant::now();
         let r = p.call(&["t".into()], "t", keyed("k", "{}")).await;
         assert_eq!(r.status, 504);
@@ -1357,6 +1358,7 @@ agents:
             std::future::pending::<Result<HttpResponse, BoxError>>()
         }));
         let p = ToolProxy::new(&spec, &pols, &|_| hung.clone(), None, None).unwrap();
+        p.set_killed(BTreeSet::new());
         let started = tokio::time::Instant::now();
         let r = p.call(&["t".into()], "t", keyed("k", "{}")).await;
         assert_eq!(r.status, 504);
@@ -1384,6 +1386,7 @@ agents:
                 None,
             )
             .unwrap();
+            p.set_killed(BTreeSet::new());
             let r = p.call(&["t".into()], "t", keyed("k", "{}")).await;
             assert_eq!(r.status, 502, "{path}");
             let body = String::from_utf8_lossy(&r.body);
@@ -1603,6 +1606,7 @@ agents:
             None,
         )
         .unwrap();
+        p.set_killed(BTreeSet::new());
         assert_eq!(
             p.call(&["t".into()], "t", keyed("k", "{}")).await.status,
             200
