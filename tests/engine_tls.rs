@@ -265,6 +265,8 @@ agents:
                 None,
             )
             .unwrap();
+            // The switch state as `supervise` would have read it: nothing killed.
+            proxy.set_killed(Default::default());
             proxy
                 .call(
                     &["bank".into()],
