@@ -41,7 +41,6 @@ struct Target {
     queue: Arc<dyn Queue>,
     stream: String,
     group: String,
-    consumer: String,
     inbox_ttl: Duration,
     limit: Option<u64>,
 }
@@ -49,13 +48,12 @@ struct Target {
 impl GroupCommit {
     /// Start the committer task; it ends when the last [`GroupCommit`]
     /// handle is dropped and every queued completion is sent.
-    /// Completions of entries `consumer` holds in `group` of `stream`;
-    /// `limit` is the backlog limit of the output work streams.
+    /// Completions of entries of `group` of `stream`; `limit` is the
+    /// backlog limit of the output work streams.
     pub fn start(
         queue: Arc<dyn Queue>,
         stream: String,
         group: String,
-        consumer: String,
         inbox_ttl: Duration,
         limit: Option<u64>,
     ) -> Self {
@@ -64,7 +62,6 @@ impl GroupCommit {
             queue,
             stream,
             group,
-            consumer,
             inbox_ttl,
             limit,
         };
@@ -141,14 +138,7 @@ async fn commit(t: Arc<Target>, items: Vec<Completing>, replies: Vec<Reply>) {
 impl Target {
     async fn complete(&self, items: Vec<Completing>) -> Result<Vec<Completion>, QueueError> {
         self.queue
-            .complete_batch(
-                &self.stream,
-                &self.group,
-                &self.consumer,
-                items,
-                self.inbox_ttl,
-                self.limit,
-            )
+            .complete_batch(&self.stream, &self.group, items, self.inbox_ttl, self.limit)
             .await
     }
 }
@@ -180,7 +170,6 @@ mod tests {
             q.clone(),
             input.clone(),
             "g".into(),
-            "c".into(),
             Duration::from_secs(60),
             None,
         ));
@@ -262,7 +251,6 @@ mod tests {
             q.clone(),
             input.clone(),
             "g".into(),
-            "c".into(),
             Duration::from_secs(60),
             None,
         ));
@@ -294,14 +282,7 @@ mod tests {
     #[tokio::test]
     async fn a_refused_completion_is_reported_to_its_caller() {
         let q: Arc<dyn Queue> = Arc::new(MemoryQueue::new());
-        let gc = GroupCommit::start(
-            q,
-            "s".into(),
-            "g".into(),
-            "c".into(),
-            Duration::from_secs(1),
-            None,
-        );
+        let gc = GroupCommit::start(q, "s".into(), "g".into(), Duration::from_secs(1), None);
         // An invalid id: the queue refuses, the caller hears it.
         let r = gc
             .complete(Completing {

@@ -202,6 +202,7 @@ impl AgentRole {
         let mut last_claim: Option<Instant> = None;
         let mut last_down_check: Option<Instant> = None;
         let mut last_reap = Instant::now();
+        let mut last_trim = Instant::now();
         let mut cursor = String::from("0-0");
         let mut tasks: JoinSet<()> = JoinSet::new();
         loop {
@@ -278,6 +279,15 @@ impl AgentRole {
                 entries = self
                     .claim_round(&ctx, &stream, &mut cursor, permits.len())
                     .await;
+                if cursor == "0-0" && last_trim.elapsed() >= TRIM_EVERY {
+                    // What every group acknowledged goes (never anything
+                    // else), so a stream without a backlog limit does not
+                    // grow with what is done.
+                    last_trim = Instant::now();
+                    if let Err(e) = q.trim_acked(&stream).await {
+                        tracing::debug!(error = %e, "cannot trim acknowledged entries");
+                    }
+                }
                 if cursor == "0-0" && last_reap.elapsed() >= self.cfg.visibility_timeout * 4 {
                     last_reap = Instant::now();
                     self.reap_consumers(&stream, &group).await;
@@ -360,7 +370,6 @@ impl AgentRole {
                 self.queue.clone(),
                 stream.to_owned(),
                 self.agent.name.clone(),
-                self.engine_id.clone(),
                 self.cfg.policy.idempotency_ttl,
                 self.cfg.max_len,
             ),
@@ -505,6 +514,9 @@ pub async fn ensure_groups(q: &dyn Queue, cfg: &WorkflowConfig) -> Result<(), Qu
     }
     Ok(())
 }
+
+/// How often an engine trims what every group acknowledged from its input.
+const TRIM_EVERY: Duration = Duration::from_secs(1);
 
 /// Most autoclaim calls per claim round (each scans at most ten times the
 /// free slots of pending entries).
@@ -1318,7 +1330,6 @@ async fn dead_letter(
     let policy = &ctx.cfg.policy;
     let d = DeadLetter {
         entry_id: entry.id.clone(),
-        consumer: ctx.engine_id.clone(),
         dlq: ctx.cfg.keys.dlq(),
         record: rec.encode(),
         also: compensation.into_iter().collect(),

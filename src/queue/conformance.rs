@@ -221,7 +221,6 @@ pub async fn complete_is_atomic_and_idempotent(q: Q) {
         .complete(
             &input,
             "g",
-            "fast",
             &e.id,
             &inbox,
             HOUR,
@@ -250,7 +249,6 @@ pub async fn complete_is_atomic_and_idempotent(q: Q) {
         .complete(
             &input,
             "g",
-            "slow",
             &e.id,
             &inbox,
             HOUR,
@@ -271,7 +269,7 @@ pub async fn complete_is_atomic_and_idempotent(q: Q) {
         .unwrap()
         .remove(0);
     let r = q
-        .complete(&input, "g", "c", &dup.id, &inbox, HOUR, outputs, Some(1000))
+        .complete(&input, "g", &dup.id, &inbox, HOUR, outputs, Some(1000))
         .await
         .unwrap();
     assert_eq!(r, Completion::AlreadyDone);
@@ -286,7 +284,7 @@ pub async fn complete_is_atomic_and_idempotent(q: Q) {
         .remove(0);
     let inbox2 = k.inbox("t2", "sink");
     let r = q
-        .complete(&input, "g", "c", &sink.id, &inbox2, HOUR, vec![], None)
+        .complete(&input, "g", &sink.id, &inbox2, HOUR, vec![], None)
         .await
         .unwrap();
     assert_eq!(r, Completion::Published { output_ids: vec![] });
@@ -311,7 +309,6 @@ pub async fn complete_failure_changes_nothing(q: Q) {
         .complete(
             &input,
             "g",
-            "c",
             &e.id,
             &inbox,
             HOUR,
@@ -359,7 +356,6 @@ pub async fn complete_batch_group_commit(q: Q) {
         .complete_batch(
             &input,
             "g",
-            "c",
             vec![
                 completing(&k, &e[0].id, "t1", vec![(out.clone(), f("A"))]),
                 completing(&k, &e[1].id, "t2", vec![(out.clone(), f("B"))]),
@@ -389,7 +385,7 @@ pub async fn complete_batch_group_commit(q: Q) {
         "all acked"
     );
     assert!(
-        q.complete_batch(&input, "g", "c", vec![], HOUR, None)
+        q.complete_batch(&input, "g", vec![], HOUR, None)
             .await
             .unwrap()
             .is_empty()
@@ -409,16 +405,9 @@ pub async fn complete_batch_expires_what_it_is_told(q: Q) {
         vec![(out.clone(), f("A")), (log.clone(), f("step"))],
     );
     item.expire = vec![log.clone()];
-    q.complete_batch(
-        &input,
-        "g",
-        "c",
-        vec![item],
-        Duration::from_millis(300),
-        None,
-    )
-    .await
-    .unwrap();
+    q.complete_batch(&input, "g", vec![item], Duration::from_millis(300), None)
+        .await
+        .unwrap();
     assert_eq!(q.len(&log).await.unwrap(), 1);
     let deadline = Instant::now() + Duration::from_secs(5);
     while q.len(&log).await.unwrap() > 0 {
@@ -448,7 +437,6 @@ pub async fn complete_batch_is_all_or_nothing(q: Q) {
         .complete_batch(
             &input,
             "g",
-            "c",
             vec![
                 completing(&k, &e[0].id, "t1", vec![(out.clone(), f("A"))]),
                 completing(&k, &e[1].id, "t2", vec![(bad.clone(), f("B"))]),
@@ -482,7 +470,7 @@ pub async fn dead_letter_is_atomic(q: Q) {
         ("reason", "too many deliveries".to_owned()),
     ]);
     let dlq_id = q
-        .dead_letter(&input, "g", dl(&e.id, "c", &dlq, record))
+        .dead_letter(&input, "g", dl(&e.id, &dlq, record))
         .await
         .unwrap()
         .expect("pending for c");
@@ -504,17 +492,16 @@ pub async fn dead_letter_is_atomic(q: Q) {
     let bad = k.poison();
     q.set(&bad, Bytes::from("x"), None).await.unwrap();
     let err = q
-        .dead_letter(&input, "g", dl(&e2.id, "c", &bad, f("r")))
+        .dead_letter(&input, "g", dl(&e2.id, &bad, f("r")))
         .await
         .unwrap_err();
     assert!(matches!(err, QueueError::WrongType(_)), "{err:?}");
     assert_eq!(q.pending_summary(&input, "g").await.unwrap().count, 1);
 }
 
-fn dl(id: &str, consumer: &str, dlq: &str, record: super::Fields) -> super::DeadLetter {
+fn dl(id: &str, dlq: &str, record: super::Fields) -> super::DeadLetter {
     super::DeadLetter {
         entry_id: id.to_owned(),
-        consumer: consumer.to_owned(),
         dlq: dlq.to_owned(),
         record,
         ..super::DeadLetter::default()
@@ -762,6 +749,49 @@ pub async fn limit_refuses_and_never_drops_unacked(q: Q) {
     assert_eq!(q.len(&s3).await.unwrap(), 160);
 }
 
+pub async fn trim_acked_removes_only_what_every_group_acked(q: Q) {
+    let k = keys();
+    let s = k.stream("in");
+    q.ensure_group(&s, "a").await.unwrap();
+    q.ensure_group(&s, "b").await.unwrap();
+    for i in 0..10 {
+        q.add(&s, f(&i.to_string()), None).await.unwrap();
+    }
+    let a: Vec<String> = q
+        .read_group(&s, "a", "c", 0, ZERO)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    q.ack(&s, "a", &a).await.unwrap();
+    let b: Vec<String> = q
+        .read_group(&s, "b", "c", 6, ZERO)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    // b acked 0..=2 and 4, holds 3 and 5, has not read 6..=9.
+    q.ack(
+        &s,
+        "b",
+        &[b[0].clone(), b[1].clone(), b[2].clone(), b[4].clone()],
+    )
+    .await
+    .unwrap();
+    assert_eq!(q.trim_acked(&s).await.unwrap(), 3);
+    let left: Vec<String> = q
+        .range(&s, "-", "+", 0)
+        .await
+        .unwrap()
+        .iter()
+        .map(val)
+        .collect();
+    assert_eq!(left, ["3", "4", "5", "6", "7", "8", "9"]);
+    assert_eq!(q.trim_acked(&k.stream("missing")).await.unwrap(), 0);
+}
+
 pub async fn submit_batch_respects_the_limit(q: Q) {
     let k = keys();
     let s = k.stream("intake");
@@ -851,7 +881,7 @@ pub async fn complete_waits_for_room_downstream(q: Q) {
     let e = q.read_group(&input, "g", "c", 1, ZERO).await.unwrap();
     let item = completing(&k, &e[0].id, "t1", vec![(out.clone(), f("A"))]);
     let done = q
-        .complete_batch(&input, "g", "c", vec![item.clone()], HOUR, Some(1))
+        .complete_batch(&input, "g", vec![item.clone()], HOUR, Some(1))
         .await
         .unwrap();
     assert_eq!(
@@ -867,7 +897,7 @@ pub async fn complete_waits_for_room_downstream(q: Q) {
     let o = q.read_group(&out, "next", "c", 1, ZERO).await.unwrap();
     q.ack(&out, "next", &[o[0].id.clone()]).await.unwrap();
     let done = q
-        .complete_batch(&input, "g", "c", vec![item], HOUR, Some(1))
+        .complete_batch(&input, "g", vec![item], HOUR, Some(1))
         .await
         .unwrap();
     assert!(matches!(&done[0], Completion::Published { .. }), "{done:?}");
@@ -886,7 +916,7 @@ pub async fn complete_and_dead_letter_exclude_each_other(q: Q) {
         .await
         .unwrap();
     let moved = q
-        .dead_letter(&input, "g", dl(&id, "peer", &dlq, f("dead")))
+        .dead_letter(&input, "g", dl(&id, &dlq, f("dead")))
         .await
         .unwrap();
     assert!(moved.is_some());
@@ -895,7 +925,6 @@ pub async fn complete_and_dead_letter_exclude_each_other(q: Q) {
         .complete_batch(
             &input,
             "g",
-            "slow",
             vec![completing(&k, &id, "t1", vec![(out.clone(), f("A"))])],
             HOUR,
             None,
@@ -907,7 +936,7 @@ pub async fn complete_and_dead_letter_exclude_each_other(q: Q) {
     assert_eq!(q.get(&k.inbox("t1", "s")).await.unwrap(), None);
     // A resent dead-lettering (its reply was lost) writes no second record.
     let again = q
-        .dead_letter(&input, "g", dl(&id, "peer", &dlq, f("dead")))
+        .dead_letter(&input, "g", dl(&id, &dlq, f("dead")))
         .await
         .unwrap();
     assert_eq!(again, None);
@@ -919,7 +948,6 @@ pub async fn complete_and_dead_letter_exclude_each_other(q: Q) {
         .complete_batch(
             &input,
             "g",
-            "c",
             vec![completing(&k, &e[0].id, "t2", vec![])],
             HOUR,
             None,
@@ -928,7 +956,7 @@ pub async fn complete_and_dead_letter_exclude_each_other(q: Q) {
         .unwrap();
     assert!(matches!(done[0], Completion::Published { .. }));
     let late = q
-        .dead_letter(&input, "g", dl(&e[0].id, "c", &dlq, f("dead")))
+        .dead_letter(&input, "g", dl(&e[0].id, &dlq, f("dead")))
         .await
         .unwrap();
     assert_eq!(late, None);
@@ -939,7 +967,7 @@ pub async fn complete_and_dead_letter_exclude_each_other(q: Q) {
     let mut probe = completing(&k, &e[0].id, "t3", vec![(out.clone(), f("X"))]);
     probe.only_if_done = true;
     let r = q
-        .complete_batch(&input, "g", "c", vec![probe.clone()], HOUR, None)
+        .complete_batch(&input, "g", vec![probe.clone()], HOUR, None)
         .await
         .unwrap();
     assert_eq!(r, [Completion::NotDone]);
@@ -948,7 +976,7 @@ pub async fn complete_and_dead_letter_exclude_each_other(q: Q) {
         .await
         .unwrap();
     let r = q
-        .complete_batch(&input, "g", "c", vec![probe], HOUR, None)
+        .complete_batch(&input, "g", vec![probe], HOUR, None)
         .await
         .unwrap();
     assert_eq!(r, [Completion::AlreadyDone]);
@@ -961,7 +989,7 @@ pub async fn dead_letter_writes_what_goes_with_it(q: Q) {
     q.ensure_group(&input, "g").await.unwrap();
     q.add(&input, f("a"), None).await.unwrap();
     let e = q.read_group(&input, "g", "c", 1, ZERO).await.unwrap();
-    let mut d = dl(&e[0].id, "c", &dlq, f("dead"));
+    let mut d = dl(&e[0].id, &dlq, f("dead"));
     d.also = vec![(comp.clone(), f("undo"))];
     d.marker = Some((k.task_dlq("t1"), Bytes::from("permanent")));
     d.marker_ttl = HOUR;
@@ -1384,6 +1412,7 @@ conformance!(
     concurrent_submits_create_one_task,
     limit_refuses_and_never_drops_unacked,
     submit_batch_respects_the_limit,
+    trim_acked_removes_only_what_every_group_acked,
     submit_fingerprint_conflict,
     complete_waits_for_room_downstream,
     complete_and_dead_letter_exclude_each_other,
@@ -1432,7 +1461,6 @@ async fn redis_complete_survives_crash_restart_with_aof() {
         .complete(
             &input,
             "g",
-            "c",
             &got[0].id,
             &inbox,
             HOUR,
@@ -1457,7 +1485,6 @@ async fn redis_complete_survives_crash_restart_with_aof() {
         .complete(
             &input,
             "g",
-            "c",
             &got[0].id,
             &inbox,
             HOUR,

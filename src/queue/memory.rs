@@ -21,9 +21,9 @@ use tokio::sync::{Notify, broadcast};
 use tokio::time::Instant;
 
 use super::{
-    Claimed, Completing, Completion, ConsumerInfo, DeadLetter, EntryId, Fields, HOUSEKEEP_LEN,
-    PendingSummary, Queue, QueueError, QueueFuture, StreamEntry, Submission, Submitted,
-    Subscription, Transfer, check_fields,
+    Claimed, Completing, Completion, ConsumerInfo, DeadLetter, EntryId, Fields, PendingSummary,
+    Queue, QueueError, QueueFuture, StreamEntry, Submission, Submitted, Subscription, Transfer,
+    check_fields,
 };
 
 /// Capacity of each pub/sub channel; slow subscribers skip lagged messages.
@@ -128,25 +128,23 @@ impl State {
         let Some(s) = self.streams.get_mut(stream) else {
             return Ok(());
         };
+        let Some(l) = limit else {
+            return Ok(());
+        };
         let len = |s: &MemStream| s.entries.len() as u64;
-        if len(s) + n <= limit.unwrap_or(HOUSEKEEP_LEN) {
+        if len(s) + n <= l {
             return Ok(());
         }
         if s.groups.is_empty() {
             // A stream no group reads (the end of a graph): capped.
-            if let Some(l) = limit {
-                let keep = usize::try_from(l.saturating_sub(n)).unwrap_or(usize::MAX);
-                while s.entries.len() > keep {
-                    s.entries.pop_first();
-                }
+            let keep = usize::try_from(l.saturating_sub(n)).unwrap_or(usize::MAX);
+            while s.entries.len() > keep {
+                s.entries.pop_first();
             }
             return Ok(());
         }
         s.trim_acked();
-        match limit {
-            Some(l) if len(s) + n > l => Err(len(s)),
-            _ => Ok(()),
-        }
+        if len(s) + n > l { Err(len(s)) } else { Ok(()) }
     }
 
     fn full(stream: &str, backlog: u64, limit: Option<u64>) -> QueueError {
@@ -175,15 +173,6 @@ impl State {
         s.last_id = id;
         s.entries.insert(id, fields);
         Ok(id.to_string())
-    }
-
-    /// Whether `id` is pending in `group` for `consumer`.
-    fn pending_for(&self, stream: &str, group: &str, id: &EntryId, consumer: &str) -> bool {
-        self.streams
-            .get(stream)
-            .and_then(|s| s.groups.get(group))
-            .and_then(|g| g.pel.get(id))
-            .is_some_and(|p| p.consumer == consumer)
     }
 
     fn xack(&mut self, stream: &str, group: &str, ids: &[EntryId]) -> u64 {
@@ -567,6 +556,19 @@ impl Queue for MemoryQueue {
         })
     }
 
+    fn trim_acked<'a>(&'a self, stream: &'a str) -> QueueFuture<'a, u64> {
+        Box::pin(async move {
+            let mut st = self.lock();
+            st.check_stream_key(stream)?;
+            let Some(s) = st.streams.get_mut(stream) else {
+                return Ok(0);
+            };
+            let before = s.entries.len();
+            s.trim_acked();
+            Ok((before - s.entries.len()) as u64)
+        })
+    }
+
     fn touch<'a>(
         &'a self,
         stream: &'a str,
@@ -713,7 +715,6 @@ impl Queue for MemoryQueue {
         &'a self,
         stream: &'a str,
         group: &'a str,
-        consumer: &'a str,
         items: Vec<Completing>,
         inbox_ttl: Duration,
         limit: Option<u64>,
@@ -735,13 +736,12 @@ impl Queue for MemoryQueue {
             let mut published = false;
             let mut done = Vec::with_capacity(items.len());
             'items: for (it, id) in items.into_iter().zip(ids) {
-                if !st.pending_for(stream, group, &id, consumer) {
-                    done.push(Completion::NotPending);
-                    continue;
-                }
                 if st.kv_live(&it.inbox_key).is_some() {
-                    st.xack(stream, group, &[id]);
-                    done.push(Completion::AlreadyDone);
+                    done.push(if st.xack(stream, group, &[id]) == 1 {
+                        Completion::AlreadyDone
+                    } else {
+                        Completion::NotPending
+                    });
                     continue;
                 }
                 if it.only_if_done {
@@ -762,6 +762,12 @@ impl Queue for MemoryQueue {
                         continue 'items;
                     }
                 }
+                // The XACK is the one arbiter: acked by someone else
+                // meanwhile (completed or dead-lettered) → write nothing.
+                if st.xack(stream, group, &[id]) == 0 {
+                    done.push(Completion::NotPending);
+                    continue;
+                }
                 let mut output_ids = Vec::with_capacity(it.outputs.len());
                 for (out, fields) in it.outputs {
                     output_ids.push(st.xadd(&out, fields)?);
@@ -773,7 +779,6 @@ impl Queue for MemoryQueue {
                     }
                 }
                 published |= !output_ids.is_empty();
-                st.xack(stream, group, &[id]);
                 st.set(&it.inbox_key, Bytes::from(it.entry_id), Some(inbox_ttl));
                 done.push(Completion::Published { output_ids });
             }
@@ -800,7 +805,7 @@ impl Queue for MemoryQueue {
                 st.check_stream_key(k)?;
                 check_fields(f)?;
             }
-            if !st.pending_for(stream, group, &id, &d.consumer) {
+            if st.xack(stream, group, &[id]) == 0 {
                 return Ok(None);
             }
             let dlq_id = st.xadd(&d.dlq, d.record)?;
@@ -813,7 +818,6 @@ impl Queue for MemoryQueue {
             if let Some((k, score)) = d.schedule {
                 st.zadd(&k, &dlq_id, score)?;
             }
-            st.xack(stream, group, &[id]);
             drop(st);
             self.notify.notify_waiters();
             Ok(Some(dlq_id))

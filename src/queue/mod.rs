@@ -168,11 +168,10 @@ pub struct Submission {
 /// together when a task leaves its work stream for the DLQ.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct DeadLetter {
-    /// The input entry to acknowledge.
+    /// The input entry to acknowledge; the move happens only if this
+    /// acknowledgement finds it pending (so a completion and a
+    /// dead-lettering can never both happen).
     pub entry_id: String,
-    /// The consumer that must still own the entry (the move happens only
-    /// then, so a completion and a dead-lettering can never both happen).
-    pub consumer: String,
     /// The DLQ stream and the record to add to it.
     pub dlq: String,
     pub record: Fields,
@@ -261,8 +260,8 @@ pub enum QueueError {
 /// group reads (the end of a graph) is capped at the limit by dropping its
 /// oldest entries — so the engine creates the groups of every agent before
 /// anything is written (`engine::consumer::ensure_groups`). Without a
-/// limit, acknowledged entries are trimmed once a stream holds
-/// [`HOUSEKEEP_LEN`] entries.
+/// limit nothing is checked on a write; the engines consuming a stream trim
+/// what every group acknowledged now and then ([`Queue::trim_acked`]).
 pub trait Queue: Send + Sync {
     /// XADD, refusing with [`QueueError::Full`] past `limit` (see the trait
     /// docs; `None`: no limit). Returns the entry id.
@@ -329,6 +328,12 @@ pub trait Queue: Send + Sync {
         ids: &'a [String],
     ) -> QueueFuture<'a, Vec<StreamEntry>>;
 
+    /// Remove the entries of `stream` that every consumer group has read
+    /// and acknowledged (never one some group has not); returns how many.
+    /// The engines consuming a stream call it now and then, so a stream
+    /// without a backlog limit does not grow with what is done.
+    fn trim_acked<'a>(&'a self, stream: &'a str) -> QueueFuture<'a, u64>;
+
     /// Keep entries this consumer holds: those of `ids` still pending for
     /// `consumer` get their idle time reset, WITHOUT counting a delivery
     /// (XCLAIM JUSTID), so no peer claims them while we wait for our own
@@ -390,7 +395,6 @@ pub trait Queue: Send + Sync {
         &'a self,
         stream: &'a str,
         group: &'a str,
-        consumer: &'a str,
         entry_id: &'a str,
         inbox_key: &'a str,
         inbox_ttl: Duration,
@@ -405,7 +409,7 @@ pub trait Queue: Send + Sync {
                 ..Completing::default()
             };
             let mut done = self
-                .complete_batch(stream, group, consumer, vec![one], inbox_ttl, limit)
+                .complete_batch(stream, group, vec![one], inbox_ttl, limit)
                 .await?;
             done.pop()
                 .ok_or_else(|| QueueError::Protocol("empty complete reply".into()))
@@ -414,17 +418,20 @@ pub trait Queue: Send + Sync {
 
     /// Group commit: complete several entries of one consumer group in ONE
     /// atomic step. For each entry, in order:
-    /// 1. if it is not pending for `consumer` any more → [`Completion::NotPending`],
-    ///    nothing written (so a completion and a dead-lettering of one entry
-    ///    are mutually exclusive, and a slow engine whose entry was claimed
-    ///    away writes nothing);
-    /// 2. if its inbox key exists (even one set by an earlier entry of the
-    ///    batch) → XACK only, [`Completion::AlreadyDone`];
-    /// 3. if `only_if_done` → [`Completion::NotDone`], nothing written;
-    /// 4. if an output work stream (every output not in `expire`) would go
+    /// 1. if its inbox key exists (even one set by an earlier entry of the
+    ///    batch) → XACK only: [`Completion::AlreadyDone`], or
+    ///    [`Completion::NotPending`] if it was acked already;
+    /// 2. if `only_if_done` → [`Completion::NotDone`], nothing written;
+    /// 3. if an output work stream (every output not in `expire`) would go
     ///    past `limit` → [`Completion::Full`], nothing written;
-    /// 5. else XADD every output, PEXPIRE the `expire` keys, XACK, SET the
-    ///    inbox key with `inbox_ttl` → [`Completion::Published`].
+    /// 4. XACK; if it finds the entry acked already (completed or
+    ///    dead-lettered by another engine meanwhile) →
+    ///    [`Completion::NotPending`], nothing written — the XACK is the one
+    ///    arbiter, so a completion and a dead-lettering of one entry exclude
+    ///    each other, and a slow engine whose entry was finished elsewhere
+    ///    writes nothing;
+    /// 5. XADD every output, PEXPIRE the `expire` keys, SET the inbox key
+    ///    with `inbox_ttl` → [`Completion::Published`].
     ///
     /// Either every entry is applied or none is: every output key is
     /// type-checked before the first write. Results are in order. All keys
@@ -433,18 +440,17 @@ pub trait Queue: Send + Sync {
         &'a self,
         stream: &'a str,
         group: &'a str,
-        consumer: &'a str,
         items: Vec<Completing>,
         inbox_ttl: Duration,
         limit: Option<u64>,
     ) -> QueueFuture<'a, Vec<Completion>>;
 
-    /// Atomic dead-letter: only if `d.entry_id` is still pending for
-    /// `d.consumer`, in one step XADD `d.record` to `d.dlq`, XADD every
-    /// `d.also`, SET `d.marker`, ZADD `d.schedule` and XACK the entry.
-    /// Returns the DLQ entry id, or `None` if the entry was not pending for
-    /// that consumer (nothing written: it completed, was dead-lettered by
-    /// someone else, or was claimed away). The DLQ has no backlog limit.
+    /// Atomic dead-letter, in one step: XACK `d.entry_id`; only if that
+    /// found it pending, XADD `d.record` to `d.dlq`, XADD every `d.also`,
+    /// SET `d.marker` and ZADD `d.schedule`. Returns the DLQ entry id, or
+    /// `None` if the entry was acked already (nothing written: it completed
+    /// or was dead-lettered by someone else — a resend whose reply was lost
+    /// writes no second record). The DLQ has no backlog limit.
     fn dead_letter<'a>(
         &'a self,
         stream: &'a str,
@@ -594,10 +600,6 @@ pub struct ConsumerInfo {
     /// Time since its last read or claim.
     pub idle: Duration,
 }
-
-/// Without a backlog limit, acknowledged entries of a work stream are
-/// trimmed once it holds this many entries.
-pub const HOUSEKEEP_LEN: u64 = 10_000;
 
 /// An entry needs at least one field (Redis refuses an empty XADD).
 pub(crate) fn check_fields(fields: &Fields) -> Result<(), QueueError> {

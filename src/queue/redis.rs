@@ -72,8 +72,8 @@ impl Default for RedisConfig {
 // is its oldest pending id, or the id after its last delivered one when
 // nothing is pending; XTRIM MINID at the lowest floor. A stream without
 // groups is never trimmed by it. `room` answers whether `n` more entries
-// fit under `limit` ('' = no limit, then only housekeeping trims); a stream
-// no group reads is capped at `limit` by trimming its oldest entries.
+// fit under `limit` ('' = no limit: always); a stream no group reads is
+// capped at `limit` by trimming its oldest entries.
 const LIMIT_LUA: &str = r#"
 local function id_parts(id)
   local d = string.find(id, '-', 1, true)
@@ -107,26 +107,23 @@ local function trim_acked(key)
   redis.call('XTRIM', key, 'MINID', floor)
 end
 local function room(key, limit, n)
-  local len = redis.call('XLEN', key)
   local lim = tonumber(limit)
-  if len + n <= (lim or HOUSEKEEP) then return true, len end
+  if not lim then return true, 0 end
+  local len = redis.call('XLEN', key)
+  if len + n <= lim then return true, len end
   local groups = 0
   if redis.call('TYPE', key)['ok'] == 'stream' then
     groups = #redis.call('XINFO', 'GROUPS', key)
   end
   if groups == 0 then
     -- A stream no group reads (the end of a graph): capped, oldest first.
-    if lim then redis.call('XTRIM', key, 'MAXLEN', math.max(lim - n, 0)) end
+    redis.call('XTRIM', key, 'MAXLEN', math.max(lim - n, 0))
     return true, len
   end
   trim_acked(key)
   len = redis.call('XLEN', key)
-  if lim and len + n > lim then return false, len end
+  if len + n > lim then return false, len end
   return true, len
-end
-local function pending_for(key, group, id, consumer)
-  local p = redis.call('XPENDING', key, group, id, id, 1)
-  return p[1] ~= nil and p[1][2] == consumer
 end
 local function check_stream(key)
   local t = redis.call('TYPE', key)['ok']
@@ -148,14 +145,15 @@ return {1, redis.call(unpack(args))}
 
 // Group commit. KEYS[1] input stream, KEYS[2..] inbox and output keys
 // (distinct); ARGV[1] group, ARGV[2] inbox ttl ms, ARGV[3] limit or '',
-// ARGV[4] entry count, ARGV[5] consumer, then per entry: entry id, inbox key
+// ARGV[4] entry count, ARGV[5] (unused), then per entry: entry id, inbox key
 // index, only-if-done flag, output count m, then per output: stream key
 // index, limited flag, field count n, n pairs, then expire count x and x
 // key indices (PEXPIREd with the inbox TTL). Output keys are type-checked
 // before the first write (a script error does not undo earlier writes):
 // the batch is applied whole or not at all. Per entry the result is
-// {1, ids...} published, {0} already done, {2} not pending for this
-// consumer, {3} not done (only-if-done), {4, key} an output stream full.
+// {1, ids...} published, {0} already done, {2} not pending (its XACK, the
+// one arbiter, found it acked: nothing written), {3} not done
+// (only-if-done), {4, key} an output stream full.
 const COMPLETE_BATCH_LUA: &str = r#"
 local count = tonumber(ARGV[4])
 local p = 6
@@ -180,11 +178,8 @@ end
 local out = {}
 for e = 1, count do
   local item = plan[e]
-  if not pending_for(KEYS[1], ARGV[1], item.id, ARGV[5]) then
-    out[e] = {2}
-  elseif redis.call('EXISTS', item.inbox) == 1 then
-    redis.call('XACK', KEYS[1], ARGV[1], item.id)
-    out[e] = {0}
+  if redis.call('EXISTS', item.inbox) == 1 then
+    if redis.call('XACK', KEYS[1], ARGV[1], item.id) == 1 then out[e] = {0} else out[e] = {2} end
   elseif item.only then
     out[e] = {3}
   else
@@ -198,6 +193,9 @@ for e = 1, count do
     end
     if full then
       out[e] = {4, full}
+    elseif redis.call('XACK', KEYS[1], ARGV[1], item.id) == 0 then
+      -- Acked (completed or dead-lettered) by someone else meanwhile.
+      out[e] = {2}
     else
       local ids = {1}
       for _, o in ipairs(item.outs) do
@@ -206,7 +204,6 @@ for e = 1, count do
         ids[#ids + 1] = redis.call(unpack(args))
       end
       for _, key in ipairs(item.expire) do redis.call('PEXPIRE', key, ARGV[2]) end
-      redis.call('XACK', KEYS[1], ARGV[1], item.id)
       redis.call('SET', item.inbox, item.id, 'PX', ARGV[2])
       out[e] = ids
     end
@@ -216,11 +213,13 @@ return out
 "#;
 
 // KEYS[1] input stream, KEYS[2] dlq, KEYS[3..] other keys; ARGV[1] group,
-// ARGV[2] entry id, ARGV[3] consumer, ARGV[4] marker key index (0: none),
+// ARGV[2] entry id, ARGV[3] (unused), ARGV[4] marker key index (0: none),
 // ARGV[5] marker value, ARGV[6] marker ttl ms, ARGV[7] schedule key index
 // (0: none), ARGV[8] schedule score, ARGV[9] record field count n, n pairs,
 // then `also` count m, per entry: key index, field count, pairs.
-// Writes nothing unless the entry is still pending for the consumer.
+// Writes nothing unless the entry is still pending: its XACK, done first
+// (the script is atomic), is the one arbiter between completion and
+// dead-lettering.
 const DEAD_LETTER_LUA: &str = r#"
 local e = check_stream(KEYS[2]); if e then return e end
 local p = 10 + 2 * tonumber(ARGV[9])
@@ -232,7 +231,7 @@ for i = 1, tonumber(ARGV[p]) do
   also[i] = {key, p + 3, n}
   p = p + 2 + 2 * n
 end
-if not pending_for(KEYS[1], ARGV[1], ARGV[2], ARGV[3]) then return false end
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return false end
 local args = {'XADD', KEYS[2], '*'}
 for i = 10, 9 + 2 * tonumber(ARGV[9]) do args[#args + 1] = ARGV[i] end
 local id = redis.call(unpack(args))
@@ -243,7 +242,6 @@ for _, a in ipairs(also) do
 end
 if tonumber(ARGV[4]) > 0 then redis.call('SET', KEYS[tonumber(ARGV[4])], ARGV[5], 'PX', ARGV[6]) end
 if tonumber(ARGV[7]) > 0 then redis.call('ZADD', KEYS[tonumber(ARGV[7])], ARGV[8], id) end
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 return id
 "#;
 
@@ -382,6 +380,13 @@ redis.call('XDEL', KEYS[1], ARGV[1])
 return id
 "#;
 
+// KEYS[1] stream. Queue::trim_acked: returns how many entries went.
+const TRIM_ACKED_LUA: &str = r#"
+local before = redis.call('XLEN', KEYS[1])
+trim_acked(KEYS[1])
+return before - redis.call('XLEN', KEYS[1])
+"#;
+
 // KEYS[1] stream; ARGV[1] group, ARGV[2] consumer, ARGV[3..] ids. Resets
 // the idle time of the ids still pending for the consumer, without counting
 // a delivery (JUSTID); returns them.
@@ -408,14 +413,12 @@ return 1
 
 /// A script with the shared limit functions in front of it.
 fn with_limits(body: &str) -> Script {
-    Script::new(&format!(
-        "local HOUSEKEEP = {}\n{LIMIT_LUA}\n{body}",
-        super::HOUSEKEEP_LEN
-    ))
+    Script::new(&format!("{LIMIT_LUA}\n{body}"))
 }
 
 struct Scripts {
     add: Script,
+    trim_acked: Script,
     touch: Script,
     remove_consumer: Script,
     complete: Script,
@@ -465,6 +468,7 @@ impl RedisQueue {
             config,
             scripts: Scripts {
                 add: with_limits(ADD_LUA),
+                trim_acked: with_limits(TRIM_ACKED_LUA),
                 touch: Script::new(TOUCH_LUA),
                 remove_consumer: Script::new(REMOVE_CONSUMER_LUA),
                 complete: with_limits(COMPLETE_BATCH_LUA),
@@ -818,6 +822,19 @@ impl Queue for RedisQueue {
     ) -> QueueFuture<'a, String> {
         Box::pin(async move {
             check_fields(&fields)?;
+            let Some(_) = limit else {
+                // No limit, nothing to check: a plain XADD.
+                let mut cmd = ::redis::cmd("XADD");
+                cmd.arg(stream).arg("*");
+                for (k, v) in &fields {
+                    cmd.arg(k.as_str()).arg(v.as_ref());
+                }
+                let v = self
+                    .query("XADD", &cmd)
+                    .await
+                    .map_err(|e| wrong_type(e, stream))?;
+                return v_string(v);
+            };
             let mut inv = self.scripts.add.key(stream);
             inv.arg(limit_arg(limit));
             for (k, v) in &fields {
@@ -1030,6 +1047,17 @@ impl Queue for RedisQueue {
         })
     }
 
+    fn trim_acked<'a>(&'a self, stream: &'a str) -> QueueFuture<'a, u64> {
+        Box::pin(async move {
+            let inv = self.scripts.trim_acked.key(stream);
+            v_u64(
+                self.invoke("trim_acked", &inv)
+                    .await
+                    .map_err(|e| wrong_type(e, stream))?,
+            )
+        })
+    }
+
     fn touch<'a>(
         &'a self,
         stream: &'a str,
@@ -1207,7 +1235,6 @@ impl Queue for RedisQueue {
         &'a self,
         stream: &'a str,
         group: &'a str,
-        consumer: &'a str,
         items: Vec<Completing>,
         inbox_ttl: Duration,
         limit: Option<u64>,
@@ -1238,7 +1265,7 @@ impl Queue for RedisQueue {
                 .arg(ttl)
                 .arg(limit_arg(limit))
                 .arg(items.len())
-                .arg(consumer);
+                .arg("");
             let mut key_ix = args.into_iter();
             for it in &items {
                 inv.arg(it.entry_id.as_str())
@@ -1304,7 +1331,7 @@ impl Queue for RedisQueue {
             let sched = d.schedule.as_ref().map_or(0, |(k, _)| keys.of(&mut inv, k));
             inv.arg(group)
                 .arg(d.entry_id.as_str())
-                .arg(d.consumer.as_str())
+                .arg("")
                 .arg(marker)
                 .arg(d.marker.as_ref().map_or(&b""[..], |(_, v)| v.as_ref()))
                 .arg(ms(d.marker_ttl).max(1))
