@@ -193,11 +193,10 @@ async fn check_outputs(
 
 /// The crash workflow, resolved, and written to `<tempdir>/crash.yaml` for
 /// the engine processes.
-fn workflow_file() -> (r4::engine::WorkflowConfig, tempfile::TempDir) {
-    let cfg =
-        r4::engine::WorkflowConfig::from_yaml("crash", WORKFLOW, None, Some("crash")).unwrap();
+fn workflow_file(yaml: &str) -> (r4::engine::WorkflowConfig, tempfile::TempDir) {
+    let cfg = r4::engine::WorkflowConfig::from_yaml("crash", yaml, None, Some("crash")).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("crash.yaml"), WORKFLOW).unwrap();
+    std::fs::write(dir.path().join("crash.yaml"), yaml).unwrap();
     (cfg, dir)
 }
 
@@ -244,7 +243,7 @@ async fn crash_test_zero_lost_zero_duplicates() {
         .expect("redis-server with AOF");
     let url = server.url();
     let q = RedisQueue::connect(&url).await.expect("connect");
-    let (cfg, dir) = workflow_file();
+    let (cfg, dir) = workflow_file(WORKFLOW);
     let file = dir.path().join("crash.yaml");
 
     let ledger = Arc::new(Mutex::new(Ledger::default()));
@@ -458,7 +457,8 @@ async fn crash_test_intake_batches_all_or_nothing() {
     let server = RedisServer::start().await.expect("redis-server");
     let url = server.url();
     let q = RedisQueue::connect(&url).await.expect("connect");
-    let (cfg, dir) = workflow_file();
+    // No agent runs here and every batch must get in: no backlog limit.
+    let (cfg, dir) = workflow_file(&WORKFLOW.replace(", maxLen: 1000", ""));
     let file = dir.path().join("crash.yaml");
     // A port of our own for every restart (tokio binds with SO_REUSEADDR).
     let addr = {
