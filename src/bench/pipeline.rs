@@ -155,7 +155,7 @@ pub async fn run(opts: Options) -> Result<serde_json::Value, String> {
             figures.push((who, f));
             // Leave the next contender an empty Redis.
             let keys = q
-                .scan_prefix(&format!("r4:{{{ns}/"))
+                .scan_prefix(&crate::queue::Keys::namespace_prefix(&ns))
                 .await
                 .map_err(|e| e.to_string())?;
             if !keys.is_empty() {

@@ -31,6 +31,12 @@ impl Keys {
         }
     }
 
+    /// What every key of every workflow of `namespace` starts with,
+    /// `r4:{ns/` (to find or remove them all, e.g. after a bench).
+    pub fn namespace_prefix(namespace: &str) -> String {
+        format!("r4:{{{}/", namespace.replace(['{', '}', '/'], "_"))
+    }
+
     /// `r4:{ns/wf}` — every key of the workflow starts with this.
     pub fn prefix(&self) -> &str {
         &self.prefix
@@ -262,6 +268,8 @@ mod tests {
             assert_eq!(key_slot(key.as_bytes()), slot, "{key}");
         }
         assert_eq!(k.stream("x"), "r4:{team-a/review-flow}:stream:x");
+        assert!(k.prefix().starts_with(&Keys::namespace_prefix("team-a")));
+        assert!(!k.prefix().starts_with(&Keys::namespace_prefix("team")));
         assert_eq!(k.inbox("t", "s"), "r4:{team-a/review-flow}:inbox:t:s");
         // Different workflows usually land elsewhere; at least the tag differs.
         let other = Keys::new("team-a", "other");
