@@ -644,3 +644,118 @@ async fn consumers_of_gone_engines_are_removed() {
     .await;
     run.stop().await;
 }
+
+/// Every key the engine writes is one `Keys` builds: after a run through
+/// completions, a saga, dead letters, replays, poison, kill switches, an
+/// intake with keys and published stats, every key in Redis belongs to the
+/// workflow and to one kind of `Keys` (matched by what `Keys` itself
+/// builds, not by a hand-written list of names).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_key_written_comes_from_keys() {
+    let (redis, q) = queue(true).await;
+    let Backend::Redis(server) = &redis else {
+        unreachable!()
+    };
+    let cfg = Arc::new(workflow(
+        "all-keys",
+        "    - {name: a, image: x, consumes: in, produces: [ab], saga: {compensate: undo-a}}\n    - {name: b, image: x, consumes: ab, produces: [done]}",
+        "  intake: {enabled: true}",
+    ));
+    let agent = ScriptedAgent::new(|req, _| match (req.step.as_str(), req.task_id.as_str()) {
+        ("b", "t-perm") => Err(DeliveryError::permanent("no")),
+        ("b", "t-retry") => Err(DeliveryError::retryable("busy").with_tool("bank")),
+        _ => Ok(Outputs::PassThrough),
+    });
+    let run = start_agents(&cfg, &q, &agent);
+    let (stop_repair, rx) = watch::channel(false);
+    let repair = r4::engine::RepairRole::new(cfg.clone(), q.clone(), "repair-keys")
+        .with_interval(Duration::from_millis(30));
+    let rh = tokio::spawn(async move { repair.run(rx).await.unwrap() });
+    let intake = Intake::new(cfg.clone(), q.clone(), "intake-keys");
+    intake
+        .submit(json!({"n": 1}), Some("client-key-1"), None)
+        .await
+        .unwrap();
+    for id in ["t-ok", "t-perm", "t-retry"] {
+        add_task(&q, &cfg, "in", id, json!({})).await;
+    }
+    use r4::engine::killswitch::{self, Target};
+    killswitch::engage(q.as_ref(), &cfg.keys, &Target::Tool("bank".into()))
+        .await
+        .unwrap();
+    killswitch::release(q.as_ref(), &cfg.keys, &Target::Tool("bank".into()))
+        .await
+        .unwrap();
+    eventually("t-retry quarantined as poison", WAIT, || async {
+        q.len(&cfg.keys.poison()).await.unwrap() >= 1
+    })
+    .await;
+    run.stop().await;
+    let _ = stop_repair.send(true);
+    let _ = rh.await;
+    let mut c = ::redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let all: Vec<String> = ::redis::cmd("KEYS").arg("*").query_async(&mut c).await.unwrap();
+    assert!(all.len() >= 10, "{all:?}");
+    // The kinds, as Keys builds them: a name made of a marker splits each
+    // builder's output into its fixed part.
+    const M: &str = "\u{1}";
+    let k = &cfg.keys;
+    let exact = [
+        k.dlq(),
+        k.dlq_due(),
+        k.poison(),
+        k.killswitch(),
+        k.killswitch_acks(),
+        k.killswitch_version(),
+        k.breakers(),
+        k.topology(),
+    ];
+    let kinds: Vec<String> = [
+        k.stream(M),
+        k.inbox(M, M),
+        k.idem(M),
+        k.task(M),
+        k.task_dlq(M),
+        k.stats(M),
+        k.fault(M),
+        k.checkpoint(M),
+        k.attempts(M, M),
+        k.saga(M),
+        k.degraded(M),
+        k.breaker(M),
+    ]
+    .iter()
+    .map(|s| s.split(M).next().unwrap().to_owned())
+    .collect();
+    let mut seen_kinds = BTreeSet::new();
+    for key in &all {
+        assert!(key.starts_with(k.prefix()), "{key} is not the workflow's");
+        if exact.contains(key) {
+            seen_kinds.insert(key.clone());
+            continue;
+        }
+        // The longest matching kind, so `task:` does not swallow `task-dlq:`.
+        let kind = kinds
+            .iter()
+            .filter(|p| key.starts_with(p.as_str()) && key.len() > p.len())
+            .max_by_key(|p| p.len());
+        match kind {
+            Some(p) => {
+                seen_kinds.insert(p.clone());
+            }
+            None => panic!("{key} is not built by Keys"),
+        }
+    }
+    // The run really wrote the kinds this test is about.
+    for want in [k.stream(M), k.inbox(M, M), k.idem(M), k.saga(M), k.stats(M)] {
+        let p = want.split(M).next().unwrap().to_owned();
+        assert!(seen_kinds.contains(&p), "no {p} key written: {all:?}");
+    }
+    for want in [k.dlq(), k.poison(), k.killswitch(), k.killswitch_version()] {
+        assert!(seen_kinds.contains(&want), "no {want}: {all:?}");
+    }
+}
