@@ -698,7 +698,11 @@ async fn every_key_written_comes_from_keys() {
         .get_multiplexed_async_connection()
         .await
         .unwrap();
-    let all: Vec<String> = ::redis::cmd("KEYS").arg("*").query_async(&mut c).await.unwrap();
+    let all: Vec<String> = ::redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut c)
+        .await
+        .unwrap();
     assert!(all.len() >= 10, "{all:?}");
     // The kinds, as Keys builds them: a name made of a marker splits each
     // builder's output into its fixed part.

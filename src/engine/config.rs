@@ -25,45 +25,19 @@ pub const DEFAULT_MAX_DELIVERIES: u64 = 5;
 /// Default per-attempt deadline of one delivery to an agent.
 pub const DEFAULT_PER_ATTEMPT: Duration = Duration::from_secs(10);
 
-/// Retry backoff (`retry.backoff`).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Backoff {
-    pub initial: Duration,
-    pub max: Duration,
-    pub multiplier: f64,
-    pub jitter: Jitter,
-}
+/// Retry backoff (`retry.backoff`): the resilience module's, so a task's
+/// redeliveries and a tool's retries follow one formula
+/// ([`crate::resilience::retry::backoff_delay`]).
+pub type Backoff = crate::resilience::BackoffConfig;
 
-impl Default for Backoff {
-    fn default() -> Self {
-        Self {
-            initial: Duration::from_millis(100),
-            max: Duration::from_secs(5),
-            multiplier: 2.0,
-            jitter: Jitter::Full,
-        }
-    }
-}
-
-impl Backoff {
-    /// Delay before retry number `retry` (1 = first retry). `unit` in
-    /// `[0, 1)` is the random draw for jitter, so the function is pure.
-    pub fn delay(&self, retry: u32, unit: f64) -> Duration {
-        let exp = self
-            .multiplier
-            .powi(i32::try_from(retry.saturating_sub(1)).unwrap_or(i32::MAX));
-        let base = (self.initial.as_secs_f64() * exp).min(self.max.as_secs_f64());
-        let unit = unit.clamp(0.0, 1.0);
-        let secs = match self.jitter {
-            Jitter::None => base,
-            Jitter::Full => base * unit,
-            Jitter::Equal => base / 2.0 + base / 2.0 * unit,
-            // Decorrelated needs the previous delay; between initial and 3x base.
-            Jitter::Decorrelated => (self.initial.as_secs_f64()
-                + (base * 3.0 - self.initial.as_secs_f64()).max(0.0) * unit)
-                .min(self.max.as_secs_f64()),
-        };
-        Duration::from_secs_f64(secs.max(0.0))
+/// The engine's default `retry.backoff` (100 ms doubling up to 5 s, full
+/// jitter).
+pub fn default_backoff() -> Backoff {
+    Backoff {
+        initial: Duration::from_millis(100),
+        max: Duration::from_secs(5),
+        multiplier: 2.0,
+        jitter: crate::resilience::Jitter::Full,
     }
 }
 
@@ -110,7 +84,7 @@ impl Default for Policy {
 fn base_policy() -> Policy {
     Policy {
         max_deliveries: DEFAULT_MAX_DELIVERIES,
-        backoff: Backoff::default(),
+        backoff: default_backoff(),
         per_attempt: DEFAULT_PER_ATTEMPT,
         replay: Replay::default(),
         retention: Duration::from_secs(168 * 3600),
@@ -134,7 +108,7 @@ impl Policy {
                 initial: dur(&b.initial, "retry.backoff.initial")?,
                 max: dur(&b.max, "retry.backoff.max")?,
                 multiplier: b.multiplier.unwrap_or(2.0),
-                jitter: b.jitter.unwrap_or(Jitter::Full),
+                jitter: b.jitter.unwrap_or(Jitter::Full).into(),
             };
         }
         if let Some(t) = spec.timeout.as_ref().and_then(|t| t.per_attempt.as_ref()) {
@@ -446,13 +420,15 @@ mod tests {
 
     #[test]
     fn backoff_grows_and_caps() {
+        use crate::resilience::Jitter;
+        use crate::resilience::retry::backoff_delay;
         let b = Backoff {
             initial: Duration::from_millis(100),
             max: Duration::from_millis(1000),
             multiplier: 2.0,
             jitter: Jitter::None,
         };
-        let ms = |r| b.delay(r, 0.5).as_millis();
+        let ms = |r| backoff_delay(&b, r, Duration::ZERO, 0.5).as_millis();
         assert_eq!(
             [ms(1), ms(2), ms(3), ms(4), ms(5)],
             [100, 200, 400, 800, 1000]
@@ -461,13 +437,28 @@ mod tests {
             jitter: Jitter::Full,
             ..b
         };
-        assert_eq!(full.delay(3, 0.0), Duration::ZERO);
-        assert_eq!(full.delay(3, 0.5).as_millis(), 200);
+        assert_eq!(backoff_delay(&full, 3, Duration::ZERO, 0.0), Duration::ZERO);
+        assert_eq!(
+            backoff_delay(&full, 3, Duration::ZERO, 0.5).as_millis(),
+            200
+        );
         let equal = Backoff {
             jitter: Jitter::Equal,
             ..b
         };
-        assert_eq!(equal.delay(2, 0.0).as_millis(), 100);
+        assert_eq!(
+            backoff_delay(&equal, 2, Duration::ZERO, 0.0).as_millis(),
+            100
+        );
+        // Decorrelated grows from the previous delay, capped.
+        let dec = Backoff {
+            jitter: Jitter::Decorrelated,
+            ..b
+        };
+        let prev = Duration::from_millis(300);
+        assert_eq!(backoff_delay(&dec, 2, prev, 1.0).as_millis(), 900);
+        assert_eq!(backoff_delay(&dec, 2, prev, 0.0).as_millis(), 100);
+        assert_eq!(backoff_delay(&dec, 9, prev * 10, 1.0).as_millis(), 1000);
     }
 
     #[test]

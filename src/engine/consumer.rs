@@ -848,6 +848,7 @@ async fn deliver(
         h
     };
     let mut agent_time = Duration::ZERO;
+    let mut prev_delay = policy.backoff.initial;
     let traceparent = child_traceparent(task.traceparent.as_deref());
     // Built once for every attempt of this round; the payload moves into it
     // (no copy per task) and a pass-through output takes it from there.
@@ -957,7 +958,14 @@ async fn deliver(
             .await;
         drop(slots.permit.take());
         let retry_n = u32::try_from(round.len()).unwrap_or(u32::MAX);
-        let delay = policy.backoff.delay(retry_n, ctx.jitter_draw()).min(hold);
+        let delay = crate::resilience::retry::backoff_delay(
+            &policy.backoff,
+            retry_n,
+            prev_delay,
+            ctx.jitter_draw(),
+        )
+        .min(hold);
+        prev_delay = delay;
         tracing::debug!(task = %task.task_id, step = %ctx.agent.name, reason = "retry", attempt = entry.delivery_count, error = %err, delay_ms = delay.as_millis() as u64, "retrying");
         let mut shutdown = ctx.shutdown.clone();
         if wait_or_shutdown(&mut shutdown, delay).await {

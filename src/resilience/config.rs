@@ -67,7 +67,7 @@ pub enum RetryOn {
     Status429,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct BackoffConfig {
     pub initial: Duration,
     pub max: Duration,
@@ -94,6 +94,18 @@ pub enum Jitter {
     Equal,
     Decorrelated,
     None,
+}
+
+impl From<crate::api::policy::Jitter> for Jitter {
+    fn from(j: crate::api::policy::Jitter) -> Self {
+        use crate::api::policy::Jitter as Spec;
+        match j {
+            Spec::Full => Jitter::Full,
+            Spec::Equal => Jitter::Equal,
+            Spec::Decorrelated => Jitter::Decorrelated,
+            Spec::None => Jitter::None,
+        }
+    }
 }
 
 #[derive(Clone, Debug)]

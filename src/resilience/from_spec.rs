@@ -61,12 +61,7 @@ impl PolicyConfig {
                     initial: d("spec.retry.backoff.initial", &b.initial)?,
                     max: d("spec.retry.backoff.max", &b.max)?,
                     multiplier: b.multiplier.unwrap_or(2.0),
-                    jitter: match b.jitter.unwrap_or(policy::Jitter::Full) {
-                        policy::Jitter::Full => Jitter::Full,
-                        policy::Jitter::Equal => Jitter::Equal,
-                        policy::Jitter::Decorrelated => Jitter::Decorrelated,
-                        policy::Jitter::None => Jitter::None,
-                    },
+                    jitter: b.jitter.unwrap_or(policy::Jitter::Full).into(),
                 };
             }
             retry.budget = match &r.budget {

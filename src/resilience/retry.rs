@@ -11,6 +11,8 @@
 //! Backoff is `initial * multiplier^(n-1)` capped at `max`, with Full, Equal
 //! or Decorrelated jitter (AWS "Exponential Backoff And Jitter"), drawn from a
 //! seedable RNG. A 429 carrying `Retry-After` waits at least that long.
+//! [`backoff_delay`] is r4's one backoff formula: tool retries here and the
+//! engine's redeliveries of a task both use it.
 
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -48,28 +50,37 @@ impl Backoff {
 
     /// Delay before retry number `retry` (1 = first retry).
     pub fn next_delay(&mut self, retry: u32, rng: &mut impl Rng) -> Duration {
-        let initial = self.cfg.initial.as_secs_f64();
-        let max = self.cfg.max.as_secs_f64().max(initial);
-        let exp = self
-            .cfg
-            .multiplier
-            .max(1.0)
-            .powi(retry.saturating_sub(1) as i32);
-        let base = (initial * exp).min(max);
-        let secs = match self.cfg.jitter {
-            Jitter::None => base,
-            Jitter::Full => rng.random_range(0.0..=base),
-            Jitter::Equal => base / 2.0 + rng.random_range(0.0..=base / 2.0),
-            Jitter::Decorrelated => {
-                // sleep = min(cap, random(base, prev * 3))
-                let hi = (self.prev.as_secs_f64() * 3.0).max(initial);
-                rng.random_range(initial..=hi).min(max)
-            }
-        };
-        let d = Duration::from_secs_f64(secs.max(0.0));
+        let d = backoff_delay(&self.cfg, retry, self.prev, rng.random::<f64>());
         self.prev = d;
         d
     }
+}
+
+/// The backoff before retry number `retry` (1 = first retry): `initial *
+/// multiplier^(retry-1)` capped at `max`, jittered with the draw `unit` in
+/// `[0, 1)` — Full: `base * unit`; Equal: `base/2 + base/2 * unit`;
+/// Decorrelated: between `initial` and `3 * prev` (the previous delay),
+/// capped at `max`; None: `base`. Pure, so callers choose their RNG (and a
+/// seeded run repeats itself).
+pub fn backoff_delay(cfg: &BackoffConfig, retry: u32, prev: Duration, unit: f64) -> Duration {
+    let initial = cfg.initial.as_secs_f64();
+    let max = cfg.max.as_secs_f64().max(initial);
+    let exp = cfg
+        .multiplier
+        .max(1.0)
+        .powi(i32::try_from(retry.saturating_sub(1)).unwrap_or(i32::MAX));
+    let base = (initial * exp).min(max);
+    let unit = unit.clamp(0.0, 1.0);
+    let secs = match cfg.jitter {
+        Jitter::None => base,
+        Jitter::Full => base * unit,
+        Jitter::Equal => base / 2.0 + base / 2.0 * unit,
+        Jitter::Decorrelated => {
+            let hi = (prev.as_secs_f64() * 3.0).max(initial);
+            (initial + (hi - initial) * unit).min(max)
+        }
+    };
+    Duration::from_secs_f64(secs.max(0.0))
 }
 
 fn retry_on(class: &FailureClass) -> Option<RetryOn> {
@@ -141,7 +152,7 @@ where
             if let Some(b) = &layer.budget {
                 b.deposit();
             }
-            let mut backoff = Backoff::new(layer.cfg.backoff.clone());
+            let mut backoff = Backoff::new(layer.cfg.backoff);
             let mut attempt = 1u32;
             loop {
                 let res = inner
