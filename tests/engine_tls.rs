@@ -3,6 +3,9 @@
 //! through the tool proxy. Trust is given by naming the CA, never by switching verification
 //! off; without the CA both connections fail, and no error shows the password.
 
+mod engine_common;
+use engine_common::free_port;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -73,14 +76,6 @@ impl Drop for TlsRedis {
 }
 
 const PASSWORD: &str = "hunter2-redis-password";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 async fn start_tls_redis(pki: &Pki) -> TlsRedis {
     let port = free_port();

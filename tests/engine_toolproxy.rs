@@ -2,30 +2,16 @@
 //! a loopback tool, calls to `localhost` — gating, key propagation and the policy metrics on
 //! `/metrics`.
 
-use std::process::{Child, Command, Stdio};
+mod engine_common;
+use engine_common::{Engine, free_port};
+
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
 use axum::http::HeaderMap;
 use axum::routing::post;
-
-struct Engine(Child);
-
-impl Drop for Engine {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 #[tokio::test]
 async fn the_agent_engine_serves_the_tool_proxy_and_its_metrics() {

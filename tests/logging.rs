@@ -2,6 +2,9 @@
 //! `R4_LOG_FORMAT=json` against a real redis-server. Every decision that changes a task's fate
 //! is one JSON line naming the task, the step and the reason.
 
+mod engine_common;
+use engine_common::{Engine, free_port};
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -13,23 +16,6 @@ use axum::routing::post;
 use r4::queue::redis::RedisQueue;
 use r4::queue::{Keys, Queue, fields};
 use serde_json::Value;
-
-struct Engine(Child);
-
-impl Drop for Engine {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// Lines the engine wrote to standard error so far, collected by a reader thread.
 fn collect_stderr(child: &mut Child) -> Arc<Mutex<Vec<String>>> {

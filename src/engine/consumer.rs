@@ -1050,18 +1050,8 @@ async fn wait_for_agent(
         }
         if touched.elapsed() >= ctx.cfg.max_hold() / 2 {
             touched = Instant::now();
-            match ctx
-                .queue
-                .touch(
-                    &ctx.stream,
-                    &ctx.agent.name,
-                    &ctx.engine_id,
-                    std::slice::from_ref(&entry.id),
-                )
-                .await
-            {
-                Ok(ours) if ours.is_empty() => return false,
-                _ => {}
+            if !keep(ctx, entry).await {
+                return false;
             }
         }
         // Another entry's delivery found it up meanwhile, or it is time to
@@ -1071,6 +1061,24 @@ async fn wait_for_agent(
         }
         wait = (wait * 2).min(AGENT_PROBE_MAX);
     }
+}
+
+/// Keep holding `entry` while we wait (for our agent, for room downstream):
+/// its idle time is reset without counting a delivery, so no peer claims
+/// it. `false` once it is no longer ours; a failed call says nothing and
+/// counts as still ours (the next one decides).
+async fn keep(ctx: &Ctx, entry: &StreamEntry) -> bool {
+    !matches!(
+        ctx.queue
+            .touch(
+                &ctx.stream,
+                &ctx.agent.name,
+                &ctx.engine_id,
+                std::slice::from_ref(&entry.id),
+            )
+            .await,
+        Ok(ours) if ours.is_empty()
+    )
 }
 
 /// Shortest and longest wait between deliveries to an unreachable agent.
@@ -1157,15 +1165,7 @@ async fn settle(
                 wait = (wait * 2).min(Duration::from_secs(1));
                 if touched.elapsed() >= ctx.cfg.max_hold() / 4 {
                     touched = Instant::now();
-                    let _ = ctx
-                        .queue
-                        .touch(
-                            &ctx.stream,
-                            &ctx.agent.name,
-                            &ctx.engine_id,
-                            std::slice::from_ref(&entry.id),
-                        )
-                        .await;
+                    keep(ctx, entry).await;
                 }
             }
         }

@@ -411,6 +411,23 @@ redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
 return 1
 "#;
 
+/// An invocation of a script taking `KEYS[1]` stream and `ARGV` group,
+/// consumer, then ids (claim, touch).
+fn by_ids<'s>(
+    script: &'s Script,
+    stream: &str,
+    group: &str,
+    consumer: &str,
+    ids: &[String],
+) -> ::redis::ScriptInvocation<'s> {
+    let mut inv = script.key(stream);
+    inv.arg(group).arg(consumer);
+    for id in ids {
+        inv.arg(id.as_str());
+    }
+    inv
+}
+
 /// A script with the shared limit functions in front of it.
 fn with_limits(body: &str) -> Script {
     Script::new(&format!("{LIMIT_LUA}\n{body}"))
@@ -1013,11 +1030,7 @@ impl Queue for RedisQueue {
             if ids.is_empty() {
                 return Ok(Vec::new());
             }
-            let mut inv = self.scripts.claim.key(stream);
-            inv.arg(group).arg(consumer);
-            for id in ids {
-                inv.arg(id.as_str());
-            }
+            let inv = by_ids(&self.scripts.claim, stream, group, consumer, ids);
             let v = self
                 .invoke("XCLAIM", &inv)
                 .await
@@ -1070,11 +1083,7 @@ impl Queue for RedisQueue {
             if ids.is_empty() {
                 return Ok(Vec::new());
             }
-            let mut inv = self.scripts.touch.key(stream);
-            inv.arg(group).arg(consumer);
-            for id in ids {
-                inv.arg(id.as_str());
-            }
+            let inv = by_ids(&self.scripts.touch, stream, group, consumer, ids);
             let v = self
                 .invoke("touch", &inv)
                 .await

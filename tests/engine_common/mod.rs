@@ -254,3 +254,22 @@ pub async fn dlq(q: &Arc<dyn Queue>, cfg: &WorkflowConfig) -> Vec<r4::engine::dl
         .await
         .unwrap()
 }
+
+/// A child process (an `r4 engine`) killed and reaped when dropped.
+pub struct Engine(pub std::process::Child);
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A loopback port free at the time of asking.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
