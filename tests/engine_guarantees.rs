@@ -763,3 +763,114 @@ async fn every_key_written_comes_from_keys() {
         assert!(seen_kinds.contains(&want), "no {want}: {all:?}");
     }
 }
+
+/// An output stream at `maxLen` holds the producing step back — the entry
+/// and the agent's answer are kept, no delivery is counted, nothing is
+/// dead-lettered however long it lasts — and everything flows once the
+/// next agent drains it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_output_stream_holds_the_step_back() {
+    let (_redis, q) = queue(true).await;
+    let base = workflow(
+        "downstream-full",
+        "    - {name: a, image: x, consumes: in, produces: [ab], concurrency: 2}\n    - {name: b, image: x, consumes: ab, produces: [done]}",
+        "",
+    );
+    let cfg = Arc::new(r4::engine::WorkflowConfig {
+        max_len: Some(3),
+        ..base
+    });
+    r4::engine::consumer::ensure_groups(q.as_ref(), &cfg)
+        .await
+        .unwrap();
+    for i in 0..10 {
+        add_task(&q, &cfg, "in", &format!("t{i}"), json!({"i": i})).await;
+    }
+    // Only agent a runs; b's stream fills at 3.
+    let agent = ScriptedAgent::ok();
+    let a = AgentRole::new(cfg.clone(), "a", q.clone(), Arc::new(agent.clone()), "a-1")
+        .unwrap()
+        .with_options(fast_opts());
+    let a_stats = a.stats();
+    let (tx, rx) = watch::channel(false);
+    let ha = tokio::spawn(async move { a.run(rx).await.unwrap() });
+    eventually("the output stream is full", WAIT, || async {
+        q.len(&cfg.keys.stream("ab")).await.unwrap() == 3
+    })
+    .await;
+    // Five visibility timeouts (1 s each): nothing dead-lettered, nothing
+    // redelivered, the backlog never past the limit.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(dlq(&q, &cfg).await.is_empty());
+    assert_eq!(q.len(&cfg.keys.stream("ab")).await.unwrap(), 3);
+    let p = q
+        .pending_summary(&cfg.keys.stream("in"), "a")
+        .await
+        .unwrap();
+    assert!(p.count <= 4, "held {} with concurrency 2", p.count);
+    assert!(
+        a_stats
+            .render_metrics()
+            .contains("r4_engine_backpressure_total")
+    );
+    // b starts and drains: every task completes, each delivered to a once.
+    let b = AgentRole::new(cfg.clone(), "b", q.clone(), Arc::new(agent.clone()), "b-1")
+        .unwrap()
+        .with_options(fast_opts());
+    let rx = tx.subscribe();
+    let hb = tokio::spawn(async move { b.run(rx).await.unwrap() });
+    eventually("all ten done", WAIT, || async {
+        agent.calls_for("b").len() >= 10
+    })
+    .await;
+    let _ = tx.send(true);
+    let _ = ha.await;
+    let _ = hb.await;
+    let per_task: BTreeMap<String, usize> =
+        agent
+            .calls_for("a")
+            .into_iter()
+            .fold(BTreeMap::new(), |mut m, c| {
+                *m.entry(c.task_id).or_default() += 1;
+                m
+            });
+    assert_eq!(per_task.len(), 10);
+    assert!(per_task.values().all(|n| *n == 1), "{per_task:?}");
+    assert!(agent.calls_for("a").iter().all(|c| c.attempt == 1));
+    assert!(dlq(&q, &cfg).await.is_empty());
+}
+
+/// An entry that was pending but is gone from its stream (deleted by hand,
+/// or lost by a Redis without persistence) is dead-lettered as `trimmed`
+/// by the engine whose claim finds it — accounted for, never ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_entry_gone_from_its_stream_is_dead_lettered_as_trimmed() {
+    let (_redis, q) = queue(true).await;
+    let cfg = Arc::new(workflow(
+        "gone",
+        "    - {name: a, image: x, consumes: in, produces: [done]}",
+        "",
+    ));
+    let input = cfg.keys.stream("in");
+    q.ensure_group(&input, "a").await.unwrap();
+    let id = add_task(&q, &cfg, "in", "t-gone", json!({})).await;
+    q.read_group(&input, "a", "dead", 1, Duration::ZERO)
+        .await
+        .unwrap();
+    q.delete(&input, std::slice::from_ref(&id)).await.unwrap();
+    let agent = ScriptedAgent::ok();
+    let run = start_agents(&cfg, &q, &agent);
+    eventually("dead-lettered as trimmed", WAIT, || async {
+        dlq(&q, &cfg).await.iter().any(|r| r.reason == "trimmed")
+    })
+    .await;
+    run.stop().await;
+    let recs = dlq(&q, &cfg).await;
+    assert_eq!(recs.len(), 1);
+    assert_eq!(
+        (recs[0].entry_id.as_str(), recs[0].step.as_str()),
+        (id.as_str(), "a")
+    );
+    assert_eq!(q.pending_summary(&input, "a").await.unwrap().count, 0);
+    assert!(agent.calls().is_empty());
+}

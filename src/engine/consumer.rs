@@ -1100,8 +1100,10 @@ enum Settled {
 /// hop) fails the step for good (reason `oversized`), nothing is published;
 /// the outputs, the ack and the inbox key are one atomic step (through the
 /// group commit); while an output stream is at its backlog limit nothing is
-/// written and we wait, keeping the entry, for up to half the visibility
-/// timeout — then the step fails retryably.
+/// written and we hold the entry and the agent's answer (idle time
+/// refreshed, no delivery counted) until there is room — backpressure: the
+/// engine's held slots fill, it stops reading, and its own input fills up
+/// in turn, back to the intake's 429. On shutdown the entry is left pending.
 async fn settle(
     ctx: &Ctx,
     entry: &StreamEntry,
@@ -1127,9 +1129,9 @@ async fn settle(
         (Some(_), None) => vec![ctx.cfg.keys.saga(&task.task_id)],
         _ => Vec::new(),
     };
-    let give_up = Instant::now() + ctx.cfg.max_hold();
     let mut wait = Duration::from_millis(50);
     let mut touched = Instant::now();
+    let mut waiting = false;
     loop {
         let Some(c) = complete(ctx, entry, inbox, out.clone(), expire.clone()).await else {
             return Settled::Done(None);
@@ -1151,12 +1153,10 @@ async fn settle(
                 return Settled::Done(None);
             }
             Completion::Full { stream } => {
-                ctx.stats.backpressure();
-                if Instant::now() + wait >= give_up {
-                    return Settled::Fail(DeliveryError::retryable(format!(
-                        "output stream {} is at queue.maxLen",
-                        stream.rsplit(':').next().unwrap_or(&stream)
-                    )));
+                if !waiting {
+                    waiting = true;
+                    ctx.stats.backpressure();
+                    tracing::info!(task = %task.task_id, step = %ctx.agent.name, reason = "backpressure", stream = %stream, "output stream at queue.maxLen; holding the answer until there is room");
                 }
                 let mut shutdown = ctx.shutdown.clone();
                 if wait_or_shutdown(&mut shutdown, wait).await {
