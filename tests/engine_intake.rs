@@ -671,7 +671,13 @@ async fn the_intake_cuts_slow_clients_and_sheds_load() {
     let r = http.get(format!("{base}/healthz")).send().await.unwrap();
     assert_eq!(r.status(), 200, "health is not limited");
     let _ = held.await;
-    let r = http
+    // A fresh connection: the server closes kept-alive ones idle past its
+    // (here very short) header timeout, and the pool may still hold one.
+    let fresh = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let r = fresh
         .post(format!("{base}/v1/tasks"))
         .body("{}")
         .send()

@@ -1042,25 +1042,31 @@ async fn wait_for_agent(
         tracing::warn!(agent = %ctx.agent.name, task = %req.task_id, error = %err, "agent unreachable; reads paused until it answers");
     }
     let mut shutdown = ctx.shutdown.clone();
-    let mut touched = Instant::now();
-    let mut wait = AGENT_PROBE_MIN;
+    let cap = hold_step(ctx).min(AGENT_PROBE_MAX);
+    let mut wait = AGENT_PROBE_MIN.min(cap);
+    let mut waited = Duration::ZERO;
     loop {
+        if !keep(ctx, entry).await {
+            return false;
+        }
         if wait_or_shutdown(&mut shutdown, wait).await {
             return false;
         }
-        if touched.elapsed() >= ctx.cfg.max_hold() / 2 {
-            touched = Instant::now();
-            if !keep(ctx, entry).await {
-                return false;
-            }
-        }
+        waited += wait;
         // Another entry's delivery found it up meanwhile, or it is time to
         // probe again ourselves.
-        if !ctx.stats.agent_down() || wait >= AGENT_PROBE_MAX {
+        if !ctx.stats.agent_down() || waited >= AGENT_PROBE_MAX {
             return true;
         }
-        wait = (wait * 2).min(AGENT_PROBE_MAX);
+        wait = (wait * 2).min(cap);
     }
+}
+
+/// The longest wait between two refreshes of an entry we hold while
+/// waiting: a quarter of the hold limit, so the entry never looks idle to
+/// a claimer (ourselves included) however loaded the machine is.
+fn hold_step(ctx: &Ctx) -> Duration {
+    (ctx.cfg.max_hold() / 4).max(Duration::from_millis(10))
 }
 
 /// Keep holding `entry` while we wait (for our agent, for room downstream):
@@ -1129,8 +1135,8 @@ async fn settle(
         (Some(_), None) => vec![ctx.cfg.keys.saga(&task.task_id)],
         _ => Vec::new(),
     };
-    let mut wait = Duration::from_millis(50);
-    let mut touched = Instant::now();
+    let cap = hold_step(ctx).min(Duration::from_secs(1));
+    let mut wait = Duration::from_millis(50).min(cap);
     let mut waiting = false;
     loop {
         let Some(c) = complete(ctx, entry, inbox, out.clone(), expire.clone()).await else {
@@ -1158,15 +1164,14 @@ async fn settle(
                     ctx.stats.backpressure();
                     tracing::info!(task = %task.task_id, step = %ctx.agent.name, reason = "backpressure", stream = %stream, "output stream at queue.maxLen; holding the answer until there is room");
                 }
+                if !keep(ctx, entry).await {
+                    return Settled::Done(None); // settled elsewhere
+                }
                 let mut shutdown = ctx.shutdown.clone();
                 if wait_or_shutdown(&mut shutdown, wait).await {
                     return Settled::Done(None); // left pending
                 }
-                wait = (wait * 2).min(Duration::from_secs(1));
-                if touched.elapsed() >= ctx.cfg.max_hold() / 4 {
-                    touched = Instant::now();
-                    keep(ctx, entry).await;
-                }
+                wait = (wait * 2).min(cap);
             }
         }
     }
