@@ -234,6 +234,24 @@ fn invalid_workflows_are_refused_naming_the_field() {
         &edit(WORKFLOW, "consumes: tickets", "consumes: resolutions"),
         "no entry stream",
     );
+    // Two producers of one stream: the reader would run once per producer.
+    assert_refused(
+        &edit(
+            WORKFLOW,
+            "produces: [investigations]}",
+            "produces: [investigations, resolutions]}",
+        ),
+        "spec.agents[1].produces: stream \"resolutions\" is produced by agents \"intake\" and \"investigation\"",
+    );
+    // A cycle reachable from the entry stream (through a degraded route).
+    assert_refused(
+        &edit(
+            WORKFLOW,
+            "action: Route, to: manual-review}",
+            "action: Route, to: manual-review}\n    - {name: reviewer, image: i:4, consumes: manual-review, produces: [tickets-again]}\n    - {name: again, image: i:5, consumes: tickets-again, produces: [investigations]}",
+        ),
+        "form a cycle reachable from \"tickets\"",
+    );
     // Names too long for child objects.
     let long = "a".repeat(60);
     assert_refused(

@@ -912,6 +912,7 @@ pub fn check_workflow(name: &str, spec: &AgentWorkflowSpec) -> Vec<FieldError> {
             ));
         }
     }
+    check_graph(spec, entry, &mut e);
     let consumed: BTreeSet<&str> = spec.agents.iter().map(|a| a.consumes.as_str()).collect();
     let mut seen_inputs = BTreeSet::new();
     for (i, s) in spec.inputs.iter().enumerate() {
@@ -958,6 +959,90 @@ pub fn check_workflow(name: &str, spec: &AgentWorkflowSpec) -> Vec<FieldError> {
         ));
     }
     e
+}
+
+/// The workflow graph (stream → agents consuming it → streams they
+/// produce): a stream written by several agents is an error (the agent
+/// reading it would run once per writer and its inbox key would drop all
+/// but the first — a fan-in needs a join, which this build does not have),
+/// and so is a cycle reachable from the entry stream or an external input
+/// (a task would go round for ever).
+fn check_graph(spec: &AgentWorkflowSpec, entry: Option<&str>, e: &mut Vec<FieldError>) {
+    let mut producers: BTreeMap<&str, Vec<(usize, &str)>> = BTreeMap::new();
+    for (i, a) in spec.agents.iter().enumerate() {
+        for s in a.produces.iter().collect::<BTreeSet<_>>() {
+            producers
+                .entry(s.as_str())
+                .or_default()
+                .push((i, a.name.as_str()));
+        }
+    }
+    for (stream, by) in &producers {
+        if by.len() > 1 {
+            let names: Vec<String> = by.iter().map(|(_, n)| format!("{n:?}")).collect();
+            e.push(FieldError::new(
+                format!("spec.agents[{}].produces", by[1].0),
+                format!(
+                    "stream {stream:?} is produced by agents {} — the agent reading it would run once per producer and keep only the first; fan-in needs a join, not in this build",
+                    names.join(" and ")
+                ),
+            ));
+        }
+    }
+    // Depth-first from every stream a task can enter by; a stream met again
+    // on the current path closes a cycle.
+    let next = |s: &str| -> Vec<&str> {
+        spec.agents
+            .iter()
+            .filter(|a| a.consumes == s)
+            .flat_map(|a| {
+                a.produces
+                    .iter()
+                    .map(String::as_str)
+                    .chain(a.degraded_mode.as_ref().and_then(|d| d.to.as_deref()))
+            })
+            .collect()
+    };
+    let starts: Vec<&str> = entry
+        .into_iter()
+        .chain(spec.inputs.iter().map(String::as_str))
+        .collect();
+    let mut done: BTreeSet<&str> = BTreeSet::new();
+    let mut reported = false;
+    for start in starts {
+        let mut path: Vec<&str> = Vec::new();
+        let mut stack: Vec<(&str, bool)> = vec![(start, false)];
+        while let Some((s, leaving)) = stack.pop() {
+            if leaving {
+                path.pop();
+                done.insert(s);
+                continue;
+            }
+            if let Some(at) = path.iter().position(|p| *p == s) {
+                if !reported {
+                    reported = true;
+                    let mut cycle: Vec<&str> = path[at..].to_vec();
+                    cycle.push(s);
+                    e.push(FieldError::new(
+                        "spec.agents",
+                        format!(
+                            "the streams {} form a cycle reachable from {start:?}: a task would go round for ever",
+                            cycle.join(" -> ")
+                        ),
+                    ));
+                }
+                continue;
+            }
+            if done.contains(s) {
+                continue;
+            }
+            path.push(s);
+            stack.push((s, true));
+            for n in next(s) {
+                stack.push((n, false));
+            }
+        }
+    }
 }
 
 /// The stream the intake feeds: the first stream an agent consumes that no agent produces (nor
