@@ -170,6 +170,9 @@ fn main() -> ExitCode {
                 // "the following required arguments were not provided:" — name them.
                 let named: Vec<&str> = lines.take_while(|l| !l.starts_with("Usage:")).collect();
                 line = format!("{line} {}", named.join(", "));
+            } else if let Some(values) = lines.find(|l| l.starts_with("[possible values:")) {
+                // An unknown value of a closed set: say which ones exist.
+                line = format!("{line} {values}");
             }
             eprintln!("r4: {line}");
             return ExitCode::from(2);

@@ -185,7 +185,71 @@ fn bad_flags_and_manifests_get_one_line_naming_them() {
     let wf = sample("payment-disputes.yaml");
     fails_with(&["run", "-f", &wf, "--tasks", "0"], "--tasks");
     fails_with(&["run", "-f", &wf, "--rate", "-5"], "--rate");
-    fails_with(&["run", "-f", &wf, "--disable", "magic"], "--disable");
+    fails_with(
+        &["run", "-f", &wf, "--disable", "magic"],
+        "[possible values: hedge, retry, breaker, bulkhead, throttle, fallback]",
+    );
+    // Negative numbers get the same clear message as --rate, not "unexpected argument".
+    fails_with(
+        &["run", "-f", &wf, "--tasks", "-5"],
+        "--tasks <TASKS>': must be a whole number of tasks",
+    );
+    fails_with(
+        &["run", "-f", &wf, "--seed", "-5"],
+        "--seed <SEED>': must be a whole number",
+    );
+    // A file with several workflows: --workflow picks one, and the error says so.
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let text = std::fs::read_to_string(&wf).unwrap();
+        let two = format!(
+            "{text}\n---\n{}",
+            text.replace("name: payment-disputes", "name: other-flow")
+        );
+        let path = dir.path().join("two.yaml");
+        std::fs::write(&path, two).unwrap();
+        for p in ["default-policy.yaml", "bank-policy.yaml"] {
+            std::fs::copy(sample(p), dir.path().join(p)).unwrap();
+        }
+        let two = path.to_str().unwrap();
+        fails_with(
+            &["run", "-f", two, "--tasks", "5"],
+            "several AgentWorkflows in the given files (payment-disputes, other-flow); choose one with --workflow NAME",
+        );
+        fails_with(
+            &["run", "-f", two, "--workflow", "nope", "--tasks", "5"],
+            "--workflow: no AgentWorkflow named \"nope\" in the given files (found: payment-disputes, other-flow)",
+        );
+        let out = r4()
+            .args([
+                "run",
+                "-f",
+                two,
+                "--workflow",
+                "other-flow",
+                "--tasks",
+                "5",
+                "--json",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // r4 validate finds the policies next to the workflow file, as r4 run does.
+        let out = r4()
+            .args(["validate", "--require-refs", "-f", two])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{err}");
+        assert!(
+            err.contains("CircuitPolicy \"bank-policy\" taken from"),
+            "{err}"
+        );
+    }
     fails_with(
         &["run", "-f", "/nonexistent/wf.yaml"],
         "/nonexistent/wf.yaml",

@@ -74,6 +74,8 @@ pub fn validate(files: &[std::path::PathBuf], require_refs: bool) -> Result<Exit
     } else {
         validate::RefMode::Warn
     };
+    let first = validate::validate_texts(&texts, validate::RefMode::Warn);
+    texts.extend(policies_beside(&first.manifests, "r4 validate")?);
     let report = validate::validate_texts(&texts, mode);
     for w in &report.warnings {
         eprintln!("warning: {w}");
@@ -94,6 +96,49 @@ pub fn validate(files: &[std::path::PathBuf], require_refs: bool) -> Result<Exit
         eprintln!("{} error(s)", report.errors.len());
         Ok(ExitCode::from(1))
     }
+}
+
+/// The CircuitPolicies the workflows in `manifests` name that are not among
+/// them, read from `<name>.yaml` next to the workflow's file (what `r4 run`
+/// and `r4 validate` do, so a workflow and its policies can live side by
+/// side); each one found is said on standard error as `<who>: …`.
+pub(crate) fn policies_beside(
+    manifests: &[(String, validate::Manifest)],
+    who: &str,
+) -> Result<Vec<(String, String)>, CliError> {
+    use std::collections::BTreeSet;
+    use std::path::Path;
+    let have: BTreeSet<&str> = manifests
+        .iter()
+        .filter(|(_, m)| matches!(m, validate::Manifest::Policy(_)))
+        .map(|(_, m)| m.name())
+        .collect();
+    let mut extra: Vec<(String, String)> = Vec::new();
+    for (source, m) in manifests {
+        let validate::Manifest::Workflow(w) = m else {
+            continue;
+        };
+        let dir = Path::new(source.split('#').next().unwrap_or(""))
+            .parent()
+            .unwrap_or(Path::new("."));
+        let wanted = w
+            .spec
+            .policy_ref
+            .iter()
+            .chain(w.spec.tools.iter().filter_map(|t| t.policy_ref.as_ref()));
+        for name in wanted {
+            let path = dir.join(format!("{name}.yaml"));
+            let shown = path.display().to_string();
+            if !have.contains(name.as_str())
+                && path.is_file()
+                && !extra.iter().any(|(p, _)| *p == shown)
+            {
+                eprintln!("{who}: CircuitPolicy {name:?} taken from {shown}");
+                extra.push((shown, read_input(&path)?));
+            }
+        }
+    }
+    Ok(extra)
 }
 
 /// The multi-threaded runtime every networked subcommand runs on.

@@ -1,9 +1,8 @@
 //! `r4 run`: load the workflow (and the policies it names), run it on one machine, show live
 //! progress on a terminal and print the report (a table, or one JSON line with `--json`).
 
-use std::collections::BTreeSet;
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -19,8 +18,11 @@ pub struct RunArgs {
     /// are looked up as `<name>.yaml` next to the workflow file.
     #[arg(short = 'f', long = "file", value_name = "FILE", required = true, num_args = 1..)]
     pub files: Vec<PathBuf>,
+    /// The AgentWorkflow to run, when the files hold several.
+    #[arg(long, value_name = "NAME")]
+    pub workflow: Option<String>,
     /// Tasks to submit.
-    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    #[arg(long, default_value_t = 2000, value_parser = parse_tasks, allow_hyphen_values = true)]
     pub tasks: u64,
     /// Submit at this many tasks per second (open loop); default: keep the entry agent busy.
     #[arg(long, value_name = "TASKS_PER_SEC", value_parser = parse_rate, allow_hyphen_values = true)]
@@ -32,7 +34,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub json: bool,
     /// Seed of every random draw (latencies, errors, jitter): the same seed, the same run.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = parse_seed, allow_hyphen_values = true)]
     pub seed: u64,
     /// Switch a mechanism off in every policy, to compare (repeatable).
     #[arg(long, value_enum, value_name = "MECHANISM")]
@@ -40,6 +42,20 @@ pub struct RunArgs {
     /// A ChaosDrill to run against the workflow (not available in this build yet).
     #[arg(long, value_name = "DRILL.yaml", hide = true)]
     pub drill: Option<PathBuf>,
+}
+
+fn parse_tasks(s: &str) -> Result<u64, String> {
+    match s.parse::<u64>() {
+        Ok(n) if (1..=10_000_000).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "must be a whole number of tasks in [1, 10000000], got {s:?}"
+        )),
+    }
+}
+
+fn parse_seed(s: &str) -> Result<u64, String> {
+    s.parse::<u64>()
+        .map_err(|_| format!("must be a whole number in [0, {}], got {s:?}", u64::MAX))
 }
 
 fn parse_rate(s: &str) -> Result<f64, String> {
@@ -61,40 +77,7 @@ fn load(files: &[PathBuf]) -> Result<Vec<Manifest>, CliError> {
     if !first.errors.is_empty() {
         return Err(manifest_errors(&first.errors));
     }
-    let have: BTreeSet<String> = first
-        .manifests
-        .iter()
-        .filter(|(_, m)| matches!(m, Manifest::Policy(_)))
-        .map(|(_, m)| m.name().to_string())
-        .collect();
-    let mut extra = Vec::new();
-    for (source, m) in &first.manifests {
-        let Manifest::Workflow(w) = m else { continue };
-        let dir = Path::new(source.split('#').next().unwrap_or(""))
-            .parent()
-            .unwrap_or(Path::new("."));
-        let wanted = w
-            .spec
-            .policy_ref
-            .iter()
-            .chain(w.spec.tools.iter().filter_map(|t| t.policy_ref.as_ref()));
-        for name in wanted {
-            let path = dir.join(format!("{name}.yaml"));
-            if !have.contains(name)
-                && path.is_file()
-                && !extra
-                    .iter()
-                    .any(|(p, _): &(String, String)| *p == path.display().to_string())
-            {
-                eprintln!(
-                    "r4 run: CircuitPolicy {name:?} taken from {}",
-                    path.display()
-                );
-                extra.push((path.display().to_string(), read_input(&path)?));
-            }
-        }
-    }
-    texts.extend(extra);
+    texts.extend(super::policies_beside(&first.manifests, "r4 run")?);
     let report = validate_texts(&texts, RefMode::Require);
     if !report.errors.is_empty() {
         return Err(manifest_errors(&report.errors));
@@ -130,8 +113,13 @@ pub fn run(args: RunArgs) -> Result<ExitCode, CliError> {
         Some(_) => format!("r4-run-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),
         None => "r4-run".to_string(),
     };
-    let cfg = run::prepare(&manifests, &namespace, &args.disable)
-        .map_err(|e| CliError::Usage(e.to_string()))?;
+    let cfg = run::prepare(
+        &manifests,
+        args.workflow.as_deref(),
+        &namespace,
+        &args.disable,
+    )
+    .map_err(|e| CliError::Usage(e.to_string()))?;
     let progress = std::io::stderr().is_terminal();
     let opts = RunOptions {
         tasks: args.tasks,

@@ -305,17 +305,35 @@ impl WorkflowConfig {
             })
             .filter(|w| workflow.is_none_or(|n| w.metadata.name.as_deref() == Some(n)))
             .collect();
-        let w = match workflows.as_slice() {
-            [w] => w,
-            [] => {
+        let names = |all: bool| -> String {
+            manifests
+                .iter()
+                .filter_map(|m| match m {
+                    Manifest::Workflow(w) => w.metadata.name.clone(),
+                    _ => None,
+                })
+                .filter(|n| all || workflow.is_none_or(|want| want == n))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let w = match (workflows.as_slice(), workflow) {
+            ([w], _) => w,
+            ([], None) => {
                 return Err(EngineError::Config(
-                    "no AgentWorkflow in the given file".into(),
+                    "no AgentWorkflow in the given files".into(),
                 ));
             }
-            _ => {
-                return Err(EngineError::Config(
-                    "several AgentWorkflows in the given file; name one".into(),
-                ));
+            ([], Some(want)) => {
+                return Err(EngineError::Config(format!(
+                    "--workflow: no AgentWorkflow named {want:?} in the given files (found: {})",
+                    names(true)
+                )));
+            }
+            (_, _) => {
+                return Err(EngineError::Config(format!(
+                    "several AgentWorkflows in the given files ({}); choose one with --workflow NAME",
+                    names(false)
+                )));
             }
         };
         let name = w.metadata.name.clone().unwrap_or_default();

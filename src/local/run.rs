@@ -79,10 +79,11 @@ pub enum RunError {
 /// simulated, `disable`d mechanisms switched off. Errors name the field.
 pub fn prepare(
     manifests: &[Manifest],
+    workflow: Option<&str>,
     namespace: &str,
     disable: &[Mechanism],
 ) -> Result<WorkflowConfig, RunError> {
-    let mut cfg = WorkflowConfig::from_manifests(manifests, None, Some(namespace))?;
+    let mut cfg = WorkflowConfig::from_manifests(manifests, workflow, Some(namespace))?;
     for (i, a) in cfg.spec.agents.iter().enumerate() {
         if a.simulate.is_none() {
             return Err(RunError::Invalid(FieldError::new(
