@@ -827,3 +827,24 @@ fn tool_credentials_live_in_secrets_not_in_urls() {
         assert!(e.iter().any(|e| e.contains(says)), "{says}: {e:#?}");
     }
 }
+
+#[test]
+fn a_policy_field_with_no_effect_where_it_is_used_is_a_warning() {
+    // POLICY sets deadLetter and idempotency; used for a tool they do nothing.
+    let wf = edit(
+        WORKFLOW,
+        "{name: ledger, url: \"http://ledger:8080/\"}",
+        "{name: ledger, url: \"http://ledger:8080/\", policyRef: pol}",
+    );
+    let text = format!("{wf}\n---\n{POLICY}");
+    let report = validate_texts(&[("all.yaml".into(), text)], RefMode::Require);
+    assert!(report.errors.is_empty(), "{:#?}", report.errors);
+    assert_eq!(report.warnings.len(), 1, "{:#?}", report.warnings);
+    assert!(
+        report.warnings[0].contains(
+            "spec.tools[1].policyRef: CircuitPolicy \"pol\" sets deadLetter and idempotency, which has no effect on a tool's calls"
+        ),
+        "{}",
+        report.warnings[0]
+    );
+}

@@ -1440,14 +1440,37 @@ pub fn check_set(manifests: &[Manifest], mode: RefMode) -> Vec<SetFinding> {
                     ));
                 }
                 for (j, t) in w.spec.tools.iter().enumerate() {
-                    if let Some(p) = &t.policy_ref
-                        && find("CircuitPolicy", ns, p).is_none()
-                    {
-                        out.push(unresolved(
+                    let Some(p) = &t.policy_ref else { continue };
+                    match find("CircuitPolicy", ns, p) {
+                        None => out.push(unresolved(
                             i,
                             format!("spec.tools[{j}].policyRef"),
                             format!("CircuitPolicy {p:?}"),
-                        ));
+                        )),
+                        // Fields only the workflow's own policy decides.
+                        Some(Manifest::Policy(pol)) => {
+                            let idle: Vec<&str> = [
+                                ("deadLetter", pol.spec.dead_letter.is_some()),
+                                ("idempotency", pol.spec.idempotency.is_some()),
+                            ]
+                            .into_iter()
+                            .filter_map(|(f, set)| set.then_some(f))
+                            .collect();
+                            if !idle.is_empty() {
+                                out.push(SetFinding {
+                                    index: i,
+                                    error: FieldError::new(
+                                        format!("spec.tools[{j}].policyRef"),
+                                        format!(
+                                            "CircuitPolicy {p:?} sets {}, which has no effect on a tool's calls: only the workflow's policy (spec.policyRef) decides dead-lettering and idempotency",
+                                            idle.join(" and ")
+                                        ),
+                                    ),
+                                    is_error: false,
+                                });
+                            }
+                        }
+                        Some(_) => {}
                     }
                 }
             }
