@@ -320,3 +320,40 @@ fn a_last_agent_that_publishes_to_a_sink_still_completes_tasks() {
     assert_eq!(n(&v, "completed"), 500, "{v}");
     assert_accounted(&v);
 }
+
+/// The SLO line uses the SLO: a task completed slower than
+/// `slo.p95LatencyMs` is not a success there either (it is a failure in
+/// the cost model), so "SLO success 100%" beside such failures is impossible.
+#[test]
+fn the_slo_success_rate_counts_slow_completions_as_failures() {
+    let out = r4()
+        .args([
+            "run",
+            "-f",
+            &sample("payment-disputes.yaml"),
+            "--tasks",
+            "3000",
+            "--disable",
+            "hedge",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    let completed = v["completed"].as_f64().unwrap();
+    let submitted = v["submitted"].as_f64().unwrap();
+    let success = v["slo"]["success_rate"].as_f64().unwrap();
+    let failure = v["incident_cost"]["failure_rate"].as_f64().unwrap();
+    assert!(failure > 0.0, "the bank's tail makes some tasks late: {v}");
+    assert!(success < completed / submitted, "{v}");
+    assert!(
+        (success + failure - 1.0).abs() < 1e-9,
+        "SLO success and the cost model's failures add up: {success} + {failure}"
+    );
+}
