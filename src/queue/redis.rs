@@ -145,7 +145,7 @@ return {1, redis.call(unpack(args))}
 
 // Group commit. KEYS[1] input stream, KEYS[2..] inbox and output keys
 // (distinct); ARGV[1] group, ARGV[2] inbox ttl ms, ARGV[3] limit or '',
-// ARGV[4] entry count, ARGV[5] (unused), then per entry: entry id, inbox key
+// ARGV[4] entry count, then per entry: entry id, inbox key
 // index, only-if-done flag, output count m, then per output: stream key
 // index, limited flag, field count n, n pairs, then expire count x and x
 // key indices (PEXPIREd with the inbox TTL). Output keys are type-checked
@@ -156,7 +156,7 @@ return {1, redis.call(unpack(args))}
 // (only-if-done), {4, key} an output stream full.
 const COMPLETE_BATCH_LUA: &str = r#"
 local count = tonumber(ARGV[4])
-local p = 6
+local p = 5
 local plan = {}
 for e = 1, count do
   local item = {id = ARGV[p], inbox = KEYS[tonumber(ARGV[p + 1])], only = ARGV[p + 2] == '1', outs = {}}
@@ -213,16 +213,16 @@ return out
 "#;
 
 // KEYS[1] input stream, KEYS[2] dlq, KEYS[3..] other keys; ARGV[1] group,
-// ARGV[2] entry id, ARGV[3] (unused), ARGV[4] marker key index (0: none),
-// ARGV[5] marker value, ARGV[6] marker ttl ms, ARGV[7] schedule key index
-// (0: none), ARGV[8] schedule score, ARGV[9] record field count n, n pairs,
+// ARGV[2] entry id, ARGV[3] marker key index (0: none), ARGV[4] marker
+// value, ARGV[5] marker ttl ms, ARGV[6] schedule key index (0: none),
+// ARGV[7] schedule score, ARGV[8] record field count n, n pairs,
 // then `also` count m, per entry: key index, field count, pairs.
 // Writes nothing unless the entry is still pending: its XACK, done first
 // (the script is atomic), is the one arbiter between completion and
 // dead-lettering.
 const DEAD_LETTER_LUA: &str = r#"
 local e = check_stream(KEYS[2]); if e then return e end
-local p = 10 + 2 * tonumber(ARGV[9])
+local p = 9 + 2 * tonumber(ARGV[8])
 local also = {}
 for i = 1, tonumber(ARGV[p]) do
   local key = KEYS[tonumber(ARGV[p + 1])]
@@ -233,15 +233,15 @@ for i = 1, tonumber(ARGV[p]) do
 end
 if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return false end
 local args = {'XADD', KEYS[2], '*'}
-for i = 10, 9 + 2 * tonumber(ARGV[9]) do args[#args + 1] = ARGV[i] end
+for i = 9, 8 + 2 * tonumber(ARGV[8]) do args[#args + 1] = ARGV[i] end
 local id = redis.call(unpack(args))
 for _, a in ipairs(also) do
   local xa = {'XADD', a[1], '*'}
   for j = a[2], a[2] + 2 * a[3] - 1 do xa[#xa + 1] = ARGV[j] end
   redis.call(unpack(xa))
 end
-if tonumber(ARGV[4]) > 0 then redis.call('SET', KEYS[tonumber(ARGV[4])], ARGV[5], 'PX', ARGV[6]) end
-if tonumber(ARGV[7]) > 0 then redis.call('ZADD', KEYS[tonumber(ARGV[7])], ARGV[8], id) end
+if tonumber(ARGV[3]) > 0 then redis.call('SET', KEYS[tonumber(ARGV[3])], ARGV[4], 'PX', ARGV[5]) end
+if tonumber(ARGV[6]) > 0 then redis.call('ZADD', KEYS[tonumber(ARGV[6])], ARGV[7], id) end
 return id
 "#;
 
@@ -1273,8 +1273,7 @@ impl Queue for RedisQueue {
             inv.arg(group)
                 .arg(ttl)
                 .arg(limit_arg(limit))
-                .arg(items.len())
-                .arg("");
+                .arg(items.len());
             let mut key_ix = args.into_iter();
             for it in &items {
                 inv.arg(it.entry_id.as_str())
@@ -1340,7 +1339,6 @@ impl Queue for RedisQueue {
             let sched = d.schedule.as_ref().map_or(0, |(k, _)| keys.of(&mut inv, k));
             inv.arg(group)
                 .arg(d.entry_id.as_str())
-                .arg("")
                 .arg(marker)
                 .arg(d.marker.as_ref().map_or(&b""[..], |(_, v)| v.as_ref()))
                 .arg(ms(d.marker_ttl).max(1))
