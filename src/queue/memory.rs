@@ -197,7 +197,13 @@ impl State {
         );
     }
 
-    fn zadd(&mut self, key: &str, member: &str, score: u64) -> Result<(), QueueError> {
+    /// The live value at `key`, created as `empty()` (no TTL) when there is
+    /// none; WRONGTYPE when `key` is a stream. (What HSET or ZADD finds.)
+    fn value_or_insert(
+        &mut self,
+        key: &str,
+        empty: impl FnOnce() -> KvValue,
+    ) -> Result<&mut KvValue, QueueError> {
         if self.streams.contains_key(key) {
             return Err(QueueError::WrongType(key.to_owned()));
         }
@@ -205,16 +211,20 @@ impl State {
             self.kv.insert(
                 key.to_owned(),
                 KvEntry {
-                    value: KvValue::Zset(BTreeMap::new()),
+                    value: empty(),
                     expires_at: None,
                 },
             );
         }
-        match self.kv.get_mut(key) {
-            Some(KvEntry {
-                value: KvValue::Zset(z),
-                ..
-            }) => {
+        self.kv
+            .get_mut(key)
+            .map(|e| &mut e.value)
+            .ok_or_else(|| QueueError::WrongType(key.to_owned()))
+    }
+
+    fn zadd(&mut self, key: &str, member: &str, score: u64) -> Result<(), QueueError> {
+        match self.value_or_insert(key, || KvValue::Zset(BTreeMap::new()))? {
+            KvValue::Zset(z) => {
                 z.insert(member.to_owned(), score);
                 Ok(())
             }
@@ -1000,23 +1010,8 @@ impl Queue for MemoryQueue {
     fn hset<'a>(&'a self, key: &'a str, fields: Fields) -> QueueFuture<'a, ()> {
         Box::pin(async move {
             let mut st = self.lock();
-            if st.streams.contains_key(key) {
-                return Err(QueueError::WrongType(key.to_owned()));
-            }
-            if st.kv_live(key).is_none() {
-                st.kv.insert(
-                    key.to_owned(),
-                    KvEntry {
-                        value: KvValue::Hash(BTreeMap::new()),
-                        expires_at: None,
-                    },
-                );
-            }
-            match st.kv.get_mut(key) {
-                Some(KvEntry {
-                    value: KvValue::Hash(h),
-                    ..
-                }) => {
+            match st.value_or_insert(key, || KvValue::Hash(BTreeMap::new()))? {
+                KvValue::Hash(h) => {
                     h.extend(fields);
                     Ok(())
                 }
@@ -1242,11 +1237,9 @@ impl Queue for MemoryQueue {
                         expires_at,
                     },
                 );
-                let entry = st.kv.entry(hash.to_owned()).or_insert_with(|| KvEntry {
-                    value: KvValue::Hash(BTreeMap::new()),
-                    expires_at: None,
-                });
-                if let KvValue::Hash(h) = &mut entry.value {
+                if let KvValue::Hash(h) =
+                    st.value_or_insert(hash, || KvValue::Hash(BTreeMap::new()))?
+                {
                     h.extend(fields);
                     h.insert("version".to_owned(), Bytes::from(version.to_string()));
                 }
