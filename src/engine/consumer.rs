@@ -875,7 +875,8 @@ async fn deliver(
         let t = Instant::now();
         let res = ctx.delivery.deliver(&req).await;
         agent_time += t.elapsed();
-        let err = match res {
+        // The failure, and the DLQ reason should it be permanent.
+        let (err, permanent_reason) = match res {
             Ok(outputs) => {
                 agent_answers(ctx);
                 drop(slots.permit.take());
@@ -897,7 +898,9 @@ async fn deliver(
                         }
                         return;
                     }
-                    Settled::Fail(e) => e,
+                    Settled::Oversized(msg) => {
+                        (DeliveryError::permanent(msg), reason::OVERSIZED_OUTPUT)
+                    }
                 }
             }
             Err(e) if e.unreachable => {
@@ -908,7 +911,7 @@ async fn deliver(
             }
             Err(e) => {
                 agent_answers(ctx);
-                e
+                (e, reason::PERMANENT)
             }
         };
         let last = err.permanent || entry.delivery_count >= policy.max_deliveries;
@@ -929,7 +932,7 @@ async fn deliver(
         });
         if last {
             let why = if err.permanent {
-                err_reason(&err)
+                permanent_reason
             } else {
                 reason::MAX_DELIVERIES
             };
@@ -1010,17 +1013,6 @@ async fn deliver(
     }
 }
 
-/// The DLQ reason of a permanent failure.
-fn err_reason(err: &DeliveryError) -> &'static str {
-    if err.message.starts_with(OVERSIZED_PREFIX) {
-        reason::OVERSIZED_OUTPUT
-    } else {
-        reason::PERMANENT
-    }
-}
-
-const OVERSIZED_PREFIX: &str = "output larger than";
-
 /// The agent answered (anything at all): it is up.
 fn agent_answers(ctx: &Ctx) {
     if ctx.stats.agent_down() && ctx.stats.set_agent_down(false) {
@@ -1095,9 +1087,9 @@ const AGENT_PROBE_MAX: Duration = Duration::from_secs(1);
 enum Settled {
     /// Settled (with the outcome to count, if any).
     Done(Option<Outcome>),
-    /// The step failed after all (an oversized output, downstream full for
-    /// too long): go on as for a failed delivery.
-    Fail(DeliveryError),
+    /// An output is larger than the payload limit: the step fails for good
+    /// (DLQ reason `oversized`), with this message.
+    Oversized(String),
 }
 
 /// Settle: the agent answered; complete the step atomically.
@@ -1125,9 +1117,9 @@ async fn settle(
         .map(|(_, v)| v.len())
         .find(|n| *n > limit)
     {
-        return Settled::Fail(DeliveryError::permanent(format!(
-            "{OVERSIZED_PREFIX} intake.maxPayloadBytes: {n} > {limit} bytes"
-        )));
+        return Settled::Oversized(format!(
+            "output larger than intake.maxPayloadBytes: {n} > {limit} bytes"
+        ));
     }
     // A compensable step's saga-log record expires with its inbox key:
     // after that the step is new work anyway.
