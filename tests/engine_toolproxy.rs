@@ -3,7 +3,7 @@
 //! `/metrics`.
 
 mod engine_common;
-use engine_common::{Engine, free_port};
+use engine_common::{Engine, free_port, serve_app};
 
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -36,9 +36,7 @@ async fn the_agent_engine_serves_the_tool_proxy_and_its_metrics() {
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let tool = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let tool = serve_app(app).await;
 
     let dir = tempfile::tempdir().unwrap();
     let wf = dir.path().join("wf.yaml");

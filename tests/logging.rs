@@ -3,7 +3,7 @@
 //! is one JSON line naming the task, the step and the reason.
 
 mod engine_common;
-use engine_common::{Engine, free_port};
+use engine_common::{Engine, free_port, serve_app};
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -52,9 +52,7 @@ async fn fate_decisions_are_json_lines_with_task_step_and_reason() {
         "/tasks",
         post(|| async { (StatusCode::BAD_REQUEST, "{\"error\":\"no\"}") }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let agent = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let agent = serve_app(app).await;
 
     let dir = tempfile::tempdir().unwrap();
     let wf = dir.path().join("wf.yaml");

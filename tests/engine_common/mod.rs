@@ -273,3 +273,12 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// Serve `app` on a free loopback port in the background (a test's agent
+/// or tool); returns its address.
+pub async fn serve_app(app: axum::Router) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
