@@ -142,10 +142,7 @@ async fn an_agent_down_for_ten_seconds_costs_no_delivery() {
         "",
     ));
     // A port nothing listens on yet.
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = free_port();
     let delivery = HttpDelivery::new(format!("http://127.0.0.1:{port}/")).unwrap();
     let role = AgentRole::new(
         cfg.clone(),
