@@ -46,6 +46,7 @@ async fn dlq_and_kill_commands() {
         dead_at_ms: r4::engine::task::now_ms(),
         engine: "e".into(),
         history: vec![],
+        joins: Vec::new(),
         original: vec![
             ("task_id".into(), task.to_owned().into()),
             ("payload".into(), "{}".into()),

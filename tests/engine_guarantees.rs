@@ -401,6 +401,7 @@ async fn dlq_commands_act_on_the_poison_stream() {
         dead_at_ms: r4::engine::task::now_ms(),
         engine: "e".into(),
         history: vec![],
+        joins: Vec::new(),
         original: vec![
             ("task_id".into(), task.to_owned().into()),
             ("payload".into(), "{}".into()),

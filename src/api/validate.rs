@@ -803,11 +803,20 @@ pub fn check_workflow(name: &str, spec: &AgentWorkflowSpec) -> Vec<FieldError> {
         }
     }
 
+    // Streams written inside the workflow: produced by an agent, or the
+    // input of a joining agent (the join writes the joined task there).
     let produced: BTreeSet<&str> = spec
         .agents
         .iter()
         .flat_map(|a| a.produces.iter().map(String::as_str))
+        .chain(
+            spec.agents
+                .iter()
+                .filter(|a| a.join.is_some())
+                .map(|a| a.consumes.as_str()),
+        )
         .collect();
+    check_joins(spec, &mut e);
     let mut seen_agents = BTreeSet::new();
     for (i, a) in spec.agents.iter().enumerate() {
         let p = format!("spec.agents[{i}]");
@@ -964,7 +973,7 @@ pub fn check_workflow(name: &str, spec: &AgentWorkflowSpec) -> Vec<FieldError> {
 /// The workflow graph (stream → agents consuming it → streams they
 /// produce): a stream written by several agents is an error (the agent
 /// reading it would run once per writer and its inbox key would drop all
-/// but the first — a fan-in needs a join, which this build does not have),
+/// but the first — a fan-in joins one stream per producer, `agents[].join`),
 /// and so is a cycle reachable from the entry stream or an external input
 /// (a task would go round for ever).
 fn check_graph(spec: &AgentWorkflowSpec, entry: Option<&str>, e: &mut Vec<FieldError>) {
@@ -983,7 +992,7 @@ fn check_graph(spec: &AgentWorkflowSpec, entry: Option<&str>, e: &mut Vec<FieldE
             e.push(FieldError::new(
                 format!("spec.agents[{}].produces", by[1].0),
                 format!(
-                    "stream {stream:?} is produced by agents {} — the agent reading it would run once per producer and keep only the first; fan-in needs a join, not in this build",
+                    "stream {stream:?} is produced by agents {} — the agent reading it would run once per producer and keep only the first; for a fan-in give each producer its own stream and join them (`join: {{streams: [...]}}` on the agent that needs all of them)",
                     names.join(" and ")
                 ),
             ));
@@ -991,15 +1000,27 @@ fn check_graph(spec: &AgentWorkflowSpec, entry: Option<&str>, e: &mut Vec<FieldE
     }
     // Depth-first from every stream a task can enter by; a stream met again
     // on the current path closes a cycle.
+    // A joined stream leads to its joining agent's input.
     let next = |s: &str| -> Vec<&str> {
         spec.agents
             .iter()
-            .filter(|a| a.consumes == s)
+            .filter(|a| {
+                a.consumes == s
+                    || a.join
+                        .as_ref()
+                        .is_some_and(|j| j.streams.iter().any(|x| x == s))
+            })
             .flat_map(|a| {
-                a.produces
-                    .iter()
-                    .map(String::as_str)
-                    .chain(a.degraded_mode.as_ref().and_then(|d| d.to.as_deref()))
+                let read = if a.consumes == s {
+                    a.produces
+                        .iter()
+                        .map(String::as_str)
+                        .chain(a.degraded_mode.as_ref().and_then(|d| d.to.as_deref()))
+                        .collect()
+                } else {
+                    vec![a.consumes.as_str()]
+                };
+                read
             })
             .collect()
     };
@@ -1045,13 +1066,107 @@ fn check_graph(spec: &AgentWorkflowSpec, entry: Option<&str>, e: &mut Vec<FieldE
     }
 }
 
+/// Rules of fan-in joins (`agents[].join`): a joined stream is produced by
+/// exactly one agent, read by no agent (the join reads it), not an input and
+/// joined once; a joining agent's input is written by its join only.
+fn check_joins(spec: &AgentWorkflowSpec, e: &mut Vec<FieldError>) {
+    let mut joined: BTreeMap<&str, &str> = BTreeMap::new();
+    for (i, a) in spec.agents.iter().enumerate() {
+        let Some(j) = &a.join else { continue };
+        let p = format!("spec.agents[{i}].join");
+        if let Some(t) = &j.timeout
+            && let Some(d) = positive(e, &format!("{p}.timeout"), t)
+            && d < Duration::from_secs(1)
+        {
+            e.push(FieldError::new(
+                format!("{p}.timeout"),
+                "must be at least 1s",
+            ));
+        }
+        if j.streams.len() < 2 {
+            e.push(FieldError::new(
+                format!("{p}.streams"),
+                "a join needs at least two streams",
+            ));
+        }
+        for (k, s) in j.streams.iter().enumerate() {
+            let sp = format!("{p}.streams[{k}]");
+            if j.streams[..k].contains(s) {
+                e.push(FieldError::new(&sp, format!("duplicate stream {s:?}")));
+                continue;
+            }
+            if let Some(other) = joined.insert(s.as_str(), a.name.as_str()) {
+                e.push(FieldError::new(
+                    &sp,
+                    format!("stream {s:?} is already joined by agent {other:?}"),
+                ));
+            }
+            let producers = spec
+                .agents
+                .iter()
+                .filter(|b| b.produces.contains(s))
+                .count();
+            if producers == 0 {
+                e.push(FieldError::new(
+                    &sp,
+                    format!("no agent produces stream {s:?}: the join would never complete"),
+                ));
+            }
+            if let Some(b) = spec.agents.iter().find(|b| b.consumes == *s) {
+                e.push(FieldError::new(
+                    &sp,
+                    format!(
+                        "stream {s:?} is consumed by agent {:?}; a joined stream is read by its join only",
+                        b.name
+                    ),
+                ));
+            }
+            if spec.inputs.contains(s) {
+                e.push(FieldError::new(
+                    &sp,
+                    format!("stream {s:?} is an external input; join streams that agents produce"),
+                ));
+            }
+            if *s == a.consumes {
+                e.push(FieldError::new(
+                    &sp,
+                    format!("the join writes the joined task to {s:?}; it cannot also be joined"),
+                ));
+            }
+        }
+        if let Some(b) = spec
+            .agents
+            .iter()
+            .find(|b| b.produces.contains(&a.consumes))
+        {
+            e.push(FieldError::new(
+                format!("spec.agents[{i}].consumes"),
+                format!(
+                    "agent {:?} joins its input {:?}, which agent {:?} also produces: only the join may write it",
+                    a.name, a.consumes, b.name
+                ),
+            ));
+        }
+        if spec.inputs.contains(&a.consumes) {
+            e.push(FieldError::new(
+                format!("spec.agents[{i}].consumes"),
+                format!(
+                    "agent {:?} joins its input {:?}, which is listed in spec.inputs: only the join may write it",
+                    a.name, a.consumes
+                ),
+            ));
+        }
+    }
+}
+
 /// The stream the intake feeds: the first stream an agent consumes that no agent produces (nor
-/// routes to in degraded mode) and that is not an external input (`spec.inputs`). `None` when
-/// there is none.
+/// routes to in degraded mode, nor joins into) and that is not an external input
+/// (`spec.inputs`). `None` when there is none.
 pub fn entry_stream(spec: &AgentWorkflowSpec) -> Option<&str> {
     let written = |s: &str| {
         spec.agents.iter().any(|a| {
             a.produces.iter().any(|p| p == s)
+                || (a.join.is_some() && a.consumes == s)
                 || a.degraded_mode
                     .as_ref()
                     .is_some_and(|d| d.to.as_deref() == Some(s))

@@ -248,6 +248,10 @@ pub struct AgentSpec {
     /// What to do with this agent's tasks while tools it needs are down.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub degraded_mode: Option<DegradedMode>,
+    /// Fan-in: wait for one output of each of these streams per task, then receive them joined
+    /// (one task whose payload carries each branch's output under its stream name) on `consumes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub join: Option<JoinSpec>,
     /// Saga step: the compensation to run if the workflow instance cannot complete.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub saga: Option<SagaSpec>,
@@ -287,6 +291,22 @@ pub enum DegradedAction {
     /// Dead-letter the task with reason `degraded`.
     #[serde(alias = "fail")]
     Fail,
+}
+
+/// A join (fan-in) of an agent: each branch's output is recorded, atomically with the
+/// completion of the step that produced it, and the step that records the last missing part
+/// writes the joined task to the agent's `consumes` stream.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("self.streams.all(s, self.streams.exists_one(t, t == s))").message("join streams must be distinct").field_path(".streams"))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct JoinSpec {
+    /// The streams joined: each is produced by one agent (a branch) and read by no agent.
+    #[schemars(length(min = 2, max = 8))]
+    pub streams: Vec<StreamName>,
+    /// How long the join waits for the missing branches after the first one arrived (default
+    /// 5m); past it the task is dead-lettered with reason `join-timeout`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<DurationStr>,
 }
 
 /// Saga step of an agent.

@@ -177,6 +177,21 @@ pub struct Agent {
     /// Name of the compensation of this step, if it is a saga step.
     pub compensate: Option<String>,
     pub degraded: Option<Degraded>,
+    /// The agent's fan-in join, if it has one.
+    pub join: Option<Join>,
+}
+
+/// Default `join.timeout`.
+pub const DEFAULT_JOIN_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// A joining agent's join, resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Join {
+    /// The joined streams (names, not keys), in the order of the spec: the
+    /// joined payload's keys.
+    pub streams: Vec<String>,
+    /// How long after the first part the join waits for the others.
+    pub timeout: Duration,
 }
 
 /// A workflow as the engine runs it.
@@ -216,16 +231,33 @@ impl WorkflowConfig {
         let agents = spec
             .agents
             .iter()
-            .map(|a| Agent {
-                name: a.name.clone(),
-                consumes: a.consumes.clone(),
-                produces: a.produces.clone(),
-                tools: a.tools.clone(),
-                concurrency: usize::try_from(a.concurrency.unwrap_or(16).max(1)).unwrap_or(16),
-                compensate: a.saga.as_ref().map(|s| s.compensate.clone()),
-                degraded: a.degraded_mode.clone(),
+            .map(|a| {
+                Ok(Agent {
+                    name: a.name.clone(),
+                    consumes: a.consumes.clone(),
+                    produces: a.produces.clone(),
+                    tools: a.tools.clone(),
+                    concurrency: usize::try_from(a.concurrency.unwrap_or(16).max(1)).unwrap_or(16),
+                    compensate: a.saga.as_ref().map(|s| s.compensate.clone()),
+                    degraded: a.degraded_mode.clone(),
+                    join: match &a.join {
+                        None => None,
+                        Some(j) => Some(Join {
+                            streams: j.streams.clone(),
+                            timeout: match &j.timeout {
+                                Some(t) => t.parse().map_err(|e| {
+                                    EngineError::Config(format!(
+                                        "agents.{}.join.timeout: {e}",
+                                        a.name
+                                    ))
+                                })?,
+                                None => DEFAULT_JOIN_TIMEOUT,
+                            },
+                        }),
+                    },
+                })
             })
-            .collect();
+            .collect::<Result<Vec<_>, EngineError>>()?;
         Ok(Self {
             namespace: namespace.to_owned(),
             name: name.to_owned(),
@@ -397,16 +429,61 @@ impl WorkflowConfig {
     }
 
     /// Agents no other agent depends on (they produce nothing that is
-    /// consumed): a task has completed when each of these finished its step.
+    /// consumed or joined): a task has completed when each of these
+    /// finished its step.
     pub fn terminal_agents(&self) -> Vec<&Agent> {
         self.agents
             .iter()
             .filter(|a| {
-                !a.produces
-                    .iter()
-                    .any(|p| self.agents.iter().any(|b| &b.consumes == p))
+                !a.produces.iter().any(|p| {
+                    self.agents.iter().any(|b| &b.consumes == p) || self.joiner_of(p).is_some()
+                })
             })
             .collect()
+    }
+
+    /// The agent whose join reads `stream`, if one does.
+    pub fn joiner_of(&self, stream: &str) -> Option<&Agent> {
+        self.agents.iter().find(|a| {
+            a.join
+                .as_ref()
+                .is_some_and(|j| j.streams.iter().any(|s| s == stream))
+        })
+    }
+
+    /// Joining agents downstream of `agent` (through its outputs, other
+    /// agents and other joins): the joins a task can no longer complete
+    /// once `agent`'s step of it has failed.
+    pub fn joins_downstream(&self, agent: &str) -> Vec<&Agent> {
+        let mut seen: BTreeSet<&str> = BTreeSet::new();
+        let mut joins: Vec<&Agent> = Vec::new();
+        let mut stack: Vec<&str> = self
+            .agent(agent)
+            .map(|a| a.produces.iter().map(String::as_str).collect())
+            .unwrap_or_default();
+        while let Some(stream) = stack.pop() {
+            if !seen.insert(stream) {
+                continue;
+            }
+            if let Some(j) = self.joiner_of(stream) {
+                if !joins.iter().any(|x| x.name == j.name) {
+                    joins.push(j);
+                }
+                stack.push(j.consumes.as_str());
+                continue;
+            }
+            for b in self.agents.iter().filter(|b| b.consumes == stream) {
+                stack.extend(b.produces.iter().map(String::as_str));
+            }
+        }
+        joins
+    }
+
+    /// How long a join's record lives: as long as the inbox keys of the
+    /// steps that feed it (a branch can be redone, or replayed, that long),
+    /// and at least twice its timeout.
+    pub fn join_ttl(&self, join: &Join) -> Duration {
+        self.policy.idempotency_ttl.max(join.timeout * 2)
     }
 
     /// Longest single hold of an entry by a live consumer (one delivery or

@@ -43,15 +43,17 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::api::workflow::DegradedAction;
-use crate::queue::{Completing, Completion, DeadLetter, Fields, Queue, QueueError, StreamEntry};
+use crate::queue::{
+    Completing, Completion, DeadLetter, Fields, JoinPart, JoinRef, Queue, QueueError, StreamEntry,
+};
 
 use super::commit::GroupCommit;
-use super::config::{Agent, WorkflowConfig};
+use super::config::{Agent, Join, WorkflowConfig};
 use super::degraded::{self, Downgrade};
 use super::delivery::{
     Delivery, DeliveryError, DeliveryRequest, Outputs, RequestKind, child_traceparent,
 };
-use super::dlq::{DlqRecord, reason};
+use super::dlq::{DlqRecord, FailedJoin, reason};
 use super::killswitch::{self, SwitchState};
 use super::stats::{Outcome, Stats};
 use super::task::{self, Attempt, Kind, Task};
@@ -197,6 +199,11 @@ impl AgentRole {
             self.stats.clone(),
             shutdown.clone(),
         ));
+        let join_sweeper = self
+            .agent
+            .join
+            .clone()
+            .map(|j| tokio::spawn(sweep_joins(ctx.clone(), j, shutdown.clone())));
         let claim_every = (self.cfg.visibility_timeout / 4)
             .clamp(Duration::from_millis(50), Duration::from_secs(5));
         let mut last_claim: Option<Instant> = None;
@@ -342,6 +349,9 @@ impl AgentRole {
             tasks.abort_all();
         }
         let _ = stats_task.await;
+        if let Some(h) = join_sweeper {
+            let _ = h.await;
+        }
         let _ = self
             .stats
             .publish(q.as_ref(), &self.cfg.keys, Duration::from_secs(30))
@@ -501,6 +511,134 @@ impl AgentRole {
     }
 }
 
+/// A joining agent's engines time out its joins: every so often, the joins
+/// whose deadline passed are dead-lettered (reason `join-timeout`) with the
+/// parts they have and the names of those they miss, and the task's saga
+/// compensations start — one atomic step each ([`Queue::expire_join`]),
+/// so with several engines sweeping, and a last part arriving at the same
+/// instant, a join either completes or times out, once.
+async fn sweep_joins(ctx: Arc<Ctx>, join: Join, mut shutdown: watch::Receiver<bool>) {
+    let every = (join.timeout / 10).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    let due_key = ctx.cfg.keys.join_due(&ctx.agent.name);
+    loop {
+        if wait_or_shutdown(&mut shutdown, every).await {
+            return;
+        }
+        let due = match ctx.queue.due(&due_key, task::now_ms(), 64).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read due joins");
+                continue;
+            }
+        };
+        for task_id in due {
+            expire_join(&ctx, &join, &task_id).await;
+        }
+    }
+}
+
+/// Time out one join (see [`sweep_joins`]).
+async fn expire_join(ctx: &Ctx, join: &Join, task_id: &str) {
+    let jr = join_ref(&ctx.cfg, &ctx.agent, join, task_id);
+    // The parts are read to build the record; the atomic step checks they
+    // did not change meanwhile, else we read again.
+    for _ in 0..3 {
+        let fields = match ctx.queue.hgetall(&jr.hash).await {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(task = %task_id, step = %ctx.agent.name, error = %e, "cannot read a due join");
+                return;
+            }
+        };
+        let have: Fields = join
+            .streams
+            .iter()
+            .filter_map(|s| {
+                let v = fields
+                    .iter()
+                    .find(|(k, _)| k.strip_prefix("p:") == Some(s))?;
+                Some((s.clone(), v.1.clone()))
+            })
+            .collect();
+        let missing: Vec<&str> = join
+            .streams
+            .iter()
+            .filter(|s| !have.iter().any(|(k, _)| k == *s))
+            .map(String::as_str)
+            .collect();
+        let got: Vec<&str> = have.iter().map(|(k, _)| k.as_str()).collect();
+        let rec = DlqRecord {
+            id: String::new(),
+            reason: reason::JOIN_TIMEOUT.into(),
+            error: format!(
+                "join of agent {} waited {:?}: has [{}], misses [{}]",
+                ctx.agent.name,
+                join.timeout,
+                got.join(", "),
+                missing.join(", ")
+            ),
+            task_id: task_id.to_owned(),
+            step: ctx.agent.name.clone(),
+            source: ctx.agent.consumes.clone(),
+            entry_id: String::new(),
+            deliveries: 0,
+            replays: 0,
+            replayable: false,
+            tool: None,
+            dead_at_ms: task::now_ms(),
+            engine: ctx.engine_id.clone(),
+            history: Vec::new(),
+            joins: Vec::new(),
+            original: have.clone(),
+        };
+        let compensation = match saga::first_compensation(
+            ctx.queue.as_ref(),
+            &ctx.cfg,
+            task_id,
+            reason::JOIN_TIMEOUT,
+            None,
+        )
+        .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(task = %task_id, step = %ctx.agent.name, error = %e, "cannot read the saga log; join left due");
+                return;
+            }
+        };
+        let d = DeadLetter {
+            dlq: ctx.cfg.keys.dlq(),
+            record: rec.encode(),
+            also: compensation.into_iter().collect(),
+            marker: Some((
+                ctx.cfg.keys.task_dlq(task_id),
+                Bytes::from_static(reason::JOIN_TIMEOUT.as_bytes()),
+            )),
+            marker_ttl: ctx.cfg.policy.idempotency_ttl,
+            ..DeadLetter::default()
+        };
+        let parts = u64::try_from(have.len()).unwrap_or(u64::MAX);
+        match ctx
+            .queue
+            .expire_join(jr.clone(), task::now_ms(), parts, d)
+            .await
+        {
+            Ok(crate::queue::JoinExpiry::DeadLettered(id)) => {
+                tracing::warn!(task = %task_id, step = %ctx.agent.name, reason = reason::JOIN_TIMEOUT, has = %got.join(","), misses = %missing.join(","), dlq_id = %id, "dead-lettered");
+                ctx.stats
+                    .record(Outcome::DeadLettered, Duration::ZERO, Duration::ZERO);
+                return;
+            }
+            Ok(crate::queue::JoinExpiry::Settled) => return,
+            Ok(crate::queue::JoinExpiry::Changed) => continue,
+            Err(e) => {
+                tracing::warn!(task = %task_id, step = %ctx.agent.name, error = %e, "cannot time out a join");
+                return;
+            }
+        }
+    }
+}
+
 /// Create the consumer group of every agent of the workflow on its input
 /// stream (from the beginning; existing groups are left as they are).
 /// Every role calls this before it writes or reads anything: a work stream
@@ -601,7 +739,7 @@ async fn handle(
 /// agent's entry on a shared stream is acked for our group only. `None`
 /// when the entry has been settled here.
 async fn decode(ctx: &Ctx, entry: &StreamEntry, started: Instant) -> Option<Step> {
-    let task = match Task::decode(&entry.fields, ctx.cfg.max_payload_bytes) {
+    let task = match Task::decode(&entry.fields, payload_limit(ctx)) {
         Ok(t) => t,
         Err(rej) => {
             // Keep whatever task id the raw entry carries, so the DLQ and the
@@ -743,7 +881,7 @@ async fn gate(
                 routed.step = None;
                 routed.traceparent = Some(child_traceparent(task.traceparent.as_deref()));
                 let out = vec![(ctx.cfg.keys.stream(&to), routed.encode())];
-                if let Some(c) = complete(ctx, entry, &step.inbox, out, vec![]).await {
+                if let Some(c) = complete(ctx, entry, &step.inbox, out, vec![], vec![]).await {
                     let o = match c {
                         Completion::AlreadyDone => Outcome::Duplicate,
                         Completion::Published { .. } => {
@@ -1107,14 +1245,16 @@ async fn settle(
     entry: &StreamEntry,
     task: &Task,
     inbox: &str,
-    out: Vec<(String, Fields)>,
+    out: Out,
     compensation: &Option<(String, Vec<task::SagaStep>)>,
 ) -> Settled {
     let limit = ctx.cfg.max_payload_bytes;
     if let Some(n) = out
+        .outputs
         .iter()
         .filter_map(|(_, f)| f.iter().find(|(k, _)| k == task::PAYLOAD))
         .map(|(_, v)| v.len())
+        .chain(out.joins.iter().map(|j| j.value.len()))
         .find(|n| *n > limit)
     {
         return Settled::Oversized(format!(
@@ -1131,7 +1271,16 @@ async fn settle(
     let mut wait = Duration::from_millis(50).min(cap);
     let mut waiting = false;
     loop {
-        let Some(c) = complete(ctx, entry, inbox, out.clone(), expire.clone()).await else {
+        let Some(c) = complete(
+            ctx,
+            entry,
+            inbox,
+            out.outputs.clone(),
+            expire.clone(),
+            out.joins.clone(),
+        )
+        .await
+        else {
             return Settled::Done(None);
         };
         match c {
@@ -1169,8 +1318,15 @@ async fn settle(
     }
 }
 
-/// The output entries of a successful step: one per produced stream, the
-/// saga-log record of a compensable step, or the next compensation.
+/// What a successful step writes: entries, and parts of joins.
+struct Out {
+    outputs: Vec<(String, Fields)>,
+    joins: Vec<JoinPart>,
+}
+
+/// The output entries of a successful step: one per produced stream (a
+/// part of a join for a joined stream), the saga-log record of a
+/// compensable step, or the next compensation.
 fn build_outputs(
     ctx: &Ctx,
     task: &Task,
@@ -1178,8 +1334,11 @@ fn build_outputs(
     outputs: Outputs,
     compensation_rest: Option<&[task::SagaStep]>,
     traceparent: &str,
-) -> Vec<(String, Fields)> {
-    let mut out = Vec::new();
+) -> Out {
+    let mut out = Out {
+        outputs: Vec::new(),
+        joins: Vec::new(),
+    };
     if let Some(rest) = compensation_rest {
         if let Some(next) = saga::compensation_entry(
             &ctx.cfg,
@@ -1188,7 +1347,7 @@ fn build_outputs(
             "compensating",
             Some(traceparent),
         ) {
-            out.push(next);
+            out.outputs.push(next);
         }
         return out;
     }
@@ -1201,13 +1360,30 @@ fn build_outputs(
                 None => continue,
             },
         };
-        let mut next = Task::new(task.task_id.clone(), payload);
+        let mut next = Task::new(task.task_id.clone(), serde_json::Value::Null);
         next.traceparent = Some(traceparent.to_owned());
         next.submitted_ms = task.submitted_ms;
-        out.push((ctx.cfg.keys.stream(p), next.encode()));
+        if let Some(joiner) = ctx.cfg.joiner_of(p)
+            && let Some(join) = &joiner.join
+        {
+            out.joins.push(JoinPart {
+                join: join_ref(&ctx.cfg, joiner, join, &task.task_id),
+                part: p.clone(),
+                value: Bytes::from(task::json_bytes(&payload)),
+                parts: join.streams.clone(),
+                target: ctx.cfg.keys.stream(&joiner.consumes),
+                fields: next.encode(),
+                payload_field: task::PAYLOAD.into(),
+                deadline_ms: task::now_ms()
+                    .saturating_add(u64::try_from(join.timeout.as_millis()).unwrap_or(u64::MAX)),
+            });
+            continue;
+        }
+        next.payload = payload;
+        out.outputs.push((ctx.cfg.keys.stream(p), next.encode()));
     }
     if let Some(c) = &ctx.agent.compensate {
-        out.push(saga::log_output(
+        out.outputs.push(saga::log_output(
             &ctx.cfg,
             &task.task_id,
             &ctx.agent.name,
@@ -1215,6 +1391,45 @@ fn build_outputs(
         ));
     }
     out
+}
+
+/// `task_id`'s join at the joining agent `joiner`.
+fn join_ref(cfg: &WorkflowConfig, joiner: &Agent, join: &Join, task_id: &str) -> JoinRef {
+    JoinRef {
+        hash: cfg.keys.join(&joiner.name, task_id),
+        due: cfg.keys.join_due(&joiner.name),
+        task_id: task_id.to_owned(),
+        ttl: cfg.join_ttl(join),
+    }
+}
+
+/// The joins downstream of `agent`, as a DLQ record names them.
+fn failed_joins(cfg: &WorkflowConfig, agent: &str) -> Vec<FailedJoin> {
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    cfg.joins_downstream(agent)
+        .into_iter()
+        .filter_map(|j| {
+            let join = j.join.as_ref()?;
+            Some(FailedJoin {
+                agent: j.name.clone(),
+                timeout_ms: ms(join.timeout),
+                ttl_ms: ms(cfg.join_ttl(join)),
+            })
+        })
+        .collect()
+}
+
+/// The largest task payload this agent accepts: the limit of every hop,
+/// times the number of parts for a joined task (each part is within the
+/// limit; their join is their sum).
+fn payload_limit(ctx: &Ctx) -> usize {
+    let limit = ctx.cfg.max_payload_bytes;
+    match &ctx.agent.join {
+        Some(j) => limit
+            .saturating_mul(j.streams.len())
+            .saturating_add(64 * j.streams.len() + 2),
+        None => limit,
+    }
 }
 
 /// Retry a queue call for up to half the visibility timeout (Redis may be
@@ -1249,6 +1464,7 @@ async fn complete(
     inbox: &str,
     outputs: Vec<(String, Fields)>,
     expire: Vec<String>,
+    joins: Vec<JoinPart>,
 ) -> Option<Completion> {
     let res = retry_queue(ctx, || {
         ctx.commit.complete(Completing {
@@ -1257,6 +1473,7 @@ async fn complete(
             outputs: outputs.clone(),
             expire: expire.clone(),
             only_if_done: false,
+            joins: joins.clone(),
         })
     })
     .await;
@@ -1297,6 +1514,7 @@ fn record(
         dead_at_ms: task::now_ms(),
         engine: ctx.engine_id.clone(),
         history,
+        joins: Vec::new(),
         original: entry.fields.clone(),
     }
 }
@@ -1333,10 +1551,27 @@ async fn dead_letter(
         None
     };
     let policy = &ctx.cfg.policy;
+    // The joins downstream of this step can no longer complete: failed in
+    // the same step (a replay of this record reopens them).
+    let mut rec = rec;
+    if valid_id {
+        rec.joins = failed_joins(&ctx.cfg, &ctx.agent.name);
+    }
+    let fail_joins = rec
+        .joins
+        .iter()
+        .map(|j| {
+            (
+                j.join_ref(&ctx.cfg.keys, &rec.task_id),
+                ctx.agent.name.clone(),
+            )
+        })
+        .collect();
     let d = DeadLetter {
         entry_id: entry.id.clone(),
         dlq: ctx.cfg.keys.dlq(),
         record: rec.encode(),
+        fail_joins,
         also: compensation.into_iter().collect(),
         marker: valid_id.then(|| {
             (
@@ -1396,6 +1631,7 @@ async fn dead_letter_trimmed(ctx: &Ctx, ids: &[String]) {
             dead_at_ms: task::now_ms(),
             engine: ctx.engine_id.clone(),
             history: Vec::new(),
+            joins: Vec::new(),
             original: Vec::new(),
         };
         let dlq = ctx.cfg.keys.dlq();

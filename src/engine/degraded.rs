@@ -97,6 +97,7 @@ mod tests {
             tools: vec!["bank".into(), "crm".into()],
             concurrency: 1,
             compensate: None,
+            join: None,
             degraded: Some(DegradedMode {
                 when_tools_down: vec!["bank".into()],
                 action: DegradedAction::Route,

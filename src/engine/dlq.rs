@@ -29,12 +29,16 @@
 //! name), `entry_id` (in the source), `deliveries`, `replays`, `replayable`
 //! (`1`: retryable failure, the repair role may replay it), `tool` (failing
 //! dependency, if known), `dead_at_ms`, `engine`, `history` (JSON list of
-//! every attempt of every round) and `f:<name>` for each field of the
-//! original entry, byte for byte (a corrupted entry is kept as it came).
+//! every attempt of every round), `joins` (JSON list of the joins the
+//! failure failed, reopened by a replay; absent when none) and `f:<name>`
+//! for each field of the original entry, byte for byte (a corrupted entry
+//! is kept as it came).
 
 use bytes::Bytes;
 
-use crate::queue::{Fields, Keys, Queue, QueueError, StreamEntry, Transfer};
+use serde::{Deserialize, Serialize};
+
+use crate::queue::{Fields, JoinRef, Keys, Queue, QueueError, StreamEntry, Transfer};
 
 use super::task::{self, Attempt};
 
@@ -54,6 +58,33 @@ pub mod reason {
     /// The agent's output is larger than `intake.maxPayloadBytes`, the
     /// limit of every hop: the producing step fails for good.
     pub const OVERSIZED_OUTPUT: &str = "oversized";
+    /// A join did not receive every branch within its timeout.
+    pub const JOIN_TIMEOUT: &str = "join-timeout";
+}
+
+/// A join a dead-lettered step failed (downstream of it): a replay of the
+/// step reopens it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailedJoin {
+    /// The joining agent.
+    pub agent: String,
+    /// Its `join.timeout`, in ms: the reopened join's new deadline is this
+    /// far from the replay.
+    pub timeout_ms: u64,
+    /// TTL of the join's record, in ms.
+    pub ttl_ms: u64,
+}
+
+impl FailedJoin {
+    /// The join of `task_id` at this joining agent.
+    pub fn join_ref(&self, keys: &Keys, task_id: &str) -> JoinRef {
+        JoinRef {
+            hash: keys.join(&self.agent, task_id),
+            due: keys.join_due(&self.agent),
+            task_id: task_id.to_owned(),
+            ttl: std::time::Duration::from_millis(self.ttl_ms),
+        }
+    }
 }
 
 /// The DLQ or the poison stream of a workflow.
@@ -97,6 +128,8 @@ pub struct DlqRecord {
     pub dead_at_ms: u64,
     pub engine: String,
     pub history: Vec<Attempt>,
+    /// Joins this failure failed.
+    pub joins: Vec<FailedJoin>,
     pub original: Fields,
 }
 
@@ -130,6 +163,9 @@ impl DlqRecord {
         ];
         if let Some(t) = &self.tool {
             f.push(("tool".into(), Bytes::from(t.clone())));
+        }
+        if !self.joins.is_empty() {
+            f.push(("joins".into(), Bytes::from(task::json_bytes(&self.joins))));
         }
         for (k, v) in &self.original {
             f.push((format!("f:{k}"), v.clone()));
@@ -179,6 +215,10 @@ impl DlqRecord {
             engine: s("engine"),
             history: e
                 .field("history")
+                .and_then(|b| serde_json::from_slice(b).ok())
+                .unwrap_or_default(),
+            joins: e
+                .field("joins")
                 .and_then(|b| serde_json::from_slice(b).ok())
                 .unwrap_or_default(),
             original,
@@ -258,6 +298,13 @@ pub async fn replay(
     record: &DlqRecord,
     limit: Option<u64>,
 ) -> Result<Option<String>, QueueError> {
+    if record.reason == reason::JOIN_TIMEOUT {
+        return Err(QueueError::Invalid(format!(
+            "{} entry {} is a join that timed out (the parts it had are in the record); it cannot be replayed — replay or resubmit the missing branch's task",
+            store.name(),
+            record.id
+        )));
+    }
     if record.source.is_empty() || record.original.is_empty() {
         return Err(QueueError::Invalid(format!(
             "{} entry {} has no source stream or original fields to replay",
@@ -266,8 +313,17 @@ pub async fn replay(
         )));
     }
     let mut del = Vec::new();
+    let mut reopen_joins = Vec::new();
     if task::valid_task_id(&record.task_id) {
         del.push(keys.task_dlq(&record.task_id));
+        let now = task::now_ms();
+        for j in &record.joins {
+            reopen_joins.push((
+                j.join_ref(keys, &record.task_id),
+                record.step.clone(),
+                now.saturating_add(j.timeout_ms),
+            ));
+        }
     }
     q.transfer(Transfer {
         from: store.key(keys),
@@ -278,6 +334,7 @@ pub async fn replay(
         also: Vec::new(),
         del,
         unschedule: Some((keys.dlq_due(), record.id.clone())),
+        reopen_joins,
     })
     .await
 }
@@ -306,6 +363,7 @@ pub async fn quarantine(
         also: compensation.into_iter().collect(),
         del: Vec::new(),
         unschedule: Some((keys.dlq_due(), record.id.clone())),
+        reopen_joins: Vec::new(),
     })
     .await
 }
@@ -377,6 +435,7 @@ mod tests {
             dead_at_ms: task::now_ms(),
             engine: "e".into(),
             history: vec![],
+            joins: Vec::new(),
             original: vec![
                 ("task_id".into(), Bytes::from("t1")),
                 ("payload".into(), Bytes::from_static(&[0xff, b'{'])),

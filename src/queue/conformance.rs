@@ -499,6 +499,282 @@ pub async fn dead_letter_is_atomic(q: Q) {
     assert_eq!(q.pending_summary(&input, "g").await.unwrap().count, 1);
 }
 
+/// A join of parts `lookups` and `fraud-scores` of task `t1` into stream
+/// `decide-in`, as the engine records them.
+fn join_part(k: &Keys, part: &str, value: &str, deadline_ms: u64) -> super::JoinPart {
+    super::JoinPart {
+        join: join_ref(k),
+        part: part.to_owned(),
+        value: Bytes::from(value.to_owned()),
+        parts: vec!["lookups".into(), "fraud-scores".into()],
+        target: k.stream("decide-in"),
+        fields: fields([("task_id", "t1"), ("payload", "null"), ("tp", "x")]),
+        payload_field: "payload".into(),
+        deadline_ms,
+    }
+}
+
+fn join_ref(k: &Keys) -> super::JoinRef {
+    super::JoinRef {
+        hash: k.join("decide", "t1"),
+        due: k.join_due("decide"),
+        task_id: "t1".into(),
+        ttl: HOUR,
+    }
+}
+
+/// One branch entry of task t1 on `branch`'s input, read and completed
+/// with `part`; returns the completion.
+async fn complete_branch(q: &Q, k: &Keys, branch: &str, part: super::JoinPart) -> Completion {
+    let input = k.stream(branch);
+    q.ensure_group(&input, branch).await.unwrap();
+    q.add(&input, f(branch), None).await.unwrap();
+    let e = q.read_group(&input, branch, "c", 1, ZERO).await.unwrap();
+    let item = super::Completing {
+        entry_id: e[0].id.clone(),
+        inbox_key: k.inbox("t1", branch),
+        joins: vec![part],
+        ..super::Completing::default()
+    };
+    q.complete_batch(&input, branch, vec![item], HOUR, Some(100))
+        .await
+        .unwrap()
+        .remove(0)
+}
+
+pub async fn join_completes_once_with_every_part(q: Q) {
+    let k = keys();
+    let target = k.stream("decide-in");
+    q.ensure_group(&target, "decide").await.unwrap();
+    let first = complete_branch(
+        &q,
+        &k,
+        "lookup",
+        join_part(&k, "lookups", r#"{"x":1}"#, 5000),
+    )
+    .await;
+    assert_eq!(first, Completion::Published { output_ids: vec![] });
+    assert_eq!(q.len(&target).await.unwrap(), 0, "one part is not a join");
+    assert_eq!(
+        q.due(&k.join_due("decide"), 5000, 10).await.unwrap(),
+        ["t1"]
+    );
+    assert!(
+        q.due(&k.join_due("decide"), 4999, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let last = complete_branch(
+        &q,
+        &k,
+        "fraud",
+        join_part(&k, "fraud-scores", r#"{"y":[2]}"#, 9000),
+    )
+    .await;
+    let Completion::Published { output_ids } = last else {
+        panic!("{last:?}")
+    };
+    assert_eq!(output_ids.len(), 1, "the last part writes the joined task");
+    let got = q.range(&target, "-", "+", 0).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        got[0].field("payload"),
+        Some(&Bytes::from(
+            r#"{"lookups":{"x":1},"fraud-scores":{"y":[2]}}"#
+        ))
+    );
+    assert_eq!(got[0].field("task_id"), Some(&Bytes::from("t1")));
+    assert_eq!(got[0].field("tp"), Some(&Bytes::from("x")));
+    assert!(
+        q.due(&k.join_due("decide"), u64::MAX, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // A branch done again (say, replayed by hand under a new inbox key)
+    // neither joins twice nor changes the recorded part.
+    let again = complete_branch(
+        &q,
+        &k,
+        "fraud2",
+        join_part(&k, "fraud-scores", r#"{"y":3}"#, 9000),
+    )
+    .await;
+    assert_eq!(again, Completion::Published { output_ids: vec![] });
+    assert_eq!(q.len(&target).await.unwrap(), 1);
+    let h = q.hgetall(&k.join("decide", "t1")).await.unwrap();
+    assert!(
+        h.iter()
+            .any(|(f, v)| f == "p:fraud-scores" && v == &Bytes::from(r#"{"y":[2]}"#))
+    );
+}
+
+pub async fn join_waits_for_room_in_its_target(q: Q) {
+    let k = keys();
+    let target = k.stream("decide-in");
+    q.ensure_group(&target, "decide").await.unwrap();
+    for i in 0..100 {
+        q.add(&target, f(&i.to_string()), None).await.unwrap();
+    }
+    let first = complete_branch(&q, &k, "lookup", join_part(&k, "lookups", "1", 5000)).await;
+    assert!(matches!(first, Completion::Published { .. }), "{first:?}");
+    // The last part would write the joined task into a full stream:
+    // refused whole, the part not recorded, the entry still pending.
+    let full = complete_branch(&q, &k, "fraud", join_part(&k, "fraud-scores", "2", 5000)).await;
+    assert_eq!(
+        full,
+        Completion::Full {
+            stream: target.clone()
+        }
+    );
+    let h = q.hgetall(&k.join("decide", "t1")).await.unwrap();
+    assert!(!h.iter().any(|(f, _)| f == "p:fraud-scores"), "{h:?}");
+    assert_eq!(
+        q.pending_summary(&k.stream("fraud"), "fraud")
+            .await
+            .unwrap()
+            .count,
+        1
+    );
+}
+
+pub async fn join_fails_with_a_dead_branch_and_reopens_on_replay(q: Q) {
+    let k = keys();
+    let target = k.stream("decide-in");
+    q.ensure_group(&target, "decide").await.unwrap();
+    let (dlq, fraud) = (k.dlq(), k.stream("fraud"));
+    complete_branch(&q, &k, "lookup", join_part(&k, "lookups", "1", 5000)).await;
+    // The fraud branch dies: the join fails in the same step.
+    q.ensure_group(&fraud, "fraud").await.unwrap();
+    q.add(&fraud, f("task"), None).await.unwrap();
+    let e = q.read_group(&fraud, "fraud", "c", 1, ZERO).await.unwrap();
+    let mut d = dl(&e[0].id, &dlq, f("record"));
+    d.fail_joins = vec![(join_ref(&k), "fraud".into())];
+    let dlq_id = q.dead_letter(&fraud, "fraud", d).await.unwrap().unwrap();
+    assert!(
+        q.due(&k.join_due("decide"), u64::MAX, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "a failed join does not time out"
+    );
+    // A replay of the dead branch reopens the join (and schedules it again).
+    let moved = q
+        .transfer(super::Transfer {
+            from: dlq.clone(),
+            id: dlq_id,
+            to: fraud.clone(),
+            fields: f("task"),
+            reopen_joins: vec![(join_ref(&k), "fraud".into(), 7000)],
+            ..super::Transfer::default()
+        })
+        .await
+        .unwrap();
+    assert!(moved.is_some());
+    assert_eq!(
+        q.due(&k.join_due("decide"), 7000, 10).await.unwrap(),
+        ["t1"]
+    );
+    let last = complete_branch(
+        &q,
+        &k,
+        "fraud-again",
+        join_part(&k, "fraud-scores", "2", 9000),
+    )
+    .await;
+    let Completion::Published { output_ids } = last else {
+        panic!("{last:?}")
+    };
+    assert_eq!(output_ids.len(), 1, "the reopened join completes");
+    assert_eq!(q.len(&target).await.unwrap(), 1);
+
+    // Without a replay, a failed join never completes.
+    let k2 = keys();
+    let t2 = k2.stream("decide-in");
+    q.ensure_group(&t2, "decide").await.unwrap();
+    let f2 = k2.stream("fraud");
+    q.ensure_group(&f2, "fraud").await.unwrap();
+    q.add(&f2, f("task"), None).await.unwrap();
+    let e = q.read_group(&f2, "fraud", "c", 1, ZERO).await.unwrap();
+    let mut d = dl(&e[0].id, &k2.dlq(), f("record"));
+    d.fail_joins = vec![(join_ref(&k2), "fraud".into())];
+    q.dead_letter(&f2, "fraud", d).await.unwrap().unwrap();
+    complete_branch(&q, &k2, "lookup", join_part(&k2, "lookups", "1", 5000)).await;
+    assert_eq!(q.len(&t2).await.unwrap(), 0);
+    assert!(
+        q.due(&k2.join_due("decide"), u64::MAX, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+pub async fn join_times_out_once(q: Q) {
+    let k = keys();
+    let target = k.stream("decide-in");
+    q.ensure_group(&target, "decide").await.unwrap();
+    complete_branch(&q, &k, "lookup", join_part(&k, "lookups", "1", 5000)).await;
+    let dead = |parts: u64, now: u64| {
+        let q = q.clone();
+        let k = k.clone();
+        async move {
+            let d = super::DeadLetter {
+                dlq: k.dlq(),
+                record: f("join-timeout"),
+                marker: Some((k.task_dlq("t1"), Bytes::from("join-timeout"))),
+                marker_ttl: HOUR,
+                also: vec![(k.stream("comp"), f("undo"))],
+                ..super::DeadLetter::default()
+            };
+            q.expire_join(join_ref(&k), now, parts, d).await.unwrap()
+        }
+    };
+    assert_eq!(
+        dead(1, 4999).await,
+        super::JoinExpiry::Settled,
+        "not due yet"
+    );
+    assert_eq!(
+        dead(0, 5000).await,
+        super::JoinExpiry::Changed,
+        "parts read are stale"
+    );
+    assert_eq!(q.len(&k.dlq()).await.unwrap(), 0);
+    assert!(matches!(
+        dead(1, 5000).await,
+        super::JoinExpiry::DeadLettered(_)
+    ));
+    assert_eq!(q.len(&k.dlq()).await.unwrap(), 1);
+    assert_eq!(q.len(&k.stream("comp")).await.unwrap(), 1);
+    assert_eq!(
+        q.get(&k.task_dlq("t1")).await.unwrap(),
+        Some(Bytes::from("join-timeout"))
+    );
+    assert_eq!(dead(1, 9000).await, super::JoinExpiry::Settled, "once");
+    assert_eq!(q.len(&k.dlq()).await.unwrap(), 1);
+    // The late part finds the join failed: no joined task.
+    complete_branch(&q, &k, "fraud", join_part(&k, "fraud-scores", "2", 5000)).await;
+    assert_eq!(q.len(&target).await.unwrap(), 0);
+    // A completed join never times out.
+    let k2 = keys();
+    q.ensure_group(&k2.stream("decide-in"), "decide")
+        .await
+        .unwrap();
+    complete_branch(&q, &k2, "lookup", join_part(&k2, "lookups", "1", 5000)).await;
+    complete_branch(&q, &k2, "fraud", join_part(&k2, "fraud-scores", "2", 5000)).await;
+    let d = super::DeadLetter {
+        dlq: k2.dlq(),
+        record: f("x"),
+        ..super::DeadLetter::default()
+    };
+    assert_eq!(
+        q.expire_join(join_ref(&k2), 9000, 2, d).await.unwrap(),
+        super::JoinExpiry::Settled
+    );
+    assert_eq!(q.len(&k2.dlq()).await.unwrap(), 0);
+}
+
 fn dl(id: &str, dlq: &str, record: super::Fields) -> super::DeadLetter {
     super::DeadLetter {
         entry_id: id.to_owned(),
@@ -1016,6 +1292,7 @@ pub async fn dead_letter_writes_what_goes_with_it(q: Q) {
             also: vec![],
             del: vec![k.task_dlq("t1")],
             unschedule: Some((k.dlq_due(), id.clone())),
+            reopen_joins: vec![],
         })
         .await
         .unwrap();
@@ -1406,6 +1683,10 @@ conformance!(
     complete_batch_is_all_or_nothing,
     complete_batch_expires_what_it_is_told,
     dead_letter_is_atomic,
+    join_completes_once_with_every_part,
+    join_waits_for_room_in_its_target,
+    join_fails_with_a_dead_branch_and_reopens_on_replay,
+    join_times_out_once,
     submit_idempotent_dedups,
     submit_batch_in_order_and_dedups,
     submit_batch_is_all_or_nothing,

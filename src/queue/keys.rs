@@ -129,6 +129,20 @@ impl Keys {
         format!("{}:saga:{task_id}", self.prefix)
     }
 
+    /// The parts of one task's join at a joining agent (a hash: `p:<stream>`
+    /// → the branch's output, `joined`, `failed:<step>`, `nfailed`):
+    /// `r4:{ns/wf}:join:<agent>:<task-id>` (agent names hold no `:`).
+    pub fn join(&self, agent: &str, task_id: &str) -> String {
+        format!("{}:join:{agent}:{task_id}", self.prefix)
+    }
+
+    /// Open joins of a joining agent by deadline (a sorted set of task ids
+    /// scored by the wall-clock ms their join times out):
+    /// `r4:{ns/wf}:join-due:<agent>`.
+    pub fn join_due(&self, agent: &str) -> String {
+        format!("{}:join-due:{agent}", self.prefix)
+    }
+
     /// Dead-letter marker of a task (for the intake's status answer):
     /// `r4:{ns/wf}:task-dlq:<id>`. (Not `task:<id>:dlq`: task ids may hold
     /// `:`, and `task:` + `x:dlq` would be this key of task `x`.)

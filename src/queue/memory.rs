@@ -21,9 +21,9 @@ use tokio::sync::{Notify, broadcast};
 use tokio::time::Instant;
 
 use super::{
-    Claimed, Completing, Completion, ConsumerInfo, DeadLetter, EntryId, Fields, PendingSummary,
-    Queue, QueueError, QueueFuture, StreamEntry, Submission, Submitted, Subscription, Transfer,
-    check_fields,
+    Claimed, Completing, Completion, ConsumerInfo, DeadLetter, EntryId, Fields, JoinExpiry,
+    JoinPart, JoinRef, PendingSummary, Queue, QueueError, QueueFuture, StreamEntry, Submission,
+    Submitted, Subscription, Transfer, check_fields, check_join,
 };
 
 /// Capacity of each pub/sub channel; slow subscribers skip lagged messages.
@@ -232,6 +232,155 @@ impl State {
         }
     }
 
+    /// The live hash at `key`, if there is one (WRONGTYPE for another value).
+    fn hash(&mut self, key: &str) -> Result<Option<&mut BTreeMap<String, Bytes>>, QueueError> {
+        if self.streams.contains_key(key) {
+            return Err(QueueError::WrongType(key.to_owned()));
+        }
+        match self.kv_live(key) {
+            None => Ok(None),
+            Some(KvEntry {
+                value: KvValue::Hash(h),
+                ..
+            }) => Ok(Some(h)),
+            Some(_) => Err(QueueError::WrongType(key.to_owned())),
+        }
+    }
+
+    /// The hash at `key`, created empty when missing, its TTL set to `ttl`
+    /// (what HSET followed by PEXPIRE does).
+    fn hash_with_ttl(
+        &mut self,
+        key: &str,
+        ttl: Duration,
+    ) -> Result<&mut BTreeMap<String, Bytes>, QueueError> {
+        self.value_or_insert(key, || KvValue::Hash(BTreeMap::new()))?;
+        let e = self
+            .kv
+            .get_mut(key)
+            .ok_or_else(|| QueueError::WrongType(key.to_owned()))?;
+        e.expires_at = Some(Instant::now() + ttl.max(Duration::from_millis(1)));
+        match &mut e.value {
+            KvValue::Hash(h) => Ok(h),
+            _ => Err(QueueError::WrongType(key.to_owned())),
+        }
+    }
+
+    fn zrem(&mut self, key: &str, member: &str) {
+        if let Some(KvEntry {
+            value: KvValue::Zset(z),
+            ..
+        }) = self.kv_live(key)
+        {
+            z.remove(member);
+        }
+    }
+
+    fn zscore(&mut self, key: &str, member: &str) -> Option<u64> {
+        match self.kv_live(key) {
+            Some(KvEntry {
+                value: KvValue::Zset(z),
+                ..
+            }) => z.get(member).copied(),
+            _ => None,
+        }
+    }
+
+    /// Neither joined nor failed (a missing join is open).
+    fn join_open(&mut self, hash: &str) -> Result<bool, QueueError> {
+        Ok(self
+            .hash(hash)?
+            .is_none_or(|h| !h.contains_key("joined") && nfailed(h) <= 0))
+    }
+
+    /// Would recording `j` complete its join?
+    fn join_fires(&mut self, j: &JoinPart) -> Result<bool, QueueError> {
+        if !self.join_open(&j.join.hash)? {
+            return Ok(false);
+        }
+        let h = self.hash(&j.join.hash)?;
+        Ok(j.parts.iter().filter(|p| **p != j.part).all(|p| {
+            h.as_ref()
+                .is_some_and(|h| h.contains_key(&format!("p:{p}")))
+        }))
+    }
+
+    /// Record a join part (see [`JoinPart`]); the joined task's id if this
+    /// part completed the join.
+    fn join_record(&mut self, j: JoinPart) -> Result<Option<String>, QueueError> {
+        let fires = self.join_fires(&j)?;
+        let open = self.join_open(&j.join.hash)?;
+        let h = self.hash_with_ttl(&j.join.hash, j.join.ttl)?;
+        h.entry(format!("p:{}", j.part)).or_insert(j.value);
+        if fires {
+            let body: Vec<String> = j
+                .parts
+                .iter()
+                .map(|p| {
+                    let v = h.get(&format!("p:{p}")).cloned().unwrap_or_default();
+                    format!("\"{p}\":{}", String::from_utf8_lossy(&v))
+                })
+                .collect();
+            let joined = Bytes::from(format!("{{{}}}", body.join(",")));
+            h.insert("joined".into(), Bytes::from_static(b"1"));
+            let fields = j
+                .fields
+                .into_iter()
+                .map(|(k, v)| {
+                    let v = if k == j.payload_field {
+                        joined.clone()
+                    } else {
+                        v
+                    };
+                    (k, v)
+                })
+                .collect();
+            let id = self.xadd(&j.target, fields)?;
+            self.zrem(&j.join.due, &j.join.task_id);
+            return Ok(Some(id));
+        }
+        if open && self.zscore(&j.join.due, &j.join.task_id).is_none() {
+            self.zadd(&j.join.due, &j.join.task_id, j.deadline_ms)?;
+        }
+        Ok(None)
+    }
+
+    /// `step` failed: a join that has not completed is failed and unscheduled.
+    fn join_fail(&mut self, j: &JoinRef, step: &str) -> Result<(), QueueError> {
+        if self
+            .hash(&j.hash)?
+            .is_some_and(|h| h.contains_key("joined"))
+        {
+            return Ok(());
+        }
+        let h = self.hash_with_ttl(&j.hash, j.ttl)?;
+        if !h.contains_key(&format!("failed:{step}")) {
+            h.insert(format!("failed:{step}"), Bytes::from_static(b"1"));
+            let n = nfailed(h) + 1;
+            h.insert("nfailed".into(), Bytes::from(n.to_string()));
+        }
+        self.zrem(&j.due, &j.task_id);
+        Ok(())
+    }
+
+    /// `step` is replayed: its failure mark goes; the last one reschedules.
+    fn join_reopen(&mut self, j: &JoinRef, step: &str, deadline: u64) -> Result<(), QueueError> {
+        let Some(h) = self.hash(&j.hash)? else {
+            return Ok(());
+        };
+        if h.remove(&format!("failed:{step}")).is_none() {
+            return Ok(());
+        }
+        let n = nfailed(h) - 1;
+        h.insert("nfailed".into(), Bytes::from(n.to_string()));
+        let reschedule = n <= 0 && !h.contains_key("joined");
+        self.hash_with_ttl(&j.hash, j.ttl)?;
+        if reschedule {
+            self.zadd(&j.due, &j.task_id, deadline)?;
+        }
+        Ok(())
+    }
+
     fn group_mut(&mut self, stream: &str, group: &str) -> Result<&mut MemStream, QueueError> {
         let no_group = || QueueError::NoGroup {
             stream: stream.to_owned(),
@@ -243,6 +392,14 @@ impl State {
         }
         Ok(s)
     }
+}
+
+/// A join's count of failed branches.
+fn nfailed(h: &BTreeMap<String, Bytes>) -> i64 {
+    h.get("nfailed")
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 impl MemStream {
@@ -620,6 +777,9 @@ impl Queue for MemoryQueue {
                 st.check_stream_key(k)?;
                 check_fields(f)?;
             }
+            for (j, _, _) in &t.reopen_joins {
+                st.hash(&j.hash)?;
+            }
             let exists = st
                 .streams
                 .get(&t.from)
@@ -644,6 +804,9 @@ impl Queue for MemoryQueue {
                 }) = st.kv_live(k)
             {
                 z.remove(m);
+            }
+            for (j, step, deadline) in &t.reopen_joins {
+                st.join_reopen(j, step, *deadline)?;
             }
             if let Some(s) = st.streams.get_mut(&t.from) {
                 s.entries.remove(&eid);
@@ -742,6 +905,11 @@ impl Queue for MemoryQueue {
                     st.check_stream_key(out)?;
                     check_fields(fields)?;
                 }
+                for j in &it.joins {
+                    check_join(j)?;
+                    st.check_stream_key(&j.target)?;
+                    st.hash(&j.join.hash)?;
+                }
             }
             let mut published = false;
             let mut done = Vec::with_capacity(items.len());
@@ -764,6 +932,11 @@ impl Queue for MemoryQueue {
                         *want.entry(out.as_str()).or_default() += 1;
                     }
                 }
+                for j in &it.joins {
+                    if st.join_fires(j)? {
+                        *want.entry(j.target.as_str()).or_default() += 1;
+                    }
+                }
                 for (out, n) in want {
                     if st.room(out, limit, n).is_err() {
                         done.push(Completion::Full {
@@ -781,6 +954,9 @@ impl Queue for MemoryQueue {
                 let mut output_ids = Vec::with_capacity(it.outputs.len());
                 for (out, fields) in it.outputs {
                     output_ids.push(st.xadd(&out, fields)?);
+                }
+                for j in it.joins {
+                    output_ids.extend(st.join_record(j)?);
                 }
                 let until = Instant::now() + inbox_ttl;
                 for key in &it.expire {
@@ -815,10 +991,16 @@ impl Queue for MemoryQueue {
                 st.check_stream_key(k)?;
                 check_fields(f)?;
             }
+            for (j, _) in &d.fail_joins {
+                st.hash(&j.hash)?;
+            }
             if st.xack(stream, group, &[id]) == 0 {
                 return Ok(None);
             }
             let dlq_id = st.xadd(&d.dlq, d.record)?;
+            for (j, step) in &d.fail_joins {
+                st.join_fail(j, step)?;
+            }
             for (k, f) in d.also {
                 st.xadd(&k, f)?;
             }
@@ -831,6 +1013,49 @@ impl Queue for MemoryQueue {
             drop(st);
             self.notify.notify_waiters();
             Ok(Some(dlq_id))
+        })
+    }
+
+    fn expire_join(
+        &self,
+        j: JoinRef,
+        now_ms: u64,
+        parts_seen: u64,
+        d: DeadLetter,
+    ) -> QueueFuture<'_, JoinExpiry> {
+        Box::pin(async move {
+            check_fields(&d.record)?;
+            let mut st = self.lock();
+            st.check_stream_key(&d.dlq)?;
+            for (k, f) in &d.also {
+                st.check_stream_key(k)?;
+                check_fields(f)?;
+            }
+            if st.zscore(&j.due, &j.task_id).is_none_or(|s| s > now_ms) {
+                return Ok(JoinExpiry::Settled);
+            }
+            if !st.join_open(&j.hash)? {
+                st.zrem(&j.due, &j.task_id);
+                return Ok(JoinExpiry::Settled);
+            }
+            let seen = st
+                .hash(&j.hash)?
+                .map_or(0, |h| h.keys().filter(|k| k.starts_with("p:")).count())
+                as u64;
+            if seen != parts_seen {
+                return Ok(JoinExpiry::Changed);
+            }
+            st.join_fail(&j, "timeout")?;
+            let id = st.xadd(&d.dlq, d.record)?;
+            for (k, f) in d.also {
+                st.xadd(&k, f)?;
+            }
+            if let Some((k, v)) = d.marker {
+                st.set(&k, v, Some(d.marker_ttl.max(Duration::from_millis(1))));
+            }
+            drop(st);
+            self.notify.notify_waiters();
+            Ok(JoinExpiry::DeadLettered(id))
         })
     }
 

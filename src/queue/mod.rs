@@ -148,6 +148,67 @@ pub struct Completing {
     /// the inbox TTL in the same step (a task's saga log, which is garbage
     /// once the step can no longer be redone).
     pub expire: Vec<String>,
+    /// Outputs that are parts of a join, recorded in the same step (see
+    /// [`JoinPart`]).
+    pub joins: Vec<JoinPart>,
+}
+
+/// One task's join at one joining agent: a hash holding the parts that
+/// arrived (`p:<stream>` → output), `joined` once the joined task was
+/// written, `failed:<step>` per failed branch and their count `nfailed`;
+/// and the agent's sorted set of open joins by deadline.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct JoinRef {
+    /// The join's hash ([`Keys::join`]).
+    pub hash: String,
+    /// The joining agent's open joins by deadline ([`Keys::join_due`]).
+    pub due: String,
+    /// The task (member of `due`).
+    pub task_id: String,
+    /// TTL of the hash, renewed on every write to it.
+    pub ttl: Duration,
+}
+
+/// A branch's output recorded into a join by the completion of the step
+/// that produced it ([`Completing::joins`]).
+///
+/// In the completion's atomic step: the part is stored unless it is there
+/// already; if the join is open (neither joined nor failed) and this part
+/// was the last one missing, the joined task is added to `target` — its
+/// `fields` with the value of `payload_field` replaced by the JSON object
+/// `{"<part>": <output>, …}` in the order of `parts` — the join is marked
+/// `joined` and leaves the due set; if it is open and still missing
+/// parts, it is scheduled at `deadline_ms` (the first part sets it). So a
+/// crash at any instant neither loses a part nor joins twice.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct JoinPart {
+    pub join: JoinRef,
+    /// This branch's stream name (the part's key in the joined payload).
+    pub part: String,
+    /// The branch's output (JSON text).
+    pub value: Bytes,
+    /// Every part of the join, in the joined payload's order.
+    pub parts: Vec<String>,
+    /// Stream key the joined task is written to (backlog-limited like any
+    /// output).
+    pub target: String,
+    /// The joined task's fields.
+    pub fields: Fields,
+    /// The field of `fields` whose value becomes the joined JSON.
+    pub payload_field: String,
+    /// Wall-clock ms at which the join times out, if this is its first part.
+    pub deadline_ms: u64,
+}
+
+/// Result of [`Queue::expire_join`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JoinExpiry {
+    /// The join timed out: marked failed, its record written (the DLQ id).
+    DeadLettered(String),
+    /// Nothing to do: the join completed, failed, or is not due (any more).
+    Settled,
+    /// The parts changed since they were read: read them again.
+    Changed,
 }
 
 /// One task of [`Queue::submit_batch`].
@@ -184,6 +245,11 @@ pub struct DeadLetter {
     /// Sorted set and score (due time, ms) under which the new record's id
     /// is scheduled for the repair role; `None`: not scheduled.
     pub schedule: Option<(String, u64)>,
+    /// Joins downstream of the failed step, each failed by this step (the
+    /// `String`) in the same step: a join that has not completed is marked
+    /// failed and leaves its due set, so the other branches' parts never
+    /// complete it.
+    pub fail_joins: Vec<(JoinRef, String)>,
 }
 
 /// One atomic move of a record between streams ([`Queue::transfer`]).
@@ -201,6 +267,10 @@ pub struct Transfer {
     pub del: Vec<String>,
     /// `(sorted set, member)` removed in the same step (the repair schedule).
     pub unschedule: Option<(String, String)>,
+    /// Joins failed by the replayed step (the `String`), reopened in the
+    /// same step: the step's failure mark is removed and, when it was the
+    /// last, the join is scheduled again at the given deadline (ms).
+    pub reopen_joins: Vec<(JoinRef, String, u64)>,
 }
 
 /// Errors from the queue layer.
@@ -458,6 +528,21 @@ pub trait Queue: Send + Sync {
         d: DeadLetter,
     ) -> QueueFuture<'a, Option<String>>;
 
+    /// Time out a join, ONE atomic step: only if `j.task_id` is in `j.due`
+    /// with a deadline at most `now_ms`, the join neither completed nor
+    /// failed, and it holds exactly `parts_seen` parts (what the caller read
+    /// to build `d.record`): mark it failed (`failed:timeout`), remove it
+    /// from `j.due`, XADD `d.record` to `d.dlq`, XADD every `d.also` and SET
+    /// `d.marker` (`d.entry_id`, `d.schedule` and `d.fail_joins` are not
+    /// used). So a join either completes or times out, once.
+    fn expire_join(
+        &self,
+        j: JoinRef,
+        now_ms: u64,
+        parts_seen: u64,
+        d: DeadLetter,
+    ) -> QueueFuture<'_, JoinExpiry>;
+
     /// Idempotent intake: if `idem_key` is bound, return its task id and add
     /// nothing; otherwise, atomically, XADD `fields` to `stream` with a
     /// leading `task_id` field holding a fresh UUID, and bind `idem_key` to
@@ -607,6 +692,35 @@ pub(crate) fn check_fields(fields: &Fields) -> Result<(), QueueError> {
         return Err(QueueError::Invalid(
             "a stream entry needs at least one field".into(),
         ));
+    }
+    Ok(())
+}
+
+/// A join part both backends can apply: the joined task has fields, one of
+/// them the payload; the part is one of the parts; part names are stream
+/// names (DNS labels — they are written into JSON unescaped) and the value
+/// is not empty.
+pub(crate) fn check_join(j: &JoinPart) -> Result<(), QueueError> {
+    check_fields(&j.fields)?;
+    let label = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    };
+    if !j.fields.iter().any(|(k, _)| *k == j.payload_field) {
+        return Err(QueueError::Invalid(format!(
+            "the joined task has no field {:?}",
+            j.payload_field
+        )));
+    }
+    if !j.parts.contains(&j.part) || !j.parts.iter().all(|p| label(p)) {
+        return Err(QueueError::Invalid(format!(
+            "join part {:?} must be one of the parts {:?}, all stream names",
+            j.part, j.parts
+        )));
+    }
+    if j.value.is_empty() {
+        return Err(QueueError::Invalid("an empty join part".into()));
     }
     Ok(())
 }

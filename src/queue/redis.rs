@@ -38,9 +38,9 @@ use bytes::Bytes;
 use futures::StreamExt;
 
 use super::{
-    Claimed, Completing, Completion, ConsumerInfo, DeadLetter, Fields, PendingSummary, Queue,
-    QueueError, QueueFuture, StreamEntry, Submission, Submitted, Subscription, Transfer,
-    check_fields,
+    Claimed, Completing, Completion, ConsumerInfo, DeadLetter, Fields, JoinExpiry, JoinRef,
+    PendingSummary, Queue, QueueError, QueueFuture, StreamEntry, Submission, Submitted,
+    Subscription, Transfer, check_fields, check_join,
 };
 
 /// How many idle dedicated blocking-read connections are kept for reuse. Enough for every
@@ -133,6 +133,83 @@ local function check_stream(key)
 end
 "#;
 
+// Joins (see `JoinPart`): a hash per task and joining agent with the parts
+// (`p:<stream>`), `joined`, `failed:<step>` and `nfailed`; the agent's due
+// set of open joins by deadline. `join_record` takes {hash, due, task,
+// part, value, parts, target, fields (flat k, v list), payload field,
+// deadline, ttl}.
+const JOIN_LUA: &str = r#"
+local function join_open(hash)
+  return redis.call('HEXISTS', hash, 'joined') == 0
+    and tonumber(redis.call('HGET', hash, 'nfailed') or '0') <= 0
+end
+local function join_fires(j)
+  if not join_open(j.hash) then return false end
+  for _, q in ipairs(j.parts) do
+    if q ~= j.part and redis.call('HEXISTS', j.hash, 'p:' .. q) == 0 then return false end
+  end
+  return true
+end
+local function join_record(j)
+  local fires = join_fires(j)
+  local open = join_open(j.hash)
+  redis.call('HSETNX', j.hash, 'p:' .. j.part, j.value)
+  redis.call('PEXPIRE', j.hash, j.ttl)
+  if fires then
+    local body = {}
+    for i, q in ipairs(j.parts) do
+      body[i] = '"' .. q .. '":' .. redis.call('HGET', j.hash, 'p:' .. q)
+    end
+    local args = {'XADD', j.target, '*'}
+    for i = 1, #j.fields, 2 do
+      args[#args + 1] = j.fields[i]
+      if j.fields[i] == j.payload then
+        args[#args + 1] = '{' .. table.concat(body, ',') .. '}'
+      else
+        args[#args + 1] = j.fields[i + 1]
+      end
+    end
+    local id = redis.call(unpack(args))
+    redis.call('HSET', j.hash, 'joined', '1')
+    redis.call('ZREM', j.due, j.task)
+    return id
+  elseif open then
+    redis.call('ZADD', j.due, 'NX', j.deadline, j.task)
+  end
+  return nil
+end
+local function join_fail(hash, due, task, step, ttl)
+  if redis.call('HEXISTS', hash, 'joined') == 1 then return end
+  if redis.call('HSETNX', hash, 'failed:' .. step, '1') == 1 then
+    redis.call('HINCRBY', hash, 'nfailed', 1)
+  end
+  redis.call('PEXPIRE', hash, ttl)
+  redis.call('ZREM', due, task)
+end
+local function join_reopen(hash, due, task, step, ttl, deadline)
+  if redis.call('HDEL', hash, 'failed:' .. step) == 1 then
+    local n = redis.call('HINCRBY', hash, 'nfailed', -1)
+    redis.call('PEXPIRE', hash, ttl)
+    if n <= 0 and redis.call('HEXISTS', hash, 'joined') == 0 then
+      redis.call('ZADD', due, deadline, task)
+    end
+  end
+end
+-- Read `count` join marks (hash idx, due idx, task, step, ttl[, deadline])
+-- from ARGV at p; returns them and the next position.
+local function join_marks(p, with_deadline)
+  local marks = {}
+  local n = tonumber(ARGV[p])
+  p = p + 1
+  for i = 1, n do
+    marks[i] = {KEYS[tonumber(ARGV[p])], KEYS[tonumber(ARGV[p + 1])], ARGV[p + 2], ARGV[p + 3], ARGV[p + 4]}
+    p = p + 5
+    if with_deadline then marks[i][6] = ARGV[p]; p = p + 1 end
+  end
+  return marks, p
+end
+"#;
+
 // KEYS[1] stream; ARGV[1] limit or '', ARGV[2..] fields.
 const ADD_LUA: &str = r#"
 local e = check_stream(KEYS[1]); if e then return e end
@@ -173,6 +250,24 @@ for e = 1, count do
   local x = tonumber(ARGV[p])
   for i = 1, x do item.expire[i] = KEYS[tonumber(ARGV[p + i])] end
   p = p + 1 + x
+  item.joins = {}
+  local nj = tonumber(ARGV[p])
+  p = p + 1
+  for i = 1, nj do
+    local j = {hash = KEYS[tonumber(ARGV[p])], due = KEYS[tonumber(ARGV[p + 1])],
+      target = KEYS[tonumber(ARGV[p + 2])], task = ARGV[p + 3], part = ARGV[p + 4],
+      value = ARGV[p + 5], deadline = ARGV[p + 6], ttl = ARGV[p + 7], payload = ARGV[p + 8]}
+    local err = check_stream(j.target); if err then return err end
+    local k = tonumber(ARGV[p + 9])
+    j.parts = {}
+    for q = 1, k do j.parts[q] = ARGV[p + 9 + q] end
+    p = p + 10 + k
+    local n = tonumber(ARGV[p])
+    j.fields = {}
+    for q = 1, 2 * n do j.fields[q] = ARGV[p + q] end
+    p = p + 1 + 2 * n
+    item.joins[i] = j
+  end
   plan[e] = item
 end
 local out = {}
@@ -186,6 +281,9 @@ for e = 1, count do
     local want = {}
     for _, o in ipairs(item.outs) do
       if o[4] then want[o[1]] = (want[o[1]] or 0) + 1 end
+    end
+    for _, j in ipairs(item.joins) do
+      if join_fires(j) then want[j.target] = (want[j.target] or 0) + 1 end
     end
     local full = nil
     for key, n in pairs(want) do
@@ -202,6 +300,10 @@ for e = 1, count do
         local args = {'XADD', o[1], '*'}
         for j = o[2], o[2] + 2 * o[3] - 1 do args[#args + 1] = ARGV[j] end
         ids[#ids + 1] = redis.call(unpack(args))
+      end
+      for _, j in ipairs(item.joins) do
+        local id = join_record(j)
+        if id then ids[#ids + 1] = id end
       end
       for _, key in ipairs(item.expire) do redis.call('PEXPIRE', key, ARGV[2]) end
       redis.call('SET', item.inbox, item.id, 'PX', ARGV[2])
@@ -231,7 +333,9 @@ for i = 1, tonumber(ARGV[p]) do
   also[i] = {key, p + 3, n}
   p = p + 2 + 2 * n
 end
+local fails = join_marks(p + 1, false)
 if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return false end
+for _, m in ipairs(fails) do join_fail(m[1], m[2], m[3], m[4], m[5]) end
 local args = {'XADD', KEYS[2], '*'}
 for i = 9, 8 + 2 * tonumber(ARGV[8]) do args[#args + 1] = ARGV[i] end
 local id = redis.call(unpack(args))
@@ -363,6 +467,7 @@ end
 local dels = {}
 p = p + 1
 for i = 1, tonumber(ARGV[p]) do dels[i] = KEYS[tonumber(ARGV[p + i])] end
+local reopen = join_marks(p + 1 + tonumber(ARGV[p]), true)
 if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then return false end
 local ok, len = room(KEYS[2], ARGV[2], 1)
 if not ok then return redis.error_reply('FULL ' .. len) end
@@ -376,8 +481,50 @@ for _, a in ipairs(also) do
 end
 for _, k in ipairs(dels) do redis.call('DEL', k) end
 if tonumber(ARGV[3]) > 0 then redis.call('ZREM', KEYS[tonumber(ARGV[3])], ARGV[4]) end
+for _, m in ipairs(reopen) do join_reopen(m[1], m[2], m[3], m[4], m[5], m[6]) end
 redis.call('XDEL', KEYS[1], ARGV[1])
 return id
+"#;
+
+// KEYS[1] join hash, KEYS[2] due set, KEYS[3] dlq, KEYS[4..] other keys;
+// ARGV[1] task id, ARGV[2] now ms, ARGV[3] parts seen, ARGV[4] hash ttl
+// ms, ARGV[5] marker key index (0: none), ARGV[6] marker value, ARGV[7]
+// marker ttl ms, ARGV[8] record field count n, n pairs, then `also` count
+// (key index, field count, pairs each). Replies {0, id} dead-lettered, {1}
+// settled, {2} the parts changed.
+const EXPIRE_JOIN_LUA: &str = r#"
+local e = check_stream(KEYS[3]); if e then return e end
+local p = 9 + 2 * tonumber(ARGV[8])
+local also = {}
+for i = 1, tonumber(ARGV[p]) do
+  local key = KEYS[tonumber(ARGV[p + 1])]
+  local n = tonumber(ARGV[p + 2])
+  local err = check_stream(key); if err then return err end
+  also[i] = {key, p + 3, n}
+  p = p + 2 + 2 * n
+end
+local score = redis.call('ZSCORE', KEYS[2], ARGV[1])
+if not score or tonumber(score) > tonumber(ARGV[2]) then return {1} end
+if not join_open(KEYS[1]) then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  return {1}
+end
+local seen = 0
+for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if string.sub(f, 1, 2) == 'p:' then seen = seen + 1 end
+end
+if seen ~= tonumber(ARGV[3]) then return {2} end
+join_fail(KEYS[1], KEYS[2], ARGV[1], 'timeout', ARGV[4])
+local args = {'XADD', KEYS[3], '*'}
+for i = 9, 8 + 2 * tonumber(ARGV[8]) do args[#args + 1] = ARGV[i] end
+local id = redis.call(unpack(args))
+for _, a in ipairs(also) do
+  local xa = {'XADD', a[1], '*'}
+  for j = a[2], a[2] + 2 * a[3] - 1 do xa[#xa + 1] = ARGV[j] end
+  redis.call(unpack(xa))
+end
+if tonumber(ARGV[5]) > 0 then redis.call('SET', KEYS[tonumber(ARGV[5])], ARGV[6], 'PX', ARGV[7]) end
+return {0, id}
 "#;
 
 // KEYS[1] stream. Queue::trim_acked: returns how many entries went.
@@ -430,7 +577,7 @@ fn by_ids<'s>(
 
 /// A script with the shared limit functions in front of it.
 fn with_limits(body: &str) -> Script {
-    Script::new(&format!("{LIMIT_LUA}\n{body}"))
+    Script::new(&format!("{LIMIT_LUA}\n{JOIN_LUA}\n{body}"))
 }
 
 struct Scripts {
@@ -444,6 +591,7 @@ struct Scripts {
     autoclaim: Script,
     claim: Script,
     transfer: Script,
+    expire_join: Script,
 }
 
 /// The Redis [`Queue`].
@@ -494,6 +642,7 @@ impl RedisQueue {
                 autoclaim: Script::new(AUTOCLAIM_LUA),
                 claim: Script::new(CLAIM_LUA),
                 transfer: with_limits(TRANSFER_LUA),
+                expire_join: with_limits(EXPIRE_JOIN_LUA),
             },
         })
     }
@@ -1108,6 +1257,11 @@ impl Queue for RedisQueue {
                 .unschedule
                 .as_ref()
                 .map_or(0, |(k, _)| keys.of(&mut inv, k));
+            let reopen: Vec<(usize, usize)> = t
+                .reopen_joins
+                .iter()
+                .map(|(j, _, _)| (keys.of(&mut inv, &j.hash), keys.of(&mut inv, &j.due)))
+                .collect();
             inv.arg(t.id.as_str())
                 .arg(limit_arg(t.limit))
                 .arg(unschedule)
@@ -1126,6 +1280,15 @@ impl Queue for RedisQueue {
             inv.arg(dels.len());
             for ix in dels {
                 inv.arg(ix);
+            }
+            inv.arg(reopen.len());
+            for ((j, step, deadline), (h, due)) in t.reopen_joins.iter().zip(reopen) {
+                inv.arg(h)
+                    .arg(due)
+                    .arg(j.task_id.as_str())
+                    .arg(step.as_str())
+                    .arg(ms(j.ttl).max(1))
+                    .arg(*deadline);
             }
             let v = self
                 .invoke("transfer", &inv)
@@ -1258,6 +1421,9 @@ impl Queue for RedisQueue {
                 for (_, f) in &it.outputs {
                     check_fields(f)?;
                 }
+                for j in &it.joins {
+                    check_join(j)?;
+                }
             }
             let mut inv = self.scripts.complete.key(stream);
             let mut keys = KeyIndex::new(2);
@@ -1265,7 +1431,10 @@ impl Queue for RedisQueue {
             for it in &items {
                 let all = std::iter::once(it.inbox_key.as_str())
                     .chain(it.outputs.iter().map(|(out, _)| out.as_str()))
-                    .chain(it.expire.iter().map(String::as_str));
+                    .chain(it.expire.iter().map(String::as_str))
+                    .chain(it.joins.iter().flat_map(|j| {
+                        [j.join.hash.as_str(), j.join.due.as_str(), j.target.as_str()]
+                    }));
                 for k in all {
                     args.push(keys.of(&mut inv, k));
                 }
@@ -1292,6 +1461,26 @@ impl Queue for RedisQueue {
                 inv.arg(it.expire.len());
                 for _ in &it.expire {
                     inv.arg(key_ix.next().unwrap_or_default());
+                }
+                inv.arg(it.joins.len());
+                for j in &it.joins {
+                    for _ in 0..3 {
+                        inv.arg(key_ix.next().unwrap_or_default());
+                    }
+                    inv.arg(j.join.task_id.as_str())
+                        .arg(j.part.as_str())
+                        .arg(j.value.as_ref())
+                        .arg(j.deadline_ms)
+                        .arg(ms(j.join.ttl).max(1))
+                        .arg(j.payload_field.as_str())
+                        .arg(j.parts.len());
+                    for part in &j.parts {
+                        inv.arg(part.as_str());
+                    }
+                    inv.arg(j.fields.len());
+                    for (k, v) in &j.fields {
+                        inv.arg(k.as_str()).arg(v.as_ref());
+                    }
                 }
             }
             let v = self
@@ -1337,6 +1526,11 @@ impl Queue for RedisQueue {
             let also: Vec<usize> = d.also.iter().map(|(k, _)| keys.of(&mut inv, k)).collect();
             let marker = d.marker.as_ref().map_or(0, |(k, _)| keys.of(&mut inv, k));
             let sched = d.schedule.as_ref().map_or(0, |(k, _)| keys.of(&mut inv, k));
+            let fails: Vec<(usize, usize)> = d
+                .fail_joins
+                .iter()
+                .map(|(j, _)| (keys.of(&mut inv, &j.hash), keys.of(&mut inv, &j.due)))
+                .collect();
             inv.arg(group)
                 .arg(d.entry_id.as_str())
                 .arg(marker)
@@ -1355,11 +1549,72 @@ impl Queue for RedisQueue {
                     inv.arg(k.as_str()).arg(v.as_ref());
                 }
             }
+            inv.arg(fails.len());
+            for ((j, step), (h, due)) in d.fail_joins.iter().zip(fails) {
+                inv.arg(h)
+                    .arg(due)
+                    .arg(j.task_id.as_str())
+                    .arg(step.as_str())
+                    .arg(ms(j.ttl).max(1));
+            }
             let v = self
                 .invoke("dead_letter", &inv)
                 .await
                 .map_err(|e| wrong_type(e, &d.dlq))?;
             v_opt_string(v)
+        })
+    }
+
+    fn expire_join(
+        &self,
+        j: JoinRef,
+        now_ms: u64,
+        parts_seen: u64,
+        d: DeadLetter,
+    ) -> QueueFuture<'_, JoinExpiry> {
+        Box::pin(async move {
+            check_fields(&d.record)?;
+            for (_, f) in &d.also {
+                check_fields(f)?;
+            }
+            let mut inv = self.scripts.expire_join.key(j.hash.as_str());
+            inv.key(j.due.as_str()).key(d.dlq.as_str());
+            let mut keys = KeyIndex::new(4);
+            let also: Vec<usize> = d.also.iter().map(|(k, _)| keys.of(&mut inv, k)).collect();
+            let marker = d.marker.as_ref().map_or(0, |(k, _)| keys.of(&mut inv, k));
+            inv.arg(j.task_id.as_str())
+                .arg(now_ms)
+                .arg(parts_seen)
+                .arg(ms(j.ttl).max(1))
+                .arg(marker)
+                .arg(d.marker.as_ref().map_or(&b""[..], |(_, v)| v.as_ref()))
+                .arg(ms(d.marker_ttl).max(1))
+                .arg(d.record.len());
+            for (k, v) in &d.record {
+                inv.arg(k.as_str()).arg(v.as_ref());
+            }
+            inv.arg(d.also.len());
+            for ((_, fields), ix) in d.also.iter().zip(also) {
+                inv.arg(ix).arg(fields.len());
+                for (k, v) in fields {
+                    inv.arg(k.as_str()).arg(v.as_ref());
+                }
+            }
+            let v = self
+                .invoke("expire_join", &inv)
+                .await
+                .map_err(|e| wrong_type(e, &j.hash))?;
+            let mut it = per_item(::redis::Value::Array(vec![v]), 1, "expire_join")?
+                .into_iter()
+                .flatten();
+            match it.next().map(v_int).transpose()? {
+                Some(0) => Ok(JoinExpiry::DeadLettered(
+                    it.next().map(v_string).transpose()?.unwrap_or_default(),
+                )),
+                Some(1) => Ok(JoinExpiry::Settled),
+                Some(2) => Ok(JoinExpiry::Changed),
+                _ => Err(QueueError::Protocol("bad expire_join reply".into())),
+            }
         })
     }
 
