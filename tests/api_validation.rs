@@ -848,3 +848,83 @@ fn a_policy_field_with_no_effect_where_it_is_used_is_a_warning() {
         report.warnings[0]
     );
 }
+
+/// A fan-out and fan-in: `triage` feeds two branches, `decide` joins their outputs.
+const FAN_IN: &str = r#"
+apiVersion: r4.dev/v1alpha1
+kind: AgentWorkflow
+metadata: {name: fan}
+spec:
+  queue: {redis: {url: "redis://localhost:6379"}}
+  agents:
+    - {name: triage, image: i:1, consumes: tickets, produces: [to-lookup, to-fraud]}
+    - {name: lookup, image: i:2, consumes: to-lookup, produces: [lookups]}
+    - {name: fraud, image: i:3, consumes: to-fraud, produces: [fraud-scores]}
+    - {name: decide, image: i:4, consumes: decisions, join: {streams: [lookups, fraud-scores], timeout: 5m}}
+"#;
+
+#[test]
+fn a_join_is_the_fan_in_and_its_mistakes_are_named() {
+    assert!(errors_of(FAN_IN).is_empty(), "{:#?}", errors_of(FAN_IN));
+    let report = validate_texts(&[("t.yaml".into(), FAN_IN.into())], RefMode::Warn);
+    let Some((_, r4::api::validate::Manifest::Workflow(w))) = report.manifests.first() else {
+        panic!("no workflow");
+    };
+    assert_eq!(
+        r4::api::validate::entry_stream(&w.spec),
+        Some("tickets"),
+        "the join's input is written by the join, not the intake"
+    );
+    // Without the join, two producers of one stream are refused, and the
+    // message says how to fan in.
+    let no_join = edit(FAN_IN, "produces: [fraud-scores]}", "produces: [lookups]}");
+    let no_join = edit(
+        &no_join,
+        "consumes: decisions, join: {streams: [lookups, fraud-scores], timeout: 5m}}",
+        "consumes: lookups}",
+    );
+    assert_refused(
+        &no_join,
+        "spec.agents[2].produces: stream \"lookups\" is produced by agents \"lookup\" and \"fraud\"",
+    );
+    assert_refused(&no_join, "join: {streams: [...]}");
+    // A joined stream nobody produces, or that an agent also reads.
+    assert_refused(
+        &edit(FAN_IN, "[lookups, fraud-scores]", "[lookups, scores]"),
+        "spec.agents[3].join.streams[1]: no agent produces stream \"scores\"",
+    );
+    assert_refused(
+        &edit(
+            FAN_IN,
+            "    - {name: decide,",
+            "    - {name: spy, image: i:5, consumes: lookups}\n    - {name: decide,",
+        ),
+        "join.streams[0]: stream \"lookups\" is consumed by agent \"spy\"",
+    );
+    // The joining agent's input is the join's alone.
+    assert_refused(
+        &edit(
+            FAN_IN,
+            "produces: [lookups]}",
+            "produces: [lookups, decisions]}",
+        ),
+        "spec.agents[3].consumes: agent \"decide\" joins its input \"decisions\", which agent \"lookup\" also produces",
+    );
+    assert_refused(
+        &edit(FAN_IN, "timeout: 5m", "timeout: 10ms"),
+        "spec.agents[3].join.timeout: must be at least 1s",
+    );
+    assert_refused(
+        &edit(FAN_IN, "[lookups, fraud-scores]", "[lookups, lookups]"),
+        "spec.agents[3].join.streams[1]: duplicate stream \"lookups\"",
+    );
+    // A cycle through a join is a cycle.
+    assert_refused(
+        &edit(
+            FAN_IN,
+            "join: {streams: [lookups, fraud-scores], timeout: 5m}}",
+            "produces: [to-fraud-2], join: {streams: [lookups, fraud-scores], timeout: 5m}}\n    - {name: loop, image: i:5, consumes: to-fraud-2, produces: [to-fraud]}",
+        ),
+        "form a cycle reachable from \"tickets\"",
+    );
+}

@@ -729,6 +729,8 @@ async fn every_key_written_comes_from_keys() {
         k.saga(M),
         k.degraded(M),
         k.breaker(M),
+        k.join(M, M),
+        k.join_due(M),
     ]
     .iter()
     .map(|s| s.split(M).next().unwrap().to_owned())
