@@ -6,7 +6,10 @@
 //! while), Redis crashed and restarted once — then every task is completed
 //! or dead-lettered, with 0 lost, 0 duplicate effects (counted by the
 //! agent) and 0 duplicate outputs (counted by a downstream consumer group),
-//! not by the engine.
+//! not by the engine. A second run does the same to a fan-out and join
+//! workflow: 0 lost, 0 duplicate joins (counted on the joined stream by a
+//! consumer group of its own), and every join the decision agent receives
+//! carries both branches' parts.
 
 use std::collections::{HashMap, HashSet};
 use std::process::{Child, Command, Stdio};
@@ -31,6 +34,31 @@ use tokio::time::Instant;
 const TASKS: usize = 20_000;
 const ENGINES_PER_AGENT: usize = 2;
 const AGENTS: [&str; 2] = ["a", "b"];
+
+/// Fan-out at `a`, two branches `l` and `f`, joined at `d`.
+const JOIN_WORKFLOW: &str = r#"
+apiVersion: r4.dev/v1alpha1
+kind: AgentWorkflow
+metadata: {name: crash}
+spec:
+  queue: {redis: {url: "redis://unused"}, visibilityTimeout: 2s, maxLen: 1000}
+  policyRef: crash-policy
+  agents:
+    - {name: a, image: x, consumes: in, produces: [to-l, to-f], concurrency: 32}
+    - {name: l, image: x, consumes: to-l, produces: [lookups], concurrency: 32}
+    - {name: f, image: x, consumes: to-f, produces: [fraud-scores], concurrency: 32}
+    - {name: d, image: x, consumes: decisions, produces: [done], concurrency: 32, join: {streams: [lookups, fraud-scores], timeout: 10m}}
+---
+apiVersion: r4.dev/v1alpha1
+kind: CircuitPolicy
+metadata: {name: crash-policy}
+spec:
+  timeout: {perAttempt: 900ms}
+  retry:
+    maxAttempts: 3
+    backoff: {initial: 10ms, max: 100ms, multiplier: 2, jitter: Full}
+  deadLetter: {maxDeliveries: 8, replay: {automatic: false}}
+"#;
 
 const WORKFLOW: &str = r#"
 apiVersion: r4.dev/v1alpha1
@@ -63,6 +91,8 @@ struct Ledger {
     by_key: HashMap<String, u64>,
     by_logical: HashMap<(String, String), u64>,
     calls: u64,
+    /// Joined payloads that did not carry both parts of their task.
+    bad_joins: Vec<String>,
 }
 
 async fn agent(
@@ -80,6 +110,17 @@ async fn agent(
     let fail = rand::rng().random_bool(0.02);
     let mut l = l.lock().unwrap();
     l.calls += 1;
+    // A joined task: both branches passed the submitted payload on.
+    if body["payload"].get("lookups").is_some() || step == "d" {
+        let p = &body["payload"];
+        let n = p["lookups"]["n"].as_u64();
+        if n.is_none()
+            || p["fraud-scores"]["n"].as_u64() != n
+            || format!("t{}", n.unwrap_or(u64::MAX)) != task
+        {
+            l.bad_joins.push(format!("{task}: {p}"));
+        }
+    }
     if l.by_key.contains_key(&key) {
         return (StatusCode::OK, Json(json!({})));
     }
@@ -237,13 +278,40 @@ fn spawn_engine(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_test_zero_lost_zero_duplicates() {
+    crash(WORKFLOW, &AGENTS, TASKS, ENGINES_PER_AGENT, None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_test_fan_out_and_join() {
+    crash(
+        JOIN_WORKFLOW,
+        &["a", "l", "f", "d"],
+        4_000,
+        1,
+        Some("decisions"),
+    )
+    .await;
+}
+
+/// Run `workflow` (whose last stream is `done`) under the chaos: `tasks`
+/// tasks, `per_agent` engine processes per agent, engines killed and
+/// restarted, Redis restarted once, the agent's port down twice. With
+/// `joined`, that stream (a join's output) is counted by a consumer group
+/// of its own too: a second entry for one task would be a duplicate join.
+async fn crash(
+    workflow: &str,
+    agents: &[&'static str],
+    tasks: usize,
+    per_agent: usize,
+    joined: Option<&str>,
+) {
     let started = Instant::now();
     let mut server = RedisServer::start_with_aof()
         .await
         .expect("redis-server with AOF");
     let url = server.url();
     let q = RedisQueue::connect(&url).await.expect("connect");
-    let (cfg, dir) = workflow_file(WORKFLOW);
+    let (cfg, dir) = workflow_file(workflow);
     let file = dir.path().join("crash.yaml");
 
     let ledger = Arc::new(Mutex::new(Ledger::default()));
@@ -271,18 +339,29 @@ async fn crash_test_zero_lost_zero_duplicates() {
     q.ensure_group(&done, "checker").await.unwrap();
     let seen: Arc<Mutex<HashMap<String, HashSet<String>>>> = Arc::default();
     let stop_checker = Arc::new(AtomicBool::new(false));
-    let checker = tokio::spawn(check_outputs(
+    let mut checkers = vec![tokio::spawn(check_outputs(
         q.clone(),
         done.clone(),
         seen.clone(),
         stop_checker.clone(),
-    ));
+    ))];
+    let joins_seen: Arc<Mutex<HashMap<String, HashSet<String>>>> = Arc::default();
+    if let Some(j) = joined {
+        let j = cfg.keys.stream(j);
+        q.ensure_group(&j, "checker").await.unwrap();
+        checkers.push(tokio::spawn(check_outputs(
+            q.clone(),
+            j,
+            joins_seen.clone(),
+            stop_checker.clone(),
+        )));
+    }
     let mut subs = Vec::new();
     for p in 0..16 {
         let (q, input) = (q.clone(), input.clone());
         subs.push(tokio::spawn(async move {
             let mut i = p;
-            while i < TASKS {
+            while i < tasks {
                 let t = Task::new(format!("t{i}"), json!({"n": i}));
                 q.add(&input, t.encode(), None).await.expect("submit");
                 i += 16;
@@ -293,9 +372,9 @@ async fn crash_test_zero_lost_zero_duplicates() {
         s.await.unwrap();
     }
 
-    let mut engines: Vec<Engine> = AGENTS
+    let mut engines: Vec<Engine> = agents
         .iter()
-        .flat_map(|a| (0..ENGINES_PER_AGENT).map(move |_| *a))
+        .flat_map(|a| (0..per_agent).map(move |_| *a))
         .map(|a| spawn_engine(a, &file, &url, &agent_url))
         .collect();
 
@@ -304,7 +383,7 @@ async fn crash_test_zero_lost_zero_duplicates() {
     let mut agent_restarts = 0u32;
     let deadline = Instant::now() + Duration::from_secs(150);
     let finished = |completed: &HashSet<String>, dead: &HashSet<String>| {
-        completed.union(dead).count() >= TASKS
+        completed.union(dead).count() >= tasks
     };
     let (mut completed, mut dead) = (HashSet::new(), HashSet::new());
     let mut last_scan = Instant::now() - Duration::from_secs(10);
@@ -313,7 +392,7 @@ async fn crash_test_zero_lost_zero_duplicates() {
         let pause = rand::rng().random_range(50..300);
         tokio::time::sleep(Duration::from_millis(pause)).await;
         let progress = seen.lock().unwrap().len();
-        if progress < TASKS * 9 / 10 {
+        if progress < tasks * 9 / 10 {
             let i = rand::rng().random_range(0..engines.len());
             let agent = engines[i].agent;
             let _ = engines[i].child.kill(); // SIGKILL
@@ -321,20 +400,20 @@ async fn crash_test_zero_lost_zero_duplicates() {
             engines[i] = spawn_engine(agent, &file, &url, &agent_url);
             kills += 1;
         }
-        if !redis_restarted && progress > TASKS / 3 {
+        if !redis_restarted && progress > tasks / 3 {
             server.restart().await.expect("redis restart with AOF");
             redis_restarted = true;
         }
         // The agent container restarts twice: its port refuses for 1.5 s.
-        if (agent_restarts == 0 && progress > TASKS / 5)
-            || (agent_restarts == 1 && progress > TASKS / 2)
+        if (agent_restarts == 0 && progress > tasks / 5)
+            || (agent_restarts == 1 && progress > tasks / 2)
         {
             agent_port.stop();
             tokio::time::sleep(Duration::from_millis(1500)).await;
             agent_port.restart().await;
             agent_restarts += 1;
         }
-        if last_scan.elapsed() > Duration::from_secs(2) || progress >= TASKS {
+        if last_scan.elapsed() > Duration::from_secs(2) || progress >= tasks {
             last_scan = Instant::now();
             completed = seen.lock().unwrap().keys().cloned().collect();
             if let Ok(d) = q.range(&cfg.keys.dlq(), "-", "+", 0).await {
@@ -346,7 +425,7 @@ async fn crash_test_zero_lost_zero_duplicates() {
         }
         assert!(
             Instant::now() < deadline,
-            "not finished in time: {} completed, {} dead-lettered of {TASKS}",
+            "not finished in time: {} completed, {} dead-lettered of {tasks}",
             completed.len(),
             dead.len()
         );
@@ -358,7 +437,9 @@ async fn crash_test_zero_lost_zero_duplicates() {
     assert!(redis_restarted, "Redis was restarted once");
     assert_eq!(agent_restarts, 2, "the agent was restarted twice");
     stop_checker.store(true, Ordering::Relaxed);
-    let _ = checker.await;
+    for c in checkers {
+        let _ = c.await;
+    }
 
     // Count independently of the engines.
     let per_task: HashMap<String, u64> = seen
@@ -375,17 +456,31 @@ async fn crash_test_zero_lost_zero_duplicates() {
         .map(DlqRecord::decode)
         .collect();
     let dead: HashSet<String> = dlq.iter().map(|r| r.task_id.clone()).collect();
-    let all: HashSet<String> = (0..TASKS).map(|i| format!("t{i}")).collect();
+    let all: HashSet<String> = (0..tasks).map(|i| format!("t{i}")).collect();
     let lost: Vec<&String> = all
         .iter()
         .filter(|t| !per_task.contains_key(*t) && !dead.contains(*t))
         .collect();
     let duplicate_outputs: u64 = per_task.values().map(|n| n - 1).sum();
+    let duplicate_joins: u64 = joins_seen
+        .lock()
+        .unwrap()
+        .values()
+        .map(|ids| ids.len() as u64 - 1)
+        .sum();
     let l = ledger.lock().unwrap();
     let duplicate_effects: u64 = l.by_logical.values().map(|n| n.saturating_sub(1)).sum();
     let effects: u64 = l.by_logical.values().sum();
+    let joins = joined.map_or(String::new(), |j| {
+        format!(
+            " joins={} duplicate_joins={duplicate_joins} bad_joins={}",
+            joins_seen.lock().unwrap().len(),
+            l.bad_joins.len()
+        )
+    });
     println!(
-        "crash test: submitted={TASKS} max_len=1000 completed={} dead_lettered={} lost={} duplicates={} (effects {effects}, duplicate effects {duplicate_effects}, duplicate outputs {duplicate_outputs}) agent_calls={} kills={kills} agent_restarts={agent_restarts} redis_restarts=1 elapsed={:.1}s",
+        "crash test ({} agents): submitted={tasks} max_len=1000 completed={} dead_lettered={} lost={} duplicates={} (effects {effects}, duplicate effects {duplicate_effects}, duplicate outputs {duplicate_outputs}){joins} agent_calls={} kills={kills} agent_restarts={agent_restarts} redis_restarts=1 elapsed={:.1}s",
+        agents.len(),
         per_task.len(),
         dead.len(),
         lost.len(),
@@ -412,14 +507,26 @@ async fn crash_test_zero_lost_zero_duplicates() {
         "an effect was applied twice for one task step"
     );
     assert_eq!(duplicate_outputs, 0, "a task reached the end twice");
+    assert_eq!(duplicate_joins, 0, "a task was joined twice");
+    assert!(
+        l.bad_joins.is_empty(),
+        "joins without both parts: {:?}",
+        &l.bad_joins[..l.bad_joins.len().min(5)]
+    );
     assert!(kills >= 5, "the chaos actually killed engines ({kills})");
     // Every completed task's steps each had exactly one effect.
     for t in per_task.keys() {
-        for s in AGENTS {
+        for s in agents {
             assert_eq!(
-                l.by_logical.get(&(t.clone(), s.to_owned())),
+                l.by_logical.get(&(t.clone(), (*s).to_owned())),
                 Some(&1),
                 "{t} at {s}"
+            );
+        }
+        if joined.is_some() {
+            assert!(
+                joins_seen.lock().unwrap().contains_key(t),
+                "{t} completed without its join being seen"
             );
         }
     }
