@@ -471,7 +471,7 @@ async fn crash(
     let l = ledger.lock().unwrap();
     let duplicate_effects: u64 = l.by_logical.values().map(|n| n.saturating_sub(1)).sum();
     let effects: u64 = l.by_logical.values().sum();
-    let joins = joined.map_or(String::new(), |j| {
+    let joins = joined.map_or(String::new(), |_| {
         format!(
             " joins={} duplicate_joins={duplicate_joins} bad_joins={}",
             joins_seen.lock().unwrap().len(),

@@ -1010,8 +1010,8 @@ fn check_graph(spec: &AgentWorkflowSpec, entry: Option<&str>, e: &mut Vec<FieldE
                         .as_ref()
                         .is_some_and(|j| j.streams.iter().any(|x| x == s))
             })
-            .flat_map(|a| {
-                let read = if a.consumes == s {
+            .flat_map(|a| -> Vec<&str> {
+                if a.consumes == s {
                     a.produces
                         .iter()
                         .map(String::as_str)
@@ -1019,8 +1019,7 @@ fn check_graph(spec: &AgentWorkflowSpec, entry: Option<&str>, e: &mut Vec<FieldE
                         .collect()
                 } else {
                     vec![a.consumes.as_str()]
-                };
-                read
+                }
             })
             .collect()
     };
