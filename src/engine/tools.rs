@@ -174,6 +174,11 @@ impl ToolProxy {
             .is_some_and(|b| b.state() == BreakerState::Open)
     }
 
+    /// The spec of one declared tool.
+    pub fn tool_spec(&self, tool: &str) -> Option<&ToolSpec> {
+        self.tools.get(tool).map(|t| &t.spec)
+    }
+
     /// Breaker state per tool (tools without a breaker are absent).
     pub fn breaker_states(&self) -> BTreeMap<String, BreakerState> {
         self.tools
