@@ -357,3 +357,36 @@ fn the_slo_success_rate_counts_slow_completions_as_failures() {
         "SLO success and the cost model's failures add up: {success} + {failure}"
     );
 }
+
+/// Fallback first (issue 10): the bank's statements are cached (calls draw their account from
+/// `keySpace: 1000`, and 20 s at 100 tasks/s come before the 20 s outage, so all but about
+/// e^-2 ≈ 13.5% of the accounts are cached by then). During the outage most tasks complete
+/// from the cache and only the misses are routed to manual review — not every task of the
+/// outage, as when degraded mode routed everything once the breaker opened.
+#[test]
+fn during_an_outage_cached_answers_complete_and_only_misses_are_routed() {
+    let v = run_json(&[
+        "-f",
+        &fixture("fallback-outage.yaml"),
+        "--tasks",
+        "6000",
+        "--rate",
+        "100",
+        "--seed",
+        "1",
+    ]);
+    assert_accounted(&v);
+    assert!(n(&v, "breaker_trips") >= 1, "{v}");
+    let during_outage = 100 * 20;
+    let expected_misses = during_outage as f64 * (1.0f64 - 1.0 / 1000.0).powi(2000);
+    let routed = n(&v, "routed") as f64;
+    assert!(
+        routed >= expected_misses * 0.5 && routed <= expected_misses * 1.6,
+        "routed {routed}: expected about the {expected_misses:.0} cache misses of the {during_outage} tasks during the outage: {v}"
+    );
+    assert!(
+        n(&v, "fallbacks") as f64 >= (during_outage as f64 - expected_misses) * 0.8,
+        "the cache answers the rest: {v}"
+    );
+    assert!(n(&v, "dead_lettered") * 100 <= n(&v, "submitted"), "{v}");
+}
