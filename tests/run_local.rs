@@ -390,3 +390,36 @@ fn during_an_outage_cached_answers_complete_and_only_misses_are_routed() {
     );
     assert!(n(&v, "dead_lettered") * 100 <= n(&v, "submitted"), "{v}");
 }
+
+/// An agent outage window (`simulate.outages` on an agent) is its container gone: connection
+/// refused. The engine pauses that agent's reads rather than failing its tasks, so the run
+/// still completes every task, only later.
+#[test]
+fn an_agent_outage_pauses_its_engine_and_fails_no_task() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(sample("payment-disputes.yaml")).unwrap();
+    let down = text.replacen(
+        "        latency: {medianMs: 3, p99Ms: 10}\n        calls: [ledger]\n",
+        "        latency: {medianMs: 3, p99Ms: 10}\n        calls: [ledger]\n        outages: [{after: 1s, for: 5s}]\n",
+        1,
+    );
+    assert_ne!(down, text);
+    let path = dir.path().join("wf.yaml");
+    std::fs::write(&path, down).unwrap();
+    for p in ["default-policy.yaml", "bank-policy.yaml"] {
+        std::fs::copy(sample(p), dir.path().join(p)).unwrap();
+    }
+    let v = run_json(&[
+        "-f",
+        path.to_str().unwrap(),
+        "--tasks",
+        "3000",
+        "--seed",
+        "2",
+    ]);
+    assert_accounted(&v);
+    assert_eq!(n(&v, "completed"), 3000, "{v}");
+    assert_eq!(n(&v, "dead_lettered"), 0, "{v}");
+    // The tasks waiting for the resolution agent finished after it came back.
+    assert!(v["latency_ms"]["p999"].as_f64().unwrap() >= 4000.0, "{v}");
+}
