@@ -928,3 +928,101 @@ fn a_join_is_the_fan_in_and_its_mistakes_are_named() {
         "form a cycle reachable from \"tickets\"",
     );
 }
+
+/// The `simulate:` models: a tail is a fixed `ms` or a `pareto` distribution (exactly one, in
+/// the schema's CEL and in `r4 validate`), windows must parse, numbers stay in range.
+#[test]
+fn simulate_blocks_are_checked_naming_the_field() {
+    let sim = |tool: &str, agent: &str| {
+        edit(
+            &edit(
+                WORKFLOW,
+                "{name: ledger, url: \"http://ledger:8080/\"}",
+                &format!("{{name: ledger, url: \"http://ledger:8080/\", simulate: {tool}}}"),
+            ),
+            "saga: {compensate: refund-reversal}",
+            &format!("saga: {{compensate: refund-reversal}}, simulate: {agent}"),
+        )
+    };
+    let good = sim(
+        "{latency: {medianMs: 5, tail: {probability: 0.01, pareto: {scaleMs: 500, shape: 1.5}}}, keySpace: 5000, throttle: {rate: 0.02, retryAfterMs: 500, windows: [{after: 1m, for: 30s}]}}",
+        "{latency: {medianMs: 3, tail: {probability: 0.01, ms: 2000}}, calls: [ledger], outages: [{after: 1m, for: 10s}], slowdowns: [{after: 2m, for: 1m, factor: 4}]}",
+    );
+    let errs = errors_of(&good);
+    assert!(errs.is_empty(), "{errs:#?}");
+    let yaml = |s: &str| -> serde_json::Value { serde_yaml::from_str(s).unwrap() };
+    assert!(cel_errors(&yaml(&good)).is_empty());
+    for tail in [
+        "{probability: 0.01}",
+        "{probability: 0.01, ms: 100, pareto: {scaleMs: 500, shape: 1.5}}",
+    ] {
+        let doc = sim(
+            &format!("{{latency: {{medianMs: 5, tail: {tail}}}}}"),
+            "{latency: {medianMs: 3}}",
+        );
+        assert_refused(
+            &doc,
+            "spec.tools[1].simulate.latency.tail: exactly one of ms and pareto must be set",
+        );
+        let cel = cel_errors(&yaml(&doc));
+        assert!(
+            cel.iter()
+                .any(|e| e.message.contains("exactly one of ms and pareto")),
+            "{cel:#?}"
+        );
+    }
+    let cases = [
+        (
+            sim(
+                "{latency: {medianMs: 5}}",
+                "{latency: {medianMs: 3, tail: {probability: 0.5}}}",
+            ),
+            "spec.agents[2].simulate.latency.tail: exactly one of ms and pareto",
+        ),
+        (
+            sim(
+                "{latency: {medianMs: 5, tail: {probability: 0.1, pareto: {scaleMs: 500, shape: 0}}}}",
+                "{latency: {medianMs: 3}}",
+            ),
+            "spec.tools[1].simulate.latency.tail.pareto.shape",
+        ),
+        (
+            sim(
+                "{latency: {medianMs: 5}, keySpace: 0}",
+                "{latency: {medianMs: 3}}",
+            ),
+            "spec.tools[1].simulate.keySpace",
+        ),
+        (
+            sim(
+                "{latency: {medianMs: 5}, throttle: {rate: 1.5, retryAfterMs: 500}}",
+                "{latency: {medianMs: 3}}",
+            ),
+            "spec.tools[1].simulate.throttle.rate",
+        ),
+        (
+            sim(
+                "{latency: {medianMs: 5}, throttle: {rate: 0.5, retryAfterMs: 500, windows: [{after: 1m, for: 0s}]}}",
+                "{latency: {medianMs: 3}}",
+            ),
+            "spec.tools[1].simulate.throttle.windows[0].for: must be greater than 0",
+        ),
+        (
+            sim(
+                "{latency: {medianMs: 5}}",
+                "{latency: {medianMs: 3}, outages: [{after: soon, for: 1m}]}",
+            ),
+            "spec.agents[2].simulate.outages[0].after",
+        ),
+        (
+            sim(
+                "{latency: {medianMs: 5}}",
+                "{latency: {medianMs: 3}, slowdowns: [{after: 1m, for: 1m, factor: 0.5}]}",
+            ),
+            "spec.agents[2].simulate.slowdowns[0].factor",
+        ),
+    ];
+    for (doc, expected) in &cases {
+        assert_refused(doc, expected);
+    }
+}

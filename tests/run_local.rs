@@ -357,3 +357,69 @@ fn the_slo_success_rate_counts_slow_completions_as_failures() {
         "SLO success and the cost model's failures add up: {success} + {failure}"
     );
 }
+
+/// Fallback first (issue 10): the bank's statements are cached (calls draw their account from
+/// `keySpace: 1000`, and 20 s at 100 tasks/s come before the 20 s outage, so all but about
+/// e^-2 ≈ 13.5% of the accounts are cached by then). During the outage most tasks complete
+/// from the cache and only the misses are routed to manual review — not every task of the
+/// outage, as when degraded mode routed everything once the breaker opened.
+#[test]
+fn during_an_outage_cached_answers_complete_and_only_misses_are_routed() {
+    let v = run_json(&[
+        "-f",
+        &fixture("fallback-outage.yaml"),
+        "--tasks",
+        "6000",
+        "--rate",
+        "100",
+        "--seed",
+        "1",
+    ]);
+    assert_accounted(&v);
+    assert!(n(&v, "breaker_trips") >= 1, "{v}");
+    let during_outage = 100 * 20;
+    let expected_misses = during_outage as f64 * (1.0f64 - 1.0 / 1000.0).powi(2000);
+    let routed = n(&v, "routed") as f64;
+    assert!(
+        routed >= expected_misses * 0.5 && routed <= expected_misses * 1.6,
+        "routed {routed}: expected about the {expected_misses:.0} cache misses of the {during_outage} tasks during the outage: {v}"
+    );
+    assert!(
+        n(&v, "fallbacks") as f64 >= (during_outage as f64 - expected_misses) * 0.8,
+        "the cache answers the rest: {v}"
+    );
+    assert!(n(&v, "dead_lettered") * 100 <= n(&v, "submitted"), "{v}");
+}
+
+/// An agent outage window (`simulate.outages` on an agent) is its container gone: connection
+/// refused. The engine pauses that agent's reads rather than failing its tasks, so the run
+/// still completes every task, only later.
+#[test]
+fn an_agent_outage_pauses_its_engine_and_fails_no_task() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(sample("payment-disputes.yaml")).unwrap();
+    let down = text.replacen(
+        "        latency: {medianMs: 3, p99Ms: 10}\n        calls: [ledger]\n",
+        "        latency: {medianMs: 3, p99Ms: 10}\n        calls: [ledger]\n        outages: [{after: 1s, for: 5s}]\n",
+        1,
+    );
+    assert_ne!(down, text);
+    let path = dir.path().join("wf.yaml");
+    std::fs::write(&path, down).unwrap();
+    for p in ["default-policy.yaml", "bank-policy.yaml"] {
+        std::fs::copy(sample(p), dir.path().join(p)).unwrap();
+    }
+    let v = run_json(&[
+        "-f",
+        path.to_str().unwrap(),
+        "--tasks",
+        "3000",
+        "--seed",
+        "2",
+    ]);
+    assert_accounted(&v);
+    assert_eq!(n(&v, "completed"), 3000, "{v}");
+    assert_eq!(n(&v, "dead_lettered"), 0, "{v}");
+    // The tasks waiting for the resolution agent finished after it came back.
+    assert!(v["latency_ms"]["p999"].as_f64().unwrap() >= 4000.0, "{v}");
+}

@@ -16,7 +16,9 @@ use serde_json::Value;
 use super::common::{DNS_LABEL, DurationStr};
 use super::drill::{ChaosDrill, ChaosDrillSpec, Fault, FaultType};
 use super::policy::{CircuitPolicy, CircuitPolicySpec, WindowKind};
-use super::workflow::{AgentWorkflow, AgentWorkflowSpec, DegradedAction};
+use super::workflow::{
+    AgentWorkflow, AgentWorkflowSpec, DegradedAction, LatencySpec, OutageWindow,
+};
 use super::{API_VERSION, crds};
 
 /// One problem with one field.
@@ -738,6 +740,26 @@ fn positive(errors: &mut Vec<FieldError>, path: &str, d: &DurationStr) -> Option
     Some(v)
 }
 
+/// A simulated latency's tail is `ms` or `pareto`, never both or neither.
+fn sim_latency(errors: &mut Vec<FieldError>, path: &str, l: &LatencySpec) {
+    if let Some(t) = &l.tail
+        && t.ms.is_some() == t.pareto.is_some()
+    {
+        errors.push(FieldError::new(
+            format!("{path}.tail"),
+            "exactly one of ms and pareto must be set",
+        ));
+    }
+}
+
+/// Simulation windows (`after`, `for`) must parse, and last.
+fn sim_windows(errors: &mut Vec<FieldError>, path: &str, windows: &[OutageWindow]) {
+    for (j, w) in windows.iter().enumerate() {
+        dur(errors, &format!("{path}[{j}].after"), &w.after);
+        positive(errors, &format!("{path}[{j}].for"), &w.for_);
+    }
+}
+
 /// Semantic rules of an AgentWorkflow that the schema cannot express (or cannot name precisely).
 /// `name` is `metadata.name`; child object names are derived from it.
 pub fn check_workflow(name: &str, spec: &AgentWorkflowSpec) -> Vec<FieldError> {
@@ -795,10 +817,11 @@ pub fn check_workflow(name: &str, spec: &AgentWorkflowSpec) -> Vec<FieldError> {
             );
         }
         if let Some(sim) = &t.simulate {
-            for (j, w) in sim.outages.iter().enumerate() {
-                let p = format!("spec.tools[{i}].simulate.outages[{j}]");
-                dur(&mut e, &format!("{p}.after"), &w.after);
-                positive(&mut e, &format!("{p}.for"), &w.for_);
+            let p = format!("spec.tools[{i}].simulate");
+            sim_latency(&mut e, &format!("{p}.latency"), &sim.latency);
+            sim_windows(&mut e, &format!("{p}.outages"), &sim.outages);
+            if let Some(th) = &sim.throttle {
+                sim_windows(&mut e, &format!("{p}.throttle.windows"), &th.windows);
             }
         }
     }
@@ -876,6 +899,13 @@ pub fn check_workflow(name: &str, spec: &AgentWorkflowSpec) -> Vec<FieldError> {
             }
         }
         if let Some(sim) = &a.simulate {
+            sim_latency(&mut e, &format!("{p}.simulate.latency"), &sim.latency);
+            sim_windows(&mut e, &format!("{p}.simulate.outages"), &sim.outages);
+            for (j, w) in sim.slowdowns.iter().enumerate() {
+                let wp = format!("{p}.simulate.slowdowns[{j}]");
+                dur(&mut e, &format!("{wp}.after"), &w.after);
+                positive(&mut e, &format!("{wp}.for"), &w.for_);
+            }
             for (j, c) in sim.calls.iter().enumerate() {
                 if !a.tools.contains(c) {
                     e.push(FieldError::new(

@@ -476,16 +476,35 @@ pub struct LatencySpec {
     pub tail: Option<TailSpec>,
 }
 
-/// Heavy tail of a simulated latency.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+/// Heavy tail of a simulated latency: with probability `probability` a call is slow, and
+/// its latency is `ms` ±20% or drawn from a Pareto distribution (exactly one of the two).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("has(self.ms) != has(self.pareto)").message("exactly one of ms and pareto must be set"))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TailSpec {
     /// Probability of a slow call.
     #[schemars(range(min = 0.0, max = 1.0))]
     pub probability: f64,
-    /// Latency of a slow call in milliseconds.
+    /// Latency of a slow call in milliseconds (jittered ±20%).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0.0, max = 600_000.0))]
-    pub ms: f64,
+    pub ms: Option<f64>,
+    /// Latency of a slow call drawn from a Pareto distribution (capped at 10 minutes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pareto: Option<ParetoSpec>,
+}
+
+/// A Pareto (power-law) distribution: `P(X > x) = (scaleMs / x)^shape` for `x >= scaleMs`.
+/// The smaller the shape, the heavier the tail (shape <= 1: no finite mean).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ParetoSpec {
+    /// The smallest value, in milliseconds.
+    #[schemars(range(min = 0.001, max = 600_000.0))]
+    pub scale_ms: f64,
+    /// Tail index (alpha).
+    #[schemars(range(min = 0.1, max = 100.0))]
+    pub shape: f64,
 }
 
 /// A window of simulated outage, relative to the start of the run.
@@ -497,6 +516,38 @@ pub struct OutageWindow {
     /// Length of the outage.
     #[serde(rename = "for")]
     pub for_: DurationStr,
+}
+
+/// A window in which a simulated agent is slower: its latency multiplied by `factor`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SlowdownWindow {
+    /// Start, from the beginning of the run.
+    pub after: DurationStr,
+    /// Length of the slow-down.
+    #[serde(rename = "for")]
+    pub for_: DurationStr,
+    /// Latency multiplier within the window.
+    #[schemars(range(min = 1.0, max = 1000.0))]
+    pub factor: f64,
+}
+
+/// Rate limiting of a simulated tool: a share of calls answered `429 Too Many Requests`
+/// with `Retry-After`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ThrottleSimulation {
+    /// Share of calls answered 429.
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub rate: f64,
+    /// The wait the 429 asks for (`Retry-After`, in whole seconds rounded up, and
+    /// `retry-after-ms`).
+    #[schemars(range(min = 0, max = 3_600_000))]
+    pub retry_after_ms: i64,
+    /// Throttle only within these windows (default: the whole run).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub windows: Vec<OutageWindow>,
 }
 
 /// Simulated tool for `r4 run`.
@@ -513,6 +564,15 @@ pub struct ToolSimulation {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
     pub outages: Vec<OutageWindow>,
+    /// Calls answered 429 with `Retry-After`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub throttle: Option<ThrottleSimulation>,
+    /// How many distinct questions the simulated agents ask this tool: each task's call
+    /// carries one of `keySpace` keys (drawn from the task), so repeats can be answered from
+    /// a fallback cache. Default: every task asks its own question.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1_000_000_000))]
+    pub key_space: Option<i64>,
 }
 
 /// Simulated agent for `r4 run`.
@@ -529,6 +589,15 @@ pub struct AgentSimulation {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
     pub calls: Vec<StreamName>,
+    /// Windows in which the agent cannot be reached (connection refused): the engine pauses
+    /// its reads, no task fails for it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub outages: Vec<OutageWindow>,
+    /// Windows in which the agent's own latency is multiplied.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub slowdowns: Vec<SlowdownWindow>,
 }
 
 /// Observed state of an AgentWorkflow.

@@ -305,6 +305,26 @@ impl WorkflowConfig {
             .collect()
     }
 
+    /// Whether `tool`'s fallback may answer a call the tool cannot: a `static` answer always
+    /// may; a `cache` only for read-only calls (a write's answer is never replayed), so not for
+    /// a tool declared `readOnly: false`, nor a plain HTTP tool not declared read-only (an MCP
+    /// tool's calls may be read-only by their annotations). Degraded mode delivers tasks
+    /// needing such a tool while it is down, and downgrades only those the fallback could not
+    /// serve.
+    pub fn fallback_may_answer(&self, tool: &str) -> bool {
+        let Some(t) = self.spec.tools.iter().find(|t| t.name == tool) else {
+            return false;
+        };
+        match &t.fallback {
+            Some(f) if f.static_response.is_some() => true,
+            Some(f) if f.cache.is_some() => match t.read_only {
+                Some(ro) => ro,
+                None => super::tools::protocol_of(t) == crate::api::workflow::ToolProtocol::Mcp,
+            },
+            _ => false,
+        }
+    }
+
     /// Every switch engaged in the spec (`killSwitches.all`, `.agents`, `.tools`), which
     /// [`super::killswitch::watch`] merges into the state it publishes.
     pub fn spec_switches(&self) -> super::killswitch::SpecSwitches {

@@ -231,11 +231,12 @@ impl AgentRole {
                 last_down_check = Some(Instant::now());
                 self.refresh_downgrade(&state, &down_tx).await;
             }
+            // A down tool whose fallback may answer pauses nothing: its tasks are delivered.
             let paused = state.stops(Some(&self.agent.name))
                 || down_tx
                     .borrow()
                     .as_ref()
-                    .is_some_and(|d| d.action == DegradedAction::Pause);
+                    .is_some_and(|d| d.action == DegradedAction::Pause && d.before_delivery());
             // Acknowledge only once we are really not reading any more
             // (we are between reads here).
             acker.set(state.version, paused);
@@ -481,6 +482,7 @@ impl AgentRole {
         }
         let mut down: BTreeSet<String> = state.tools.clone();
         down.extend(self.cfg.spec_killed_tools());
+        let killed = down.clone();
         match super::breakers::BreakerStates::new(self.queue.as_ref(), &self.cfg.keys)
             .open_tools()
             .await
@@ -488,11 +490,17 @@ impl AgentRole {
             Ok(open) => down.extend(open),
             Err(e) => tracing::warn!(error = %e, "cannot read breaker states"),
         }
-        let next = degraded::decide(&self.agent, &down);
+        // Open but not killed (the proxy refuses a killed tool before any fallback).
+        let served: BTreeSet<String> = down
+            .difference(&killed)
+            .filter(|t| self.cfg.fallback_may_answer(t))
+            .cloned()
+            .collect();
+        let next = degraded::decide(&self.agent, &down, &served);
         let changed = {
             let cur = tx.borrow();
-            cur.as_ref().map(|d| (d.action, &d.tools))
-                != next.as_ref().map(|d| (d.action, &d.tools))
+            cur.as_ref().map(|d| (d.action, &d.tools, &d.fallback))
+                != next.as_ref().map(|d| (d.action, &d.tools, &d.fallback))
         };
         if changed {
             tracing::warn!(agent = %self.agent.name, downgrade = ?next, "degraded mode changed");
@@ -869,49 +877,25 @@ async fn gate(
             }
         }
     }
-    // Degraded mode applies to tasks, not to compensations.
+    // Degraded mode applies to tasks, not to compensations; a down tool whose
+    // fallback may answer downgrades only the tasks it could not serve, after
+    // delivery (see `deliver`).
     let downgrade = ctx.downgrade.borrow().clone();
     if step.compensation.is_none()
-        && let Some(d) = downgrade
+        && let Some(d) = downgrade.filter(Downgrade::before_delivery)
     {
         match d.action {
-            DegradedAction::Route => {
-                let to = d.to.clone().unwrap_or_default();
-                let mut routed = task.clone();
-                routed.step = None;
-                routed.traceparent = Some(child_traceparent(task.traceparent.as_deref()));
-                let out = vec![(ctx.cfg.keys.stream(&to), routed.encode())];
-                if let Some(c) = complete(ctx, entry, &step.inbox, out, vec![], vec![]).await {
-                    let o = match c {
-                        Completion::AlreadyDone => Outcome::Duplicate,
-                        Completion::Published { .. } => {
-                            tracing::info!(task = %task.task_id, step = %ctx.agent.name, reason = "degraded-route", to = %to, "routed");
-                            Outcome::Routed
-                        }
-                        Completion::Full { stream } => {
-                            tracing::warn!(task = %task.task_id, step = %ctx.agent.name, reason = "route-target-full", stream = %stream, "left pending: the degraded-mode route is at queue.maxLen");
-                            return None;
-                        }
-                        _ => return None,
-                    };
-                    ctx.stats.record(o, started.elapsed(), Duration::ZERO);
-                }
-                return None;
-            }
-            DegradedAction::Fail => {
-                let msg = format!("required tools down: {}", d.tools.join(", "));
+            DegradedAction::Route | DegradedAction::Fail => {
+                let why = format!("required tools down: {}", d.tools.join(", "));
                 let tool = d.tools.first().cloned();
-                let rec = record(
-                    ctx,
-                    entry,
-                    Some(task),
-                    reason::DEGRADED,
-                    &msg,
-                    vec![],
+                let down = Downgraded {
+                    downgrade: &d,
+                    why: &why,
                     tool,
-                    true,
-                );
-                dead_letter(ctx, entry, rec, None, started).await;
+                    history: vec![],
+                    attempts_key: None,
+                };
+                downgrade_task(ctx, entry, task, &step.inbox, down, started).await;
                 return None;
             }
             // Pause: the loop stopped reading; an entry already read is delivered.
@@ -951,6 +935,106 @@ async fn gate(
         return None;
     }
     Some(round)
+}
+
+/// A task degraded mode takes over, and why.
+struct Downgraded<'a> {
+    downgrade: &'a Downgrade,
+    /// The error of the DLQ record (`Fail`).
+    why: &'a str,
+    /// The down tool the task needed.
+    tool: Option<String>,
+    /// Attempts made before (for the DLQ record).
+    history: Vec<Attempt>,
+    /// The round's attempt history, removed once the task is settled.
+    attempts_key: Option<&'a str>,
+}
+
+/// Downgrade a task (`Route` or `Fail`): route it to `to` — its outputs,
+/// the ack and its inbox key in one atomic step through [`complete`],
+/// counted [`Outcome::Routed`] — or dead-letter it with reason `degraded`
+/// (replayable: the repair role replays it once the tool is back).
+async fn downgrade_task(
+    ctx: &Ctx,
+    entry: &StreamEntry,
+    task: &Task,
+    inbox: &str,
+    down: Downgraded<'_>,
+    started: Instant,
+) {
+    let d = down.downgrade;
+    if d.action == DegradedAction::Fail {
+        let rec = record(
+            ctx,
+            entry,
+            Some(task),
+            reason::DEGRADED,
+            down.why,
+            down.history,
+            down.tool,
+            true,
+        );
+        dead_letter(ctx, entry, rec, down.attempts_key, started).await;
+        return;
+    }
+    let to = d.to.clone().unwrap_or_default();
+    let mut routed = task.clone();
+    routed.step = None;
+    routed.traceparent = Some(child_traceparent(task.traceparent.as_deref()));
+    let out = vec![(ctx.cfg.keys.stream(&to), routed.encode())];
+    let Some(c) = complete(ctx, entry, inbox, out, vec![], vec![]).await else {
+        return;
+    };
+    let o = match c {
+        Completion::AlreadyDone => Outcome::Duplicate,
+        Completion::Published { .. } => {
+            tracing::info!(task = %task.task_id, step = %ctx.agent.name, reason = "degraded-route", to = %to, tool = ?down.tool, error = %down.why, "routed");
+            Outcome::Routed
+        }
+        Completion::Full { stream } => {
+            tracing::warn!(task = %task.task_id, step = %ctx.agent.name, reason = "route-target-full", stream = %stream, "left pending: the degraded-mode route is at queue.maxLen");
+            return;
+        }
+        _ => return,
+    };
+    if let Some(k) = down.attempts_key {
+        let _ = ctx.queue.del(&[k.to_owned()]).await;
+    }
+    ctx.stats.record(o, started.elapsed(), Duration::ZERO);
+}
+
+/// The downgrade that takes over a failed delivery: a retryable failure of
+/// a task (not a compensation) attributed to a tool that is down now, in
+/// the agent's `whenToolsDown` — its fallback could not answer the call.
+fn downgraded_failure(ctx: &Ctx, err: &DeliveryError, compensating: bool) -> Option<Downgrade> {
+    if err.permanent || compensating {
+        return None;
+    }
+    let tool = err.tool.as_deref()?;
+    ctx.downgrade.borrow().clone().filter(|d| d.covers(tool))
+}
+
+/// `Pause` after delivery: hold `entry` (idle time refreshed, no delivery
+/// counted) while `tool` stays down. `false` on shutdown or when the entry
+/// is no longer ours.
+async fn wait_while_down(ctx: &Ctx, entry: &StreamEntry, tool: &str) -> bool {
+    let mut shutdown = ctx.shutdown.clone();
+    loop {
+        if !keep(ctx, entry).await {
+            return false;
+        }
+        if wait_or_shutdown(&mut shutdown, hold_step(ctx).min(AGENT_PROBE_MAX)).await {
+            return false;
+        }
+        if ctx
+            .downgrade
+            .borrow()
+            .as_ref()
+            .is_none_or(|d| !d.covers(tool))
+        {
+            return true;
+        }
+    }
 }
 
 /// Deliver: attempt after attempt until the agent answers, the failure is
@@ -1049,6 +1133,46 @@ async fn deliver(
             }
             Err(e) => {
                 agent_answers(ctx);
+                // Fallback first: the task was delivered although a tool it needs
+                // is down, and the fallback could not answer its call.
+                if let Some(d) = downgraded_failure(ctx, &e, compensation.is_some()) {
+                    let tool = e.tool.clone().unwrap_or_default();
+                    if d.action == DegradedAction::Pause {
+                        drop(slots.permit.take());
+                        tracing::info!(task = %task.task_id, step = %ctx.agent.name, reason = "degraded-pause", tool = %tool, "held until the tool is back");
+                        if !wait_while_down(ctx, &entry, &tool).await {
+                            return; // left pending
+                        }
+                        slots.permit = match ctx.sem.clone().acquire_owned().await {
+                            Ok(p) => Some(p),
+                            Err(_) => return,
+                        };
+                        continue;
+                    }
+                    drop(slots.permit.take());
+                    let mut whole = task.clone();
+                    whole.payload = req.payload.clone();
+                    let why = format!("tool {tool} down and its fallback could not answer: {e}");
+                    let mut history = history_of(&task, &round);
+                    history.push(Attempt {
+                        attempt: entry.delivery_count,
+                        round: task.replays,
+                        at_ms: task::now_ms(),
+                        engine: ctx.engine_id.clone(),
+                        error: e.message.clone(),
+                        kind: "degraded".into(),
+                        tool: e.tool.clone(),
+                    });
+                    let down = Downgraded {
+                        downgrade: &d,
+                        why: &why,
+                        tool: e.tool.clone(),
+                        history,
+                        attempts_key: (!round.is_empty()).then_some(attempts_key.as_str()),
+                    };
+                    downgrade_task(ctx, &entry, &whole, &inbox, down, started).await;
+                    return;
+                }
                 (e, reason::PERMANENT)
             }
         };

@@ -7,6 +7,15 @@
 //! (route, pause, fail) is the consumer's; this module only decides and
 //! announces: key `r4:{ns/wf}:degraded:<agent>` (JSON, removed on recovery)
 //! and a message on `r4:{ns/wf}:degraded:chan`.
+//!
+//! Fallback first: a tool whose breaker is open but whose fallback may still
+//! answer (a cache of earlier answers, a static answer; see
+//! [`super::config::WorkflowConfig::fallback_may_answer`]) is listed in
+//! [`Downgrade::fallback`]. While every down tool is such a tool, tasks are
+//! still delivered ([`Downgrade::before_delivery`] is false) and only those
+//! whose call the fallback could not answer are downgraded, after delivery.
+//! A killed tool is refused by the proxy before any fallback, so it never
+//! counts as served.
 
 use std::collections::BTreeSet;
 
@@ -27,11 +36,33 @@ pub struct Downgrade {
     pub to: Option<String>,
     /// The required tools that are down.
     pub tools: Vec<String>,
+    /// Of `tools`, those whose fallback may still answer for them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fallback: Vec<String>,
     pub since_ms: u64,
 }
 
-/// The downgrade `agent` is in, given the tools that are down.
-pub fn decide(agent: &Agent, down: &BTreeSet<String>) -> Option<Downgrade> {
+impl Downgrade {
+    /// Whether tasks are downgraded before they are delivered: some down tool has no fallback
+    /// that could answer for it. Otherwise tasks are delivered and only a failure attributed
+    /// to a down tool downgrades the task ([`Downgrade::covers`]).
+    pub fn before_delivery(&self) -> bool {
+        self.tools.iter().any(|t| !self.fallback.contains(t))
+    }
+
+    /// Whether a failure attributed to `tool` is this downgrade's to handle.
+    pub fn covers(&self, tool: &str) -> bool {
+        self.tools.iter().any(|t| t == tool)
+    }
+}
+
+/// The downgrade `agent` is in, given the tools that are down and, among them, those whose
+/// fallback may answer for them (`served`).
+pub fn decide(
+    agent: &Agent,
+    down: &BTreeSet<String>,
+    served: &BTreeSet<String>,
+) -> Option<Downgrade> {
     let mode = agent.degraded.as_ref()?;
     let tools: Vec<String> = mode
         .when_tools_down
@@ -39,11 +70,17 @@ pub fn decide(agent: &Agent, down: &BTreeSet<String>) -> Option<Downgrade> {
         .filter(|t| down.contains(*t))
         .cloned()
         .collect();
+    let fallback = tools
+        .iter()
+        .filter(|t| served.contains(*t))
+        .cloned()
+        .collect();
     (!tools.is_empty()).then(|| Downgrade {
         agent: agent.name.clone(),
         action: mode.action,
         to: mode.to.clone(),
         tools,
+        fallback,
         since_ms: super::task::now_ms(),
     })
 }
@@ -105,9 +142,15 @@ mod tests {
             }),
         };
         let down = |t: &[&str]| t.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
-        assert!(decide(&agent, &down(&["crm"])).is_none());
-        let d = decide(&agent, &down(&["bank", "crm"])).unwrap();
+        let none = BTreeSet::new();
+        assert!(decide(&agent, &down(&["crm"]), &none).is_none());
+        let d = decide(&agent, &down(&["bank", "crm"]), &none).unwrap();
         assert_eq!(d.tools, vec!["bank".to_owned()]);
         assert_eq!(d.to.as_deref(), Some("manual"));
+        assert!(d.before_delivery() && d.covers("bank") && !d.covers("crm"));
+        // The bank's fallback answers for it: tasks are delivered, failures downgraded.
+        let d = decide(&agent, &down(&["bank", "crm"]), &down(&["bank", "crm"])).unwrap();
+        assert_eq!(d.fallback, vec!["bank".to_owned()]);
+        assert!(!d.before_delivery() && d.covers("bank"));
     }
 }

@@ -55,25 +55,53 @@ impl PolicyRequest for ToolCall {
 
     fn cache_key(&self) -> Option<String> {
         // Only a read-only answer may be served again: replaying a write's answer would claim an
-        // effect that did not happen. The key is the request, so the same statement query gets
-        // the same cached statement.
+        // effect that did not happen. The key is the question — method, path, body — and not who
+        // asks it, so two tasks asking for the same statement share one cached answer.
         if !self.read_only {
             return None;
         }
-        let body = cacheable_body(&self.request.body);
-        Some(format!(
-            "{} {} {}",
-            self.request.method, self.request.url, body
-        ))
+        let path = match reqwest::Url::parse(&self.request.url) {
+            Ok(u) => match u.query() {
+                Some(q) => format!("{}?{q}", u.path()),
+                None => u.path().to_owned(),
+            },
+            Err(_) => self.request.url.clone(),
+        };
+        let key = self.request.header(IDEMPOTENCY_HEADER);
+        let body = cacheable_body(&self.request.body, key);
+        Some(format!("{} {path} {body}", self.request.method))
     }
 }
 
-/// The body with the JSON-RPC `id` removed (it differs per call, the question does not).
-fn cacheable_body(body: &[u8]) -> String {
+/// The body as a cache key: what differs per call although the question does not is removed —
+/// the JSON-RPC `id`, any member named like an idempotency key (`idempotency_key`,
+/// `idempotencyKey`, `Idempotency-Key`, at any depth) and any string equal to the call's
+/// `Idempotency-Key`. JSON is re-serialised with sorted members, so member order does not
+/// matter either. The `Idempotency-Key` header itself is never part of the key.
+fn cacheable_body(body: &[u8], idempotency_key: Option<&str>) -> String {
+    fn strip(v: &mut serde_json::Value, key: Option<&str>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                m.retain(|name, value| {
+                    let name: String = name
+                        .chars()
+                        .filter(|c| c.is_ascii_alphanumeric())
+                        .map(|c| c.to_ascii_lowercase())
+                        .collect();
+                    name != "idempotencykey" && !(key.is_some() && value.as_str() == key)
+                });
+                m.values_mut().for_each(|v| strip(v, key));
+            }
+            serde_json::Value::Array(a) => a.iter_mut().for_each(|v| strip(v, key)),
+            _ => {}
+        }
+    }
     match serde_json::from_slice::<serde_json::Value>(body) {
         Ok(serde_json::Value::Object(mut m)) => {
             m.remove("id");
-            serde_json::Value::Object(m).to_string()
+            let mut v = serde_json::Value::Object(m);
+            strip(&mut v, idempotency_key.filter(|k| !k.is_empty()));
+            v.to_string()
         }
         _ => String::from_utf8_lossy(body).into_owned(),
     }
@@ -172,6 +200,11 @@ impl ToolProxy {
             .get(tool)
             .and_then(|t| t.stack_breaker.as_ref())
             .is_some_and(|b| b.state() == BreakerState::Open)
+    }
+
+    /// The spec of one declared tool.
+    pub fn tool_spec(&self, tool: &str) -> Option<&ToolSpec> {
+        self.tools.get(tool).map(|t| &t.spec)
     }
 
     /// Breaker state per tool (tools without a breaker are absent).
@@ -1108,6 +1141,53 @@ agents:
         assert_eq!(tool.requests.load(Ordering::SeqCst), sent);
         assert!(p.is_down("bank"));
         assert!(p.counters()["bank"].fallbacks >= 4);
+    }
+
+    #[test]
+    fn the_cache_key_is_the_question_not_who_asks_it() {
+        let key = |url: &str, key: &str, body: &str| {
+            let mut c = ToolCall {
+                request: keyed(key, body),
+                idempotent: true,
+                read_only: true,
+            };
+            c.request.url = url.to_owned();
+            c.cache_key().unwrap()
+        };
+        let url = "http://bank:8080/mcp";
+        let q = r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"statement","arguments":{"account":"42"}}}"#;
+        let base = key(url, "t1:investigation", q);
+        assert!(
+            !base.contains("t1:investigation") && !base.contains("bank:8080"),
+            "{base}"
+        );
+        // Another task, another JSON-RPC id, members in another order: the same question.
+        let reordered = r#"{"params":{"arguments":{"account":"42"},"name":"statement"},"method":"tools/call","id":"x-9","jsonrpc":"2.0"}"#;
+        assert_eq!(key(url, "t2:investigation", reordered), base);
+        // An idempotency key carried in the body, by name or by value, is not the question.
+        let with_key = |k: &str| {
+            format!(
+                r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"statement","arguments":{{"account":"42","idempotency_key":"{k}"}},"_meta":{{"idempotencyKey":"{k}","request":"{k}"}}}}}}"#
+            )
+        };
+        assert_eq!(
+            key(url, "t3:investigation", &with_key("t3:investigation")),
+            key(url, "t4:investigation", &with_key("t4:investigation")),
+        );
+        // A different question, path or method is a different key.
+        assert_ne!(key(url, "t1:investigation", &q.replace("42", "43")), base);
+        assert_ne!(key("http://bank:8080/mcp/v2", "t1:investigation", q), base);
+        let mut get = ToolCall {
+            request: keyed("t1:investigation", q),
+            idempotent: true,
+            read_only: true,
+        };
+        get.request.url = url.into();
+        get.request.method = "PUT".into();
+        assert_ne!(get.cache_key().unwrap(), base);
+        // Writes are never cached.
+        get.read_only = false;
+        assert_eq!(get.cache_key(), None);
     }
 
     #[tokio::test]

@@ -1,5 +1,6 @@
 //! A simulated agent as a [`Delivery`]: the `simulate:` block of an agent (its own latency and
-//! error rate, and the tool calls it makes per task, through the real tool proxy). Terminal
+//! error rate, outage and slow-down windows, and the tool calls it makes per task, through the
+//! real tool proxy, with arguments drawn from each tool's `keySpace`). Terminal
 //! agents (those that produce nothing) record each task they finish, so `r4 run` counts
 //! completions on the agents' side, independently of the engine's bookkeeping.
 
@@ -10,7 +11,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use tokio::time::Instant;
 
-use super::sim::{EffectLedger, LatencyModel};
+use super::sim::{EffectLedger, LatencyModel, OutageSchedule, SlowdownSchedule};
 use crate::api::workflow::AgentSpec;
 use crate::engine::delivery::{
     Delivery, DeliveryError, DeliveryFuture, DeliveryRequest, Outputs, RequestKind,
@@ -53,9 +54,16 @@ impl Finished {
 pub struct SimAgent {
     name: String,
     tools: Vec<String>,
-    calls: Vec<String>,
+    /// The tool calls per task, each with the tool's `keySpace` (`None`: one key per task).
+    calls: Vec<(String, Option<u64>)>,
     latency: LatencyModel,
     error_rate: f64,
+    outages: OutageSchedule,
+    slowdowns: SlowdownSchedule,
+    /// Seeds the draw of call arguments, so a run is repeatable.
+    seed: u64,
+    /// When the run started (outage and slow-down windows are relative to it).
+    start: Instant,
     terminal: bool,
     proxy: Arc<ToolProxy>,
     rng: Mutex<SmallRng>,
@@ -76,18 +84,42 @@ impl SimAgent {
             .simulate
             .as_ref()
             .ok_or_else(|| format!("agent {:?} has no simulate block", spec.name))?;
+        let calls = sim
+            .calls
+            .iter()
+            .map(|t| {
+                let key_space = proxy
+                    .tool_spec(t)
+                    .and_then(|s| s.simulate.as_ref())
+                    .and_then(|s| s.key_space)
+                    .and_then(|k| u64::try_from(k).ok())
+                    .filter(|k| *k > 0);
+                (t.clone(), key_space)
+            })
+            .collect();
         Ok(Self {
             name: spec.name.clone(),
             tools: spec.tools.clone(),
-            calls: sim.calls.clone(),
+            calls,
             latency: LatencyModel::new(&sim.latency),
             error_rate: sim.error_rate,
+            outages: OutageSchedule::new(&sim.outages)?,
+            slowdowns: SlowdownSchedule::new(&sim.slowdowns)?,
+            seed,
+            start: Instant::now(),
             terminal: false,
             proxy,
             rng: Mutex::new(SmallRng::seed_from_u64(seed)),
             finished,
             ledger,
         })
+    }
+
+    /// The instant the run started, which outage and slow-down windows count from (default:
+    /// when the agent was made).
+    pub fn started_at(mut self, start: Instant) -> Self {
+        self.start = start;
+        self
     }
 
     /// Mark this agent as the end of the workflow: a task it finishes is complete. `r4 run`
@@ -110,6 +142,14 @@ impl SimAgent {
             );
             return Ok(Outputs::PassThrough);
         }
+        let elapsed = self.start.elapsed();
+        if self.outages.is_down(elapsed) {
+            // As a stopped container: nothing listens, the connection is refused.
+            return Err(DeliveryError::unreachable(format!(
+                "agent {}: connection refused (simulated outage)",
+                self.name
+            )));
+        }
         let (delay, fails) = {
             let mut rng = crate::resilience::lock(&self.rng);
             (
@@ -117,17 +157,17 @@ impl SimAgent {
                 rng.random::<f64>() < self.error_rate,
             )
         };
-        tokio::time::sleep(delay).await;
+        tokio::time::sleep(delay.mul_f64(self.slowdowns.factor(elapsed))).await;
         if fails {
             return Err(DeliveryError::retryable(format!(
                 "agent {} failed (simulated)",
                 self.name
             )));
         }
-        for tool in &self.calls {
+        for (tool, key_space) in &self.calls {
             let body = serde_json::json!({
                 "jsonrpc": "2.0", "id": 1, "method": "tools/call",
-                "params": {"name": tool, "arguments": {"task_id": req.task_id}},
+                "params": {"name": tool, "arguments": self.arguments(req, tool, *key_space)},
             });
             let mut call = HttpRequest::post("", body.to_string().into_bytes());
             call.headers
@@ -153,6 +193,55 @@ impl SimAgent {
     }
 }
 
+impl SimAgent {
+    /// The arguments of a call to `tool` for this task. With a key space, one of `key_space`
+    /// keys, drawn from the task's payload (so a redelivered task asks the same question and a
+    /// seeded run repeats itself); without, the task's own id (every task asks its own).
+    fn arguments(
+        &self,
+        req: &DeliveryRequest,
+        tool: &str,
+        key_space: Option<u64>,
+    ) -> serde_json::Value {
+        match key_space {
+            None => serde_json::json!({"task_id": req.task_id}),
+            Some(n) => {
+                let mut h = Fnv::new(self.seed);
+                h.write(tool.as_bytes());
+                h.write(req.payload.to_string().as_bytes());
+                serde_json::json!({"key": h.finish() % n})
+            }
+        }
+    }
+}
+
+/// FNV-1a, seeded: a stable hash (the standard library's may change between releases, and a
+/// seeded run must give the same figures).
+struct Fnv(u64);
+
+impl Fnv {
+    fn new(seed: u64) -> Self {
+        let mut h = Fnv(0xcbf2_9ce4_8422_2325);
+        h.write(&seed.to_le_bytes());
+        h
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    /// The hash, its bits mixed so that `% n` is uniform for any `n`.
+    fn finish(&self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 33;
+        x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        x ^= x >> 33;
+        x
+    }
+}
+
 impl Delivery for SimAgent {
     fn deliver<'a>(&'a self, req: &'a DeliveryRequest) -> DeliveryFuture<'a> {
         Box::pin(async move {
@@ -164,5 +253,127 @@ impl Delivery for SimAgent {
                 ))),
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::api::workflow::AgentWorkflowSpec;
+    use crate::engine::tools::Transport;
+    use crate::resilience::{BoxError, HttpResponse};
+
+    /// A workflow with one agent `a` calling tool `bank` (simulated as `tool_sim`).
+    fn spec(agent_sim: &str, tool_sim: &str) -> AgentWorkflowSpec {
+        serde_yaml::from_str(&format!(
+            "queue: {{redis: {{url: \"redis://x\"}}}}\n\
+             tools:\n  - {{name: bank, url: \"http://bank/mcp\", readOnly: true, simulate: {tool_sim}}}\n\
+             agents:\n  - {{name: a, image: i, consumes: in, tools: [bank], simulate: {agent_sim}}}\n"
+        ))
+        .unwrap()
+    }
+
+    /// The agent of `spec`, its tool answering 200 and recording the arguments it was asked.
+    fn agent(spec: &AgentWorkflowSpec) -> (SimAgent, Arc<Mutex<Vec<serde_json::Value>>>) {
+        let seen: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
+        let s2 = seen.clone();
+        let transport: Transport =
+            tower::util::BoxCloneService::new(tower::service_fn(move |r: HttpRequest| {
+                let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+                s2.lock().unwrap().push(body["params"]["arguments"].clone());
+                async { Ok::<_, BoxError>(HttpResponse::new(200, "{}")) }
+            }));
+        let proxy =
+            ToolProxy::new(spec, &BTreeMap::new(), &|_| transport.clone(), None, None).unwrap();
+        proxy.set_killed(BTreeSet::new());
+        let a = SimAgent::new(
+            &spec.agents[0],
+            7,
+            Arc::new(proxy),
+            Arc::default(),
+            Arc::default(),
+        )
+        .unwrap();
+        (a, seen)
+    }
+
+    fn task(n: u64) -> DeliveryRequest {
+        DeliveryRequest {
+            task_id: format!("task-{n}"),
+            step: "a".into(),
+            kind: RequestKind::Task,
+            compensation: None,
+            payload: serde_json::json!({"n": n}),
+            attempt: 1,
+            idempotency_key: format!("task-{n}:a"),
+            traceparent: String::new(),
+            deadline: Duration::from_secs(60),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn calls_draw_their_arguments_from_the_key_space() {
+        let (a, seen) = agent(&spec(
+            "{latency: {medianMs: 1}, calls: [bank]}",
+            "{latency: {medianMs: 1}, keySpace: 50}",
+        ));
+        for n in 0..5000 {
+            a.deliver(&task(n)).await.unwrap();
+        }
+        // The same task asks the same question again.
+        a.deliver(&task(17)).await.unwrap();
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen[17], seen[5000]);
+        let mut per_key: BTreeMap<u64, u32> = BTreeMap::new();
+        for args in &seen[..5000] {
+            *per_key.entry(args["key"].as_u64().unwrap()).or_default() += 1;
+        }
+        // 50 keys, each drawn about 100 times.
+        assert_eq!(per_key.len(), 50, "{per_key:?}");
+        assert!(per_key.keys().all(|k| *k < 50));
+        assert!(
+            per_key.values().all(|c| (55..=145).contains(c)),
+            "{per_key:?}"
+        );
+        // Without a key space every task asks its own question.
+        let (a, seen) = agent(&spec(
+            "{latency: {medianMs: 1}, calls: [bank]}",
+            "{latency: {medianMs: 1}}",
+        ));
+        a.deliver(&task(1)).await.unwrap();
+        assert_eq!(
+            seen.lock().unwrap()[0],
+            serde_json::json!({"task_id": "task-1"})
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_agent_outage_refuses_connections_and_a_slowdown_multiplies_latency() {
+        let (a, seen) = agent(&spec(
+            "{latency: {medianMs: 100, p99Ms: 100}, calls: [bank], outages: [{after: 10s, for: 5s}], slowdowns: [{after: 20s, for: 5s, factor: 3}]}",
+            "{latency: {medianMs: 1}}",
+        ));
+        let t0 = Instant::now();
+        a.deliver(&task(1)).await.unwrap();
+        assert_eq!(t0.elapsed(), Duration::from_millis(100));
+        tokio::time::sleep_until(t0 + Duration::from_secs(10)).await;
+        let e = a.deliver(&task(2)).await.unwrap_err();
+        assert!(e.unreachable && !e.permanent, "{e:?}");
+        assert_eq!(seen.lock().unwrap().len(), 1, "no call made while down");
+        tokio::time::sleep_until(t0 + Duration::from_secs(15)).await;
+        let t = Instant::now();
+        a.deliver(&task(3)).await.unwrap();
+        assert_eq!(t.elapsed(), Duration::from_millis(100));
+        tokio::time::sleep_until(t0 + Duration::from_secs(20)).await;
+        let t = Instant::now();
+        a.deliver(&task(4)).await.unwrap();
+        assert_eq!(t.elapsed(), Duration::from_millis(300));
+        tokio::time::sleep_until(t0 + Duration::from_secs(25)).await;
+        let t = Instant::now();
+        a.deliver(&task(5)).await.unwrap();
+        assert_eq!(t.elapsed(), Duration::from_millis(100));
     }
 }

@@ -1,18 +1,19 @@
 //! A simulated tool as a [`Transport`]: the `simulate:` block of a tool (latency, error rate,
-//! outage windows) plus whatever faults a drill imposes. It honours `Idempotency-Key` the way a
+//! outage windows, rate limiting with `429` + `Retry-After`) plus whatever faults a drill imposes. It honours `Idempotency-Key` the way a
 //! payments API does (an effect is applied once per key) and records every applied effect in
 //! the [`EffectLedger`], which is how `r4 run` counts duplicated side effects without trusting
 //! the engine.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use tokio::time::Instant;
 use tower::util::BoxCloneService;
 
-use super::sim::{EffectLedger, FaultSource, LatencyModel, OutageSchedule};
+use super::sim::{EffectLedger, FaultSource, LatencyModel, OutageSchedule, ThrottleModel};
 use crate::api::workflow::ToolSpec;
 use crate::engine::tools::{IDEMPOTENCY_HEADER, Transport};
 use crate::resilience::{BoxError, HttpRequest, HttpResponse, ResilienceError};
@@ -23,6 +24,7 @@ pub struct SimTool {
     latency: LatencyModel,
     error_rate: f64,
     outages: OutageSchedule,
+    throttle: Option<ThrottleModel>,
     read_only: bool,
     ledger: Arc<EffectLedger>,
     faults: Arc<dyn FaultSource>,
@@ -49,6 +51,7 @@ impl SimTool {
             latency: LatencyModel::new(&sim.latency),
             error_rate: sim.error_rate,
             outages: OutageSchedule::new(&sim.outages)?,
+            throttle: sim.throttle.as_ref().map(ThrottleModel::new).transpose()?,
             read_only: spec.read_only.unwrap_or(false),
             ledger,
             faults,
@@ -81,6 +84,13 @@ impl SimTool {
             .into());
         }
         self.requests.fetch_add(1, Ordering::Relaxed);
+        if let Some(th) = &self.throttle {
+            // Drawn only when throttling is simulated, so other tools' runs stay as they were.
+            let unit = crate::resilience::lock(&self.rng).random::<f64>();
+            if let Some(wait) = th.throttled(self.start.elapsed(), unit) {
+                return Ok(too_many_requests(&self.name, wait));
+            }
+        }
         let (mut delay, fail, slow_draw) = {
             let mut rng = crate::resilience::lock(&self.rng);
             let d = self.latency.sample(&mut *rng);
@@ -111,11 +121,21 @@ impl SimTool {
     }
 }
 
+/// `429 Too Many Requests` asking for `wait`: `Retry-After` in whole seconds (rounded up, as
+/// HTTP has it) and `retry-after-ms` for the precise value.
+fn too_many_requests(tool: &str, wait: Duration) -> HttpResponse {
+    let mut r = HttpResponse::new(429, format!("{{\"error\":\"{tool} rate limit\"}}"));
+    let ms = wait.as_millis();
+    r.headers
+        .push(("retry-after".into(), ms.div_ceil(1000).to_string()));
+    r.headers.push(("retry-after-ms".into(), ms.to_string()));
+    r
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::local::sim::{NoFaults, ToolFaults};
-    use std::time::Duration;
     use tower::ServiceExt;
 
     fn spec(yaml: &str) -> ToolSpec {
@@ -202,5 +222,45 @@ mod tests {
         }
         let rate = failed as f64 / 4000.0;
         assert!((rate - 0.25).abs() < 0.03, "{rate}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn throttled_calls_get_429_with_retry_after() {
+        let y = "{name: bank, url: 'http://x', simulate: {latency: {medianMs: 1}, throttle: {rate: 0.1, retryAfterMs: 1500}}}";
+        let t = tool(y, 3, Arc::new(NoFaults));
+        let mut throttled = 0;
+        for i in 0..5000 {
+            let r = t
+                .transport()
+                .oneshot(keyed(&format!("{i}:s")))
+                .await
+                .unwrap();
+            if r.status == 429 {
+                throttled += 1;
+                assert_eq!(r.header("retry-after"), Some("2"));
+                assert_eq!(r.retry_after(), Some(Duration::from_millis(1500)));
+            } else {
+                assert_eq!(r.status, 200);
+            }
+        }
+        let rate = throttled as f64 / 5000.0;
+        assert!((rate - 0.1).abs() < 0.015, "{rate}");
+        // Within windows only.
+        let y = "{name: bank, url: 'http://x', simulate: {latency: {medianMs: 1}, throttle: {rate: 1, retryAfterMs: 500, windows: [{after: 10s, for: 5s}]}}}";
+        let t = tool(y, 3, Arc::new(NoFaults));
+        assert_eq!(
+            t.transport().oneshot(keyed("a:b")).await.unwrap().status,
+            200
+        );
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(
+            t.transport().oneshot(keyed("a:b")).await.unwrap().status,
+            429
+        );
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(
+            t.transport().oneshot(keyed("a:b")).await.unwrap().status,
+            200
+        );
     }
 }

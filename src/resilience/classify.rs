@@ -141,9 +141,16 @@ impl HttpResponse {
         header(&self.headers, name)
     }
 
-    /// `Retry-After` in delta-seconds form. The HTTP-date form is ignored
-    /// (treated as absent) rather than guessed at.
+    /// The wait a 429 asks for: `retry-after-ms` (milliseconds, as some APIs send for
+    /// sub-second waits) if present, else `Retry-After` in delta-seconds form. The HTTP-date
+    /// form is ignored (treated as absent) rather than guessed at.
     pub fn retry_after(&self) -> Option<Duration> {
+        if let Some(ms) = self
+            .header("retry-after-ms")
+            .and_then(|v| v.trim().parse::<u64>().ok())
+        {
+            return Some(Duration::from_millis(ms));
+        }
         self.header("retry-after")
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs)
@@ -209,6 +216,10 @@ mod tests {
         );
         r.headers[0].1 = "Wed, 21 Oct 2015 07:28:00 GMT".into();
         assert_eq!(r.retry_after(), None);
+        // A sub-second wait comes in milliseconds and wins over the rounded seconds.
+        r.headers[0].1 = "1".into();
+        r.headers.push(("retry-after-ms".into(), "250".into()));
+        assert_eq!(r.retry_after(), Some(Duration::from_millis(250)));
     }
 
     #[test]

@@ -10,7 +10,11 @@
 //!
 //! Backoff is `initial * multiplier^(n-1)` capped at `max`, with Full, Equal
 //! or Decorrelated jitter (AWS "Exponential Backoff And Jitter"), drawn from a
-//! seedable RNG. A 429 carrying `Retry-After` waits at least that long.
+//! seedable RNG. A 429 carrying `Retry-After` waits at least that long — but
+//! never longer than the backoff cap `max`: a 429 asking for more is not
+//! retried here (the caller gets it at once, rather than a call parked past
+//! what its policy allows), and the wait it asks for counts against the
+//! retry budget like any retry.
 //! [`backoff_delay`] is r4's one backoff formula: tool retries here and the
 //! engine's redeliveries of a task both use it.
 
@@ -175,6 +179,14 @@ where
                 if !req.idempotent() && class != FailureClass::ConnectError {
                     return res;
                 }
+                let asked = match class {
+                    FailureClass::Status429 { retry_after } => retry_after,
+                    _ => None,
+                };
+                if asked.is_some_and(|ra| ra > layer.cfg.backoff.max) {
+                    // The tool wants more time than this policy waits between attempts.
+                    return res;
+                }
                 if let Some(b) = &layer.budget
                     && !b.try_withdraw()
                 {
@@ -184,10 +196,7 @@ where
                     return res.map_err(|e| ResilienceError::BudgetExhausted(Box::new(e)));
                 }
                 let mut delay = backoff.next_delay(attempt, &mut *lock(&layer.rng));
-                if let FailureClass::Status429 {
-                    retry_after: Some(ra),
-                } = class
-                {
+                if let Some(ra) = asked {
                     delay = delay.max(ra);
                 }
                 tokio::time::sleep(delay).await;
@@ -285,7 +294,8 @@ mod tests {
     }
 
     #[derive(Clone)]
-    struct RetryAfter(Arc<Mutex<u32>>);
+    /// Answers 429 (asking for `.1` ms) to the first `.2` calls, then 200.
+    struct RetryAfter(Arc<Mutex<u32>>, &'static str, u32);
     impl Service<HttpRequest> for RetryAfter {
         type Response = HttpResponse;
         type Error = ResilienceError;
@@ -296,22 +306,72 @@ mod tests {
         fn call(&mut self, _: HttpRequest) -> Self::Future {
             let mut n = lock(&self.0);
             *n += 1;
-            let mut r = HttpResponse::new(if *n == 1 { 429 } else { 200 }, "");
-            r.headers.push(("retry-after".into(), "7".into()));
+            let mut r = HttpResponse::new(if *n <= self.2 { 429 } else { 200 }, "");
+            r.headers.push(("retry-after-ms".into(), self.1.into()));
             Box::pin(async move { Ok(r) })
         }
     }
 
     #[tokio::test(start_paused = true)]
-    async fn honours_retry_after() {
-        let svc = RetryLayer::new(cfg(3), Some(1), Telemetry::noop("t"))
-            .layer(RetryAfter(Arc::new(Mutex::new(0))));
+    async fn honours_retry_after_up_to_the_backoff_cap() {
+        // Backoff would wait 100 ms; the tool asks for 700 ms (cap 1 s): 700 ms it is.
+        let calls = Arc::new(Mutex::new(0));
+        let svc = RetryLayer::new(cfg(3), Some(1), Telemetry::noop("t")).layer(RetryAfter(
+            calls.clone(),
+            "700",
+            1,
+        ));
         let start = Instant::now();
         assert_eq!(
             svc.oneshot(HttpRequest::get("/")).await.unwrap().status,
             200
         );
-        assert_eq!(start.elapsed(), Duration::from_secs(7));
+        assert_eq!(start.elapsed(), Duration::from_millis(700));
+        assert_eq!(*lock(&calls), 2);
+        // 7 s is past the 1 s cap: the 429 comes back at once, not retried.
+        let calls = Arc::new(Mutex::new(0));
+        let svc = RetryLayer::new(cfg(3), Some(1), Telemetry::noop("t")).layer(RetryAfter(
+            calls.clone(),
+            "7000",
+            1,
+        ));
+        let start = Instant::now();
+        let r = svc.oneshot(HttpRequest::get("/")).await.unwrap();
+        assert_eq!(r.status, 429);
+        assert_eq!(start.elapsed(), Duration::ZERO);
+        assert_eq!(*lock(&calls), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_retries_spend_the_budget() {
+        let mut c = cfg(5);
+        c.budget = Some(BudgetConfig {
+            ratio: 0.1,
+            min_per_second: 0,
+            window: Duration::from_secs(10),
+        });
+        let tel = Telemetry::noop("t");
+        let calls = Arc::new(Mutex::new(0));
+        let svc = RetryLayer::new(c, Some(1), tel.clone()).layer(RetryAfter(
+            calls.clone(),
+            "200",
+            u32::MAX,
+        ));
+        let start = Instant::now();
+        for _ in 0..100 {
+            let _ = svc.clone().oneshot(HttpRequest::get("/")).await;
+        }
+        let calls = *lock(&calls);
+        assert!(calls <= 110, "{calls} calls");
+        assert!(tel.snapshot().budget_rejections > 0);
+        // Every retry that was granted waited the 200 ms asked for.
+        let retries = calls - 100;
+        assert!(retries > 0);
+        assert!(
+            start.elapsed() >= Duration::from_millis(200) * retries,
+            "{:?} for {retries} retries",
+            start.elapsed()
+        );
     }
 
     #[tokio::test(start_paused = true)]
