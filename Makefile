@@ -4,7 +4,7 @@ R4_DEV  := target/debug/r4
 SAMPLES := $(wildcard config/samples/*.yaml)
 IMAGE   ?= r4:dev
 
-.PHONY: all build test deps lint crds check-crds validate-samples run bench e2e docker clean
+.PHONY: all build test deps lint crds check-crds validate-samples readme check-readme run bench e2e docker clean
 
 all: build
 
@@ -26,7 +26,7 @@ test: deps lint
 	$(CARGO) test --locked --all-targets -- --skip crash_test
 	@# The crash test prints its figures (submitted, completed, lost, duplicates, kills): show them.
 	$(CARGO) test --locked --test crash -- --nocapture
-	$(MAKE) --no-print-directory check-crds validate-samples
+	$(MAKE) --no-print-directory check-crds validate-samples check-readme
 
 ## crds: regenerate crds/ from the Rust types
 crds:
@@ -41,6 +41,15 @@ check-crds:
 validate-samples:
 	@$(CARGO) build --locked -q --bin r4
 	$(R4_DEV) validate --require-refs $(foreach f,$(SAMPLES),-f $(f))
+
+## readme: regenerate the README's worked example from what r4 run prints (two 20,000-task runs)
+readme:
+	@$(CARGO) build --locked -q --bin r4
+	R4=$(R4_DEV) ./scripts/worked-example.sh
+
+check-readme:
+	@$(CARGO) build --locked -q --bin r4
+	@R4=$(R4_DEV) ./scripts/worked-example.sh --check
 
 ## run: the worked example on this machine, no cluster
 run:

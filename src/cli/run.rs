@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use super::{CliError, read_input};
 use crate::api::validate::{Manifest, RefMode, validate_texts};
-use crate::local::run::{self, Mechanism, Progress, RunOptions};
+use crate::local::run::{self, Load, Mechanism, Progress, RunOptions};
 use crate::queue::Queue;
 
 /// Arguments of `r4 run`.
@@ -24,9 +24,13 @@ pub struct RunArgs {
     /// Tasks to submit.
     #[arg(long, default_value_t = 2000, value_parser = parse_tasks, allow_hyphen_values = true)]
     pub tasks: u64,
-    /// Submit at this many tasks per second (open loop); default: keep the entry agent busy.
-    #[arg(long, value_name = "TASKS_PER_SEC", value_parser = parse_rate, allow_hyphen_values = true)]
+    /// Submit at this many tasks per second (open loop). Default: the workflow's own traffic,
+    /// `spec.economics.tasksPerMinute / 60`, or a closed loop when that is not set.
+    #[arg(long, value_name = "TASKS_PER_SEC", value_parser = parse_rate, allow_hyphen_values = true, conflicts_with = "closed_loop")]
     pub rate: Option<f64>,
+    /// Keep as many tasks unsettled as the agents can work on, instead of the workflow's rate.
+    #[arg(long)]
+    pub closed_loop: bool,
     /// Run on this Redis instead of the embedded queue (real clock instead of the virtual one).
     #[arg(long, value_name = "URL")]
     pub redis: Option<String>,
@@ -120,10 +124,12 @@ pub fn run(args: RunArgs) -> Result<ExitCode, CliError> {
         &args.disable,
     )
     .map_err(|e| CliError::Usage(e.to_string()))?;
+    let load = Load::choose(&cfg, args.rate, args.closed_loop)
+        .map_err(|e| CliError::Usage(e.to_string()))?;
     let progress = std::io::stderr().is_terminal();
     let opts = RunOptions {
         tasks: args.tasks,
-        rate: args.rate,
+        load,
         seed: args.seed,
         progress,
         clock: if args.redis.is_some() {
@@ -142,16 +148,20 @@ pub fn run(args: RunArgs) -> Result<ExitCode, CliError> {
     });
     let on_progress = |p: &Progress| {
         if let Some(bar) = &bar {
-            bar.set_position(p.completed + p.dead_lettered);
-            let secs = p.elapsed.as_secs_f64().max(0.001);
+            bar.set_position(p.done);
             let breakers: Vec<String> = p
                 .breakers
                 .iter()
                 .map(|(t, s)| format!("{t}={s:?}"))
                 .collect();
+            let replays = if p.replays_due > 0 {
+                format!(" ({} replays due)", p.replays_due)
+            } else {
+                String::new()
+            };
             bar.set_message(format!(
-                "{:.0} tasks/s  DLQ {}  breakers {}",
-                p.completed as f64 / secs,
+                "{:.0} tasks/s  DLQ {}{replays}  breakers {}",
+                p.tasks_per_sec,
                 p.dead_lettered,
                 if breakers.is_empty() {
                     "-".into()
@@ -203,11 +213,20 @@ pub fn run(args: RunArgs) -> Result<ExitCode, CliError> {
         );
         print!("{}", report.to_table());
     }
+    // One line on standard error saying why the exit status is 1.
+    let mut why = report
+        .unfinished_because
+        .clone()
+        .into_iter()
+        .collect::<Vec<_>>();
     if report.lost > 0 || report.duplicate_effects > 0 {
-        eprintln!(
-            "r4 run: {} lost, {} duplicate effects",
+        why.push(format!(
+            "{} lost, {} duplicate effects",
             report.lost, report.duplicate_effects
-        );
+        ));
+    }
+    if !why.is_empty() {
+        eprintln!("r4 run: {}", why.join("; "));
         return Ok(ExitCode::from(1));
     }
     Ok(ExitCode::SUCCESS)

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use crate::api::policy::{CircuitPolicySpec, Jitter};
 use crate::api::validate::{Manifest, RefMode, validate_texts};
-use crate::api::workflow::{AgentWorkflowSpec, DegradedMode};
+use crate::api::workflow::{AgentSpec, AgentWorkflowSpec, DegradedMode};
 use crate::queue::Keys;
 
 use super::EngineError;
@@ -448,17 +448,39 @@ impl WorkflowConfig {
             .unwrap_or("tasks")
     }
 
-    /// Agents no other agent depends on (they produce nothing that is
-    /// consumed or joined): a task has completed when each of these
-    /// finished its step.
+    /// The agents at the ends of the graph a task entering at the
+    /// [`entry_stream`](Self::entry_stream) runs through: reachable from it,
+    /// and none of their outputs is read by another agent (an agent may
+    /// still publish to a sink stream, e.g. an archive). A task has
+    /// completed when *each* of these finished its step: with a fan-out
+    /// (one agent producing into two streams read by two agents), every
+    /// branch has to finish. Empty when the graph has no end (a loop).
     pub fn terminal_agents(&self) -> Vec<&Agent> {
-        self.agents
-            .iter()
+        let spec = &self.spec.agents;
+        fn reads_from<'a>(
+            spec: &'a [AgentSpec],
+            s: &'a str,
+        ) -> impl Iterator<Item = &'a AgentSpec> + 'a {
+            spec.iter().filter(move |b| reads(b).any(|r| r == s))
+        }
+        // Reachability from the entry stream, along `produces`.
+        let mut seen: BTreeSet<&str> = BTreeSet::new();
+        let mut streams = vec![self.entry_stream()];
+        while let Some(s) = streams.pop() {
+            for b in reads_from(spec, s) {
+                if seen.insert(b.name.as_str()) {
+                    streams.extend(b.produces.iter().map(String::as_str));
+                }
+            }
+        }
+        spec.iter()
+            .filter(|a| seen.contains(a.name.as_str()))
             .filter(|a| {
-                !a.produces.iter().any(|p| {
-                    self.agents.iter().any(|b| &b.consumes == p) || self.joiner_of(p).is_some()
-                })
+                !a.produces
+                    .iter()
+                    .any(|p| reads_from(spec, p).any(|b| b.name != a.name))
             })
+            .filter_map(|a| self.agent(&a.name))
             .collect()
     }
 
@@ -512,6 +534,21 @@ impl WorkflowConfig {
     pub fn max_hold(&self) -> Duration {
         self.visibility_timeout / 2
     }
+}
+
+/// The streams `agent` reads tasks from: the one it consumes.
+///
+/// The one place that knows how an agent takes input, so the graph
+/// ([`WorkflowConfig::terminal_agents`]) follows every edge.
+// A joining agent reads its join's streams too: a branch producing into a
+// joined stream feeds the joining agent, so it is not terminal.
+fn reads(agent: &AgentSpec) -> impl Iterator<Item = &str> {
+    std::iter::once(agent.consumes.as_str()).chain(
+        agent
+            .join
+            .iter()
+            .flat_map(|j| j.streams.iter().map(String::as_str)),
+    )
 }
 
 #[cfg(test)]
@@ -596,5 +633,33 @@ mod tests {
         assert!(!cfg.agents.is_empty());
         assert_eq!(cfg.entry_stream(), cfg.agents[0].consumes);
         assert!(!cfg.terminal_agents().is_empty());
+    }
+
+    fn terminal_names(agents: &str, extra: &str) -> Vec<String> {
+        let text = format!(
+            "apiVersion: r4.dev/v1alpha1\nkind: AgentWorkflow\nmetadata: {{name: g}}\nspec:\n  queue: {{redis: {{url: \"redis://x\"}}}}\n{extra}  agents:\n{agents}"
+        );
+        let cfg = WorkflowConfig::from_yaml("s", &text, None, None).unwrap();
+        cfg.terminal_agents()
+            .iter()
+            .map(|a| a.name.clone())
+            .collect()
+    }
+
+    #[test]
+    fn every_branch_of_a_fan_out_is_terminal() {
+        // in -> a -> {left, right}; left -> l; right -> r -> archive (a sink).
+        let fan = "    - {name: a, image: i, consumes: in, produces: [left, right]}
+    - {name: l, image: i, consumes: left}
+    - {name: r, image: i, consumes: right, produces: [archive]}
+";
+        assert_eq!(terminal_names(fan, ""), ["l", "r"]);
+        // An agent fed from outside the workflow (`spec.inputs`) is no end of the graph a
+        // task submitted through the intake runs through.
+        let island = format!("{fan}    - {{name: side, image: i, consumes: elsewhere}}\n");
+        assert_eq!(
+            terminal_names(&island, "  inputs: [elsewhere]\n"),
+            ["l", "r"]
+        );
     }
 }

@@ -2,14 +2,135 @@
 //! people read. It also owns the SLO arithmetic and the incident cost model, so both live in
 //! one place:
 //!
-//! - success rate = completed / submitted; error budget remaining =
+//! - success rate = tasks completed within `slo.p95LatencyMs` / tasks the run was asked to
+//!   submit (a task dead-lettered, routed, late, paused, in flight or lost is a failure, the
+//!   cost model's rule); error budget remaining =
 //!   1 − (1 − success rate) / (1 − SLO success rate) (1 = untouched, ≤ 0 = spent);
 //! - daily failure cost = failed tasks per day × (margin per task + remediation cost per
 //!   failure), with tasks per day from `economics.tasksPerMinute` (else the measured rate).
 
+use std::collections::BTreeMap;
+
 use serde::Serialize;
 
+use super::run::Load;
 use crate::api::workflow::{EconomicsSpec, SloSpec};
+use crate::resilience::CountersSnapshot;
+
+/// The load model of the run (`load` in JSON).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct LoadReport {
+    /// `open` (a fixed submission rate) or `closed` (a window of unsettled tasks).
+    pub model: String,
+    /// Open loop: the submission rate.
+    pub tasks_per_sec: Option<f64>,
+    /// Closed loop: how many tasks may be unsettled at once.
+    pub max_in_flight: Option<u64>,
+    /// Where the model came from (`economics.tasksPerMinute 2000`, `--rate`, …).
+    pub source: String,
+}
+
+impl LoadReport {
+    pub fn of(load: &Load, window: u64) -> Self {
+        match load {
+            Load::Open { rate, source } => LoadReport {
+                model: "open".into(),
+                tasks_per_sec: Some(*rate),
+                max_in_flight: None,
+                source: source.clone(),
+            },
+            Load::Closed { source } => LoadReport {
+                model: "closed".into(),
+                tasks_per_sec: None,
+                max_in_flight: Some(window),
+                source: source.clone(),
+            },
+        }
+    }
+
+    /// `open loop at 33.3 tasks/s (economics.tasksPerMinute 2000)`.
+    pub fn describe(&self) -> String {
+        match (self.tasks_per_sec, self.max_in_flight) {
+            (Some(rate), _) => format!("open loop at {rate:.1} tasks/s ({})", self.source),
+            (None, Some(w)) => format!(
+                "closed loop, at most {w} unsettled tasks at a time ({})",
+                self.source
+            ),
+            (None, None) => self.source.clone(),
+        }
+    }
+}
+
+/// Calls a tool's policy stack refused before sending, by cause.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Rejected {
+    pub throttle: u64,
+    pub bulkhead: u64,
+    pub budget: u64,
+}
+
+/// One tool's figures (`tools.<name>` in JSON).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct ToolFigures {
+    /// Logical calls made through the policy stack.
+    pub calls: u64,
+    /// Requests the tool received (hedged copies and retries included).
+    pub requests: u64,
+    /// Calls that failed in the end (after retries, hedges and fallback).
+    pub errors: u64,
+    pub hedges: u64,
+    pub retries: u64,
+    pub fallbacks: u64,
+    pub breaker_open_seconds: f64,
+    pub rejected: Rejected,
+}
+
+impl ToolFigures {
+    pub fn from_counters(c: &CountersSnapshot, requests: u64) -> Self {
+        ToolFigures {
+            calls: c.calls,
+            requests,
+            errors: c.failures,
+            hedges: c.hedges,
+            retries: c.retries,
+            fallbacks: c.fallbacks,
+            breaker_open_seconds: c.breaker_open_us as f64 / 1e6,
+            rejected: Rejected {
+                throttle: c.throttled,
+                bulkhead: c.bulkhead_rejections,
+                budget: c.budget_rejections,
+            },
+        }
+    }
+}
+
+/// One agent's figures (`agents.<name>` in JSON), summed over its replicas.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct AgentFigures {
+    /// Deliveries the agent answered (success or failure).
+    pub deliveries: u64,
+    /// Failed deliveries that were delivered again.
+    pub redeliveries: u64,
+    /// Steps the agent completed.
+    pub completed: u64,
+    /// Tasks dead-lettered at this agent's step (a replayed task may count again).
+    pub dead_lettered: u64,
+}
+
+/// One tenth of the run (`timeline[]` in JSON).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct TimelineSlice {
+    pub from_seconds: f64,
+    pub to_seconds: f64,
+    /// Tasks completed in the slice, per second.
+    pub tasks_per_sec: f64,
+    /// Failures (late completions, dead-letterings, routings) over all outcomes in the slice.
+    pub failure_rate: f64,
+    /// Worst breaker state per tool in the slice (`closed`, `half_open`, `open`).
+    pub breakers: BTreeMap<String, String>,
+    /// Tasks in the DLQ (and poison stream) at the end of the slice.
+    pub dlq_depth: u64,
+}
 
 /// Latency percentiles in milliseconds.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -55,7 +176,10 @@ pub struct RunReport {
     pub duplicate_effects: u64,
     pub tasks_per_sec: f64,
     pub latency_ms: Percentiles,
+    /// Tool retries (the policy stacks'), summed over the tools.
     pub retries: u64,
+    /// Agent deliveries made again after a failed one, summed over the agents.
+    pub redeliveries: u64,
     pub hedges: u64,
     pub breaker_trips: u64,
     pub replays: u64,
@@ -65,12 +189,28 @@ pub struct RunReport {
     pub drill: Option<DrillReport>,
     /// Tasks degraded mode routed to a stream no agent consumes (manual review).
     pub routed: u64,
+    /// Tasks still waiting, when the run ended, in the stream of an agent degraded mode paused.
+    pub paused: u64,
+    /// Tasks still waiting or being worked on elsewhere when the run ended.
+    pub in_flight: u64,
+    /// Tasks the intake kept refusing (`queue.maxLen` backpressure) until the run ended.
+    pub not_submitted: u64,
+    /// Why the run ended with tasks unsettled (the line `r4 run` prints on standard error).
+    pub unfinished_because: Option<String>,
     /// Completed tasks slower than `slo.p95LatencyMs` (each counts as a failure in the cost model).
     pub late: u64,
     /// Tool calls answered by a fallback.
     pub fallbacks: u64,
     /// Side effects the simulated tools applied.
     pub effects: u64,
+    /// How tasks were offered.
+    pub load: LoadReport,
+    /// Per tool, by name.
+    pub tools: BTreeMap<String, ToolFigures>,
+    /// Per agent, by name.
+    pub agents: BTreeMap<String, AgentFigures>,
+    /// The run in ten slices of its duration.
+    pub timeline: Vec<TimelineSlice>,
     /// Simulated (virtual clock) or real seconds the run took.
     pub elapsed_seconds: f64,
     /// Wall-clock seconds the run took.
@@ -139,13 +279,22 @@ impl RunReport {
             .unwrap_or_else(|e| format!("{{\"error\":\"cannot encode report: {e}\"}}"))
     }
 
-    /// The table for people.
+    /// The report for people: the load line, the figures, per tool, per agent, the timeline.
     pub fn to_table(&self) -> String {
         let mut rows: Vec<(&str, String)> = vec![
             ("submitted", self.submitted.to_string()),
             ("completed", self.completed.to_string()),
             ("dead-lettered", self.dead_lettered.to_string()),
             ("routed (manual review)", self.routed.to_string()),
+        ];
+        if self.paused + self.in_flight + self.not_submitted > 0 {
+            rows.push(("paused", self.paused.to_string()));
+            rows.push(("in flight", self.in_flight.to_string()));
+            if self.not_submitted > 0 {
+                rows.push(("not submitted", self.not_submitted.to_string()));
+            }
+        }
+        rows.extend([
             ("lost", self.lost.to_string()),
             (
                 "duplicate effects",
@@ -169,9 +318,10 @@ impl RunReport {
                 ),
             ),
             (
-                "retries / hedges",
+                "tool retries / hedges",
                 format!("{} / {}", self.retries, self.hedges),
             ),
+            ("agent redeliveries", self.redeliveries.to_string()),
             ("fallback answers", self.fallbacks.to_string()),
             ("breaker trips", self.breaker_trips.to_string()),
             ("replays", self.replays.to_string()),
@@ -192,7 +342,7 @@ impl RunReport {
                     self.incident_cost.daily_cost
                 ),
             ),
-        ];
+        ]);
         if let Some(d) = &self.drill {
             let secs = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.1} s"));
             rows.push(("drill verdict", d.verdict.clone()));
@@ -209,9 +359,151 @@ impl RunReport {
                 rows.push(("aborted because", a.clone()));
             }
         }
-        rows.iter()
-            .map(|(k, v)| format!("  {k:<26} {v}\n"))
-            .collect()
+        let mut out = format!("  load: {}\n", self.load.describe());
+        for (k, v) in &rows {
+            out.push_str(&format!("  {k:<26} {v}\n"));
+        }
+        out.push_str(&self.tools_table());
+        out.push_str(&self.agents_table());
+        out.push_str(&self.timeline_table());
+        out
+    }
+
+    fn tools_table(&self) -> String {
+        if self.tools.is_empty() {
+            return String::new();
+        }
+        let mut t = Table::new(&[
+            "tool",
+            "calls",
+            "requests",
+            "errors",
+            "hedges",
+            "retries",
+            "fallbacks",
+            "open s",
+            "rejected thr/bulk/budget",
+        ]);
+        for (name, f) in &self.tools {
+            t.row(vec![
+                name.clone(),
+                f.calls.to_string(),
+                f.requests.to_string(),
+                f.errors.to_string(),
+                f.hedges.to_string(),
+                f.retries.to_string(),
+                f.fallbacks.to_string(),
+                format!("{:.1}", f.breaker_open_seconds),
+                format!(
+                    "{}/{}/{}",
+                    f.rejected.throttle, f.rejected.bulkhead, f.rejected.budget
+                ),
+            ]);
+        }
+        t.render()
+    }
+
+    fn agents_table(&self) -> String {
+        if self.agents.is_empty() {
+            return String::new();
+        }
+        let mut t = Table::new(&[
+            "agent",
+            "deliveries",
+            "redeliveries",
+            "completed",
+            "dead-lettered",
+        ]);
+        for (name, f) in &self.agents {
+            t.row(vec![
+                name.clone(),
+                f.deliveries.to_string(),
+                f.redeliveries.to_string(),
+                f.completed.to_string(),
+                f.dead_lettered.to_string(),
+            ]);
+        }
+        t.render()
+    }
+
+    fn timeline_table(&self) -> String {
+        if self.timeline.is_empty() {
+            return String::new();
+        }
+        let mut t = Table::new(&["from s", "tasks/s", "failed", "DLQ", "breakers"]).text_last();
+        for s in &self.timeline {
+            let breakers: Vec<String> = s
+                .breakers
+                .iter()
+                .map(|(tool, st)| format!("{tool} {st}"))
+                .collect();
+            t.row(vec![
+                format!("{:.1}", s.from_seconds),
+                format!("{:.1}", s.tasks_per_sec),
+                format!("{:.1}%", s.failure_rate * 100.0),
+                s.dlq_depth.to_string(),
+                if breakers.is_empty() {
+                    "-".into()
+                } else {
+                    breakers.join(", ")
+                },
+            ]);
+        }
+        format!("  timeline (tenths of the run)\n{}", t.render())
+    }
+}
+
+/// A small text table: the first column left-aligned (a name), the others right-aligned
+/// (figures) unless the last is free text; indented like the report.
+struct Table {
+    head: Vec<String>,
+    rows: Vec<Vec<String>>,
+    /// The last column is free text (left-aligned).
+    text_last: bool,
+}
+
+impl Table {
+    fn new(head: &[&str]) -> Self {
+        Table {
+            head: head.iter().map(|h| h.to_string()).collect(),
+            rows: Vec::new(),
+            text_last: false,
+        }
+    }
+
+    fn text_last(mut self) -> Self {
+        self.text_last = true;
+        self
+    }
+
+    fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+
+    fn render(&self) -> String {
+        let n = self.head.len();
+        let mut width = vec![0usize; n];
+        for r in std::iter::once(&self.head).chain(&self.rows) {
+            for (i, c) in r.iter().enumerate().take(n) {
+                width[i] = width[i].max(c.chars().count());
+            }
+        }
+        let mut out = String::new();
+        for r in std::iter::once(&self.head).chain(&self.rows) {
+            let mut line = String::from("  ");
+            for (i, c) in r.iter().enumerate().take(n) {
+                let cell = if (i == 0 && !self.text_last) || (i + 1 == n && self.text_last) {
+                    format!("{c:<w$}", w = width[i])
+                } else {
+                    format!("{c:>w$}", w = width[i])
+                };
+                line.push_str(&cell);
+                line.push_str("  ");
+            }
+            out.push_str(line.trim_end());
+            out.push('\n');
+        }
+        out
     }
 }
 
@@ -228,6 +520,13 @@ mod tests {
             "completed",
             "dead_lettered",
             "lost",
+            "paused",
+            "in_flight",
+            "redeliveries",
+            "load",
+            "tools",
+            "agents",
+            "timeline",
             "duplicate_effects",
             "tasks_per_sec",
             "latency_ms",

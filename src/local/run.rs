@@ -2,10 +2,21 @@
 //! (agent roles with simulated agents, the tool proxy with simulated tools, intake, repair),
 //! feed it tasks, wait until every task is accounted for, and measure.
 //!
-//! Accounting is done from the outside: a task is *completed* when a terminal simulated agent
-//! finished it, *dead-lettered* when its id sits in the DLQ or poison stream, *routed* when
-//! degraded mode sent it to a stream no agent consumes (manual review); anything else is
-//! *lost*. Duplicated effects come from the simulated tools' ledger.
+//! Accounting is done from the outside, per task:
+//! - *completed* when every terminal agent reachable from the entry stream finished it (each
+//!   branch of a fan-out; [`WorkflowConfig::terminal_agents`]), at the instant the last did;
+//! - else *dead-lettered* when its id sits in the DLQ or poison stream (one dead branch is
+//!   enough); else *routed* when degraded mode sent it to a stream no agent consumes;
+//! - else, when the run ended without it: *paused* when it waits in the stream of an agent
+//!   that degraded mode paused, *in flight* when it waits (or is being worked on) anywhere
+//!   else, and *lost* only when it is in no stream and no DLQ at all.
+//!
+//! Duplicated effects come from the simulated tools' ledger.
+//!
+//! The load is the workflow's own traffic ([`Load`]): an open loop at
+//! `economics.tasksPerMinute / 60` tasks/s when that is set, a closed loop otherwise. A run
+//! that cannot finish (a paused agent, a loop in the graph) ends within a bounded virtual time
+//! ([`RunReport::unfinished_because`] says why).
 //!
 //! On the embedded queue the whole run happens on tokio's paused clock: simulated latencies,
 //! backoffs, breaker open durations and replay delays are real timers in virtual time, so ten
@@ -48,14 +59,62 @@ pub enum Mechanism {
     Fallback,
 }
 
+/// How tasks are offered to the workflow.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Load {
+    /// Submit at `rate` tasks/s whatever happens downstream (traffic does not wait for an
+    /// outage to end). `source` says where the rate came from, for the report.
+    Open { rate: f64, source: String },
+    /// Keep as many tasks unsettled as the agents together can work on; a task counts as
+    /// settled when it completed, was routed or was dead-lettered for good (a DLQ entry the
+    /// repair role will still replay is not settled).
+    Closed { source: String },
+}
+
+impl Load {
+    /// The workflow's own traffic, unless the command line says otherwise: `--rate` wins, then
+    /// `--closed-loop`, then `spec.economics.tasksPerMinute`, else a closed loop.
+    pub fn choose(
+        cfg: &WorkflowConfig,
+        rate: Option<f64>,
+        closed_loop: bool,
+    ) -> Result<Load, RunError> {
+        if let Some(rate) = rate {
+            return Ok(Load::Open {
+                rate,
+                source: "--rate".into(),
+            });
+        }
+        if closed_loop {
+            return Ok(Load::Closed {
+                source: "--closed-loop".into(),
+            });
+        }
+        match cfg.spec.economics.as_ref().and_then(|e| e.tasks_per_minute) {
+            Some(tpm) if tpm.is_finite() && tpm > 0.0 => Ok(Load::Open {
+                rate: tpm / 60.0,
+                source: format!("economics.tasksPerMinute {tpm}"),
+            }),
+            Some(tpm) => Err(RunError::Invalid(FieldError::new(
+                "spec.economics.tasksPerMinute",
+                format!(
+                    "must be > 0 to set r4 run's load, got {tpm} (or pass --rate or --closed-loop)"
+                ),
+            ))),
+            None => Ok(Load::Closed {
+                source: "no economics.tasksPerMinute".into(),
+            }),
+        }
+    }
+}
+
 /// How to run.
 #[derive(Clone, Debug)]
 pub struct RunOptions {
     /// Tasks to submit.
     pub tasks: u64,
-    /// Open-loop submission rate (tasks/s); `None`: closed loop, as many in flight as the
-    /// entry agent can take.
-    pub rate: Option<f64>,
+    /// How tasks are offered.
+    pub load: Load,
     /// Seed of every random draw of the simulation.
     pub seed: u64,
     /// Draw a progress bar on standard error.
@@ -151,6 +210,7 @@ fn seed_for(seed: u64, n: u64) -> u64 {
 /// Everything the run started, to read counters from and to stop.
 struct Running {
     proxy: Arc<ToolProxy>,
+    sims: BTreeMap<String, Arc<SimTool>>,
     agent_stats: Vec<Arc<Stats>>,
     repair_stats: Option<Arc<Stats>>,
     stop: watch::Sender<bool>,
@@ -214,16 +274,13 @@ fn start(
         stop_rx.clone(),
     )));
     let mut agent_stats = Vec::new();
-    let consumed: BTreeSet<&str> = cfg
-        .spec
-        .agents
+    let terminal: BTreeSet<&str> = cfg
+        .terminal_agents()
         .iter()
-        .map(|a| a.consumes.as_str())
+        .map(|a| a.name.as_str())
         .collect();
     for (i, a) in cfg.spec.agents.iter().enumerate() {
-        // The end of the workflow: nothing this agent produces is consumed by another agent
-        // (it may still publish to a sink stream, e.g. an archive).
-        let terminal = a.produces.iter().all(|s| !consumed.contains(s.as_str()));
+        let terminal = terminal.contains(a.name.as_str());
         let sim = SimAgent::new(
             a,
             seed_for(opts.seed, i as u64),
@@ -272,6 +329,7 @@ fn start(
     };
     Ok(Running {
         proxy,
+        sims,
         agent_stats,
         repair_stats,
         stop,
@@ -286,14 +344,18 @@ struct Accounting {
     routed: BTreeSet<String>,
     /// DLQ entries the repair role will still replay automatically.
     awaiting_replay: usize,
+    /// DLQ and poison entries that stay where they are (no automatic replay due).
+    for_good: usize,
 }
 
-async fn account(
+/// The DLQ and poison streams: which tasks are dead, and how many DLQ entries the repair role
+/// will still replay.
+async fn account_dead(
     cfg: &WorkflowConfig,
     q: &dyn Queue,
     repair: bool,
-) -> Result<Accounting, QueueError> {
-    let mut acc = Accounting::default();
+    acc: &mut Accounting,
+) -> Result<(), QueueError> {
     let keys = &cfg.keys;
     let replay = &cfg.policy.replay;
     for (stream, is_dlq) in [(keys.dlq(), true), (keys.poison(), false)] {
@@ -306,12 +368,24 @@ async fn account(
                 && rec.replays < replay.max_replays
             {
                 acc.awaiting_replay += 1;
+            } else {
+                acc.for_good += 1;
             }
             if !rec.task_id.is_empty() {
                 acc.dead.insert(rec.task_id);
             }
         }
     }
+    Ok(())
+}
+
+async fn account(
+    cfg: &WorkflowConfig,
+    q: &dyn Queue,
+    repair: bool,
+) -> Result<Accounting, QueueError> {
+    let mut acc = Accounting::default();
+    account_dead(cfg, q, repair, &mut acc).await?;
     let consumed: BTreeSet<&str> = cfg.agents.iter().map(|a| a.consumes.as_str()).collect();
     let sinks: BTreeSet<&str> = cfg
         .agents
@@ -320,16 +394,22 @@ async fn account(
         .filter(|s| !consumed.contains(s))
         .collect();
     for s in sinks {
-        for e in &read_all(q, &keys.stream(s)).await? {
-            if let Some(id) = e
-                .field(crate::engine::task::TASK_ID)
-                .and_then(|v| std::str::from_utf8(v).ok())
-            {
+        for e in &read_all(q, &keys_stream(cfg, s)).await? {
+            if let Some(id) = task_id_of(e) {
                 acc.routed.insert(id.to_string());
             }
         }
     }
     Ok(acc)
+}
+
+fn keys_stream(cfg: &WorkflowConfig, stream: &str) -> String {
+    cfg.keys.stream(stream)
+}
+
+fn task_id_of(e: &crate::queue::StreamEntry) -> Option<&str> {
+    e.field(crate::engine::task::TASK_ID)
+        .and_then(|v| std::str::from_utf8(v).ok())
 }
 
 /// Every entry of `stream`, paged with exclusive bounds so no page is too large.
@@ -348,8 +428,111 @@ async fn read_all(
     Ok(out)
 }
 
+/// Where the tasks that did not settle wait: for each, the agents whose input stream holds it
+/// and which have not finished their step of it (no inbox key).
+async fn waiting_at(
+    cfg: &WorkflowConfig,
+    q: &dyn Queue,
+    unsettled: &BTreeSet<&str>,
+) -> Result<BTreeMap<String, BTreeSet<String>>, QueueError> {
+    let mut at: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    if unsettled.is_empty() {
+        return Ok(at);
+    }
+    for a in &cfg.agents {
+        for e in &read_all(q, &keys_stream(cfg, &a.consumes)).await? {
+            let Some(id) = task_id_of(e) else { continue };
+            if !unsettled.contains(id) || at.get(id).is_some_and(|s| s.contains(&a.name)) {
+                continue;
+            }
+            if q.get(&cfg.keys.inbox(id, &a.name)).await?.is_none() {
+                at.entry(id.to_string()).or_default().insert(a.name.clone());
+            }
+        }
+    }
+    Ok(at)
+}
+
+/// Agents degraded mode has paused now, each with the reason (`degraded mode Pause (…)`).
+async fn paused_agents(
+    cfg: &WorkflowConfig,
+    q: &dyn Queue,
+) -> Result<BTreeMap<String, String>, QueueError> {
+    let mut out = BTreeMap::new();
+    for a in &cfg.agents {
+        if let Some(d) = crate::engine::degraded::current(q, &cfg.keys, &a.name).await?
+            && d.action == crate::api::workflow::DegradedAction::Pause
+        {
+            out.insert(
+                a.name.clone(),
+                format!("degraded mode Pause, {} down", d.tools.join(", ")),
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// The live view's arithmetic: `done` counts settled tasks, never goes backwards, never
+/// reaches the total before the run has ended (so the bar stays below 100% while replays are
+/// due), and the rate is the current one (over the last second), not the average since start.
+#[derive(Debug)]
+pub struct ProgressMeter {
+    total: u64,
+    done: u64,
+    /// (elapsed, completed) over the last second or so.
+    recent: std::collections::VecDeque<(Duration, u64)>,
+}
+
+impl ProgressMeter {
+    /// Over what span the current rate is measured.
+    pub const RATE_WINDOW: Duration = Duration::from_secs(1);
+
+    pub fn new(total: u64) -> Self {
+        Self {
+            total,
+            done: 0,
+            recent: Default::default(),
+        }
+    }
+
+    /// A new sample at `at`: `settled` tasks are done for good (completed, routed, or
+    /// dead-lettered with no replay due), `completed` of them completed. Returns
+    /// (done, completions per second over the last [`Self::RATE_WINDOW`]).
+    pub fn observe(&mut self, at: Duration, settled: u64, completed: u64) -> (u64, f64) {
+        self.done = self.done.max(settled.min(self.total.saturating_sub(1)));
+        self.recent.push_back((at, completed));
+        while self
+            .recent
+            .get(1)
+            .is_some_and(|(t, _)| at.saturating_sub(*t) >= Self::RATE_WINDOW)
+        {
+            self.recent.pop_front();
+        }
+        let rate = match self.recent.front() {
+            Some((t, c)) if at > *t => {
+                completed.saturating_sub(*c) as f64 / (at - *t).as_secs_f64()
+            }
+            _ => 0.0,
+        };
+        (self.done, rate)
+    }
+}
+
+/// One tick's view of the run, kept for the timeline.
+#[derive(Clone, Debug)]
+struct Sample {
+    at: Duration,
+    /// Dead-letterings and routings so far (events, a replayed task may count again).
+    dead_lettered: u64,
+    routed: u64,
+    /// Tasks in the DLQ or poison stream now.
+    dlq_depth: u64,
+    breakers: BTreeMap<String, BreakerState>,
+}
+
 /// Run the workflow: submit `opts.tasks` tasks, wait until each is completed, dead-lettered or
-/// routed (and no automatic replay is still due), stop every role, and report.
+/// routed (and no automatic replay is still due) — or until the run cannot get further within
+/// its bound — stop every role, and report.
 pub async fn run(
     cfg: WorkflowConfig,
     queue: Arc<dyn Queue>,
@@ -358,7 +541,12 @@ pub async fn run(
 ) -> Result<RunReport, RunError> {
     let cfg = Arc::new(cfg);
     let ledger = Arc::new(EffectLedger::new());
-    let finished = Arc::new(Finished::default());
+    let terminal: Vec<String> = cfg
+        .terminal_agents()
+        .iter()
+        .map(|a| a.name.clone())
+        .collect();
+    let finished = Arc::new(Finished::new(terminal));
     let faults: Arc<dyn FaultSource> = Arc::new(NoFaults);
     let mut running = start(&cfg, &queue, opts, &finished, &ledger, faults)?;
     let intake = Intake::new(cfg.clone(), queue.clone(), "intake-0");
@@ -377,6 +565,9 @@ pub async fn run(
     let mut submitted: HashMap<String, Instant> = HashMap::with_capacity(opts.tasks as usize);
     let mut order: Vec<String> = Vec::with_capacity(opts.tasks as usize);
     let replay = &cfg.policy.replay;
+    // How long the run waits for tasks to settle once nothing more is submitted (every replay
+    // of a DLQ entry, two visibility timeouts of redelivery, a minute of slack), and how long a
+    // closed loop waits for a task to settle before it offers the rest of the tasks at once.
     let horizon = replay
         .backoff
         .saturating_mul((1u32 << replay.max_replays.min(16)).saturating_sub(1))
@@ -385,18 +576,42 @@ pub async fn run(
     let wall = std::time::Instant::now();
     let wall_limit = Duration::from_secs(600);
     let mut submit_done_at: Option<Instant> = None;
-    let mut last_exact = Accounting::default();
+    // Backpressure (`queue.maxLen`) refusing every submission since…
+    let mut full_since: Option<Instant> = None;
+    let mut flood = false;
+    let (mut last_settled, mut last_change) = (0u64, Instant::now());
+    let mut dead_view = Accounting::default();
+    let mut dead_read_at: Option<Instant> = None;
+    let mut meter = ProgressMeter::new(opts.tasks);
+    let mut samples: Vec<Sample> = Vec::new();
+    let mut wall_out = false;
     let tick = Duration::from_millis(100);
     loop {
+        // What has settled, as far as cheap counters tell (the exact count reads the streams).
+        let completed_now = finished.len() as u64;
+        let dead_events = running.sum(|c| c.dead_lettered);
+        let dead_now = dead_events.saturating_sub(running.sum(|c| c.replays));
+        let routed_now = running.sum(|c| c.routed);
+        if dead_now == 0 {
+            dead_view = Accounting::default();
+        } else if dead_read_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            dead_view = Accounting::default();
+            account_dead(&cfg, queue.as_ref(), repair, &mut dead_view).await?;
+            dead_read_at = Some(Instant::now());
+        }
+        // Dead-lettered since the last read: not settled until a read says no replay is due.
+        let dead_for_good = dead_now.min(dead_view.for_good as u64);
+        let settled = (completed_now + routed_now + dead_for_good).min(order.len() as u64);
+        if settled != last_settled {
+            (last_settled, last_change) = (settled, Instant::now());
+        }
+
         // Submit what is due: open loop at `rate`, or closed loop within `window`.
-        while (submitted.len() as u64) < opts.tasks {
-            let n = submitted.len() as u64;
-            let due = match opts.rate {
-                Some(rate) => t0.elapsed().as_secs_f64() * rate >= n as f64,
-                None => {
-                    let done = finished.len() as u64 + running.sum(|c| c.dead_lettered + c.routed);
-                    n.saturating_sub(done) < window
-                }
+        while (order.len() as u64) < opts.tasks {
+            let n = order.len() as u64;
+            let due = match &opts.load {
+                Load::Open { rate, .. } => t0.elapsed().as_secs_f64() * rate >= n as f64,
+                Load::Closed { .. } => flood || n.saturating_sub(settled) < window,
             };
             if !due {
                 break;
@@ -406,69 +621,87 @@ pub async fn run(
             let (task_id, _) = match intake.submit(payload, Some(&key), None).await {
                 Ok(t) => t,
                 // Backpressure (`queue.maxLen`): submit again on a later tick.
-                Err(QueueError::Full { .. }) => break,
+                Err(QueueError::Full { .. }) => {
+                    full_since.get_or_insert_with(Instant::now);
+                    break;
+                }
                 Err(e) => {
                     return Err(RunError::Engine(EngineError::Io(format!(
                         "intake refused task {n}: {e}"
                     ))));
                 }
             };
+            full_since = None;
+            last_change = Instant::now();
             submitted.entry(task_id.clone()).or_insert_with(|| {
                 order.push(task_id);
                 Instant::now()
             });
         }
-        if submit_done_at.is_none() && submitted.len() as u64 >= opts.tasks {
+        // A closed loop whose tasks stopped settling (a paused agent, a loop) offers the rest
+        // at once: every task is submitted, and the report says where each one waits.
+        if matches!(opts.load, Load::Closed { .. }) && last_change.elapsed() > horizon {
+            flood = true;
+        }
+        let refused_too_long = full_since.is_some_and(|t| t.elapsed() > horizon);
+        if submit_done_at.is_none() && (order.len() as u64 >= opts.tasks || refused_too_long) {
             submit_done_at = Some(Instant::now());
         }
-        let dlq_now = running
-            .sum(|c| c.dead_lettered)
-            .saturating_sub(running.sum(|c| c.replays));
-        let routed_now = running.sum(|c| c.routed);
+        let breakers = running.proxy.breaker_states();
+        samples.push(Sample {
+            at: t0.elapsed(),
+            dead_lettered: dead_events,
+            routed: routed_now,
+            dlq_depth: dead_now,
+            breakers: breakers.clone(),
+        });
+        let (done, tasks_per_sec) = meter.observe(t0.elapsed(), settled, completed_now);
         on_progress(&Progress {
-            submitted: submitted.len() as u64,
+            submitted: order.len() as u64,
             total: opts.tasks,
-            completed: finished.len() as u64,
-            dead_lettered: dlq_now,
+            done,
+            completed: completed_now,
+            dead_lettered: dead_now,
+            replays_due: dead_view.awaiting_replay as u64,
+            tasks_per_sec,
             elapsed: t0.elapsed(),
-            breakers: running.proxy.breaker_states(),
+            breakers,
         });
         if let Some(done_at) = submit_done_at {
-            let approx = finished.len() as u64 + dlq_now + routed_now;
-            if approx >= opts.tasks || done_at.elapsed() > horizon {
-                last_exact = account(&cfg, queue.as_ref(), repair).await?;
-                let accounted = order
-                    .iter()
-                    .filter(|id| {
-                        finished.finished_at(id).is_some()
-                            || last_exact.dead.contains(*id)
-                            || last_exact.routed.contains(*id)
-                    })
-                    .count() as u64;
+            let over = done_at.elapsed() > horizon;
+            if settled >= order.len() as u64 || over {
+                let exact = account(&cfg, queue.as_ref(), repair).await?;
+                let all = order.iter().all(|id| {
+                    finished.finished_at(id).is_some()
+                        || exact.dead.contains(id)
+                        || exact.routed.contains(id)
+                });
                 // Every task is accounted for; automatic replays still due are waited for up to
-                // the replay horizon in virtual time, but at most 30 s of a real clock.
-                let all = accounted >= opts.tasks;
-                let replays_due = last_exact.awaiting_replay > 0;
+                // the horizon in virtual time, but at most 30 s of a real clock.
+                let replays_due = exact.awaiting_replay > 0;
                 let waited_enough =
                     opts.clock == "real" && done_at.elapsed() > Duration::from_secs(30);
-                let settled = all && (!replays_due || waited_enough);
-                if settled || done_at.elapsed() > horizon || wall.elapsed() > wall_limit {
+                if (all && (!replays_due || waited_enough)) || over {
                     break;
                 }
             }
         }
         if wall.elapsed() > wall_limit {
+            wall_out = true;
             break;
         }
         tokio::time::sleep(tick).await;
     }
     let elapsed = t0.elapsed();
+    // Read before the roles stop: a stopping role may clear its degraded state.
+    let paused = paused_agents(&cfg, queue.as_ref()).await?;
 
     // Safe stop, as a pod would: stop taking tasks, let in-flight work finish.
     let _ = running.stop.send(true);
     for h in std::mem::take(&mut running.handles) {
         let _ = tokio::time::timeout(Duration::from_secs(30), h).await;
     }
+    let exact = account(&cfg, queue.as_ref(), repair).await?;
 
     let mut hist = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)
         .map_err(|e| RunError::Engine(EngineError::Config(format!("histogram: {e}"))))?;
@@ -478,23 +711,46 @@ pub async fn run(
         .map(|ms| Duration::from_millis(ms.max(0) as u64));
     let (mut completed, mut late, mut last_finish) = (0u64, 0u64, Duration::ZERO);
     let (mut dead, mut routed) = (0u64, 0u64);
+    // (completion instant since t0, late?) of each completed task, for the timeline.
+    let mut completions: Vec<(Duration, bool)> = Vec::with_capacity(order.len());
+    let mut unsettled: BTreeSet<&str> = BTreeSet::new();
     for id in &order {
         if let (Some(at), Some(sub)) = (finished.finished_at(id), submitted.get(id)) {
             completed += 1;
             let e2e = at.saturating_duration_since(*sub);
             let _ = hist.record((e2e.as_micros() as u64).max(1));
-            if deadline.is_some_and(|d| e2e > d) {
+            let is_late = deadline.is_some_and(|d| e2e > d);
+            if is_late {
                 late += 1;
             }
-            last_finish = last_finish.max(at.saturating_duration_since(t0));
-        } else if last_exact.dead.contains(id) {
+            let since = at.saturating_duration_since(t0);
+            completions.push((since, is_late));
+            last_finish = last_finish.max(since);
+        } else if exact.dead.contains(id) {
             dead += 1;
-        } else if last_exact.routed.contains(id) {
+        } else if exact.routed.contains(id) {
             routed += 1;
+        } else {
+            unsettled.insert(id.as_str());
+        }
+    }
+    let waits = waiting_at(&cfg, queue.as_ref(), &unsettled).await?;
+    let (mut n_paused, mut n_in_flight, mut lost) = (0u64, 0u64, 0u64);
+    let mut paused_by: BTreeMap<&str, u64> = BTreeMap::new();
+    for id in &unsettled {
+        match waits.get(*id) {
+            None => lost += 1,
+            Some(agents) => match agents.iter().find(|a| paused.contains_key(*a)) {
+                Some(a) => {
+                    n_paused += 1;
+                    *paused_by.entry(a.as_str()).or_default() += 1;
+                }
+                None => n_in_flight += 1,
+            },
         }
     }
     let submitted_n = order.len() as u64;
-    let lost = submitted_n - completed - dead - routed;
+    let not_submitted = opts.tasks.saturating_sub(submitted_n);
     let ms = |q: f64| {
         if hist.is_empty() {
             0.0
@@ -518,10 +774,81 @@ pub async fn run(
     } else {
         completed as f64 / busy.as_secs_f64()
     };
+
+    // Why the run ended without settling everything, in one line.
+    let unfinished_because = {
+        let mut parts = Vec::new();
+        if n_paused > 0 {
+            let who: Vec<String> = paused_by
+                .keys()
+                .map(|a| format!("agent {a}: {}", paused.get(*a).cloned().unwrap_or_default()))
+                .collect();
+            parts.push(format!("{n_paused} paused ({})", who.join("; ")));
+        }
+        if n_in_flight > 0 {
+            let why = if cfg.terminal_agents().is_empty() {
+                " (the graph has no end: every agent's output is read by another agent)"
+            } else {
+                ""
+            };
+            parts.push(format!("{n_in_flight} in flight{why}"));
+        }
+        if not_submitted > 0 {
+            parts.push(format!(
+                "{not_submitted} not submitted (the intake refused them: queue.maxLen backpressure)"
+            ));
+        }
+        let stuck = n_paused + n_in_flight + not_submitted;
+        (stuck > 0).then(|| {
+            let within = if wall_out {
+                format!("{} of wall-clock time", fmt_duration(wall.elapsed()))
+            } else {
+                format!(
+                    "{} of {} time",
+                    fmt_duration(elapsed),
+                    clock_word(opts.clock)
+                )
+            };
+            format!(
+                "{stuck} tasks did not finish within {within}: {}",
+                parts.join(", ")
+            )
+        })
+    };
+
     let policy = running.proxy.counters();
-    let sum_policy =
-        |f: fn(&crate::resilience::CountersSnapshot) -> u64| policy.values().map(f).sum::<u64>();
-    let failed_for_cost = dead + routed + lost + late;
+    let tools: BTreeMap<String, report::ToolFigures> = policy
+        .iter()
+        .map(|(name, c)| {
+            let requests = running.sims.get(name).map_or(0, |s| s.requests());
+            (
+                name.clone(),
+                report::ToolFigures::from_counters(c, requests),
+            )
+        })
+        .collect();
+    let mut agents: BTreeMap<String, report::AgentFigures> = cfg
+        .agents
+        .iter()
+        .map(|a| (a.name.clone(), report::AgentFigures::default()))
+        .collect();
+    for s in &running.agent_stats {
+        let Some(name) = &s.agent else { continue };
+        let c = s.counters();
+        let f = agents.entry(name.clone()).or_default();
+        // Every delivery the agent answered either completed the step or failed (and was
+        // retried, dead-lettered or routed); `retries` are the failed ones delivered again.
+        f.deliveries += c.completed + c.failed;
+        f.redeliveries += c.retries;
+        f.completed += c.completed;
+        f.dead_lettered += c.dead_lettered;
+    }
+    let timeline = timeline(&samples, &completions, elapsed);
+    // Every submitted task that did not complete within the SLO latency failed, whatever became
+    // of it (dead-lettered, routed, late, paused, in flight or lost): the SLO line and the cost
+    // model use this one rule, so they cannot disagree.
+    let in_time = completed.saturating_sub(late);
+    let failed = (submitted_n + not_submitted).saturating_sub(in_time);
     let report = RunReport {
         submitted: submitted_n,
         completed,
@@ -529,29 +856,32 @@ pub async fn run(
         lost,
         duplicate_effects: ledger.duplicate_effects(),
         tasks_per_sec,
-        // Success is the cost model's: completed within `slo.p95LatencyMs`.
-        slo: report::slo(
-            completed.saturating_sub(late),
-            submitted_n,
-            latency.p95,
-            slo,
-        ),
+        slo: report::slo(in_time, submitted_n + not_submitted, latency.p95, slo),
         latency_ms: latency,
-        retries: running.sum(|c| c.retries) + sum_policy(|c| c.retries),
-        hedges: sum_policy(|c| c.hedges),
-        breaker_trips: sum_policy(|c| c.breaker_trips),
+        retries: tools.values().map(|t| t.retries).sum(),
+        redeliveries: agents.values().map(|a| a.redeliveries).sum(),
+        hedges: tools.values().map(|t| t.hedges).sum(),
+        breaker_trips: policy.values().map(|c| c.breaker_trips).sum(),
         replays: running.sum(|c| c.replays),
         incident_cost: report::incident_cost(
-            failed_for_cost,
-            submitted_n,
+            failed,
+            submitted_n + not_submitted,
             tasks_per_sec,
             cfg.spec.economics.as_ref(),
         ),
         drill: None,
         routed,
+        paused: n_paused,
+        in_flight: n_in_flight,
+        not_submitted,
+        unfinished_because,
         late,
-        fallbacks: sum_policy(|c| c.fallbacks),
+        fallbacks: tools.values().map(|t| t.fallbacks).sum(),
         effects: ledger.effects(),
+        load: report::LoadReport::of(&opts.load, window),
+        tools,
+        agents,
+        timeline,
         elapsed_seconds: elapsed.as_secs_f64(),
         wall_seconds: wall.elapsed().as_secs_f64(),
         clock: opts.clock.to_string(),
@@ -559,13 +889,257 @@ pub async fn run(
     Ok(report)
 }
 
+fn clock_word(clock: &str) -> &'static str {
+    if clock == "real" { "real" } else { "virtual" }
+}
+
+/// `1h2m3s`, `10m0s`, `42s`, `1.5s` (Go's style, as people read durations in logs).
+pub fn fmt_duration(d: Duration) -> String {
+    let secs = d.as_secs();
+    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+    if h > 0 {
+        format!("{h}h{m}m{s}s")
+    } else if m > 0 {
+        format!("{m}m{s}s")
+    } else if d.subsec_millis() > 0 && secs < 10 {
+        format!("{:.1}s", d.as_secs_f64())
+    } else {
+        format!("{s}s")
+    }
+}
+
+/// The run in ten slices of its virtual duration: completions per second, the share of
+/// outcomes that were failures (late completions, dead-letterings, routings), the worst
+/// breaker state per tool, and the DLQ depth at the end of the slice.
+fn timeline(
+    samples: &[Sample],
+    completions: &[(Duration, bool)],
+    elapsed: Duration,
+) -> Vec<report::TimelineSlice> {
+    const SLICES: u32 = 10;
+    if elapsed.is_zero() {
+        return Vec::new();
+    }
+    let width = elapsed / SLICES;
+    let mut out = Vec::with_capacity(SLICES as usize);
+    let (mut prev_dead, mut prev_routed, mut prev_depth) = (0u64, 0u64, 0u64);
+    let mut carried: BTreeMap<String, BreakerState> = BTreeMap::new();
+    for i in 0..SLICES {
+        let from = width * i;
+        let to = if i + 1 == SLICES {
+            elapsed
+        } else {
+            width * (i + 1)
+        };
+        let inside = |t: Duration| t >= from && (t < to || (i + 1 == SLICES && t <= to));
+        let (mut done, mut late) = (0u64, 0u64);
+        for (t, is_late) in completions {
+            if inside(*t) {
+                done += 1;
+                late += u64::from(*is_late);
+            }
+        }
+        let here: Vec<&Sample> = samples.iter().filter(|s| inside(s.at)).collect();
+        let (dead, routed, depth) = here
+            .last()
+            .map_or((prev_dead, prev_routed, prev_depth), |s| {
+                (s.dead_lettered, s.routed, s.dlq_depth)
+            });
+        let dead_delta = dead.saturating_sub(prev_dead);
+        let routed_delta = routed.saturating_sub(prev_routed);
+        (prev_dead, prev_routed, prev_depth) = (dead, routed, depth);
+        let mut breakers: BTreeMap<String, BreakerState> = BTreeMap::new();
+        for s in &here {
+            for (tool, st) in &s.breakers {
+                let worst = breakers.entry(tool.clone()).or_insert(*st);
+                if severity(*st) > severity(*worst) {
+                    *worst = *st;
+                }
+            }
+        }
+        match here.last() {
+            // No sample in a slice (a very short run): the state the last one ended in.
+            None => breakers = carried.clone(),
+            Some(last) => carried = last.breakers.clone(),
+        }
+        let outcomes = done + dead_delta + routed_delta;
+        let failures = late + dead_delta + routed_delta;
+        let secs = to.saturating_sub(from).as_secs_f64();
+        out.push(report::TimelineSlice {
+            from_seconds: from.as_secs_f64(),
+            to_seconds: to.as_secs_f64(),
+            tasks_per_sec: if secs > 0.0 { done as f64 / secs } else { 0.0 },
+            failure_rate: if outcomes == 0 {
+                0.0
+            } else {
+                failures as f64 / outcomes as f64
+            },
+            dlq_depth: depth,
+            breakers: breakers
+                .into_iter()
+                .map(|(t, s)| (t, s.label().to_string()))
+                .collect(),
+        });
+    }
+    out
+}
+
+fn severity(s: BreakerState) -> u8 {
+    match s {
+        BreakerState::Closed => 0,
+        BreakerState::HalfOpen => 1,
+        BreakerState::Open => 2,
+    }
+}
+
 /// A progress sample, for the live view.
 #[derive(Clone, Debug)]
 pub struct Progress {
     pub submitted: u64,
     pub total: u64,
+    /// Tasks settled for good (completed, routed, or dead-lettered with no replay due); never
+    /// goes backwards, stays below `total` while the run goes on.
+    pub done: u64,
+    /// Tasks every terminal agent finished.
     pub completed: u64,
+    /// Tasks in the DLQ or poison stream now.
     pub dead_lettered: u64,
+    /// DLQ entries the repair role will still replay.
+    pub replays_due: u64,
+    /// Completions per second over the last second.
+    pub tasks_per_sec: f64,
     pub elapsed: Duration,
     pub breakers: BTreeMap<String, BreakerState>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secs(s: f64) -> Duration {
+        Duration::from_secs_f64(s)
+    }
+
+    #[test]
+    fn progress_counts_tasks_and_never_goes_backwards_or_past_the_total() {
+        let mut m = ProgressMeter::new(100);
+        assert_eq!(m.observe(secs(1.0), 40, 30).0, 40);
+        // A replay took a DLQ entry back: fewer settled now, the bar stays where it was.
+        assert_eq!(m.observe(secs(2.0), 35, 32).0, 40);
+        // Double counting (a task routed on one branch, dead on another) never passes the
+        // total, and the bar stays below 100% until the run has ended.
+        assert_eq!(m.observe(secs(3.0), 130, 90).0, 99);
+    }
+
+    #[test]
+    fn progress_rate_is_the_current_one() {
+        let mut m = ProgressMeter::new(10_000);
+        let mut rate = 0.0;
+        // 1,000 tasks/s for 10 s …
+        for i in 1..=100u64 {
+            rate = m.observe(secs(i as f64 / 10.0), i * 100, i * 100).1;
+        }
+        assert!((rate - 1000.0).abs() < 1e-6, "{rate}");
+        // … then nothing for 2 s: the current rate is 0, not the average since start.
+        for i in 101..=120u64 {
+            rate = m.observe(secs(i as f64 / 10.0), 10_000, 10_000).1;
+        }
+        assert_eq!(rate, 0.0);
+        rate = m.observe(secs(12.1), 10_050, 10_050).1;
+        assert!((rate - 50.0).abs() < 1e-6, "{rate}");
+    }
+
+    fn sample(at: f64, dead: u64, depth: u64, bank: BreakerState) -> Sample {
+        Sample {
+            at: secs(at),
+            dead_lettered: dead,
+            routed: 0,
+            dlq_depth: depth,
+            breakers: [("bank".to_string(), bank)].into(),
+        }
+    }
+
+    #[test]
+    fn the_timeline_shows_an_outage_as_a_shape() {
+        // 100 s of run; completions at 10/s except 40..60 s, where the bank is down, tasks are
+        // dead-lettered and the breaker is open.
+        let mut samples = Vec::new();
+        let mut completions = Vec::new();
+        let mut dead = 0;
+        for tenth in 0..1000u64 {
+            let t = tenth as f64 / 10.0;
+            let outage = (40.0..60.0).contains(&t);
+            if outage {
+                dead += 1;
+            } else {
+                completions.push((secs(t), false));
+            }
+            let state = if outage {
+                BreakerState::Open
+            } else {
+                BreakerState::Closed
+            };
+            samples.push(sample(t, dead, if outage { dead } else { 0 }, state));
+        }
+        let tl = timeline(&samples, &completions, secs(100.0));
+        assert_eq!(tl.len(), 10);
+        for (i, s) in tl.iter().enumerate() {
+            let outage = i == 4 || i == 5;
+            assert_eq!(
+                s.breakers["bank"],
+                if outage { "open" } else { "closed" },
+                "{i}"
+            );
+            assert_eq!(s.failure_rate, if outage { 1.0 } else { 0.0 }, "{i}");
+            assert_eq!(s.tasks_per_sec, if outage { 0.0 } else { 10.0 }, "{i}");
+        }
+        assert_eq!(tl[4].dlq_depth, 100);
+        assert_eq!(tl[6].dlq_depth, 0);
+    }
+
+    fn cfg(economics: &str) -> WorkflowConfig {
+        let text = format!(
+            "apiVersion: r4.dev/v1alpha1\nkind: AgentWorkflow\nmetadata: {{name: g}}\nspec:\n  queue: {{redis: {{url: \"redis://x\"}}}}\n  agents:\n    - {{name: a, image: i, consumes: in}}\n{economics}"
+        );
+        WorkflowConfig::from_yaml("s", &text, None, None).unwrap()
+    }
+
+    #[test]
+    fn the_default_load_is_the_workflows_own_traffic() {
+        let tpm = cfg(
+            "  economics: {marginPerTask: 0.1, remediationCostPerFailure: 1, tasksPerMinute: 2000}\n",
+        );
+        let Load::Open { rate, source } = Load::choose(&tpm, None, false).unwrap() else {
+            panic!("open loop expected");
+        };
+        assert!((rate - 2000.0 / 60.0).abs() < 1e-9);
+        assert_eq!(source, "economics.tasksPerMinute 2000");
+        assert!(
+            matches!(Load::choose(&tpm, Some(5.0), false), Ok(Load::Open { rate, .. }) if rate == 5.0)
+        );
+        assert!(matches!(
+            Load::choose(&tpm, None, true),
+            Ok(Load::Closed { .. })
+        ));
+        assert!(matches!(
+            Load::choose(&cfg(""), None, false),
+            Ok(Load::Closed { .. })
+        ));
+        let zero = cfg(
+            "  economics: {marginPerTask: 0.1, remediationCostPerFailure: 1, tasksPerMinute: 0}\n",
+        );
+        let err = Load::choose(&zero, None, false).unwrap_err().to_string();
+        assert!(
+            err.starts_with("spec.economics.tasksPerMinute: must be > 0"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn durations_read_like_go() {
+        assert_eq!(fmt_duration(secs(600.0)), "10m0s");
+        assert_eq!(fmt_duration(secs(3725.0)), "1h2m5s");
+        assert_eq!(fmt_duration(secs(42.0)), "42s");
+        assert_eq!(fmt_duration(secs(1.5)), "1.5s");
+    }
 }

@@ -1,10 +1,10 @@
 //! A simulated agent as a [`Delivery`]: the `simulate:` block of an agent (its own latency and
 //! error rate, outage and slow-down windows, and the tool calls it makes per task, through the
-//! real tool proxy, with arguments drawn from each tool's `keySpace`). Terminal
-//! agents (those that produce nothing) record each task they finish, so `r4 run` counts
-//! completions on the agents' side, independently of the engine's bookkeeping.
+//! real tool proxy, with arguments drawn from each tool's `keySpace`). Terminal agents (the ends
+//! of the graph) record each task they finish in [`Finished`], so `r4 run` counts completions on
+//! the agents' side, independently of the engine's bookkeeping.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use rand::rngs::SmallRng;
@@ -19,34 +19,76 @@ use crate::engine::delivery::{
 use crate::engine::tools::{DEGRADED_HEADER, IDEMPOTENCY_HEADER, ToolProxy};
 use crate::resilience::HttpRequest;
 
-/// Tasks finished by terminal agents, with the (tokio) instant each first finished.
+/// Tasks finished by the terminal agents, per (task, agent), with the (tokio) instant each
+/// agent first finished each task. A task is complete when *every* terminal agent finished
+/// it (each branch of a fan-out), at the instant its last branch did.
 #[derive(Debug, Default)]
 pub struct Finished {
-    at: Mutex<HashMap<String, Instant>>,
+    terminal: BTreeSet<String>,
+    inner: Mutex<FinishedInner>,
+}
+
+#[derive(Debug, Default)]
+struct FinishedInner {
+    by_task: HashMap<String, HashMap<String, Instant>>,
+    complete: usize,
 }
 
 impl Finished {
-    pub fn record(&self, task_id: &str) {
-        self.lock()
-            .entry(task_id.to_string())
-            .or_insert_with(Instant::now);
+    /// A registry for a graph whose ends are `terminal` (agent names). With no terminal
+    /// agent (a loop) no task can complete.
+    pub fn new(terminal: impl IntoIterator<Item = String>) -> Self {
+        Self {
+            terminal: terminal.into_iter().collect(),
+            inner: Mutex::default(),
+        }
     }
 
+    /// `agent` finished its step of `task_id` (the first time counts).
+    pub fn record(&self, task_id: &str, agent: &str) {
+        if !self.terminal.contains(agent) {
+            return;
+        }
+        let mut inner = self.lock();
+        let branches = inner.by_task.entry(task_id.to_string()).or_default();
+        if branches.contains_key(agent) {
+            return;
+        }
+        branches.insert(agent.to_string(), Instant::now());
+        if branches.len() == self.terminal.len() {
+            inner.complete += 1;
+        }
+    }
+
+    /// Tasks every terminal agent finished.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().complete
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// When `task_id` finished, if it did.
+    /// When `task_id` completed (its last terminal branch finished), if it did.
     pub fn finished_at(&self, task_id: &str) -> Option<Instant> {
-        self.lock().get(task_id).copied()
+        let inner = self.lock();
+        let branches = inner.by_task.get(task_id)?;
+        (!self.terminal.is_empty() && branches.len() == self.terminal.len())
+            .then(|| branches.values().max().copied())
+            .flatten()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
-        crate::resilience::lock(&self.at)
+    /// The terminal agents that finished `task_id` so far.
+    pub fn branches_done(&self, task_id: &str) -> BTreeSet<String> {
+        self.lock()
+            .by_task
+            .get(task_id)
+            .map(|b| b.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, FinishedInner> {
+        crate::resilience::lock(&self.inner)
     }
 }
 
@@ -187,7 +229,7 @@ impl SimAgent {
             }
         }
         if self.terminal {
-            self.finished.record(&req.task_id);
+            self.finished.record(&req.task_id, &self.name);
         }
         Ok(Outputs::PassThrough)
     }
@@ -375,5 +417,28 @@ mod tests {
         let t = Instant::now();
         a.deliver(&task(5)).await.unwrap();
         assert_eq!(t.elapsed(), Duration::from_millis(100));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_task_completes_when_its_last_branch_finishes() {
+        let f = Finished::new(["left".to_string(), "right".to_string()]);
+        let t0 = Instant::now();
+        f.record("t1", "left");
+        f.record("t1", "middle"); // not an end of the graph: ignored
+        assert_eq!(f.len(), 0, "one branch is not the task");
+        assert_eq!(f.finished_at("t1"), None);
+        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+        f.record("t1", "right");
+        f.record("t1", "right"); // a duplicate finish counts once
+        assert_eq!(f.len(), 1);
+        assert_eq!(
+            f.finished_at("t1"),
+            Some(t0 + std::time::Duration::from_secs(3))
+        );
+        assert_eq!(f.branches_done("t1").len(), 2);
+        // No end at all (a loop): nothing completes.
+        let none = Finished::new(Vec::<String>::new());
+        none.record("t1", "left");
+        assert_eq!((none.len(), none.finished_at("t1")), (0, None));
     }
 }

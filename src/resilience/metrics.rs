@@ -5,8 +5,10 @@
 //! layer of that target's stack reports into. Labels are small and static
 //! (`target`, `outcome`, `to`) to keep cardinality bounded.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::time::Instant;
 
 use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
 use serde::Serialize;
@@ -89,6 +91,10 @@ pub struct Counters {
     bulkhead_rejections: AtomicU64,
     breaker_trips: AtomicU64,
     fallbacks: AtomicU64,
+    /// Time the breaker spent open in spans that ended, in µs.
+    breaker_open_us: AtomicU64,
+    /// When the breaker last opened, while it is open.
+    open_since: Mutex<Option<Instant>>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -102,6 +108,10 @@ pub struct CountersSnapshot {
     pub bulkhead_rejections: u64,
     pub breaker_trips: u64,
     pub fallbacks: u64,
+    /// Time the breaker has spent open (the current span included), in µs. The breaker
+    /// leaves Open lazily (the first call or state read after `openDuration` finds it
+    /// half-open), so an idle open breaker counts until something looks at it.
+    pub breaker_open_us: u64,
 }
 
 impl Counters {
@@ -117,8 +127,30 @@ impl Counters {
             bulkhead_rejections: g(&self.bulkhead_rejections),
             breaker_trips: g(&self.breaker_trips),
             fallbacks: g(&self.fallbacks),
+            breaker_open_us: g(&self.breaker_open_us).saturating_add(
+                (*super::lock(&self.open_since)).map_or(0, |since| micros(since.elapsed())),
+            ),
         }
     }
+
+    /// The breaker moved to `to`: start or close an open span.
+    fn breaker_open_span(&self, to: BreakerState) {
+        let mut since = super::lock(&self.open_since);
+        match (to, *since) {
+            (BreakerState::Open, None) => *since = Some(Instant::now()),
+            (BreakerState::Open, Some(_)) => {}
+            (_, Some(at)) => {
+                self.breaker_open_us
+                    .fetch_add(micros(at.elapsed()), Ordering::Relaxed);
+                *since = None;
+            }
+            (_, None) => {}
+        }
+    }
+}
+
+fn micros(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 /// Per-target reporting handle handed to every layer (cheap to clone).
@@ -211,6 +243,7 @@ impl Telemetry {
         if to == BreakerState::Open {
             inc(&self.counters.breaker_trips);
         }
+        self.counters.breaker_open_span(to);
         if let Some(m) = &self.metrics {
             m.breaker_state
                 .with_label_values(&[&*self.target])
@@ -242,5 +275,27 @@ mod tests {
         assert_eq!(t.snapshot().breaker_trips, 1);
         // Registering twice on one registry is an error, not a panic.
         assert!(Metrics::register(&reg).is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn breaker_open_time_adds_up_the_open_spans() {
+        let t = Telemetry::noop("tool-a");
+        assert_eq!(t.snapshot().breaker_open_us, 0);
+        t.breaker_transition(BreakerState::Open);
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        // Still open: the current span counts.
+        assert_eq!(t.snapshot().breaker_open_us, 2_000_000);
+        t.breaker_transition(BreakerState::HalfOpen);
+        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        t.breaker_transition(BreakerState::Open);
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        t.breaker_transition(BreakerState::Closed);
+        tokio::time::sleep(std::time::Duration::from_secs(9)).await;
+        assert_eq!(
+            t.snapshot().breaker_open_us,
+            3_000_000,
+            "half-open and closed time excluded"
+        );
+        assert_eq!(t.snapshot().breaker_trips, 2);
     }
 }
