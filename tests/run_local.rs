@@ -699,3 +699,43 @@ fn an_agent_outage_pauses_its_engine_and_fails_no_task() {
     // The tasks waiting for the resolution agent finished after it came back.
     assert!(v["latency_ms"]["p999"].as_f64().unwrap() >= 4000.0, "{v}");
 }
+
+/// The fan-out/fan-in sample: `decide` joins the lookup and fraud branches. Every task is
+/// accounted for; each completed task was decided exactly once (one joined delivery per task,
+/// never one per branch); the KYC outage in the fraud branch dead-letters branches, whose
+/// joins fail at once and reopen when the repair role replays them, so those tasks end late,
+/// not lost.
+#[test]
+fn the_fan_in_sample_joins_each_task_once() {
+    let v = run_json(&[
+        "-f",
+        &sample("chargeback-triage.yaml"),
+        "--tasks",
+        "1200",
+        "--seed",
+        "3",
+    ]);
+    assert_accounted(&v);
+    assert_eq!(n(&v, "submitted"), 1200, "{v}");
+    assert_eq!(n(&v, "lost"), 0, "{v}");
+    let completed = n(&v, "completed");
+    let decide = &v["agents"]["decide"];
+    assert_eq!(n(decide, "completed"), completed, "{v}");
+    assert_eq!(
+        n(decide, "deliveries"),
+        completed,
+        "one joined delivery per task: {v}"
+    );
+    for branch in ["triage", "lookup"] {
+        assert_eq!(n(&v["agents"][branch], "completed"), 1200, "{branch}: {v}");
+    }
+    // The outage shows: the fraud branch was dead-lettered and replayed, the KYC breaker
+    // opened, and the replayed tasks completed late.
+    assert!(n(&v["agents"]["fraud"], "dead_lettered") > 0, "{v}");
+    assert!(n(&v, "replays") > 0, "{v}");
+    assert!(
+        v["tools"]["kyc-api"]["breaker_open_seconds"].as_f64().unwrap() > 0.0,
+        "{v}"
+    );
+    assert!(n(&v, "late") > 0, "{v}");
+}

@@ -1097,6 +1097,9 @@ async fn deliver(
         let t = Instant::now();
         let res = ctx.delivery.deliver(&req).await;
         agent_time += t.elapsed();
+        if !matches!(&res, Err(e) if e.unreachable) {
+            ctx.stats.delivered();
+        }
         // The failure, and the DLQ reason should it be permanent.
         let (err, permanent_reason) = match res {
             Ok(outputs) => {

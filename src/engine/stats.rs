@@ -61,6 +61,10 @@ pub struct Counters {
     pub quarantined: u64,
     pub compensations: u64,
     pub in_flight: i64,
+    /// Deliveries the agent answered (success or failure; an unreachable
+    /// agent's are not counted), every attempt of every round.
+    #[serde(default)]
+    pub deliveries: u64,
 }
 
 impl Counters {
@@ -76,6 +80,7 @@ impl Counters {
         self.quarantined += o.quarantined;
         self.compensations += o.compensations;
         self.in_flight += o.in_flight;
+        self.deliveries += o.deliveries;
     }
 }
 
@@ -120,6 +125,7 @@ pub struct Stats {
     quarantined: AtomicU64,
     compensations: AtomicU64,
     in_flight: AtomicI64,
+    deliveries: AtomicU64,
     latency: Mutex<Histogram<u64>>,
     overhead: Mutex<Histogram<u64>>,
     registry: Registry,
@@ -244,6 +250,7 @@ impl Stats {
             quarantined: AtomicU64::new(0),
             compensations: AtomicU64::new(0),
             in_flight: AtomicI64::new(0),
+            deliveries: AtomicU64::new(0),
             latency: Mutex::new(histogram()),
             overhead: Mutex::new(histogram()),
             registry,
@@ -347,6 +354,11 @@ impl Stats {
         }
     }
 
+    /// The agent answered a delivery (whatever it answered).
+    pub fn delivered(&self) {
+        self.deliveries.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// A delivery attempt failed.
     pub fn failed_attempt(&self, will_retry: bool) {
         self.failed.fetch_add(1, Ordering::Relaxed);
@@ -393,6 +405,7 @@ impl Stats {
             quarantined: l(&self.quarantined),
             compensations: l(&self.compensations),
             in_flight: self.in_flight.load(Ordering::Relaxed),
+            deliveries: l(&self.deliveries),
         }
     }
 

@@ -115,6 +115,8 @@ pub struct AgentFigures {
     pub completed: u64,
     /// Tasks dead-lettered at this agent's step (a replayed task may count again).
     pub dead_lettered: u64,
+    /// Tasks degraded mode routed away from this agent (before or after a delivery).
+    pub routed: u64,
 }
 
 /// One tenth of the run (`timeline[]` in JSON).
@@ -124,8 +126,9 @@ pub struct TimelineSlice {
     pub to_seconds: f64,
     /// Tasks completed in the slice, per second.
     pub tasks_per_sec: f64,
-    /// Failures (late completions, dead-letterings, routings) over all outcomes in the slice.
-    pub failure_rate: f64,
+    /// Failures (late completions, dead-letterings, routings) over all outcomes in the slice;
+    /// `null` when no task settled in the slice.
+    pub failure_rate: Option<f64>,
     /// Worst breaker state per tool in the slice (`closed`, `half_open`, `open`).
     pub breakers: BTreeMap<String, String>,
     /// Tasks in the DLQ (and poison stream) at the end of the slice.
@@ -413,6 +416,7 @@ impl RunReport {
             "redeliveries",
             "completed",
             "dead-lettered",
+            "routed",
         ]);
         for (name, f) in &self.agents {
             t.row(vec![
@@ -421,6 +425,7 @@ impl RunReport {
                 f.redeliveries.to_string(),
                 f.completed.to_string(),
                 f.dead_lettered.to_string(),
+                f.routed.to_string(),
             ]);
         }
         t.render()
@@ -440,7 +445,8 @@ impl RunReport {
             t.row(vec![
                 format!("{:.1}", s.from_seconds),
                 format!("{:.1}", s.tasks_per_sec),
-                format!("{:.1}%", s.failure_rate * 100.0),
+                s.failure_rate
+                    .map_or_else(|| "-".into(), |r| format!("{:.1}%", r * 100.0)),
                 s.dlq_depth.to_string(),
                 if breakers.is_empty() {
                     "-".into()

@@ -836,12 +836,13 @@ pub async fn run(
         let Some(name) = &s.agent else { continue };
         let c = s.counters();
         let f = agents.entry(name.clone()).or_default();
-        // Every delivery the agent answered either completed the step or failed (and was
-        // retried, dead-lettered or routed); `retries` are the failed ones delivered again.
-        f.deliveries += c.completed + c.failed;
+        // The engine counts every delivery the agent answered; `retries` are the failed ones
+        // delivered again.
+        f.deliveries += c.deliveries;
         f.redeliveries += c.retries;
         f.completed += c.completed;
         f.dead_lettered += c.dead_lettered;
+        f.routed += c.routed;
     }
     let timeline = timeline(&samples, &completions, elapsed);
     // Every submitted task that did not complete within the SLO latency failed, whatever became
@@ -969,11 +970,7 @@ fn timeline(
             from_seconds: from.as_secs_f64(),
             to_seconds: to.as_secs_f64(),
             tasks_per_sec: if secs > 0.0 { done as f64 / secs } else { 0.0 },
-            failure_rate: if outcomes == 0 {
-                0.0
-            } else {
-                failures as f64 / outcomes as f64
-            },
+            failure_rate: (outcomes > 0).then(|| failures as f64 / outcomes as f64),
             dlq_depth: depth,
             breakers: breakers
                 .into_iter()
@@ -1090,7 +1087,7 @@ mod tests {
                 if outage { "open" } else { "closed" },
                 "{i}"
             );
-            assert_eq!(s.failure_rate, if outage { 1.0 } else { 0.0 }, "{i}");
+            assert_eq!(s.failure_rate, Some(if outage { 1.0 } else { 0.0 }), "{i}");
             assert_eq!(s.tasks_per_sec, if outage { 0.0 } else { 10.0 }, "{i}");
         }
         assert_eq!(tl[4].dlq_depth, 100);
