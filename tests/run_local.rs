@@ -734,7 +734,10 @@ fn the_fan_in_sample_joins_each_task_once() {
     assert!(n(&v["agents"]["fraud"], "dead_lettered") > 0, "{v}");
     assert!(n(&v, "replays") > 0, "{v}");
     assert!(
-        v["tools"]["kyc-api"]["breaker_open_seconds"].as_f64().unwrap() > 0.0,
+        v["tools"]["kyc-api"]["breaker_open_seconds"]
+            .as_f64()
+            .unwrap()
+            > 0.0,
         "{v}"
     );
     assert!(n(&v, "late") > 0, "{v}");
