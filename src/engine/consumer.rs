@@ -575,30 +575,19 @@ async fn expire_join(ctx: &Ctx, join: &Join, task_id: &str) {
             .map(String::as_str)
             .collect();
         let got: Vec<&str> = have.iter().map(|(k, _)| k.as_str()).collect();
-        let rec = DlqRecord {
-            id: String::new(),
-            reason: reason::JOIN_TIMEOUT.into(),
-            error: format!(
+        let mut rec = step_record(
+            ctx,
+            reason::JOIN_TIMEOUT,
+            format!(
                 "join of agent {} waited {:?}: has [{}], misses [{}]",
                 ctx.agent.name,
                 join.timeout,
                 got.join(", "),
                 missing.join(", ")
             ),
-            task_id: task_id.to_owned(),
-            step: ctx.agent.name.clone(),
-            source: ctx.agent.consumes.clone(),
-            entry_id: String::new(),
-            deliveries: 0,
-            replays: 0,
-            replayable: false,
-            tool: None,
-            dead_at_ms: task::now_ms(),
-            engine: ctx.engine_id.clone(),
-            history: Vec::new(),
-            joins: Vec::new(),
-            original: have.clone(),
-        };
+        );
+        rec.task_id = task_id.to_owned();
+        rec.original = have.clone();
         let compensation = match saga::first_compensation(
             ctx.queue.as_ref(),
             &ctx.cfg,
@@ -1737,30 +1726,41 @@ async fn dead_letter(
     }
 }
 
+/// A DLQ record of this step that no delivered entry carries (a join that
+/// timed out, an entry gone from its stream): not replayable, no history.
+fn step_record(ctx: &Ctx, why: &str, error: String) -> DlqRecord {
+    DlqRecord {
+        id: String::new(),
+        reason: why.to_owned(),
+        error,
+        task_id: String::new(),
+        step: ctx.agent.name.clone(),
+        source: ctx.agent.consumes.clone(),
+        entry_id: String::new(),
+        deliveries: 0,
+        replays: 0,
+        replayable: false,
+        tool: None,
+        dead_at_ms: task::now_ms(),
+        engine: ctx.engine_id.clone(),
+        history: Vec::new(),
+        joins: Vec::new(),
+        original: Vec::new(),
+    }
+}
+
 /// Dead-letter entries a claim found gone from the stream (only their ids
 /// are known): they were accepted, so they are accounted for, never
 /// silently dropped. The claim already removed them from the pending list,
 /// and exactly one claimer is told of each.
 async fn dead_letter_trimmed(ctx: &Ctx, ids: &[String]) {
     for id in ids {
-        let rec = DlqRecord {
-            id: String::new(),
-            reason: reason::TRIMMED.into(),
-            error: format!("entry {id} was pending but is gone from its stream"),
-            task_id: String::new(),
-            step: ctx.agent.name.clone(),
-            source: ctx.agent.consumes.clone(),
-            entry_id: id.clone(),
-            deliveries: 0,
-            replays: 0,
-            replayable: false,
-            tool: None,
-            dead_at_ms: task::now_ms(),
-            engine: ctx.engine_id.clone(),
-            history: Vec::new(),
-            joins: Vec::new(),
-            original: Vec::new(),
-        };
+        let mut rec = step_record(
+            ctx,
+            reason::TRIMMED,
+            format!("entry {id} was pending but is gone from its stream"),
+        );
+        rec.entry_id = id.clone();
         let dlq = ctx.cfg.keys.dlq();
         match retry_queue(ctx, || ctx.queue.add(&dlq, rec.encode(), None)).await {
             Ok(_) => {

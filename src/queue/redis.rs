@@ -131,6 +131,26 @@ local function check_stream(key)
     return redis.error_reply('WRONGTYPE ' .. key)
   end
 end
+-- XADD to `key` the `n` field/value pairs of ARGV starting at `first`.
+local function xadd_argv(key, first, n)
+  local args = {'XADD', key, '*'}
+  for j = first, first + 2 * n - 1 do args[#args + 1] = ARGV[j] end
+  return redis.call(unpack(args))
+end
+-- Read the entries to add (count at ARGV[p], then per entry: key index,
+-- field count n, n pairs), type-checking each key. Returns them (nil and
+-- an error reply on a wrong type) and the position of the last one read.
+local function read_entries(p)
+  local list = {}
+  for i = 1, tonumber(ARGV[p]) do
+    local key = KEYS[tonumber(ARGV[p + 1])]
+    local n = tonumber(ARGV[p + 2])
+    local err = check_stream(key); if err then return nil, err end
+    list[i] = {key, p + 3, n}
+    p = p + 2 + 2 * n
+  end
+  return list, p
+end
 "#;
 
 // Joins (see `JoinPart`): a hash per task and joining agent with the parts
@@ -297,9 +317,7 @@ for e = 1, count do
     else
       local ids = {1}
       for _, o in ipairs(item.outs) do
-        local args = {'XADD', o[1], '*'}
-        for j = o[2], o[2] + 2 * o[3] - 1 do args[#args + 1] = ARGV[j] end
-        ids[#ids + 1] = redis.call(unpack(args))
+        ids[#ids + 1] = xadd_argv(o[1], o[2], o[3])
       end
       for _, j in ipairs(item.joins) do
         local id = join_record(j)
@@ -325,25 +343,14 @@ return out
 const DEAD_LETTER_LUA: &str = r#"
 local e = check_stream(KEYS[2]); if e then return e end
 local p = 9 + 2 * tonumber(ARGV[8])
-local also = {}
-for i = 1, tonumber(ARGV[p]) do
-  local key = KEYS[tonumber(ARGV[p + 1])]
-  local n = tonumber(ARGV[p + 2])
-  local err = check_stream(key); if err then return err end
-  also[i] = {key, p + 3, n}
-  p = p + 2 + 2 * n
-end
+local also, at = read_entries(p)
+if not also then return at end
+p = at
 local fails = join_marks(p + 1, false)
 if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return false end
 for _, m in ipairs(fails) do join_fail(m[1], m[2], m[3], m[4], m[5]) end
-local args = {'XADD', KEYS[2], '*'}
-for i = 9, 8 + 2 * tonumber(ARGV[8]) do args[#args + 1] = ARGV[i] end
-local id = redis.call(unpack(args))
-for _, a in ipairs(also) do
-  local xa = {'XADD', a[1], '*'}
-  for j = a[2], a[2] + 2 * a[3] - 1 do xa[#xa + 1] = ARGV[j] end
-  redis.call(unpack(xa))
-end
+local id = xadd_argv(KEYS[2], 9, tonumber(ARGV[8]))
+for _, a in ipairs(also) do xadd_argv(a[1], a[2], a[3]) end
 if tonumber(ARGV[3]) > 0 then redis.call('SET', KEYS[tonumber(ARGV[3])], ARGV[4], 'PX', ARGV[5]) end
 if tonumber(ARGV[6]) > 0 then redis.call('ZADD', KEYS[tonumber(ARGV[6])], ARGV[7], id) end
 return id
@@ -456,14 +463,9 @@ return {entries, counts}
 const TRANSFER_LUA: &str = r#"
 local e = check_stream(KEYS[2]); if e then return e end
 local p = 6 + 2 * tonumber(ARGV[5])
-local also = {}
-for i = 1, tonumber(ARGV[p]) do
-  local key = KEYS[tonumber(ARGV[p + 1])]
-  local n = tonumber(ARGV[p + 2])
-  local err = check_stream(key); if err then return err end
-  also[i] = {key, p + 3, n}
-  p = p + 2 + 2 * n
-end
+local also, at = read_entries(p)
+if not also then return at end
+p = at
 local dels = {}
 p = p + 1
 for i = 1, tonumber(ARGV[p]) do dels[i] = KEYS[tonumber(ARGV[p + i])] end
@@ -471,14 +473,8 @@ local reopen = join_marks(p + 1 + tonumber(ARGV[p]), true)
 if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then return false end
 local ok, len = room(KEYS[2], ARGV[2], 1)
 if not ok then return redis.error_reply('FULL ' .. len) end
-local args = {'XADD', KEYS[2], '*'}
-for i = 6, 5 + 2 * tonumber(ARGV[5]) do args[#args + 1] = ARGV[i] end
-local id = redis.call(unpack(args))
-for _, a in ipairs(also) do
-  local xa = {'XADD', a[1], '*'}
-  for j = a[2], a[2] + 2 * a[3] - 1 do xa[#xa + 1] = ARGV[j] end
-  redis.call(unpack(xa))
-end
+local id = xadd_argv(KEYS[2], 6, tonumber(ARGV[5]))
+for _, a in ipairs(also) do xadd_argv(a[1], a[2], a[3]) end
 for _, k in ipairs(dels) do redis.call('DEL', k) end
 if tonumber(ARGV[3]) > 0 then redis.call('ZREM', KEYS[tonumber(ARGV[3])], ARGV[4]) end
 for _, m in ipairs(reopen) do join_reopen(m[1], m[2], m[3], m[4], m[5], m[6]) end
@@ -495,14 +491,9 @@ return id
 const EXPIRE_JOIN_LUA: &str = r#"
 local e = check_stream(KEYS[3]); if e then return e end
 local p = 9 + 2 * tonumber(ARGV[8])
-local also = {}
-for i = 1, tonumber(ARGV[p]) do
-  local key = KEYS[tonumber(ARGV[p + 1])]
-  local n = tonumber(ARGV[p + 2])
-  local err = check_stream(key); if err then return err end
-  also[i] = {key, p + 3, n}
-  p = p + 2 + 2 * n
-end
+local also, at = read_entries(p)
+if not also then return at end
+p = at
 local score = redis.call('ZSCORE', KEYS[2], ARGV[1])
 if not score or tonumber(score) > tonumber(ARGV[2]) then return {1} end
 if not join_open(KEYS[1]) then
@@ -515,14 +506,8 @@ for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
 end
 if seen ~= tonumber(ARGV[3]) then return {2} end
 join_fail(KEYS[1], KEYS[2], ARGV[1], 'timeout', ARGV[4])
-local args = {'XADD', KEYS[3], '*'}
-for i = 9, 8 + 2 * tonumber(ARGV[8]) do args[#args + 1] = ARGV[i] end
-local id = redis.call(unpack(args))
-for _, a in ipairs(also) do
-  local xa = {'XADD', a[1], '*'}
-  for j = a[2], a[2] + 2 * a[3] - 1 do xa[#xa + 1] = ARGV[j] end
-  redis.call(unpack(xa))
-end
+local id = xadd_argv(KEYS[3], 9, tonumber(ARGV[8]))
+for _, a in ipairs(also) do xadd_argv(a[1], a[2], a[3]) end
 if tonumber(ARGV[5]) > 0 then redis.call('SET', KEYS[tonumber(ARGV[5])], ARGV[6], 'PX', ARGV[7]) end
 return {0, id}
 "#;
@@ -825,6 +810,23 @@ impl<'k> KeyIndex<'k> {
             inv.key(key);
             next
         })
+    }
+}
+
+/// The entries a script adds besides its main write (`read_entries` in the
+/// scripts): their count, then per entry its key index, field count and
+/// field/value pairs.
+fn push_entries(
+    inv: &mut ::redis::ScriptInvocation<'_>,
+    entries: &[(String, Fields)],
+    ix: &[usize],
+) {
+    inv.arg(entries.len());
+    for ((_, fields), ix) in entries.iter().zip(ix) {
+        inv.arg(*ix).arg(fields.len());
+        for (k, v) in fields {
+            inv.arg(k.as_str()).arg(v.as_ref());
+        }
     }
 }
 
@@ -1270,13 +1272,7 @@ impl Queue for RedisQueue {
             for (k, v) in &t.fields {
                 inv.arg(k.as_str()).arg(v.as_ref());
             }
-            inv.arg(t.also.len());
-            for ((_, fields), ix) in t.also.iter().zip(also) {
-                inv.arg(ix).arg(fields.len());
-                for (k, v) in fields {
-                    inv.arg(k.as_str()).arg(v.as_ref());
-                }
-            }
+            push_entries(&mut inv, &t.also, &also);
             inv.arg(dels.len());
             for ix in dels {
                 inv.arg(ix);
@@ -1542,13 +1538,7 @@ impl Queue for RedisQueue {
             for (k, v) in &d.record {
                 inv.arg(k.as_str()).arg(v.as_ref());
             }
-            inv.arg(d.also.len());
-            for ((_, fields), ix) in d.also.iter().zip(also) {
-                inv.arg(ix).arg(fields.len());
-                for (k, v) in fields {
-                    inv.arg(k.as_str()).arg(v.as_ref());
-                }
-            }
+            push_entries(&mut inv, &d.also, &also);
             inv.arg(fails.len());
             for ((j, step), (h, due)) in d.fail_joins.iter().zip(fails) {
                 inv.arg(h)
@@ -1593,13 +1583,7 @@ impl Queue for RedisQueue {
             for (k, v) in &d.record {
                 inv.arg(k.as_str()).arg(v.as_ref());
             }
-            inv.arg(d.also.len());
-            for ((_, fields), ix) in d.also.iter().zip(also) {
-                inv.arg(ix).arg(fields.len());
-                for (k, v) in fields {
-                    inv.arg(k.as_str()).arg(v.as_ref());
-                }
-            }
+            push_entries(&mut inv, &d.also, &also);
             let v = self
                 .invoke("expire_join", &inv)
                 .await
