@@ -214,6 +214,12 @@ fn content_type(headers: &HeaderMap) -> String {
 }
 
 fn decode(body: &[u8], ct: &str) -> Result<Value, ApiError> {
+    if ct == "application/vnd.kubernetes.protobuf" {
+        return super::protobuf::decode(body).map_err(|e| ApiError {
+            message: format!("cannot decode the protobuf body: {e}"),
+            ..ApiError::unsupported_media_type(ct)
+        });
+    }
     if ct.contains("yaml") {
         serde_yaml::from_slice(body)
             .map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")))
