@@ -49,7 +49,7 @@ where
     }
 }
 
-fn api_err(e: kube::Error) -> kube::core::ErrorResponse {
+fn api_err(e: kube::Error) -> kube::core::Status {
     match e {
         kube::Error::Api(ae) => *ae,
         other => panic!("expected an API error, got {other}"),

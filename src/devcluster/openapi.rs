@@ -81,10 +81,10 @@ fn op(res: &ResourceInfo, version: &str, action: &str, body_types: &[&str]) -> V
             param("fieldManager"),
             param("fieldValidation")
         ]);
-        if action == "patch" {
-            if let Some(p) = o["parameters"].as_array_mut() {
-                p.push(json!({"name": "force", "in": "query", "schema": {"type": "boolean", "uniqueItems": true}}));
-            }
+        if action == "patch"
+            && let Some(p) = o["parameters"].as_array_mut()
+        {
+            p.push(json!({"name": "force", "in": "query", "schema": {"type": "boolean", "uniqueItems": true}}));
         }
         let content: Map<String, Value> = body_types
             .iter()
