@@ -36,6 +36,9 @@ enum Command {
     /// The operator (available with the controller issue).
     #[command(hide = true)]
     Controller,
+    /// A local Kubernetes API on loopback that kubectl works against (CRDs, Deployments, Pods,
+    /// …), with a kubeconfig for it: for trying and testing the operator without a cluster.
+    Dev(r4::cli::dev::DevArgs),
     /// The resilience engine of a managed pod: one role (agent sidecar, intake or repair).
     Engine(r4::cli::engine::EngineArgs),
     /// Run a workflow on one machine, no cluster: simulated agents and tools, the real engine,
@@ -148,7 +151,7 @@ fn kill_switch(k: &KillArgs, engage: bool) -> Result<ExitCode, r4::cli::CliError
 /// their output is theirs (`r4 run` would otherwise print every simulated dead letter).
 fn default_log_filter(command: &Command) -> &'static str {
     match command {
-        Command::Engine(_) | Command::Controller => "warn,r4=info",
+        Command::Engine(_) | Command::Controller | Command::Dev(_) => "warn,r4=info",
         _ => "error",
     }
 }
@@ -221,6 +224,7 @@ fn main() -> ExitCode {
             ),
         },
         Command::Engine(args) => r4::cli::engine::engine(args),
+        Command::Dev(args) => r4::cli::dev::dev(args),
         Command::Kill(k) => kill_switch(&k, true),
         Command::Resume(k) => kill_switch(&k, false),
         Command::Dlq { command } => r4::cli::dlq::run(command),

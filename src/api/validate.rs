@@ -169,7 +169,7 @@ pub fn validate_value(value: &Value) -> Result<Manifest, Vec<FieldError>> {
     .into_iter()
     .filter(|e| !about_repaired(e))
     .collect();
-    for cel in check_cel(schema, &checked) {
+    for cel in check_cel(schema, &checked, None) {
         // A semantic rule at the same place already said it more precisely.
         if !semantic.iter().any(|s| s.path.starts_with(&cel.path)) && !about_repaired(&cel) {
             errors.push(cel);
@@ -646,9 +646,24 @@ pub fn cel_errors(value: &Value) -> Vec<FieldError> {
         .and_then(Value::as_str)
         .and_then(schema_for)
     {
-        Some(schema) => check_cel(schema, value),
+        Some(schema) => check_cel(schema, value, None),
         None => vec![FieldError::new("kind", "unknown kind")],
     }
+}
+
+/// Any object against any CRD's structural schema (not only r4's kinds): the same walk
+/// `r4 validate` does, for the dev API server's admission of custom resources. Unknown fields
+/// are reported as `unknown field` (the caller decides whether to refuse or prune them).
+pub fn schema_errors(schema: &Value, value: &Value) -> Vec<FieldError> {
+    let mut errors = Vec::new();
+    check_schema(schema, value, "", &mut errors);
+    errors
+}
+
+/// Any schema's CEL `x-kubernetes-validations`, with the previous object for transition rules
+/// (`oldSelf`); schema defaults are applied first, as the API server does.
+pub fn cel_errors_in(schema: &Value, value: &Value, old: Option<&Value>) -> Vec<FieldError> {
+    check_cel(schema, value, old)
 }
 
 /// Every CEL rule in the three CRDs with the warnings of a static analysis (compilation,
@@ -706,8 +721,8 @@ fn bound_by_macro(rule: &str, w: &kube::core::cel::AnalysisWarning) -> bool {
 }
 
 /// Evaluate the schema's `x-kubernetes-validations` CEL rules as the API server would.
-fn check_cel(schema: &Value, value: &Value) -> Vec<FieldError> {
-    match kube::core::cel::Validator::new().validate(schema, value, None) {
+fn check_cel(schema: &Value, value: &Value, old: Option<&Value>) -> Vec<FieldError> {
+    match kube::core::cel::Validator::new().validate(schema, value, old) {
         Ok(()) => Vec::new(),
         Err(errs) => errs
             .iter()

@@ -1,0 +1,603 @@
+//! The dev API server judged by kube-rs: CRUD through `Api<ConfigMap>` and `DynamicObject`,
+//! optimistic concurrency, the status subresource, selectors, finalizers, garbage collection,
+//! and `kube::runtime::watcher` recovering from a 410 by re-listing.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{
+    ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
+    PostParams, WatchEvent, WatchParams,
+};
+use kube::runtime::watcher;
+use kube::{Api, Client, Config};
+use r4::devcluster::{Handle, Options, start};
+use serde_json::{Value, json};
+
+async fn cluster(options: Options) -> (Handle, Client) {
+    let handle = start("127.0.0.1:0".parse().expect("addr"), options)
+        .await
+        .expect("start the dev API");
+    let mut config = Config::new(handle.url().parse().expect("url"));
+    config.default_namespace = "default".into();
+    let client = Client::try_from(config).expect("client");
+    (handle, client)
+}
+
+fn cm(name: &str, labels: &[(&str, &str)]) -> ConfigMap {
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": labels.iter().cloned().collect::<BTreeMap<_, _>>()},
+        "data": {"k": "v"},
+    }))
+    .expect("configmap")
+}
+
+/// Poll `f` until it holds, failing after `secs`.
+async fn eventually<F, Fut>(secs: u64, what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn api_err(e: kube::Error) -> kube::core::Status {
+    match e {
+        kube::Error::Api(ae) => *ae,
+        other => panic!("expected an API error, got {other}"),
+    }
+}
+
+#[tokio::test]
+async fn configmap_crud_selectors_and_conflicts() {
+    let (_h, client) = cluster(Options::default()).await;
+    let cms: Api<ConfigMap> = Api::default_namespaced(client);
+    let pp = PostParams::default();
+    let a = cms
+        .create(&pp, &cm("a", &[("app", "web")]))
+        .await
+        .expect("create");
+    assert!(a.metadata.uid.is_some() && a.metadata.creation_timestamp.is_some());
+    cms.create(&pp, &cm("b", &[("app", "db")]))
+        .await
+        .expect("create b");
+    cms.create(&pp, &cm("c", &[("skip", "yes"), ("app", "web")]))
+        .await
+        .expect("create c");
+    let dup = api_err(cms.create(&pp, &cm("a", &[])).await.unwrap_err());
+    assert_eq!((dup.code, dup.reason.as_str()), (409, "AlreadyExists"));
+
+    let names = |l: kube::core::ObjectList<ConfigMap>| {
+        l.items
+            .into_iter()
+            .filter_map(|c| c.metadata.name)
+            .collect::<Vec<_>>()
+    };
+    let sel = |s: &str| ListParams::default().labels(s);
+    assert_eq!(
+        names(cms.list(&sel("app=web")).await.expect("list")),
+        ["a", "c"]
+    );
+    assert_eq!(
+        names(cms.list(&sel("app in (web,db),!skip")).await.expect("list")),
+        ["a", "b"]
+    );
+    assert_eq!(
+        names(cms.list(&sel("app notin (web)")).await.expect("list")),
+        ["b"]
+    );
+    assert_eq!(names(cms.list(&sel("skip")).await.expect("list")), ["c"]);
+    let by_name = ListParams::default().fields("metadata.name=b");
+    assert_eq!(names(cms.list(&by_name).await.expect("list")), ["b"]);
+    let page = cms
+        .list(&ListParams::default().limit(2))
+        .await
+        .expect("page");
+    assert_eq!(page.items.len(), 2);
+    let token = page.metadata.continue_.clone().expect("continue token");
+    let rest = cms
+        .list(&ListParams::default().limit(2).continue_token(&token))
+        .await
+        .expect("page 2");
+    assert_eq!(names(rest), ["c"]);
+
+    // Optimistic concurrency: a replace carrying an old resourceVersion is refused.
+    let mut fresh = a.clone();
+    fresh.data = Some([("k".to_string(), "v2".to_string())].into());
+    let replaced = cms.replace("a", &pp, &fresh).await.expect("replace");
+    assert_ne!(
+        replaced.metadata.resource_version,
+        a.metadata.resource_version
+    );
+    let stale = api_err(cms.replace("a", &pp, &fresh).await.unwrap_err());
+    assert_eq!((stale.code, stale.reason.as_str()), (409, "Conflict"));
+    assert!(
+        stale.message.contains("the object has been modified"),
+        "{}",
+        stale.message
+    );
+
+    let patched = cms
+        .patch(
+            "a",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {"x": "y"}})),
+        )
+        .await
+        .expect("merge patch");
+    assert_eq!(
+        patched
+            .data
+            .as_ref()
+            .and_then(|d| d.get("x"))
+            .map(String::as_str),
+        Some("y")
+    );
+    let jp: json_patch::Patch =
+        serde_json::from_value(json!([{"op": "replace", "path": "/data/x", "value": "z"}]))
+            .expect("patch");
+    let patched = cms
+        .patch("a", &PatchParams::default(), &Patch::<()>::Json(jp))
+        .await
+        .expect("json patch");
+    assert_eq!(
+        patched
+            .data
+            .as_ref()
+            .and_then(|d| d.get("x"))
+            .map(String::as_str),
+        Some("z")
+    );
+
+    cms.delete("a", &DeleteParams::default())
+        .await
+        .expect("delete");
+    let gone = api_err(cms.get("a").await.unwrap_err());
+    assert_eq!((gone.code, gone.reason.as_str()), (404, "NotFound"));
+    assert_eq!(gone.message, "configmaps \"a\" not found");
+}
+
+fn crd() -> CustomResourceDefinition {
+    serde_json::from_value(json!({
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": "widgets.example.com"},
+        "spec": {
+            "group": "example.com",
+            "names": {"kind": "Widget", "plural": "widgets", "singular": "widget", "shortNames": ["wd"]},
+            "scope": "Namespaced",
+            "versions": [{
+                "name": "v1", "served": true, "storage": true,
+                "subresources": {"status": {}},
+                "schema": {"openAPIV3Schema": {
+                    "type": "object",
+                    "properties": {
+                        "spec": {"type": "object", "required": ["size"], "properties": {
+                            "size": {"type": "integer", "minimum": 1, "maximum": 10},
+                            "color": {"type": "string", "enum": ["red", "blue"], "default": "red"},
+                            "parts": {"type": "array", "items": {"type": "object", "properties": {
+                                "name": {"type": "string", "pattern": "^[a-z]+$"}}}},
+                        },
+                        "x-kubernetes-validations": [{"rule": "self.size != 7", "message": "7 is unlucky"}]},
+                        "status": {"type": "object", "properties": {"ready": {"type": "boolean"}}},
+                    },
+                }},
+            }],
+        },
+    }))
+    .expect("crd")
+}
+
+async fn widgets(client: &Client) -> Api<DynamicObject> {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    crds.create(&PostParams::default(), &crd())
+        .await
+        .expect("create CRD");
+    let gvk = GroupVersionKind::gvk("example.com", "v1", "Widget");
+    let ar = ApiResource::from_gvk_with_plural(&gvk, "widgets");
+    Api::namespaced_with(client.clone(), "default", &ar)
+}
+
+fn widget(name: &str, spec: Value) -> DynamicObject {
+    serde_json::from_value(json!({
+        "apiVersion": "example.com/v1", "kind": "Widget",
+        "metadata": {"name": name}, "spec": spec, "status": {"ready": true},
+    }))
+    .expect("widget")
+}
+
+#[tokio::test]
+async fn custom_resources_status_subresource_and_validation() {
+    let (_h, client) = cluster(Options::default()).await;
+    let api = widgets(&client).await;
+    let pp = PostParams::default();
+    let w = api
+        .create(&pp, &widget("w", json!({"size": 2})))
+        .await
+        .expect("create");
+    assert_eq!(w.data["spec"]["color"], "red", "schema default applied");
+    assert!(
+        w.data.get("status").is_none(),
+        "status is not taken on create"
+    );
+    assert_eq!(w.metadata.generation, Some(1));
+
+    // Writes to the object ignore .status; writes to /status ignore the rest.
+    let p = api
+        .patch(
+            "w",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"size": 3}, "status": {"ready": true}})),
+        )
+        .await
+        .expect("patch");
+    assert_eq!(p.metadata.generation, Some(2));
+    assert!(p.data.get("status").is_none());
+    let s = api
+        .patch_status(
+            "w",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"size": 9}, "status": {"ready": true}})),
+        )
+        .await
+        .expect("patch status");
+    assert_eq!(s.data["status"]["ready"], true);
+    assert_eq!(s.data["spec"]["size"], 3);
+    assert_eq!(
+        s.metadata.generation,
+        Some(2),
+        "status writes keep the generation"
+    );
+    let l = api
+        .patch(
+            "w",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"a": "b"}}})),
+        )
+        .await
+        .expect("label");
+    assert_eq!(
+        l.metadata.generation,
+        Some(2),
+        "metadata writes keep the generation"
+    );
+
+    // Schema and CEL violations: 422 Invalid naming the fields as a real server does.
+    let bad = api_err(
+        api.create(
+            &pp,
+            &widget(
+                "bad",
+                json!({"size": 11, "color": "green", "parts": [{"name": "X1"}]}),
+            ),
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert_eq!((bad.code, bad.reason.as_str()), (422, "Invalid"));
+    for field in ["spec.size", "spec.color", "spec.parts[0].name"] {
+        assert!(bad.message.contains(field), "{field} in {}", bad.message);
+    }
+    assert!(
+        bad.message
+            .starts_with("Widget.example.com \"bad\" is invalid: "),
+        "{}",
+        bad.message
+    );
+    let missing = api_err(api.create(&pp, &widget("m", json!({}))).await.unwrap_err());
+    assert!(
+        missing.message.contains("spec.size: Required value"),
+        "{}",
+        missing.message
+    );
+    let cel = api_err(
+        api.create(&pp, &widget("c", json!({"size": 7})))
+            .await
+            .unwrap_err(),
+    );
+    assert!(cel.message.contains("7 is unlucky"), "{}", cel.message);
+
+    // Unknown fields are pruned, or refused with fieldValidation=Strict.
+    let pruned = api
+        .create(&pp, &widget("p", json!({"size": 1, "extra": 1})))
+        .await
+        .expect("pruned");
+    assert!(pruned.data["spec"].get("extra").is_none());
+    let strict = PatchParams {
+        field_validation: Some(kube::api::ValidationDirective::Strict),
+        ..Default::default()
+    };
+    let refused = api_err(
+        api.patch("p", &strict, &Patch::Merge(json!({"spec": {"extra": 1}})))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(refused.code, 400);
+    assert!(
+        refused.message.contains("unknown field \"spec.extra\""),
+        "{}",
+        refused.message
+    );
+}
+
+#[tokio::test]
+async fn finalizers_and_garbage_collection() {
+    let (_h, client) = cluster(Options::default()).await;
+    let cms: Api<ConfigMap> = Api::default_namespaced(client);
+    let pp = PostParams::default();
+    let mut held = cm("held", &[]);
+    held.metadata.finalizers = Some(vec!["example.com/hold".into()]);
+    cms.create(&pp, &held).await.expect("create");
+    cms.delete("held", &DeleteParams::default())
+        .await
+        .expect("delete");
+    let still = cms.get("held").await.expect("held by its finalizer");
+    assert!(still.metadata.deletion_timestamp.is_some());
+    cms.patch(
+        "held",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+    )
+    .await
+    .expect("release");
+    assert_eq!(api_err(cms.get("held").await.unwrap_err()).code, 404);
+
+    let owned = |name: &str, owner: &ConfigMap| {
+        let mut c = cm(name, &[]);
+        c.metadata.owner_references = Some(vec![
+            serde_json::from_value(json!({
+                "apiVersion": "v1", "kind": "ConfigMap", "name": owner.metadata.name,
+                "uid": owner.metadata.uid, "blockOwnerDeletion": true,
+            }))
+            .expect("ownerReference"),
+        ]);
+        c
+    };
+    let owner = cms.create(&pp, &cm("owner", &[])).await.expect("owner");
+    cms.create(&pp, &owned("child", &owner))
+        .await
+        .expect("child");
+    cms.delete("owner", &DeleteParams::background())
+        .await
+        .expect("delete owner");
+    eventually(5, "the child to be collected", || async {
+        cms.get_opt("child").await.ok().flatten().is_none()
+    })
+    .await;
+
+    let owner = cms
+        .create(&pp, &cm("owner", &[]))
+        .await
+        .expect("owner again");
+    cms.create(&pp, &owned("orphan", &owner))
+        .await
+        .expect("orphan");
+    cms.delete("owner", &DeleteParams::orphan())
+        .await
+        .expect("delete owner");
+    let orphan = cms.get("orphan").await.expect("orphan stays");
+    assert!(
+        orphan
+            .metadata
+            .owner_references
+            .unwrap_or_default()
+            .is_empty()
+    );
+
+    let owner = cms.create(&pp, &cm("fg", &[])).await.expect("fg owner");
+    let mut blocker = owned("blocker", &owner);
+    blocker.metadata.finalizers = Some(vec!["example.com/hold".into()]);
+    cms.create(&pp, &blocker).await.expect("blocker");
+    cms.delete("fg", &DeleteParams::foreground())
+        .await
+        .expect("foreground delete");
+    let waiting = cms
+        .get("fg")
+        .await
+        .expect("owner waits for its blocking dependent");
+    assert_eq!(
+        waiting.metadata.finalizers,
+        Some(vec!["foregroundDeletion".to_string()])
+    );
+    cms.patch(
+        "blocker",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+    )
+    .await
+    .expect("release blocker");
+    eventually(5, "the foreground owner to go", || async {
+        cms.get_opt("fg").await.ok().flatten().is_none()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn watch_from_an_expired_version_gets_410() {
+    let (_h, client) = cluster(Options {
+        history: 4,
+        ..Options::default()
+    })
+    .await;
+    let cms: Api<ConfigMap> = Api::default_namespaced(client);
+    for i in 0..8 {
+        cms.create(&PostParams::default(), &cm(&format!("c{i}"), &[]))
+            .await
+            .expect("create");
+    }
+    let mut stream = cms
+        .watch(&WatchParams::default(), "1")
+        .await
+        .expect("watch")
+        .boxed();
+    match stream.next().await {
+        Some(Ok(WatchEvent::Error(e))) => assert_eq!((e.code, e.reason.as_str()), (410, "Expired")),
+        other => panic!("expected a 410 ERROR event, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn kube_watcher_recovers_from_410_by_relisting() {
+    let options = Options {
+        history: 4,
+        bookmark_interval: Duration::from_millis(100),
+        ..Options::default()
+    };
+    let (_h, client) = cluster(options).await;
+    let cms: Api<ConfigMap> = Api::default_namespaced(client);
+    // What the watcher believes the namespace holds, and how often it (re)listed.
+    let seen: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
+    let inits = Arc::new(Mutex::new(0usize));
+    let (s, i) = (seen.clone(), inits.clone());
+    let mut stream = watcher(cms.clone(), watcher::Config::default()).boxed();
+    let task = tokio::spawn(async move {
+        let mut pending = BTreeMap::new();
+        while let Some(ev) = stream.next().await {
+            let name_data = |c: &ConfigMap| {
+                (
+                    c.metadata.name.clone().unwrap_or_default(),
+                    format!("{:?}", c.data),
+                )
+            };
+            let Ok(ev) = ev else { continue };
+            let mut seen = s.lock().expect("lock");
+            match ev {
+                watcher::Event::Init => {
+                    *i.lock().expect("lock") += 1;
+                    pending.clear();
+                }
+                watcher::Event::InitApply(c) => {
+                    let (n, d) = name_data(&c);
+                    pending.insert(n, d);
+                }
+                watcher::Event::InitDone => *seen = std::mem::take(&mut pending),
+                watcher::Event::Apply(c) => {
+                    let (n, d) = name_data(&c);
+                    seen.insert(n, d);
+                }
+                watcher::Event::Delete(c) => {
+                    seen.remove(&name_data(&c).0);
+                }
+            }
+        }
+    });
+    let pp = PostParams::default();
+    let truth = || async {
+        let list = cms.list(&ListParams::default()).await.expect("list");
+        list.items
+            .iter()
+            .map(|c| {
+                (
+                    c.metadata.name.clone().unwrap_or_default(),
+                    format!("{:?}", c.data),
+                )
+            })
+            .collect::<BTreeMap<_, _>>()
+    };
+    eventually(5, "the first list", || async {
+        *inits.lock().expect("lock") >= 1
+    })
+    .await;
+    for i in 0..3 {
+        cms.create(&pp, &cm(&format!("keep{i}"), &[]))
+            .await
+            .expect("create");
+    }
+    eventually(5, "the watcher to see three", || async {
+        seen.lock().expect("lock").len() == 3
+    })
+    .await;
+    // One request, many events: more than the history holds pass before the watcher reads
+    // any of them, so its next read is from an expired version.
+    for i in 0..6 {
+        cms.create(&pp, &cm(&format!("tmp{i}"), &[("tmp", "yes")]))
+            .await
+            .expect("create");
+    }
+    cms.delete_collection(
+        &DeleteParams::default(),
+        &ListParams::default().labels("tmp=yes"),
+    )
+    .await
+    .expect("delete collection");
+    cms.create(&pp, &cm("after", &[]))
+        .await
+        .expect("create after");
+    let want = truth().await;
+    eventually(
+        10,
+        "the watcher to converge on the server's state",
+        || async { *seen.lock().expect("lock") == want },
+    )
+    .await;
+    assert!(
+        *inits.lock().expect("lock") >= 2,
+        "the watcher re-listed after 410"
+    );
+    task.abort();
+}
+
+#[tokio::test]
+async fn discovery_serves_crd_resources() {
+    let (_h, client) = cluster(Options::default()).await;
+    let _ = widgets(&client).await;
+    let discovery = kube::Discovery::new(client.clone())
+        .run()
+        .await
+        .expect("discovery");
+    let (ar, caps) = discovery
+        .groups()
+        .flat_map(|g| g.recommended_resources())
+        .find(|(ar, _)| ar.kind == "Widget")
+        .expect("Widget discovered");
+    assert_eq!(ar.plural, "widgets");
+    assert!(
+        caps.subresources
+            .iter()
+            .any(|(s, _)| s.plural.ends_with("status"))
+    );
+    assert!(discovery.has_group("apps"));
+    let crds: Api<CustomResourceDefinition> = Api::all(client);
+    crds.delete("widgets.example.com", &DeleteParams::default())
+        .await
+        .expect("delete CRD");
+    let after = kube::Discovery::new(crds.into_client())
+        .run()
+        .await
+        .expect("discovery");
+    assert!(!after.has_group("example.com"));
+}
+
+/// Not a benchmark: a figure for the README's claims (creates/s through kube-rs, one client,
+/// sequential, debug build), and a guard against a pathological slowdown.
+#[tokio::test]
+async fn creates_per_second_figure() {
+    let (_h, client) = cluster(Options::default()).await;
+    let cms: Api<ConfigMap> = Api::default_namespaced(client);
+    let n = 300;
+    let start = Instant::now();
+    for i in 0..n {
+        cms.create(
+            &PostParams::default(),
+            &cm(&format!("load{i}"), &[("load", "yes")]),
+        )
+        .await
+        .expect("create");
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    let listed = cms
+        .list(&ListParams::default().labels("load=yes"))
+        .await
+        .expect("list");
+    assert_eq!(listed.items.len(), n);
+    eprintln!("dev API: {rate:.0} creates/s (sequential, one kube client)");
+    assert!(rate > 20.0, "{rate:.0} creates/s");
+}
