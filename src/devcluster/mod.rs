@@ -5,4 +5,5 @@
 //! [`patch`] and [`apply`] are the pure write semantics the API server calls: the three PATCH
 //! formats, and server-side apply with managed-fields bookkeeping.
 
+pub mod apply;
 pub mod patch;
