@@ -425,21 +425,22 @@ impl Walk<'_> {
         let mut out = Vec::with_capacity(l.len().max(r.len()));
         let (mut li, mut ri) = (0, 0);
         while li < lhs.len() || ri < rhs.len() {
-            if li < lhs.len() && ri < rhs.len() {
-                if let Some(pe) = &lhs[li].0 {
-                    if *pe == rhs[ri].0 {
-                        merged_rhs.insert(pe);
-                        out.push(self.merge(lhs_first.get(pe).copied(), rhs[ri].1, fp));
-                        li += 1;
-                        ri += 1;
-                        next_shared = shared.pop_front();
-                        continue;
-                    }
-                    if rhs_set.contains(pe) && next_shared.is_some_and(|n| n != pe) {
-                        // A shared item, but not the one due now: it comes with the rhs.
-                        li += 1;
-                        continue;
-                    }
+            if li < lhs.len()
+                && ri < rhs.len()
+                && let Some(pe) = &lhs[li].0
+            {
+                if *pe == rhs[ri].0 {
+                    merged_rhs.insert(pe);
+                    out.push(self.merge(lhs_first.get(pe).copied(), rhs[ri].1, fp));
+                    li += 1;
+                    ri += 1;
+                    next_shared = shared.pop_front();
+                    continue;
+                }
+                if rhs_set.contains(pe) && next_shared.is_some_and(|n| n != pe) {
+                    // A shared item, but not the one due now: it comes with the rhs.
+                    li += 1;
+                    continue;
                 }
             }
             if li < lhs.len() {
