@@ -1233,6 +1233,133 @@ mod tests {
     }
 
     #[test]
+    fn list_merge_order_matches_upstream() {
+        // (live, applied, merged) for a set, from structured-merge-diff's merge tests.
+        let cases: &[(&[&str], &[&str], &[&str])] = &[
+            (&["a", "b", "c"], &["a", "b"], &["a", "b", "c"]),
+            (&["a", "b"], &["a", "b", "c"], &["a", "b", "c"]),
+            (&["a", "b", "c"], &[], &["a", "b", "c"]),
+            (&["a", "b"], &["b", "a"], &["b", "a"]),
+            (
+                &["a", "b", "c"],
+                &["c", "d", "e", "f"],
+                &["a", "b", "c", "d", "e", "f"],
+            ),
+            (
+                &["a", "b", "c", "g", "f"],
+                &["c", "d", "e", "f"],
+                &["a", "b", "c", "g", "d", "e", "f"],
+            ),
+            (
+                &["c", "d", "e", "f"],
+                &["a", "c", "e"],
+                &["a", "c", "d", "e", "f"],
+            ),
+            (
+                &["a", "b", "c", "x", "y", "z"],
+                &["d", "e", "f"],
+                &["a", "b", "c", "x", "y", "z", "d", "e", "f"],
+            ),
+            (
+                &["a", "b", "c", "x", "y", "z"],
+                &["d", "e", "f", "x", "y", "z"],
+                &["a", "b", "c", "d", "e", "f", "x", "y", "z"],
+            ),
+            (
+                &["c", "a", "g", "f"],
+                &["c", "f", "a", "g"],
+                &["c", "f", "a", "g"],
+            ),
+            (
+                &["a", "b", "c", "d"],
+                &["d", "e", "f", "a"],
+                &["b", "c", "d", "e", "f", "a"],
+            ),
+            (
+                &["c", "d", "e", "f", "g", "h", "i", "j"],
+                &["2", "h", "3", "e", "4", "k", "l"],
+                &[
+                    "c", "d", "f", "g", "2", "h", "i", "j", "3", "e", "4", "k", "l",
+                ],
+            ),
+            (
+                &["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"],
+                &["1", "b", "2", "h", "3", "e", "4", "k", "l"],
+                &[
+                    "a", "1", "b", "c", "d", "f", "g", "2", "h", "i", "j", "3", "e", "4", "k", "l",
+                ],
+            ),
+            (&["a", "b", "b"], &["c"], &["a", "b", "b", "c"]),
+            (&["a", "b", "b"], &["b"], &["a", "b"]),
+        ];
+        let set = |_: &[String]| Some(vec![]);
+        let w = Walk { list_keys: &set };
+        for (live, applied, want) in cases {
+            let got = w.merge(Some(&json!(live)), &json!(applied), &mut vec!["s".into()]);
+            assert_eq!(got, json!(want), "{live:?} + {applied:?}");
+        }
+    }
+
+    #[test]
+    fn update_entries_and_subresource_entries() {
+        let live = apply(
+            None,
+            deployment(Some(1), json!([{"name": "app", "image": "nginx"}])),
+            "a",
+            false,
+            T1,
+        )
+        .unwrap();
+        // A controller's status write (its entry carries the subresource) and a new container
+        // added by an Update: the item is owned with its `.`.
+        let mut with_status = live.clone();
+        with_status["status"] = json!({"replicas": 1});
+        let mut status_entry = json!({"manager": "ctrl", "operation": "Update", "apiVersion": "apps/v1",
+            "time": T2, "fieldsType": "FieldsV1", "fieldsV1": {"f:status": {"f:replicas": {}}}, "subresource": "status"});
+        with_status["metadata"]["managedFields"]
+            .as_array_mut()
+            .unwrap()
+            .push(status_entry.take());
+        let mut edited = with_status.clone();
+        edited["spec"]["template"]["spec"]["containers"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"name": "debug", "image": "busybox"}));
+        let out = record_update(Some(&with_status), &edited, "kubectl-edit", T3, &keys);
+        assert_eq!(
+            entry(&out, "kubectl-edit", "Update").unwrap()["fieldsV1"],
+            json!({"f:spec": {"f:template": {"f:spec": {"f:containers": {
+                "k:{\"name\":\"debug\"}": {".": {}, "f:image": {}, "f:name": {}}}}}}})
+        );
+        let ctrl = entry(&out, "ctrl", "Update").unwrap();
+        assert_eq!(ctrl["subresource"], "status");
+        // Apply entries sort first, then by time.
+        let managers: Vec<&str> = out["metadata"]["managedFields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|e| e["manager"].as_str())
+            .collect();
+        assert_eq!(managers, ["a", "ctrl", "kubectl-edit"]);
+        // a's re-apply keeps status and the debug container, which it never owned.
+        let again = apply(
+            Some(&out),
+            deployment(Some(1), json!([{"name": "app", "image": "nginx:2"}])),
+            "a",
+            false,
+            T3,
+        )
+        .unwrap();
+        assert_eq!(again["status"], json!({"replicas": 1}));
+        assert_eq!(
+            again["spec"]["template"]["spec"]["containers"]
+                .as_array()
+                .map(Vec::len),
+            Some(2)
+        );
+    }
+
+    #[test]
     fn sets_and_atomic_lists() {
         let cfg = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web", "finalizers": ["a"]},
             "spec": {"template": {"spec": {"tolerations": [{"key": "k"}]}}}});

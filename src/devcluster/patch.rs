@@ -109,6 +109,15 @@ fn apply_op(doc: &mut Value, op: &Value) -> Result<(), PatchError> {
         }
         "test" => {
             let expected = value()?;
+            // As the API server's json-patch library: a missing member tests equal to null,
+            // which kube-runtime's finalizer helper relies on (`test /metadata/finalizers null`).
+            if expected.is_null()
+                && let Some((last, parent)) = tokens.split_last()
+                && let Value::Object(m) = get_mut(doc, parent).map_err(at)?
+                && !m.contains_key(last)
+            {
+                return Ok(());
+            }
             let actual = get_mut(doc, &tokens).map_err(at)?;
             if json_equal(actual, &expected) {
                 Ok(())
@@ -1011,6 +1020,36 @@ mod tests {
         }
     }
 
+    #[test]
+    fn json_patch_kube_runtime_finalizer_patches() {
+        // kube-runtime's finalizer(): add when there are none, then remove by index.
+        let obj = json!({"metadata": {"name": "x"}});
+        let add = json!([
+            {"op": "test", "path": "/metadata/finalizers", "value": null},
+            {"op": "add", "path": "/metadata/finalizers", "value": ["r4.dev/cleanup"]}
+        ]);
+        let with = jp(obj.clone(), add.clone()).unwrap();
+        assert_eq!(with["metadata"]["finalizers"], json!(["r4.dev/cleanup"]));
+        // The same patch again fails its test: someone added finalizers meanwhile.
+        assert!(jp(with.clone(), add).is_err());
+        let remove = json!([
+            {"op": "test", "path": "/metadata/finalizers/0", "value": "r4.dev/cleanup"},
+            {"op": "remove", "path": "/metadata/finalizers/0"}
+        ]);
+        assert_eq!(
+            jp(with, remove).unwrap(),
+            json!({"metadata": {"name": "x", "finalizers": []}})
+        );
+        // A missing parent is still an error.
+        assert!(
+            jp(
+                obj,
+                json!([{"op": "test", "path": "/spec/x", "value": null}])
+            )
+            .is_err()
+        );
+    }
+
     fn deployment() -> Value {
         json!({
             "apiVersion": "apps/v1",
@@ -1247,6 +1286,24 @@ mod tests {
         assert_eq!(
             containers(&out),
             &json!([{"name": "patch-demo-ctr", "image": "nginx:3", "env": [{"name": "A", "value": "1"}]}])
+        );
+    }
+
+    #[test]
+    fn smp_directives_never_reach_the_object() {
+        // kubectl sends $retainKeys with volumes (patchStrategy merge,retainKeys).
+        let pod = json!({"apiVersion": "v1", "kind": "Pod", "spec": {"volumes": [{"name": "v", "emptyDir": {}}]}});
+        let patch = json!({"spec": {
+            "$setElementOrder/volumes": [{"name": "v"}, {"name": "w"}],
+            "volumes": [
+                {"$retainKeys": ["configMap", "name"], "name": "v", "configMap": {"name": "c"}},
+                {"$retainKeys": ["secret", "name"], "name": "w", "secret": {"secretName": "s", "x": null}}
+            ]
+        }});
+        let out = strategic_merge_patch(&pod, &patch, "v1", "Pod").unwrap();
+        assert_eq!(
+            out["spec"]["volumes"],
+            json!([{"name": "v", "configMap": {"name": "c"}}, {"name": "w", "secret": {"secretName": "s"}}])
         );
     }
 
