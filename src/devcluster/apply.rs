@@ -927,7 +927,7 @@ fn decode_fields(v: &Value, path: &mut Path, out: &mut FieldSet) -> Option<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::devcluster::patch::builtin_list_keys;
     use serde_json::json;
@@ -1458,6 +1458,83 @@ mod tests {
             apply(Some(&json!("x")), json!({}), "m", false, T1),
             Err(ApplyError::Invalid(_))
         ));
+    }
+
+    /// Random JSON over the names that matter to patches and lists, to shake out panics.
+    pub(crate) fn random_value(rng: &mut rand::rngs::SmallRng, depth: u32) -> Value {
+        use rand::Rng;
+        const KEYS: &[&str] = &[
+            "metadata",
+            "spec",
+            "template",
+            "containers",
+            "name",
+            "image",
+            "finalizers",
+            "env",
+            "ports",
+            "containerPort",
+            "labels",
+            "managedFields",
+            "$patch",
+            "$retainKeys",
+            "$setElementOrder/containers",
+            "$deleteFromPrimitiveList/finalizers",
+            "apiVersion",
+        ];
+        const SCALARS: &[&str] = &["replace", "delete", "merge", "a", "b", "name", "apps/v1"];
+        match rng.random_range(0..if depth == 0 { 4 } else { 7 }) {
+            0 => Value::Null,
+            1 => json!(rng.random_range(0..3)),
+            2 => json!(SCALARS[rng.random_range(0..SCALARS.len())]),
+            3 => json!(rng.random_bool(0.5)),
+            4 | 5 => {
+                let mut m = Map::new();
+                for _ in 0..rng.random_range(0..4) {
+                    let k = KEYS[rng.random_range(0..KEYS.len())];
+                    m.insert(k.to_string(), random_value(rng, depth - 1));
+                }
+                Value::Object(m)
+            }
+            _ => Value::Array(
+                (0..rng.random_range(0..4))
+                    .map(|_| random_value(rng, depth - 1))
+                    .collect(),
+            ),
+        }
+    }
+
+    #[test]
+    fn no_panics_on_random_inputs() {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
+        let pod_keys = |p: &[String]| -> Option<Vec<String>> {
+            // Every list keyed, to reach the associative paths as often as possible.
+            if p.len().is_multiple_of(2) {
+                Some(vec!["name".into()])
+            } else {
+                Some(vec![])
+            }
+        };
+        let mut applied_ok = 0;
+        for _ in 0..3000 {
+            let live = random_value(&mut rng, 5);
+            let cfg = random_value(&mut rng, 5);
+            let force = live.is_object();
+            for lk in [
+                &keys as &dyn Fn(&[String]) -> Option<Vec<String>>,
+                &pod_keys,
+            ] {
+                if let Ok(applied) = server_side_apply(Some(&live), &cfg, "m", force, T1, lk) {
+                    applied_ok += 1;
+                    let _ = server_side_apply(Some(&applied), &live, "n", true, T2, lk);
+                    let _ = record_update(Some(&applied), &cfg, "u", T3, lk);
+                }
+                let _ = record_update(Some(&live), &cfg, "u", T3, lk);
+            }
+        }
+        // Enough random pairs apply for the walk to reach the merge, prune and compare paths.
+        assert!(applied_ok > 500, "{applied_ok}");
     }
 
     #[test]

@@ -1460,6 +1460,19 @@ mod tests {
     }
 
     #[test]
+    fn no_panics_on_random_inputs() {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(11);
+        for _ in 0..3000 {
+            let target = crate::devcluster::apply::tests::random_value(&mut rng, 5);
+            let patch = crate::devcluster::apply::tests::random_value(&mut rng, 5);
+            let _ = merge_patch(&target, &patch);
+            let _ = strategic_merge_patch(&target, &patch, "apps/v1", "Deployment");
+            let _ = strategic_merge_patch(&target, &patch, "v1", "Pod");
+        }
+    }
+
+    #[test]
     fn no_panics_on_odd_inputs() {
         let values = [
             json!(null),
