@@ -6,6 +6,7 @@
 pub mod api;
 pub mod bench;
 pub mod cli;
+pub mod devcluster;
 pub mod engine;
 pub mod local;
 pub mod queue;
