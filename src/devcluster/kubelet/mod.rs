@@ -17,8 +17,10 @@
 //! Every API call has a deadline ([`KubeletOptions::api_timeout`]); conflicts are settled by
 //! reading the object again; nothing read from the API is unwrapped.
 
+pub mod engine;
 pub mod podstatus;
 pub mod rollout;
+pub mod runtime;
 
 #[cfg(test)]
 mod fixtures;
