@@ -6,7 +6,8 @@
 //! registration with schema defaulting/validation/CEL, the status subresource, finalizers,
 //! garbage collection, Table output, and the HTTP server on loopback. It knows nothing of
 //! r4's kinds beyond what CRDs register. The patch algorithms live in [`patch`] and [`apply`]
-//! (pure functions); the kubelet that runs pods is a separate kube-Client loop.
+//! (pure functions); the [`kubelet`] (deployment controller + kubelet) is a separate loop that
+//! reaches the API only through a kube `Client`, as on a cluster.
 //!
 //! Not here: authentication and authorization, admission webhooks, scheduling, protobuf,
 //! aggregated APIs (see the README's conformance list).
@@ -14,6 +15,7 @@
 pub mod admit;
 pub mod apply;
 pub mod http;
+pub mod kubelet;
 pub mod kubeconfig;
 pub mod openapi;
 pub mod patch;
