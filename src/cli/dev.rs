@@ -1,12 +1,14 @@
 //! `r4 dev`: the operator's loop on one machine — a local Kubernetes API that kubectl works
-//! against (src/devcluster), a kubeconfig pointing at it, and (once they land) the kubelet and
-//! the controller. For trying and testing, not a distribution.
+//! against (src/devcluster), a kubeconfig pointing at it, the local kubelet (Deployments get
+//! pods, `r4 engine` containers run their role in process) and, once it lands, the controller.
+//! For trying and testing, not a distribution.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use super::CliError;
+use crate::devcluster::kubelet::{self, KubeletOptions};
 use crate::devcluster::{self, Options, kubeconfig};
 
 #[derive(clap::Args, Debug)]
@@ -14,7 +16,7 @@ pub struct DevArgs {
     /// Address of the API server; loopback only (it has no authentication).
     #[arg(long, default_value = "127.0.0.1:6443", value_name = "ADDR")]
     pub listen: SocketAddr,
-    /// Redis for the workflows' queues (used by the kubelet's engines once it lands).
+    /// Redis for the queues of the engines the kubelet runs (default: one embedded queue).
     #[arg(long, env = "R4_REDIS_URL", hide_env_values = true)]
     pub redis: Option<String>,
     /// Where to write the kubeconfig for kubectl and kube clients.
@@ -40,14 +42,31 @@ pub fn dev(args: DevArgs) -> Result<ExitCode, CliError> {
         );
         println!("export KUBECONFIG={}", shown.display());
         tracing::info!(addr = %handle.addr, kubeconfig = %shown.display(), "dev API serving");
-        // The Redis URL is for the engines the kubelet runs.
-        let _redis = args.redis;
-        // kubelet: started here once it lands (src/devcluster/kubelet.rs, a kube Client loop
-        // against handle.url(), like any other client).
-        // controller: started here once it lands, through the same kubeconfig.
-        tokio::signal::ctrl_c()
-            .await
-            .map_err(|e| CliError::Internal(format!("cannot wait for Ctrl-C: {e}")))?;
+        // The kubelet reaches the API through a kube Client, as it would a cluster's.
+        let client = devcluster::client(&handle.url())
+            .map_err(|e| CliError::Internal(format!("kube client for {}: {e}", handle.url())))?;
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let opts = KubeletOptions {
+            redis: args.redis,
+            ..KubeletOptions::default()
+        };
+        let mut kubelet = tokio::spawn(kubelet::run(client, opts, stopped));
+        // controller: started here once it lands, through the same kind of client.
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => {
+                r.map_err(|e| CliError::Internal(format!("cannot wait for Ctrl-C: {e}")))?;
+            }
+            r = &mut kubelet => {
+                let why = match r {
+                    Ok(Ok(())) => "stopped".to_string(),
+                    Ok(Err(e)) => e.to_string(),
+                    Err(e) => e.to_string(),
+                };
+                return Err(CliError::Usage(format!("r4 dev: the kubelet ended: {why}")));
+            }
+        }
+        let _ = stop.send(true);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), kubelet).await;
         handle
             .stop()
             .await

@@ -15,8 +15,8 @@
 pub mod admit;
 pub mod apply;
 pub mod http;
-pub mod kubelet;
 pub mod kubeconfig;
+pub mod kubelet;
 pub mod openapi;
 pub mod patch;
 pub mod protobuf;
@@ -199,4 +199,13 @@ pub async fn start(addr: SocketAddr, options: Options) -> Result<Handle, DevErro
         stop: Some(stop),
         task: Some(task),
     })
+}
+
+/// A kube [`Client`](kube::Client) for the dev API at `url` (`http://127.0.0.1:PORT`): what the
+/// kubelet and the tests use, as any client of a cluster would.
+pub fn client(url: &str) -> Result<kube::Client, kube::Error> {
+    let uri: ::http::Uri = url
+        .parse()
+        .map_err(|e: ::http::uri::InvalidUri| kube::Error::Service(Box::new(e)))?;
+    kube::Client::try_from(kube::Config::new(uri))
 }
