@@ -128,6 +128,19 @@ enum BenchCommand {
         #[arg(long, default_value_t = 7)]
         seed: u64,
     },
+    /// The dev API of `r4 dev`: objects created/s, watch events/s, and peak memory holding
+    /// 1,000 workflows with their children.
+    Devcluster {
+        /// Print only the JSON object (on one line).
+        #[arg(long)]
+        json: bool,
+        /// ConfigMaps created and watched.
+        #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+        objects: u64,
+        /// AgentWorkflows held with their children.
+        #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(0..=100_000))]
+        workflows: u64,
+    },
     /// A dependency that goes down then recovers: how fast the breaker opens and closes.
     Breaker {
         /// Print only the JSON object (on one line).
@@ -196,6 +209,11 @@ fn main() -> ExitCode {
                 seed,
             } => r4::cli::bench_hedge(json, calls, warmup, seed),
             BenchCommand::Breaker { json } => r4::cli::bench_breaker(json),
+            BenchCommand::Devcluster {
+                json,
+                objects,
+                workflows,
+            } => r4::cli::bench_devcluster(json, objects as usize, workflows as usize),
             BenchCommand::Pipeline {
                 redis,
                 tasks,

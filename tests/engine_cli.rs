@@ -312,3 +312,37 @@ spec:
         text(&o)
     );
 }
+
+/// `r4 bench devcluster` measures through a kube client and says what it held: every object
+/// created was seen by its watcher, and the memory figures are there (the timings and the
+/// 128 MiB verdict are reported, not asserted).
+#[test]
+fn bench_devcluster_reports_its_figures() {
+    let o = r4(&[
+        "bench",
+        "devcluster",
+        "--objects",
+        "300",
+        "--workflows",
+        "20",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let v: serde_json::Value =
+        serde_json::from_str(out.lines().last().unwrap_or_default()).expect("JSON last line");
+    assert_eq!(v["watch_events"], 300, "{v}");
+    assert_eq!(v["objects_held"], 300 + 20 * 8, "{v}");
+    for k in [
+        "created_per_sec",
+        "watch_events_per_sec",
+        "rss_mib_peak",
+        "rss_mib_own",
+    ] {
+        assert!(v[k].as_f64().is_some_and(|x| x > 0.0), "{k} in {v}");
+    }
+    assert!(v["within_limit"].is_boolean(), "{v}");
+    let o = r4(&["bench", "devcluster", "--objects", "0"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--objects"));
+}

@@ -1,6 +1,7 @@
 //! `r4 bench`: each benchmark runs r4 against its peer in the same run and returns JSON.
 
 pub mod breaker;
+pub mod devcluster;
 pub mod hedge;
 pub mod killswitch;
 pub mod pipeline;

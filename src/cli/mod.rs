@@ -181,3 +181,20 @@ pub fn bench_breaker(json: bool) -> Result<ExitCode, CliError> {
     let value = runtime()?.block_on(crate::bench::breaker::run(Default::default()));
     print_json(&value, json)
 }
+
+/// `r4 bench devcluster`.
+pub fn bench_devcluster(
+    json: bool,
+    objects: usize,
+    workflows: usize,
+) -> Result<ExitCode, CliError> {
+    let opts = crate::bench::devcluster::DevBenchOpts {
+        objects,
+        workflows,
+        ..Default::default()
+    };
+    let value = runtime()?
+        .block_on(crate::bench::devcluster::run(opts))
+        .map_err(|e| CliError::Internal(format!("r4 bench devcluster: {e}")))?;
+    print_json(&value, json)
+}
