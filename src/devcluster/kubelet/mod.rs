@@ -501,4 +501,147 @@ mod tests {
         assert!(matches!(r, Ok(Ok(Ok(())))), "the kubelet did not stop");
         assert_eq!(pod::running(&ctx), 0);
     }
+
+    const WORKFLOW: &str = "apiVersion: r4.dev/v1alpha1\nkind: AgentWorkflow\nmetadata: {name: pay}\nspec:\n  queue: {redis: {url: \"redis://x\"}}\n  tools:\n    - {name: bank, url: \"http://bank/mcp\", idempotent: true, simulate: {latency: {medianMs: 5}}}\n  agents:\n    - {name: a, image: ghcr.io/acme/agent:1, consumes: in, tools: [bank], simulate: {latency: {medianMs: 5}, calls: [bank]}}\n";
+
+    /// The pod layout the kubelet supports for an agent: the agent's container beside an
+    /// `r4 engine` container that reads the workflow from a mounted ConfigMap.
+    fn agent_deployment() -> Deployment {
+        use k8s_openapi::api::core::v1::{ConfigMapVolumeSource, Container, Volume, VolumeMount};
+        let mut d = deployment("pay-a", 1, "ghcr.io/acme/agent:1");
+        let spec = d.spec.template.spec.as_mut().unwrap();
+        spec.containers.push(Container {
+            name: "engine".into(),
+            image: Some("ghcr.io/acme/r4:dev".into()),
+            args: Some(
+                [
+                    "engine",
+                    "--role",
+                    "agent",
+                    "--agent",
+                    "a",
+                    "--workflow-file",
+                    "/etc/r4/workflow.yaml",
+                    "--redis",
+                    "redis://redis:6379",
+                ]
+                .map(String::from)
+                .to_vec(),
+            ),
+            volume_mounts: Some(vec![VolumeMount {
+                name: "workflow".into(),
+                mount_path: "/etc/r4".into(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        });
+        spec.volumes = Some(vec![Volume {
+            name: "workflow".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: "pay-r4".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }]);
+        d
+    }
+
+    /// An agent Deployment whose pods run the engine: ready when the engine is, working the
+    /// tasks of the shared queue; a pod deleted is replaced by one whose engine takes over.
+    #[tokio::test(start_paused = true)]
+    async fn an_agent_deployment_runs_its_engine_on_the_shared_queue() {
+        use k8s_openapi::api::core::v1::ConfigMap;
+        let fake = FakeApi::new();
+        fake.put(&ConfigMap {
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                name: Some("pay-r4".into()),
+                namespace: Some("default".into()),
+                ..Default::default()
+            },
+            data: Some([("workflow.yaml".to_string(), WORKFLOW.to_string())].into()),
+            ..Default::default()
+        });
+        let d = agent_deployment();
+        fake.put(&d);
+        let client = fake.client();
+        let queue: Arc<dyn Queue> = Arc::new(MemoryQueue::new());
+        let opts = KubeletOptions::default();
+        let engine = Arc::new(engine::EngineRuntime::new(
+            client.clone(),
+            queue.clone(),
+            1,
+            opts.api_timeout,
+        ));
+        let sim = Arc::new(runtime::SimulatedRuntime {
+            delay: opts.ready_delay,
+        });
+        let ctx = Arc::new(Context::new(client, opts, vec![engine.clone(), sim]));
+        let (stop, shutdown) = watch::channel(false);
+        let kubelet = tokio::spawn(run_with(ctx.clone(), shutdown));
+        let minute = Duration::from_secs(60);
+        let hash = rollout::template_hash(&d).unwrap();
+        fake.wait_until("the agent pod ready", minute, |f| complete(f, &hash, 1))
+            .await;
+        let p = fake.list::<Pod>("pods").remove(0);
+        let names: Vec<(String, bool)> = p
+            .status
+            .unwrap()
+            .container_statuses
+            .unwrap()
+            .into_iter()
+            .map(|c| (c.name, c.ready))
+            .collect();
+        assert_eq!(
+            names,
+            [("pay-a".to_string(), true), ("engine".to_string(), true)]
+        );
+
+        // A task submitted on the shared queue is worked on by the pod's engine.
+        let cfg =
+            Arc::new(crate::engine::WorkflowConfig::from_yaml("w", WORKFLOW, None, None).unwrap());
+        let intake = crate::engine::Intake::new(cfg, queue.clone(), "intake-0");
+        let submit = |n: i64| {
+            let intake = intake.clone();
+            async move {
+                intake
+                    .submit(serde_json::json!({ "n": n }), None, None)
+                    .await
+                    .unwrap()
+            }
+        };
+        let worked = |n: u64| {
+            let engine = engine.clone();
+            async move {
+                let r = tokio::time::timeout(Duration::from_secs(60), async {
+                    while engine.effects().0 < n {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                })
+                .await;
+                assert!(
+                    r.is_ok(),
+                    "{n} tasks not worked within 60 s of virtual time"
+                );
+            }
+        };
+        submit(1).await;
+        worked(1).await;
+
+        // The pod deleted: its engine stops, the replacement's engine works the next task.
+        let name = p.metadata.name.unwrap();
+        fake.delete("pods", "default", &name);
+        fake.wait_until("the replacement ready", minute, |f| {
+            complete(f, &hash, 1) && pods(f).iter().all(|(n, _, _)| *n != name)
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(pod::running(&ctx), 1);
+        submit(2).await;
+        worked(2).await;
+        assert_eq!(engine.effects(), (2, 0));
+
+        let _ = stop.send(true);
+        let r = tokio::time::timeout(minute, kubelet).await;
+        assert!(matches!(r, Ok(Ok(Ok(())))), "the kubelet did not stop");
+    }
 }
