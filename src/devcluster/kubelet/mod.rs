@@ -112,6 +112,8 @@ pub struct Context {
     pub(crate) pods: Mutex<HashMap<String, pod::PodEntry>>,
     /// The wall clock of object timestamps (a test sets it).
     pub now: Box<dyn Fn() -> Timestamp + Send + Sync>,
+    /// The status last written per object uid (see [`replace_status`]).
+    written: Mutex<HashMap<String, serde_json::Value>>,
 }
 
 impl Context {
@@ -126,6 +128,7 @@ impl Context {
             runtimes,
             pods: Mutex::new(HashMap::new()),
             now: Box::new(Timestamp::now),
+            written: Mutex::new(HashMap::new()),
         }
     }
 
@@ -229,6 +232,15 @@ fn shutdown_signal(
     }
 }
 
+/// Forget what was written for the objects of these uids (they are gone).
+pub(crate) fn forget_written(ctx: &Context, gone: &[String]) {
+    if let Ok(mut w) = ctx.written.lock() {
+        for uid in gone {
+            w.remove(uid);
+        }
+    }
+}
+
 /// [`run`] with the given context (its runtimes chosen by the caller).
 pub async fn run_with(
     ctx: Arc<Context>,
@@ -267,6 +279,11 @@ pub async fn run_with(
 /// `None` when there is nothing to write. On a conflict the object is read again and rendered
 /// again (at most three times; the next event brings another try); an object gone is nothing
 /// to write.
+///
+/// A status equal to the one last written for this object is not written again, whatever the
+/// object shows: either the cache has not seen the write yet, or the API server normalised it
+/// (dropped a field it does not know). Writing it again would only bring another event and
+/// another write, forever.
 pub(crate) async fn replace_status<K>(
     ctx: &Context,
     api: &Api<K>,
@@ -277,11 +294,22 @@ pub(crate) async fn replace_status<K>(
 where
     K: Resource + Clone + Serialize + DeserializeOwned + Debug,
 {
+    let uid = obj.meta().uid.clone().unwrap_or_default();
+    let status_of = |k: &K| {
+        serde_json::to_value(k)
+            .ok()
+            .map(|v| v.get("status").cloned().unwrap_or_default())
+    };
     let mut current = obj.clone();
     for _ in 0..3 {
         let Some(next) = render(&current) else {
             return Ok(());
         };
+        let status = status_of(&next);
+        let last = ctx.written.lock().ok().and_then(|w| w.get(&uid).cloned());
+        if status.is_some() && last == status {
+            return Ok(());
+        }
         match ctx
             .within(
                 "replace status",
@@ -289,7 +317,12 @@ where
             )
             .await?
         {
-            Ok(_) => return Ok(()),
+            Ok(_) => {
+                if let (Some(st), Ok(mut w)) = (status, ctx.written.lock()) {
+                    w.insert(uid, st);
+                }
+                return Ok(());
+            }
             Err(kube::Error::Api(s)) if s.code == 409 => {
                 match ctx.within("get", api.get_opt(name)).await?? {
                     Some(o) => current = o,

@@ -109,6 +109,7 @@ pub async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Kubel
         if let Some(e) = take(&ctx, &uid) {
             e.stop().await;
         }
+        super::forget_written(&ctx, std::slice::from_ref(&uid));
         // Containers stopped: confirm the deletion, of this very pod (not a successor of the
         // same name).
         let dp = DeleteParams {
@@ -287,13 +288,15 @@ pub async fn reap(ctx: Arc<Context>, store: Store<Pod>, mut shutdown: watch::Rec
 
 /// Stop every pod run here whose uid is not in `live`.
 pub(crate) async fn reap_missing(ctx: &Context, live: &HashSet<String>) {
-    let gone: Vec<PodEntry> = match ctx.pods.lock() {
+    let (uids, gone): (Vec<String>, Vec<PodEntry>) = match ctx.pods.lock() {
         Ok(mut m) => {
             let uids: Vec<String> = m.keys().filter(|u| !live.contains(*u)).cloned().collect();
-            uids.iter().filter_map(|u| m.remove(u)).collect()
+            let gone = uids.iter().filter_map(|u| m.remove(u)).collect();
+            (uids, gone)
         }
-        Err(_) => Vec::new(),
+        Err(_) => (Vec::new(), Vec::new()),
     };
+    super::forget_written(ctx, &uids);
     for e in gone {
         e.stop().await;
     }
@@ -508,5 +511,25 @@ mod tests {
         server.await.unwrap();
         assert_eq!(action, Action::await_change());
         assert_eq!(running(&ctx), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_status_the_server_normalised_is_not_written_again() {
+        let (client, mut api) = ApiServer::new();
+        let ctx = context(client);
+        let p = pod("ghcr.io/acme/web:cannot-pull");
+        let server = tokio::spawn(async move {
+            let (_, body) = api.next().await;
+            // The server drops a field it does not know.
+            let mut p: Pod = serde_json::from_slice(&body).unwrap();
+            p.status.as_mut().unwrap().host_ips = None;
+            api.reply(200, serde_json::to_value(&p).unwrap());
+            (api, p)
+        });
+        reconcile(Arc::new(p), ctx.clone()).await.unwrap();
+        let (_api, stored) = server.await.unwrap();
+        // Its event brings the pod back: nothing is written (a write would wait on the mock
+        // until the API deadline and fail).
+        reconcile(Arc::new(stored), ctx).await.unwrap();
     }
 }
