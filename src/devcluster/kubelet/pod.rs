@@ -532,4 +532,80 @@ mod tests {
         // until the API deadline and fail).
         reconcile(Arc::new(stored), ctx).await.unwrap();
     }
+
+    /// A runtime whose containers start, then exit with "boom" (as an engine whose role
+    /// stopped), counting the starts.
+    struct Exiting(std::sync::atomic::AtomicU32);
+
+    struct Exited;
+
+    impl Running for Exited {
+        fn ready(&self) -> Probe {
+            Probe::Exited("boom".into())
+        }
+        fn stop(self: Box<Self>) -> futures::future::BoxFuture<'static, ()> {
+            Box::pin(async {})
+        }
+    }
+
+    impl PodRuntime for Exiting {
+        fn runs(&self, _: &Pod, _: &Container) -> bool {
+            true
+        }
+        fn start(
+            &self,
+            _: &Pod,
+            _: &Container,
+        ) -> futures::future::BoxFuture<'static, Result<Box<dyn Running>, String>> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Box::pin(async { Ok(Box::new(Exited) as Box<dyn Running>) })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_container_that_exits_is_restarted_after_a_back_off() {
+        let (client, mut api) = ApiServer::new();
+        let rt = Arc::new(Exiting(Default::default()));
+        let ctx = crate::devcluster::kubelet::fixtures::context_with(client, vec![rt.clone()]);
+        let server = tokio::spawn(async move {
+            let w = status_write(&mut api).await;
+            (api, w)
+        });
+        let action = reconcile(Arc::new(pod("ghcr.io/acme/r4:dev")), ctx.clone())
+            .await
+            .unwrap();
+        let (mut api, written) = server.await.unwrap();
+        assert_eq!(action, Action::requeue(FIRST_BACKOFF));
+        let cs = &written
+            .status
+            .as_ref()
+            .unwrap()
+            .container_statuses
+            .as_ref()
+            .unwrap()[0];
+        let last = cs.last_state.as_ref().unwrap().terminated.as_ref().unwrap();
+        assert_eq!(last.message.as_deref(), Some("boom"));
+        assert_eq!(
+            cs.state
+                .as_ref()
+                .unwrap()
+                .waiting
+                .as_ref()
+                .unwrap()
+                .reason
+                .as_deref(),
+            Some("CrashLoopBackOff")
+        );
+        assert_eq!(rt.0.load(std::sync::atomic::Ordering::Relaxed), 1);
+        tokio::time::advance(FIRST_BACKOFF).await;
+        let server = tokio::spawn(async move { status_write(&mut api).await });
+        let action = reconcile(Arc::new(written), ctx).await.unwrap();
+        let written = server.await.unwrap();
+        assert_eq!(rt.0.load(std::sync::atomic::Ordering::Relaxed), 2);
+        assert_eq!(
+            written.status.unwrap().container_statuses.unwrap()[0].restart_count,
+            1
+        );
+        assert_eq!(action, Action::requeue(backoff(1)));
+    }
 }
