@@ -16,6 +16,17 @@
 //!
 //! Every API call has a deadline ([`KubeletOptions::api_timeout`]); conflicts are settled by
 //! reading the object again; nothing read from the API is unwrapped.
+//!
+//! It talks to the API only as a cluster's controllers do, so it works against any API
+//! server; against a real cluster it would compete with the cluster's own controllers and
+//! kubelets, so it is meant for `r4 dev`'s API (and tests).
+//!
+//! Not done (a cluster does them, `r4 dev` does not need them yet): ReplicaSet objects and
+//! adoption of orphan pods, Events, scheduling (`spec.nodeName` stays empty), the pod spec's
+//! probes (readiness is the engine's own, or the delay of a simulated container),
+//! `restartPolicy` other than `Always`, restarting a container whose image is changed in
+//! place, and ports: every pod's address is 127.0.0.1 and an intake listens on a port the
+//! system picks (logged).
 
 pub mod deployment;
 pub mod engine;

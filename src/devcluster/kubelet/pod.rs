@@ -262,7 +262,7 @@ pub fn error_policy(pod: Arc<Pod>, e: &KubeletError, _: Arc<Context>) -> Action 
     Action::requeue(Duration::from_secs(2))
 }
 
-/// Stop the containers of pods the API no longer has, every [`REAP_EVERY`], until `shutdown`.
+/// Stop the containers of pods the API no longer has, every 2 s, until `shutdown`.
 pub async fn reap(ctx: Arc<Context>, store: Store<Pod>, mut shutdown: watch::Receiver<bool>) {
     if *shutdown.borrow() {
         return;
