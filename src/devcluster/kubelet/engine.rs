@@ -30,8 +30,9 @@
 //! - The engine id is `--engine-id`, else the pod's name.
 //!
 //! Readiness is the engine's `/readyz` answer, taken in process: the role runs, its agent
-//! answers and no task handler panicked ([`crate::engine::Stats::ready`]). A role that stops
-//! by itself has exited: the kubelet restarts it after a back-off.
+//! answers and no task handler panicked ([`crate::engine::Stats::ready`]); so an agent the
+//! engine found down (a `simulate:` outage) makes its pod not Ready, as on a cluster. A role
+//! that stops by itself has exited: the kubelet restarts it after a back-off.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};

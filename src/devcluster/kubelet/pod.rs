@@ -150,6 +150,16 @@ pub async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Kubel
             };
             continue;
         }
+        // Made to crash while it runs (the annotation added to a running pod): it exits now.
+        if failure == Some(Failure::CrashLoopBackOff)
+            && let Some(r) = slot.running.take()
+        {
+            r.stop().await;
+            let why = format!("killed ({}: CrashLoopBackOff)", podstatus::FAIL_ANNOTATION);
+            crashed(slot, &c.name, &name, why);
+            soon(backoff(slot.observed.restarts));
+            continue;
+        }
         if slot.running.is_none() {
             let now = Instant::now();
             match slot.retry_at {
@@ -607,5 +617,43 @@ mod tests {
             1
         );
         assert_eq!(action, Action::requeue(backoff(1)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_running_pod_annotated_to_crash_crashes() {
+        let (client, mut api) = ApiServer::new();
+        let ctx = context(client);
+        let server = tokio::spawn(async move {
+            let w = status_write(&mut api).await;
+            (api, w)
+        });
+        reconcile(Arc::new(pod("ghcr.io/acme/web:1")), ctx.clone())
+            .await
+            .unwrap();
+        let (mut api, mut running_pod) = server.await.unwrap();
+        running_pod.metadata.annotations = Some(
+            [(
+                podstatus::FAIL_ANNOTATION.to_string(),
+                "CrashLoopBackOff".to_string(),
+            )]
+            .into(),
+        );
+        let server = tokio::spawn(async move { status_write(&mut api).await });
+        let action = reconcile(Arc::new(running_pod), ctx).await.unwrap();
+        let written = server.await.unwrap();
+        assert_eq!(action, Action::requeue(FIRST_BACKOFF));
+        let cs = &written.status.unwrap().container_statuses.unwrap()[0];
+        assert_eq!(
+            cs.state
+                .as_ref()
+                .unwrap()
+                .waiting
+                .as_ref()
+                .unwrap()
+                .reason
+                .as_deref(),
+            Some("CrashLoopBackOff")
+        );
+        assert!(!cs.ready);
     }
 }

@@ -9,8 +9,9 @@
 //! - The annotation `r4.dev/dev-fail` on the pod (or its template) fails every container of
 //!   it: `ImagePullBackOff` as above, or `CrashLoopBackOff`: the container starts and exits
 //!   at once, again and again (`restartCount` grows, with the kubelet's back-off of 10 s
-//!   doubling up to 5 min); the pod is `Running` but never Ready, as on a cluster. Any other
-//!   value is ignored (and logged).
+//!   doubling up to 5 min); the pod is `Running` but never Ready, as on a cluster. Added to a
+//!   running pod (`kubectl annotate`), it makes its containers exit now. Any other value is
+//!   ignored (and logged).
 //! - An engine container that cannot start (a workflow it cannot read, an agent without a
 //!   `simulate:` block, …) crash-loops the same way, with the reason as the message.
 
