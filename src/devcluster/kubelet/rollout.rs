@@ -311,20 +311,17 @@ pub fn plan(d: &Deployment, pods: &[PodView]) -> Vec<Action> {
                 gone.insert(p.name.as_str());
                 cleanup -= 1;
             }
+            // Then as many old pods as availability above the minimum allows, least valuable
+            // first (as a ReplicaSet scaled down picks them).
             let available = live.iter().filter(|p| p.available).count();
-            let mut scale_down = available.saturating_sub(min_available);
-            for p in by_value(old) {
-                if scale_down == 0 {
-                    break;
-                }
-                if gone.contains(p.name.as_str()) {
-                    continue;
-                }
-                actions.push(Action::Delete(p.name.clone()));
-                if p.available {
-                    scale_down -= 1;
-                }
-            }
+            let scale_down = available.saturating_sub(min_available);
+            actions.extend(
+                by_value(old)
+                    .into_iter()
+                    .filter(|p| !gone.contains(p.name.as_str()))
+                    .take(scale_down)
+                    .map(|p| Action::Delete(p.name.clone())),
+            );
         }
     }
     actions
