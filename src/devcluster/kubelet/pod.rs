@@ -58,12 +58,26 @@ pub struct PodEntry {
 }
 
 impl PodEntry {
-    async fn stop(self) {
+    async fn stop(self, ctx: &Context) {
         for (_, slot) in self.containers {
             if let Some(r) = slot.running {
-                r.stop().await;
+                stop(ctx, r).await;
             }
         }
+    }
+}
+
+/// Stop a container, waiting at most [`KubeletOptions::start_timeout`](super::KubeletOptions)
+/// for it (a runtime that overruns is left to finish on its own).
+async fn stop(ctx: &Context, r: Box<dyn Running>) {
+    if tokio::time::timeout(ctx.opts.start_timeout, r.stop())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "a container did not stop within {:?}",
+            ctx.opts.start_timeout
+        );
     }
 }
 
@@ -107,7 +121,7 @@ pub async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Kubel
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     if pod.metadata.deletion_timestamp.is_some() {
         if let Some(e) = take(&ctx, &uid) {
-            e.stop().await;
+            e.stop(&ctx).await;
         }
         super::forget_written(&ctx, std::slice::from_ref(&uid));
         // Containers stopped: confirm the deletion, of this very pod (not a successor of the
@@ -139,7 +153,7 @@ pub async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Kubel
         let failure = podstatus::failure_of(&pod, c);
         if failure == Some(Failure::ImagePullBackOff) {
             if let Some(r) = slot.running.take() {
-                r.stop().await;
+                stop(&ctx, r).await;
             }
             slot.observed.run = Run::Waiting {
                 reason: "ImagePullBackOff".into(),
@@ -154,7 +168,7 @@ pub async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Kubel
         if failure == Some(Failure::CrashLoopBackOff)
             && let Some(r) = slot.running.take()
         {
-            r.stop().await;
+            stop(&ctx, r).await;
             let why = format!("killed ({}: CrashLoopBackOff)", podstatus::FAIL_ANNOTATION);
             crashed(slot, &c.name, &name, why);
             soon(backoff(slot.observed.restarts));
@@ -210,7 +224,7 @@ pub async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Kubel
         match probe {
             Some(Probe::Exited(why)) => {
                 if let Some(r) = slot.running.take() {
-                    r.stop().await;
+                    stop(&ctx, r).await;
                 }
                 tracing::info!(pod = %name, container = %c.name, reason = %why, "container exited");
                 crashed(slot, &c.name, &name, why);
@@ -239,7 +253,7 @@ pub async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Kubel
         .collect();
     for k in gone {
         if let Some(r) = entry.containers.remove(&k).and_then(|s| s.running) {
-            r.stop().await;
+            stop(&ctx, r).await;
         }
     }
     let observed: BTreeMap<String, Observed> = entry
@@ -308,7 +322,7 @@ pub(crate) async fn reap_missing(ctx: &Context, live: &HashSet<String>) {
     };
     super::forget_written(ctx, &uids);
     for e in gone {
-        e.stop().await;
+        e.stop(ctx).await;
     }
 }
 
