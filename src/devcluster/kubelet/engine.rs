@@ -30,8 +30,9 @@
 //! - The engine id is `--engine-id`, else the pod's name.
 //!
 //! Readiness is the engine's `/readyz` answer, taken in process: the role runs, its agent
-//! answers and no task handler panicked ([`crate::engine::Stats::ready`]). A role that stops
-//! by itself has exited: the kubelet restarts it after a back-off.
+//! answers and no task handler panicked ([`crate::engine::Stats::ready`]); so an agent the
+//! engine found down (a `simulate:` outage) makes its pod not Ready, as on a cluster. A role
+//! that stops by itself has exited: the kubelet restarts it after a back-off.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -996,6 +997,86 @@ mod tests {
         );
         let err = rt.start(&pod, &c).await.err().unwrap();
         assert!(err.contains("configmap default/pay-r4"), "{err}");
+        let _api = server.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn intake_and_repair_pods_run_their_roles_and_an_open_intake_is_refused() {
+        use crate::devcluster::kubelet::fixtures::ApiServer;
+        use k8s_openapi::api::core::v1::{EnvVar, EnvVarSource, SecretKeySelector};
+        let workflow = WORKFLOW.replace(
+            "spec:\n",
+            "spec:\n  intake: {enabled: true, auth: {tokenSecretRef: {name: intake-token, key: token}}}\n  repair: {enabled: true}\n",
+        );
+        let (client, mut api) = ApiServer::new();
+        let queue: Arc<dyn Queue> = Arc::new(crate::queue::memory::MemoryQueue::new());
+        let rt = EngineRuntime::new(client, queue, 7, Duration::from_secs(10));
+        let role = |role: &str| {
+            let (mut p, mut c) = engine_pod("a");
+            c.args = Some(s(&[
+                "engine",
+                "--role",
+                role,
+                "--workflow-file",
+                "/etc/r4/workflow.yaml",
+            ]));
+            p.spec.as_mut().unwrap().containers = vec![c.clone()];
+            (p, c)
+        };
+        let w = workflow.clone();
+        let server = tokio::spawn(async move {
+            let configmap = serde_json::json!({
+                "apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": "pay-r4", "namespace": "default"},
+                "data": {"workflow.yaml": w}
+            });
+            // Repair; the open intake; the intake with its token from a Secret.
+            for _ in 0..3 {
+                api.next().await;
+                api.reply(200, configmap.clone());
+            }
+            let (req, _) = api.next().await;
+            assert_eq!(
+                req.uri().path(),
+                "/api/v1/namespaces/default/secrets/intake-token"
+            );
+            api.reply(
+                200,
+                serde_json::json!({
+                    "apiVersion": "v1", "kind": "Secret",
+                    "metadata": {"name": "intake-token", "namespace": "default"},
+                    // base64 of "0123456789abcdef0123"
+                    "data": {"token": "MDEyMzQ1Njc4OWFiY2RlZjAxMjM="}
+                }),
+            );
+            api
+        });
+        let (p, c) = role("repair");
+        let repair = rt.start(&p, &c).await.unwrap();
+        assert_eq!(repair.ready(), Probe::Ready);
+        repair.stop().await;
+
+        let (p, c) = role("intake");
+        let err = rt.start(&p, &c).await.err().unwrap();
+        assert!(err.contains("the intake would be open"), "{err}");
+
+        let (mut p, mut c) = role("intake");
+        c.env = Some(vec![EnvVar {
+            name: "R4_INTAKE_TOKEN".into(),
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: "intake-token".into(),
+                    key: "token".into(),
+                    optional: None,
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }]);
+        p.spec.as_mut().unwrap().containers = vec![c.clone()];
+        let intake = rt.start(&p, &c).await.unwrap();
+        assert_eq!(intake.ready(), Probe::Ready);
+        intake.stop().await;
         let _api = server.await.unwrap();
     }
 }

@@ -16,6 +16,17 @@
 //!
 //! Every API call has a deadline ([`KubeletOptions::api_timeout`]); conflicts are settled by
 //! reading the object again; nothing read from the API is unwrapped.
+//!
+//! It talks to the API only as a cluster's controllers do, so it works against any API
+//! server; against a real cluster it would compete with the cluster's own controllers and
+//! kubelets, so it is meant for `r4 dev`'s API (and tests).
+//!
+//! Not done (a cluster does them, `r4 dev` does not need them yet): ReplicaSet objects and
+//! adoption of orphan pods, Events, scheduling (`spec.nodeName` stays empty), the pod spec's
+//! probes (readiness is the engine's own, or the delay of a simulated container),
+//! `restartPolicy` other than `Always`, restarting a container whose image is changed in
+//! place, and ports: every pod's address is 127.0.0.1 and an intake listens on a port the
+//! system picks (logged).
 
 pub mod deployment;
 pub mod engine;
@@ -112,6 +123,8 @@ pub struct Context {
     pub(crate) pods: Mutex<HashMap<String, pod::PodEntry>>,
     /// The wall clock of object timestamps (a test sets it).
     pub now: Box<dyn Fn() -> Timestamp + Send + Sync>,
+    /// The status last written per object uid (see [`replace_status`]).
+    written: Mutex<HashMap<String, serde_json::Value>>,
 }
 
 impl Context {
@@ -126,6 +139,7 @@ impl Context {
             runtimes,
             pods: Mutex::new(HashMap::new()),
             now: Box::new(Timestamp::now),
+            written: Mutex::new(HashMap::new()),
         }
     }
 
@@ -229,6 +243,15 @@ fn shutdown_signal(
     }
 }
 
+/// Forget what was written for the objects of these uids (they are gone).
+pub(crate) fn forget_written(ctx: &Context, gone: &[String]) {
+    if let Ok(mut w) = ctx.written.lock() {
+        for uid in gone {
+            w.remove(uid);
+        }
+    }
+}
+
 /// [`run`] with the given context (its runtimes chosen by the caller).
 pub async fn run_with(
     ctx: Arc<Context>,
@@ -267,6 +290,11 @@ pub async fn run_with(
 /// `None` when there is nothing to write. On a conflict the object is read again and rendered
 /// again (at most three times; the next event brings another try); an object gone is nothing
 /// to write.
+///
+/// A status equal to the one last written for this object is not written again, whatever the
+/// object shows: either the cache has not seen the write yet, or the API server normalised it
+/// (dropped a field it does not know). Writing it again would only bring another event and
+/// another write, forever.
 pub(crate) async fn replace_status<K>(
     ctx: &Context,
     api: &Api<K>,
@@ -277,11 +305,22 @@ pub(crate) async fn replace_status<K>(
 where
     K: Resource + Clone + Serialize + DeserializeOwned + Debug,
 {
+    let uid = obj.meta().uid.clone().unwrap_or_default();
+    let status_of = |k: &K| {
+        serde_json::to_value(k)
+            .ok()
+            .map(|v| v.get("status").cloned().unwrap_or_default())
+    };
     let mut current = obj.clone();
     for _ in 0..3 {
         let Some(next) = render(&current) else {
             return Ok(());
         };
+        let status = status_of(&next);
+        let last = ctx.written.lock().ok().and_then(|w| w.get(&uid).cloned());
+        if status.is_some() && last == status {
+            return Ok(());
+        }
         match ctx
             .within(
                 "replace status",
@@ -289,7 +328,12 @@ where
             )
             .await?
         {
-            Ok(_) => return Ok(()),
+            Ok(_) => {
+                if let (Some(st), Ok(mut w)) = (status, ctx.written.lock()) {
+                    w.insert(uid, st);
+                }
+                return Ok(());
+            }
             Err(kube::Error::Api(s)) if s.code == 409 => {
                 match ctx.within("get", api.get_opt(name)).await?? {
                     Some(o) => current = o,
@@ -500,5 +544,148 @@ mod tests {
         let r = tokio::time::timeout(minute, kubelet).await;
         assert!(matches!(r, Ok(Ok(Ok(())))), "the kubelet did not stop");
         assert_eq!(pod::running(&ctx), 0);
+    }
+
+    const WORKFLOW: &str = "apiVersion: r4.dev/v1alpha1\nkind: AgentWorkflow\nmetadata: {name: pay}\nspec:\n  queue: {redis: {url: \"redis://x\"}}\n  tools:\n    - {name: bank, url: \"http://bank/mcp\", idempotent: true, simulate: {latency: {medianMs: 5}}}\n  agents:\n    - {name: a, image: ghcr.io/acme/agent:1, consumes: in, tools: [bank], simulate: {latency: {medianMs: 5}, calls: [bank]}}\n";
+
+    /// The pod layout the kubelet supports for an agent: the agent's container beside an
+    /// `r4 engine` container that reads the workflow from a mounted ConfigMap.
+    fn agent_deployment() -> Deployment {
+        use k8s_openapi::api::core::v1::{ConfigMapVolumeSource, Container, Volume, VolumeMount};
+        let mut d = deployment("pay-a", 1, "ghcr.io/acme/agent:1");
+        let spec = d.spec.template.spec.as_mut().unwrap();
+        spec.containers.push(Container {
+            name: "engine".into(),
+            image: Some("ghcr.io/acme/r4:dev".into()),
+            args: Some(
+                [
+                    "engine",
+                    "--role",
+                    "agent",
+                    "--agent",
+                    "a",
+                    "--workflow-file",
+                    "/etc/r4/workflow.yaml",
+                    "--redis",
+                    "redis://redis:6379",
+                ]
+                .map(String::from)
+                .to_vec(),
+            ),
+            volume_mounts: Some(vec![VolumeMount {
+                name: "workflow".into(),
+                mount_path: "/etc/r4".into(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        });
+        spec.volumes = Some(vec![Volume {
+            name: "workflow".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: "pay-r4".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }]);
+        d
+    }
+
+    /// An agent Deployment whose pods run the engine: ready when the engine is, working the
+    /// tasks of the shared queue; a pod deleted is replaced by one whose engine takes over.
+    #[tokio::test(start_paused = true)]
+    async fn an_agent_deployment_runs_its_engine_on_the_shared_queue() {
+        use k8s_openapi::api::core::v1::ConfigMap;
+        let fake = FakeApi::new();
+        fake.put(&ConfigMap {
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                name: Some("pay-r4".into()),
+                namespace: Some("default".into()),
+                ..Default::default()
+            },
+            data: Some([("workflow.yaml".to_string(), WORKFLOW.to_string())].into()),
+            ..Default::default()
+        });
+        let d = agent_deployment();
+        fake.put(&d);
+        let client = fake.client();
+        let queue: Arc<dyn Queue> = Arc::new(MemoryQueue::new());
+        let opts = KubeletOptions::default();
+        let engine = Arc::new(engine::EngineRuntime::new(
+            client.clone(),
+            queue.clone(),
+            1,
+            opts.api_timeout,
+        ));
+        let sim = Arc::new(runtime::SimulatedRuntime {
+            delay: opts.ready_delay,
+        });
+        let ctx = Arc::new(Context::new(client, opts, vec![engine.clone(), sim]));
+        let (stop, shutdown) = watch::channel(false);
+        let kubelet = tokio::spawn(run_with(ctx.clone(), shutdown));
+        let minute = Duration::from_secs(60);
+        let hash = rollout::template_hash(&d).unwrap();
+        fake.wait_until("the agent pod ready", minute, |f| complete(f, &hash, 1))
+            .await;
+        let p = fake.list::<Pod>("pods").remove(0);
+        let names: Vec<(String, bool)> = p
+            .status
+            .unwrap()
+            .container_statuses
+            .unwrap()
+            .into_iter()
+            .map(|c| (c.name, c.ready))
+            .collect();
+        assert_eq!(
+            names,
+            [("pay-a".to_string(), true), ("engine".to_string(), true)]
+        );
+
+        // A task submitted on the shared queue is worked on by the pod's engine.
+        let cfg =
+            Arc::new(crate::engine::WorkflowConfig::from_yaml("w", WORKFLOW, None, None).unwrap());
+        let intake = crate::engine::Intake::new(cfg, queue.clone(), "intake-0");
+        let submit = |n: i64| {
+            let intake = intake.clone();
+            async move {
+                intake
+                    .submit(serde_json::json!({ "n": n }), None, None)
+                    .await
+                    .unwrap()
+            }
+        };
+        let worked = |n: u64| {
+            let engine = engine.clone();
+            async move {
+                let r = tokio::time::timeout(Duration::from_secs(60), async {
+                    while engine.effects().0 < n {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                })
+                .await;
+                assert!(
+                    r.is_ok(),
+                    "{n} tasks not worked within 60 s of virtual time"
+                );
+            }
+        };
+        submit(1).await;
+        worked(1).await;
+
+        // The pod deleted: its engine stops, the replacement's engine works the next task.
+        let name = p.metadata.name.unwrap();
+        fake.delete("pods", "default", &name);
+        fake.wait_until("the replacement ready", minute, |f| {
+            complete(f, &hash, 1) && pods(f).iter().all(|(n, _, _)| *n != name)
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(pod::running(&ctx), 1);
+        submit(2).await;
+        worked(2).await;
+        assert_eq!(engine.effects(), (2, 0));
+
+        let _ = stop.send(true);
+        let r = tokio::time::timeout(minute, kubelet).await;
+        assert!(matches!(r, Ok(Ok(Ok(())))), "the kubelet did not stop");
     }
 }

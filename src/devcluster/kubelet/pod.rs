@@ -58,12 +58,26 @@ pub struct PodEntry {
 }
 
 impl PodEntry {
-    async fn stop(self) {
+    async fn stop(self, ctx: &Context) {
         for (_, slot) in self.containers {
             if let Some(r) = slot.running {
-                r.stop().await;
+                stop(ctx, r).await;
             }
         }
+    }
+}
+
+/// Stop a container, waiting at most [`KubeletOptions::start_timeout`](super::KubeletOptions)
+/// for it (a runtime that overruns is left to finish on its own).
+async fn stop(ctx: &Context, r: Box<dyn Running>) {
+    if tokio::time::timeout(ctx.opts.start_timeout, r.stop())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "a container did not stop within {:?}",
+            ctx.opts.start_timeout
+        );
     }
 }
 
@@ -107,8 +121,9 @@ pub async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Kubel
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     if pod.metadata.deletion_timestamp.is_some() {
         if let Some(e) = take(&ctx, &uid) {
-            e.stop().await;
+            e.stop(&ctx).await;
         }
+        super::forget_written(&ctx, std::slice::from_ref(&uid));
         // Containers stopped: confirm the deletion, of this very pod (not a successor of the
         // same name).
         let dp = DeleteParams {
@@ -138,7 +153,7 @@ pub async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Kubel
         let failure = podstatus::failure_of(&pod, c);
         if failure == Some(Failure::ImagePullBackOff) {
             if let Some(r) = slot.running.take() {
-                r.stop().await;
+                stop(&ctx, r).await;
             }
             slot.observed.run = Run::Waiting {
                 reason: "ImagePullBackOff".into(),
@@ -147,6 +162,16 @@ pub async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Kubel
                     c.image.as_deref().unwrap_or("")
                 ),
             };
+            continue;
+        }
+        // Made to crash while it runs (the annotation added to a running pod): it exits now.
+        if failure == Some(Failure::CrashLoopBackOff)
+            && let Some(r) = slot.running.take()
+        {
+            stop(&ctx, r).await;
+            let why = format!("killed ({}: CrashLoopBackOff)", podstatus::FAIL_ANNOTATION);
+            crashed(slot, &c.name, &name, why);
+            soon(backoff(slot.observed.restarts));
             continue;
         }
         if slot.running.is_none() {
@@ -199,7 +224,7 @@ pub async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Kubel
         match probe {
             Some(Probe::Exited(why)) => {
                 if let Some(r) = slot.running.take() {
-                    r.stop().await;
+                    stop(&ctx, r).await;
                 }
                 tracing::info!(pod = %name, container = %c.name, reason = %why, "container exited");
                 crashed(slot, &c.name, &name, why);
@@ -228,7 +253,7 @@ pub async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Kubel
         .collect();
     for k in gone {
         if let Some(r) = entry.containers.remove(&k).and_then(|s| s.running) {
-            r.stop().await;
+            stop(&ctx, r).await;
         }
     }
     let observed: BTreeMap<String, Observed> = entry
@@ -261,7 +286,7 @@ pub fn error_policy(pod: Arc<Pod>, e: &KubeletError, _: Arc<Context>) -> Action 
     Action::requeue(Duration::from_secs(2))
 }
 
-/// Stop the containers of pods the API no longer has, every [`REAP_EVERY`], until `shutdown`.
+/// Stop the containers of pods the API no longer has, every 2 s, until `shutdown`.
 pub async fn reap(ctx: Arc<Context>, store: Store<Pod>, mut shutdown: watch::Receiver<bool>) {
     if *shutdown.borrow() {
         return;
@@ -287,15 +312,17 @@ pub async fn reap(ctx: Arc<Context>, store: Store<Pod>, mut shutdown: watch::Rec
 
 /// Stop every pod run here whose uid is not in `live`.
 pub(crate) async fn reap_missing(ctx: &Context, live: &HashSet<String>) {
-    let gone: Vec<PodEntry> = match ctx.pods.lock() {
+    let (uids, gone): (Vec<String>, Vec<PodEntry>) = match ctx.pods.lock() {
         Ok(mut m) => {
             let uids: Vec<String> = m.keys().filter(|u| !live.contains(*u)).cloned().collect();
-            uids.iter().filter_map(|u| m.remove(u)).collect()
+            let gone = uids.iter().filter_map(|u| m.remove(u)).collect();
+            (uids, gone)
         }
-        Err(_) => Vec::new(),
+        Err(_) => (Vec::new(), Vec::new()),
     };
+    super::forget_written(ctx, &uids);
     for e in gone {
-        e.stop().await;
+        e.stop(ctx).await;
     }
 }
 
@@ -508,5 +535,139 @@ mod tests {
         server.await.unwrap();
         assert_eq!(action, Action::await_change());
         assert_eq!(running(&ctx), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_status_the_server_normalised_is_not_written_again() {
+        let (client, mut api) = ApiServer::new();
+        let ctx = context(client);
+        let p = pod("ghcr.io/acme/web:cannot-pull");
+        let server = tokio::spawn(async move {
+            let (_, body) = api.next().await;
+            // The server drops a field it does not know.
+            let mut p: Pod = serde_json::from_slice(&body).unwrap();
+            p.status.as_mut().unwrap().host_ips = None;
+            api.reply(200, serde_json::to_value(&p).unwrap());
+            (api, p)
+        });
+        reconcile(Arc::new(p), ctx.clone()).await.unwrap();
+        let (_api, stored) = server.await.unwrap();
+        // Its event brings the pod back: nothing is written (a write would wait on the mock
+        // until the API deadline and fail).
+        reconcile(Arc::new(stored), ctx).await.unwrap();
+    }
+
+    /// A runtime whose containers start, then exit with "boom" (as an engine whose role
+    /// stopped), counting the starts.
+    struct Exiting(std::sync::atomic::AtomicU32);
+
+    struct Exited;
+
+    impl Running for Exited {
+        fn ready(&self) -> Probe {
+            Probe::Exited("boom".into())
+        }
+        fn stop(self: Box<Self>) -> futures::future::BoxFuture<'static, ()> {
+            Box::pin(async {})
+        }
+    }
+
+    impl PodRuntime for Exiting {
+        fn runs(&self, _: &Pod, _: &Container) -> bool {
+            true
+        }
+        fn start(
+            &self,
+            _: &Pod,
+            _: &Container,
+        ) -> futures::future::BoxFuture<'static, Result<Box<dyn Running>, String>> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Box::pin(async { Ok(Box::new(Exited) as Box<dyn Running>) })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_container_that_exits_is_restarted_after_a_back_off() {
+        let (client, mut api) = ApiServer::new();
+        let rt = Arc::new(Exiting(Default::default()));
+        let ctx = crate::devcluster::kubelet::fixtures::context_with(client, vec![rt.clone()]);
+        let server = tokio::spawn(async move {
+            let w = status_write(&mut api).await;
+            (api, w)
+        });
+        let action = reconcile(Arc::new(pod("ghcr.io/acme/r4:dev")), ctx.clone())
+            .await
+            .unwrap();
+        let (mut api, written) = server.await.unwrap();
+        assert_eq!(action, Action::requeue(FIRST_BACKOFF));
+        let cs = &written
+            .status
+            .as_ref()
+            .unwrap()
+            .container_statuses
+            .as_ref()
+            .unwrap()[0];
+        let last = cs.last_state.as_ref().unwrap().terminated.as_ref().unwrap();
+        assert_eq!(last.message.as_deref(), Some("boom"));
+        assert_eq!(
+            cs.state
+                .as_ref()
+                .unwrap()
+                .waiting
+                .as_ref()
+                .unwrap()
+                .reason
+                .as_deref(),
+            Some("CrashLoopBackOff")
+        );
+        assert_eq!(rt.0.load(std::sync::atomic::Ordering::Relaxed), 1);
+        tokio::time::advance(FIRST_BACKOFF).await;
+        let server = tokio::spawn(async move { status_write(&mut api).await });
+        let action = reconcile(Arc::new(written), ctx).await.unwrap();
+        let written = server.await.unwrap();
+        assert_eq!(rt.0.load(std::sync::atomic::Ordering::Relaxed), 2);
+        assert_eq!(
+            written.status.unwrap().container_statuses.unwrap()[0].restart_count,
+            1
+        );
+        assert_eq!(action, Action::requeue(backoff(1)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_running_pod_annotated_to_crash_crashes() {
+        let (client, mut api) = ApiServer::new();
+        let ctx = context(client);
+        let server = tokio::spawn(async move {
+            let w = status_write(&mut api).await;
+            (api, w)
+        });
+        reconcile(Arc::new(pod("ghcr.io/acme/web:1")), ctx.clone())
+            .await
+            .unwrap();
+        let (mut api, mut running_pod) = server.await.unwrap();
+        running_pod.metadata.annotations = Some(
+            [(
+                podstatus::FAIL_ANNOTATION.to_string(),
+                "CrashLoopBackOff".to_string(),
+            )]
+            .into(),
+        );
+        let server = tokio::spawn(async move { status_write(&mut api).await });
+        let action = reconcile(Arc::new(running_pod), ctx).await.unwrap();
+        let written = server.await.unwrap();
+        assert_eq!(action, Action::requeue(FIRST_BACKOFF));
+        let cs = &written.status.unwrap().container_statuses.unwrap()[0];
+        assert_eq!(
+            cs.state
+                .as_ref()
+                .unwrap()
+                .waiting
+                .as_ref()
+                .unwrap()
+                .reason
+                .as_deref(),
+            Some("CrashLoopBackOff")
+        );
+        assert!(!cs.ready);
     }
 }

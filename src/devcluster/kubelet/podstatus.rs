@@ -9,8 +9,9 @@
 //! - The annotation `r4.dev/dev-fail` on the pod (or its template) fails every container of
 //!   it: `ImagePullBackOff` as above, or `CrashLoopBackOff`: the container starts and exits
 //!   at once, again and again (`restartCount` grows, with the kubelet's back-off of 10 s
-//!   doubling up to 5 min); the pod is `Running` but never Ready, as on a cluster. Any other
-//!   value is ignored (and logged).
+//!   doubling up to 5 min); the pod is `Running` but never Ready, as on a cluster. Added to a
+//!   running pod (`kubectl annotate`), it makes its containers exit now. Any other value is
+//!   ignored (and logged).
 //! - An engine container that cannot start (a workflow it cannot read, an agent without a
 //!   `simulate:` block, …) crash-loops the same way, with the reason as the message.
 
@@ -211,7 +212,8 @@ fn completed_init(c: &Container) -> ContainerStatus {
 ///   `ContainersNotReady` naming them); a condition keeps its transition time while its status
 ///   does not change, and `startTime` is kept, so the same observation gives the same status.
 /// - `containerStatuses` / `initContainerStatuses` (init containers that are not sidecars have
-///   completed), `podIP`/`hostIP` 127.0.0.1, `qosClass` BestEffort.
+///   completed), `podIP`/`hostIP` 127.0.0.1. Fields the API server owns (`qosClass`) are kept;
+///   none that a server may drop is written, so an unchanged pod is never written again.
 pub fn pod_status(pod: &Pod, observed: &BTreeMap<String, Observed>, now: Timestamp) -> PodStatus {
     let prev = pod.status.clone().unwrap_or_default();
     let uid = pod.metadata.uid.clone().unwrap_or_default();
@@ -299,8 +301,8 @@ pub fn pod_status(pod: &Pod, observed: &BTreeMap<String, Observed>, now: Timesta
         pod_ip: Some(POD_IP.into()),
         pod_ips: Some(vec![PodIP { ip: POD_IP.into() }]),
         start_time: prev.start_time.or(Some(Time(now))),
-        qos_class: Some("BestEffort".into()),
-        observed_generation: pod.metadata.generation,
+        // Set by the API server at creation (and immutable there); kept as it is.
+        qos_class: prev.qos_class,
         ..Default::default()
     }
 }

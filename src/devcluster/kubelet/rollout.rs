@@ -311,20 +311,17 @@ pub fn plan(d: &Deployment, pods: &[PodView]) -> Vec<Action> {
                 gone.insert(p.name.as_str());
                 cleanup -= 1;
             }
+            // Then as many old pods as availability above the minimum allows, least valuable
+            // first (as a ReplicaSet scaled down picks them).
             let available = live.iter().filter(|p| p.available).count();
-            let mut scale_down = available.saturating_sub(min_available);
-            for p in by_value(old) {
-                if scale_down == 0 {
-                    break;
-                }
-                if gone.contains(p.name.as_str()) {
-                    continue;
-                }
-                actions.push(Action::Delete(p.name.clone()));
-                if p.available {
-                    scale_down -= 1;
-                }
-            }
+            let scale_down = available.saturating_sub(min_available);
+            actions.extend(
+                by_value(old)
+                    .into_iter()
+                    .filter(|p| !gone.contains(p.name.as_str()))
+                    .take(scale_down)
+                    .map(|p| Action::Delete(p.name.clone())),
+            );
         }
     }
     actions
@@ -502,12 +499,15 @@ pub fn status(d: &Deployment, pods: &[PodView], now: Timestamp) -> DeploymentSta
                 || old_replicas(&s) < old_replicas(&prev)
                 || ready > prev.ready_replicas.unwrap_or(0)
                 || available > prev.available_replicas.unwrap_or(0));
-        let timed_out = progressing.as_ref().is_some_and(|c| {
-            c.reason.as_deref() == Some("ProgressDeadlineExceeded")
-                || c.last_update_time
-                    .as_ref()
-                    .is_some_and(|t| t.0.as_second() + progress_deadline(d) < now.as_second())
-        });
+        // A paused Deployment makes no progress on purpose: it does not time out.
+        let paused = d.spec.paused.unwrap_or(false);
+        let timed_out = !paused
+            && progressing.as_ref().is_some_and(|c| {
+                c.reason.as_deref() == Some("ProgressDeadlineExceeded")
+                    || c.last_update_time
+                        .as_ref()
+                        .is_some_and(|t| t.0.as_second() + progress_deadline(d) < now.as_second())
+            });
         if complete {
             set_condition(
                 &mut s,
@@ -926,7 +926,14 @@ mod tests {
         let s = status(&d, &pods, ts(70));
         assert_eq!(reason(&s, "Progressing").1, "NewReplicaSetCreated");
         d.status = Some(s);
-        // … then exceeded, and it stays so.
+        // A paused Deployment does not time out.
+        let mut paused = d.clone();
+        paused.spec.paused = Some(true);
+        assert_eq!(
+            reason(&status(&paused, &pods, ts(500)), "Progressing").1,
+            "NewReplicaSetCreated"
+        );
+        // … else it is exceeded, and it stays so.
         let s = status(&d, &pods, ts(71));
         assert_eq!(
             reason(&s, "Progressing"),
