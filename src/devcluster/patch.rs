@@ -435,14 +435,17 @@ pub fn strategic_merge_patch(
     if patch.get(DIRECTIVE).and_then(Value::as_str) == Some("delete") {
         return err("$patch: delete cannot delete the whole object");
     }
-    let smp = Smp { api_version, kind };
+    let list_keys = |path: &[String]| builtin_list_keys(api_version, kind, path);
+    let smp = Smp {
+        list_keys: &list_keys,
+    };
     smp.merge_map(original, patch.clone(), &mut Vec::new())
         .map(Value::Object)
 }
 
 struct Smp<'a> {
-    api_version: &'a str,
-    kind: &'a str,
+    /// The list semantics by field path, as [`builtin_list_keys`].
+    list_keys: &'a dyn Fn(&[String]) -> Option<Vec<String>>,
 }
 
 /// How a list field merges.
@@ -465,7 +468,7 @@ fn at(path: &[String]) -> String {
 
 impl Smp<'_> {
     fn list_merge(&self, path: &[String]) -> ListMerge {
-        match builtin_list_keys(self.api_version, self.kind, path) {
+        match (self.list_keys)(path) {
             Some(keys) => match keys.into_iter().next() {
                 Some(k) => ListMerge::ByKey(k),
                 None => ListMerge::Primitive,
@@ -665,6 +668,14 @@ impl Smp<'_> {
             ListMerge::ByKey(k) => Some(k),
             _ => None,
         };
+        if let Some(p) = &patch_list {
+            check_order(p, order, key.as_deref(), path)?;
+        }
+        let server_order = match (&orig, &patch_list, &key) {
+            (Some(o), Some(p), Some(k)) => server_order_after_merge(o, p, k),
+            (Some(o), _, _) => o.clone(),
+            (None, _, _) => Vec::new(),
+        };
         let merged = match (&orig, patch_list) {
             (None, None) => return Ok(None),
             (Some(o), None) => o.clone(),
@@ -679,10 +690,93 @@ impl Smp<'_> {
         Ok(Some(normalize_order(
             merged,
             order,
-            orig.as_deref().unwrap_or(&[]),
+            &server_order,
             key.as_deref(),
         )))
     }
+}
+
+/// The patch's items must come in `$setElementOrder`'s order (upstream's
+/// validatePatchWithSetOrderList): a client that sends both computed them together.
+fn check_order(
+    patch: &[Value],
+    order: &[Value],
+    key: Option<&str>,
+    path: &[String],
+) -> Result<(), PatchError> {
+    let is_delete =
+        |v: &Value| key.is_some() && v.get(DIRECTIVE).and_then(Value::as_str) == Some("delete");
+    let items: Vec<&Value> = patch.iter().filter(|v| !is_delete(v)).collect();
+    let (mut pi, mut oi) = (0, 0);
+    while pi < items.len() && oi < order.len() {
+        if items[pi].get(DIRECTIVE).is_some() {
+            pi += 1;
+            continue;
+        }
+        let same = match key {
+            Some(k) => key_of(items[pi], k, path)? == key_of(&order[oi], k, path)?,
+            None => items[pi] == &order[oi],
+        };
+        if same {
+            pi += 1;
+        }
+        oi += 1;
+    }
+    if pi < items.len() && !order.is_empty() {
+        return err(format!(
+            "{}: the patch's items are not in the order of $setElementOrder",
+            at(path)
+        ));
+    }
+    Ok(())
+}
+
+/// The order `$setElementOrder` falls back on for the items it does not name. Upstream
+/// takes the original list after its merge has rewritten it in place (Go slices share their
+/// array): deleted items shift the rest left, new items fill the freed slots up to the
+/// original length. kubectl's client-side apply sends exactly such patches (delete one
+/// container, add another), so this decides where items land on a real cluster.
+fn server_order_after_merge(original: &[Value], patch: &[Value], key: &str) -> Vec<Value> {
+    let mut slots = original.to_vec();
+    let mut len = slots.len();
+    let directive = |item: &Value| {
+        item.get(DIRECTIVE)
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    };
+    let mut replace = false;
+    for item in patch {
+        match directive(item).as_deref() {
+            Some("delete") => {
+                let Some(kv) = item.get(key) else { continue };
+                while let Some(i) = slots[..len].iter().position(|o| o.get(key) == Some(kv)) {
+                    // As `append(s[:i], s[i+1:]...)`: the last slot keeps its old value.
+                    for j in i..len - 1 {
+                        slots[j] = slots[j + 1].clone();
+                    }
+                    len -= 1;
+                }
+            }
+            Some("replace") => replace = true,
+            _ => {}
+        }
+    }
+    if replace {
+        return slots;
+    }
+    for item in patch.iter().filter(|i| directive(i).is_none()) {
+        let Some(kv) = item.get(key) else { continue };
+        if slots[..len].iter().any(|o| o.get(key) == Some(kv)) {
+            continue;
+        }
+        if len == slots.len() {
+            // The append outgrows the array: later appends no longer touch the original.
+            break;
+        }
+        slots[len] = item.clone();
+        len += 1;
+    }
+    slots
 }
 
 /// The merge key's value of a list item.
@@ -1258,6 +1352,35 @@ mod tests {
         )
         .unwrap();
         assert_eq!(out["metadata"]["finalizers"], json!(["c", "a"]));
+    }
+
+    #[test]
+    fn smp_set_element_order_with_a_delete_and_an_add() {
+        // kubectl apply after replacing container x by z, with w added by someone else: w
+        // stays between the items the patch orders, where a real API server puts it.
+        let mut live = deployment();
+        live["spec"]["template"]["spec"]["containers"] =
+            json!([{"name": "x"}, {"name": "y"}, {"name": "w"}]);
+        let out = smp(
+            &live,
+            json!({"spec":{"template":{"spec":{
+            "$setElementOrder/containers": [{"name": "y"}, {"name": "z"}],
+            "containers": [{"name": "z"}, {"name": "x", "$patch": "delete"}]}}}}),
+        )
+        .unwrap();
+        assert_eq!(
+            containers(&out),
+            &json!([{"name": "y"}, {"name": "w"}, {"name": "z"}])
+        );
+        // A patch list out of $setElementOrder's order is refused.
+        let e = smp(
+            &live,
+            json!({"spec":{"template":{"spec":{
+            "$setElementOrder/containers": [{"name": "x"}, {"name": "y"}],
+            "containers": [{"name": "y", "image": "b"}, {"name": "x", "image": "a"}]}}}}),
+        )
+        .unwrap_err();
+        assert!(e.0.contains("$setElementOrder"), "{e}");
     }
 
     #[test]
