@@ -77,8 +77,9 @@ type FieldSet = BTreeSet<Path>;
 /// As upstream: the configuration merges into the live object (maps by field, associative
 /// lists by key, sets by value, atomic lists replaced); the manager's Apply entry becomes
 /// exactly the fields the configuration sets; fields it set last time and omits now are
-/// removed unless another manager owns them (or something under them); a changed field owned
-/// by another manager is a [`Conflict`] unless `force`, which moves it to this manager. Fields
+/// removed unless another manager owns them too (a dropped list item goes with whatever others
+/// own inside it, as upstream); a changed field owned by another manager is a [`Conflict`]
+/// unless `force`, which moves it to this manager. Fields
 /// applied with the value they already have become co-owned, not conflicts. A manager's own
 /// Update entry never conflicts with its apply (it loses the fields instead).
 ///
@@ -139,7 +140,8 @@ pub fn server_side_apply(
         .position(|e| e.manager == manager && e.operation == APPLY && e.subresource.is_none());
     let last = mine.map(|i| entries[i].fields.clone()).unwrap_or_default();
 
-    // Prune what this manager applied last time and no longer does, unless still owned.
+    // Prune what this manager applied last time and no longer does, unless another manager
+    // owns that very field: what others own under a dropped list item goes with it.
     let mut owned = apply_set.clone();
     for (i, e) in entries.iter().enumerate() {
         if Some(i) != mine {
@@ -149,7 +151,7 @@ pub fn server_side_apply(
     // Deepest first, so an item's fields go before the item itself.
     let dropped: Vec<&Path> = last.difference(&apply_set).collect();
     for p in dropped.into_iter().rev() {
-        if !has_prefix(&owned, p) {
+        if !owned.contains(p) {
             w.remove_path(&mut new, p, &mut Vec::new());
         }
     }
@@ -655,13 +657,6 @@ fn is_empty_container(v: &Value) -> bool {
         Value::Array(a) => a.is_empty(),
         _ => false,
     }
-}
-
-/// Whether the set holds `p` or a path under it. Paths under `p` sort right after it.
-fn has_prefix(set: &FieldSet, p: &Path) -> bool {
-    set.range(p.clone()..)
-        .next()
-        .is_some_and(|q| q.starts_with(p))
 }
 
 /// Drops the fields no manager owns: `apiVersion`, `kind`, `metadata` itself and its
@@ -1357,6 +1352,29 @@ pub(crate) mod tests {
                 .map(Vec::len),
             Some(2)
         );
+    }
+
+    #[test]
+    fn a_dropped_item_goes_with_what_others_own_inside_it() {
+        let two = json!([{"name": "app", "image": "nginx"}, {"name": "debug", "image": "busybox"}]);
+        let live = apply(None, deployment(None, two), "a", false, T1).unwrap();
+        let mut edited = live.clone();
+        edited["spec"]["template"]["spec"]["containers"][1]["env"] =
+            json!([{"name": "X", "value": "1"}]);
+        let edited = record_update(Some(&live), &edited, "kubectl-edit", T2, &keys);
+        let out = apply(
+            Some(&edited),
+            deployment(None, json!([{"name": "app", "image": "nginx"}])),
+            "a",
+            false,
+            T3,
+        )
+        .unwrap();
+        assert_eq!(
+            out["spec"]["template"]["spec"]["containers"],
+            json!([{"name": "app", "image": "nginx"}])
+        );
+        assert!(entry(&out, "kubectl-edit", "Update").is_none());
     }
 
     #[test]
