@@ -41,6 +41,8 @@ pub enum ApplyError {
 type ListKeys<'a> = &'a dyn Fn(&[String]) -> Option<Vec<String>>;
 
 const APPLY: &str = "Apply";
+const BEFORE_FIRST_APPLY: &str = "before-first-apply";
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 const UPDATE: &str = "Update";
 
 /// `metadata` fields no manager owns (upstream's stripMetaManager).
@@ -123,6 +125,13 @@ pub fn server_side_apply(
     };
     let mut entries = read_entries(&live_obj);
     let live_plain = without_managed_fields(live_obj);
+    if live.is_some() && entries.is_empty() {
+        // As upstream: an object nobody is recorded to own (managed fields reset) is first
+        // owned whole by "before-first-apply", so an apply that changes it conflicts.
+        let owned = record_update(None, &live_plain, BEFORE_FIRST_APPLY, now, list_keys);
+        entries = read_entries(&owned);
+    }
+    let kubectl_config = (manager == "kubectl").then(|| config.clone());
 
     let mut apply_set = FieldSet::new();
     w.to_set(&config, &mut Vec::new(), &mut Vec::new(), &mut apply_set)?;
@@ -196,7 +205,35 @@ pub fn server_side_apply(
         None => entries.push(entry),
     }
     write_entries(&mut new, entries);
+    if let Some(config) = kubectl_config {
+        sync_last_applied(&mut new, config);
+    }
     Ok(new)
+}
+
+/// `kubectl apply --server-side` keeps kubectl's client-side annotation, where the object has
+/// one, equal to what it applied (upstream's lastAppliedUpdater), so switching back to
+/// client-side apply does not undo it. Ownership is not affected.
+fn sync_last_applied(obj: &mut Value, mut config: Map<String, Value>) {
+    let has = obj
+        .pointer("/metadata/annotations")
+        .and_then(Value::as_object)
+        .is_some_and(|a| a.contains_key(LAST_APPLIED));
+    if !has {
+        return;
+    }
+    if let Some(Value::Object(meta)) = config.get_mut("metadata")
+        && let Some(Value::Object(annotations)) = meta.get_mut("annotations")
+    {
+        annotations.remove(LAST_APPLIED);
+        if annotations.is_empty() {
+            meta.remove("annotations");
+        }
+    }
+    let text = Value::Object(config).to_string();
+    if let Some(Value::Object(annotations)) = obj.pointer_mut("/metadata/annotations") {
+        annotations.insert(LAST_APPLIED.into(), Value::String(text));
+    }
 }
 
 /// Records a non-apply write (create, update, patch) by `manager` (None `old`: a create).
@@ -1375,6 +1412,61 @@ pub(crate) mod tests {
             json!([{"name": "app", "image": "nginx"}])
         );
         assert!(entry(&out, "kubectl-edit", "Update").is_none());
+    }
+
+    #[test]
+    fn an_unowned_object_is_first_owned_by_before_first_apply() {
+        let live = deployment(Some(1), json!([{"name": "app", "image": "nginx"}]));
+        let r = apply(
+            Some(&live),
+            deployment(Some(3), json!([{"name": "app", "image": "nginx"}])),
+            "a",
+            false,
+            T1,
+        );
+        assert_eq!(
+            conflicts(r),
+            [(
+                "before-first-apply".to_string(),
+                ".spec.replicas".to_string()
+            )]
+        );
+        let out = apply(
+            Some(&live),
+            deployment(Some(1), json!([{"name": "app", "image": "nginx"}])),
+            "a",
+            false,
+            T1,
+        )
+        .unwrap();
+        assert!(owns(&out, "a", "Apply", "/f:spec/f:replicas"));
+        assert!(owns(
+            &out,
+            "before-first-apply",
+            "Update",
+            "/f:spec/f:replicas"
+        ));
+    }
+
+    #[test]
+    fn kubectl_server_side_apply_keeps_the_client_side_annotation_in_step() {
+        let mut live = apply(None, deployment(Some(1), json!([])), "kubectl", false, T1).unwrap();
+        live["metadata"]["annotations"] =
+            json!({"kubectl.kubernetes.io/last-applied-configuration": "{}", "x": "y"});
+        let cfg = deployment(Some(2), json!([]));
+        let out = apply(Some(&live), cfg.clone(), "kubectl", false, T2).unwrap();
+        let text =
+            out["metadata"]["annotations"]["kubectl.kubernetes.io/last-applied-configuration"]
+                .as_str()
+                .unwrap();
+        assert_eq!(serde_json::from_str::<Value>(text).unwrap(), cfg);
+        assert_eq!(out["metadata"]["annotations"]["x"], "y");
+        // Other managers leave it alone.
+        let out = apply(Some(&live), cfg, "r4", true, T2).unwrap();
+        assert_eq!(
+            out["metadata"]["annotations"]["kubectl.kubernetes.io/last-applied-configuration"],
+            "{}"
+        );
     }
 
     #[test]
