@@ -36,6 +36,38 @@ pub enum ApplyError {
     Invalid(String),
 }
 
+impl ApplyError {
+    /// The message of the API server's 409 Status, as kubectl prints it:
+    /// `Apply failed with 1 conflict: conflict with "a": .spec.replicas`; for several,
+    /// grouped by manager (sorted), one `- <field>` line each.
+    pub fn status_message(&self) -> String {
+        let conflicts = match self {
+            ApplyError::Invalid(msg) => return msg.clone(),
+            ApplyError::Conflicts(c) => c,
+        };
+        if let [one] = &conflicts[..] {
+            return format!(
+                "Apply failed with 1 conflict: conflict with {:?}: {}",
+                one.manager, one.field
+            );
+        }
+        let mut by_manager: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for c in conflicts {
+            by_manager.entry(&c.manager).or_default().push(&c.field);
+        }
+        let mut lines = Vec::new();
+        for (manager, fields) in by_manager {
+            lines.push(format!("conflicts with {manager:?}:"));
+            lines.extend(fields.into_iter().map(|f| format!("- {f}")));
+        }
+        format!(
+            "Apply failed with {} conflicts: {}",
+            conflicts.len(),
+            lines.join("\n")
+        )
+    }
+}
+
 /// The list semantics at a field path: `Some(keys)` an associative list keyed by those fields,
 /// `Some([])` a set of scalars, `None` an atomic list.
 type ListKeys<'a> = &'a dyn Fn(&[String]) -> Option<Vec<String>>;
@@ -1466,6 +1498,24 @@ pub(crate) mod tests {
         assert_eq!(
             out["metadata"]["annotations"]["kubectl.kubernetes.io/last-applied-configuration"],
             "{}"
+        );
+    }
+
+    #[test]
+    fn conflict_status_messages() {
+        let c = |m: &str, f: &str| Conflict {
+            manager: m.into(),
+            field: f.into(),
+        };
+        let one = ApplyError::Conflicts(vec![c("a", ".spec.replicas")]);
+        assert_eq!(
+            one.status_message(),
+            "Apply failed with 1 conflict: conflict with \"a\": .spec.replicas"
+        );
+        let three = ApplyError::Conflicts(vec![c("b", ".x"), c("a", ".y"), c("b", ".z")]);
+        assert_eq!(
+            three.status_message(),
+            "Apply failed with 3 conflicts: conflicts with \"a\":\n- .y\nconflicts with \"b\":\n- .x\n- .z"
         );
     }
 
