@@ -189,13 +189,12 @@ pub fn server_side_apply(
             owned.extend(e.fields.iter().cloned());
         }
     }
-    // Deepest first, so an item's fields go before the item itself.
-    let dropped: Vec<&Path> = last.difference(&apply_set).collect();
-    for p in dropped.into_iter().rev() {
-        if !owned.contains(p) {
-            w.remove_path(&mut new, p, &mut Vec::new());
-        }
-    }
+    let dropped: FieldSet = last
+        .difference(&apply_set)
+        .filter(|p| !owned.contains(*p))
+        .cloned()
+        .collect();
+    w.remove_set(&mut new, &tree(&dropped), &[], &mut Vec::new());
 
     let cmp = w.compare_objects(&live_plain, &new);
     let changed: FieldSet = cmp.added.union(&cmp.modified).cloned().collect();
@@ -634,50 +633,58 @@ impl Walk<'_> {
         }
     }
 
-    /// Removes the field at `path` (and what is under it); a map or list emptied by the
-    /// removal goes too. An item's key fields stay while the item does. Returns whether
-    /// anything was removed.
-    fn remove_path(&self, v: &mut Value, path: &[Pe], fp: &mut Vec<String>) -> bool {
-        let Some((first, rest)) = path.split_first() else {
-            return false;
-        };
-        match (v, first) {
-            (Value::Object(m), Pe::Field(k)) => {
-                if rest.is_empty() {
-                    return m.remove(k).is_some();
+    /// Removes the fields of `node` (a member goes with everything under it); a map or list
+    /// emptied by the removal goes too. `keep` are the key fields of the list item `v` is,
+    /// which stay while the item does. One walk, so dropping many items stays linear.
+    /// Returns whether anything was removed.
+    fn remove_set(
+        &self,
+        v: &mut Value,
+        node: &Node,
+        keep: &[String],
+        fp: &mut Vec<String>,
+    ) -> bool {
+        let mut removed = false;
+        match v {
+            Value::Object(m) => {
+                for (pe, child) in &node.children {
+                    let Pe::Field(k) = pe else { continue };
+                    if keep.contains(k) {
+                        continue;
+                    }
+                    if child.member {
+                        removed |= m.remove(k).is_some();
+                        continue;
+                    }
+                    let Some(cv) = m.get_mut(k) else { continue };
+                    fp.push(k.clone());
+                    let changed = self.remove_set(cv, child, &[], fp);
+                    fp.pop();
+                    if changed && is_empty_container(cv) {
+                        m.remove(k);
+                    }
+                    removed |= changed;
                 }
-                let Some(child) = m.get_mut(k) else {
-                    return false;
-                };
-                fp.push(k.clone());
-                let removed = self.remove_path(child, rest, fp);
-                fp.pop();
-                if removed && is_empty_container(child) {
-                    m.remove(k);
-                }
-                removed
             }
-            (Value::Array(items), Pe::Key(_) | Pe::Value(_)) => {
+            Value::Array(items) => {
                 let keys = self.keys(fp).unwrap_or_default();
-                let Some(i) = items
-                    .iter()
-                    .position(|it| item_pe(it, &keys).as_ref() == Some(first))
-                else {
-                    return false;
-                };
-                if rest.is_empty() {
-                    items.remove(i);
-                    return true;
+                let mut kept = Vec::with_capacity(items.len());
+                for mut item in std::mem::take(items) {
+                    let child = item_pe(&item, &keys).and_then(|pe| node.children.get(&pe));
+                    match child {
+                        Some(c) if c.member => removed = true,
+                        Some(c) => {
+                            removed |= self.remove_set(&mut item, c, &keys, fp);
+                            kept.push(item);
+                        }
+                        None => kept.push(item),
+                    }
                 }
-                if let [Pe::Field(f)] = rest
-                    && keys.contains(f)
-                {
-                    return false;
-                }
-                self.remove_path(&mut items[i], rest, fp)
+                *items = kept;
             }
-            _ => false,
+            _ => {}
         }
+        removed
     }
 }
 
@@ -909,6 +916,11 @@ struct Node {
 /// FieldsV1: `{"f:spec":{"f:containers":{"k:{\"name\":\"app\"}":{".":{},"f:image":{}}}}}`; a
 /// node is `{}` when it is a leaf, and carries `".": {}` when owned itself and has children.
 fn encode_fields(set: &FieldSet) -> Value {
+    encode_node(&tree(set))
+}
+
+/// The set as a tree of path elements, members marked.
+fn tree(set: &FieldSet) -> Node {
     let mut root = Node::default();
     for path in set {
         let mut n = &mut root;
@@ -917,7 +929,7 @@ fn encode_fields(set: &FieldSet) -> Value {
         }
         n.member = true;
     }
-    encode_node(&root)
+    root
 }
 
 fn encode_node(n: &Node) -> Value {

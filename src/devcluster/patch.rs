@@ -9,6 +9,8 @@
 //! server's. Nothing here panics on any input: a patch that cannot apply is a [`PatchError`]
 //! that names where.
 
+use std::collections::{HashMap, HashSet};
+
 use serde_json::{Map, Value};
 
 /// A patch that cannot be applied; the message names the operation or field path.
@@ -608,20 +610,28 @@ impl Smp<'_> {
                         at(path)
                     ));
                 }
-                let mut merged: Vec<Value> = Vec::with_capacity(original.len() + patch.len());
-                for v in original.iter().chain(&patch) {
-                    if !merged.contains(v) {
-                        merged.push(v.clone());
-                    }
-                }
+                let mut seen = HashSet::with_capacity(original.len() + patch.len());
+                let merged: Vec<Value> = original
+                    .iter()
+                    .chain(&patch)
+                    .filter(|v| seen.insert(v.to_string()))
+                    .cloned()
+                    .collect();
                 Ok(normalize_order(merged, &patch, &original, None))
             }
             ListMerge::ByKey(key) => {
                 let (mut items, patch_items) =
                     split_special_items(original.clone(), patch, &key, path)?;
+                // Where each key value first sits; items are only appended, so positions hold.
+                let mut slot: HashMap<String, usize> = HashMap::with_capacity(items.len());
+                for (i, o) in items.iter().enumerate() {
+                    if let Some(kv) = o.get(&key) {
+                        slot.entry(kv.to_string()).or_insert(i);
+                    }
+                }
                 for p in &patch_items {
-                    let kv = key_of(p, &key, path)?;
-                    match items.iter().position(|o| o.get(&key) == Some(kv)) {
+                    let kv = key_of(p, &key, path)?.to_string();
+                    match slot.get(&kv).copied() {
                         Some(i) => {
                             let Value::Object(o) = std::mem::take(&mut items[i]) else {
                                 return err(format!("{}: an item is not an object", at(path)));
@@ -633,6 +643,7 @@ impl Smp<'_> {
                         }
                         None => {
                             if let Some(v) = remove_directives(p.clone()) {
+                                slot.insert(kv, items.len());
                                 items.push(v);
                             }
                         }
@@ -838,21 +849,33 @@ fn normalize_order(
     original: &[Value],
     key: Option<&str>,
 ) -> Vec<Value> {
-    let id = |v: &Value| -> Option<Value> {
+    // Items are compared by their merge key's value (or themselves), first occurrence wins.
+    let id = |v: &Value| -> Option<String> {
         match key {
-            Some(k) => v.get(k).cloned(),
-            None => Some(v.clone()),
+            Some(k) => v.get(k).map(Value::to_string),
+            None => Some(v.to_string()),
         }
     };
-    let index_in = |list: &[Value], v: &Value| -> Option<usize> {
-        let want = id(v)?;
-        list.iter().position(|x| id(x).as_ref() == Some(&want))
+    let positions = |list: &[Value]| {
+        let mut at: HashMap<String, usize> = HashMap::with_capacity(list.len());
+        for (i, v) in list.iter().enumerate() {
+            if let Some(id) = id(v) {
+                at.entry(id).or_insert(i);
+            }
+        }
+        at
     };
-    let (mut ordered, mut rest): (Vec<Value>, Vec<Value>) = merged
-        .into_iter()
-        .partition(|v| index_in(order, v).is_some());
-    ordered.sort_by_key(|v| index_in(order, v));
-    rest.sort_by_key(|v| index_in(original, v));
+    let (in_order, in_original) = (positions(order), positions(original));
+    // (position in order, position in original, item)
+    let tagged = merged.into_iter().map(|v| {
+        let id = id(&v);
+        let o = id.as_ref().and_then(|i| in_order.get(i).copied());
+        let s = id.as_ref().and_then(|i| in_original.get(i).copied());
+        (o, s, v)
+    });
+    let (mut ordered, mut rest): (Vec<_>, Vec<_>) = tagged.partition(|(o, _, _)| o.is_some());
+    ordered.sort_by_key(|(o, _, _)| *o);
+    rest.sort_by_key(|(_, s, _)| *s);
     let mut out = Vec::with_capacity(ordered.len() + rest.len());
     let (mut left, mut right) = (rest.into_iter().peekable(), ordered.into_iter().peekable());
     loop {
@@ -860,13 +883,10 @@ fn normalize_order(
             (None, None) => break,
             (Some(_), None) => true,
             (None, Some(_)) => false,
-            (Some(l), Some(r)) => matches!(
-                (index_in(original, l), index_in(original, r)),
-                (Some(li), Some(ri)) if li < ri
-            ),
+            (Some((_, l, _)), Some((_, r, _))) => matches!((l, r), (Some(l), Some(r)) if l < r),
         };
         let next = if take_left { left.next() } else { right.next() };
-        out.extend(next);
+        out.extend(next.map(|(_, _, v)| v));
     }
     out
 }
