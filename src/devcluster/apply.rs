@@ -849,10 +849,66 @@ fn read_entry(v: &Value) -> Option<Entry> {
     })
 }
 
+/// As upstream, at most this many Update entries: older ones merge into one
+/// "ancient-changes" entry per apiVersion, so managedFields stay bounded however many
+/// clients write an object.
+const MAX_UPDATE_ENTRIES: usize = 10;
+const ANCIENT_CHANGES: &str = "ancient-changes";
+
+fn cap_update_entries(entries: &mut Vec<Entry>) {
+    let mut updates: Vec<usize> = (0..entries.len())
+        .filter(|&i| entries[i].operation == UPDATE)
+        .collect();
+    if updates.len() <= MAX_UPDATE_ENTRIES {
+        return;
+    }
+    let is_bucket = |e: &Entry| e.manager == ANCIENT_CHANGES && e.subresource.is_none();
+    updates.sort_by(|&a, &b| entries[a].time.cmp(&entries[b].time));
+    let mut count = updates.len();
+    let mut first_of_version: BTreeMap<String, usize> = BTreeMap::new();
+    let mut merged = BTreeSet::new();
+    for &i in &updates {
+        if count <= MAX_UPDATE_ENTRIES {
+            break;
+        }
+        if is_bucket(&entries[i]) {
+            continue;
+        }
+        let version = entries[i].api_version.clone();
+        let bucket = (0..entries.len()).find(|&b| {
+            !merged.contains(&b) && is_bucket(&entries[b]) && entries[b].api_version == version
+        });
+        let bucket = match (bucket, first_of_version.get(&version)) {
+            (Some(b), _) => b,
+            (None, Some(&first)) => {
+                entries[first].manager = ANCIENT_CHANGES.into();
+                entries[first].subresource = None;
+                first
+            }
+            (None, None) => {
+                first_of_version.insert(version, i);
+                continue;
+            }
+        };
+        let fields = std::mem::take(&mut entries[i].fields);
+        let time = entries[i].time.clone();
+        entries[bucket].fields.extend(fields);
+        entries[bucket].time = time;
+        merged.insert(i);
+        count -= 1;
+    }
+    let mut i = 0;
+    entries.retain(|_| {
+        i += 1;
+        !merged.contains(&(i - 1))
+    });
+}
+
 /// Writes the entries in upstream's order (operation, time, manager, apiVersion); none left
 /// removes `managedFields`.
 fn write_entries(obj: &mut Value, mut entries: Vec<Entry>) {
     entries.retain(|e| !e.fields.is_empty());
+    cap_update_entries(&mut entries);
     entries.sort_by(|a, b| {
         (
             &a.operation,
@@ -1529,6 +1585,35 @@ pub(crate) mod tests {
             three.status_message(),
             "Apply failed with 3 conflicts: conflicts with \"a\":\n- .y\nconflicts with \"b\":\n- .x\n- .z"
         );
+    }
+
+    #[test]
+    fn old_update_entries_merge_into_ancient_changes() {
+        let mut obj =
+            json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}, "data": {}});
+        for i in 0..12 {
+            let mut next = obj.clone();
+            next["data"][format!("k{i}")] = json!("v");
+            obj = record_update(
+                Some(&obj),
+                &next,
+                &format!("writer-{i:02}"),
+                &format!("2026-01-01T00:00:{i:02}Z"),
+                &keys,
+            );
+        }
+        let managers: Vec<&str> = obj["metadata"]["managedFields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|e| e["manager"].as_str())
+            .collect();
+        assert_eq!(managers.len(), 10);
+        assert!(!managers.contains(&"writer-00") && !managers.contains(&"writer-01"));
+        let ancient = entry(&obj, "ancient-changes", "Update").unwrap();
+        assert!(ancient["fieldsV1"].pointer("/f:data/f:k0").is_some());
+        assert!(ancient["fieldsV1"].pointer("/f:data/f:k1").is_some());
+        assert!(owns(&obj, "writer-11", "Update", "/f:data/f:k11"));
     }
 
     #[test]

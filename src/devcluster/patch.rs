@@ -343,6 +343,11 @@ pub fn builtin_list_keys(api_version: &str, kind: &str, path: &[String]) -> Opti
         ("", "Node", ["status", "addresses"]) => &["type"],
         ("", "Node", ["spec", "podCIDRs"]) => &[],
         ("", "ServiceAccount", ["secrets"]) => &["name"],
+        (
+            "admissionregistration.k8s.io",
+            "MutatingWebhookConfiguration" | "ValidatingWebhookConfiguration",
+            ["webhooks"],
+        ) => &["name"],
         (_, _, ["status", "conditions"]) => &["type"],
         _ => return None,
     };
@@ -1591,6 +1596,14 @@ mod tests {
         assert_eq!(
             k("apps/v1", "Deployment", &["status", "conditions"]),
             s(&["type"])
+        );
+        assert_eq!(
+            k(
+                "admissionregistration.k8s.io/v1",
+                "ValidatingWebhookConfiguration",
+                &["webhooks"]
+            ),
+            s(&["name"])
         );
         assert_eq!(
             k(
