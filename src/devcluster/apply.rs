@@ -11,6 +11,14 @@
 //!
 //! A field path given to `list_keys` is the field names from the object's root; list items
 //! are not part of it (a container's env is `["spec","template","spec","containers","env"]`).
+//!
+//! Where this differs from a real API server, for want of a schema or by choice: every map is
+//! treated as a struct (no atomic maps; a map-valued map entry is not owned itself); nulls in
+//! an applied configuration are ignored; keys are single fields where upstream has
+//! `containerPort`+`protocol` and `port`+`protocol` (nothing defaults `protocol` here); on
+//! create every new map is owned with its `.` (Go types' zero values hide that upstream, as
+//! CRs do not); entries are never written with a `subresource` (existing ones are kept); no
+//! version conversion between a manager's apiVersion and the object's.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
