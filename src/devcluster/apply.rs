@@ -11,6 +11,14 @@
 //!
 //! A field path given to `list_keys` is the field names from the object's root; list items
 //! are not part of it (a container's env is `["spec","template","spec","containers","env"]`).
+//!
+//! Where this differs from a real API server, for want of a schema or by choice: every map is
+//! treated as a struct (no atomic maps; a map-valued map entry is not owned itself); nulls in
+//! an applied configuration are ignored; keys are single fields where upstream has
+//! `containerPort`+`protocol` and `port`+`protocol` (nothing defaults `protocol` here); on
+//! create every new map is owned with its `.` (Go types' zero values hide that upstream, as
+//! CRs do not); entries are never written with a `subresource` (existing ones are kept); no
+//! version conversion between a manager's apiVersion and the object's.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -36,11 +44,45 @@ pub enum ApplyError {
     Invalid(String),
 }
 
+impl ApplyError {
+    /// The message of the API server's 409 Status, as kubectl prints it:
+    /// `Apply failed with 1 conflict: conflict with "a": .spec.replicas`; for several,
+    /// grouped by manager (sorted), one `- <field>` line each.
+    pub fn status_message(&self) -> String {
+        let conflicts = match self {
+            ApplyError::Invalid(msg) => return msg.clone(),
+            ApplyError::Conflicts(c) => c,
+        };
+        if let [one] = &conflicts[..] {
+            return format!(
+                "Apply failed with 1 conflict: conflict with {:?}: {}",
+                one.manager, one.field
+            );
+        }
+        let mut by_manager: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for c in conflicts {
+            by_manager.entry(&c.manager).or_default().push(&c.field);
+        }
+        let mut lines = Vec::new();
+        for (manager, fields) in by_manager {
+            lines.push(format!("conflicts with {manager:?}:"));
+            lines.extend(fields.into_iter().map(|f| format!("- {f}")));
+        }
+        format!(
+            "Apply failed with {} conflicts: {}",
+            conflicts.len(),
+            lines.join("\n")
+        )
+    }
+}
+
 /// The list semantics at a field path: `Some(keys)` an associative list keyed by those fields,
 /// `Some([])` a set of scalars, `None` an atomic list.
 type ListKeys<'a> = &'a dyn Fn(&[String]) -> Option<Vec<String>>;
 
 const APPLY: &str = "Apply";
+const BEFORE_FIRST_APPLY: &str = "before-first-apply";
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 const UPDATE: &str = "Update";
 
 /// `metadata` fields no manager owns (upstream's stripMetaManager).
@@ -77,8 +119,9 @@ type FieldSet = BTreeSet<Path>;
 /// As upstream: the configuration merges into the live object (maps by field, associative
 /// lists by key, sets by value, atomic lists replaced); the manager's Apply entry becomes
 /// exactly the fields the configuration sets; fields it set last time and omits now are
-/// removed unless another manager owns them (or something under them); a changed field owned
-/// by another manager is a [`Conflict`] unless `force`, which moves it to this manager. Fields
+/// removed unless another manager owns them too (a dropped list item goes with whatever others
+/// own inside it, as upstream); a changed field owned by another manager is a [`Conflict`]
+/// unless `force`, which moves it to this manager. Fields
 /// applied with the value they already have become co-owned, not conflicts. A manager's own
 /// Update entry never conflicts with its apply (it loses the fields instead).
 ///
@@ -122,6 +165,13 @@ pub fn server_side_apply(
     };
     let mut entries = read_entries(&live_obj);
     let live_plain = without_managed_fields(live_obj);
+    if live.is_some() && entries.is_empty() {
+        // As upstream: an object nobody is recorded to own (managed fields reset) is first
+        // owned whole by "before-first-apply", so an apply that changes it conflicts.
+        let owned = record_update(None, &live_plain, BEFORE_FIRST_APPLY, now, list_keys);
+        entries = read_entries(&owned);
+    }
+    let kubectl_config = (manager == "kubectl").then(|| config.clone());
 
     let mut apply_set = FieldSet::new();
     w.to_set(&config, &mut Vec::new(), &mut Vec::new(), &mut apply_set)?;
@@ -139,20 +189,20 @@ pub fn server_side_apply(
         .position(|e| e.manager == manager && e.operation == APPLY && e.subresource.is_none());
     let last = mine.map(|i| entries[i].fields.clone()).unwrap_or_default();
 
-    // Prune what this manager applied last time and no longer does, unless still owned.
+    // Prune what this manager applied last time and no longer does, unless another manager
+    // owns that very field: what others own under a dropped list item goes with it.
     let mut owned = apply_set.clone();
     for (i, e) in entries.iter().enumerate() {
         if Some(i) != mine {
             owned.extend(e.fields.iter().cloned());
         }
     }
-    // Deepest first, so an item's fields go before the item itself.
-    let dropped: Vec<&Path> = last.difference(&apply_set).collect();
-    for p in dropped.into_iter().rev() {
-        if !has_prefix(&owned, p) {
-            w.remove_path(&mut new, p, &mut Vec::new());
-        }
-    }
+    let dropped: FieldSet = last
+        .difference(&apply_set)
+        .filter(|p| !owned.contains(*p))
+        .cloned()
+        .collect();
+    w.remove_set(&mut new, &tree(&dropped), &[], &mut Vec::new());
 
     let cmp = w.compare_objects(&live_plain, &new);
     let changed: FieldSet = cmp.added.union(&cmp.modified).cloned().collect();
@@ -194,7 +244,35 @@ pub fn server_side_apply(
         None => entries.push(entry),
     }
     write_entries(&mut new, entries);
+    if let Some(config) = kubectl_config {
+        sync_last_applied(&mut new, config);
+    }
     Ok(new)
+}
+
+/// `kubectl apply --server-side` keeps kubectl's client-side annotation, where the object has
+/// one, equal to what it applied (upstream's lastAppliedUpdater), so switching back to
+/// client-side apply does not undo it. Ownership is not affected.
+fn sync_last_applied(obj: &mut Value, mut config: Map<String, Value>) {
+    let has = obj
+        .pointer("/metadata/annotations")
+        .and_then(Value::as_object)
+        .is_some_and(|a| a.contains_key(LAST_APPLIED));
+    if !has {
+        return;
+    }
+    if let Some(Value::Object(meta)) = config.get_mut("metadata")
+        && let Some(Value::Object(annotations)) = meta.get_mut("annotations")
+    {
+        annotations.remove(LAST_APPLIED);
+        if annotations.is_empty() {
+            meta.remove("annotations");
+        }
+    }
+    let text = Value::Object(config).to_string();
+    if let Some(Value::Object(annotations)) = obj.pointer_mut("/metadata/annotations") {
+        annotations.insert(LAST_APPLIED.into(), Value::String(text));
+    }
 }
 
 /// Records a non-apply write (create, update, patch) by `manager` (None `old`: a create).
@@ -563,50 +641,58 @@ impl Walk<'_> {
         }
     }
 
-    /// Removes the field at `path` (and what is under it); a map or list emptied by the
-    /// removal goes too. An item's key fields stay while the item does. Returns whether
-    /// anything was removed.
-    fn remove_path(&self, v: &mut Value, path: &[Pe], fp: &mut Vec<String>) -> bool {
-        let Some((first, rest)) = path.split_first() else {
-            return false;
-        };
-        match (v, first) {
-            (Value::Object(m), Pe::Field(k)) => {
-                if rest.is_empty() {
-                    return m.remove(k).is_some();
+    /// Removes the fields of `node` (a member goes with everything under it); a map or list
+    /// emptied by the removal goes too. `keep` are the key fields of the list item `v` is,
+    /// which stay while the item does. One walk, so dropping many items stays linear.
+    /// Returns whether anything was removed.
+    fn remove_set(
+        &self,
+        v: &mut Value,
+        node: &Node,
+        keep: &[String],
+        fp: &mut Vec<String>,
+    ) -> bool {
+        let mut removed = false;
+        match v {
+            Value::Object(m) => {
+                for (pe, child) in &node.children {
+                    let Pe::Field(k) = pe else { continue };
+                    if keep.contains(k) {
+                        continue;
+                    }
+                    if child.member {
+                        removed |= m.remove(k).is_some();
+                        continue;
+                    }
+                    let Some(cv) = m.get_mut(k) else { continue };
+                    fp.push(k.clone());
+                    let changed = self.remove_set(cv, child, &[], fp);
+                    fp.pop();
+                    if changed && is_empty_container(cv) {
+                        m.remove(k);
+                    }
+                    removed |= changed;
                 }
-                let Some(child) = m.get_mut(k) else {
-                    return false;
-                };
-                fp.push(k.clone());
-                let removed = self.remove_path(child, rest, fp);
-                fp.pop();
-                if removed && is_empty_container(child) {
-                    m.remove(k);
-                }
-                removed
             }
-            (Value::Array(items), Pe::Key(_) | Pe::Value(_)) => {
+            Value::Array(items) => {
                 let keys = self.keys(fp).unwrap_or_default();
-                let Some(i) = items
-                    .iter()
-                    .position(|it| item_pe(it, &keys).as_ref() == Some(first))
-                else {
-                    return false;
-                };
-                if rest.is_empty() {
-                    items.remove(i);
-                    return true;
+                let mut kept = Vec::with_capacity(items.len());
+                for mut item in std::mem::take(items) {
+                    let child = item_pe(&item, &keys).and_then(|pe| node.children.get(&pe));
+                    match child {
+                        Some(c) if c.member => removed = true,
+                        Some(c) => {
+                            removed |= self.remove_set(&mut item, c, &keys, fp);
+                            kept.push(item);
+                        }
+                        None => kept.push(item),
+                    }
                 }
-                if let [Pe::Field(f)] = rest
-                    && keys.contains(f)
-                {
-                    return false;
-                }
-                self.remove_path(&mut items[i], rest, fp)
+                *items = kept;
             }
-            _ => false,
+            _ => {}
         }
+        removed
     }
 }
 
@@ -655,13 +741,6 @@ fn is_empty_container(v: &Value) -> bool {
         Value::Array(a) => a.is_empty(),
         _ => false,
     }
-}
-
-/// Whether the set holds `p` or a path under it. Paths under `p` sort right after it.
-fn has_prefix(set: &FieldSet, p: &Path) -> bool {
-    set.range(p.clone()..)
-        .next()
-        .is_some_and(|q| q.starts_with(p))
 }
 
 /// Drops the fields no manager owns: `apiVersion`, `kind`, `metadata` itself and its
@@ -778,10 +857,66 @@ fn read_entry(v: &Value) -> Option<Entry> {
     })
 }
 
+/// As upstream, at most this many Update entries: older ones merge into one
+/// "ancient-changes" entry per apiVersion, so managedFields stay bounded however many
+/// clients write an object.
+const MAX_UPDATE_ENTRIES: usize = 10;
+const ANCIENT_CHANGES: &str = "ancient-changes";
+
+fn cap_update_entries(entries: &mut Vec<Entry>) {
+    let mut updates: Vec<usize> = (0..entries.len())
+        .filter(|&i| entries[i].operation == UPDATE)
+        .collect();
+    if updates.len() <= MAX_UPDATE_ENTRIES {
+        return;
+    }
+    let is_bucket = |e: &Entry| e.manager == ANCIENT_CHANGES && e.subresource.is_none();
+    updates.sort_by(|&a, &b| entries[a].time.cmp(&entries[b].time));
+    let mut count = updates.len();
+    let mut first_of_version: BTreeMap<String, usize> = BTreeMap::new();
+    let mut merged = BTreeSet::new();
+    for &i in &updates {
+        if count <= MAX_UPDATE_ENTRIES {
+            break;
+        }
+        if is_bucket(&entries[i]) {
+            continue;
+        }
+        let version = entries[i].api_version.clone();
+        let bucket = (0..entries.len()).find(|&b| {
+            !merged.contains(&b) && is_bucket(&entries[b]) && entries[b].api_version == version
+        });
+        let bucket = match (bucket, first_of_version.get(&version)) {
+            (Some(b), _) => b,
+            (None, Some(&first)) => {
+                entries[first].manager = ANCIENT_CHANGES.into();
+                entries[first].subresource = None;
+                first
+            }
+            (None, None) => {
+                first_of_version.insert(version, i);
+                continue;
+            }
+        };
+        let fields = std::mem::take(&mut entries[i].fields);
+        let time = entries[i].time.clone();
+        entries[bucket].fields.extend(fields);
+        entries[bucket].time = time;
+        merged.insert(i);
+        count -= 1;
+    }
+    let mut i = 0;
+    entries.retain(|_| {
+        i += 1;
+        !merged.contains(&(i - 1))
+    });
+}
+
 /// Writes the entries in upstream's order (operation, time, manager, apiVersion); none left
 /// removes `managedFields`.
 fn write_entries(obj: &mut Value, mut entries: Vec<Entry>) {
     entries.retain(|e| !e.fields.is_empty());
+    cap_update_entries(&mut entries);
     entries.sort_by(|a, b| {
         (
             &a.operation,
@@ -845,6 +980,11 @@ struct Node {
 /// FieldsV1: `{"f:spec":{"f:containers":{"k:{\"name\":\"app\"}":{".":{},"f:image":{}}}}}`; a
 /// node is `{}` when it is a leaf, and carries `".": {}` when owned itself and has children.
 fn encode_fields(set: &FieldSet) -> Value {
+    encode_node(&tree(set))
+}
+
+/// The set as a tree of path elements, members marked.
+fn tree(set: &FieldSet) -> Node {
     let mut root = Node::default();
     for path in set {
         let mut n = &mut root;
@@ -853,7 +993,7 @@ fn encode_fields(set: &FieldSet) -> Value {
         }
         n.member = true;
     }
-    encode_node(&root)
+    root
 }
 
 fn encode_node(n: &Node) -> Value {
@@ -1357,6 +1497,131 @@ pub(crate) mod tests {
                 .map(Vec::len),
             Some(2)
         );
+    }
+
+    #[test]
+    fn a_dropped_item_goes_with_what_others_own_inside_it() {
+        let two = json!([{"name": "app", "image": "nginx"}, {"name": "debug", "image": "busybox"}]);
+        let live = apply(None, deployment(None, two), "a", false, T1).unwrap();
+        let mut edited = live.clone();
+        edited["spec"]["template"]["spec"]["containers"][1]["env"] =
+            json!([{"name": "X", "value": "1"}]);
+        let edited = record_update(Some(&live), &edited, "kubectl-edit", T2, &keys);
+        let out = apply(
+            Some(&edited),
+            deployment(None, json!([{"name": "app", "image": "nginx"}])),
+            "a",
+            false,
+            T3,
+        )
+        .unwrap();
+        assert_eq!(
+            out["spec"]["template"]["spec"]["containers"],
+            json!([{"name": "app", "image": "nginx"}])
+        );
+        assert!(entry(&out, "kubectl-edit", "Update").is_none());
+    }
+
+    #[test]
+    fn an_unowned_object_is_first_owned_by_before_first_apply() {
+        let live = deployment(Some(1), json!([{"name": "app", "image": "nginx"}]));
+        let r = apply(
+            Some(&live),
+            deployment(Some(3), json!([{"name": "app", "image": "nginx"}])),
+            "a",
+            false,
+            T1,
+        );
+        assert_eq!(
+            conflicts(r),
+            [(
+                "before-first-apply".to_string(),
+                ".spec.replicas".to_string()
+            )]
+        );
+        let out = apply(
+            Some(&live),
+            deployment(Some(1), json!([{"name": "app", "image": "nginx"}])),
+            "a",
+            false,
+            T1,
+        )
+        .unwrap();
+        assert!(owns(&out, "a", "Apply", "/f:spec/f:replicas"));
+        assert!(owns(
+            &out,
+            "before-first-apply",
+            "Update",
+            "/f:spec/f:replicas"
+        ));
+    }
+
+    #[test]
+    fn kubectl_server_side_apply_keeps_the_client_side_annotation_in_step() {
+        let mut live = apply(None, deployment(Some(1), json!([])), "kubectl", false, T1).unwrap();
+        live["metadata"]["annotations"] =
+            json!({"kubectl.kubernetes.io/last-applied-configuration": "{}", "x": "y"});
+        let cfg = deployment(Some(2), json!([]));
+        let out = apply(Some(&live), cfg.clone(), "kubectl", false, T2).unwrap();
+        let text =
+            out["metadata"]["annotations"]["kubectl.kubernetes.io/last-applied-configuration"]
+                .as_str()
+                .unwrap();
+        assert_eq!(serde_json::from_str::<Value>(text).unwrap(), cfg);
+        assert_eq!(out["metadata"]["annotations"]["x"], "y");
+        // Other managers leave it alone.
+        let out = apply(Some(&live), cfg, "r4", true, T2).unwrap();
+        assert_eq!(
+            out["metadata"]["annotations"]["kubectl.kubernetes.io/last-applied-configuration"],
+            "{}"
+        );
+    }
+
+    #[test]
+    fn conflict_status_messages() {
+        let c = |m: &str, f: &str| Conflict {
+            manager: m.into(),
+            field: f.into(),
+        };
+        let one = ApplyError::Conflicts(vec![c("a", ".spec.replicas")]);
+        assert_eq!(
+            one.status_message(),
+            "Apply failed with 1 conflict: conflict with \"a\": .spec.replicas"
+        );
+        let three = ApplyError::Conflicts(vec![c("b", ".x"), c("a", ".y"), c("b", ".z")]);
+        assert_eq!(
+            three.status_message(),
+            "Apply failed with 3 conflicts: conflicts with \"a\":\n- .y\nconflicts with \"b\":\n- .x\n- .z"
+        );
+    }
+
+    #[test]
+    fn old_update_entries_merge_into_ancient_changes() {
+        let mut obj =
+            json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}, "data": {}});
+        for i in 0..12 {
+            let mut next = obj.clone();
+            next["data"][format!("k{i}")] = json!("v");
+            obj = record_update(
+                Some(&obj),
+                &next,
+                &format!("writer-{i:02}"),
+                &format!("2026-01-01T00:00:{i:02}Z"),
+                &keys,
+            );
+        }
+        let managers: Vec<&str> = obj["metadata"]["managedFields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|e| e["manager"].as_str())
+            .collect();
+        assert_eq!(managers.len(), 10);
+        assert!(!managers.contains(&"writer-00") && !managers.contains(&"writer-01"));
+        let ancient = entry(&obj, "ancient-changes", "Update").unwrap();
+        assert!(ancient["fieldsV1"].pointer("/f:data/f:k0").is_some());
+        assert!(ancient["fieldsV1"].pointer("/f:data/f:k1").is_some());
+        assert!(owns(&obj, "writer-11", "Update", "/f:data/f:k11"));
     }
 
     #[test]
