@@ -81,6 +81,18 @@ pub async fn handle(
                 &openapi::root(&s.registry, state.registry_hash(&s)),
             ))
         }
+        // An empty OpenAPI v2 document (in the protobuf kubectl asks for): kubectl then
+        // treats kinds it cannot find as it does against a real server (no client-side schema,
+        // "ensure CRDs are installed first" for a kind not served yet) instead of failing on 404.
+        ["openapi", "v2"] => Ok((
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "application/com.github.proto-openapi.spec.v2.v1.0+protobuf",
+            )],
+            Bytes::new(),
+        )
+            .into_response()),
         ["openapi", "v3", "api", v] => gv_doc(&state, "", v),
         ["openapi", "v3", "apis", g, v] => gv_doc(&state, g, v),
         ["api", "v1", rest @ ..] => req.resource("", "v1", rest).await,
