@@ -601,3 +601,56 @@ async fn creates_per_second_figure() {
     eprintln!("dev API: {rate:.0} creates/s (sequential, one kube client)");
     assert!(rate > 20.0, "{rate:.0} creates/s");
 }
+
+#[tokio::test]
+async fn streaming_list_and_selector_watches() {
+    let (_h, client) = cluster(Options::default()).await;
+    let cms: Api<ConfigMap> = Api::default_namespaced(client);
+    let pp = PostParams::default();
+    cms.create(&pp, &cm("old", &[("app", "web")]))
+        .await
+        .expect("create");
+    // sendInitialEvents: the existing objects, then the initial-events-end bookmark.
+    let config = watcher::Config::default().streaming_lists();
+    let mut stream = watcher(cms.clone(), config).boxed();
+    let mut initial = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), stream.next()).await {
+            Ok(Some(Ok(watcher::Event::InitApply(c)))) => {
+                initial.push(c.metadata.name.unwrap_or_default())
+            }
+            Ok(Some(Ok(watcher::Event::InitDone))) => break,
+            Ok(Some(Ok(_))) => {}
+            other => panic!("streaming list did not finish: {other:?}"),
+        }
+    }
+    assert_eq!(initial, ["old"]);
+
+    // A watch with a label selector: an object that stops matching is DELETED for it.
+    let rv = cms
+        .list(&ListParams::default())
+        .await
+        .expect("list")
+        .metadata
+        .resource_version
+        .unwrap_or_default();
+    let wp = WatchParams::default().labels("app=web");
+    let mut w = cms.watch(&wp, &rv).await.expect("watch").boxed();
+    cms.patch(
+        "old",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {"app": "db"}}})),
+    )
+    .await
+    .expect("relabel");
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), w.next()).await {
+            Ok(Some(Ok(WatchEvent::Deleted(c)))) => {
+                assert_eq!(c.metadata.name.as_deref(), Some("old"));
+                break;
+            }
+            Ok(Some(Ok(WatchEvent::Bookmark(_)))) => {}
+            other => panic!("expected DELETED for an object leaving the selection, got {other:?}"),
+        }
+    }
+}
