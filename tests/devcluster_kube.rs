@@ -654,3 +654,127 @@ async fn streaming_list_and_selector_watches() {
         }
     }
 }
+
+/// Bad requests get a `Status` naming what is wrong, as a real server answers them.
+#[tokio::test]
+async fn bad_requests_are_status_objects() {
+    let (h, client) = cluster(Options::default()).await;
+    let _ = widgets(&client).await;
+    let http = reqwest::Client::new();
+    let base = h.url();
+    let cms = format!("{base}/api/v1/namespaces/default/configmaps");
+    let status = |v: &Value| (v["kind"].clone(), v["code"].clone(), v["reason"].clone());
+    let send = |rb: reqwest::RequestBuilder| async move {
+        let resp = rb.send().await.expect("request");
+        let code = resp.status().as_u16();
+        let body: Value = resp.json().await.expect("a JSON Status");
+        (code, body)
+    };
+
+    let (code, body) = send(
+        http.post(&cms)
+            .header("content-type", "application/json")
+            .body("{not json"),
+    )
+    .await;
+    assert_eq!(
+        (code, status(&body)),
+        (400, (json!("Status"), json!(400), json!("BadRequest")))
+    );
+
+    let (code, body) = send(http.get(format!("{cms}?labelSelector=a%20b"))).await;
+    assert_eq!(code, 400, "{body}");
+    let (code, body) = send(http.get(format!("{cms}?limit=-1"))).await;
+    assert_eq!(code, 400);
+    assert!(
+        body["message"].as_str().unwrap_or("").contains("limit"),
+        "{body}"
+    );
+    let (code, body) = send(http.get(format!("{cms}?watch=true&resourceVersion=abc"))).await;
+    assert_eq!(code, 400);
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("resourceVersion"),
+        "{body}"
+    );
+
+    let (code, body) = send(http.get(format!("{base}/apis/nope.example.com/v1/things"))).await;
+    assert_eq!(
+        (code, status(&body)),
+        (404, (json!("Status"), json!(404), json!("NotFound")))
+    );
+    let (code, body) = send(http.get(format!("{cms}/missing"))).await;
+    assert_eq!(
+        body["details"],
+        json!({"name": "missing", "group": "", "kind": "configmaps"})
+    );
+    assert_eq!(code, 404);
+
+    http.post(&cms)
+        .json(&json!({"metadata": {"name": "x"}}))
+        .send()
+        .await
+        .expect("create");
+    let (code, body) = send(http.post(format!("{cms}/x")).json(&json!({}))).await;
+    assert_eq!(
+        (code, body["reason"].clone()),
+        (405, json!("MethodNotAllowed"))
+    );
+    let (code, body) = send(
+        http.patch(format!("{cms}/x"))
+            .header("content-type", "text/plain")
+            .body("{}"),
+    )
+    .await;
+    assert_eq!(
+        (code, body["reason"].clone()),
+        (415, json!("UnsupportedMediaType"))
+    );
+    let (code, body) = send(
+        http.patch(format!("{cms}/x"))
+            .header("content-type", "application/apply-patch+yaml")
+            .body("data: {a: b}"),
+    )
+    .await;
+    assert_eq!((code, body["reason"].clone()), (422, json!("Invalid")));
+    assert_eq!(body["details"]["causes"][0]["field"], "fieldManager");
+    let (code, body) = send(
+        http.patch(format!("{cms}/x"))
+            .header("content-type", "application/json-patch+json")
+            .body(r#"[{"op": "test", "path": "/data/a", "value": "zzz"}]"#),
+    )
+    .await;
+    assert_eq!(code, 422, "{body}");
+
+    let widgets = format!("{base}/apis/example.com/v1/namespaces/default/widgets");
+    http.post(&widgets)
+        .json(&json!({"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}, "spec": {"size": 1}}))
+        .send()
+        .await
+        .expect("create widget");
+    let (code, body) = send(
+        http.patch(format!("{widgets}/w"))
+            .header("content-type", "application/strategic-merge-patch+json")
+            .body(r#"{"spec": {"size": 2}}"#),
+    )
+    .await;
+    assert_eq!(
+        (code, body["reason"].clone()),
+        (415, json!("UnsupportedMediaType"))
+    );
+    let (code, body) = send(
+        http.put(format!("{widgets}/w"))
+            .json(&json!({"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "other"}, "spec": {"size": 1}})),
+    )
+    .await;
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("does not match the name"),
+        "{body}"
+    );
+}
