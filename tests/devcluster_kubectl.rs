@@ -503,6 +503,23 @@ fn generators_namespaces_and_one_shot_apply() {
         r#"{"a":"5"}"#
     );
 
+    // `kubectl scale` goes through the /scale subresource.
+    c.apply_stdin(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\n  namespace: team\nspec:\n  replicas: 1\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec:\n      containers: [{name: web, image: nginx}]\n",
+    );
+    c.ok(&["scale", "deployment", "web", "-n", "team", "--replicas=3"]);
+    let d = c.ok(&[
+        "get",
+        "deploy",
+        "web",
+        "-n",
+        "team",
+        "-o",
+        "jsonpath={.spec.replicas} {.metadata.generation}",
+    ]);
+    assert_eq!(d, "3 2");
+    assert!(c.ok(&["get", "deploy", "-n", "team"]).contains("0/3"));
+
     // Deleting a namespace deletes what it holds.
     c.ok(&["delete", "namespace", "team"]);
     eventually(10, "namespace team to go", || {

@@ -182,6 +182,12 @@ fn resource_list(state: &ApiState, group: &str, version: &str) -> Result<Value, 
                 "kind": r.kind, "verbs": ["get", "patch", "update"],
             }));
         }
+        if has_scale(r) {
+            resources.push(json!({
+                "name": format!("{}/scale", r.plural), "singularName": "", "namespaced": r.namespaced,
+                "group": "autoscaling", "version": "v1", "kind": "Scale", "verbs": ["get", "patch", "update"],
+            }));
+        }
     }
     if resources.is_empty() {
         return Err(ApiError::no_resource());
@@ -258,7 +264,107 @@ fn present(res: &ResourceInfo, version: &str, mut obj: Value) -> Value {
     obj
 }
 
+/// Kinds with a `/scale` subresource (`kubectl scale`): replicas at `.spec.replicas`.
+fn has_scale(res: &ResourceInfo) -> bool {
+    res.group == "apps" && matches!(res.plural.as_str(), "deployments" | "replicasets")
+}
+
+/// The `autoscaling/v1` Scale view of an object.
+fn scale_of(obj: &Value) -> Value {
+    let selector: Vec<String> = obj
+        .pointer("/spec/selector/matchLabels")
+        .and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let meta = obj.get("metadata").cloned().unwrap_or(json!({}));
+    let pick = |k: &str| meta.get(k).cloned().unwrap_or(Value::Null);
+    json!({
+        "kind": "Scale",
+        "apiVersion": "autoscaling/v1",
+        "metadata": {
+            "name": pick("name"), "namespace": pick("namespace"), "uid": pick("uid"),
+            "resourceVersion": pick("resourceVersion"), "creationTimestamp": pick("creationTimestamp"),
+        },
+        "spec": {"replicas": obj.pointer("/spec/replicas").cloned().unwrap_or(json!(1))},
+        "status": {
+            "replicas": obj.pointer("/status/replicas").cloned().unwrap_or(json!(0)),
+            "selector": selector.join(","),
+        },
+    })
+}
+
 impl Req<'_> {
+    /// `/scale`: read or write `.spec.replicas` through an `autoscaling/v1` Scale.
+    fn scale(
+        &self,
+        res: &Arc<ResourceInfo>,
+        version: &str,
+        ns: &str,
+        name: &str,
+    ) -> Result<Response, ApiError> {
+        let ct = content_type(self.headers);
+        let body = match self.method.as_str() {
+            "GET" => None,
+            "PUT" | "PATCH" => Some(decode(self.body, "json")?),
+            m => {
+                return Err(ApiError::method_not_allowed(format!(
+                    "the server does not allow this method on the requested resource ({m})"
+                )));
+            }
+        };
+        let Some(body) = body else {
+            let obj = self.state.store().lock().get(res, ns, name)?;
+            return Ok(respond(200, &scale_of(&obj)));
+        };
+        let ctx = self.ctx(version);
+        let method = self.method.as_str().to_string();
+        let dry = self.dry_run();
+        let obj = self.write(dry, |s| {
+            let current = s.get(res, ns, name)?;
+            let scale = scale_of(&current);
+            let wanted = match (method.as_str(), ct.as_str()) {
+                ("PUT", _) => body,
+                (_, "application/merge-patch+json" | "application/strategic-merge-patch+json") => {
+                    patch::merge_patch(&scale, &body)
+                }
+                (_, "application/json-patch+json") => patch::json_patch(&scale, &body)
+                    .map_err(|e| ApiError::new(422, "Invalid", e.0))?,
+                (_, other) => return Err(ApiError::unsupported_media_type(other)),
+            };
+            let replicas = wanted
+                .pointer("/spec/replicas")
+                .and_then(Value::as_i64)
+                .filter(|r| *r >= 0)
+                .ok_or_else(|| {
+                    ApiError::invalid_field(
+                        res,
+                        name,
+                        "spec.replicas",
+                        "Invalid value: must be a non-negative integer",
+                    )
+                })?;
+            let mut next = current.clone();
+            // Stored objects are JSON objects; a `spec` of another type is replaced.
+            if !next.get("spec").is_some_and(Value::is_object) {
+                next["spec"] = json!({});
+            }
+            next["spec"]["replicas"] = json!(replicas);
+            if let Some(rv) = wanted
+                .pointer("/metadata/resourceVersion")
+                .and_then(Value::as_str)
+                && !rv.is_empty()
+            {
+                next["metadata"]["resourceVersion"] = json!(rv);
+            }
+            s.update(res, ns, name, next, Part::Main, &ctx)
+        })?;
+        Ok(respond(200, &scale_of(&obj)))
+    }
+
     fn manager(&self) -> String {
         if let Some(m) = self.params.get("fieldManager") {
             return m.clone();
@@ -323,11 +429,6 @@ impl Req<'_> {
             return Err(ApiError::no_resource());
         }
         let name = rest.get(1).copied();
-        let part = match rest.get(2).copied() {
-            None => Part::Main,
-            Some("status") if res.status => Part::Status,
-            Some(_) => return Err(ApiError::no_resource()),
-        };
         if rest.len() > 3 {
             return Err(ApiError::no_resource());
         }
@@ -335,6 +436,15 @@ impl Req<'_> {
             return Err(ApiError::no_resource());
         }
         let ns_str = ns.unwrap_or("");
+        let part = match rest.get(2).copied() {
+            None => Part::Main,
+            Some("status") if res.status => Part::Status,
+            Some("scale") if has_scale(&res) => {
+                let name = name.unwrap_or_default();
+                return self.scale(&res, version, ns_str, name);
+            }
+            Some(_) => return Err(ApiError::no_resource()),
+        };
         match (self.method.as_str(), name) {
             ("GET", None) => {
                 if truthy(self.params.get("watch")) {

@@ -989,12 +989,10 @@ impl Inner {
         {
             let gr = info.group_resource();
             let instances: Vec<Key> = self.objects.keys().filter(|k| k.0 == gr).cloned().collect();
+            // Their finalizers are not waited for (a real server would keep the CRD
+            // terminating); what they own is collected as usual.
             for k in instances {
-                if let Some(mut o) = self.objects.remove(&k) {
-                    let rv = self.next_rv();
-                    meta_mut(&mut o).insert("resourceVersion".into(), json!(rv.to_string()));
-                    self.emit(EventType::Deleted, &k, o, None);
-                }
+                self.remove(&k);
             }
             self.registry.unregister(&gr);
         }
