@@ -778,3 +778,81 @@ async fn bad_requests_are_status_objects() {
         "{body}"
     );
 }
+
+/// `r4 dev` as a user runs it: loopback only, a kubeconfig, the API, a clean stop on Ctrl-C.
+#[tokio::test]
+async fn r4_dev_binary_serves_and_stops_on_ctrl_c() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let bin = env!("CARGO_BIN_EXE_r4");
+    let refused = Command::new(bin)
+        .args(["dev", "--listen", "0.0.0.0:6443"])
+        .output()
+        .expect("run r4 dev");
+    assert_eq!(refused.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("--listen"), "{err}");
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = dir.path().join("dev.kubeconfig");
+    let mut child = Command::new(bin)
+        .args([
+            "dev",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--kubeconfig-out",
+        ])
+        .arg(&kubeconfig)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn r4 dev");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let export = loop {
+        match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(line) if line.starts_with("export KUBECONFIG=") => break line,
+            Ok(_) => {}
+            Err(e) => panic!("r4 dev printed no export line: {e}"),
+        }
+    };
+    assert!(export.ends_with("dev.kubeconfig"), "{export}");
+    let config = kube::config::Kubeconfig::read_from(&kubeconfig).expect("kubeconfig");
+    assert_eq!(config.current_context.as_deref(), Some("r4-dev"));
+    let options = kube::config::KubeConfigOptions::default();
+    let client = Client::try_from(
+        Config::from_custom_kubeconfig(config, &options)
+            .await
+            .expect("config"),
+    )
+    .expect("client");
+    let version = client.apiserver_version().await.expect("/version");
+    assert_eq!(
+        (version.major.as_str(), version.minor.as_str()),
+        ("1", "32")
+    );
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill -INT");
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let code = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "r4 dev did not stop on SIGINT");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(code.success(), "{code:?}");
+}
