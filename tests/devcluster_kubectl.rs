@@ -213,6 +213,9 @@ fn apply_get_explain_and_categories() {
     assert!(explain.contains("FIELD: agents"), "{explain}");
     assert!(explain.contains("concurrency"), "{explain}");
 
+    let builtin = c.ok(&["explain", "deployment.spec.replicas"]);
+    assert!(builtin.contains("FIELD: replicas <integer>"), "{builtin}");
+
     let resources = c.ok(&["api-resources"]);
     assert!(
         resources
