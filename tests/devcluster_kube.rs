@@ -856,3 +856,46 @@ async fn r4_dev_binary_serves_and_stops_on_ctrl_c() {
     };
     assert!(code.success(), "{code:?}");
 }
+
+/// kube's event Recorder writes `events.k8s.io/v1`; `kubectl get events` and `describe` read
+/// core/v1. One stored Event serves both views, as on a real server.
+#[tokio::test]
+async fn recorder_events_are_seen_as_core_events() {
+    use kube::runtime::events::{Event as RecordedEvent, EventType, Recorder};
+    let (_h, client) = cluster(Options::default()).await;
+    let cms: Api<ConfigMap> = Api::default_namespaced(client.clone());
+    let owner = cms
+        .create(&PostParams::default(), &cm("subject", &[]))
+        .await
+        .expect("create");
+    let recorder = Recorder::new(client.clone(), "r4-test".into());
+    let ev = RecordedEvent {
+        type_: EventType::Normal,
+        reason: "Tested".into(),
+        note: Some("recorded by the test".into()),
+        action: "Test".into(),
+        secondary: None,
+    };
+    let reference = kube::Resource::object_ref(&owner, &());
+    recorder.publish(&ev, &reference).await.expect("publish");
+    recorder
+        .publish(&ev, &reference)
+        .await
+        .expect("publish again (a series patch)");
+    let core: Api<k8s_openapi::api::core::v1::Event> = Api::default_namespaced(client.clone());
+    let events = core
+        .list(&ListParams::default())
+        .await
+        .expect("list core events");
+    let e = events.items.first().expect("one event");
+    assert_eq!(e.message.as_deref(), Some("recorded by the test"));
+    assert_eq!(e.involved_object.name.as_deref(), Some("subject"));
+    assert_eq!(e.reason.as_deref(), Some("Tested"));
+    let new: Api<k8s_openapi::api::events::v1::Event> = Api::default_namespaced(client);
+    let seen = new
+        .list(&ListParams::default())
+        .await
+        .expect("list events.k8s.io");
+    assert_eq!(seen.items.len(), 1);
+    assert_eq!(seen.items[0].note.as_deref(), Some("recorded by the test"));
+}

@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use super::ApiState;
 use super::openapi;
 use super::patch;
-use super::resources::ResourceInfo;
+use super::resources::{self, ResourceInfo};
 use super::selector::{FieldSelector, LabelSelector};
 use super::status::{self, ApiError};
 use super::store::{EventType, ListFilter, Part, Propagation, WriteCtx};
@@ -256,7 +256,8 @@ fn truthy(v: Option<&String>) -> bool {
 }
 
 /// Set the apiVersion a client asked for (one storage, every served version).
-fn present(res: &ResourceInfo, version: &str, mut obj: Value) -> Value {
+fn present(res: &ResourceInfo, version: &str, obj: Value) -> Value {
+    let mut obj = resources::convert_event(res, obj, false);
     if let Some(o) = obj.as_object_mut() {
         o.insert("apiVersion".into(), json!(res.api_version(version)));
         o.insert("kind".into(), json!(res.kind));
@@ -460,6 +461,7 @@ impl Req<'_> {
                     ""
                 };
                 let obj = decode(self.body, &content_type(self.headers))?;
+                let obj = resources::convert_event(&res, obj, true);
                 let ctx = self.ctx(version);
                 let dry = self.dry_run();
                 let created = self.write(dry, |s| s.create(&res, ns, obj, &ctx))?;
@@ -511,6 +513,7 @@ impl Req<'_> {
             }
             ("PUT", Some(name)) => {
                 let obj = decode(self.body, &content_type(self.headers))?;
+                let obj = resources::convert_event(&res, obj, true);
                 let ctx = self.ctx(version);
                 let dry = self.dry_run();
                 let updated = self.write(dry, |s| s.update(&res, ns_str, name, obj, part, &ctx))?;
@@ -636,7 +639,7 @@ impl Req<'_> {
         let ctx = self.ctx(version);
         let dry = self.dry_run();
         if ct == "application/apply-patch+yaml" || ct == "application/apply-patch+json" {
-            let applied = decode(self.body, "yaml")?;
+            let applied = resources::convert_event(res, decode(self.body, "yaml")?, true);
             if !self.params.contains_key("fieldManager") {
                 return Err(ApiError {
                     details: Some(
@@ -662,7 +665,7 @@ impl Req<'_> {
         let api_version = res.api_version(version);
         let is_custom = res.crd.is_some();
         let obj = self.write(dry, |s| {
-            let current = s.get(res, ns, name)?;
+            let current = resources::convert_event(res, s.get(res, ns, name)?, false);
             let patched = match ct.as_str() {
                 "application/merge-patch+json" => Ok(patch::merge_patch(&current, &patch_doc)),
                 "application/json-patch+json" => patch::json_patch(&current, &patch_doc),
@@ -672,6 +675,7 @@ impl Req<'_> {
                 other => return Err(ApiError::unsupported_media_type(other)),
             }
             .map_err(|e| ApiError::new(422, "Invalid", e.0))?;
+            let patched = resources::convert_event(res, patched, true);
             s.update(res, ns, name, patched, part, &ctx)
         })?;
         Ok(respond(200, &present(res, version, obj)))
@@ -706,7 +710,7 @@ impl Req<'_> {
         };
         let store = self.state.clone();
         let mut changed = store.store().subscribe();
-        let gr = res.group_resource();
+        let gr = res.storage_resource();
         let (initial, mut last) = {
             let s = store.store().lock();
             match requested {

@@ -302,7 +302,7 @@ impl Inner {
 
     fn key(res: &ResourceInfo, ns: &str, name: &str) -> Key {
         let ns = if res.namespaced { ns } else { "" };
-        (res.group_resource(), ns.to_string(), name.to_string())
+        (res.storage_resource(), ns.to_string(), name.to_string())
     }
 
     fn emit(&mut self, kind: EventType, key: &Key, object: Value, old: Option<Value>) {
@@ -363,7 +363,7 @@ impl Inner {
         limit: Option<usize>,
         cont: Option<&str>,
     ) -> Result<(Vec<Value>, Option<String>), ApiError> {
-        let gr = res.group_resource();
+        let gr = res.storage_resource();
         let after: Option<(String, String)> = match cont {
             None | Some("") => None,
             Some(token) => {
