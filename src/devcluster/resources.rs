@@ -431,6 +431,37 @@ pub fn list_keys(res: &ResourceInfo, version: &str, path: &[String]) -> Option<V
     }
 }
 
+/// The `events.k8s.io/v1` names of core/v1 Event fields (one stored object, two views).
+const EVENT_FIELDS: [(&str, &str); 7] = [
+    ("involvedObject", "regarding"),
+    ("message", "note"),
+    ("reportingComponent", "reportingController"),
+    ("source", "deprecatedSource"),
+    ("firstTimestamp", "deprecatedFirstTimestamp"),
+    ("lastTimestamp", "deprecatedLastTimestamp"),
+    ("count", "deprecatedCount"),
+];
+
+/// Convert an Event between its stored (core/v1) form and the view `res` serves.
+pub fn convert_event(res: &ResourceInfo, obj: Value, to_storage: bool) -> Value {
+    if res.storage.as_deref() != Some("events") {
+        return obj;
+    }
+    let Value::Object(mut m) = obj else {
+        return obj;
+    };
+    for (core, new) in EVENT_FIELDS {
+        let (from, to) = if to_storage { (new, core) } else { (core, new) };
+        if let Some(v) = m.remove(from) {
+            m.insert(to.to_string(), v);
+        }
+    }
+    if to_storage {
+        m.insert("apiVersion".into(), Value::String("v1".into()));
+    }
+    Value::Object(m)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -502,35 +533,4 @@ mod tests {
         reg.unregister("things.example.com");
         assert!(reg.find("example.com", "v1", "things").is_none());
     }
-}
-
-/// The `events.k8s.io/v1` names of core/v1 Event fields (one stored object, two views).
-const EVENT_FIELDS: [(&str, &str); 7] = [
-    ("involvedObject", "regarding"),
-    ("message", "note"),
-    ("reportingComponent", "reportingController"),
-    ("source", "deprecatedSource"),
-    ("firstTimestamp", "deprecatedFirstTimestamp"),
-    ("lastTimestamp", "deprecatedLastTimestamp"),
-    ("count", "deprecatedCount"),
-];
-
-/// Convert an Event between its stored (core/v1) form and the view `res` serves.
-pub fn convert_event(res: &ResourceInfo, obj: Value, to_storage: bool) -> Value {
-    if res.storage.as_deref() != Some("events") {
-        return obj;
-    }
-    let Value::Object(mut m) = obj else {
-        return obj;
-    };
-    for (core, new) in EVENT_FIELDS {
-        let (from, to) = if to_storage { (new, core) } else { (core, new) };
-        if let Some(v) = m.remove(from) {
-            m.insert(to.to_string(), v);
-        }
-    }
-    if to_storage {
-        m.insert("apiVersion".into(), Value::String("v1".into()));
-    }
-    Value::Object(m)
 }
