@@ -899,3 +899,42 @@ async fn recorder_events_are_seen_as_core_events() {
     assert_eq!(seen.items.len(), 1);
     assert_eq!(seen.items[0].note.as_deref(), Some("recorded by the test"));
 }
+
+#[tokio::test]
+async fn watch_bookmarks_and_timeout() {
+    let options = Options {
+        bookmark_interval: Duration::from_millis(100),
+        ..Options::default()
+    };
+    let (_h, client) = cluster(options).await;
+    let cms: Api<ConfigMap> = Api::default_namespaced(client);
+    let rv = cms
+        .list(&ListParams::default())
+        .await
+        .expect("list")
+        .metadata
+        .resource_version
+        .unwrap_or_default();
+    let started = Instant::now();
+    let mut w = cms
+        .watch(&WatchParams::default().timeout(1), &rv)
+        .await
+        .expect("watch")
+        .boxed();
+    let mut bookmarks = 0;
+    while let Some(ev) = tokio::time::timeout(Duration::from_secs(5), w.next())
+        .await
+        .expect("the watch ends by its timeoutSeconds")
+    {
+        if let Ok(WatchEvent::Bookmark(b)) = ev {
+            assert_eq!(b.metadata.resource_version, rv);
+            bookmarks += 1;
+        }
+    }
+    assert!(bookmarks >= 2, "{bookmarks} bookmarks in a second");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+}
