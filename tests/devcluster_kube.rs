@@ -938,3 +938,80 @@ async fn watch_bookmarks_and_timeout() {
         "{took:?}"
     );
 }
+
+/// kube-rs' Controller against the dev API: a ConfigMap parent gets an owned Secret through
+/// server-side apply; a change to the child wakes the parent's reconcile; deleting the parent
+/// collects the child.
+#[tokio::test]
+async fn kube_controller_owns_children() {
+    use k8s_openapi::api::core::v1::Secret;
+    use kube::runtime::controller::{Action, Controller};
+    use kube::{Resource, ResourceExt};
+    let (_h, client) = cluster(Options::default()).await;
+    let parents: Api<ConfigMap> = Api::default_namespaced(client.clone());
+    let secrets: Api<Secret> = Api::default_namespaced(client.clone());
+    let reconciles = Arc::new(Mutex::new(0usize));
+    let counter = reconciles.clone();
+    let reconcile = move |cm: Arc<ConfigMap>, secrets: Arc<Api<Secret>>| {
+        let counter = counter.clone();
+        async move {
+            *counter.lock().expect("lock") += 1;
+            let owner = cm.controller_owner_ref(&()).expect("owner ref");
+            let child = json!({
+                "apiVersion": "v1", "kind": "Secret",
+                "metadata": {"name": format!("{}-child", cm.name_any()), "ownerReferences": [owner]},
+                "stringData": {"from": cm.name_any()},
+            });
+            secrets
+                .patch(
+                    &format!("{}-child", cm.name_any()),
+                    &PatchParams::apply("test-controller").force(),
+                    &Patch::Apply(child),
+                )
+                .await?;
+            Ok::<_, kube::Error>(Action::await_change())
+        }
+    };
+    let controller = Controller::new(
+        parents.clone(),
+        watcher::Config::default().labels("app=parent"),
+    )
+    .owns(secrets.clone(), watcher::Config::default())
+    .run(
+        reconcile,
+        |_, _, _| Action::requeue(Duration::from_secs(1)),
+        Arc::new(secrets.clone()),
+    )
+    .for_each(|_| async {});
+    let task = tokio::spawn(controller);
+    parents
+        .create(&PostParams::default(), &cm("p1", &[("app", "parent")]))
+        .await
+        .expect("parent");
+    eventually(10, "the owned child", || async {
+        secrets.get_opt("p1-child").await.ok().flatten().is_some()
+    })
+    .await;
+    let before = *reconciles.lock().expect("lock");
+    secrets
+        .patch(
+            "p1-child",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"touched": "yes"}}})),
+        )
+        .await
+        .expect("touch child");
+    eventually(10, "a reconcile woken by the child", || async {
+        *reconciles.lock().expect("lock") > before
+    })
+    .await;
+    parents
+        .delete("p1", &DeleteParams::default())
+        .await
+        .expect("delete parent");
+    eventually(10, "the child collected", || async {
+        secrets.get_opt("p1-child").await.ok().flatten().is_none()
+    })
+    .await;
+    task.abort();
+}
