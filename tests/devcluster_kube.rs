@@ -185,6 +185,10 @@ fn crd() -> CustomResourceDefinition {
                             "color": {"type": "string", "enum": ["red", "blue"], "default": "red"},
                             "parts": {"type": "array", "items": {"type": "object", "properties": {
                                 "name": {"type": "string", "pattern": "^[a-z]+$"}}}},
+                            "ports": {"type": "array", "x-kubernetes-list-type": "map",
+                                "x-kubernetes-list-map-keys": ["port"],
+                                "items": {"type": "object", "required": ["port"], "properties": {
+                                    "port": {"type": "integer"}}}},
                         },
                         "x-kubernetes-validations": [{"rule": "self.size != 7", "message": "7 is unlucky"}]},
                         "status": {"type": "object", "properties": {"ready": {"type": "boolean"}}},
@@ -298,6 +302,18 @@ async fn custom_resources_status_subresource_and_validation() {
         "{}",
         missing.message
     );
+    let dup = api_err(
+        api.create(
+            &pp,
+            &widget(
+                "d",
+                json!({"size": 1, "ports": [{"port": 80}, {"port": 80}]}),
+            ),
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert!(dup.message.contains("spec.ports[1]"), "{}", dup.message);
     let cel = api_err(
         api.create(&pp, &widget("c", json!({"size": 7})))
             .await
