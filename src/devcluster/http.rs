@@ -99,7 +99,9 @@ pub async fn handle(
         ["apis", g, v, rest @ ..] => req.resource(g, v, rest).await,
         _ => Err(ApiError::no_resource()),
     };
-    result.unwrap_or_else(|e| error(&e))
+    let response = result.unwrap_or_else(|e| error(&e));
+    tracing::debug!(%method, path = %uri.path(), status = response.status().as_u16(), "dev API request");
+    response
 }
 
 fn version() -> Value {

@@ -537,6 +537,9 @@ impl Inner {
         if res.group == "apiextensions.k8s.io" {
             self.check_crd(res, &name, &obj)?;
         }
+        if res.group.is_empty() && res.plural == "services" {
+            self.allocate_cluster_ip(&mut obj);
+        }
         let lk = list_keys(res, &ctx.version);
         let obj = apply::record_update(None, &obj, &ctx.manager, &ctx.now, &lk);
         if res.group == "apiextensions.k8s.io" {
@@ -545,6 +548,39 @@ impl Inner {
                 .map_err(|e| ApiError::invalid_field(res, &name, "spec", &e))?;
         }
         Ok(self.put(key, obj, EventType::Added))
+    }
+
+    /// A Service without a cluster IP gets one from 10.96.0.0/16 (as the real allocator would
+    /// from the service CIDR); headless (`None`) and `ExternalName` services get none.
+    fn allocate_cluster_ip(&self, svc: &mut Value) {
+        let spec = svc.get("spec");
+        let ty = spec.and_then(|s| s.get("type")).and_then(Value::as_str);
+        let set = spec
+            .and_then(|s| s.get("clusterIP"))
+            .and_then(Value::as_str);
+        if ty == Some("ExternalName") || set.is_some_and(|ip| !ip.is_empty()) {
+            return;
+        }
+        let used: std::collections::HashSet<&str> = self
+            .objects
+            .iter()
+            .filter(|(k, _)| k.0 == "services")
+            .filter_map(|(_, o)| o.pointer("/spec/clusterIP").and_then(Value::as_str))
+            .collect();
+        let Some(ip) = (1u32..65535)
+            .map(|n| format!("10.96.{}.{}", n / 256, n % 256))
+            .find(|ip| !used.contains(ip.as_str()) && !ip.ends_with(".0"))
+        else {
+            return;
+        };
+        if let Some(o) = svc.as_object_mut() {
+            let spec = o.entry("spec").or_insert_with(|| json!({}));
+            if let Some(s) = spec.as_object_mut() {
+                s.insert("clusterIP".into(), json!(ip));
+                s.insert("clusterIPs".into(), json!([ip]));
+                s.entry("type").or_insert_with(|| json!("ClusterIP"));
+            }
+        }
     }
 
     fn check_crd(&self, res: &ResourceInfo, name: &str, crd: &Value) -> Result<(), ApiError> {
@@ -648,6 +684,20 @@ impl Inner {
                 if let Some(o) = obj.as_object_mut() {
                     o.insert("apiVersion".into(), json!(res.api_version(&ctx.version)));
                     o.insert("kind".into(), json!(res.kind));
+                }
+                // A Service keeps its allocated cluster IP when a write leaves it out.
+                if res.group.is_empty()
+                    && res.plural == "services"
+                    && obj.pointer("/spec/clusterIP").is_none()
+                    && let (Some(ip), Some(spec)) = (
+                        old.pointer("/spec/clusterIP").cloned(),
+                        obj.get_mut("spec").and_then(Value::as_object_mut),
+                    )
+                {
+                    spec.insert("clusterIP".into(), ip);
+                    if let Some(ips) = old.pointer("/spec/clusterIPs") {
+                        spec.insert("clusterIPs".into(), ips.clone());
+                    }
                 }
                 obj
             }
@@ -1207,6 +1257,23 @@ mod tests {
             s.get(&cms, "default", "fg").is_err(),
             "owner goes after its blocker"
         );
+    }
+
+    #[test]
+    fn services_get_cluster_ips() {
+        let store = Store::new(100);
+        let mut s = store.lock();
+        let svcs = res(&s, "services");
+        let svc =
+            |name: &str| json!({"metadata": {"name": name}, "spec": {"ports": [{"port": 80}]}});
+        let a = s.create(&svcs, "default", svc("a"), &ctx()).expect("a");
+        let b = s.create(&svcs, "default", svc("b"), &ctx()).expect("b");
+        assert_eq!(a["spec"]["clusterIP"], "10.96.0.1");
+        assert_eq!(b["spec"]["clusterIP"], "10.96.0.2");
+        let mut headless = svc("h");
+        headless["spec"]["clusterIP"] = json!("None");
+        let h = s.create(&svcs, "default", headless, &ctx()).expect("h");
+        assert_eq!(h["spec"]["clusterIP"], "None");
     }
 
     #[test]
