@@ -547,7 +547,32 @@ impl Inner {
                 .register_crd(&obj)
                 .map_err(|e| ApiError::invalid_field(res, &name, "spec", &e))?;
         }
-        Ok(self.put(key, obj, EventType::Added))
+        let stored = self.put(key.clone(), obj, EventType::Added);
+        self.collect_if_dangling(&key);
+        Ok(stored)
+    }
+
+    /// A dependent none of whose owners exists is deleted, as the garbage collector does with
+    /// a dangling `ownerReference` (say, a controller that wrote a child after its parent went).
+    fn collect_if_dangling(&mut self, key: &Key) {
+        let Some(obj) = self.objects.get(key) else {
+            return;
+        };
+        let owners = owner_uids(obj);
+        if owners.is_empty() || owners.iter().any(|u| self.uids.contains_key(u)) {
+            return;
+        }
+        if let Some(res) = self.res_of(key) {
+            let _ = self.delete(
+                &res,
+                &key.1,
+                &key.2,
+                Propagation::Background,
+                None,
+                None,
+                &now(),
+            );
+        }
     }
 
     /// A Service without a cluster IP gets one from 10.96.0.0/16 (as the real allocator would
@@ -730,6 +755,7 @@ impl Inner {
         if deleting && finalizers(&stored).is_empty() {
             return Ok(self.remove(&key).unwrap_or(stored));
         }
+        self.collect_if_dangling(&key);
         Ok(stored)
     }
 
@@ -1274,6 +1300,17 @@ mod tests {
         headless["spec"]["clusterIP"] = json!("None");
         let h = s.create(&svcs, "default", headless, &ctx()).expect("h");
         assert_eq!(h["spec"]["clusterIP"], "None");
+    }
+
+    #[test]
+    fn dangling_owner_references_are_collected() {
+        let store = Store::new(100);
+        let mut s = store.lock();
+        let cms = res(&s, "configmaps");
+        let mut o = cm("late-child");
+        o["metadata"]["ownerReferences"] = json!([{"apiVersion": "v1", "kind": "ConfigMap", "name": "gone", "uid": "no-such-uid"}]);
+        s.create(&cms, "default", o, &ctx()).expect("create");
+        assert!(s.get(&cms, "default", "late-child").is_err());
     }
 
     #[test]
