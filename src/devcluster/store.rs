@@ -90,6 +90,9 @@ pub struct WriteCtx {
     /// The API version the request was made in (selects a CRD version's schema).
     pub version: String,
     pub now: String,
+    /// The write is a server-side apply whose `managedFields` `apply` already computed (an
+    /// Update entry for the same manager must not be recorded on top).
+    pub applied: bool,
 }
 
 impl WriteCtx {
@@ -99,6 +102,7 @@ impl WriteCtx {
             strict: false,
             version: version.into(),
             now: now(),
+            applied: false,
         }
     }
 }
@@ -541,7 +545,11 @@ impl Inner {
             self.allocate_cluster_ip(&mut obj);
         }
         let lk = list_keys(res, &ctx.version);
-        let obj = apply::record_update(None, &obj, &ctx.manager, &ctx.now, &lk);
+        let obj = if ctx.applied {
+            obj
+        } else {
+            apply::record_update(None, &obj, &ctx.manager, &ctx.now, &lk)
+        };
         if res.group == "apiextensions.k8s.io" {
             self.registry
                 .register_crd(&obj)
@@ -744,7 +752,11 @@ impl Inner {
             return Ok(old);
         }
         let lk = list_keys(res, &ctx.version);
-        let obj = apply::record_update(Some(&old), &obj, &ctx.manager, &ctx.now, &lk);
+        let obj = if ctx.applied {
+            obj
+        } else {
+            apply::record_update(Some(&old), &obj, &ctx.manager, &ctx.now, &lk)
+        };
         if res.group == "apiextensions.k8s.io" && part == Part::Main {
             self.registry
                 .register_crd(&obj)
@@ -804,6 +816,10 @@ impl Inner {
                     }
                     apply::ApplyError::Invalid(m) => ApiError::invalid_field(res, name, "", &m),
                 })?;
+        let ctx = &WriteCtx {
+            applied: true,
+            ..ctx.clone()
+        };
         match live {
             None => {
                 if part == Part::Status {
