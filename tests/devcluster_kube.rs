@@ -185,6 +185,10 @@ fn crd() -> CustomResourceDefinition {
                             "color": {"type": "string", "enum": ["red", "blue"], "default": "red"},
                             "parts": {"type": "array", "items": {"type": "object", "properties": {
                                 "name": {"type": "string", "pattern": "^[a-z]+$"}}}},
+                            "ports": {"type": "array", "x-kubernetes-list-type": "map",
+                                "x-kubernetes-list-map-keys": ["port"],
+                                "items": {"type": "object", "required": ["port"], "properties": {
+                                    "port": {"type": "integer"}}}},
                         },
                         "x-kubernetes-validations": [{"rule": "self.size != 7", "message": "7 is unlucky"}]},
                         "status": {"type": "object", "properties": {"ready": {"type": "boolean"}}},
@@ -298,6 +302,18 @@ async fn custom_resources_status_subresource_and_validation() {
         "{}",
         missing.message
     );
+    let dup = api_err(
+        api.create(
+            &pp,
+            &widget(
+                "d",
+                json!({"size": 1, "ports": [{"port": 80}, {"port": 80}]}),
+            ),
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert!(dup.message.contains("spec.ports[1]"), "{}", dup.message);
     let cel = api_err(
         api.create(&pp, &widget("c", json!({"size": 7})))
             .await
@@ -600,4 +616,418 @@ async fn creates_per_second_figure() {
     assert_eq!(listed.items.len(), n);
     eprintln!("dev API: {rate:.0} creates/s (sequential, one kube client)");
     assert!(rate > 20.0, "{rate:.0} creates/s");
+}
+
+#[tokio::test]
+async fn streaming_list_and_selector_watches() {
+    let (_h, client) = cluster(Options::default()).await;
+    let cms: Api<ConfigMap> = Api::default_namespaced(client);
+    let pp = PostParams::default();
+    cms.create(&pp, &cm("old", &[("app", "web")]))
+        .await
+        .expect("create");
+    // sendInitialEvents: the existing objects, then the initial-events-end bookmark.
+    let config = watcher::Config::default().streaming_lists();
+    let mut stream = watcher(cms.clone(), config).boxed();
+    let mut initial = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), stream.next()).await {
+            Ok(Some(Ok(watcher::Event::InitApply(c)))) => {
+                initial.push(c.metadata.name.unwrap_or_default())
+            }
+            Ok(Some(Ok(watcher::Event::InitDone))) => break,
+            Ok(Some(Ok(_))) => {}
+            other => panic!("streaming list did not finish: {other:?}"),
+        }
+    }
+    assert_eq!(initial, ["old"]);
+
+    // A watch with a label selector: an object that stops matching is DELETED for it.
+    let rv = cms
+        .list(&ListParams::default())
+        .await
+        .expect("list")
+        .metadata
+        .resource_version
+        .unwrap_or_default();
+    let wp = WatchParams::default().labels("app=web");
+    let mut w = cms.watch(&wp, &rv).await.expect("watch").boxed();
+    cms.patch(
+        "old",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {"app": "db"}}})),
+    )
+    .await
+    .expect("relabel");
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), w.next()).await {
+            Ok(Some(Ok(WatchEvent::Deleted(c)))) => {
+                assert_eq!(c.metadata.name.as_deref(), Some("old"));
+                break;
+            }
+            Ok(Some(Ok(WatchEvent::Bookmark(_)))) => {}
+            other => panic!("expected DELETED for an object leaving the selection, got {other:?}"),
+        }
+    }
+}
+
+/// Bad requests get a `Status` naming what is wrong, as a real server answers them.
+#[tokio::test]
+async fn bad_requests_are_status_objects() {
+    let (h, client) = cluster(Options::default()).await;
+    let _ = widgets(&client).await;
+    let http = reqwest::Client::new();
+    let base = h.url();
+    let cms = format!("{base}/api/v1/namespaces/default/configmaps");
+    let status = |v: &Value| (v["kind"].clone(), v["code"].clone(), v["reason"].clone());
+    let send = |rb: reqwest::RequestBuilder| async move {
+        let resp = rb.send().await.expect("request");
+        let code = resp.status().as_u16();
+        let body: Value = resp.json().await.expect("a JSON Status");
+        (code, body)
+    };
+
+    let (code, body) = send(
+        http.post(&cms)
+            .header("content-type", "application/json")
+            .body("{not json"),
+    )
+    .await;
+    assert_eq!(
+        (code, status(&body)),
+        (400, (json!("Status"), json!(400), json!("BadRequest")))
+    );
+
+    let (code, body) = send(http.get(format!("{cms}?labelSelector=a%20b"))).await;
+    assert_eq!(code, 400, "{body}");
+    let (code, body) = send(http.get(format!("{cms}?limit=-1"))).await;
+    assert_eq!(code, 400);
+    assert!(
+        body["message"].as_str().unwrap_or("").contains("limit"),
+        "{body}"
+    );
+    let (code, body) = send(http.get(format!("{cms}?watch=true&resourceVersion=abc"))).await;
+    assert_eq!(code, 400);
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("resourceVersion"),
+        "{body}"
+    );
+
+    let (code, body) = send(http.get(format!("{base}/apis/nope.example.com/v1/things"))).await;
+    assert_eq!(
+        (code, status(&body)),
+        (404, (json!("Status"), json!(404), json!("NotFound")))
+    );
+    let (code, body) = send(http.get(format!("{cms}/missing"))).await;
+    assert_eq!(
+        body["details"],
+        json!({"name": "missing", "group": "", "kind": "configmaps"})
+    );
+    assert_eq!(code, 404);
+
+    http.post(&cms)
+        .json(&json!({"metadata": {"name": "x"}}))
+        .send()
+        .await
+        .expect("create");
+    let (code, body) = send(http.post(format!("{cms}/x")).json(&json!({}))).await;
+    assert_eq!(
+        (code, body["reason"].clone()),
+        (405, json!("MethodNotAllowed"))
+    );
+    let (code, body) = send(
+        http.patch(format!("{cms}/x"))
+            .header("content-type", "text/plain")
+            .body("{}"),
+    )
+    .await;
+    assert_eq!(
+        (code, body["reason"].clone()),
+        (415, json!("UnsupportedMediaType"))
+    );
+    let (code, body) = send(
+        http.patch(format!("{cms}/x"))
+            .header("content-type", "application/apply-patch+yaml")
+            .body("data: {a: b}"),
+    )
+    .await;
+    assert_eq!((code, body["reason"].clone()), (422, json!("Invalid")));
+    assert_eq!(body["details"]["causes"][0]["field"], "fieldManager");
+    let (code, body) = send(
+        http.patch(format!("{cms}/x"))
+            .header("content-type", "application/json-patch+json")
+            .body(r#"[{"op": "test", "path": "/data/a", "value": "zzz"}]"#),
+    )
+    .await;
+    assert_eq!(code, 422, "{body}");
+
+    let widgets = format!("{base}/apis/example.com/v1/namespaces/default/widgets");
+    http.post(&widgets)
+        .json(&json!({"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}, "spec": {"size": 1}}))
+        .send()
+        .await
+        .expect("create widget");
+    let (code, body) = send(
+        http.patch(format!("{widgets}/w"))
+            .header("content-type", "application/strategic-merge-patch+json")
+            .body(r#"{"spec": {"size": 2}}"#),
+    )
+    .await;
+    assert_eq!(
+        (code, body["reason"].clone()),
+        (415, json!("UnsupportedMediaType"))
+    );
+    let (code, body) = send(
+        http.put(format!("{widgets}/w"))
+            .json(&json!({"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "other"}, "spec": {"size": 1}})),
+    )
+    .await;
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("does not match the name"),
+        "{body}"
+    );
+}
+
+/// `r4 dev` as a user runs it: loopback only, a kubeconfig, the API, a clean stop on Ctrl-C.
+#[tokio::test]
+async fn r4_dev_binary_serves_and_stops_on_ctrl_c() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let bin = env!("CARGO_BIN_EXE_r4");
+    let refused = Command::new(bin)
+        .args(["dev", "--listen", "0.0.0.0:6443"])
+        .output()
+        .expect("run r4 dev");
+    assert_eq!(refused.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("--listen"), "{err}");
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = dir.path().join("dev.kubeconfig");
+    let mut child = Command::new(bin)
+        .args([
+            "dev",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--kubeconfig-out",
+        ])
+        .arg(&kubeconfig)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn r4 dev");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let export = loop {
+        match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(line) if line.starts_with("export KUBECONFIG=") => break line,
+            Ok(_) => {}
+            Err(e) => panic!("r4 dev printed no export line: {e}"),
+        }
+    };
+    assert!(export.ends_with("dev.kubeconfig"), "{export}");
+    let config = kube::config::Kubeconfig::read_from(&kubeconfig).expect("kubeconfig");
+    assert_eq!(config.current_context.as_deref(), Some("r4-dev"));
+    let options = kube::config::KubeConfigOptions::default();
+    let client = Client::try_from(
+        Config::from_custom_kubeconfig(config, &options)
+            .await
+            .expect("config"),
+    )
+    .expect("client");
+    let version = client.apiserver_version().await.expect("/version");
+    assert_eq!(
+        (version.major.as_str(), version.minor.as_str()),
+        ("1", "32")
+    );
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill -INT");
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let code = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "r4 dev did not stop on SIGINT");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(code.success(), "{code:?}");
+}
+
+/// kube's event Recorder writes `events.k8s.io/v1`; `kubectl get events` and `describe` read
+/// core/v1. One stored Event serves both views, as on a real server.
+#[tokio::test]
+async fn recorder_events_are_seen_as_core_events() {
+    use kube::runtime::events::{Event as RecordedEvent, EventType, Recorder};
+    let (_h, client) = cluster(Options::default()).await;
+    let cms: Api<ConfigMap> = Api::default_namespaced(client.clone());
+    let owner = cms
+        .create(&PostParams::default(), &cm("subject", &[]))
+        .await
+        .expect("create");
+    let recorder = Recorder::new(client.clone(), "r4-test".into());
+    let ev = RecordedEvent {
+        type_: EventType::Normal,
+        reason: "Tested".into(),
+        note: Some("recorded by the test".into()),
+        action: "Test".into(),
+        secondary: None,
+    };
+    let reference = kube::Resource::object_ref(&owner, &());
+    recorder.publish(&ev, &reference).await.expect("publish");
+    recorder
+        .publish(&ev, &reference)
+        .await
+        .expect("publish again (a series patch)");
+    let core: Api<k8s_openapi::api::core::v1::Event> = Api::default_namespaced(client.clone());
+    let events = core
+        .list(&ListParams::default())
+        .await
+        .expect("list core events");
+    let e = events.items.first().expect("one event");
+    assert_eq!(e.message.as_deref(), Some("recorded by the test"));
+    assert_eq!(e.involved_object.name.as_deref(), Some("subject"));
+    assert_eq!(e.reason.as_deref(), Some("Tested"));
+    let new: Api<k8s_openapi::api::events::v1::Event> = Api::default_namespaced(client);
+    let seen = new
+        .list(&ListParams::default())
+        .await
+        .expect("list events.k8s.io");
+    assert_eq!(seen.items.len(), 1);
+    assert_eq!(seen.items[0].note.as_deref(), Some("recorded by the test"));
+}
+
+#[tokio::test]
+async fn watch_bookmarks_and_timeout() {
+    let options = Options {
+        bookmark_interval: Duration::from_millis(100),
+        ..Options::default()
+    };
+    let (_h, client) = cluster(options).await;
+    let cms: Api<ConfigMap> = Api::default_namespaced(client);
+    let rv = cms
+        .list(&ListParams::default())
+        .await
+        .expect("list")
+        .metadata
+        .resource_version
+        .unwrap_or_default();
+    let started = Instant::now();
+    let mut w = cms
+        .watch(&WatchParams::default().timeout(1), &rv)
+        .await
+        .expect("watch")
+        .boxed();
+    let mut bookmarks = 0;
+    while let Some(ev) = tokio::time::timeout(Duration::from_secs(5), w.next())
+        .await
+        .expect("the watch ends by its timeoutSeconds")
+    {
+        if let Ok(WatchEvent::Bookmark(b)) = ev {
+            assert_eq!(b.metadata.resource_version, rv);
+            bookmarks += 1;
+        }
+    }
+    assert!(bookmarks >= 2, "{bookmarks} bookmarks in a second");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+}
+
+/// kube-rs' Controller against the dev API: a ConfigMap parent gets an owned Secret through
+/// server-side apply; a change to the child wakes the parent's reconcile; deleting the parent
+/// collects the child.
+#[tokio::test]
+async fn kube_controller_owns_children() {
+    use k8s_openapi::api::core::v1::Secret;
+    use kube::runtime::controller::{Action, Controller};
+    use kube::{Resource, ResourceExt};
+    let (_h, client) = cluster(Options::default()).await;
+    let parents: Api<ConfigMap> = Api::default_namespaced(client.clone());
+    let secrets: Api<Secret> = Api::default_namespaced(client.clone());
+    let reconciles = Arc::new(Mutex::new(0usize));
+    let counter = reconciles.clone();
+    let reconcile = move |cm: Arc<ConfigMap>, secrets: Arc<Api<Secret>>| {
+        let counter = counter.clone();
+        async move {
+            *counter.lock().expect("lock") += 1;
+            let owner = cm.controller_owner_ref(&()).expect("owner ref");
+            let child = json!({
+                "apiVersion": "v1", "kind": "Secret",
+                "metadata": {"name": format!("{}-child", cm.name_any()), "ownerReferences": [owner]},
+                "stringData": {"from": cm.name_any()},
+            });
+            secrets
+                .patch(
+                    &format!("{}-child", cm.name_any()),
+                    &PatchParams::apply("test-controller").force(),
+                    &Patch::Apply(child),
+                )
+                .await?;
+            Ok::<_, kube::Error>(Action::await_change())
+        }
+    };
+    let controller = Controller::new(
+        parents.clone(),
+        watcher::Config::default().labels("app=parent"),
+    )
+    .owns(secrets.clone(), watcher::Config::default())
+    .run(
+        reconcile,
+        |_, _, _| Action::requeue(Duration::from_secs(1)),
+        Arc::new(secrets.clone()),
+    )
+    .for_each(|_| async {});
+    let task = tokio::spawn(controller);
+    parents
+        .create(&PostParams::default(), &cm("p1", &[("app", "parent")]))
+        .await
+        .expect("parent");
+    eventually(10, "the owned child", || async {
+        secrets.get_opt("p1-child").await.ok().flatten().is_some()
+    })
+    .await;
+    let before = *reconciles.lock().expect("lock");
+    secrets
+        .patch(
+            "p1-child",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"touched": "yes"}}})),
+        )
+        .await
+        .expect("touch child");
+    eventually(10, "a reconcile woken by the child", || async {
+        *reconciles.lock().expect("lock") > before
+    })
+    .await;
+    parents
+        .delete("p1", &DeleteParams::default())
+        .await
+        .expect("delete parent");
+    eventually(10, "the child collected", || async {
+        secrets.get_opt("p1-child").await.ok().flatten().is_none()
+    })
+    .await;
+    task.abort();
 }

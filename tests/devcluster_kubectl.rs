@@ -213,6 +213,9 @@ fn apply_get_explain_and_categories() {
     assert!(explain.contains("FIELD: agents"), "{explain}");
     assert!(explain.contains("concurrency"), "{explain}");
 
+    let builtin = c.ok(&["explain", "deployment.spec.replicas"]);
+    assert!(builtin.contains("FIELD: replicas <integer>"), "{builtin}");
+
     let resources = c.ok(&["api-resources"]);
     assert!(
         resources
@@ -440,4 +443,104 @@ fn server_side_apply() {
     // Enabled after merge (the real apply.rs records managedFields; the placeholder does not):
     // let mf = c.ok(&["get", "aw", "payment-disputes", "--show-managed-fields", "-o", "jsonpath={.metadata.managedFields[0].manager}"]);
     // assert_eq!(mf, "kubectl");
+}
+
+#[test]
+fn generators_namespaces_and_one_shot_apply() {
+    if !kubectl_available() {
+        return;
+    }
+    let c = Cluster::start();
+    // CRDs and their objects in one command: as against a real server, the CRDs are created
+    // and the objects wait for a second apply.
+    let (crds, samples) = (repo("crds"), repo("config/samples"));
+    let o = c.run(&[
+        "apply",
+        "-f",
+        crds.to_str().expect("path"),
+        "-f",
+        samples.to_str().expect("path"),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("ensure CRDs are installed first"), "{err}");
+    assert!(String::from_utf8_lossy(&o.stdout).contains("agentworkflows.r4.dev created"));
+    c.ok(&["apply", "-f", samples.to_str().expect("path")]);
+
+    // The typed-client generators send protobuf.
+    c.ok(&["create", "namespace", "team"]);
+    c.ok(&[
+        "create",
+        "secret",
+        "generic",
+        "s1",
+        "--from-literal=p=q",
+        "-n",
+        "team",
+    ]);
+    c.ok(&["create", "serviceaccount", "bot", "-n", "team"]);
+    assert_eq!(
+        c.ok(&[
+            "get",
+            "secret",
+            "s1",
+            "-n",
+            "team",
+            "-o",
+            "jsonpath={.data.p}"
+        ]),
+        "cQ=="
+    );
+    let deploy = c.fails(&["create", "deployment", "web", "--image=nginx"]);
+    assert!(deploy.contains("protobuf"), "{deploy}");
+
+    // Client-side apply of a built-in kind: a strategic merge patch drops a removed key.
+    let cfg = |data: &str| {
+        format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: cfg\n  namespace: team\ndata: {data}\n"
+        )
+    };
+    c.apply_stdin(&cfg("{a: \"1\", b: \"2\"}"));
+    assert!(c.apply_stdin(&cfg("{a: \"5\"}")).contains("configured"));
+    assert_eq!(
+        c.ok(&["get", "cm", "cfg", "-n", "team", "-o", "jsonpath={.data}"]),
+        r#"{"a":"5"}"#
+    );
+
+    // `kubectl scale` goes through the /scale subresource.
+    c.apply_stdin(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\n  namespace: team\nspec:\n  replicas: 1\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec:\n      containers: [{name: web, image: nginx}]\n",
+    );
+    c.ok(&["scale", "deployment", "web", "-n", "team", "--replicas=3"]);
+    let d = c.ok(&[
+        "get",
+        "deploy",
+        "web",
+        "-n",
+        "team",
+        "-o",
+        "jsonpath={.spec.replicas} {.metadata.generation}",
+    ]);
+    assert_eq!(d, "3 2");
+    assert!(c.ok(&["get", "deploy", "-n", "team"]).contains("0/3"));
+
+    // Deleting a namespace deletes what it holds.
+    c.ok(&["delete", "namespace", "team"]);
+    eventually(10, "namespace team to go", || {
+        !c.run(&["get", "ns", "team"]).status.success()
+    });
+    assert!(
+        c.ok(&["get", "secrets", "-A", "-o", "name"])
+            .trim()
+            .is_empty()
+    );
+
+    // Foreground deletion through kubectl.
+    c.ok(&["create", "configmap", "fg"]);
+    let uid = c.ok(&["get", "configmap", "fg", "-o", "jsonpath={.metadata.uid}"]);
+    c.apply_stdin(&format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: fg-child\n  ownerReferences:\n  - {{apiVersion: v1, kind: ConfigMap, name: fg, uid: {uid}, blockOwnerDeletion: true}}\n"
+    ));
+    c.ok(&["delete", "configmap", "fg", "--cascade=foreground"]);
+    assert!(!c.run(&["get", "configmap", "fg-child"]).status.success());
+    assert!(!c.run(&["get", "configmap", "fg"]).status.success());
 }

@@ -535,6 +535,29 @@ fn check_schema(schema: &Value, value: &Value, path: &str, errors: &mut Vec<Fiel
                     }
                 }
             }
+            if schema.get("x-kubernetes-list-type").and_then(Value::as_str) == Some("map") {
+                // An associative list: no two items may share their map keys.
+                let keys: Vec<&str> = schema
+                    .get("x-kubernetes-list-map-keys")
+                    .and_then(Value::as_array)
+                    .map(|k| k.iter().filter_map(Value::as_str).collect())
+                    .unwrap_or_default();
+                let key_of = |v: &Value| -> Vec<Value> {
+                    keys.iter()
+                        .map(|k| v.get(*k).cloned().unwrap_or(Value::Null))
+                        .collect()
+                };
+                for (i, v) in items.iter().enumerate() {
+                    let k = key_of(v);
+                    if items[..i].iter().any(|o| key_of(o) == k) {
+                        let shown: Vec<String> = k.iter().map(short).collect();
+                        errors.push(FieldError::new(
+                            format!("{path}[{i}]"),
+                            format!("duplicate entry with key {}", shown.join(", ")),
+                        ));
+                    }
+                }
+            }
             if let Some(item_schema) = schema.get("items") {
                 for (i, v) in items.iter().enumerate() {
                     check_schema(item_schema, v, &format!("{path}[{i}]"), errors);

@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use super::ApiState;
 use super::openapi;
 use super::patch;
-use super::resources::ResourceInfo;
+use super::resources::{self, ResourceInfo};
 use super::selector::{FieldSelector, LabelSelector};
 use super::status::{self, ApiError};
 use super::store::{EventType, ListFilter, Part, Propagation, WriteCtx};
@@ -81,13 +81,27 @@ pub async fn handle(
                 &openapi::root(&s.registry, state.registry_hash(&s)),
             ))
         }
+        // An empty OpenAPI v2 document (in the protobuf kubectl asks for): kubectl then
+        // treats kinds it cannot find as it does against a real server (no client-side schema,
+        // "ensure CRDs are installed first" for a kind not served yet) instead of failing on 404.
+        ["openapi", "v2"] => Ok((
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "application/com.github.proto-openapi.spec.v2.v1.0+protobuf",
+            )],
+            Bytes::new(),
+        )
+            .into_response()),
         ["openapi", "v3", "api", v] => gv_doc(&state, "", v),
         ["openapi", "v3", "apis", g, v] => gv_doc(&state, g, v),
         ["api", "v1", rest @ ..] => req.resource("", "v1", rest).await,
         ["apis", g, v, rest @ ..] => req.resource(g, v, rest).await,
         _ => Err(ApiError::no_resource()),
     };
-    result.unwrap_or_else(|e| error(&e))
+    let response = result.unwrap_or_else(|e| error(&e));
+    tracing::debug!(%method, path = %uri.path(), status = response.status().as_u16(), "dev API request");
+    response
 }
 
 fn version() -> Value {
@@ -170,6 +184,12 @@ fn resource_list(state: &ApiState, group: &str, version: &str) -> Result<Value, 
                 "kind": r.kind, "verbs": ["get", "patch", "update"],
             }));
         }
+        if has_scale(r) {
+            resources.push(json!({
+                "name": format!("{}/scale", r.plural), "singularName": "", "namespaced": r.namespaced,
+                "group": "autoscaling", "version": "v1", "kind": "Scale", "verbs": ["get", "patch", "update"],
+            }));
+        }
     }
     if resources.is_empty() {
         return Err(ApiError::no_resource());
@@ -238,7 +258,8 @@ fn truthy(v: Option<&String>) -> bool {
 }
 
 /// Set the apiVersion a client asked for (one storage, every served version).
-fn present(res: &ResourceInfo, version: &str, mut obj: Value) -> Value {
+fn present(res: &ResourceInfo, version: &str, obj: Value) -> Value {
+    let mut obj = resources::convert_event(res, obj, false);
     if let Some(o) = obj.as_object_mut() {
         o.insert("apiVersion".into(), json!(res.api_version(version)));
         o.insert("kind".into(), json!(res.kind));
@@ -246,7 +267,107 @@ fn present(res: &ResourceInfo, version: &str, mut obj: Value) -> Value {
     obj
 }
 
+/// Kinds with a `/scale` subresource (`kubectl scale`): replicas at `.spec.replicas`.
+fn has_scale(res: &ResourceInfo) -> bool {
+    res.group == "apps" && matches!(res.plural.as_str(), "deployments" | "replicasets")
+}
+
+/// The `autoscaling/v1` Scale view of an object.
+fn scale_of(obj: &Value) -> Value {
+    let selector: Vec<String> = obj
+        .pointer("/spec/selector/matchLabels")
+        .and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let meta = obj.get("metadata").cloned().unwrap_or(json!({}));
+    let pick = |k: &str| meta.get(k).cloned().unwrap_or(Value::Null);
+    json!({
+        "kind": "Scale",
+        "apiVersion": "autoscaling/v1",
+        "metadata": {
+            "name": pick("name"), "namespace": pick("namespace"), "uid": pick("uid"),
+            "resourceVersion": pick("resourceVersion"), "creationTimestamp": pick("creationTimestamp"),
+        },
+        "spec": {"replicas": obj.pointer("/spec/replicas").cloned().unwrap_or(json!(1))},
+        "status": {
+            "replicas": obj.pointer("/status/replicas").cloned().unwrap_or(json!(0)),
+            "selector": selector.join(","),
+        },
+    })
+}
+
 impl Req<'_> {
+    /// `/scale`: read or write `.spec.replicas` through an `autoscaling/v1` Scale.
+    fn scale(
+        &self,
+        res: &Arc<ResourceInfo>,
+        version: &str,
+        ns: &str,
+        name: &str,
+    ) -> Result<Response, ApiError> {
+        let ct = content_type(self.headers);
+        let body = match self.method.as_str() {
+            "GET" => None,
+            "PUT" | "PATCH" => Some(decode(self.body, "json")?),
+            m => {
+                return Err(ApiError::method_not_allowed(format!(
+                    "the server does not allow this method on the requested resource ({m})"
+                )));
+            }
+        };
+        let Some(body) = body else {
+            let obj = self.state.store().lock().get(res, ns, name)?;
+            return Ok(respond(200, &scale_of(&obj)));
+        };
+        let ctx = self.ctx(version);
+        let method = self.method.as_str().to_string();
+        let dry = self.dry_run();
+        let obj = self.write(dry, |s| {
+            let current = s.get(res, ns, name)?;
+            let scale = scale_of(&current);
+            let wanted = match (method.as_str(), ct.as_str()) {
+                ("PUT", _) => body,
+                (_, "application/merge-patch+json" | "application/strategic-merge-patch+json") => {
+                    patch::merge_patch(&scale, &body)
+                }
+                (_, "application/json-patch+json") => patch::json_patch(&scale, &body)
+                    .map_err(|e| ApiError::new(422, "Invalid", e.0))?,
+                (_, other) => return Err(ApiError::unsupported_media_type(other)),
+            };
+            let replicas = wanted
+                .pointer("/spec/replicas")
+                .and_then(Value::as_i64)
+                .filter(|r| *r >= 0)
+                .ok_or_else(|| {
+                    ApiError::invalid_field(
+                        res,
+                        name,
+                        "spec.replicas",
+                        "Invalid value: must be a non-negative integer",
+                    )
+                })?;
+            let mut next = current.clone();
+            // Stored objects are JSON objects; a `spec` of another type is replaced.
+            if !next.get("spec").is_some_and(Value::is_object) {
+                next["spec"] = json!({});
+            }
+            next["spec"]["replicas"] = json!(replicas);
+            if let Some(rv) = wanted
+                .pointer("/metadata/resourceVersion")
+                .and_then(Value::as_str)
+                && !rv.is_empty()
+            {
+                next["metadata"]["resourceVersion"] = json!(rv);
+            }
+            s.update(res, ns, name, next, Part::Main, &ctx)
+        })?;
+        Ok(respond(200, &scale_of(&obj)))
+    }
+
     fn manager(&self) -> String {
         if let Some(m) = self.params.get("fieldManager") {
             return m.clone();
@@ -311,11 +432,6 @@ impl Req<'_> {
             return Err(ApiError::no_resource());
         }
         let name = rest.get(1).copied();
-        let part = match rest.get(2).copied() {
-            None => Part::Main,
-            Some("status") if res.status => Part::Status,
-            Some(_) => return Err(ApiError::no_resource()),
-        };
         if rest.len() > 3 {
             return Err(ApiError::no_resource());
         }
@@ -323,6 +439,15 @@ impl Req<'_> {
             return Err(ApiError::no_resource());
         }
         let ns_str = ns.unwrap_or("");
+        let part = match rest.get(2).copied() {
+            None => Part::Main,
+            Some("status") if res.status => Part::Status,
+            Some("scale") if has_scale(&res) => {
+                let name = name.unwrap_or_default();
+                return self.scale(&res, version, ns_str, name);
+            }
+            Some(_) => return Err(ApiError::no_resource()),
+        };
         match (self.method.as_str(), name) {
             ("GET", None) => {
                 if truthy(self.params.get("watch")) {
@@ -338,6 +463,7 @@ impl Req<'_> {
                     ""
                 };
                 let obj = decode(self.body, &content_type(self.headers))?;
+                let obj = resources::convert_event(&res, obj, true);
                 let ctx = self.ctx(version);
                 let dry = self.dry_run();
                 let created = self.write(dry, |s| s.create(&res, ns, obj, &ctx))?;
@@ -389,6 +515,7 @@ impl Req<'_> {
             }
             ("PUT", Some(name)) => {
                 let obj = decode(self.body, &content_type(self.headers))?;
+                let obj = resources::convert_event(&res, obj, true);
                 let ctx = self.ctx(version);
                 let dry = self.dry_run();
                 let updated = self.write(dry, |s| s.update(&res, ns_str, name, obj, part, &ctx))?;
@@ -514,7 +641,7 @@ impl Req<'_> {
         let ctx = self.ctx(version);
         let dry = self.dry_run();
         if ct == "application/apply-patch+yaml" || ct == "application/apply-patch+json" {
-            let applied = decode(self.body, "yaml")?;
+            let applied = resources::convert_event(res, decode(self.body, "yaml")?, true);
             if !self.params.contains_key("fieldManager") {
                 return Err(ApiError {
                     details: Some(
@@ -540,7 +667,7 @@ impl Req<'_> {
         let api_version = res.api_version(version);
         let is_custom = res.crd.is_some();
         let obj = self.write(dry, |s| {
-            let current = s.get(res, ns, name)?;
+            let current = resources::convert_event(res, s.get(res, ns, name)?, false);
             let patched = match ct.as_str() {
                 "application/merge-patch+json" => Ok(patch::merge_patch(&current, &patch_doc)),
                 "application/json-patch+json" => patch::json_patch(&current, &patch_doc),
@@ -550,6 +677,7 @@ impl Req<'_> {
                 other => return Err(ApiError::unsupported_media_type(other)),
             }
             .map_err(|e| ApiError::new(422, "Invalid", e.0))?;
+            let patched = resources::convert_event(res, patched, true);
             s.update(res, ns, name, patched, part, &ctx)
         })?;
         Ok(respond(200, &present(res, version, obj)))
@@ -584,7 +712,7 @@ impl Req<'_> {
         };
         let store = self.state.clone();
         let mut changed = store.store().subscribe();
-        let gr = res.group_resource();
+        let gr = res.storage_resource();
         let (initial, mut last) = {
             let s = store.store().lock();
             match requested {

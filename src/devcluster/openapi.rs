@@ -1,6 +1,6 @@
 //! OpenAPI v3 documents, what kubectl reads to decide whether the server validates fields
 //! (`fieldValidation` on each PATCH operation) and what `kubectl explain` renders (the CRDs'
-//! `openAPIV3Schema`). Built-in kinds get their paths but no schemas.
+//! `openAPIV3Schema`, and the built-in kinds' schemas from k8s-openapi's types).
 
 use serde_json::{Map, Value, json};
 
@@ -154,10 +154,65 @@ pub fn group_version(registry: &Registry, group: &str, version: &str) -> Option<
         return None;
     }
     schemas.insert(OBJECT_META.into(), object_meta());
+    builtin_schemas(group, version, &mut schemas);
     Some(json!({
         "openapi": "3.0.0",
         "info": {"title": "Kubernetes (r4 dev)", "version": "v1.32.0"},
         "paths": paths,
         "components": {"schemas": schemas},
     }))
+}
+
+/// Schemas of the built-in kinds served in `group/version`, generated from k8s-openapi's types
+/// (names and `$ref`s as Kubernetes publishes them: `io.k8s.api.apps.v1.Deployment`), so
+/// `kubectl explain deployment.spec` works as against a real server.
+fn builtin_schemas(group: &str, version: &str, out: &mut Map<String, Value>) {
+    use k8s_openapi::api::{
+        apps::v1 as apps, coordination::v1 as coordination, core::v1 as core, events::v1 as events,
+    };
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1 as ext;
+    use schemars::JsonSchema;
+    let mut generator = schemars::generate::SchemaSettings::openapi3().into_generator();
+    let mut kinds: Vec<(&str, String)> = Vec::new();
+    macro_rules! kind {
+        ($t:ty, $kind:expr) => {{
+            generator.subschema_for::<$t>();
+            kinds.push(($kind, <$t as JsonSchema>::schema_name().into_owned()));
+        }};
+    }
+    match (group, version) {
+        ("", "v1") => {
+            kind!(core::Namespace, "Namespace");
+            kind!(core::Node, "Node");
+            kind!(core::ConfigMap, "ConfigMap");
+            kind!(core::Secret, "Secret");
+            kind!(core::Service, "Service");
+            kind!(core::ServiceAccount, "ServiceAccount");
+            kind!(core::Pod, "Pod");
+            kind!(core::Event, "Event");
+        }
+        ("apps", "v1") => {
+            kind!(apps::Deployment, "Deployment");
+            kind!(apps::ReplicaSet, "ReplicaSet");
+            kind!(apps::ControllerRevision, "ControllerRevision");
+        }
+        ("coordination.k8s.io", "v1") => kind!(coordination::Lease, "Lease"),
+        ("events.k8s.io", "v1") => kind!(events::Event, "Event"),
+        ("apiextensions.k8s.io", "v1") => {
+            kind!(ext::CustomResourceDefinition, "CustomResourceDefinition")
+        }
+        _ => return,
+    }
+    for (name, mut schema) in generator.take_definitions(true) {
+        if let Some((kind, _)) = kinds.iter().find(|(_, n)| *n == name)
+            && let Some(m) = schema.as_object_mut()
+        {
+            m.insert(
+                "x-kubernetes-group-version-kind".into(),
+                json!([{"group": group, "version": version, "kind": kind}]),
+            );
+        }
+        // Our ObjectMeta stays (kubectl only reads descriptions from it); theirs is fuller.
+        out.insert(name, schema);
+    }
 }

@@ -25,6 +25,9 @@ pub struct ResourceInfo {
     pub generation: bool,
     /// Set for custom resources: the CRD's schemas and printer columns per version.
     pub crd: Option<CrdInfo>,
+    /// Another resource whose storage this one shares (`events.events.k8s.io` is `events`,
+    /// converted on the way in and out).
+    pub storage: Option<String>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -41,6 +44,13 @@ impl ResourceInfo {
         } else {
             format!("{}.{}", self.plural, self.group)
         }
+    }
+
+    /// The store's name for the objects (shared by resources that are views of one another).
+    pub fn storage_resource(&self) -> String {
+        self.storage
+            .clone()
+            .unwrap_or_else(|| self.group_resource())
     }
 
     pub fn api_version(&self, version: &str) -> String {
@@ -79,6 +89,7 @@ fn builtin(
         status,
         generation,
         crd: None,
+        storage: None,
     }
 }
 
@@ -169,16 +180,19 @@ pub fn builtins() -> Vec<ResourceInfo> {
             false,
             false,
         ),
-        builtin(
-            "events.k8s.io",
-            "events",
-            "Event",
-            true,
-            &["ev"],
-            &[],
-            false,
-            false,
-        ),
+        ResourceInfo {
+            storage: Some("events".into()),
+            ..builtin(
+                "events.k8s.io",
+                "events",
+                "Event",
+                true,
+                &["ev"],
+                &[],
+                false,
+                false,
+            )
+        },
         builtin(
             "apiextensions.k8s.io",
             "customresourcedefinitions",
@@ -221,10 +235,11 @@ impl Registry {
             .cloned()
     }
 
+    /// The resource that owns a storage name (for garbage collection across kinds).
     pub fn find_group_resource(&self, group_resource: &str) -> Option<Arc<ResourceInfo>> {
         self.resources
             .iter()
-            .find(|r| r.group_resource() == group_resource)
+            .find(|r| r.storage.is_none() && r.group_resource() == group_resource)
             .cloned()
     }
 
@@ -346,6 +361,7 @@ pub fn crd_resource(crd: &Value) -> Result<ResourceInfo, String> {
         status,
         generation: true,
         crd: Some(crd_info),
+        storage: None,
     })
 }
 
@@ -413,6 +429,37 @@ pub fn list_keys(res: &ResourceInfo, version: &str, path: &[String]) -> Option<V
         "ports" => Some(vec!["port".into(), "protocol".into()]),
         _ => None,
     }
+}
+
+/// The `events.k8s.io/v1` names of core/v1 Event fields (one stored object, two views).
+const EVENT_FIELDS: [(&str, &str); 7] = [
+    ("involvedObject", "regarding"),
+    ("message", "note"),
+    ("reportingComponent", "reportingController"),
+    ("source", "deprecatedSource"),
+    ("firstTimestamp", "deprecatedFirstTimestamp"),
+    ("lastTimestamp", "deprecatedLastTimestamp"),
+    ("count", "deprecatedCount"),
+];
+
+/// Convert an Event between its stored (core/v1) form and the view `res` serves.
+pub fn convert_event(res: &ResourceInfo, obj: Value, to_storage: bool) -> Value {
+    if res.storage.as_deref() != Some("events") {
+        return obj;
+    }
+    let Value::Object(mut m) = obj else {
+        return obj;
+    };
+    for (core, new) in EVENT_FIELDS {
+        let (from, to) = if to_storage { (new, core) } else { (core, new) };
+        if let Some(v) = m.remove(from) {
+            m.insert(to.to_string(), v);
+        }
+    }
+    if to_storage {
+        m.insert("apiVersion".into(), Value::String("v1".into()));
+    }
+    Value::Object(m)
 }
 
 #[cfg(test)]

@@ -90,6 +90,9 @@ pub struct WriteCtx {
     /// The API version the request was made in (selects a CRD version's schema).
     pub version: String,
     pub now: String,
+    /// The write is a server-side apply whose `managedFields` `apply` already computed (an
+    /// Update entry for the same manager must not be recorded on top).
+    pub applied: bool,
 }
 
 impl WriteCtx {
@@ -99,6 +102,7 @@ impl WriteCtx {
             strict: false,
             version: version.into(),
             now: now(),
+            applied: false,
         }
     }
 }
@@ -302,7 +306,7 @@ impl Inner {
 
     fn key(res: &ResourceInfo, ns: &str, name: &str) -> Key {
         let ns = if res.namespaced { ns } else { "" };
-        (res.group_resource(), ns.to_string(), name.to_string())
+        (res.storage_resource(), ns.to_string(), name.to_string())
     }
 
     fn emit(&mut self, kind: EventType, key: &Key, object: Value, old: Option<Value>) {
@@ -363,7 +367,7 @@ impl Inner {
         limit: Option<usize>,
         cont: Option<&str>,
     ) -> Result<(Vec<Value>, Option<String>), ApiError> {
-        let gr = res.group_resource();
+        let gr = res.storage_resource();
         let after: Option<(String, String)> = match cont {
             None | Some("") => None,
             Some(token) => {
@@ -537,14 +541,79 @@ impl Inner {
         if res.group == "apiextensions.k8s.io" {
             self.check_crd(res, &name, &obj)?;
         }
+        if res.group.is_empty() && res.plural == "services" {
+            self.allocate_cluster_ip(&mut obj);
+        }
         let lk = list_keys(res, &ctx.version);
-        let obj = apply::record_update(None, &obj, &ctx.manager, &ctx.now, &lk);
+        let obj = if ctx.applied {
+            obj
+        } else {
+            apply::record_update(None, &obj, &ctx.manager, &ctx.now, &lk)
+        };
         if res.group == "apiextensions.k8s.io" {
             self.registry
                 .register_crd(&obj)
                 .map_err(|e| ApiError::invalid_field(res, &name, "spec", &e))?;
         }
-        Ok(self.put(key, obj, EventType::Added))
+        let stored = self.put(key.clone(), obj, EventType::Added);
+        self.collect_if_dangling(&key);
+        Ok(stored)
+    }
+
+    /// A dependent none of whose owners exists is deleted, as the garbage collector does with
+    /// a dangling `ownerReference` (say, a controller that wrote a child after its parent went).
+    fn collect_if_dangling(&mut self, key: &Key) {
+        let Some(obj) = self.objects.get(key) else {
+            return;
+        };
+        let owners = owner_uids(obj);
+        if owners.is_empty() || owners.iter().any(|u| self.uids.contains_key(u)) {
+            return;
+        }
+        if let Some(res) = self.res_of(key) {
+            let _ = self.delete(
+                &res,
+                &key.1,
+                &key.2,
+                Propagation::Background,
+                None,
+                None,
+                &now(),
+            );
+        }
+    }
+
+    /// A Service without a cluster IP gets one from 10.96.0.0/16 (as the real allocator would
+    /// from the service CIDR); headless (`None`) and `ExternalName` services get none.
+    fn allocate_cluster_ip(&self, svc: &mut Value) {
+        let spec = svc.get("spec");
+        let ty = spec.and_then(|s| s.get("type")).and_then(Value::as_str);
+        let set = spec
+            .and_then(|s| s.get("clusterIP"))
+            .and_then(Value::as_str);
+        if ty == Some("ExternalName") || set.is_some_and(|ip| !ip.is_empty()) {
+            return;
+        }
+        let used: std::collections::HashSet<&str> = self
+            .objects
+            .iter()
+            .filter(|(k, _)| k.0 == "services")
+            .filter_map(|(_, o)| o.pointer("/spec/clusterIP").and_then(Value::as_str))
+            .collect();
+        let Some(ip) = (1u32..65535)
+            .map(|n| format!("10.96.{}.{}", n / 256, n % 256))
+            .find(|ip| !used.contains(ip.as_str()) && !ip.ends_with(".0"))
+        else {
+            return;
+        };
+        if let Some(o) = svc.as_object_mut() {
+            let spec = o.entry("spec").or_insert_with(|| json!({}));
+            if let Some(s) = spec.as_object_mut() {
+                s.insert("clusterIP".into(), json!(ip));
+                s.insert("clusterIPs".into(), json!([ip]));
+                s.entry("type").or_insert_with(|| json!("ClusterIP"));
+            }
+        }
     }
 
     fn check_crd(&self, res: &ResourceInfo, name: &str, crd: &Value) -> Result<(), ApiError> {
@@ -649,6 +718,20 @@ impl Inner {
                     o.insert("apiVersion".into(), json!(res.api_version(&ctx.version)));
                     o.insert("kind".into(), json!(res.kind));
                 }
+                // A Service keeps its allocated cluster IP when a write leaves it out.
+                if res.group.is_empty()
+                    && res.plural == "services"
+                    && obj.pointer("/spec/clusterIP").is_none()
+                    && let (Some(ip), Some(spec)) = (
+                        old.pointer("/spec/clusterIP").cloned(),
+                        obj.get_mut("spec").and_then(Value::as_object_mut),
+                    )
+                {
+                    spec.insert("clusterIP".into(), ip);
+                    if let Some(ips) = old.pointer("/spec/clusterIPs") {
+                        spec.insert("clusterIPs".into(), ips.clone());
+                    }
+                }
                 obj
             }
         };
@@ -669,7 +752,11 @@ impl Inner {
             return Ok(old);
         }
         let lk = list_keys(res, &ctx.version);
-        let obj = apply::record_update(Some(&old), &obj, &ctx.manager, &ctx.now, &lk);
+        let obj = if ctx.applied {
+            obj
+        } else {
+            apply::record_update(Some(&old), &obj, &ctx.manager, &ctx.now, &lk)
+        };
         if res.group == "apiextensions.k8s.io" && part == Part::Main {
             self.registry
                 .register_crd(&obj)
@@ -680,6 +767,7 @@ impl Inner {
         if deleting && finalizers(&stored).is_empty() {
             return Ok(self.remove(&key).unwrap_or(stored));
         }
+        self.collect_if_dangling(&key);
         Ok(stored)
     }
 
@@ -728,6 +816,10 @@ impl Inner {
                     }
                     apply::ApplyError::Invalid(m) => ApiError::invalid_field(res, name, "", &m),
                 })?;
+        let ctx = &WriteCtx {
+            applied: true,
+            ..ctx.clone()
+        };
         match live {
             None => {
                 if part == Part::Status {
@@ -989,12 +1081,10 @@ impl Inner {
         {
             let gr = info.group_resource();
             let instances: Vec<Key> = self.objects.keys().filter(|k| k.0 == gr).cloned().collect();
+            // Their finalizers are not waited for (a real server would keep the CRD
+            // terminating); what they own is collected as usual.
             for k in instances {
-                if let Some(mut o) = self.objects.remove(&k) {
-                    let rv = self.next_rv();
-                    meta_mut(&mut o).insert("resourceVersion".into(), json!(rv.to_string()));
-                    self.emit(EventType::Deleted, &k, o, None);
-                }
+                self.remove(&k);
             }
             self.registry.unregister(&gr);
         }
@@ -1209,6 +1299,34 @@ mod tests {
             s.get(&cms, "default", "fg").is_err(),
             "owner goes after its blocker"
         );
+    }
+
+    #[test]
+    fn services_get_cluster_ips() {
+        let store = Store::new(100);
+        let mut s = store.lock();
+        let svcs = res(&s, "services");
+        let svc =
+            |name: &str| json!({"metadata": {"name": name}, "spec": {"ports": [{"port": 80}]}});
+        let a = s.create(&svcs, "default", svc("a"), &ctx()).expect("a");
+        let b = s.create(&svcs, "default", svc("b"), &ctx()).expect("b");
+        assert_eq!(a["spec"]["clusterIP"], "10.96.0.1");
+        assert_eq!(b["spec"]["clusterIP"], "10.96.0.2");
+        let mut headless = svc("h");
+        headless["spec"]["clusterIP"] = json!("None");
+        let h = s.create(&svcs, "default", headless, &ctx()).expect("h");
+        assert_eq!(h["spec"]["clusterIP"], "None");
+    }
+
+    #[test]
+    fn dangling_owner_references_are_collected() {
+        let store = Store::new(100);
+        let mut s = store.lock();
+        let cms = res(&s, "configmaps");
+        let mut o = cm("late-child");
+        o["metadata"]["ownerReferences"] = json!([{"apiVersion": "v1", "kind": "ConfigMap", "name": "gone", "uid": "no-such-uid"}]);
+        s.create(&cms, "default", o, &ctx()).expect("create");
+        assert!(s.get(&cms, "default", "late-child").is_err());
     }
 
     #[test]

@@ -266,6 +266,49 @@ fn columns(res: &ResourceInfo, version: &str) -> Vec<Column> {
                     .unwrap_or(json!("<none>"))
             }));
         }
+        ("apiextensions.k8s.io", _) => {
+            cols.push(simple("Created At", |o| {
+                o.pointer("/metadata/creationTimestamp")
+                    .cloned()
+                    .unwrap_or(Value::Null)
+            }));
+            return cols;
+        }
+        ("", "events") => {
+            cols.truncate(0);
+            cols.push(simple("Last Seen", |o| {
+                let at = [
+                    "/lastTimestamp",
+                    "/eventTime",
+                    "/metadata/creationTimestamp",
+                ]
+                .iter()
+                .find_map(|p| o.pointer(p).and_then(Value::as_str))
+                .unwrap_or("");
+                json!(human_age(at))
+            }));
+            cols.push(simple("Type", |o| {
+                o.get("type").cloned().unwrap_or(Value::Null)
+            }));
+            cols.push(simple("Reason", |o| {
+                o.get("reason").cloned().unwrap_or(Value::Null)
+            }));
+            cols.push(simple("Object", |o| {
+                let kind = o
+                    .pointer("/involvedObject/kind")
+                    .and_then(Value::as_str)
+                    .unwrap_or("");
+                let name = o
+                    .pointer("/involvedObject/name")
+                    .and_then(Value::as_str)
+                    .unwrap_or("");
+                json!(format!("{}/{name}", kind.to_lowercase()))
+            }));
+            cols.push(simple("Message", |o| {
+                o.get("message").cloned().unwrap_or(Value::Null)
+            }));
+            return cols;
+        }
         ("coordination.k8s.io", "leases") => cols.push(simple("Holder", |o| {
             o.pointer("/spec/holderIdentity")
                 .cloned()
