@@ -440,9 +440,49 @@ fn server_side_apply() {
         out.contains("agentworkflow.r4.dev/payment-disputes serverside-applied"),
         "{out}"
     );
-    // Enabled after merge (the real apply.rs records managedFields; the placeholder does not):
-    // let mf = c.ok(&["get", "aw", "payment-disputes", "--show-managed-fields", "-o", "jsonpath={.metadata.managedFields[0].manager}"]);
-    // assert_eq!(mf, "kubectl");
+    // The applier owns what it applied (managedFields, operation Apply).
+    let mf = c.ok(&[
+        "get",
+        "aw",
+        "payment-disputes",
+        "--show-managed-fields",
+        "-o",
+        "jsonpath={.metadata.managedFields[0].manager} {.metadata.managedFields[0].operation}",
+    ]);
+    assert_eq!(mf.trim(), "kubectl Apply", "{mf}");
+    // Another manager applying a field kubectl owns, with another value: a conflict unless
+    // forced, as on a real server.
+    let doc = "apiVersion: r4.dev/v1alpha1\nkind: AgentWorkflow\nmetadata: {name: payment-disputes}\nspec:\n  queue: {redis: {url: \"redis://other:6379/0\"}}\n";
+    let file = c.dir.path().join("other.yaml");
+    std::fs::write(&file, doc).expect("write");
+    let file = file.to_str().expect("path");
+    let o = c.run(&[
+        "apply",
+        "--server-side",
+        "--field-manager",
+        "other",
+        "-f",
+        file,
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("conflict"), "{err}");
+    c.ok(&[
+        "apply",
+        "--server-side",
+        "--field-manager",
+        "other",
+        "--force-conflicts",
+        "-f",
+        file,
+    ]);
+    let url = c.ok(&[
+        "get",
+        "aw",
+        "payment-disputes",
+        "-o",
+        "jsonpath={.spec.queue.redis.url}",
+    ]);
+    assert_eq!(url.trim(), "redis://other:6379/0");
 }
 
 #[test]
