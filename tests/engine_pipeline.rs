@@ -69,7 +69,11 @@ async fn happy_path(redis: bool) {
     assert!(dlq(&q, &cfg).await.is_empty());
     let st = intake.status(&ids[0]).await.unwrap();
     assert_eq!(st["state"], "completed", "{st}");
-    assert_eq!(run.completed(), 180);
+    // Each step is counted just after its completion is visible in Redis.
+    eventually("180 steps counted", WAIT, || async {
+        run.completed() == 180
+    })
+    .await;
     run.stop().await;
 }
 
@@ -113,6 +117,11 @@ async fn retry_then_success(redis: bool) {
         [1, 2, 3],
         "delivery count grows per retry"
     );
+    // The step is counted just after its completion is visible in Redis.
+    eventually("completion counted", WAIT, || async {
+        run.stats[0].counters().completed == 1
+    })
+    .await;
     let c = run.stats[0].counters();
     assert_eq!((c.retries, c.completed, c.dead_lettered), (2, 1, 0));
     assert!(dlq(&q, &cfg).await.is_empty());
@@ -386,6 +395,9 @@ async fn redelivered_completed_step_is_not_redone() {
     .await;
     assert!(agent.calls().is_empty());
     assert_eq!(q.len(&cfg.keys.stream("done")).await.unwrap(), 0);
-    assert_eq!(run.stats[0].counters().duplicates, 1);
+    eventually("the duplicate counted", WAIT, || async {
+        run.stats[0].counters().duplicates == 1
+    })
+    .await;
     run.stop().await;
 }

@@ -65,8 +65,15 @@ pub fn dev(args: DevArgs) -> Result<ExitCode, CliError> {
                 return Err(CliError::Usage(format!("r4 dev: the kubelet ended: {why}")));
             }
         }
+        // The kubelet gets a moment to stop its containers (engines checkpoint what is in
+        // flight); a Ctrl-C is not held up longer than that.
         let _ = stop.send(true);
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), kubelet).await;
+        if tokio::time::timeout(std::time::Duration::from_secs(3), &mut kubelet)
+            .await
+            .is_err()
+        {
+            kubelet.abort();
+        }
         handle
             .stop()
             .await

@@ -791,11 +791,12 @@ impl Req<'_> {
                     }
                     Ok((events, now_rv)) => {
                         for e in events {
-                            let new_match = filter.matches(&e.object);
+                            let object = e.object.value();
+                            let new_match = filter.matches(&object);
                             let old_match = e
                                 .old
                                 .as_ref()
-                                .map(|o| filter.matches(o))
+                                .map(|o| filter.matches(&o.value()))
                                 .unwrap_or(new_match);
                             let ty = match (e.kind, old_match, new_match) {
                                 (EventType::Added, _, true) => "ADDED",
@@ -805,11 +806,7 @@ impl Req<'_> {
                                 (EventType::Deleted, _, true) => "DELETED",
                                 _ => continue,
                             };
-                            if tx
-                                .send(line(ty, render((*e.object).clone())))
-                                .await
-                                .is_err()
-                            {
+                            if tx.send(line(ty, render(object))).await.is_err() {
                                 return;
                             }
                         }
