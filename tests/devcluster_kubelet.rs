@@ -305,3 +305,97 @@ fn a_new_user_runs_r4_dev_and_kubectl() {
         assert!(got.contains(want), "no {want:?} in:\n{got}");
     }
 }
+
+const WORKFLOW: &str = "apiVersion: r4.dev/v1alpha1\nkind: AgentWorkflow\nmetadata: {name: pay}\nspec:\n  queue: {redis: {url: \"redis://x\"}}\n  tools:\n    - {name: bank, url: \"http://bank/mcp\", idempotent: true, simulate: {latency: {medianMs: 5}}}\n  agents:\n    - {name: a, image: ghcr.io/acme/agent:1, consumes: in, tools: [bank], simulate: {latency: {medianMs: 5}, calls: [bank]}}\n";
+
+/// A pod with an `r4 engine` container runs that engine role in process, against the dev API
+/// (its workflow read from the mounted ConfigMap through the API): the pod is ready when the
+/// engine is, and the engine works a task put on the queue the kubelet shares.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_pod_runs_its_role_and_works_the_queue() {
+    let handle = start("127.0.0.1:0".parse().expect("addr"), Options::default())
+        .await
+        .expect("start the dev API");
+    let client = r4::devcluster::client(&handle.url()).expect("client");
+    let queue: std::sync::Arc<dyn r4::queue::Queue> =
+        std::sync::Arc::new(r4::queue::memory::MemoryQueue::new());
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let opts = KubeletOptions {
+        ready_delay: Duration::from_millis(100),
+        ..KubeletOptions::default()
+    };
+    tokio::spawn(kubelet::run_on(
+        client.clone(),
+        opts,
+        queue.clone(),
+        stopped,
+    ));
+    let cms: Api<k8s_openapi::api::core::v1::ConfigMap> =
+        Api::namespaced(client.clone(), "default");
+    let cm = serde_json::from_value(json!({
+        "metadata": {"name": "pay-r4"},
+        "data": {"workflow.yaml": WORKFLOW},
+    }))
+    .expect("configmap");
+    cms.create(&PostParams::default(), &cm)
+        .await
+        .expect("configmap");
+    let d: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "pay-a"},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": "pay-a"}},
+            "template": {
+                "metadata": {"labels": {"app": "pay-a"}},
+                "spec": {
+                    "containers": [
+                        {"name": "agent", "image": "ghcr.io/acme/agent:1"},
+                        {"name": "engine", "image": "ghcr.io/acme/r4:dev",
+                         "args": ["engine", "--role", "agent", "--agent", "a", "--namespace", "default",
+                                  "--workflow-file", "/etc/r4/workflow.yaml"],
+                         "volumeMounts": [{"name": "workflow", "mountPath": "/etc/r4"}]},
+                    ],
+                    "volumes": [{"name": "workflow", "configMap": {"name": "pay-r4"}}],
+                },
+            },
+        },
+    }))
+    .expect("deployment");
+    let deploys: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    deploys
+        .create(&PostParams::default(), &d)
+        .await
+        .expect("create");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let pod = eventually(30, "the engine pod ready", || async {
+        pods_of(&pods, "pay-a").await.into_iter().find(ready)
+    })
+    .await;
+    let ready_containers: Vec<String> = pod
+        .status
+        .and_then(|s| s.container_statuses)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|c| c.ready)
+        .map(|c| c.name)
+        .collect();
+    assert_eq!(ready_containers.len(), 2, "{ready_containers:?}");
+    // A task on the engine's input is delivered to the simulated agent and completed (its
+    // inbox key written in the completion step).
+    let keys = r4::queue::Keys::new("default", "pay");
+    let task = r4::engine::task::Task::new("t-1", json!({"n": 1}));
+    queue
+        .add(&keys.stream("in"), task.encode(), None)
+        .await
+        .expect("add");
+    eventually(30, "the task completed by the pod's engine", || async {
+        queue
+            .get(&keys.inbox("t-1", "a"))
+            .await
+            .ok()
+            .flatten()
+            .map(|_| ())
+    })
+    .await;
+    let _ = stop.send(true);
+}
