@@ -1,6 +1,7 @@
 # r4 — make targets. `make test` is what CI runs (through .ci/run) and what a newcomer types.
 CARGO   ?= cargo
-R4_DEV  := target/debug/r4
+# The debug binary, wherever cargo puts it (CARGO_TARGET_DIR is honoured).
+R4_DEV  := $(or $(CARGO_TARGET_DIR),target)/debug/r4
 SAMPLES := $(wildcard config/samples/*.yaml)
 IMAGE   ?= r4:dev
 
