@@ -29,6 +29,7 @@ pub fn dev(args: DevArgs) -> Result<ExitCode, CliError> {
     let rt = tokio::runtime::Runtime::new()
         .map_err(|e| CliError::Internal(format!("cannot start the runtime: {e}")))?;
     rt.block_on(async move {
+        let signal = super::shutdown_signal();
         let handle = devcluster::start(args.listen, Options::default())
             .await
             .map_err(|e| CliError::Usage(e.to_string()))?;
@@ -53,9 +54,7 @@ pub fn dev(args: DevArgs) -> Result<ExitCode, CliError> {
         let mut kubelet = tokio::spawn(kubelet::run(client, opts, stopped));
         // controller: started here once it lands, through the same kind of client.
         tokio::select! {
-            r = tokio::signal::ctrl_c() => {
-                r.map_err(|e| CliError::Internal(format!("cannot wait for Ctrl-C: {e}")))?;
-            }
+            _ = signal => {}
             r = &mut kubelet => {
                 let why = match r {
                     Ok(Ok(())) => "stopped".to_string(),

@@ -212,6 +212,7 @@ pub fn engine(args: EngineArgs) -> Result<ExitCode, CliError> {
 }
 
 async fn run_engine(args: EngineArgs, cfg: Arc<WorkflowConfig>) -> Result<ExitCode, CliError> {
+    let signal = super::shutdown_signal();
     // Settled before connecting: an intake that would run open by mistake never starts.
     let mut intake_opts = match args.role {
         Role::Intake => Some(intake_options(&cfg)?),
@@ -242,7 +243,7 @@ async fn run_engine(args: EngineArgs, cfg: Arc<WorkflowConfig>) -> Result<ExitCo
         .map_err(|e| CliError::Io(args.listen.clone(), e))?;
     let (tx, rx) = watch::channel(false);
     tokio::spawn(async move {
-        wait_for_signal().await;
+        signal.await;
         tracing::info!("stopping safely");
         let _ = tx.send(true);
     });
@@ -332,21 +333,6 @@ fn intake_options(cfg: &WorkflowConfig) -> Result<engine::intake::IntakeOptions,
         tokens,
         ..Default::default()
     })
-}
-
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
 }
 
 /// `r4 kill WORKFLOW[/AGENT|/tool:TOOL]` / `r4 resume …` directly in Redis. The target must

@@ -198,3 +198,25 @@ pub fn bench_devcluster(
         .map_err(|e| CliError::Internal(format!("r4 bench devcluster: {e}")))?;
     print_json(&value, json)
 }
+
+/// Install the SIGINT and SIGTERM handlers now and return what resolves on the first of them:
+/// a signal that arrives while the command is still starting is then a graceful stop, not the
+/// default action (the process killed mid-start). Call it first, inside the runtime.
+pub(crate) fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
+    #[cfg(unix)]
+    let handlers = {
+        use tokio::signal::unix::{SignalKind, signal};
+        signal(SignalKind::interrupt()).and_then(|i| Ok((i, signal(SignalKind::terminate())?)))
+    };
+    async move {
+        #[cfg(unix)]
+        if let Ok((mut int, mut term)) = handlers {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
