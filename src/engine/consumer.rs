@@ -1511,12 +1511,7 @@ fn build_outputs(
 
 /// `task_id`'s join at the joining agent `joiner`.
 fn join_ref(cfg: &WorkflowConfig, joiner: &Agent, join: &Join, task_id: &str) -> JoinRef {
-    JoinRef {
-        hash: cfg.keys.join(&joiner.name, task_id),
-        due: cfg.keys.join_due(&joiner.name),
-        task_id: task_id.to_owned(),
-        ttl: cfg.join_ttl(join),
-    }
+    JoinRef::new(&cfg.keys, &joiner.name, task_id, cfg.join_ttl(join))
 }
 
 /// The joins downstream of `agent`, as a DLQ record names them.

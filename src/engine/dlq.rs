@@ -78,12 +78,12 @@ pub struct FailedJoin {
 impl FailedJoin {
     /// The join of `task_id` at this joining agent.
     pub fn join_ref(&self, keys: &Keys, task_id: &str) -> JoinRef {
-        JoinRef {
-            hash: keys.join(&self.agent, task_id),
-            due: keys.join_due(&self.agent),
-            task_id: task_id.to_owned(),
-            ttl: std::time::Duration::from_millis(self.ttl_ms),
-        }
+        JoinRef::new(
+            keys,
+            &self.agent,
+            task_id,
+            std::time::Duration::from_millis(self.ttl_ms),
+        )
     }
 }
 

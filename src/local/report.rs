@@ -13,7 +13,6 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use super::run::Load;
 use crate::api::workflow::{EconomicsSpec, SloSpec};
 use crate::resilience::CountersSnapshot;
 
@@ -31,23 +30,6 @@ pub struct LoadReport {
 }
 
 impl LoadReport {
-    pub fn of(load: &Load, window: u64) -> Self {
-        match load {
-            Load::Open { rate, source } => LoadReport {
-                model: "open".into(),
-                tasks_per_sec: Some(*rate),
-                max_in_flight: None,
-                source: source.clone(),
-            },
-            Load::Closed { source } => LoadReport {
-                model: "closed".into(),
-                tasks_per_sec: None,
-                max_in_flight: Some(window),
-                source: source.clone(),
-            },
-        }
-    }
-
     /// `open loop at 33.3 tasks/s (economics.tasksPerMinute 2000)`.
     pub fn describe(&self) -> String {
         match (self.tasks_per_sec, self.max_in_flight) {

@@ -72,6 +72,24 @@ pub enum Load {
 }
 
 impl Load {
+    /// The load model as the report states it (`window`: the closed loop's bound).
+    pub fn report(&self, window: u64) -> report::LoadReport {
+        match self {
+            Load::Open { rate, source } => report::LoadReport {
+                model: "open".into(),
+                tasks_per_sec: Some(*rate),
+                max_in_flight: None,
+                source: source.clone(),
+            },
+            Load::Closed { source } => report::LoadReport {
+                model: "closed".into(),
+                tasks_per_sec: None,
+                max_in_flight: Some(window),
+                source: source.clone(),
+            },
+        }
+    }
+
     /// The workflow's own traffic, unless the command line says otherwise: `--rate` wins, then
     /// `--closed-loop`, then `spec.economics.tasksPerMinute`, else a closed loop.
     pub fn choose(
@@ -879,7 +897,7 @@ pub async fn run(
         late,
         fallbacks: tools.values().map(|t| t.fallbacks).sum(),
         effects: ledger.effects(),
-        load: report::LoadReport::of(&opts.load, window),
+        load: opts.load.report(window),
         tools,
         agents,
         timeline,

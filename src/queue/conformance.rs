@@ -515,12 +515,7 @@ fn join_part(k: &Keys, part: &str, value: &str, deadline_ms: u64) -> super::Join
 }
 
 fn join_ref(k: &Keys) -> super::JoinRef {
-    super::JoinRef {
-        hash: k.join("decide", "t1"),
-        due: k.join_due("decide"),
-        task_id: "t1".into(),
-        ttl: HOUR,
-    }
+    super::JoinRef::new(k, "decide", "t1", HOUR)
 }
 
 /// One branch entry of task t1 on `branch`'s input, read and completed

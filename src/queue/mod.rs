@@ -169,6 +169,19 @@ pub struct JoinRef {
     pub ttl: Duration,
 }
 
+impl JoinRef {
+    /// `task_id`'s join at the joining agent `agent`: its hash and its agent's due set, as
+    /// [`Keys`] names them.
+    pub fn new(keys: &Keys, agent: &str, task_id: &str, ttl: Duration) -> Self {
+        Self {
+            hash: keys.join(agent, task_id),
+            due: keys.join_due(agent),
+            task_id: task_id.to_owned(),
+            ttl,
+        }
+    }
+}
+
 /// A branch's output recorded into a join by the completion of the step
 /// that produced it ([`Completing::joins`]).
 ///

@@ -475,14 +475,7 @@ mod tests {
             .unwrap()[0];
         assert_eq!(cs.restart_count, 0);
         assert_eq!(
-            cs.state
-                .as_ref()
-                .unwrap()
-                .waiting
-                .as_ref()
-                .unwrap()
-                .reason
-                .as_deref(),
+            super::podstatus::waiting_reason(cs),
             Some("CrashLoopBackOff")
         );
         // Before the back-off ends, nothing changes.
@@ -610,14 +603,7 @@ mod tests {
         let last = cs.last_state.as_ref().unwrap().terminated.as_ref().unwrap();
         assert_eq!(last.message.as_deref(), Some("boom"));
         assert_eq!(
-            cs.state
-                .as_ref()
-                .unwrap()
-                .waiting
-                .as_ref()
-                .unwrap()
-                .reason
-                .as_deref(),
+            super::podstatus::waiting_reason(cs),
             Some("CrashLoopBackOff")
         );
         assert_eq!(rt.0.load(std::sync::atomic::Ordering::Relaxed), 1);
@@ -658,14 +644,7 @@ mod tests {
         assert_eq!(action, Action::requeue(FIRST_BACKOFF));
         let cs = &written.status.unwrap().container_statuses.unwrap()[0];
         assert_eq!(
-            cs.state
-                .as_ref()
-                .unwrap()
-                .waiting
-                .as_ref()
-                .unwrap()
-                .reason
-                .as_deref(),
+            super::podstatus::waiting_reason(cs),
             Some("CrashLoopBackOff")
         );
         assert!(!cs.ready);

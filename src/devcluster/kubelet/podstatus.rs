@@ -315,6 +315,12 @@ pub fn is_ready(pod: &Pod) -> bool {
         .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
+/// Why a container waits (`ImagePullBackOff`, `CrashLoopBackOff`, …), if it does.
+#[cfg(test)]
+pub(crate) fn waiting_reason(cs: &k8s_openapi::api::core::v1::ContainerStatus) -> Option<&str> {
+    cs.state.as_ref()?.waiting.as_ref()?.reason.as_deref()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -390,18 +396,7 @@ mod tests {
         );
         assert_eq!(cond(&s, "PodScheduled").status, "True");
         let cs = s.container_statuses.as_ref().unwrap();
-        assert_eq!(
-            cs[0]
-                .state
-                .as_ref()
-                .unwrap()
-                .waiting
-                .as_ref()
-                .unwrap()
-                .reason
-                .as_deref(),
-            Some("ContainerCreating")
-        );
+        assert_eq!(waiting_reason(&cs[0]), Some("ContainerCreating"));
         p.status = Some(s);
         // Both running, one ready.
         let mut obs = BTreeMap::new();
@@ -486,17 +481,7 @@ mod tests {
         assert_eq!(s.phase.as_deref(), Some("Pending"));
         assert_eq!(cond(&s, "Ready").status, "False");
         let cs = &s.container_statuses.as_ref().unwrap()[0];
-        assert_eq!(
-            cs.state
-                .as_ref()
-                .unwrap()
-                .waiting
-                .as_ref()
-                .unwrap()
-                .reason
-                .as_deref(),
-            Some("ImagePullBackOff")
-        );
+        assert_eq!(waiting_reason(cs), Some("ImagePullBackOff"));
         // A crash loop: started before, so Running, never ready, restarts counted.
         let p = pod(vec![container("a", "x:1")], Some("CrashLoopBackOff"));
         obs.insert(
