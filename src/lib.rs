@@ -1,11 +1,12 @@
 //! r4: a Kubernetes operator that keeps teams of autonomous agents working through failures.
 //!
-//! Data flows one way: [`api`] → (`resilience`, `queue`) → `engine` → (`controller`, `local`);
+//! Data flows one way: [`api`] → (`resilience`, `queue`) → `engine` → ([`controller`], `local`);
 //! [`telemetry`] installs the process's logging.
 
 pub mod api;
 pub mod bench;
 pub mod cli;
+pub mod controller;
 pub mod devcluster;
 pub mod engine;
 pub mod local;

@@ -97,6 +97,20 @@ pub struct QueueSpec {
     /// How long a delivered task may stay unacknowledged before another engine claims it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub visibility_timeout: Option<DurationStr>,
+    /// What happens to the workflow's Redis data (streams, DLQ, inbox, stats) when the
+    /// AgentWorkflow is deleted: `Retain` (default) keeps it, `Delete` removes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delete_policy: Option<DeletePolicy>,
+}
+
+/// What deleting an AgentWorkflow does to its Redis data.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum DeletePolicy {
+    /// Keep every key of the workflow (default): deleting the resource loses no task.
+    #[default]
+    Retain,
+    /// Delete every key of the workflow once its children are gone.
+    Delete,
 }
 
 /// The Redis connection: a URL for development or a Secret reference for production.
@@ -685,6 +699,9 @@ pub struct KillSwitchStatus {
     /// When it was engaged (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since: Option<String>,
+    /// Version of the kill-switch state in Redis that set this switch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_version: Option<i64>,
     /// Engines that acknowledged the current state.
     pub acknowledged: i32,
     /// Engines expected to acknowledge.
