@@ -33,9 +33,9 @@ enum Command {
         #[arg(long)]
         require_refs: bool,
     },
-    /// The operator (available with the controller issue).
-    #[command(hide = true)]
-    Controller,
+    /// The operator: reconciles AgentWorkflows and CircuitPolicies into agent Deployments,
+    /// queue wiring and kill switches; versioned rollback; leader-elected.
+    Controller(r4::cli::controller::ControllerArgs),
     /// A local Kubernetes API on loopback that kubectl works against (CRDs, Deployments, Pods,
     /// …), with a kubeconfig for it: for trying and testing the operator without a cluster.
     Dev(r4::cli::dev::DevArgs),
@@ -164,7 +164,7 @@ fn kill_switch(k: &KillArgs, engage: bool) -> Result<ExitCode, r4::cli::CliError
 /// their output is theirs (`r4 run` would otherwise print every simulated dead letter).
 fn default_log_filter(command: &Command) -> &'static str {
     match command {
-        Command::Engine(_) | Command::Controller | Command::Dev(_) => "warn,r4=info",
+        Command::Engine(_) | Command::Controller(_) | Command::Dev(_) => "warn,r4=info",
         _ => "error",
     }
 }
@@ -242,6 +242,7 @@ fn main() -> ExitCode {
             ),
         },
         Command::Engine(args) => r4::cli::engine::engine(args),
+        Command::Controller(args) => r4::cli::controller::controller(args),
         Command::Dev(args) => r4::cli::dev::dev(args),
         Command::Kill(k) => kill_switch(&k, true),
         Command::Resume(k) => kill_switch(&k, false),

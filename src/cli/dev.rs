@@ -1,15 +1,22 @@
 //! `r4 dev`: the operator's loop on one machine — a local Kubernetes API that kubectl works
 //! against (src/devcluster), a kubeconfig pointing at it, the local kubelet (Deployments get
-//! pods, `r4 engine` containers run their role in process) and, once it lands, the controller.
+//! pods, `r4 engine` containers run their role in process) and the controller.
 //! For trying and testing, not a distribution.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
 use super::CliError;
 use crate::devcluster::kubelet::{self, KubeletOptions};
-use crate::devcluster::{self, Options, kubeconfig};
+use crate::controller::context::{Options, QueueSource};
+use crate::controller::run::RunOptions;
+use crate::devcluster::{self, kubeconfig};
+use crate::queue::Queue;
+use crate::queue::memory::MemoryQueue;
+use crate::queue::redis::RedisQueue;
 
 #[derive(clap::Args, Debug)]
 pub struct DevArgs {
@@ -22,6 +29,15 @@ pub struct DevArgs {
     /// Where to write the kubeconfig for kubectl and kube clients.
     #[arg(long, default_value = "r4-dev.kubeconfig", value_name = "PATH")]
     pub kubeconfig_out: PathBuf,
+    /// Do not run the controller (run `r4 controller` against this API yourself).
+    #[arg(long)]
+    pub no_controller: bool,
+    /// Seconds between two reconciles of a workflow for its statistics.
+    #[arg(long, default_value_t = 2, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub stats_interval: u64,
+    /// Address of the controller's /metrics, /healthz and /readyz (none by default).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Start the API, write the kubeconfig, run until Ctrl-C.
@@ -30,7 +46,7 @@ pub fn dev(args: DevArgs) -> Result<ExitCode, CliError> {
         .map_err(|e| CliError::Internal(format!("cannot start the runtime: {e}")))?;
     rt.block_on(async move {
         let signal = super::shutdown_signal();
-        let handle = devcluster::start(args.listen, Options::default())
+        let handle = devcluster::start(args.listen, devcluster::Options::default())
             .await
             .map_err(|e| CliError::Usage(e.to_string()))?;
         let path = &args.kubeconfig_out;
@@ -47,13 +63,58 @@ pub fn dev(args: DevArgs) -> Result<ExitCode, CliError> {
         let client = devcluster::client(&handle.url())
             .map_err(|e| CliError::Internal(format!("kube client for {}: {e}", handle.url())))?;
         let (stop, stopped) = tokio::sync::watch::channel(false);
+        // One queue for the kubelet's engines and the controller (which reads their stats and
+        // acknowledgements and writes kill switches and policies there).
+        let queue: Arc<dyn Queue> = match &args.redis {
+            Some(url) => Arc::new(
+                tokio::time::timeout(Duration::from_secs(10), RedisQueue::connect(url))
+                    .await
+                    .map_err(|_| CliError::Usage("--redis: no answer within 10s".into()))?
+                    .map_err(|e| CliError::Usage(format!("--redis: {e}")))?,
+            ),
+            None => Arc::new(MemoryQueue::new()),
+        };
         let opts = KubeletOptions {
-            redis: args.redis,
+            redis: args.redis.clone(),
             ..KubeletOptions::default()
         };
-        let mut kubelet = tokio::spawn(kubelet::run(client, opts, stopped));
-        // controller: started here once it lands, through the same kind of client.
+        let mut kubelet = tokio::spawn(kubelet::run_on(
+            client.clone(),
+            opts,
+            queue.clone(),
+            stopped.clone(),
+        ));
+        // The controller reaches the API through a kube Client too, as it would a cluster's.
+        let mut controller = if args.no_controller {
+            None
+        } else {
+            let opts = RunOptions {
+                controller: Options {
+                    queue: QueueSource::Shared(queue),
+                    stats_interval: Duration::from_secs(args.stats_interval),
+                    instance: Some("r4-dev".into()),
+                    ..Options::default()
+                },
+                metrics_listen: args.metrics_listen,
+                leader: None,
+            };
+            Some(tokio::spawn(crate::controller::run::run(client, opts, stopped)))
+        };
+        let controller_ended = async {
+            match controller.as_mut() {
+                Some(c) => c.await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
+            r = controller_ended => {
+                let why = match r {
+                    Ok(Ok(())) => "stopped".to_string(),
+                    Ok(Err(e)) => e,
+                    Err(e) => e.to_string(),
+                };
+                return Err(CliError::Usage(format!("r4 dev: the controller ended: {why}")));
+            }
             _ = signal => {}
             r = &mut kubelet => {
                 let why = match r {
@@ -67,11 +128,16 @@ pub fn dev(args: DevArgs) -> Result<ExitCode, CliError> {
         // The kubelet gets a moment to stop its containers (engines checkpoint what is in
         // flight); a Ctrl-C is not held up longer than that.
         let _ = stop.send(true);
-        if tokio::time::timeout(std::time::Duration::from_secs(3), &mut kubelet)
+        if tokio::time::timeout(Duration::from_secs(3), &mut kubelet)
             .await
             .is_err()
         {
             kubelet.abort();
+        }
+        if let Some(mut c) = controller
+            && tokio::time::timeout(Duration::from_secs(2), &mut c).await.is_err()
+        {
+            c.abort();
         }
         handle
             .stop()

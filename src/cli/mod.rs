@@ -1,6 +1,7 @@
 //! What each `r4` subcommand does once its arguments are parsed: read inputs, call the library,
 //! print for people (or JSON for scripts) and choose the exit code.
 
+pub mod controller;
 pub mod dev;
 pub mod dlq;
 pub mod engine;

@@ -14,6 +14,12 @@
 //! The controller sits beside `r4 run` (`crate::local`) above the engine: it uses the engine's
 //! modules and never reimplements them.
 
+pub mod context;
+pub mod killswitch;
+pub mod policy;
+pub mod run;
+pub mod workflow;
+
 /// The field manager of every server-side apply the controller makes.
 pub const FIELD_MANAGER: &str = "r4";
 

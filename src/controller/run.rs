@@ -1,0 +1,155 @@
+//! Running the controller: the workflow and policy controllers (kube-runtime `Controller`s on
+//! the kube `Client`), behind leader election when asked, with the metrics and health
+//! endpoints, until shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{Controller, watcher};
+use kube::{Api, ResourceExt};
+use tokio::sync::watch;
+
+use super::context::{Context, Options};
+use super::leader::{self, LeaderOptions};
+use super::metrics::ControllerMetrics;
+use super::{policy, workflow};
+use crate::api::policy::CircuitPolicy;
+use crate::api::workflow::AgentWorkflow;
+
+/// How `r4 controller` (and the controller of `r4 dev`) runs.
+#[derive(Clone)]
+pub struct RunOptions {
+    pub controller: Options,
+    /// Serve /metrics, /healthz, /readyz here.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Lead only while holding this Lease (two or more replicas).
+    pub leader: Option<LeaderOptions>,
+}
+
+/// Run until `shutdown` turns true.
+pub async fn run(
+    client: kube::Client,
+    opts: RunOptions,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), String> {
+    let metrics = Arc::new(ControllerMetrics::new());
+    let (ready_tx, ready_rx) = watch::channel(false);
+    let ready_tx = Arc::new(ready_tx);
+    let server = match opts.metrics_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("--metrics-listen {addr}: {e}"))?;
+            tracing::info!(addr = %listener.local_addr().unwrap_or(addr), "controller metrics and health endpoints serving");
+            let (m, r, s) = (metrics.clone(), ready_rx.clone(), shutdown.clone());
+            Some(tokio::spawn(async move {
+                if let Err(e) = super::http::serve_on(listener, m, r, s).await {
+                    tracing::error!(error = %e, "controller metrics server ended");
+                }
+            }))
+        }
+        None => None,
+    };
+    let ctx = Arc::new(Context::new(client.clone(), opts.controller.clone(), metrics.clone()));
+    match opts.leader {
+        None => {
+            metrics.set_leader(true);
+            controllers(ctx, shutdown.clone(), ready_tx).await;
+        }
+        Some(lopts) => {
+            let (is_leader_tx, mut is_leader_rx) = watch::channel(false);
+            let m = metrics.clone();
+            tokio::spawn(async move {
+                while is_leader_rx.changed().await.is_ok() {
+                    m.set_leader(*is_leader_rx.borrow());
+                }
+            });
+            // A standby is ready: it serves as soon as it leads.
+            let _ = ready_tx.send(true);
+            let ctx2 = ctx.clone();
+            leader::run_elected(client, lopts, shutdown.clone(), is_leader_tx, move |stop| {
+                let (ctx, ready) = (ctx2.clone(), ready_tx.clone());
+                async move { controllers(ctx, stop, ready).await }
+            })
+            .await
+            .map_err(|e| format!("leader election: {e}"))?;
+        }
+    }
+    if let Some(s) = server {
+        let _ = s.await;
+    }
+    Ok(())
+}
+
+async fn wait_true(mut rx: watch::Receiver<bool>) {
+    while !*rx.borrow_and_update() {
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The workflow and policy controllers, until `stop`.
+async fn controllers(ctx: Arc<Context>, stop: watch::Receiver<bool>, ready: Arc<watch::Sender<bool>>) {
+    let client = ctx.client.clone();
+    let all = watcher::Config::default();
+    let managed = watcher::Config::default().labels("app.kubernetes.io/managed-by=r4");
+    let wf_ctl = Controller::new(Api::<AgentWorkflow>::all(client.clone()), all.clone());
+    let store = wf_ctl.store();
+    {
+        let (store, ready) = (store.clone(), ready.clone());
+        tokio::spawn(async move {
+            if store.wait_until_ready().await.is_ok() {
+                let _ = ready.send(true);
+            }
+        });
+    }
+    let by_policy = store.clone();
+    let workflows = wf_ctl
+        .owns(Api::<Deployment>::all(client.clone()), managed.clone())
+        .owns(Api::<ConfigMap>::all(client.clone()), managed.clone())
+        .owns(Api::<Service>::all(client.clone()), managed.clone())
+        .owns(Api::<ServiceAccount>::all(client.clone()), managed)
+        .watches(
+            Api::<CircuitPolicy>::all(client.clone()),
+            all.clone(),
+            move |p: CircuitPolicy| {
+                let ns = p.namespace().unwrap_or_else(|| "default".into());
+                let name = p.name_any();
+                by_policy
+                    .state()
+                    .into_iter()
+                    .filter(|w| policy::uses(w, &ns, &name))
+                    .map(|w| ObjectRef::from_obj(&*w))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .graceful_shutdown_on(wait_true(stop.clone()))
+        .run(workflow::reconcile, workflow::error_policy, ctx.clone())
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "workflow controller");
+            }
+        });
+    let policies = Controller::new(Api::<CircuitPolicy>::all(client.clone()), all.clone())
+        .watches(Api::<AgentWorkflow>::all(client), all, |w: AgentWorkflow| {
+            let ns = w.namespace().unwrap_or_else(|| "default".into());
+            workflow::policy_refs(&w.spec)
+                .into_iter()
+                .map(|(_, p)| ObjectRef::<CircuitPolicy>::new(&p).within(&ns))
+                .collect::<Vec<_>>()
+        })
+        .graceful_shutdown_on(wait_true(stop))
+        .run(policy::reconcile, policy::error_policy, ctx)
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "policy controller");
+            }
+        });
+    tokio::join!(workflows, policies);
+    let _ = ready.send(false);
+}

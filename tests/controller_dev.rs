@@ -1,0 +1,626 @@
+//! The controller end to end on `r4 dev`'s API, as a user meets it: the real kubectl 1.32 for
+//! everything a user does (apply, patch, scale, delete), kube clients for what a test reads,
+//! the local kubelet running the engines of every pod on a real redis-server, and the
+//! controller reaching the API only through a kube `Client`.
+//!
+//! Scenarios: the samples reconcile into children, streams and groups with `Ready=True`; drift
+//! is repaired; a steady workflow causes no status writes; an image change is revision 2 and
+//! rolls; a revision whose pods never become ready is rolled back within its deadline (Event,
+//! condition, no retry); `r4 rollback` / `spec.rollbackTo` roll back by hand; a kill switch
+//! patched with kubectl stops every engine and the status shows `acknowledged == expected`
+//! within a second; a policy change reloads the engines without restarting a pod; an invalid
+//! spec sets `Valid=False` and changes no child; deletion keeps (or, with `deletePolicy:
+//! Delete`, deletes) the workflow's Redis data.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::{ControllerRevision, Deployment};
+use k8s_openapi::api::core::v1::{ConfigMap, Event, Pod, Service};
+use kube::api::ListParams;
+use kube::{Api, Client, ResourceExt};
+use r4::api::workflow::AgentWorkflow;
+use r4::controller::context::{Options, QueueSource};
+use r4::controller::run::{RunOptions, run};
+use r4::devcluster::kubelet::{self, KubeletOptions};
+use r4::devcluster::{Handle, Options as DevOptions, kubeconfig, start};
+use r4::queue::redis::RedisQueue;
+use r4::queue::{Keys, Queue};
+use r4::testutil::RedisServer;
+use tokio::sync::watch;
+
+const REPO: &str = env!("CARGO_MANIFEST_DIR");
+
+struct Dev {
+    _handle: Handle,
+    _redis: RedisServer,
+    redis_url: String,
+    client: Client,
+    queue: Arc<dyn Queue>,
+    kubeconfig: PathBuf,
+    _dir: tempfile::TempDir,
+    stop: watch::Sender<bool>,
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+fn kubectl_present() -> bool {
+    match std::process::Command::new("kubectl")
+        .args(["version", "--client"])
+        .output()
+    {
+        Ok(o) if o.status.success() => true,
+        _ if std::env::var_os("CI").is_some() => panic!("kubectl is required under CI"),
+        _ => {
+            eprintln!("skipping: kubectl not found on PATH");
+            false
+        }
+    }
+}
+
+/// The dev API, its kubelet and the controller, on a fresh redis-server; CRDs applied.
+async fn dev(queue_from_spec: bool) -> Dev {
+    let redis = RedisServer::start().await.expect("redis-server");
+    let redis_url = redis.url();
+    let handle = start("127.0.0.1:0".parse().expect("addr"), DevOptions::default())
+        .await
+        .expect("start the dev API");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kc = dir.path().join("kubeconfig");
+    kubeconfig::write(&kc, handle.addr).expect("kubeconfig");
+    let client = r4::devcluster::client(&handle.url()).expect("client");
+    let queue: Arc<dyn Queue> = Arc::new(RedisQueue::connect(&redis_url).await.expect("redis"));
+    let (stop, stopped) = watch::channel(false);
+    let kopts = KubeletOptions {
+        ready_delay: Duration::from_millis(100),
+        ..KubeletOptions::default()
+    };
+    tokio::spawn(kubelet::run_on(
+        client.clone(),
+        kopts,
+        queue.clone(),
+        stopped.clone(),
+    ));
+    let opts = RunOptions {
+        controller: Options {
+            queue: if queue_from_spec {
+                QueueSource::Spec
+            } else {
+                QueueSource::Shared(queue.clone())
+            },
+            stats_interval: Duration::from_secs(1),
+            ..Options::default()
+        },
+        metrics_listen: None,
+        leader: None,
+    };
+    tokio::spawn(run(client.clone(), opts, stopped));
+    let d = Dev {
+        _handle: handle,
+        _redis: redis,
+        redis_url,
+        client,
+        queue,
+        kubeconfig: kc,
+        _dir: dir,
+        stop,
+    };
+    d.kubectl(&["apply", "-f", "crds/"]);
+    d
+}
+
+impl Dev {
+    fn kubectl(&self, args: &[&str]) -> String {
+        self.kubectl_in(args, None)
+    }
+
+    fn kubectl_in(&self, args: &[&str], stdin: Option<&str>) -> String {
+        use std::io::Write;
+        let mut cmd = std::process::Command::new("kubectl");
+        cmd.arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .current_dir(REPO)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .stdin(std::process::Stdio::piped());
+        let mut child = cmd.spawn().expect("kubectl");
+        if let Some(s) = stdin {
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(s.as_bytes())
+                .expect("write stdin");
+        }
+        drop(child.stdin.take());
+        let o = child.wait_with_output().expect("kubectl");
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(o.status.success(), "kubectl {args:?}: {err}\n{out}");
+        out
+    }
+
+    /// Apply a manifest given as text (`kubectl apply -f -`).
+    fn apply(&self, yaml: &str) -> String {
+        self.kubectl_in(&["apply", "-f", "-"], Some(yaml))
+    }
+
+    fn r4(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(env!("CARGO_BIN_EXE_r4"))
+            .args(args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .current_dir(REPO)
+            .output()
+            .expect("r4")
+    }
+
+    fn workflows(&self) -> Api<AgentWorkflow> {
+        Api::namespaced(self.client.clone(), "default")
+    }
+
+    async fn workflow(&self, name: &str) -> AgentWorkflow {
+        self.workflows().get(name).await.expect("workflow")
+    }
+}
+
+/// The fixture with its Redis URL pointing at the test's server.
+fn triage(redis_url: &str) -> String {
+    std::fs::read_to_string(Path::new(REPO).join("tests/fixtures/controller-triage.yaml"))
+        .expect("fixture")
+        .replace("redis://127.0.0.1:6379/0", redis_url)
+}
+
+/// Poll `f` until it returns `Some`, failing after `secs` with what was last seen.
+async fn eventually<T, F, Fut>(secs: u64, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut last = String::new();
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(e) => last = e,
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {secs}s waiting for {what}; last seen: {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn condition(wf: &AgentWorkflow, type_: &str) -> Option<(String, String, String)> {
+    wf.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+fn describe(wf: &AgentWorkflow) -> String {
+    serde_json::to_string(&wf.status).unwrap_or_default()
+}
+
+async fn ready(dev: &Dev, name: &str, revision: i64) -> AgentWorkflow {
+    eventually(60, &format!("{name} Ready at revision {revision}"), || async {
+        let wf = dev.workflows().get(name).await.map_err(|e| e.to_string())?;
+        let ok = condition(&wf, "Ready").is_some_and(|c| c.0 == "True")
+            && wf.status.as_ref().and_then(|s| s.current_revision) == Some(revision)
+            && wf.status.as_ref().is_some_and(|s| {
+                s.revisions
+                    .iter()
+                    .any(|r| r.revision == revision && r.phase == "Healthy")
+            });
+        if ok { Ok(wf) } else { Err(describe(&wf)) }
+    })
+    .await
+}
+
+async fn pod_uids(client: &Client, workflow: &str) -> Vec<String> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let mut uids: Vec<String> = pods
+        .list(&ListParams::default().labels(&format!("r4.dev/workflow={workflow}")))
+        .await
+        .expect("pods")
+        .items
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter_map(|p| p.metadata.uid)
+        .collect();
+    uids.sort();
+    uids
+}
+
+async fn events(client: &Client, reason: &str) -> Vec<String> {
+    // kube's recorder writes events.k8s.io/v1 Events; the core view lists them too.
+    let ev: Api<Event> = Api::namespaced(client.clone(), "default");
+    ev.list(&ListParams::default())
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some(reason))
+        .map(|e| e.message.unwrap_or_default())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_samples_reconcile_into_children_queues_and_ready_and_drift_is_repaired() {
+    if !kubectl_present() {
+        return;
+    }
+    let dev = dev(false).await;
+    dev.kubectl(&["apply", "-f", "config/samples/default-policy.yaml"]);
+    dev.kubectl(&["apply", "-f", "config/samples/bank-policy.yaml"]);
+    dev.kubectl(&["apply", "-f", "config/samples/payment-disputes.yaml"]);
+    let wf = ready(&dev, "payment-disputes", 1).await;
+    let status = wf.status.clone().expect("status");
+    assert_eq!(status.observed_generation, wf.metadata.generation);
+    assert_eq!(status.agents_ready.as_deref(), Some("6/6"), "{}", describe(&wf));
+    assert_eq!(condition(&wf, "Valid").map(|c| c.0).as_deref(), Some("True"));
+
+    // Children: a Deployment per agent, intake and repair, the config, the intake Service.
+    let deps: Api<Deployment> = Api::namespaced(dev.client.clone(), "default");
+    for d in [
+        "payment-disputes-intake",
+        "payment-disputes-investigation",
+        "payment-disputes-resolution",
+        "payment-disputes-repair",
+    ] {
+        let d = deps.get(d).await.expect("deployment");
+        let owner = &d.owner_references()[0];
+        assert_eq!((owner.kind.as_str(), owner.name.as_str()), ("AgentWorkflow", "payment-disputes"));
+        assert_eq!(d.labels().get("r4.dev/revision").map(String::as_str), Some("1"));
+        let managers: Vec<String> = d
+            .metadata
+            .managed_fields
+            .iter()
+            .flatten()
+            .filter_map(|m| m.manager.clone())
+            .collect();
+        assert!(managers.contains(&"r4".to_string()), "{managers:?}");
+    }
+    let cms: Api<ConfigMap> = Api::namespaced(dev.client.clone(), "default");
+    let cm = cms.get("payment-disputes-engine").await.expect("configmap");
+    let text = cm.data.as_ref().and_then(|d| d.get("workflow.yaml")).expect("config");
+    assert!(text.contains("bank-policy") && !text.contains("killSwitches"), "{text}");
+    let svcs: Api<Service> = Api::namespaced(dev.client.clone(), "default");
+    svcs.get("payment-disputes-intake").await.expect("intake service");
+
+    // Queue wiring: every agent's input stream has its group.
+    let keys = Keys::new("default", "payment-disputes");
+    for (stream, group) in [
+        ("tickets", "intake"),
+        ("investigations", "investigation"),
+        ("resolutions", "resolution"),
+    ] {
+        dev.queue
+            .pending_summary(&keys.stream(stream), group)
+            .await
+            .unwrap_or_else(|e| panic!("group {group} on {stream}: {e}"));
+    }
+
+    // kubectl shows the printer columns.
+    let table = dev.kubectl(&["get", "aw"]);
+    assert!(table.contains("payment-disputes") && table.contains("True"), "{table}");
+
+    // Steady: no status writes while nothing changes (several stats intervals).
+    let rv = dev.workflow("payment-disputes").await.resource_version();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let rv2 = dev.workflow("payment-disputes").await.resource_version();
+    assert_eq!(rv, rv2, "a steady workflow's status was written again");
+
+    // Drift: a deleted Deployment comes back, a scaled one is scaled back.
+    dev.kubectl(&["delete", "deployment", "payment-disputes-resolution", "--wait=false"]);
+    dev.kubectl(&["scale", "deployment", "payment-disputes-investigation", "--replicas=1"]);
+    eventually(20, "drift repaired", || async {
+        let r = deps.get("payment-disputes-resolution").await.map_err(|e| e.to_string())?;
+        let i = deps.get("payment-disputes-investigation").await.map_err(|e| e.to_string())?;
+        let replicas = i.spec.as_ref().and_then(|s| s.replicas);
+        if r.metadata.deletion_timestamp.is_none() && replicas == Some(3) {
+            Ok(())
+        } else {
+            Err(format!("investigation replicas {replicas:?}"))
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_revision_rolls_a_broken_one_is_rolled_back_and_rollback_by_hand_works() {
+    if !kubectl_present() {
+        return;
+    }
+    let dev = dev(false).await;
+    dev.apply(&triage(&dev.redis_url));
+    ready(&dev, "triage", 1).await;
+
+    // An image change is revision 2, rolled out.
+    let patch = |image: &str| {
+        format!(
+            r#"[{{"op":"replace","path":"/spec/agents/1/image","value":"{image}"}}]"#
+        )
+    };
+    dev.kubectl(&["patch", "aw", "triage", "--type", "json", "-p", &patch("ghcr.io/acme/solver:1.1")]);
+    ready(&dev, "triage", 2).await;
+    let uids_2 = pod_uids(&dev.client, "triage").await;
+
+    // A revision whose pods never become ready: rolled back to 2 within the deadline (10 s).
+    let started = Instant::now();
+    dev.kubectl(&[
+        "patch", "aw", "triage", "--type", "json", "-p",
+        &patch("ghcr.io/acme/solver:cannot-pull"),
+    ]);
+    let wf = eventually(40, "automatic rollback to 2", || async {
+        let wf = dev.workflows().get("triage").await.map_err(|e| e.to_string())?;
+        let s = wf.status.clone().unwrap_or_default();
+        let failed = s.revisions.iter().any(|r| r.revision == 3 && r.phase == "Failed");
+        let back = condition(&wf, "RolledBack").is_some_and(|c| c.0 == "True");
+        if failed && back && s.current_revision == Some(2) {
+            Ok(wf)
+        } else {
+            Err(describe(&wf))
+        }
+    })
+    .await;
+    let took = started.elapsed();
+    eprintln!("automatic rollback after {:.1}s (progressDeadlineSeconds 10)", took.as_secs_f64());
+    let (_, reason, message) = condition(&wf, "RolledBack").expect("condition");
+    assert_eq!(reason, "AutomaticRollback");
+    assert!(message.contains("revision 3") && message.contains("revision 2"), "{message}");
+    assert_eq!(
+        condition(&wf, "Degraded").map(|c| c.0).as_deref(),
+        Some("True"),
+        "{}",
+        describe(&wf)
+    );
+    assert!(!events(&dev.client, "RolledBack").await.is_empty(), "no RolledBack event");
+    // The failed revision is not retried while the spec stays as it is.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let wf = dev.workflow("triage").await;
+    assert_eq!(wf.status.as_ref().and_then(|s| s.current_revision), Some(2));
+    let deps: Api<Deployment> = Api::namespaced(dev.client.clone(), "default");
+    let solver = deps.get("triage-solver").await.expect("deployment");
+    assert_eq!(solver.labels().get("r4.dev/revision").map(String::as_str), Some("2"));
+    let _ = uids_2;
+
+    // By hand: back to revision 1 with `r4 rollback --to 1`; the controller clears rollbackTo.
+    let out = dev.r4(&["rollback", "triage", "--to", "1"]);
+    assert!(
+        out.status.success(),
+        "r4 rollback: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let wf = eventually(30, "manual rollback to 1", || async {
+        let wf = dev.workflows().get("triage").await.map_err(|e| e.to_string())?;
+        let s = wf.status.clone().unwrap_or_default();
+        if s.current_revision == Some(1) && wf.spec.rollback_to.is_none() {
+            Ok(wf)
+        } else {
+            Err(describe(&wf))
+        }
+    })
+    .await;
+    let (_, reason, _) = condition(&wf, "RolledBack").expect("condition");
+    assert_eq!(reason, "ManualRollback");
+    eventually(30, "solver back at revision 1", || async {
+        let d = deps.get("triage-solver").await.map_err(|e| e.to_string())?;
+        let image = d
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .map(|s| s.containers.iter().map(|c| c.image.clone().unwrap_or_default()).collect::<Vec<_>>())
+            .unwrap_or_default();
+        if image.iter().any(|i| i == "ghcr.io/acme/solver:1.0") {
+            Ok(())
+        } else {
+            Err(format!("{image:?}"))
+        }
+    })
+    .await;
+    // Revisions are ControllerRevisions.
+    let crs: Api<ControllerRevision> = Api::namespaced(dev.client.clone(), "default");
+    let n = crs
+        .list(&ListParams::default().labels("r4.dev/workflow=triage"))
+        .await
+        .expect("revisions")
+        .items
+        .len();
+    assert_eq!(n, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_kill_switch_patched_with_kubectl_stops_every_engine_within_a_second() {
+    if !kubectl_present() {
+        return;
+    }
+    let dev = dev(false).await;
+    dev.apply(&triage(&dev.redis_url));
+    ready(&dev, "triage", 1).await;
+    let keys = Keys::new("default", "triage");
+
+    for (engage, value) in [(true, "true"), (false, "false")] {
+        let started = Instant::now();
+        dev.kubectl(&[
+            "patch", "aw", "triage", "--type", "merge", "-p",
+            &format!(r#"{{"spec":{{"killSwitches":{{"agents":{{"sorter":{value}}}}}}}}}"#),
+        ]);
+        let ks = eventually(10, "kill switch acknowledged", || async {
+            let wf = dev.workflows().get("triage").await.map_err(|e| e.to_string())?;
+            let s = wf.status.clone().unwrap_or_default();
+            match s.kill_switches.get("sorter") {
+                Some(k) if k.engaged == engage && k.expected == 2 && k.acknowledged == 2 => Ok(k.clone()),
+                _ => Err(describe(&wf)),
+            }
+        })
+        .await;
+        let took = started.elapsed();
+        eprintln!(
+            "kill switch sorter={value}: acknowledged 2/2 in the status after {} ms",
+            took.as_millis()
+        );
+        assert!(took < Duration::from_secs(1), "took {took:?}");
+        assert_eq!(ks.since.is_some(), engage);
+        // The engines say so themselves.
+        let acks = r4::engine::killswitch::acks(dev.queue.as_ref(), &keys)
+            .await
+            .expect("acks");
+        let sorters: Vec<_> = acks
+            .iter()
+            .filter(|a| a.agent.as_deref() == Some("sorter"))
+            .collect();
+        assert_eq!(sorters.len(), 2);
+        assert!(sorters.iter().all(|a| a.stopped == engage), "{sorters:?}");
+        let wf = dev.workflow("triage").await;
+        assert_eq!(
+            condition(&wf, "KillSwitchEngaged").map(|c| c.0).as_deref(),
+            Some(if engage { "True" } else { "False" })
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_policy_change_reloads_the_engines_without_restarting_a_pod() {
+    if !kubectl_present() {
+        return;
+    }
+    let dev = dev(false).await;
+    dev.apply(&triage(&dev.redis_url));
+    ready(&dev, "triage", 1).await;
+    let keys = Keys::new("default", "triage");
+    let before = pod_uids(&dev.client, "triage").await;
+    let v0 = r4::engine::policies::read(dev.queue.as_ref(), &keys)
+        .await
+        .expect("read")
+        .map(|s| s.version)
+        .unwrap_or(0);
+    dev.kubectl(&[
+        "patch", "cp", "triage-policy", "--type", "merge", "-p",
+        r#"{"spec":{"timeout":{"perAttempt":"3s"}}}"#,
+    ]);
+    let v1 = eventually(20, "policies published and every engine on them", || async {
+        let set = r4::engine::policies::read(dev.queue.as_ref(), &keys)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("nothing published")?;
+        if set.version <= v0 {
+            return Err(format!("version {}", set.version));
+        }
+        let stats = r4::engine::stats::read_workflow(dev.queue.as_ref(), &keys)
+            .await
+            .map_err(|e| e.to_string())?;
+        let agents: Vec<_> = stats.engines.iter().filter(|e| e.role == "agent").collect();
+        if agents.len() == 3 && agents.iter().all(|e| e.policy_version == set.version) {
+            Ok(set.version)
+        } else {
+            Err(format!(
+                "engines on {:?}, published {}",
+                agents.iter().map(|e| e.policy_version).collect::<Vec<_>>(),
+                set.version
+            ))
+        }
+    })
+    .await;
+    assert!(v1 > v0);
+    let cms: Api<ConfigMap> = Api::namespaced(dev.client.clone(), "default");
+    let text = cms.get("triage-engine").await.expect("cm").data.unwrap_or_default()["workflow.yaml"].clone();
+    assert!(text.contains("3s"), "{text}");
+    assert_eq!(pod_uids(&dev.client, "triage").await, before, "a pod was restarted");
+    let wf = dev.workflow("triage").await;
+    assert_eq!(wf.status.as_ref().and_then(|s| s.current_revision), Some(1));
+    // The policy's own status names its user.
+    let cp = dev.kubectl(&["get", "cp", "triage-policy", "-o", "jsonpath={.status.usedBy}"]);
+    assert!(cp.contains("triage"), "{cp}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_invalid_spec_is_reported_and_changes_no_child() {
+    if !kubectl_present() {
+        return;
+    }
+    let dev = dev(false).await;
+    dev.apply(&triage(&dev.redis_url));
+    ready(&dev, "triage", 1).await;
+    let deps: Api<Deployment> = Api::namespaced(dev.client.clone(), "default");
+    let before = deps.get("triage-solver").await.expect("solver").resource_version();
+    // A policy that does not exist: the schema cannot know, the controller says so.
+    dev.kubectl(&[
+        "patch", "aw", "triage", "--type", "merge", "-p",
+        r#"{"spec":{"policyRef":"no-such-policy","agents":[{"name":"sorter","image":"ghcr.io/acme/sorter:9","replicas":2,"consumes":"tickets","produces":["sorted"],"simulate":{"latency":{"medianMs":2}}},{"name":"solver","image":"ghcr.io/acme/solver:9","consumes":"sorted","simulate":{"latency":{"medianMs":2}}}]}}"#,
+    ]);
+    let wf = eventually(20, "Valid=False", || async {
+        let wf = dev.workflows().get("triage").await.map_err(|e| e.to_string())?;
+        match condition(&wf, "Valid") {
+            Some(c) if c.0 == "False" => Ok(wf),
+            _ => Err(describe(&wf)),
+        }
+    })
+    .await;
+    let (_, reason, message) = condition(&wf, "Valid").expect("valid");
+    assert_eq!(reason, "InvalidSpec");
+    assert!(message.contains("spec.policyRef") && message.contains("no-such-policy"), "{message}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(deps.get("triage-solver").await.expect("solver").resource_version(), before);
+    assert!(!events(&dev.client, "InvalidSpec").await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deletion_keeps_the_redis_data_unless_the_policy_says_delete() {
+    if !kubectl_present() {
+        return;
+    }
+    // This one reads the queue's address from the spec, through a Secret.
+    let dev = dev(true).await;
+    dev.kubectl(&[
+        "create", "secret", "generic", "redis", &format!("--from-literal=url={}", dev.redis_url),
+    ]);
+    let manifest = triage(&dev.redis_url).replace(
+        &format!("redis: {{url: \"{}\"}}", dev.redis_url),
+        "redis: {urlSecretRef: {name: redis, key: url}}",
+    );
+    assert!(manifest.contains("urlSecretRef"), "{manifest}");
+    dev.apply(&manifest);
+    ready(&dev, "triage", 1).await;
+    let keys = Keys::new("default", "triage");
+    let count = |q: Arc<dyn Queue>| async move {
+        q.scan_prefix(keys.prefix()).await.map(|k| k.len()).unwrap_or(0)
+    };
+    assert!(count(dev.queue.clone()).await > 0);
+    dev.kubectl(&["delete", "aw", "triage", "--wait=true", "--timeout=30s"]);
+    let deps: Api<Deployment> = Api::namespaced(dev.client.clone(), "default");
+    eventually(30, "children garbage-collected", || async {
+        let left = deps
+            .list(&ListParams::default().labels("r4.dev/workflow=triage"))
+            .await
+            .map_err(|e| e.to_string())?
+            .items
+            .len();
+        if left == 0 { Ok(()) } else { Err(format!("{left} deployments left")) }
+    })
+    .await;
+    assert!(count(dev.queue.clone()).await > 0, "Retain: the data must stay");
+
+    // deletePolicy: Delete.
+    let manifest = manifest.replace(
+        "visibilityTimeout: 2s",
+        "visibilityTimeout: 2s\n    deletePolicy: Delete",
+    );
+    dev.apply(&manifest);
+    ready(&dev, "triage", 1).await;
+    dev.kubectl(&["delete", "aw", "triage", "--wait=true", "--timeout=30s"]);
+    eventually(30, "every key gone", || async {
+        let n = count(dev.queue.clone()).await;
+        if n == 0 { Ok(()) } else { Err(format!("{n} keys left")) }
+    })
+    .await;
+}
