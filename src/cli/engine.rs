@@ -55,7 +55,7 @@ pub struct EngineArgs {
     #[arg(long, default_value = "http://127.0.0.1:8081/tasks")]
     pub agent_url: String,
     /// Engine id (consumer name); default: the agent or role name plus a random suffix.
-    #[arg(long)]
+    #[arg(long, env = "R4_ENGINE_ID")]
     pub engine_id: Option<String>,
     /// PEM bundle of CA certificates to trust for `https://` tools, besides the webpki roots.
     #[arg(long, env = "R4_TOOLS_CA_FILE", value_name = "FILE")]
