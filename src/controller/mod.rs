@@ -32,3 +32,8 @@ pub const COMPONENT_LABEL: &str = "app.kubernetes.io/component";
 /// Label naming the agent of an agent Deployment and its pods.
 pub const AGENT_LABEL: &str = "r4.dev/agent";
 pub mod render;
+
+pub mod analysis;
+pub mod conditions;
+pub mod revision;
+pub mod rollout;

@@ -12,7 +12,8 @@
 //! Shared concepts, one module each: [`commit`] (group commit of
 //! completions), [`config`] (the workflow resolved to
 //! numbers), [`task`] (the envelope), [`dlq`], [`saga`], [`killswitch`],
-//! [`breakers`] (published breaker states), [`degraded`], [`stats`],
+//! [`breakers`] (published breaker states), [`degraded`], [`stats`], [`slo`] (the SLO and
+//! incident cost model the run's report and the controller share),
 //! [`http`] (health and metrics endpoints, the server every role runs), [`limits`] (the
 //! timeouts and size limits of every HTTP edge), [`auth`] (the intake's bearer tokens),
 //! [`tools`] (the tool proxy that applies each tool's policy stack; the mechanisms
@@ -32,6 +33,7 @@ pub mod killswitch;
 pub mod limits;
 pub mod repair;
 pub mod saga;
+pub mod slo;
 pub mod stats;
 pub mod task;
 pub mod tools;

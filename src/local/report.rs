@@ -1,20 +1,17 @@
 //! The final report of `r4 run`: the figures of SPEC §9 (`--json`, keys binding) and the table
-//! people read. It also owns the SLO arithmetic and the incident cost model, so both live in
-//! one place:
-//!
-//! - success rate = tasks completed within `slo.p95LatencyMs` / tasks the run was asked to
-//!   submit (a task dead-lettered, routed, late, paused, in flight or lost is a failure, the
-//!   cost model's rule); error budget remaining =
-//!   1 − (1 − success rate) / (1 − SLO success rate) (1 = untouched, ≤ 0 = spent);
-//! - daily failure cost = failed tasks per day × (margin per task + remediation cost per
-//!   failure), with tasks per day from `economics.tasksPerMinute` (else the measured rate).
+//! people read. The SLO arithmetic and the incident cost model are the engine's
+//! ([`crate::engine::slo`], shared with the controller); this module says what the run feeds
+//! them: success = tasks completed within `slo.p95LatencyMs` among the tasks the run was asked
+//! to submit (a task dead-lettered, routed, late, paused, in flight or lost is a failure, the
+//! cost model's rule).
 
 use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::api::workflow::{EconomicsSpec, SloSpec};
 use crate::resilience::CountersSnapshot;
+
+pub use crate::engine::slo::{CostReport, SloReport, incident_cost, slo};
 
 /// The load model of the run (`load` in JSON).
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -126,21 +123,6 @@ pub struct Percentiles {
     pub p999: f64,
 }
 
-/// SLO attainment.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
-pub struct SloReport {
-    pub success_rate: f64,
-    pub p95_latency_ms: f64,
-    pub error_budget_remaining: f64,
-}
-
-/// Incident cost model output.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
-pub struct CostReport {
-    pub failure_rate: f64,
-    pub daily_cost: f64,
-}
-
 /// Drill outcome (with `--drill`).
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct DrillReport {
@@ -202,59 +184,6 @@ pub struct RunReport {
     pub wall_seconds: f64,
     /// `virtual` (embedded queue, tokio's paused clock) or `real` (Redis).
     pub clock: String,
-}
-
-/// SLO attainment from counts and the measured p95.
-/// The SLO figures: `in_time` is the tasks completed within the SLO latency
-/// (`slo.p95LatencyMs`), the same rule as the cost model, so a run cannot
-/// show "SLO success 100%" beside failures the cost model counts.
-pub fn slo(in_time: u64, submitted: u64, p95_ms: f64, spec: Option<&SloSpec>) -> SloReport {
-    let success_rate = if submitted == 0 {
-        1.0
-    } else {
-        in_time as f64 / submitted as f64
-    };
-    let target = spec.map_or(0.999, |s| s.success_rate);
-    let allowed = 1.0 - target;
-    let error_budget_remaining = if allowed <= 0.0 {
-        if success_rate >= 1.0 { 1.0 } else { 0.0 }
-    } else {
-        1.0 - (1.0 - success_rate) / allowed
-    };
-    SloReport {
-        success_rate,
-        p95_latency_ms: p95_ms,
-        error_budget_remaining,
-    }
-}
-
-/// Incident cost per day: `failed / submitted` scaled to a day of traffic, times the cost of
-/// one failure (lost margin + manual remediation).
-pub fn incident_cost(
-    failed: u64,
-    submitted: u64,
-    measured_tasks_per_sec: f64,
-    e: Option<&EconomicsSpec>,
-) -> CostReport {
-    let failure_rate = if submitted == 0 {
-        0.0
-    } else {
-        failed as f64 / submitted as f64
-    };
-    let Some(e) = e else {
-        return CostReport {
-            failure_rate,
-            daily_cost: 0.0,
-        };
-    };
-    let per_day = e
-        .tasks_per_minute
-        .map_or(measured_tasks_per_sec * 86_400.0, |m| m * 1440.0);
-    let daily_cost = failure_rate * per_day * (e.margin_per_task + e.remediation_cost_per_failure);
-    CostReport {
-        failure_rate,
-        daily_cost,
-    }
 }
 
 impl RunReport {
@@ -535,43 +464,5 @@ mod tests {
         }
         assert!(v["incident_cost"].get("daily_cost").is_some());
         assert!(v.get("drill").is_none());
-    }
-
-    #[test]
-    fn error_budget_is_spent_proportionally() {
-        let spec = SloSpec {
-            success_rate: 0.99,
-            p95_latency_ms: None,
-            recovery_seconds: None,
-        };
-        let s = slo(995, 1000, 10.0, Some(&spec));
-        assert!((s.error_budget_remaining - 0.5).abs() < 1e-9);
-        let s = slo(980, 1000, 10.0, Some(&spec));
-        assert!(
-            (s.error_budget_remaining + 1.0).abs() < 1e-9,
-            "overspent budget goes negative"
-        );
-    }
-
-    #[test]
-    fn cost_model_scales_failures_to_a_day() {
-        let e = EconomicsSpec {
-            margin_per_task: 0.08,
-            remediation_cost_per_failure: 3.5,
-            tasks_per_minute: Some(200.0),
-        };
-        let c = incident_cost(12, 1000, 0.0, Some(&e));
-        // 1.2% of 288,000 tasks/day × $3.58
-        assert!(
-            (c.daily_cost - 0.012 * 288_000.0 * 3.58).abs() < 1e-6,
-            "{}",
-            c.daily_cost
-        );
-        let measured = EconomicsSpec {
-            tasks_per_minute: None,
-            ..e
-        };
-        let c = incident_cost(1, 100, 10.0, Some(&measured));
-        assert!((c.daily_cost - 0.01 * 864_000.0 * 3.58).abs() < 1e-6);
     }
 }
