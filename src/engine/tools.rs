@@ -1319,6 +1319,121 @@ agents:
         assert_eq!(p.counters()["ledger"].retries, 2);
     }
 
+    /// Two tools on simulated transports: `slow` answers after 300 ms (policy `fast`),
+    /// `flaky` always answers 500 (policy `brk`).
+    fn reload_proxy() -> ToolProxy {
+        let spec: AgentWorkflowSpec = serde_yaml::from_str(
+            r#"
+queue: {redis: {url: "redis://x"}}
+tools:
+  - {name: slow, url: "http://slow.invalid/x", policyRef: fast}
+  - {name: flaky, url: "http://flaky.invalid/x", policyRef: brk}
+agents:
+  - {name: a, image: i, consumes: in, tools: [slow, flaky]}
+"#,
+        )
+        .unwrap();
+        let transport = |t: &ToolSpec| -> Transport {
+            let slow = t.name == "slow";
+            BoxCloneService::new(tower::service_fn(move |_: HttpRequest| async move {
+                if slow {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    Ok::<_, BoxError>(HttpResponse::new(200, b"{}".to_vec()))
+                } else {
+                    Ok(HttpResponse::new(500, b"{}".to_vec()))
+                }
+            }))
+        };
+        let p = ToolProxy::new(&spec, &reload_set(100, "brk"), &transport, None, None).unwrap();
+        p.set_killed(BTreeSet::new());
+        p
+    }
+
+    /// `fast` with the given per-attempt timeout; `brk` under the name `brk_name`.
+    fn reload_set(per_attempt_ms: u64, brk_name: &str) -> BTreeMap<String, CircuitPolicySpec> {
+        BTreeMap::from([
+            (
+                "fast".to_string(),
+                serde_yaml::from_str(&format!("timeout: {{perAttempt: {per_attempt_ms}ms}}"))
+                    .unwrap(),
+            ),
+            (
+                brk_name.to_string(),
+                serde_yaml::from_str("circuitBreaker: {failureRateThreshold: 0.5, window: {type: Count, size: 4}, minimumCalls: 4, openDuration: 1h}").unwrap(),
+            ),
+        ])
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_rebuilds_only_the_changed_tools() {
+        use super::super::policies::PolicySet;
+        let p = Arc::new(reload_proxy());
+        let both = vec!["slow".to_string(), "flaky".to_string()];
+        let rebuilt_breakers: Arc<Mutex<Vec<String>>> = Arc::default();
+        {
+            let seen = rebuilt_breakers.clone();
+            p.on_new_breaker(move |tool, _, _| seen.lock().unwrap().push(tool.to_owned()));
+        }
+        assert_eq!(p.call(&both, "slow", keyed("k", "{}")).await.status, 504);
+        for _ in 0..4 {
+            p.call(&both, "flaky", keyed("k", "{}")).await;
+        }
+        assert_eq!(p.breaker_states()["flaky"], BreakerState::Open);
+        // A call in flight when the set changes finishes on the stack it started with.
+        let in_flight = tokio::spawn({
+            let (p, both) = (p.clone(), both.clone());
+            async move { p.call(&both, "slow", keyed("k", "{}")).await.status }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let v1 = PolicySet {
+            version: 1,
+            policies: reload_set(2000, "brk"),
+        };
+        assert_eq!(p.apply(&v1).unwrap(), ["slow"]);
+        assert_eq!(p.policy_version(), 1);
+        assert_eq!(in_flight.await.unwrap(), 504, "the old 100 ms deadline");
+        let started = tokio::time::Instant::now();
+        assert_eq!(p.call(&both, "slow", keyed("k", "{}")).await.status, 200);
+        assert_eq!(started.elapsed(), Duration::from_millis(300));
+        // The unchanged tool kept its breaker, still open.
+        assert_eq!(p.breaker_states()["flaky"], BreakerState::Open);
+        assert_eq!(
+            p.call(&both, "flaky", keyed("k", "{}")).await.header(DEGRADED_HEADER),
+            Some("flaky; reason=breaker-open")
+        );
+        assert!(rebuilt_breakers.lock().unwrap().is_empty());
+        // Not newer: ignored.
+        let old = PolicySet {
+            version: 1,
+            policies: reload_set(100, "brk"),
+        };
+        assert_eq!(p.apply(&old).unwrap(), Vec::<String>::new());
+        // A set `flaky` cannot resolve its policy in: refused whole, nothing changes.
+        let missing = PolicySet {
+            version: 2,
+            policies: reload_set(100, "other"),
+        };
+        let e = p.apply(&missing).unwrap_err();
+        assert_eq!(e.path, "spec.tools[1].policyRef");
+        assert_eq!(p.policy_version(), 1);
+        assert_eq!(p.call(&both, "slow", keyed("k", "{}")).await.status, 200);
+        // Changing the breaker's policy rebuilds it closed, and the hook hears of it.
+        let mut changed = reload_set(2000, "brk");
+        changed.insert(
+            "brk".into(),
+            serde_yaml::from_str("circuitBreaker: {failureRateThreshold: 0.9, window: {type: Count, size: 4}, minimumCalls: 4, openDuration: 1h}").unwrap(),
+        );
+        let v3 = PolicySet {
+            version: 3,
+            policies: changed,
+        };
+        assert_eq!(p.apply(&v3).unwrap(), ["flaky"]);
+        assert_eq!(p.breaker_states()["flaky"], BreakerState::Closed);
+        assert_eq!(*rebuilt_breakers.lock().unwrap(), ["flaky"]);
+        // The tool's counters go on across rebuilds.
+        assert!(p.counters()["flaky"].calls >= 5, "{:?}", p.counters()["flaky"]);
+    }
+
     #[tokio::test]
     async fn opens_the_breaker_then_serves_cached_statements() {
         let tool = FakeTool::default();
