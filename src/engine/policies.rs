@@ -74,8 +74,14 @@ impl PolicySet {
 
     /// The workflow's delivery policy under this set: the CircuitPolicy its `policyRef`
     /// names (all defaults when it names none or one the set does not hold — as when the
-    /// file lacks it).
+    /// file lacks it). Refused, naming the field, when a tool of the workflow cannot resolve
+    /// its policy under the set either: every role of an engine takes a set or none does,
+    /// so the version an engine reports is the one all its parts run.
     pub fn workflow_policy(&self, cfg: &WorkflowConfig) -> Result<Policy, String> {
+        for i in 0..cfg.spec.tools.len() {
+            super::tools::tool_policy(&cfg.spec, &self.policies, i)
+                .map_err(|e| format!("{}: {}", e.path, e.message))?;
+        }
         let spec = cfg
             .spec
             .policy_ref

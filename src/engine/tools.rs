@@ -1398,7 +1398,9 @@ agents:
         // The unchanged tool kept its breaker, still open.
         assert_eq!(p.breaker_states()["flaky"], BreakerState::Open);
         assert_eq!(
-            p.call(&both, "flaky", keyed("k", "{}")).await.header(DEGRADED_HEADER),
+            p.call(&both, "flaky", keyed("k", "{}"))
+                .await
+                .header(DEGRADED_HEADER),
             Some("flaky; reason=breaker-open")
         );
         assert!(rebuilt_breakers.lock().unwrap().is_empty());
@@ -1431,7 +1433,11 @@ agents:
         assert_eq!(p.breaker_states()["flaky"], BreakerState::Closed);
         assert_eq!(*rebuilt_breakers.lock().unwrap(), ["flaky"]);
         // The tool's counters go on across rebuilds.
-        assert!(p.counters()["flaky"].calls >= 5, "{:?}", p.counters()["flaky"]);
+        assert!(
+            p.counters()["flaky"].calls >= 5,
+            "{:?}",
+            p.counters()["flaky"]
+        );
     }
 
     #[tokio::test]
