@@ -715,6 +715,8 @@ async fn every_key_written_comes_from_keys() {
         k.killswitch_version(),
         k.breakers(),
         k.topology(),
+        k.policies(),
+        k.policies_version(),
     ];
     let kinds: Vec<String> = [
         k.stream(M),

@@ -91,28 +91,38 @@ async fn start_tool_proxy(
         .agent(agent)
         .map(|a| a.tools.clone())
         .unwrap_or_default();
-    // Per tool: its credentials (headersFrom) and its policy's overall deadline.
-    let mut headers = tools::load_tool_headers(&cfg.spec, &allowed, &args.tools_secrets_dir)
-        .map_err(CliError::Usage)?;
-    let mut options = std::collections::BTreeMap::new();
+    // Per tool: its credentials (headersFrom), and the deadline of its policy's
+    // `timeout.overall` — of the policy it runs, so a reload that changes it rebuilds the
+    // transport too (the factory).
+    let headers = Arc::new(
+        tools::load_tool_headers(&cfg.spec, &allowed, &args.tools_secrets_dir)
+            .map_err(CliError::Usage)?,
+    );
+    let factory: tools::TransportFactory = Arc::new(
+        move |t: &crate::api::workflow::ToolSpec, policy: &crate::resilience::PolicyConfig| {
+            let mut o = HttpToolOptions {
+                headers: headers.get(&t.name).cloned().unwrap_or_default(),
+                ..HttpToolOptions::default()
+            };
+            if let Some(d) = policy.timeout.as_ref().and_then(|t| t.overall) {
+                o.timeout = d;
+            }
+            tools::http_transport_with(client.clone(), o)
+        },
+    );
+    let mut initial = std::collections::BTreeMap::new();
     for (i, t) in cfg.spec.tools.iter().enumerate() {
         let policy = tools::tool_policy(&cfg.spec, &cfg.policies, i)
             .map_err(|e| CliError::Usage(e.to_string()))?;
-        let mut o = HttpToolOptions {
-            headers: headers.remove(&t.name).unwrap_or_default(),
-            ..HttpToolOptions::default()
-        };
-        if let Some(d) = policy.timeout.and_then(|t| t.overall) {
-            o.timeout = d;
-        }
-        options.insert(t.name.clone(), o);
+        initial.insert(t.name.clone(), policy);
     }
-    let options = Arc::new(options);
-    let transport = move |t: &crate::api::workflow::ToolSpec| {
-        tools::http_transport_with(
-            client.clone(),
-            options.get(&t.name).cloned().unwrap_or_default(),
-        )
+    let initial = Arc::new(initial);
+    let transport = {
+        let factory = factory.clone();
+        move |t: &crate::api::workflow::ToolSpec| match initial.get(&t.name) {
+            Some(p) => factory(t, p),
+            None => factory(t, &crate::resilience::PolicyConfig::default()),
+        }
     };
     let proxy: Arc<ToolProxy> =
         Arc::new(
@@ -123,7 +133,8 @@ async fn start_tool_proxy(
                 })?),
                 None,
             )
-            .map_err(|e| CliError::Usage(e.to_string()))?,
+            .map_err(|e| CliError::Usage(e.to_string()))?
+            .with_transport_factory(factory),
         );
     {
         // Learn MCP annotations in the background: a slow or absent MCP server must not hold up
@@ -131,34 +142,72 @@ async fn start_tool_proxy(
         let (proxy, transport) = (proxy.clone(), transport.clone());
         tokio::spawn(async move { proxy.discover_mcp(&transport).await });
     }
+    let shared = |p: Option<&crate::api::policy::CircuitPolicySpec>| {
+        p.and_then(|p| p.circuit_breaker.as_ref())
+            .and_then(|cb| cb.shared)
+            .unwrap_or(false)
+    };
+    // The sync task of each shared breaker, so a breaker a reload replaces stops syncing.
+    let syncs: Arc<
+        std::sync::Mutex<std::collections::BTreeMap<String, tokio::task::JoinHandle<()>>>,
+    > = Arc::default();
+    let mut store = None;
     for t in &cfg.spec.tools {
         let policy = t
             .policy_ref
             .as_ref()
             .or(cfg.spec.policy_ref.as_ref())
             .and_then(|p| cfg.policies.get(p));
-        let shared = policy
-            .and_then(|p| p.circuit_breaker.as_ref())
-            .and_then(|cb| cb.shared)
-            .unwrap_or(false);
-        if let (true, Some(b)) = (shared, proxy.breaker(&t.name)) {
-            let keys = cfg.keys.clone();
-            let names = crate::resilience::SharedBreakerKeys::new(
-                move |tool| keys.breaker(tool),
-                cfg.keys.breaker_channel(),
-            );
-            let store = crate::resilience::SharedBreakerStore::connect(&args.redis, names)
+        if let (true, Some(b)) = (shared(policy), proxy.breaker(&t.name)) {
+            let store = match &store {
+                Some(s) => s,
+                None => store.insert(shared_breaker_store(&args.redis, &cfg.keys).await?),
+            };
+            let sync = store
+                .attach(&b, Duration::from_secs(1))
                 .await
                 .map_err(|e| {
-                    CliError::Usage(format!(
-                        "cannot connect to {}: {e}",
-                        redact_url(&args.redis)
-                    ))
+                    CliError::Internal(format!("cannot share breaker of {}: {e}", t.name))
                 })?;
-            store.attach(b, Duration::from_secs(1)).await.map_err(|e| {
-                CliError::Internal(format!("cannot share breaker of {}: {e}", t.name))
-            })?;
+            crate::resilience::lock(&syncs).insert(t.name.clone(), sync);
         }
+    }
+    {
+        // Breakers a policy reload builds: shared as their policy says, from the background
+        // (a failure is logged; the breaker then works for this engine alone).
+        let (url, keys) = (args.redis.clone(), cfg.keys.clone());
+        let store = Arc::new(tokio::sync::OnceCell::new_with(store));
+        proxy.on_new_breaker(move |tool, b, policy| {
+            if let Some(old) = crate::resilience::lock(&syncs).remove(tool) {
+                old.abort();
+            }
+            if !shared(policy) {
+                return;
+            }
+            let (url, keys, store, syncs) =
+                (url.clone(), keys.clone(), store.clone(), syncs.clone());
+            let (tool, b) = (tool.to_owned(), b.clone());
+            tokio::spawn(async move {
+                let attached = async {
+                    let store = store
+                        .get_or_try_init(|| shared_breaker_store(&url, &keys))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    store
+                        .attach(&b, Duration::from_secs(1))
+                        .await
+                        .map_err(|e| e.to_string())
+                };
+                match attached.await {
+                    Ok(sync) => {
+                        crate::resilience::lock(&syncs).insert(tool, sync);
+                    }
+                    Err(e) => {
+                        tracing::warn!(tool = %tool, error = %e, "cannot share the rebuilt breaker")
+                    }
+                }
+            });
+        });
     }
     tokio::spawn(tools::supervise(
         proxy.clone(),
@@ -175,6 +224,25 @@ async fn start_tool_proxy(
         tools::http::router(proxy, allowed),
         stop,
     )))
+}
+
+/// The store that shares breakers through Redis (`circuitBreaker.shared`).
+async fn shared_breaker_store(
+    url: &str,
+    keys: &Keys,
+) -> Result<crate::resilience::SharedBreakerStore, CliError> {
+    let k = keys.clone();
+    let names = crate::resilience::SharedBreakerKeys::new(
+        move |tool| k.breaker(tool),
+        keys.breaker_channel(),
+    );
+    within(
+        "connecting to Redis for shared breakers",
+        Duration::from_secs(10),
+        crate::resilience::SharedBreakerStore::connect(url, names),
+    )
+    .await?
+    .map_err(|e| CliError::Usage(format!("cannot connect to {}: {e}", redact_url(url))))
 }
 
 pub(crate) async fn connect(url: &str) -> Result<Arc<dyn Queue>, CliError> {

@@ -16,6 +16,7 @@
 //! deduplicated by its inbox key like any crash before completion.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
@@ -34,6 +35,8 @@ type Reply = oneshot::Sender<Result<Completion, QueueError>>;
 /// The completions of one consumer group (one agent role).
 pub struct GroupCommit {
     tx: mpsc::UnboundedSender<(Completing, Reply)>,
+    /// TTL of the inbox keys, in ms: changed by a policy reload for the groups sent after it.
+    inbox_ttl_ms: Arc<AtomicU64>,
 }
 
 /// Where the completions go.
@@ -41,7 +44,7 @@ struct Target {
     queue: Arc<dyn Queue>,
     stream: String,
     group: String,
-    inbox_ttl: Duration,
+    inbox_ttl_ms: Arc<AtomicU64>,
     limit: Option<u64>,
 }
 
@@ -58,15 +61,21 @@ impl GroupCommit {
         limit: Option<u64>,
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
+        let inbox_ttl_ms = Arc::new(AtomicU64::new(ms(inbox_ttl)));
         let target = Target {
             queue,
             stream,
             group,
-            inbox_ttl,
+            inbox_ttl_ms: inbox_ttl_ms.clone(),
             limit,
         };
         tokio::spawn(commit_loop(target, rx));
-        Self { tx }
+        Self { tx, inbox_ttl_ms }
+    }
+
+    /// The inbox-key TTL of the completions sent from now on (a policy reload).
+    pub fn set_inbox_ttl(&self, ttl: Duration) {
+        self.inbox_ttl_ms.store(ms(ttl), Ordering::Relaxed);
     }
 
     /// Complete one entry (see [`Queue::complete`]), together with whatever
@@ -135,10 +144,20 @@ async fn commit(t: Arc<Target>, items: Vec<Completing>, replies: Vec<Reply>) {
     }
 }
 
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 impl Target {
     async fn complete(&self, items: Vec<Completing>) -> Result<Vec<Completion>, QueueError> {
         self.queue
-            .complete_batch(&self.stream, &self.group, items, self.inbox_ttl, self.limit)
+            .complete_batch(
+                &self.stream,
+                &self.group,
+                items,
+                Duration::from_millis(self.inbox_ttl_ms.load(Ordering::Relaxed)),
+                self.limit,
+            )
             .await
     }
 }

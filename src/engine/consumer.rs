@@ -48,7 +48,7 @@ use crate::queue::{
 };
 
 use super::commit::GroupCommit;
-use super::config::{Agent, Join, WorkflowConfig};
+use super::config::{Agent, Join, Policy, WorkflowConfig};
 use super::degraded::{self, Downgrade};
 use super::delivery::{
     Delivery, DeliveryError, DeliveryRequest, Outputs, RequestKind, child_traceparent,
@@ -57,7 +57,7 @@ use super::dlq::{DlqRecord, FailedJoin, reason};
 use super::killswitch::{self, SwitchState};
 use super::stats::{Outcome, Stats};
 use super::task::{self, Attempt, Kind, Task};
-use super::{EngineError, saga};
+use super::{EngineError, policies, saga};
 
 /// Tunables of the agent role (defaults suit production; tests shorten them).
 #[derive(Debug, Clone)]
@@ -114,9 +114,17 @@ struct Ctx {
     downgrade: watch::Receiver<Option<Downgrade>>,
     shutdown: watch::Receiver<bool>,
     jitter: Option<std::sync::Mutex<rand::rngs::SmallRng>>,
+    /// The workflow's delivery policy as published sets change it ([`policies::follow`]);
+    /// each task takes the one current when it needs it.
+    policy: watch::Receiver<(u64, Arc<Policy>)>,
 }
 
 impl Ctx {
+    /// The delivery policy in force now.
+    fn policy(&self) -> Arc<Policy> {
+        self.policy.borrow().1.clone()
+    }
+
     /// A uniform draw in `[0, 1)` for backoff jitter.
     fn jitter_draw(&self) -> f64 {
         match &self.jitter {
@@ -190,9 +198,12 @@ impl AgentRole {
             q.clone(),
             self.cfg.keys.clone(),
             self.engine_id.clone(),
+            Some(self.agent.name.clone()),
         );
         let (down_tx, down_rx) = watch::channel(None);
-        let ctx = self.context(&stream, down_rx, shutdown.clone());
+        // Published CircuitPolicies: taken by the next task (and group commit) once read.
+        let mut policy = policies::follow(q.clone(), self.cfg.clone(), self.stats.clone());
+        let ctx = self.context(&stream, down_rx, shutdown.clone(), policy.clone());
         let stats_task = tokio::spawn(publish_stats(
             q.clone(),
             self.cfg.keys.clone(),
@@ -225,6 +236,10 @@ impl AgentRole {
                 tracing::error!(agent = %self.agent.name, "kill-switch watcher ended; restarting it");
                 switch =
                     killswitch::watch(q.clone(), self.cfg.keys.clone(), self.cfg.spec_switches());
+            }
+            if policy.has_changed().unwrap_or(false) {
+                let ttl = policy.borrow_and_update().1.idempotency_ttl;
+                ctx.commit.set_inbox_ttl(ttl);
             }
             let state = switch.borrow_and_update().clone();
             if last_down_check.is_none_or(|t| t.elapsed() >= killswitch::REREAD) {
@@ -366,6 +381,7 @@ impl AgentRole {
         stream: &str,
         downgrade: watch::Receiver<Option<Downgrade>>,
         shutdown: watch::Receiver<bool>,
+        policy: watch::Receiver<(u64, Arc<Policy>)>,
     ) -> Arc<Ctx> {
         Arc::new(Ctx {
             sem: Arc::new(Semaphore::new(self.agent.concurrency)),
@@ -391,6 +407,7 @@ impl AgentRole {
                     s,
                 ))
             }),
+            policy,
         })
     }
 
@@ -611,7 +628,7 @@ async fn expire_join(ctx: &Ctx, join: &Join, task_id: &str) {
                 ctx.cfg.keys.task_dlq(task_id),
                 Bytes::from_static(reason::JOIN_TIMEOUT.as_bytes()),
             )),
-            marker_ttl: ctx.cfg.policy.idempotency_ttl,
+            marker_ttl: ctx.policy().idempotency_ttl,
             ..DeadLetter::default()
         };
         let parts = u64::try_from(have.len()).unwrap_or(u64::MAX);
@@ -900,7 +917,7 @@ async fn gate(
     } else {
         Vec::new()
     };
-    if entry.delivery_count > ctx.cfg.policy.max_deliveries {
+    if entry.delivery_count > ctx.policy().max_deliveries {
         let msg = round.last().map(|a| a.error.clone()).unwrap_or_else(|| {
             format!(
                 "delivered {} times without completing (engine crashes?)",
@@ -1050,7 +1067,7 @@ async fn deliver(
         compensation,
         inbox,
     } = step;
-    let policy = &ctx.cfg.policy;
+    let policy = &*ctx.policy();
     let hold = ctx.cfg.max_hold();
     let attempts_key = ctx.cfg.keys.attempts(&ctx.agent.name, &entry.id);
     let history_of = |task: &Task, round: &[Attempt]| {
@@ -1661,7 +1678,7 @@ async fn dead_letter(
     } else {
         None
     };
-    let policy = &ctx.cfg.policy;
+    let policy = &*ctx.policy();
     // The joins downstream of this step can no longer complete: failed in
     // the same step (a replay of this record reopens them).
     let mut rec = rec;

@@ -210,6 +210,10 @@ pub struct Ack {
     /// what [`acks`] judges liveness by.
     #[serde(default)]
     pub seen_ms: u64,
+    /// The agent the engine serves (None: an intake or repair engine), so the controller
+    /// can count, per switch, the engines of the agents it covers that acknowledged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
 }
 
 impl Ack {
@@ -218,12 +222,14 @@ impl Ack {
     }
 }
 
-/// Record that `engine` has applied state `version` (stopped or running),
-/// now. Engines call this through an [`Acknowledger`], which also refreshes it.
+/// Record that `engine` (serving `agent`, if an agent engine) has applied state `version`
+/// (stopped or running), now. Engines call this through an [`Acknowledger`], which also
+/// refreshes it.
 pub async fn acknowledge(
     q: &dyn Queue,
     keys: &Keys,
     engine: &str,
+    agent: Option<&str>,
     version: u64,
     stopped: bool,
 ) -> Result<(), QueueError> {
@@ -237,6 +243,7 @@ pub async fn acknowledge(
             stopped,
             at_ms: now,
             seen_ms: now,
+            agent: agent.map(str::to_owned),
         },
     )
     .await
@@ -288,7 +295,9 @@ pub struct Acknowledger {
 }
 
 impl Acknowledger {
-    pub fn start(q: Arc<dyn Queue>, keys: Keys, engine: String) -> Self {
+    /// Start the writer of `engine`'s acknowledgement; `agent` is the agent it serves (None:
+    /// an intake or repair engine), recorded in every [`Ack`].
+    pub fn start(q: Arc<dyn Queue>, keys: Keys, engine: String, agent: Option<String>) -> Self {
         let (tx, mut rx) = watch::channel(None::<(u64, bool, u64)>);
         tokio::spawn(async move {
             loop {
@@ -302,6 +311,7 @@ impl Acknowledger {
                             stopped,
                             at_ms,
                             seen_ms: super::task::now_ms(),
+                            agent: agent.clone(),
                         };
                         Some(match write_ack(q.as_ref(), &keys, &ack).await {
                             Ok(()) => ACK_REFRESH,
@@ -487,7 +497,7 @@ mod tests {
         let s = read(q.as_ref(), &keys).await.unwrap();
         assert_eq!(s.version, v3);
         assert!(s.tool_killed("bank") && !s.stops(Some("coder")));
-        acknowledge(q.as_ref(), &keys, "e1", v3, false)
+        acknowledge(q.as_ref(), &keys, "e1", Some("coder"), v3, false)
             .await
             .unwrap();
         let a = acks(q.as_ref(), &keys).await.unwrap();
@@ -496,6 +506,14 @@ mod tests {
             (a[0].engine.as_str(), a[0].version, a[0].stopped),
             ("e1", v3, false)
         );
+        assert_eq!(a[0].agent.as_deref(), Some("coder"));
+        // An acknowledgement written before acks named their agent still reads (no agent),
+        // and one without an agent is written without the field.
+        let old: Ack =
+            serde_json::from_str(r#"{"engine":"e0","version":1,"stopped":true,"at_ms":5}"#)
+                .unwrap();
+        assert_eq!(old.agent, None);
+        assert!(!serde_json::to_string(&old).unwrap().contains("agent"));
         assert_eq!(
             Target::parse_suffix(Some("tool:x")),
             Target::Tool("x".into())
@@ -671,6 +689,7 @@ mod tests {
             stopped: false,
             at_ms: long_ago,
             seen_ms: long_ago,
+            agent: None,
         };
         q.hset(
             &keys.killswitch_acks(),
@@ -681,7 +700,8 @@ mod tests {
         )
         .await
         .unwrap();
-        let live = Acknowledger::start(q.clone(), keys.clone(), "live".into());
+        let live =
+            Acknowledger::start(q.clone(), keys.clone(), "live".into(), Some("coder".into()));
         live.set(3, true);
         tokio::time::sleep(Duration::from_millis(10)).await;
         // Much later, with no change: the live engine's refreshes keep it.
@@ -692,6 +712,7 @@ mod tests {
             (a[0].engine.as_str(), a[0].version, a[0].stopped),
             ("live", 3, true)
         );
+        assert_eq!(a[0].agent.as_deref(), Some("coder"), "the agent is named");
         assert!(
             a[0].seen_ms > a[0].at_ms,
             "refreshed, still saying when it stopped"

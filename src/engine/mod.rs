@@ -12,8 +12,13 @@
 //! Shared concepts, one module each: [`commit`] (group commit of
 //! completions), [`config`] (the workflow resolved to
 //! numbers), [`task`] (the envelope), [`dlq`], [`saga`], [`killswitch`],
+<<<<<<< HEAD
 //! [`breakers`] (published breaker states), [`degraded`], [`stats`], [`slo`] (the SLO and
 //! incident cost model the run's report and the controller share),
+=======
+//! [`breakers`] (published breaker states), [`policies`] (the CircuitPolicies published
+//! for live reload), [`degraded`], [`stats`],
+>>>>>>> wt-c
 //! [`http`] (health and metrics endpoints, the server every role runs), [`limits`] (the
 //! timeouts and size limits of every HTTP edge), [`auth`] (the intake's bearer tokens),
 //! [`tools`] (the tool proxy that applies each tool's policy stack; the mechanisms
@@ -31,6 +36,7 @@ pub mod http;
 pub mod intake;
 pub mod killswitch;
 pub mod limits;
+pub mod policies;
 pub mod repair;
 pub mod saga;
 pub mod slo;

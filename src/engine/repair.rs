@@ -30,7 +30,7 @@ use tokio::sync::watch;
 use crate::queue::{Queue, QueueError};
 
 use super::breakers::BreakerStates;
-use super::config::WorkflowConfig;
+use super::config::{Policy, WorkflowConfig};
 use super::dlq::{self, Store};
 use super::stats::Stats;
 use super::{EngineError, killswitch, saga, task};
@@ -53,6 +53,9 @@ pub struct RepairRole {
     queue: Arc<dyn Queue>,
     stats: Arc<Stats>,
     interval: Duration,
+    /// The workflow's policy as published sets change it (while [`RepairRole::run`] runs;
+    /// `None`: the file's).
+    policy: Option<watch::Receiver<(u64, Arc<Policy>)>>,
 }
 
 impl RepairRole {
@@ -64,6 +67,7 @@ impl RepairRole {
             queue,
             stats: Arc::new(Stats::new(engine_id, "repair", None)),
             interval,
+            policy: None,
         }
     }
 
@@ -77,7 +81,13 @@ impl RepairRole {
     }
 
     /// Pass after pass until `shutdown`.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> Result<(), EngineError> {
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), EngineError> {
+        // Published CircuitPolicies: each pass takes the replay and retention in force.
+        self.policy = Some(super::policies::follow(
+            self.queue.clone(),
+            self.cfg.clone(),
+            self.stats.clone(),
+        ));
         let stats_task = tokio::spawn(super::consumer::publish_stats(
             self.queue.clone(),
             self.cfg.keys.clone(),
@@ -102,15 +112,24 @@ impl RepairRole {
         Ok(())
     }
 
+    /// The policy in force: the last published set's, else the file's.
+    fn policy(&self) -> Arc<Policy> {
+        match &self.policy {
+            Some(rx) => rx.borrow().1.clone(),
+            None => Arc::new(self.cfg.policy.clone()),
+        }
+    }
+
     /// One look at the records that are due.
     pub async fn pass(&self) -> Result<PassReport, EngineError> {
         let mut report = PassReport::default();
         let q = self.queue.as_ref();
         let keys = &self.cfg.keys;
-        if let Err(e) = dlq::trim_retention(q, keys, self.cfg.policy.retention).await {
+        let policy = self.policy();
+        if let Err(e) = dlq::trim_retention(q, keys, policy.retention).await {
             tracing::warn!(error = %e, "cannot trim the DLQ by retention");
         }
-        let replay = self.cfg.policy.replay;
+        let replay = policy.replay;
         if !replay.automatic {
             return Ok(report);
         }

@@ -97,6 +97,10 @@ pub struct Snapshot {
     pub latency_us: String,
     /// Engine overhead per task (latency minus agent time) in µs.
     pub overhead_us: String,
+    /// Version of the published CircuitPolicies the engine runs (0: those of its file; see
+    /// `engine::policies`).
+    #[serde(default)]
+    pub policy_version: u64,
 }
 
 /// Aggregate of every live engine of a workflow.
@@ -148,6 +152,8 @@ pub struct Stats {
     m_agent_up: IntGauge,
     m_panics: IntCounter,
     m_backpressure: IntCounter,
+    policy_version: AtomicU64,
+    m_policy_version: IntGauge,
 }
 
 impl std::fmt::Debug for Stats {
@@ -222,8 +228,14 @@ impl Stats {
             "Completions held back because an output stream was at its backlog limit",
         )
         .expect("static metric definition");
+        let m_policy_version = IntGauge::new(
+            "r4_engine_policy_version",
+            "Version of the published CircuitPolicies the engine runs (0: those of its workflow file)",
+        )
+        .expect("static metric definition");
         for c in [
             Box::new(m_agent_up.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(m_policy_version.clone()),
             Box::new(m_panics.clone()),
             Box::new(m_backpressure.clone()),
             Box::new(m_tasks.clone()),
@@ -268,7 +280,21 @@ impl Stats {
             m_agent_up,
             m_panics,
             m_backpressure,
+            policy_version: AtomicU64::new(0),
+            m_policy_version,
         }
+    }
+
+    /// The engine now runs the published policies of `version`.
+    pub fn set_policy_version(&self, version: u64) {
+        self.policy_version.store(version, Ordering::Relaxed);
+        self.m_policy_version
+            .set(i64::try_from(version).unwrap_or(i64::MAX));
+    }
+
+    /// Version of the published policies the engine runs (0: its file's).
+    pub fn policy_version(&self) -> u64 {
+        self.policy_version.load(Ordering::Relaxed)
     }
 
     /// The agent container's reachability changed; returns whether this
@@ -434,6 +460,7 @@ impl Stats {
             counters: self.counters(),
             latency_us: encode_hist(&self.latency()),
             overhead_us: encode_hist(&self.overhead()),
+            policy_version: self.policy_version(),
         }
     }
 

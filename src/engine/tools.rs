@@ -117,19 +117,52 @@ pub struct McpHints {
 struct ProxiedTool {
     spec: ToolSpec,
     protocol: ToolProtocol,
-    /// `BoxCloneService` is `Send` but not `Sync`; each call clones it under this lock.
-    service: Mutex<PolicyService<ToolCall, HttpResponse>>,
-    stack_breaker: Option<crate::resilience::Breaker>,
+    /// Index in `spec.tools` (the policy resolution and the seed are per index).
+    index: usize,
+    /// The stack calls go through now; a policy reload replaces it (calls in flight keep the
+    /// one they cloned).
+    stack: RwLock<Arc<ToolStack>>,
     telemetry: Telemetry,
     /// MCP annotations per MCP tool name, when the spec leaves idempotency open.
     hints: RwLock<HashMap<String, McpHints>>,
 }
+
+/// One tool's policy stack and what it was built from.
+struct ToolStack {
+    /// `BoxCloneService` is `Send` but not `Sync`; each call clones it under this lock.
+    service: Mutex<PolicyService<ToolCall, HttpResponse>>,
+    breaker: Option<crate::resilience::Breaker>,
+    /// The CircuitPolicy the tool resolved to (`None`: defaults): a reload rebuilds the
+    /// stack only when this changes.
+    policy: Option<CircuitPolicySpec>,
+    /// The transport inside the stack, reused by a rebuild unless the proxy has a
+    /// [`TransportFactory`].
+    transport: Mutex<Transport>,
+}
+
+/// Makes a tool's transport for the policy it runs under (a real HTTP transport's own deadline
+/// follows the policy's `timeout.overall`), for stacks a policy reload rebuilds.
+pub type TransportFactory = Arc<dyn Fn(&ToolSpec, &PolicyConfig) -> Transport + Send + Sync>;
+
+/// Called with a tool's name, its breaker and the CircuitPolicy the tool resolved to, for
+/// breakers a policy reload builds (see [`ToolProxy::on_breaker`]).
+type BreakerHook =
+    Arc<dyn Fn(&str, &crate::resilience::Breaker, Option<&CircuitPolicySpec>) + Send + Sync>;
 
 /// The proxy for one workflow.
 pub struct ToolProxy {
     tools: BTreeMap<String, ProxiedTool>,
     /// Tools whose kill switch is engaged; `None` until the switch state is known.
     killed: RwLock<Option<BTreeSet<String>>>,
+    /// The workflow spec (tools resolve their policy from it on a reload).
+    workflow: AgentWorkflowSpec,
+    seed: Option<u64>,
+    /// Version of the published policy set the stacks run (0: the one given to `new`).
+    policy_version: std::sync::atomic::AtomicU64,
+    /// Serialises reloads (two appliers must not interleave their swaps).
+    applying: Mutex<()>,
+    factory: Option<TransportFactory>,
+    breaker_hooks: Mutex<Vec<BreakerHook>>,
 }
 
 /// Why the proxy refused a call before sending it.
@@ -143,6 +176,39 @@ pub enum Refusal {
     Killed,
     /// The kill-switch state has not been read yet: every call is refused until it is.
     SwitchUnknown,
+}
+
+/// The CircuitPolicy `spec.tools[i]` names (its own `policyRef`, else the workflow's), as
+/// found in `policies`.
+fn resolved_policy(
+    spec: &AgentWorkflowSpec,
+    policies: &BTreeMap<String, CircuitPolicySpec>,
+    i: usize,
+) -> Option<CircuitPolicySpec> {
+    let t = spec.tools.get(i)?;
+    let name = t.policy_ref.as_ref().or(spec.policy_ref.as_ref())?;
+    policies.get(name).cloned()
+}
+
+fn tool_seed(seed: Option<u64>, i: usize) -> Option<u64> {
+    seed.map(|s| s.wrapping_add((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)))
+}
+
+fn build_tool_stack(
+    cfg: &PolicyConfig,
+    policy: Option<CircuitPolicySpec>,
+    transport: Transport,
+    telemetry: Telemetry,
+) -> ToolStack {
+    let Stack {
+        service, breaker, ..
+    } = build_stack(cfg, CallAdapter(transport.clone()), telemetry);
+    ToolStack {
+        service: Mutex::new(service),
+        breaker,
+        policy,
+        transport: Mutex::new(transport),
+    }
 }
 
 impl ToolProxy {
@@ -159,19 +225,21 @@ impl ToolProxy {
         let mut tools = BTreeMap::new();
         for (i, t) in spec.tools.iter().enumerate() {
             let mut cfg = tool_policy(spec, policies, i)?;
-            cfg.seed = seed.map(|s| s.wrapping_add((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
+            cfg.seed = tool_seed(seed, i);
             let telemetry = Telemetry::new(&t.name, metrics.clone());
-            let inner = transport(t);
-            let Stack {
-                service, breaker, ..
-            } = build_stack(&cfg, CallAdapter(inner), telemetry.clone());
+            let stack = build_tool_stack(
+                &cfg,
+                resolved_policy(spec, policies, i),
+                transport(t),
+                telemetry.clone(),
+            );
             tools.insert(
                 t.name.clone(),
                 ProxiedTool {
                     protocol: protocol_of(t),
                     spec: t.clone(),
-                    service: Mutex::new(service),
-                    stack_breaker: breaker,
+                    index: i,
+                    stack: RwLock::new(Arc::new(stack)),
                     telemetry,
                     hints: RwLock::new(HashMap::new()),
                 },
@@ -180,7 +248,105 @@ impl ToolProxy {
         Ok(Self {
             tools,
             killed: RwLock::new(None),
+            workflow: spec.clone(),
+            seed,
+            policy_version: std::sync::atomic::AtomicU64::new(0),
+            applying: Mutex::new(()),
+            factory: None,
+            breaker_hooks: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Make the transports of the stacks a policy reload rebuilds with `factory` (without
+    /// one, a rebuilt stack keeps the tool's transport).
+    pub fn with_transport_factory(mut self, factory: TransportFactory) -> Self {
+        self.factory = Some(factory);
+        self
+    }
+
+    /// Call `hook` for every tool's breaker now, and for every breaker a policy reload builds
+    /// later (to listen to its transitions), with the tool's name and the CircuitPolicy it
+    /// resolved to.
+    pub fn on_breaker(
+        &self,
+        hook: impl Fn(&str, &crate::resilience::Breaker, Option<&CircuitPolicySpec>)
+        + Send
+        + Sync
+        + 'static,
+    ) {
+        let hook: BreakerHook = Arc::new(hook);
+        // Registered before the current breakers are visited: a reload in between calls it
+        // for its new breakers (at worst a breaker is seen twice, never missed).
+        crate::resilience::lock(&self.breaker_hooks).push(hook.clone());
+        for (name, t) in &self.tools {
+            let stack = read(&t.stack).clone();
+            if let Some(b) = &stack.breaker {
+                hook(name, b, stack.policy.as_ref());
+            }
+        }
+    }
+
+    /// Call `hook` for every breaker a policy reload builds from now on (not for the current
+    /// ones), e.g. to share it through Redis as the current ones were at start.
+    pub fn on_new_breaker(
+        &self,
+        hook: impl Fn(&str, &crate::resilience::Breaker, Option<&CircuitPolicySpec>)
+        + Send
+        + Sync
+        + 'static,
+    ) {
+        crate::resilience::lock(&self.breaker_hooks).push(Arc::new(hook));
+    }
+
+    /// Version of the published policy set the proxy runs (0: the one it was built with).
+    pub fn policy_version(&self) -> u64 {
+        self.policy_version
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Run the policies of `set`: rebuild the stack of each tool whose resolved policy
+    /// changed, leave the others (their breaker state, budget and hedge histogram) untouched.
+    /// Calls in flight finish on the stack they started with. All or nothing: when a tool
+    /// cannot resolve its policy under the new set (a `policyRef` it lacks, a bad field), the
+    /// error names the field and nothing changes. A set not newer than the one running is
+    /// ignored. Returns the tools rebuilt.
+    pub fn apply(&self, set: &super::policies::PolicySet) -> Result<Vec<String>, FieldError> {
+        let _one = crate::resilience::lock(&self.applying);
+        if set.version <= self.policy_version() {
+            return Ok(Vec::new());
+        }
+        let mut rebuilt = Vec::new();
+        for (name, t) in &self.tools {
+            let policy = resolved_policy(&self.workflow, &set.policies, t.index);
+            if read(&t.stack).policy == policy {
+                continue;
+            }
+            let mut cfg = tool_policy(&self.workflow, &set.policies, t.index)?;
+            cfg.seed = tool_seed(self.seed, t.index);
+            rebuilt.push((name, policy, cfg));
+        }
+        let hooks: Vec<BreakerHook> = crate::resilience::lock(&self.breaker_hooks).clone();
+        let mut names = Vec::new();
+        for (name, policy, cfg) in rebuilt {
+            let Some(t) = self.tools.get(name) else {
+                continue;
+            };
+            let transport = match &self.factory {
+                Some(f) => f(&t.spec, &cfg),
+                None => crate::resilience::lock(&read(&t.stack).transport).clone(),
+            };
+            let stack = build_tool_stack(&cfg, policy, transport, t.telemetry.clone());
+            if let Some(b) = &stack.breaker {
+                for hook in &hooks {
+                    hook(name, b, stack.policy.as_ref());
+                }
+            }
+            *write(&t.stack) = Arc::new(stack);
+            names.push(name.clone());
+        }
+        self.policy_version
+            .store(set.version, std::sync::atomic::Ordering::Relaxed);
+        Ok(names)
     }
 
     /// The tools whose kill switch is engaged, as read (the kill-switch watcher keeps this
@@ -196,9 +362,7 @@ impl ToolProxy {
         if read(&self.killed).as_ref().is_none_or(|k| k.contains(tool)) {
             return true;
         }
-        self.tools
-            .get(tool)
-            .and_then(|t| t.stack_breaker.as_ref())
+        self.breaker(tool)
             .is_some_and(|b| b.state() == BreakerState::Open)
     }
 
@@ -211,13 +375,21 @@ impl ToolProxy {
     pub fn breaker_states(&self) -> BTreeMap<String, BreakerState> {
         self.tools
             .iter()
-            .filter_map(|(n, t)| t.stack_breaker.as_ref().map(|b| (n.clone(), b.state())))
+            .filter_map(|(n, t)| {
+                read(&t.stack)
+                    .breaker
+                    .as_ref()
+                    .map(|b| (n.clone(), b.state()))
+            })
             .collect()
     }
 
-    /// The breaker of one tool, to attach shared state or listen to transitions.
-    pub fn breaker(&self, tool: &str) -> Option<&crate::resilience::Breaker> {
-        self.tools.get(tool).and_then(|t| t.stack_breaker.as_ref())
+    /// The breaker of one tool now (a policy reload that rebuilds the tool's stack replaces
+    /// it: to follow every breaker, use [`ToolProxy::on_breaker`]).
+    pub fn breaker(&self, tool: &str) -> Option<crate::resilience::Breaker> {
+        self.tools
+            .get(tool)
+            .and_then(|t| read(&t.stack).breaker.clone())
     }
 
     /// Policy counters per tool.
@@ -296,7 +468,9 @@ impl ToolProxy {
             idempotent,
             read_only,
         };
-        let svc = crate::resilience::lock(&t.service).clone();
+        // The stack of this instant: a reload during the call does not change it.
+        let stack = read(&t.stack).clone();
+        let svc = crate::resilience::lock(&stack.service).clone();
         match svc.oneshot(call).await {
             Ok(resp) => {
                 let mut resp = resp;
@@ -695,9 +869,12 @@ fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 }
 
 /// Keep a proxy in step with its workflow until `stop`: the tools' kill switches (spec and
-/// Redis; the proxy refuses every call until they are first read) and the breaker states, published on every transition (and refreshed while not
-/// closed, see [`super::breakers::REFRESH`]) for the repair role and degraded mode of every
-/// engine of the workflow.
+/// Redis; the proxy refuses every call until they are first read), the published
+/// CircuitPolicies (a new set rebuilds the stacks of the tools whose policy changed,
+/// [`ToolProxy::apply`]; see [`super::policies`]) and the breaker states, published on every
+/// transition and every rebuild (and refreshed while not closed, see
+/// [`super::breakers::REFRESH`]) for the repair role and degraded mode of every engine of the
+/// workflow.
 pub async fn supervise(
     proxy: Arc<ToolProxy>,
     queue: Arc<dyn crate::queue::Queue>,
@@ -707,16 +884,22 @@ pub async fn supervise(
 ) {
     use super::breakers::{BreakerRecord, BreakerState as Published, BreakerStates, REFRESH};
     let (tx, mut transitions) = tokio::sync::mpsc::unbounded_channel::<String>();
-    for name in proxy.tools.keys() {
-        if let Some(b) = proxy.breaker(name) {
-            let (tx, name) = (tx.clone(), name.clone());
+    {
+        let tx = tx.clone();
+        proxy.on_breaker(move |name, b, _| {
+            let (tx, name) = (tx.clone(), name.to_owned());
             b.on_transition(move |_| {
                 let _ = tx.send(name.clone());
             });
-        }
+        });
     }
     let mut switches =
         super::killswitch::watch(queue.clone(), cfg.keys.clone(), cfg.spec_switches());
+    let mut policies = super::policies::watch(
+        queue.clone(),
+        cfg.keys.clone(),
+        super::policies::PolicySet::from_file(&cfg),
+    );
     let mut since: BTreeMap<String, u64> = BTreeMap::new();
     let mut tick = tokio::time::interval(REFRESH);
     let publish = |tool: String, state: BreakerState, since: u64| {
@@ -761,6 +944,31 @@ pub async fn supervise(
         tokio::select! {
             r = stop.changed() => if r.is_err() || *stop.borrow() { return },
             changed = switches.changed() => if changed.is_err() { return },
+            changed = policies.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let set = policies.borrow_and_update().clone();
+                match proxy.apply(&set) {
+                    Ok(rebuilt) => {
+                        tracing::info!(
+                            version = set.version,
+                            tools = %rebuilt.join(","),
+                            "policies reloaded"
+                        );
+                        // A rebuilt tool starts with a new breaker: say so.
+                        for tool in rebuilt {
+                            let _ = tx.send(tool);
+                        }
+                    }
+                    Err(e) => tracing::warn!(
+                        version = set.version,
+                        running = proxy.policy_version(),
+                        error = %e,
+                        "published policies refused by the tool proxy; keeping the ones running"
+                    ),
+                }
+            }
             Some(tool) = transitions.recv() => {
                 let state = proxy.breaker(&tool).map_or(BreakerState::Closed, |b| b.state());
                 let at = super::task::now_ms();
@@ -1109,6 +1317,127 @@ agents:
             Some("ledger; reason=connect-error")
         );
         assert_eq!(p.counters()["ledger"].retries, 2);
+    }
+
+    /// Two tools on simulated transports: `slow` answers after 300 ms (policy `fast`),
+    /// `flaky` always answers 500 (policy `brk`).
+    fn reload_proxy() -> ToolProxy {
+        let spec: AgentWorkflowSpec = serde_yaml::from_str(
+            r#"
+queue: {redis: {url: "redis://x"}}
+tools:
+  - {name: slow, url: "http://slow.invalid/x", policyRef: fast}
+  - {name: flaky, url: "http://flaky.invalid/x", policyRef: brk}
+agents:
+  - {name: a, image: i, consumes: in, tools: [slow, flaky]}
+"#,
+        )
+        .unwrap();
+        let transport = |t: &ToolSpec| -> Transport {
+            let slow = t.name == "slow";
+            BoxCloneService::new(tower::service_fn(move |_: HttpRequest| async move {
+                if slow {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    Ok::<_, BoxError>(HttpResponse::new(200, b"{}".to_vec()))
+                } else {
+                    Ok(HttpResponse::new(500, b"{}".to_vec()))
+                }
+            }))
+        };
+        let p = ToolProxy::new(&spec, &reload_set(100, "brk"), &transport, None, None).unwrap();
+        p.set_killed(BTreeSet::new());
+        p
+    }
+
+    /// `fast` with the given per-attempt timeout; `brk` under the name `brk_name`.
+    fn reload_set(per_attempt_ms: u64, brk_name: &str) -> BTreeMap<String, CircuitPolicySpec> {
+        BTreeMap::from([
+            (
+                "fast".to_string(),
+                serde_yaml::from_str(&format!("timeout: {{perAttempt: {per_attempt_ms}ms}}"))
+                    .unwrap(),
+            ),
+            (
+                brk_name.to_string(),
+                serde_yaml::from_str("circuitBreaker: {failureRateThreshold: 0.5, window: {type: Count, size: 4}, minimumCalls: 4, openDuration: 1h}").unwrap(),
+            ),
+        ])
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_rebuilds_only_the_changed_tools() {
+        use super::super::policies::PolicySet;
+        let p = Arc::new(reload_proxy());
+        let both = vec!["slow".to_string(), "flaky".to_string()];
+        let rebuilt_breakers: Arc<Mutex<Vec<String>>> = Arc::default();
+        {
+            let seen = rebuilt_breakers.clone();
+            p.on_new_breaker(move |tool, _, _| seen.lock().unwrap().push(tool.to_owned()));
+        }
+        assert_eq!(p.call(&both, "slow", keyed("k", "{}")).await.status, 504);
+        for _ in 0..4 {
+            p.call(&both, "flaky", keyed("k", "{}")).await;
+        }
+        assert_eq!(p.breaker_states()["flaky"], BreakerState::Open);
+        // A call in flight when the set changes finishes on the stack it started with.
+        let in_flight = tokio::spawn({
+            let (p, both) = (p.clone(), both.clone());
+            async move { p.call(&both, "slow", keyed("k", "{}")).await.status }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let v1 = PolicySet {
+            version: 1,
+            policies: reload_set(2000, "brk"),
+        };
+        assert_eq!(p.apply(&v1).unwrap(), ["slow"]);
+        assert_eq!(p.policy_version(), 1);
+        assert_eq!(in_flight.await.unwrap(), 504, "the old 100 ms deadline");
+        let started = tokio::time::Instant::now();
+        assert_eq!(p.call(&both, "slow", keyed("k", "{}")).await.status, 200);
+        assert_eq!(started.elapsed(), Duration::from_millis(300));
+        // The unchanged tool kept its breaker, still open.
+        assert_eq!(p.breaker_states()["flaky"], BreakerState::Open);
+        assert_eq!(
+            p.call(&both, "flaky", keyed("k", "{}"))
+                .await
+                .header(DEGRADED_HEADER),
+            Some("flaky; reason=breaker-open")
+        );
+        assert!(rebuilt_breakers.lock().unwrap().is_empty());
+        // Not newer: ignored.
+        let old = PolicySet {
+            version: 1,
+            policies: reload_set(100, "brk"),
+        };
+        assert_eq!(p.apply(&old).unwrap(), Vec::<String>::new());
+        // A set `flaky` cannot resolve its policy in: refused whole, nothing changes.
+        let missing = PolicySet {
+            version: 2,
+            policies: reload_set(100, "other"),
+        };
+        let e = p.apply(&missing).unwrap_err();
+        assert_eq!(e.path, "spec.tools[1].policyRef");
+        assert_eq!(p.policy_version(), 1);
+        assert_eq!(p.call(&both, "slow", keyed("k", "{}")).await.status, 200);
+        // Changing the breaker's policy rebuilds it closed, and the hook hears of it.
+        let mut changed = reload_set(2000, "brk");
+        changed.insert(
+            "brk".into(),
+            serde_yaml::from_str("circuitBreaker: {failureRateThreshold: 0.9, window: {type: Count, size: 4}, minimumCalls: 4, openDuration: 1h}").unwrap(),
+        );
+        let v3 = PolicySet {
+            version: 3,
+            policies: changed,
+        };
+        assert_eq!(p.apply(&v3).unwrap(), ["flaky"]);
+        assert_eq!(p.breaker_states()["flaky"], BreakerState::Closed);
+        assert_eq!(*rebuilt_breakers.lock().unwrap(), ["flaky"]);
+        // The tool's counters go on across rebuilds.
+        assert!(
+            p.counters()["flaky"].calls >= 5,
+            "{:?}",
+            p.counters()["flaky"]
+        );
     }
 
     #[tokio::test]

@@ -188,6 +188,22 @@ impl Keys {
         format!("{}:breaker:chan", self.prefix)
     }
 
+    /// The CircuitPolicies the workflow's engines run, as the controller published them
+    /// (hash: `policies` JSON and `version`, see `engine::policies`): `r4:{ns/wf}:policies`.
+    pub fn policies(&self) -> String {
+        format!("{}:policies", self.prefix)
+    }
+
+    /// Version counter of the published policies: `r4:{ns/wf}:policies:version`.
+    pub fn policies_version(&self) -> String {
+        format!("{}:policies:version", self.prefix)
+    }
+
+    /// Pub/sub channel announcing a new policy version: `r4:{ns/wf}:policies:chan`.
+    pub fn policies_channel(&self) -> String {
+        format!("{}:policies:chan", self.prefix)
+    }
+
     /// The names the workflow's engines run (agents and tools, written by
     /// every engine on start), which `r4 kill` checks targets against:
     /// `r4:{ns/wf}:topology`.
@@ -275,6 +291,9 @@ mod tests {
             k.breaker("bank"),
             k.breaker_channel(),
             k.topology(),
+            k.policies(),
+            k.policies_version(),
+            k.policies_channel(),
         ];
         let slot = key_slot(b"team-a/review-flow");
         for key in &keys {
@@ -312,6 +331,9 @@ mod tests {
             ("degraded", k.degraded(n)),
             ("breaker", k.breaker(n)),
             ("topology", k.topology()),
+            ("policies", k.policies()),
+            ("policies_version", k.policies_version()),
+            ("policies_channel", k.policies_channel()),
         ]
     }
 
@@ -331,6 +353,8 @@ mod tests {
             "breakers",
             "breaker",
             "topology",
+            "policies",
+            "policies:version",
             "task",
             "dlq:x",
             "stream:x",
