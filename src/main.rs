@@ -44,39 +44,26 @@ enum Command {
     /// Run a workflow on one machine, no cluster: simulated agents and tools, the real engine,
     /// live progress and a report.
     Run(r4::cli::run::RunArgs),
-    /// Engage a kill switch: WORKFLOW (all agents), WORKFLOW/AGENT or WORKFLOW/tool:TOOL.
-    Kill(KillArgs),
+    /// Engage a kill switch: WORKFLOW (all agents), WORKFLOW/AGENT or WORKFLOW/tool:TOOL
+    /// (patches spec.killSwitches; with --redis, sets it directly in Redis).
+    Kill(r4::cli::workflow::KillArgs),
     /// Release a kill switch engaged with `r4 kill`.
-    Resume(KillArgs),
+    Resume(r4::cli::workflow::KillArgs),
+    /// Roll a workflow back to its previous Healthy revision, or --to N (patches spec.rollbackTo).
+    Rollback(r4::cli::workflow::RollbackArgs),
     /// Inspect and act on a workflow's dead-letter queue.
     Dlq {
         #[command(subcommand)]
         command: r4::cli::dlq::DlqCommand,
     },
-    /// Workflow status (available with the controller issue).
-    #[command(hide = true)]
-    Status,
+    /// One screen of a workflow: conditions, revisions, agents, kill switches, queue and DLQ,
+    /// breakers, SLO, error budget and incident cost.
+    Status(r4::cli::workflow::StatusArgs),
     /// Benchmarks: r4 against its peer in the same run, JSON out.
     Bench {
         #[command(subcommand)]
         bench: BenchCommand,
     },
-}
-
-#[derive(clap::Args, Debug)]
-struct KillArgs {
-    /// WORKFLOW, WORKFLOW/AGENT or WORKFLOW/tool:TOOL.
-    target: String,
-    /// Set the switch directly in this Redis (without it, the spec would be patched through the controller).
-    #[arg(long, env = "R4_REDIS_URL", hide_env_values = true)]
-    redis: Option<String>,
-    /// Namespace of the workflow; default: the manifest's with -f, else `default`.
-    #[arg(long)]
-    namespace: Option<String>,
-    /// Check the target against this manifest instead of the names the workflow's engines
-    /// published in Redis (for a workflow none of whose engines has started yet).
-    #[arg(short = 'f', long = "file", value_name = "WORKFLOW.yaml")]
-    file: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -147,16 +134,6 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
-}
-
-fn kill_switch(k: &KillArgs, engage: bool) -> Result<ExitCode, r4::cli::CliError> {
-    r4::cli::engine::kill_switch(
-        &k.target,
-        k.redis.as_deref(),
-        k.namespace.as_deref(),
-        k.file.as_deref(),
-        engage,
-    )
 }
 
 /// What is logged without `RUST_LOG`: long-running processes report at `info` (r4's own
@@ -244,8 +221,10 @@ fn main() -> ExitCode {
         Command::Engine(args) => r4::cli::engine::engine(args),
         Command::Controller(args) => r4::cli::controller::controller(args),
         Command::Dev(args) => r4::cli::dev::dev(args),
-        Command::Kill(k) => kill_switch(&k, true),
-        Command::Resume(k) => kill_switch(&k, false),
+        Command::Kill(k) => r4::cli::workflow::kill(k, true),
+        Command::Resume(k) => r4::cli::workflow::kill(k, false),
+        Command::Rollback(args) => r4::cli::workflow::rollback(args),
+        Command::Status(args) => r4::cli::workflow::status(args),
         Command::Dlq { command } => r4::cli::dlq::run(command),
         Command::Run(args) => r4::cli::run::run(args),
         other => Err(r4::cli::CliError::NotYet(

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::{CliError, print_json, read_input, runtime};
-use crate::engine::killswitch::{self, Target};
+use crate::engine::killswitch;
 use crate::engine::{self, AgentRole, HttpDelivery, Intake, RepairRole, WorkflowConfig, http};
 use crate::queue::redis::RedisQueue;
 use crate::queue::{Keys, Queue};
@@ -419,16 +419,8 @@ pub fn kill_switch(
             "patching the workflow spec needs the controller (not in this build); pass --redis URL to set the switch directly in Redis".into(),
         ));
     };
-    let (workflow, rest) = match target.split_once('/') {
-        Some((w, a)) => (w, Some(a)),
-        None => (target, None),
-    };
-    if workflow.is_empty() || rest == Some("") {
-        return Err(CliError::Usage(format!(
-            "bad target {target:?}: expected WORKFLOW[/AGENT|/tool:TOOL]"
-        )));
-    }
-    let t = Target::parse_suffix(rest);
+    let (workflow, t) = super::workflow::parse_target(target)?;
+    let workflow = workflow.as_str();
     // With -f, the manifest names the parts (and the namespace, unless --namespace does).
     let from_file = match file {
         Some(path) => {

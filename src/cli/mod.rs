@@ -5,7 +5,9 @@ pub mod controller;
 pub mod dev;
 pub mod dlq;
 pub mod engine;
+pub mod kube;
 pub mod run;
+pub mod workflow;
 
 use std::io::Read;
 use std::path::Path;
