@@ -562,6 +562,17 @@ mod tests {
     }
 
     #[test]
+    fn role_file_is_fresh() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/rbac/role.yaml");
+        let on_disk =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert!(
+            on_disk == role_yaml(),
+            "config/rbac/role.yaml is stale: run `make rbac`"
+        );
+    }
+
+    #[test]
     fn calls_are_unique_lowercase_and_without_wildcards() {
         let set: BTreeSet<&Call> = CALLS.iter().collect();
         assert_eq!(set.len(), CALLS.len(), "a call is listed twice");
