@@ -5,7 +5,7 @@ R4_DEV  := $(or $(CARGO_TARGET_DIR),target)/debug/r4
 SAMPLES := $(wildcard config/samples/*.yaml)
 IMAGE   ?= r4:dev
 
-.PHONY: all build test deps lint crds check-crds validate-samples readme check-readme run bench e2e docker clean
+.PHONY: all build test deps lint crds check-crds rbac validate-samples readme check-readme run bench e2e docker clean
 
 all: build
 
@@ -32,6 +32,11 @@ test: deps lint
 ## crds: regenerate crds/ from the Rust types
 crds:
 	$(CARGO) run --locked -q --bin r4 -- crds --out-dir crds
+
+## rbac: regenerate config/rbac/role.yaml from the controller's list of API calls
+rbac:
+	@mkdir -p config/rbac
+	$(CARGO) run --locked -q --bin r4 -- rbac > config/rbac/role.yaml
 
 check-crds:
 	@$(CARGO) build --locked -q --bin r4

@@ -37,3 +37,7 @@ pub mod analysis;
 pub mod conditions;
 pub mod revision;
 pub mod rollout;
+pub mod backoff;
+pub mod http;
+pub mod metrics;
+pub mod rbac;
