@@ -33,18 +33,12 @@ enum Command {
         #[arg(long)]
         require_refs: bool,
     },
-<<<<<<< HEAD
     /// The operator: reconciles AgentWorkflows and CircuitPolicies into agent Deployments,
     /// queue wiring and kill switches; versioned rollback; leader-elected.
     Controller(r4::cli::controller::ControllerArgs),
-=======
-    /// The operator (available with the controller issue).
-    #[command(hide = true)]
-    Controller,
     /// Print the controller's RBAC (what config/rbac/role.yaml holds; `make rbac`).
     #[command(hide = true)]
     Rbac,
->>>>>>> wt-e
     /// A local Kubernetes API on loopback that kubectl works against (CRDs, Deployments, Pods,
     /// …), with a kubeconfig for it: for trying and testing the operator without a cluster.
     Dev(r4::cli::dev::DevArgs),

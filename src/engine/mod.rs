@@ -12,13 +12,9 @@
 //! Shared concepts, one module each: [`commit`] (group commit of
 //! completions), [`config`] (the workflow resolved to
 //! numbers), [`task`] (the envelope), [`dlq`], [`saga`], [`killswitch`],
-<<<<<<< HEAD
-//! [`breakers`] (published breaker states), [`degraded`], [`stats`], [`slo`] (the SLO and
-//! incident cost model the run's report and the controller share),
-=======
 //! [`breakers`] (published breaker states), [`policies`] (the CircuitPolicies published
-//! for live reload), [`degraded`], [`stats`],
->>>>>>> wt-c
+//! for live reload), [`degraded`], [`stats`], [`slo`] (the SLO and incident cost model the
+//! run's report and the controller share),
 //! [`http`] (health and metrics endpoints, the server every role runs), [`limits`] (the
 //! timeouts and size limits of every HTTP edge), [`auth`] (the intake's bearer tokens),
 //! [`tools`] (the tool proxy that applies each tool's policy stack; the mechanisms
