@@ -325,7 +325,7 @@ async fn the_samples_reconcile_into_children_queues_and_ready_and_drift_is_repai
     eventually(20, "drift repaired", || async {
         let r = deps.get("payment-disputes-resolution").await.map_err(|e| e.to_string())?;
         let i = deps.get("payment-disputes-investigation").await.map_err(|e| e.to_string())?;
-        let replicas = i.spec.as_ref().and_then(|s| s.replicas);
+        let replicas = i.spec.replicas;
         if r.metadata.deletion_timestamp.is_none() && replicas == Some(3) {
             Ok(())
         } else {
@@ -417,8 +417,9 @@ async fn a_new_revision_rolls_a_broken_one_is_rolled_back_and_rollback_by_hand_w
         let d = deps.get("triage-solver").await.map_err(|e| e.to_string())?;
         let image = d
             .spec
+            .template
+            .spec
             .as_ref()
-            .and_then(|s| s.template.spec.as_ref())
             .map(|s| s.containers.iter().map(|c| c.image.clone().unwrap_or_default()).collect::<Vec<_>>())
             .unwrap_or_default();
         if image.iter().any(|i| i == "ghcr.io/acme/solver:1.0") {

@@ -359,7 +359,7 @@ pub fn availability(deployments: &[Deployment], applied: Option<i64>) -> Availab
                 detail: format!("{n} is not at revision {applied} yet"),
             };
         }
-        let desired = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+        let desired = d.spec.replicas.unwrap_or(1);
         let Some(s) = &d.status else {
             return Availability::Progressing {
                 detail: format!("{n} has no status yet"),
