@@ -1,8 +1,8 @@
 //! The children of an AgentWorkflow, rendered by pure functions: spec in, objects out, no I/O.
 //!
 //! This module owns what the children look like: their names, labels, owner reference and pod
-//! layout, and the engine config file the pods read. It leaves to the reconciler
-//! ([`super::workflow`]) when to render, which revision's spec to render, and applying the
+//! layout, and the engine config file the pods read. It leaves to the workflow reconciler
+//! when to render, which revision's spec to render, and applying the
 //! objects (server-side apply as [`super::FIELD_MANAGER`]); and to the engine what the config
 //! means.
 //!
@@ -40,7 +40,6 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use serde_json::json;
 
 use super::{AGENT_LABEL, COMPONENT_LABEL, REVISION_LABEL, WORKFLOW_LABEL};
 use crate::api::common::SecretKeyRef;
@@ -263,29 +262,45 @@ pub fn engine_config(
         }
         refs.insert(p.as_str());
     }
-    let yaml = |v: serde_json::Value| {
-        serde_yaml::to_string(&v).map_err(|e| RenderError::Yaml(e.to_string()))
-    };
     let mut out = format!(
         "# Engine config of AgentWorkflow {namespace}/{name}, written by the r4 controller.\n\
          # Kill switches are not here: the engines read them from Redis.\n"
     );
-    out += &yaml(json!({
-        "apiVersion": "r4.dev/v1alpha1",
-        "kind": "AgentWorkflow",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": engine_spec,
-    }))?;
-    for p in refs {
+    out += &document("AgentWorkflow", name, namespace, &engine_spec)?;
+    for (p, spec) in policies.iter().filter(|(p, _)| refs.contains(p.as_str())) {
         out += "---\n";
-        out += &yaml(json!({
-            "apiVersion": "r4.dev/v1alpha1",
-            "kind": "CircuitPolicy",
-            "metadata": {"name": p, "namespace": namespace},
-            "spec": policies.get(p),
-        }))?;
+        out += &document("CircuitPolicy", p, namespace, spec)?;
     }
     Ok(out)
+}
+
+/// One r4 object of the engine config, as YAML.
+fn document<T: serde::Serialize>(
+    kind: &str,
+    name: &str,
+    namespace: &str,
+    spec: &T,
+) -> Result<String, RenderError> {
+    #[derive(serde::Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Document<'a, T> {
+        api_version: &'a str,
+        kind: &'a str,
+        metadata: Meta<'a>,
+        spec: &'a T,
+    }
+    #[derive(serde::Serialize)]
+    struct Meta<'a> {
+        name: &'a str,
+        namespace: &'a str,
+    }
+    serde_yaml::to_string(&Document {
+        api_version: "r4.dev/v1alpha1",
+        kind,
+        metadata: Meta { name, namespace },
+        spec,
+    })
+    .map_err(|e| RenderError::Yaml(e.to_string()))
 }
 
 /// What every child of one render shares.
@@ -888,6 +903,7 @@ mod tests {
     use std::path::PathBuf;
 
     use k8s_openapi::api::core::v1::Pod;
+    use serde_json::json;
 
     use super::*;
     use crate::api::common::SecretKeyRef;
