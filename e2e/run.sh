@@ -65,10 +65,10 @@ done
 step "samples"
 kubectl apply -f config/samples/ >/dev/null
 wait_for 90 "$WF Ready at revision 1" ready_at 1
-for d in intake investigation resolution repair; do
+for d in intake investigation resolution r4-intake r4-repair; do
   kubectl get deployment "$WF-$d" >/dev/null || fail "deployment $WF-$d missing"
 done
-kubectl get configmap "$WF-engine" service "$WF-intake" >/dev/null || fail "configmap or service missing"
+kubectl get configmap "$WF-engine" >/dev/null && kubectl get service "$WF-r4-intake" >/dev/null || fail "configmap or service missing"
 step "children and Ready: $(jp '{.status.agentsReady}') agents ready"
 
 step "kill switch"

@@ -274,7 +274,8 @@ async fn the_samples_reconcile_into_children_queues_and_ready_and_drift_is_repai
         "payment-disputes-intake",
         "payment-disputes-investigation",
         "payment-disputes-resolution",
-        "payment-disputes-repair",
+        "payment-disputes-r4-intake",
+        "payment-disputes-r4-repair",
     ] {
         let d = deps.get(d).await.expect("deployment");
         let owner = &d.owner_references()[0];
@@ -294,7 +295,7 @@ async fn the_samples_reconcile_into_children_queues_and_ready_and_drift_is_repai
     let text = cm.data.as_ref().and_then(|d| d.get("workflow.yaml")).expect("config");
     assert!(text.contains("bank-policy") && !text.contains("killSwitches"), "{text}");
     let svcs: Api<Service> = Api::namespaced(dev.client.clone(), "default");
-    svcs.get("payment-disputes-intake").await.expect("intake service");
+    svcs.get("payment-disputes-r4-intake").await.expect("intake service");
 
     // Queue wiring: every agent's input stream has its group.
     let keys = Keys::new("default", "payment-disputes");
