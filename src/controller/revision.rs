@@ -3,7 +3,7 @@
 //! gave it.
 //!
 //! Owns what a revision holds ([`revisioned_spec`]), its name and hash, its wire shape (labels
-//! [`WORKFLOW_LABEL`](super::WORKFLOW_LABEL) and [`HASH_LABEL`], `data = {"spec": …}`, the
+//! [`WORKFLOW_LABEL`] and [`HASH_LABEL`], `data = {"spec": …}`, the
 //! phase in annotations) and which revisions pruning may delete. Deciding what to apply and
 //! when a revision fails is [`super::rollout`]'s; creating, listing and deleting the objects is
 //! the reconciler's.
@@ -385,6 +385,16 @@ pub(crate) mod tests {
         assert_ne!(spec_hash(&replicas), h);
         // Stable across runs: a changed serialization would re-create every revision.
         assert_eq!(spec_hash(&base), spec_hash(&base.clone()));
+    }
+
+    #[test]
+    fn hash_is_pinned() {
+        // A change here re-creates a revision of every workflow on upgrade (a new rollout of
+        // unchanged specs): a new spec field must serialize to nothing when unset. The value
+        // is sha256 of `{"agents":[{"consumes":"tickets","image":"a:1","name":"intake",
+        // "produces":["work"]},{"consumes":"work","image":"ghcr.io/acme/worker:1",
+        // "name":"worker"}],"queue":{"redis":{"url":"redis://redis:6379"}}}`, computed apart.
+        assert_eq!(spec_hash(&spec("a:1")), "023adb905e");
     }
 
     #[test]

@@ -21,7 +21,7 @@
 //! 3. **Judging the applied revision** (Progressing only: a Healthy revision is never judged
 //!    again; not in the reconcile that (re)started it). Deployments not available and more
 //!    than `progressDeadlineSeconds` (default 600) since its rollout started → Failed
-//!    ("Deployments not available within 120s: <detail>"). Available: with an analysis
+//!    (`Deployments not available within 120s: <detail>`). Available: with an analysis
 //!    verdict, Pending waits, Pass → Healthy, Breach → Failed with the breach as reason;
 //!    without a verdict → Healthy if the spec has no `rollout.analysis`, else it waits for
 //!    engine statistics (missing data neither passes nor fails a revision).
