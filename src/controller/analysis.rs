@@ -300,10 +300,18 @@ mod tests {
 
     fn more(s: &Stats, ok: u64, ms: u64, dead: u64) {
         for _ in 0..ok {
-            s.record(Outcome::Completed, Duration::from_millis(ms), Duration::ZERO);
+            s.record(
+                Outcome::Completed,
+                Duration::from_millis(ms),
+                Duration::ZERO,
+            );
         }
         for _ in 0..dead {
-            s.record(Outcome::DeadLettered, Duration::from_millis(1), Duration::ZERO);
+            s.record(
+                Outcome::DeadLettered,
+                Duration::from_millis(1),
+                Duration::ZERO,
+            );
         }
     }
 
@@ -326,7 +334,14 @@ mod tests {
         a.record(Outcome::Routed, Duration::from_millis(1), Duration::ZERO);
         a.record(Outcome::Duplicate, Duration::from_millis(1), Duration::ZERO);
         let w2 = window(&[a.snapshot()], &[a.snapshot()], 1.0);
-        assert_eq!(w2, Window { success_rate: 1.0, seconds: 1.0, ..Window::default() });
+        assert_eq!(
+            w2,
+            Window {
+                success_rate: 1.0,
+                seconds: 1.0,
+                ..Window::default()
+            }
+        );
     }
 
     #[test]
@@ -338,7 +353,11 @@ mod tests {
         more(&a, 1, 5, 0);
         let c = engine("c", 2, 100, 1);
         let w = window(&old, &[a.snapshot(), c.snapshot()], 10.0);
-        assert_eq!((w.succeeded, w.failed), (3, 1), "b's history is not subtracted");
+        assert_eq!(
+            (w.succeeded, w.failed),
+            (3, 1),
+            "b's history is not subtracted"
+        );
         // a restarted under the same id (counters back to zero, then 2 done): counted whole.
         let a2 = engine("a", 2, 5, 0);
         let w = window(&[a.snapshot()], &[a2.snapshot()], 10.0);
@@ -362,19 +381,41 @@ mod tests {
             more(&a, 1, 5, u64::from(i % 5 == 0));
             s.push(at(i * 10), vec![a.snapshot()]);
         }
-        // Readings every 10s, horizon 60s: the last 60s (7 readings) plus one older.
-        assert_eq!(s.len(), 8);
-        assert_eq!(s.since(at(0)).unwrap().seconds, 70.0, "older than kept: the oldest is the base");
+        // Readings every 10s, horizon 60s: those of the last 60s (140..190) and the base of a
+        // 60s window (130).
+        assert_eq!(s.len(), 7);
+        assert_eq!(
+            s.since(at(0)).unwrap().seconds,
+            60.0,
+            "older than kept: the oldest is the base"
+        );
         let w = s.last(60.0).unwrap();
         assert_eq!(w.seconds, 60.0);
-        assert_eq!((w.succeeded, w.failed), (6, 1), "readings 14..19: one of them dead-lettered");
+        assert_eq!(
+            (w.succeeded, w.failed),
+            (6, 1),
+            "readings 14..19: one of them dead-lettered"
+        );
         let w = s.since(at(175)).unwrap();
-        assert_eq!((w.seconds, w.succeeded), (20.0, 2), "base: newest at or before");
-        assert!(s.since(at(190)).is_none(), "no time between base and newest");
+        assert_eq!(
+            (w.seconds, w.succeeded),
+            (20.0, 2),
+            "base: newest at or before"
+        );
+        assert!(
+            s.since(at(190)).is_none(),
+            "no time between base and newest"
+        );
         // A late reading is ignored.
         s.push(at(5), vec![]);
-        assert_eq!(s.len(), 8);
+        assert_eq!(s.len(), 7);
         assert_eq!(s.last(10.0).unwrap().succeeded, 1);
+        // Off the beat: at 195 the cutoff is 135, so 130 stays as the base of a full window.
+        more(&a, 1, 5, 0);
+        s.push(at(195), vec![a.snapshot()]);
+        assert_eq!(s.len(), 8);
+        let w = s.last(60.0).unwrap();
+        assert_eq!((w.seconds, w.succeeded), (65.0, 7));
         let one = {
             let mut s = Samples::new();
             s.push(at(0), vec![a.snapshot()]);
@@ -397,7 +438,11 @@ mod tests {
             tasks,
             succeeded,
             failed,
-            success_rate: if tasks == 0 { 1.0 } else { succeeded as f64 / tasks as f64 },
+            success_rate: if tasks == 0 {
+                1.0
+            } else {
+                succeeded as f64 / tasks as f64
+            },
             p95_ms,
             seconds: 60.0,
         }
@@ -409,19 +454,31 @@ mod tests {
         let bad = w(7, 10, 50.0);
         assert_eq!(
             judge(&s, Duration::from_secs(0), Some(&bad)),
-            Verdict::Pending { remaining: Duration::from_secs(60) }
+            Verdict::Pending {
+                remaining: Duration::from_secs(60)
+            }
         );
         assert_eq!(
             judge(&s, Duration::from_millis(59_500), Some(&bad)),
-            Verdict::Pending { remaining: Duration::from_millis(500) }
+            Verdict::Pending {
+                remaining: Duration::from_millis(500)
+            }
         );
-        assert!(matches!(judge(&s, Duration::from_secs(60), Some(&bad)), Verdict::Breach { .. }));
+        assert!(matches!(
+            judge(&s, Duration::from_secs(60), Some(&bad)),
+            Verdict::Breach { .. }
+        ));
         let s30 = spec(Some(0.98), None, Some(30));
-        assert!(matches!(judge(&s30, Duration::from_secs(30), Some(&bad)), Verdict::Breach { .. }));
+        assert!(matches!(
+            judge(&s30, Duration::from_secs(30), Some(&bad)),
+            Verdict::Breach { .. }
+        ));
         // Past the window with nothing measured: no verdict, look again soon.
         assert_eq!(
             judge(&s, Duration::from_secs(600), None),
-            Verdict::Pending { remaining: RETRY_WITHOUT_STATS }
+            Verdict::Pending {
+                remaining: RETRY_WITHOUT_STATS
+            }
         );
     }
 
@@ -430,7 +487,10 @@ mod tests {
         let s = spec(Some(0.98), Some(2000), None);
         let d = Duration::from_secs(60);
         // Exactly at the thresholds passes; just past breaks.
-        assert!(matches!(judge(&s, d, Some(&w(98, 2, 2000.0))), Verdict::Pass(_)));
+        assert!(matches!(
+            judge(&s, d, Some(&w(98, 2, 2000.0))),
+            Verdict::Pass(_)
+        ));
         match judge(&s, d, Some(&w(7, 10, 50.0))) {
             Verdict::Breach { reason, window } => {
                 assert_eq!(reason, "success rate 0.412 < 0.98 over 60s (17 tasks)");
@@ -452,17 +512,30 @@ mod tests {
             v => panic!("{v:?}"),
         }
         // An idle revision passes with 0 tasks; unset thresholds are not checked.
-        assert_eq!(judge(&s, d, Some(&w(0, 0, 0.0))), Verdict::Pass(w(0, 0, 0.0)));
-        assert!(matches!(judge(&spec(None, None, None), d, Some(&w(0, 9, 9e6))), Verdict::Pass(_)));
+        assert_eq!(
+            judge(&s, d, Some(&w(0, 0, 0.0))),
+            Verdict::Pass(w(0, 0, 0.0))
+        );
+        assert!(matches!(
+            judge(&spec(None, None, None), d, Some(&w(0, 9, 9e6))),
+            Verdict::Pass(_)
+        ));
     }
 
     #[test]
     fn window_feeds_the_engines_slo_and_cost_model() {
-        let win = Window { seconds: 10.0, ..w(990, 10, 100.0) };
+        let win = Window {
+            seconds: 10.0,
+            ..w(990, 10, 100.0)
+        };
         let slo = win.slo(None);
         assert!((slo.success_rate - 0.99).abs() < 1e-9);
         assert_eq!(slo.p95_latency_ms, 100.0);
-        let e = EconomicsSpec { margin_per_task: 1.0, remediation_cost_per_failure: 0.0, tasks_per_minute: None };
+        let e = EconomicsSpec {
+            margin_per_task: 1.0,
+            remediation_cost_per_failure: 0.0,
+            tasks_per_minute: None,
+        };
         // 1% of 100 steps/s over a day, $1 each.
         assert!((win.incident_cost(Some(&e)).daily_cost - 0.01 * 100.0 * 86_400.0).abs() < 1e-6);
         assert_eq!(Window::default().incident_cost(Some(&e)).daily_cost, 0.0);

@@ -74,13 +74,24 @@ mod tests {
     #[test]
     fn a_new_condition_is_added_with_its_transition_time() {
         let mut c = Vec::new();
-        assert!(set(&mut c, "Ready", "False", "Starting", "0/2", Some(1), at(0)));
+        assert!(set(
+            &mut c,
+            "Ready",
+            "False",
+            "Starting",
+            "0/2",
+            Some(1),
+            at(0)
+        ));
         let r = get(&c, "Ready").unwrap();
         assert_eq!(
             (r.status.as_str(), r.reason.as_str(), r.message.as_str()),
             ("False", "Starting", "0/2")
         );
-        assert_eq!((r.observed_generation, r.last_transition_time.0), (Some(1), at(0)));
+        assert_eq!(
+            (r.observed_generation, r.last_transition_time.0),
+            (Some(1), at(0))
+        );
         assert!(!is_true(&c, "Ready"));
         assert!(!is_true(&c, "Degraded"), "absent is not true");
         assert!(get(&c, "Degraded").is_none());
@@ -90,13 +101,32 @@ mod tests {
     fn transition_time_is_kept_when_only_the_message_changes() {
         let mut c = Vec::new();
         set(&mut c, "Ready", "False", "Starting", "0/2", Some(1), at(0));
-        assert!(set(&mut c, "Ready", "False", "Starting", "1/2", Some(1), at(5)));
+        assert!(set(
+            &mut c,
+            "Ready",
+            "False",
+            "Starting",
+            "1/2",
+            Some(1),
+            at(5)
+        ));
         assert_eq!(get(&c, "Ready").unwrap().last_transition_time.0, at(0));
         assert_eq!(get(&c, "Ready").unwrap().message, "1/2");
         // Reason and generation alone do not move it either.
-        assert!(set(&mut c, "Ready", "False", "Waiting", "1/2", Some(2), at(6)));
+        assert!(set(
+            &mut c,
+            "Ready",
+            "False",
+            "Waiting",
+            "1/2",
+            Some(2),
+            at(6)
+        ));
         let r = get(&c, "Ready").unwrap();
-        assert_eq!((r.last_transition_time.0, r.observed_generation), (at(0), Some(2)));
+        assert_eq!(
+            (r.last_transition_time.0, r.observed_generation),
+            (at(0), Some(2))
+        );
         assert_eq!(r.reason, "Waiting");
     }
 
@@ -104,10 +134,26 @@ mod tests {
     fn transition_time_moves_when_the_status_flips() {
         let mut c = Vec::new();
         set(&mut c, "Ready", "False", "Starting", "0/2", Some(1), at(0));
-        assert!(set(&mut c, "Ready", "True", "AllReady", "2/2", Some(1), at(9)));
+        assert!(set(
+            &mut c,
+            "Ready",
+            "True",
+            "AllReady",
+            "2/2",
+            Some(1),
+            at(9)
+        ));
         assert_eq!(get(&c, "Ready").unwrap().last_transition_time.0, at(9));
         assert!(is_true(&c, "Ready"));
-        assert!(set(&mut c, "Ready", "Unknown", "NoData", "", Some(1), at(12)));
+        assert!(set(
+            &mut c,
+            "Ready",
+            "Unknown",
+            "NoData",
+            "",
+            Some(1),
+            at(12)
+        ));
         assert_eq!(get(&c, "Ready").unwrap().last_transition_time.0, at(12));
         assert!(!is_true(&c, "Ready"));
     }
@@ -118,9 +164,25 @@ mod tests {
         set(&mut c, "Ready", "True", "AllReady", "2/2", Some(3), at(0));
         set(&mut c, "Degraded", "False", "Healthy", "", Some(3), at(0));
         let before = c.clone();
-        assert!(!set(&mut c, "Ready", "True", "AllReady", "2/2", Some(3), at(50)));
+        assert!(!set(
+            &mut c,
+            "Ready",
+            "True",
+            "AllReady",
+            "2/2",
+            Some(3),
+            at(50)
+        ));
         assert_eq!(c, before, "nothing moved, not even the time");
-        assert!(set(&mut c, "Degraded", "True", "RolloutFailed", "x", Some(3), at(50)));
+        assert!(set(
+            &mut c,
+            "Degraded",
+            "True",
+            "RolloutFailed",
+            "x",
+            Some(3),
+            at(50)
+        ));
         assert_eq!(c.len(), 2);
         assert_eq!(get(&c, "Ready").unwrap(), &before[0]);
     }

@@ -3,7 +3,7 @@
 //! gave it.
 //!
 //! Owns what a revision holds ([`revisioned_spec`]), its name and hash, its wire shape (labels
-//! [`WORKFLOW_LABEL`](super::WORKFLOW_LABEL) and [`HASH_LABEL`], `data = {"spec": …}`, the
+//! [`WORKFLOW_LABEL`] and [`HASH_LABEL`], `data = {"spec": …}`, the
 //! phase in annotations) and which revisions pruning may delete. Deciding what to apply and
 //! when a revision fails is [`super::rollout`]'s; creating, listing and deleting the objects is
 //! the reconciler's.
@@ -128,7 +128,10 @@ pub fn revisioned_spec(spec: &AgentWorkflowSpec) -> AgentWorkflowSpec {
 
 /// The spec to render while revision `revision` (a revisioned spec) is applied: its fields,
 /// with the ones a revision does not hold ([`revisioned_spec`]) from the current spec.
-pub fn spec_to_render(revision: &AgentWorkflowSpec, current: &AgentWorkflowSpec) -> AgentWorkflowSpec {
+pub fn spec_to_render(
+    revision: &AgentWorkflowSpec,
+    current: &AgentWorkflowSpec,
+) -> AgentWorkflowSpec {
     AgentWorkflowSpec {
         kill_switches: current.kill_switches.clone(),
         rollout: current.rollout.clone(),
@@ -247,9 +250,13 @@ pub fn from_controller_revision(cr: &ControllerRevision) -> Result<Revision, Str
             "revision: {number} is not a revision number (>= 1)"
         )));
     }
-    let spec = cr.data.0.get("spec").ok_or_else(|| err("data.spec missing"))?;
-    let spec: AgentWorkflowSpec = serde_json::from_value(spec.clone())
-        .map_err(|e| err(&format!("data.spec: {e}")))?;
+    let spec = cr
+        .data
+        .0
+        .get("spec")
+        .ok_or_else(|| err("data.spec missing"))?;
+    let spec: AgentWorkflowSpec =
+        serde_json::from_value(spec.clone()).map_err(|e| err(&format!("data.spec: {e}")))?;
     let annotation = |key: &str| cr.metadata.annotations.as_ref().and_then(|a| a.get(key));
     let phase = annotation(PHASE_ANNOTATION)
         .ok_or_else(|| err(&format!("annotation {PHASE_ANNOTATION} missing")))?;
@@ -350,9 +357,12 @@ pub(crate) mod tests {
         assert_eq!(h.len(), 10);
         assert!(h.chars().all(|c| c.is_ascii_hexdigit()));
         let mut live = base.clone();
-        live.kill_switches = Some(serde_json::from_value(serde_json::json!({"all": true})).unwrap());
-        live.rollout = Some(serde_json::from_value(serde_json::json!({"strategy": "Automatic"})).unwrap());
-        live.rollback_to = Some(serde_json::from_value(serde_json::json!({"revision": 1})).unwrap());
+        live.kill_switches =
+            Some(serde_json::from_value(serde_json::json!({"all": true})).unwrap());
+        live.rollout =
+            Some(serde_json::from_value(serde_json::json!({"strategy": "Automatic"})).unwrap());
+        live.rollback_to =
+            Some(serde_json::from_value(serde_json::json!({"revision": 1})).unwrap());
         live.slo = Some(serde_json::from_value(serde_json::json!({"successRate": 0.9})).unwrap());
         live.economics = Some(
             serde_json::from_value(
@@ -360,13 +370,31 @@ pub(crate) mod tests {
             )
             .unwrap(),
         );
-        assert_eq!(spec_hash(&live), h, "kill switches, rollout, slo… are not revisioned");
-        assert_ne!(spec_hash(&spec("a:2")), h, "an image change is a new revision");
+        assert_eq!(
+            spec_hash(&live),
+            h,
+            "kill switches, rollout, slo… are not revisioned"
+        );
+        assert_ne!(
+            spec_hash(&spec("a:2")),
+            h,
+            "an image change is a new revision"
+        );
         let mut replicas = base.clone();
         replicas.agents[1].replicas = Some(3);
         assert_ne!(spec_hash(&replicas), h);
         // Stable across runs: a changed serialization would re-create every revision.
         assert_eq!(spec_hash(&base), spec_hash(&base.clone()));
+    }
+
+    #[test]
+    fn hash_is_pinned() {
+        // A change here re-creates a revision of every workflow on upgrade (a new rollout of
+        // unchanged specs): a new spec field must serialize to nothing when unset. The value
+        // is sha256 of `{"agents":[{"consumes":"tickets","image":"a:1","name":"intake",
+        // "produces":["work"]},{"consumes":"work","image":"ghcr.io/acme/worker:1",
+        // "name":"worker"}],"queue":{"redis":{"url":"redis://redis:6379"}}}`, computed apart.
+        assert_eq!(spec_hash(&spec("a:1")), "023adb905e");
     }
 
     #[test]
@@ -414,7 +442,10 @@ pub(crate) mod tests {
         assert_eq!(labels[WORKFLOW_LABEL], "wf");
         assert_eq!(labels[HASH_LABEL], r.hash);
         let owner = &cr.metadata.owner_references.clone().unwrap()[0];
-        assert_eq!((owner.kind.as_str(), owner.uid.as_str()), ("AgentWorkflow", "uid-1"));
+        assert_eq!(
+            (owner.kind.as_str(), owner.uid.as_str()),
+            ("AgentWorkflow", "uid-1")
+        );
         assert_eq!(owner.controller, Some(true));
         assert!(cr.data.0["spec"]["agents"].is_array());
         assert_eq!(from_controller_revision(&cr).unwrap(), r);
@@ -426,7 +457,12 @@ pub(crate) mod tests {
         assert_eq!(back.reason, None);
         assert_eq!(
             back.to_status(),
-            RevisionStatus { revision: 4, hash: Some(fine.hash.clone()), phase: "Progressing".into(), reason: None }
+            RevisionStatus {
+                revision: 4,
+                hash: Some(fine.hash.clone()),
+                phase: "Progressing".into(),
+                reason: None
+            }
         );
     }
 
@@ -449,19 +485,37 @@ pub(crate) mod tests {
         let e = broken(&|cr| cr.data = RawExtension(Value::Null));
         assert!(e.contains("data.spec missing"), "{e}");
         let e = broken(&|cr| cr.data = RawExtension(serde_json::json!({"spec": {"agents": 3}})));
-        assert!(e.starts_with("controllerrevision \"wf-") && e.contains("data.spec: "), "{e}");
+        assert!(
+            e.starts_with("controllerrevision \"wf-") && e.contains("data.spec: "),
+            "{e}"
+        );
         let e = broken(&|cr| {
-            cr.metadata.annotations.as_mut().unwrap().insert(PHASE_ANNOTATION.into(), "Bad".into());
+            cr.metadata
+                .annotations
+                .as_mut()
+                .unwrap()
+                .insert(PHASE_ANNOTATION.into(), "Bad".into());
         });
         assert!(e.contains("\"Bad\" is not Progressing"), "{e}");
         let e = broken(&|cr| {
-            cr.metadata.annotations.as_mut().unwrap().remove(PHASE_ANNOTATION);
+            cr.metadata
+                .annotations
+                .as_mut()
+                .unwrap()
+                .remove(PHASE_ANNOTATION);
         });
         assert!(e.contains("r4.dev/phase missing"), "{e}");
         let e = broken(&|cr| {
-            cr.metadata.annotations.as_mut().unwrap().insert(SINCE_ANNOTATION.into(), "yesterday".into());
+            cr.metadata
+                .annotations
+                .as_mut()
+                .unwrap()
+                .insert(SINCE_ANNOTATION.into(), "yesterday".into());
         });
-        assert!(e.contains(SINCE_ANNOTATION) && e.contains("yesterday"), "{e}");
+        assert!(
+            e.contains(SINCE_ANNOTATION) && e.contains("yesterday"),
+            "{e}"
+        );
         let e = broken(&|cr| cr.metadata.annotations = None);
         assert!(e.contains("missing"), "{e}");
         let e = broken(&|cr| cr.revision = Some(0));
@@ -476,26 +530,32 @@ pub(crate) mod tests {
             .map(|n| rev(n, &format!("a:{n}"), Phase::Healthy))
             .collect();
         let names = |ns: &[i64]| -> Vec<String> {
-            ns.iter().map(|n| revs[*n as usize - 1].name.clone()).collect()
+            ns.iter()
+                .map(|n| revs[*n as usize - 1].name.clone())
+                .collect()
         };
         assert_eq!(to_prune(&revs, 3, &[5]), names(&[1, 2]));
         assert_eq!(to_prune(&revs, 5, &[]), Vec::<String>::new());
         assert_eq!(to_prune(&revs, 10, &[]), Vec::<String>::new());
-        assert_eq!(to_prune(&revs, 3, &[1]), names(&[2, 3]), "kept ones are skipped, not counted");
+        assert_eq!(
+            to_prune(&revs, 3, &[1]),
+            names(&[2, 3]),
+            "kept ones are skipped, not counted"
+        );
     }
 
     #[test]
     fn pruning_never_deletes_the_applied_or_the_newest_healthy_revision() {
         // 1 applied (rolled back by hand), 2 Healthy (the automatic rollback target),
         // 3..6 Failed; the limit asks to keep only one.
-        let mut revs = vec![
-            rev(1, "a:1", Phase::Healthy),
-            rev(2, "a:2", Phase::Healthy),
-        ];
+        let mut revs = vec![rev(1, "a:1", Phase::Healthy), rev(2, "a:2", Phase::Healthy)];
         revs.extend((3..=6).map(|n| rev(n, &format!("a:{n}"), Phase::Failed)));
         let pruned = to_prune(&revs, 1, &[1, 6]);
         for n in [1, 2, 6] {
-            assert!(!pruned.contains(&revs[n - 1].name), "revision {n} pruned: {pruned:?}");
+            assert!(
+                !pruned.contains(&revs[n - 1].name),
+                "revision {n} pruned: {pruned:?}"
+            );
         }
         assert_eq!(pruned.len(), 3, "3, 4 and 5 go: {pruned:?}");
         // Without keep, the newest Healthy still stays.

@@ -174,7 +174,11 @@ mod tests {
         let s = slo(9, 10, 12.5, None);
         let st = s.to_status();
         assert_eq!(
-            (st.success_rate, st.p95_latency_ms, st.error_budget_remaining),
+            (
+                st.success_rate,
+                st.p95_latency_ms,
+                st.error_budget_remaining
+            ),
             (s.success_rate, 12.5, s.error_budget_remaining)
         );
         let c = incident_cost(1, 10, 1.0, None).to_status();
