@@ -234,9 +234,6 @@ fn main() -> ExitCode {
         Command::Status(args) => r4::cli::workflow::status(args),
         Command::Dlq { command } => r4::cli::dlq::run(command),
         Command::Run(args) => r4::cli::run::run(args),
-        other => Err(r4::cli::CliError::NotYet(
-            format!("{other:?}").to_lowercase(),
-        )),
     };
     match result {
         Ok(code) => code,

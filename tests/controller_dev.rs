@@ -183,12 +183,11 @@ where
     Fut: std::future::Future<Output = Result<T, String>>,
 {
     let deadline = Instant::now() + Duration::from_secs(secs);
-    let mut last = String::new();
     loop {
-        match f().await {
+        let last = match f().await {
             Ok(v) => return v,
-            Err(e) => last = e,
-        }
+            Err(e) => e,
+        };
         assert!(
             Instant::now() < deadline,
             "timed out after {secs}s waiting for {what}; last seen: {last}"
@@ -593,10 +592,10 @@ async fn deletion_keeps_the_redis_data_unless_the_policy_says_delete() {
     assert!(manifest.contains("urlSecretRef"), "{manifest}");
     dev.apply(&manifest);
     ready(&dev, "triage", 1).await;
-    let keys = Keys::new("default", "triage");
-    let count = |q: Arc<dyn Queue>| async move {
+    async fn count(q: Arc<dyn Queue>) -> usize {
+        let keys = Keys::new("default", "triage");
         q.scan_prefix(keys.prefix()).await.map(|k| k.len()).unwrap_or(0)
-    };
+    }
     assert!(count(dev.queue.clone()).await > 0);
     dev.kubectl(&["delete", "aw", "triage", "--wait=true", "--timeout=30s"]);
     let deps: Api<Deployment> = Api::namespaced(dev.client.clone(), "default");

@@ -38,6 +38,7 @@ pub mod conditions;
 pub mod revision;
 pub mod rollout;
 pub mod backoff;
+pub mod leader;
 pub mod http;
 pub mod metrics;
 pub mod rbac;

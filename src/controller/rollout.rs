@@ -22,7 +22,9 @@
 //!    again; not in the reconcile that (re)started it). Deployments not available and more
 //!    than `progressDeadlineSeconds` (default 600) since its rollout started → Failed
 //!    (`Deployments not available within 120s: <detail>`). Available: with an analysis
-//!    verdict, Pending waits, Pass → Healthy, Breach → Failed with the breach as reason;
+//!    verdict, Pending waits, Pass → Healthy, Breach → Failed with the breach as reason
+//!    (the first rollout — no other Healthy revision — is Healthy once available: nothing to
+//!    compare it with or return to, as Argo Rollouts promotes an initial deployment);
 //!    without a verdict → Healthy if the spec has no `rollout.analysis`, else it waits for
 //!    engine statistics (missing data neither passes nor fails a revision).
 //! 4. **Automatic rollback.** `rollout.strategy: Automatic` only: a revision that fails is
@@ -501,6 +503,17 @@ fn judge(book: &Book, n: i64, input: &RolloutInput, deadline: Duration) -> Judge
                     message: format!("revision {n} rolling out: {detail}"),
                 }
             }
+        }
+        // The first rollout of a workflow (no other Healthy revision) is not analysed, as
+        // Argo Rollouts promotes an initial deployment at once: there is nothing to compare it
+        // with or to roll back to, and a workflow with no traffic yet would wait a window.
+        Availability::Available
+            if !input
+                .revisions
+                .iter()
+                .any(|r| r.number != n && r.phase == Phase::Healthy) =>
+        {
+            Judged::Healthy
         }
         Availability::Available => match &input.analysis {
             Some(Verdict::Pending { remaining }) => Judged::Stay {

@@ -218,9 +218,10 @@ async fn apply(wf: &AgentWorkflow, ctx: &Context) -> Result<Action, Error> {
     };
 
     // render and apply
+    let to_render = revision::spec_to_render(&target.spec, &wf.spec);
     let children = render::render(
         wf,
-        &target.spec,
+        &to_render,
         &policies,
         &render::RenderOptions {
             engine_image: ctx.opts.engine_image.clone(),
@@ -481,22 +482,8 @@ async fn store_plan(
         ))
         .await?;
     }
-    let limit = wf
-        .spec
-        .rollout
-        .as_ref()
-        .and_then(|r| r.revision_history_limit)
-        .unwrap_or(10)
-        .max(1) as usize;
-    let mut keep = vec![plan.apply];
-    if let Some(h) = revisions
-        .iter()
-        .filter(|r| r.phase == Phase::Healthy)
-        .map(|r| r.number)
-        .max()
-    {
-        keep.push(h);
-    }
+    let limit = rollout::history_limit(&wf.spec);
+    let keep = plan.keep.clone();
     for name in revision::to_prune(revisions, limit, &keep) {
         match ctx.api(api.delete(&name, &DeleteParams::default())).await {
             Ok(_) | Err(Error::Kube(kube::Error::Api(_))) => {}
