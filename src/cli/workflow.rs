@@ -788,9 +788,13 @@ fn render_breakers(w: &mut String, aw: &AgentWorkflow, breakers: &Breakers, now_
                 if r.state != BreakerState::Closed {
                     let since =
                         now_ms.saturating_sub(i64::try_from(r.since_ms).unwrap_or(i64::MAX));
-                    let _ = write!(s, " for {}", age(since / 1000));
+                    let _ = write!(
+                        s,
+                        " for {} (failure rate {})",
+                        age(since / 1000),
+                        percent(r.failure_rate)
+                    );
                 }
-                let _ = write!(s, " (failure rate {})", percent(r.failure_rate));
                 s
             }
         });
@@ -798,9 +802,10 @@ fn render_breakers(w: &mut String, aw: &AgentWorkflow, breakers: &Breakers, now_
     let _ = writeln!(w, "breakers: {}", parts.join(", "));
 }
 
+/// Two decimals where one would hide the difference (99.91% against 99.5%, 0.35%).
 fn percent(x: f64) -> String {
     let p = x * 100.0;
-    if p != 100.0 && p > 99.0 {
+    if (p != 100.0 && p > 99.0) || (p != 0.0 && p.abs() < 1.0) {
         format!("{p:.2}%")
     } else {
         format!("{p:.1}%")
@@ -918,6 +923,49 @@ mod tests {
             Some(4)
         ));
         assert!(switch_settled(Some(&e(true, 3, 3, Some(5))), true, Some(4)));
+    }
+
+    #[test]
+    fn the_screen_says_when_the_status_lags_the_spec() {
+        let mut aw: AgentWorkflow = serde_yaml::from_str(
+            "apiVersion: r4.dev/v1alpha1\nkind: AgentWorkflow\nmetadata: {name: pay, generation: 3}\nspec:\n  queue: {redis: {url: \"redis://r\"}}\n  agents: [{name: a, image: i, consumes: in}]\n  killSwitches: {all: true, agents: {a: false}}\n",
+        )
+        .unwrap();
+        aw.status = Some(AgentWorkflowStatus {
+            observed_generation: Some(2),
+            kill_switches: [(
+                "a".to_owned(),
+                KillSwitchStatus {
+                    engaged: true,
+                    since: Some("2026-01-01T00:00:00Z".into()),
+                    state_version: Some(9),
+                    acknowledged: 0,
+                    expected: 2,
+                },
+            )]
+            .into(),
+            ..AgentWorkflowStatus::default()
+        });
+        let now = "2026-01-01T00:05:00Z"
+            .parse::<k8s_openapi::jiff::Timestamp>()
+            .unwrap()
+            .as_millisecond();
+        let screen = render(
+            "ns",
+            &aw,
+            &Err("Redis not reachable from here: x".into()),
+            now,
+        );
+        for says in [
+            "AgentWorkflow ns/pay  (status is of generation 2, the spec is at 3: the controller has not caught up)",
+            "  a                      engaged since 2026-01-01T00:00:00Z (5m ago), acknowledged by 0/2 engines (state version 9); the spec says released, not applied yet",
+            "  all                    no entry for it yet (is the controller running?)",
+            "  a                      ?/1      ?",
+            "breakers: unknown (Redis not reachable from here: x)",
+            "SLO: not measured yet",
+        ] {
+            assert!(screen.contains(says), "{screen}\nshould say {says:?}");
+        }
     }
 
     #[test]
