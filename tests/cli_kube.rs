@@ -528,12 +528,23 @@ fn rollback_patches_the_previous_healthy_revision() {
     assert_eq!(resource_version(&c, "pay"), rv);
     let out = ok(&c.r4(&["rollback", "pay", "--to", "1"]));
     assert!(
-        out.contains("to revision 1 requested (current: 3)"),
+        out.contains(
+            "to revision 1 requested (current: 3; replaces the pending request for revision 2)"
+        ),
         "{out}"
     );
     assert_eq!(rollback_to(&c, "pay"), Some(1));
+    // Back to the current revision: replaces the pending request (how a mistake is undone).
+    let out = ok(&c.r4(&["rollback", "pay", "--to", "3"]));
+    assert_eq!(
+        out.trim(),
+        "rollback of default/pay to revision 3 requested (current: 3; replaces the pending request for revision 1)"
+    );
+    assert_eq!(rollback_to(&c, "pay"), Some(3));
+    let rv = resource_version(&c, "pay");
     let out = ok(&c.r4(&["rollback", "pay", "--to", "3"]));
     assert_eq!(out.trim(), "default/pay is already at revision 3");
+    assert_eq!(resource_version(&c, "pay"), rv);
 
     // No Healthy revision before the current one.
     c.create("default", &workflow("solo", NO_REDIS));

@@ -348,7 +348,10 @@ async fn rollback_via_api(args: &RollbackArgs) -> Result<ExitCode, CliError> {
     let name = format!("{}/{workflow}", kube.namespace);
     let (to, current) =
         rollback_target(&name, aw.status.as_ref(), args.to).map_err(CliError::Usage)?;
-    if to == current {
+    // A pending request for another revision is replaced, even by the current one: that is
+    // how a mistaken `r4 rollback` is taken back before the controller acts on it.
+    let pending = aw.spec.rollback_to.as_ref().map(|r| r.revision);
+    if to == current && pending.is_none_or(|p| p == to) {
         println!("{name} is already at revision {to}");
         return Ok(ExitCode::SUCCESS);
     }
@@ -364,7 +367,12 @@ async fn rollback_via_api(args: &RollbackArgs) -> Result<ExitCode, CliError> {
         api.patch(workflow, &params, &patch),
     )
     .await?;
-    println!("rollback of {name} to revision {to} requested (current: {current})");
+    match pending {
+        Some(p) if p != to => println!(
+            "rollback of {name} to revision {to} requested (current: {current}; replaces the pending request for revision {p})"
+        ),
+        _ => println!("rollback of {name} to revision {to} requested (current: {current})"),
+    }
     let Some(wait) = args.wait else {
         return Ok(ExitCode::SUCCESS);
     };
