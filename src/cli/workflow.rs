@@ -232,17 +232,7 @@ async fn kill_via_api(
     if already {
         println!("kill switch {key} already {state} on {name}");
     } else {
-        let api = kube.api::<AgentWorkflow>();
-        let params = PatchParams {
-            field_manager: Some(FIELD_MANAGER.into()),
-            ..PatchParams::default()
-        };
-        let patch = Patch::Merge(switch_patch(target, engage));
-        kube.call(
-            format_args!("cannot patch agentworkflow {name}"),
-            api.patch(workflow, &params, &patch),
-        )
-        .await?;
+        merge_patch(&kube, workflow, switch_patch(target, engage)).await?;
         println!("kill switch {key} {state} on {name}");
     }
     let Some(wait) = args.wait else {
@@ -254,43 +244,92 @@ async fn kill_via_api(
         .as_ref()
         .filter(|b| !already && b.engaged == engage)
         .and_then(|b| b.state_version);
-    let deadline = started + wait;
-    let mut last: Option<KillSwitchStatus> = None;
+    let settled = poll_until(&kube, workflow, started + wait, |aw| {
+        let entry = aw.status.as_ref().and_then(|s| s.kill_switches.get(&key));
+        switch_settled(entry, engage, newer_than)
+    })
+    .await?;
+    let entry = settled
+        .last
+        .as_ref()
+        .and_then(|aw| aw.status.as_ref())
+        .and_then(|s| s.kill_switches.get(&key));
+    match entry {
+        Some(e) if settled.done => {
+            println!(
+                "kill switch {key} on {name} acknowledged by {}/{} engines in {:.1}s",
+                e.acknowledged,
+                e.expected,
+                started.elapsed().as_secs_f64()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        _ => Err(CliError::Internal(format!(
+            "kill switch {key} on {name} not acknowledged within {wait:?}: status says {}",
+            describe_switch(entry, now_ms())
+        ))),
+    }
+}
+
+/// JSON-merge-patch the workflow as the CLI's field manager: only the fields in `patch` change.
+async fn merge_patch(kube: &Kube, workflow: &str, patch: Value) -> Result<(), CliError> {
+    let params = PatchParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..PatchParams::default()
+    };
+    kube.call(
+        format_args!("cannot patch agentworkflow {}/{workflow}", kube.namespace),
+        kube.api::<AgentWorkflow>()
+            .patch(workflow, &params, &Patch::Merge(patch)),
+    )
+    .await?;
+    Ok(())
+}
+
+/// What [`poll_until`] saw.
+struct Polled {
+    /// Whether the condition held before the deadline.
+    done: bool,
+    /// The workflow as last read (`None` if no read finished before the deadline).
+    last: Option<AgentWorkflow>,
+}
+
+/// Read the workflow every [`POLL`] until `done` holds for it or `deadline` passes. Only an
+/// API failure is an error; the deadline is an answer (`done: false`, what was last read).
+async fn poll_until(
+    kube: &Kube,
+    workflow: &str,
+    deadline: Instant,
+    done: impl Fn(&AgentWorkflow) -> bool,
+) -> Result<Polled, CliError> {
+    let api = kube.api::<AgentWorkflow>();
+    let mut last = None;
     loop {
         let remaining = deadline.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
-            return Err(CliError::Internal(format!(
-                "kill switch {key} on {name} not acknowledged within {wait:?}: status says {}",
-                describe_switch(last.as_ref(), now_ms())
-            )));
+            return Ok(Polled { done: false, last });
         }
-        let aw = match kube
+        let read = kube
             .call_within(
                 remaining,
-                format_args!("cannot read agentworkflow {name}"),
-                kube.api::<AgentWorkflow>().get_opt(workflow),
+                format_args!("cannot read agentworkflow {}/{workflow}", kube.namespace),
+                api.get_opt(workflow),
             )
-            .await
-        {
+            .await;
+        let aw = match read {
             Ok(Some(aw)) => aw,
-            Ok(None) => return Err(not_found(&kube, workflow)),
-            // The deadline, not the API, ended this read: report what the status said.
-            Err(_) if Instant::now() >= deadline => continue,
+            Ok(None) => return Err(not_found(kube, workflow)),
+            // The deadline, not the API, ended this read.
+            Err(_) if Instant::now() >= deadline => return Ok(Polled { done: false, last }),
             Err(e) => return Err(e),
         };
-        last = aw.status.and_then(|mut s| s.kill_switches.remove(&key));
-        if switch_settled(last.as_ref(), engage, newer_than) {
-            let e = last
-                .as_ref()
-                .map_or((0, 0), |e| (e.acknowledged, e.expected));
-            println!(
-                "kill switch {key} on {name} acknowledged by {}/{} engines in {:.1}s",
-                e.0,
-                e.1,
-                started.elapsed().as_secs_f64()
-            );
-            return Ok(ExitCode::SUCCESS);
+        if done(&aw) {
+            return Ok(Polled {
+                done: true,
+                last: Some(aw),
+            });
         }
+        last = Some(aw);
         tokio::time::sleep(POLL.min(deadline.saturating_duration_since(Instant::now()))).await;
     }
 }
@@ -356,15 +395,10 @@ async fn rollback_via_api(args: &RollbackArgs) -> Result<ExitCode, CliError> {
         return Ok(ExitCode::SUCCESS);
     }
     let started = Instant::now();
-    let api = kube.api::<AgentWorkflow>();
-    let params = PatchParams {
-        field_manager: Some(FIELD_MANAGER.into()),
-        ..PatchParams::default()
-    };
-    let patch = Patch::Merge(json!({"spec": {"rollbackTo": {"revision": to}}}));
-    kube.call(
-        format_args!("cannot patch agentworkflow {name}"),
-        api.patch(workflow, &params, &patch),
+    merge_patch(
+        &kube,
+        workflow,
+        json!({"spec": {"rollbackTo": {"revision": to}}}),
     )
     .await?;
     match pending {
@@ -376,44 +410,29 @@ async fn rollback_via_api(args: &RollbackArgs) -> Result<ExitCode, CliError> {
     let Some(wait) = args.wait else {
         return Ok(ExitCode::SUCCESS);
     };
-    let deadline = started + wait;
-    let mut last = (Some(current), true);
-    loop {
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        if remaining.is_zero() {
-            let (cur, pending) = last;
-            return Err(CliError::Internal(format!(
-                "rollback of {name} to revision {to} not done within {wait:?}: current revision {}, spec.rollbackTo {}",
-                cur.map_or("unknown".into(), |c| c.to_string()),
-                if pending { "still set" } else { "removed" }
-            )));
-        }
-        let aw = match kube
-            .call_within(
-                remaining,
-                format_args!("cannot read agentworkflow {name}"),
-                api.get_opt(workflow),
-            )
-            .await
-        {
-            Ok(Some(aw)) => aw,
-            Ok(None) => return Err(not_found(&kube, workflow)),
-            Err(_) if Instant::now() >= deadline => continue,
-            Err(e) => return Err(e),
-        };
-        last = (
+    let applied = |aw: &AgentWorkflow| {
+        (
             aw.status.as_ref().and_then(|s| s.current_revision),
             aw.spec.rollback_to.is_some(),
+        )
+    };
+    let polled = poll_until(&kube, workflow, started + wait, |aw| {
+        applied(aw) == (Some(to), false)
+    })
+    .await?;
+    if polled.done {
+        println!(
+            "{name} rolled back to revision {to} in {:.1}s",
+            started.elapsed().as_secs_f64()
         );
-        if last == (Some(to), false) {
-            println!(
-                "{name} rolled back to revision {to} in {:.1}s",
-                started.elapsed().as_secs_f64()
-            );
-            return Ok(ExitCode::SUCCESS);
-        }
-        tokio::time::sleep(POLL.min(deadline.saturating_duration_since(Instant::now()))).await;
+        return Ok(ExitCode::SUCCESS);
     }
+    let (cur, pending) = polled.last.as_ref().map_or((None, true), applied);
+    Err(CliError::Internal(format!(
+        "rollback of {name} to revision {to} not done within {wait:?}: current revision {}, spec.rollbackTo {}",
+        cur.map_or("unknown".into(), |c| c.to_string()),
+        if pending { "still set" } else { "removed" }
+    )))
 }
 
 /// Breaker states as read for `r4 status`: by tool, or why they are unknown.
