@@ -360,6 +360,30 @@ fn bad_targets_missing_workflows_and_unreachable_apis_are_one_line() {
         );
         assert!(started.elapsed() < Duration::from_secs(5));
     }
+    // Two contexts: the current one is the dead API, --context picks the live one.
+    let live = std::fs::read_to_string(c.kubeconfig()).expect("kubeconfig");
+    let both = live
+        .replace(
+            "clusters:\n",
+            &format!("clusters:\n- name: dead\n  cluster:\n    server: http://{port}\n"),
+        )
+        .replace(
+            "contexts:\n",
+            "contexts:\n- name: dead\n  context:\n    cluster: dead\n    user: r4-dev\n",
+        )
+        .replace("current-context: r4-dev", "current-context: dead");
+    let two = c.dir.path().join("two");
+    std::fs::write(&two, both).expect("write");
+    let two = two.to_str().expect("path");
+    refused(
+        &c.r4(&["status", "pay", "--kubeconfig", two]),
+        &[&format!(
+            "cannot reach the Kubernetes API at http://{port}/"
+        )],
+    );
+    let out = ok(&c.r4(&["status", "pay", "--kubeconfig", two, "--context", "r4-dev"]));
+    assert!(out.contains("AgentWorkflow default/pay"), "{out}");
+
     // No kubeconfig anywhere: r4 kill says how to go without one.
     let o = c
         .cmd(&["kill", "pay"])
