@@ -416,7 +416,7 @@ pub fn kill_switch(
 ) -> Result<ExitCode, CliError> {
     let Some(url) = redis else {
         return Err(CliError::Usage(
-            "patching the workflow spec needs the controller (not in this build); pass --redis URL to set the switch directly in Redis".into(),
+            "the direct mode sets the switch in Redis: it needs --redis URL (without it, r4 kill patches the spec through the Kubernetes API)".into(),
         ));
     };
     let (workflow, t) = super::workflow::parse_target(target)?;

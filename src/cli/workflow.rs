@@ -232,17 +232,7 @@ async fn kill_via_api(
     if already {
         println!("kill switch {key} already {state} on {name}");
     } else {
-        let api = kube.api::<AgentWorkflow>();
-        let params = PatchParams {
-            field_manager: Some(FIELD_MANAGER.into()),
-            ..PatchParams::default()
-        };
-        let patch = Patch::Merge(switch_patch(target, engage));
-        kube.call(
-            format_args!("cannot patch agentworkflow {name}"),
-            api.patch(workflow, &params, &patch),
-        )
-        .await?;
+        merge_patch(&kube, workflow, switch_patch(target, engage)).await?;
         println!("kill switch {key} {state} on {name}");
     }
     let Some(wait) = args.wait else {
@@ -254,43 +244,92 @@ async fn kill_via_api(
         .as_ref()
         .filter(|b| !already && b.engaged == engage)
         .and_then(|b| b.state_version);
-    let deadline = started + wait;
-    let mut last: Option<KillSwitchStatus> = None;
+    let settled = poll_until(&kube, workflow, started + wait, |aw| {
+        let entry = aw.status.as_ref().and_then(|s| s.kill_switches.get(&key));
+        switch_settled(entry, engage, newer_than)
+    })
+    .await?;
+    let entry = settled
+        .last
+        .as_ref()
+        .and_then(|aw| aw.status.as_ref())
+        .and_then(|s| s.kill_switches.get(&key));
+    match entry {
+        Some(e) if settled.done => {
+            println!(
+                "kill switch {key} on {name} acknowledged by {}/{} engines in {:.1}s",
+                e.acknowledged,
+                e.expected,
+                started.elapsed().as_secs_f64()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        _ => Err(CliError::Internal(format!(
+            "kill switch {key} on {name} not acknowledged within {wait:?}: status says {}",
+            describe_switch(entry, now_ms())
+        ))),
+    }
+}
+
+/// JSON-merge-patch the workflow as the CLI's field manager: only the fields in `patch` change.
+async fn merge_patch(kube: &Kube, workflow: &str, patch: Value) -> Result<(), CliError> {
+    let params = PatchParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..PatchParams::default()
+    };
+    kube.call(
+        format_args!("cannot patch agentworkflow {}/{workflow}", kube.namespace),
+        kube.api::<AgentWorkflow>()
+            .patch(workflow, &params, &Patch::Merge(patch)),
+    )
+    .await?;
+    Ok(())
+}
+
+/// What [`poll_until`] saw.
+struct Polled {
+    /// Whether the condition held before the deadline.
+    done: bool,
+    /// The workflow as last read (`None` if no read finished before the deadline).
+    last: Option<AgentWorkflow>,
+}
+
+/// Read the workflow every [`POLL`] until `done` holds for it or `deadline` passes. Only an
+/// API failure is an error; the deadline is an answer (`done: false`, what was last read).
+async fn poll_until(
+    kube: &Kube,
+    workflow: &str,
+    deadline: Instant,
+    done: impl Fn(&AgentWorkflow) -> bool,
+) -> Result<Polled, CliError> {
+    let api = kube.api::<AgentWorkflow>();
+    let mut last = None;
     loop {
         let remaining = deadline.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
-            return Err(CliError::Internal(format!(
-                "kill switch {key} on {name} not acknowledged within {wait:?}: status says {}",
-                describe_switch(last.as_ref(), now_ms())
-            )));
+            return Ok(Polled { done: false, last });
         }
-        let aw = match kube
+        let read = kube
             .call_within(
                 remaining,
-                format_args!("cannot read agentworkflow {name}"),
-                kube.api::<AgentWorkflow>().get_opt(workflow),
+                format_args!("cannot read agentworkflow {}/{workflow}", kube.namespace),
+                api.get_opt(workflow),
             )
-            .await
-        {
+            .await;
+        let aw = match read {
             Ok(Some(aw)) => aw,
-            Ok(None) => return Err(not_found(&kube, workflow)),
-            // The deadline, not the API, ended this read: report what the status said.
-            Err(_) if Instant::now() >= deadline => continue,
+            Ok(None) => return Err(not_found(kube, workflow)),
+            // The deadline, not the API, ended this read.
+            Err(_) if Instant::now() >= deadline => return Ok(Polled { done: false, last }),
             Err(e) => return Err(e),
         };
-        last = aw.status.and_then(|mut s| s.kill_switches.remove(&key));
-        if switch_settled(last.as_ref(), engage, newer_than) {
-            let e = last
-                .as_ref()
-                .map_or((0, 0), |e| (e.acknowledged, e.expected));
-            println!(
-                "kill switch {key} on {name} acknowledged by {}/{} engines in {:.1}s",
-                e.0,
-                e.1,
-                started.elapsed().as_secs_f64()
-            );
-            return Ok(ExitCode::SUCCESS);
+        if done(&aw) {
+            return Ok(Polled {
+                done: true,
+                last: Some(aw),
+            });
         }
+        last = Some(aw);
         tokio::time::sleep(POLL.min(deadline.saturating_duration_since(Instant::now()))).await;
     }
 }
@@ -348,64 +387,52 @@ async fn rollback_via_api(args: &RollbackArgs) -> Result<ExitCode, CliError> {
     let name = format!("{}/{workflow}", kube.namespace);
     let (to, current) =
         rollback_target(&name, aw.status.as_ref(), args.to).map_err(CliError::Usage)?;
-    if to == current {
+    // A pending request for another revision is replaced, even by the current one: that is
+    // how a mistaken `r4 rollback` is taken back before the controller acts on it.
+    let pending = aw.spec.rollback_to.as_ref().map(|r| r.revision);
+    if to == current && pending.is_none_or(|p| p == to) {
         println!("{name} is already at revision {to}");
         return Ok(ExitCode::SUCCESS);
     }
     let started = Instant::now();
-    let api = kube.api::<AgentWorkflow>();
-    let params = PatchParams {
-        field_manager: Some(FIELD_MANAGER.into()),
-        ..PatchParams::default()
-    };
-    let patch = Patch::Merge(json!({"spec": {"rollbackTo": {"revision": to}}}));
-    kube.call(
-        format_args!("cannot patch agentworkflow {name}"),
-        api.patch(workflow, &params, &patch),
+    merge_patch(
+        &kube,
+        workflow,
+        json!({"spec": {"rollbackTo": {"revision": to}}}),
     )
     .await?;
-    println!("rollback of {name} to revision {to} requested (current: {current})");
+    match pending {
+        Some(p) if p != to => println!(
+            "rollback of {name} to revision {to} requested (current: {current}; replaces the pending request for revision {p})"
+        ),
+        _ => println!("rollback of {name} to revision {to} requested (current: {current})"),
+    }
     let Some(wait) = args.wait else {
         return Ok(ExitCode::SUCCESS);
     };
-    let deadline = started + wait;
-    let mut last = (Some(current), true);
-    loop {
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        if remaining.is_zero() {
-            let (cur, pending) = last;
-            return Err(CliError::Internal(format!(
-                "rollback of {name} to revision {to} not done within {wait:?}: current revision {}, spec.rollbackTo {}",
-                cur.map_or("unknown".into(), |c| c.to_string()),
-                if pending { "still set" } else { "removed" }
-            )));
-        }
-        let aw = match kube
-            .call_within(
-                remaining,
-                format_args!("cannot read agentworkflow {name}"),
-                api.get_opt(workflow),
-            )
-            .await
-        {
-            Ok(Some(aw)) => aw,
-            Ok(None) => return Err(not_found(&kube, workflow)),
-            Err(_) if Instant::now() >= deadline => continue,
-            Err(e) => return Err(e),
-        };
-        last = (
+    let applied = |aw: &AgentWorkflow| {
+        (
             aw.status.as_ref().and_then(|s| s.current_revision),
             aw.spec.rollback_to.is_some(),
+        )
+    };
+    let polled = poll_until(&kube, workflow, started + wait, |aw| {
+        applied(aw) == (Some(to), false)
+    })
+    .await?;
+    if polled.done {
+        println!(
+            "{name} rolled back to revision {to} in {:.1}s",
+            started.elapsed().as_secs_f64()
         );
-        if last == (Some(to), false) {
-            println!(
-                "{name} rolled back to revision {to} in {:.1}s",
-                started.elapsed().as_secs_f64()
-            );
-            return Ok(ExitCode::SUCCESS);
-        }
-        tokio::time::sleep(POLL.min(deadline.saturating_duration_since(Instant::now()))).await;
+        return Ok(ExitCode::SUCCESS);
     }
+    let (cur, pending) = polled.last.as_ref().map_or((None, true), applied);
+    Err(CliError::Internal(format!(
+        "rollback of {name} to revision {to} not done within {wait:?}: current revision {}, spec.rollbackTo {}",
+        cur.map_or("unknown".into(), |c| c.to_string()),
+        if pending { "still set" } else { "removed" }
+    )))
 }
 
 /// Breaker states as read for `r4 status`: by tool, or why they are unknown.
@@ -788,9 +815,13 @@ fn render_breakers(w: &mut String, aw: &AgentWorkflow, breakers: &Breakers, now_
                 if r.state != BreakerState::Closed {
                     let since =
                         now_ms.saturating_sub(i64::try_from(r.since_ms).unwrap_or(i64::MAX));
-                    let _ = write!(s, " for {}", age(since / 1000));
+                    let _ = write!(
+                        s,
+                        " for {} (failure rate {})",
+                        age(since / 1000),
+                        percent(r.failure_rate)
+                    );
                 }
-                let _ = write!(s, " (failure rate {})", percent(r.failure_rate));
                 s
             }
         });
@@ -798,9 +829,10 @@ fn render_breakers(w: &mut String, aw: &AgentWorkflow, breakers: &Breakers, now_
     let _ = writeln!(w, "breakers: {}", parts.join(", "));
 }
 
+/// Two decimals where one would hide the difference (99.91% against 99.5%, 0.35%).
 fn percent(x: f64) -> String {
     let p = x * 100.0;
-    if p != 100.0 && p > 99.0 {
+    if (p != 100.0 && p > 99.0) || (p != 0.0 && p.abs() < 1.0) {
         format!("{p:.2}%")
     } else {
         format!("{p:.1}%")
@@ -918,6 +950,49 @@ mod tests {
             Some(4)
         ));
         assert!(switch_settled(Some(&e(true, 3, 3, Some(5))), true, Some(4)));
+    }
+
+    #[test]
+    fn the_screen_says_when_the_status_lags_the_spec() {
+        let mut aw: AgentWorkflow = serde_yaml::from_str(
+            "apiVersion: r4.dev/v1alpha1\nkind: AgentWorkflow\nmetadata: {name: pay, generation: 3}\nspec:\n  queue: {redis: {url: \"redis://r\"}}\n  agents: [{name: a, image: i, consumes: in}]\n  killSwitches: {all: true, agents: {a: false}}\n",
+        )
+        .unwrap();
+        aw.status = Some(AgentWorkflowStatus {
+            observed_generation: Some(2),
+            kill_switches: [(
+                "a".to_owned(),
+                KillSwitchStatus {
+                    engaged: true,
+                    since: Some("2026-01-01T00:00:00Z".into()),
+                    state_version: Some(9),
+                    acknowledged: 0,
+                    expected: 2,
+                },
+            )]
+            .into(),
+            ..AgentWorkflowStatus::default()
+        });
+        let now = "2026-01-01T00:05:00Z"
+            .parse::<k8s_openapi::jiff::Timestamp>()
+            .unwrap()
+            .as_millisecond();
+        let screen = render(
+            "ns",
+            &aw,
+            &Err("Redis not reachable from here: x".into()),
+            now,
+        );
+        for says in [
+            "AgentWorkflow ns/pay  (status is of generation 2, the spec is at 3: the controller has not caught up)",
+            "  a                      engaged since 2026-01-01T00:00:00Z (5m ago), acknowledged by 0/2 engines (state version 9); the spec says released, not applied yet",
+            "  all                    no entry for it yet (is the controller running?)",
+            "  a                      ?/1      ?",
+            "breakers: unknown (Redis not reachable from here: x)",
+            "SLO: not measured yet",
+        ] {
+            assert!(screen.contains(says), "{screen}\nshould say {says:?}");
+        }
     }
 
     #[test]
