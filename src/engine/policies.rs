@@ -13,22 +13,25 @@
 //!
 //! What applies a set is left to the roles: the tool proxy rebuilds the stacks of the tools
 //! whose policy changed ([`super::tools::ToolProxy::apply`], driven by
-//! [`super::tools::supervise`]); the agent role takes the workflow's delivery settings
-//! ([`follow`]) for the next task it handles; the repair role for its next pass.
+//! [`super::tools::supervise`]); the agent, repair and intake roles take the workflow's
+//! settings ([`follow`]) for the next task, pass or submission. A set is taken by all of them
+//! or refused by all of them ([`PolicySet::workflow_policy`] checks every tool resolves), so
+//! the `policy_version` an engine reports in its stats is what every part of it runs.
 //!
 //! What reloads and what does not (a new set reaches a running engine within [`REREAD`]):
 //! - tool calls: every setting of the tool's policy (timeout, retry, budget, hedge, breaker,
-//!   bulkhead, throttle); a call in flight finishes on the stack it started with; a rebuilt
-//!   tool starts with a closed breaker and an empty hedge histogram, the other tools keep
-//!   theirs;
-//! - agent role: `deadLetter.maxDeliveries`, `retry.backoff`, `timeout.perAttempt` of
+//!   bulkhead, throttle; the fallback is the workflow's, not the policy's); a call in flight
+//!   finishes on the stack it started with; a rebuilt tool starts with a closed breaker, a
+//!   fresh retry budget and an empty hedge histogram (its counters go on), the other tools
+//!   keep theirs;
+//! - agent role: `deadLetter.maxDeliveries`, `retry.backoff` and `timeout.perAttempt` of
 //!   deliveries, `deadLetter.replay` (the schedule of records dead-lettered from then on) and
-//!   `idempotency.ttl` (inbox keys written from then on);
+//!   `idempotency.ttl` (inbox keys and DLQ markers written from then on);
 //! - repair role: `deadLetter.replay` and `deadLetter.retention` (next pass);
+//! - intake: `idempotency.ttl` of the idempotency keys of new submissions;
 //! - **not reloaded** (the next start of the pod takes them): the repair role's pass
-//!   interval (derived from the replay backoff at start), the TTL of join records, and the
-//!   intake's idempotency-key TTL. Keys written before a reload keep the TTL they were
-//!   written with.
+//!   interval (a quarter of the replay backoff, fixed at start) and the TTL of fan-in join
+//!   records. Keys written before a reload keep the TTL they were written with.
 //!
 //! Publishing is idempotent: [`publish`] first reads the published set and writes nothing
 //! when it is the same, so a controller re-publishing on every reconcile causes no version
