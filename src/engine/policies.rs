@@ -7,8 +7,12 @@
 //! `Keys::policies_channel` in ONE atomic step ([`Queue::hset_versioned`]), so a version
 //! names exactly one set. A [`watch`] re-reads on every announcement, after every
 //! (re)subscription and every [`REREAD`]: a lost announcement delays a reload by one period
-//! at most. A set with a version not above the one running is ignored, so an engine never
-//! goes back; a set that does not parse or does not validate is refused (one warning naming
+//! at most. The published version only grows, so a set of another version than the one
+//! running is the newer one — also when it is lower: the counter went back because Redis
+//! lost or replaced its data (a restart without persistence, a failover to a replica that
+//! lagged), and what Redis holds now is what the controller publishes from then on, so an
+//! engine that waited for a version above its own would ignore every publication until it
+//! restarts. A set that does not parse or does not validate is refused (one warning naming
 //! the field) and the engine keeps what it runs.
 //!
 //! What applies a set is left to the roles: the tool proxy rebuilds the stacks of the tools
@@ -203,6 +207,8 @@ pub fn check(set: &BTreeMap<String, CircuitPolicySpec>) -> Result<(), String> {
 /// on every announcement, re-subscription and every REREAD period; a set that does not parse or fails
 /// validation is refused with one warning log naming the field (the engine keeps what it runs).
 ///
+/// A published version *lower* than the running one is taken too, with a warning: the
+/// counter can only have gone back because Redis lost its data (see the module doc).
 /// The task ends when every receiver is dropped.
 pub fn watch(
     q: Arc<dyn Queue>,
@@ -217,11 +223,19 @@ pub fn watch(
             let Some(Raw { version, set }) = raw else {
                 return;
             };
-            if version <= tx.borrow().version {
+            let running = tx.borrow().version;
+            if version == running {
                 return;
             }
             match set {
                 Ok(policies) => {
+                    if version < running {
+                        tracing::warn!(
+                            version,
+                            running,
+                            "the published policy version went back (Redis lost or replaced its data); taking what it holds now"
+                        );
+                    }
                     tx.send_replace(Arc::new(PolicySet { version, policies }));
                 }
                 Err(why) if *refused != Some(version) => {
@@ -362,7 +376,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn watch_follows_publications_and_never_goes_back() {
+    async fn watch_follows_publications() {
         let q: Arc<dyn Queue> = Arc::new(MemoryQueue::new());
         let keys = Keys::new("ns", "wf");
         let file = PolicySet {
@@ -375,6 +389,41 @@ mod tests {
         let v = publish(q.as_ref(), &keys, &b).await.unwrap();
         let got = next(&mut rx, v).await;
         assert_eq!((got.version, &got.policies), (v, &b));
+    }
+
+    /// Redis lost its data and the controller published again: the counter restarted, and
+    /// the engine takes the lower version instead of ignoring publications until a restart.
+    #[tokio::test]
+    async fn a_counter_that_went_back_is_followed() {
+        let q: Arc<dyn Queue> = Arc::new(MemoryQueue::new());
+        let keys = Keys::new("ns", "wf");
+        let mut rx = watch(
+            q.clone(),
+            keys.clone(),
+            PolicySet {
+                version: 0,
+                policies: BTreeMap::new(),
+            },
+        );
+        publish(q.as_ref(), &keys, &set("timeout: {perAttempt: 1s}"))
+            .await
+            .unwrap();
+        let v2 = publish(q.as_ref(), &keys, &set("timeout: {perAttempt: 2s}"))
+            .await
+            .unwrap();
+        assert_eq!(next(&mut rx, v2).await.version, 2);
+        q.del(&[keys.policies(), keys.policies_version()])
+            .await
+            .unwrap();
+        let after = set("timeout: {perAttempt: 3s}");
+        assert_eq!(publish(q.as_ref(), &keys, &after).await.unwrap(), 1);
+        let got =
+            tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|s| s.policies == after))
+                .await
+                .expect("the set published after the reset was never taken")
+                .unwrap()
+                .clone();
+        assert_eq!(got.version, 1);
     }
 
     #[tokio::test]
