@@ -176,7 +176,15 @@ impl Intake {
     pub fn router(self: &Arc<Self>) -> Router {
         if tokio::runtime::Handle::try_current().is_ok() {
             self.policy.get_or_init(|| {
-                super::policies::follow(self.queue.clone(), self.cfg.clone(), self.stats.clone())
+                // Not awaited here (a router is built synchronously): until the first read
+                // (at once), submissions keep keys for the file's TTL.
+                let file = super::policies::PolicySet::from_file(&self.cfg);
+                super::policies::follow(
+                    self.queue.clone(),
+                    self.cfg.clone(),
+                    self.stats.clone(),
+                    file,
+                )
             });
         }
         let mut api = Router::new()

@@ -285,18 +285,53 @@ pub fn watch(
     rx
 }
 
-/// The workflow's delivery policy as the published sets change it, for the agent and repair
-/// roles: starts with `cfg.policy` (version 0), moves on with every set [`watch`] takes whose
-/// workflow policy resolves (one that does not is refused with a warning, the running one
-/// kept), sets `stats`' policy version and logs `policies reloaded`. Ends when every receiver
-/// is dropped.
+/// How long a starting role waits for the published set before it starts on its file's.
+pub const FIRST_READ: Duration = Duration::from_secs(2);
+
+/// The set a role starts with: the published one when Redis answers within [`FIRST_READ`]
+/// and the set resolves for `cfg` (see [`PolicySet::workflow_policy`]), else the file's — so
+/// an engine started after a publication never handles a task or a tool call under the
+/// file's older policies (the [`watch`] it starts next keeps it current either way).
+pub async fn initial(q: &dyn Queue, cfg: &WorkflowConfig) -> PolicySet {
+    match tokio::time::timeout(FIRST_READ, read(q, &cfg.keys)).await {
+        Ok(Ok(Some(set))) => match set.workflow_policy(cfg) {
+            Ok(_) => return set,
+            Err(e) => tracing::warn!(
+                version = set.version,
+                error = %e,
+                "published policies refused; starting with the workflow file's"
+            ),
+        },
+        Ok(Ok(None)) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cannot read the published policies; starting with the workflow file's")
+        }
+        Err(_) => tracing::warn!(
+            after = ?FIRST_READ,
+            "published policies not read in time; starting with the workflow file's"
+        ),
+    }
+    PolicySet::from_file(cfg)
+}
+
+/// The workflow's delivery policy as the published sets change it, for the agent, repair and
+/// intake roles: starts with `initial` ([`initial`], or the file's), moves on with every set
+/// [`watch`] takes whose workflow policy resolves (one that does not is refused with a
+/// warning, the running one kept), sets `stats`' policy version and logs `policies reloaded`.
+/// Ends when every receiver is dropped.
 pub fn follow(
     q: Arc<dyn Queue>,
     cfg: Arc<WorkflowConfig>,
     stats: Arc<Stats>,
+    initial: PolicySet,
 ) -> tokio_watch::Receiver<(u64, Arc<Policy>)> {
-    let (tx, rx) = tokio_watch::channel((0, Arc::new(cfg.policy.clone())));
-    let mut sets = watch(q, cfg.keys.clone(), PolicySet::from_file(&cfg));
+    let start = match initial.workflow_policy(&cfg) {
+        Ok(p) if initial.version != 0 => p,
+        _ => cfg.policy.clone(),
+    };
+    stats.set_policy_version(initial.version);
+    let (tx, rx) = tokio_watch::channel((initial.version, Arc::new(start)));
+    let mut sets = watch(q, cfg.keys.clone(), initial);
     tokio::spawn(async move {
         loop {
             tokio::select! {
@@ -389,6 +424,42 @@ mod tests {
         let v = publish(q.as_ref(), &keys, &b).await.unwrap();
         let got = next(&mut rx, v).await;
         assert_eq!((got.version, &got.policies), (v, &b));
+    }
+
+    /// A role starting after a publication starts on the published set, not its file's; a
+    /// published set its tools cannot resolve under is refused for the file's.
+    #[tokio::test]
+    async fn a_starting_role_begins_with_the_published_set() {
+        let cfg = WorkflowConfig::from_yaml(
+            "w",
+            "apiVersion: r4.dev/v1alpha1\nkind: AgentWorkflow\nmetadata: {name: wf}\nspec:\n  queue: {redis: {url: \"redis://x\"}}\n  policyRef: pol\n  tools:\n    - {name: t, url: \"http://t/x\"}\n  agents:\n    - {name: a, image: i, consumes: in, tools: [t]}\n---\napiVersion: r4.dev/v1alpha1\nkind: CircuitPolicy\nmetadata: {name: pol}\nspec:\n  deadLetter: {maxDeliveries: 3}\n",
+            None,
+            Some("ns"),
+        )
+        .unwrap();
+        let cfg = Arc::new(cfg);
+        let q: Arc<dyn Queue> = Arc::new(MemoryQueue::new());
+        assert_eq!(initial(q.as_ref(), &cfg).await, PolicySet::from_file(&cfg));
+        let published = set("deadLetter: {maxDeliveries: 1}");
+        let v = publish(q.as_ref(), &cfg.keys, &published).await.unwrap();
+        let first = initial(q.as_ref(), &cfg).await;
+        assert_eq!((first.version, &first.policies), (v, &published));
+        let stats = Arc::new(Stats::new("e", "agent", Some("a")));
+        let rx = follow(q.clone(), cfg.clone(), stats.clone(), first);
+        assert_eq!(rx.borrow().0, v);
+        assert_eq!(rx.borrow().1.max_deliveries, 1);
+        assert_eq!(stats.policy_version(), v);
+        // The workflow's policyRef is missing from this one: tool t cannot resolve its policy.
+        let other = BTreeMap::from([("else".to_string(), policy("retry: {maxAttempts: 2}"))]);
+        publish(q.as_ref(), &cfg.keys, &other).await.unwrap();
+        let e = PolicySet {
+            version: 9,
+            policies: other,
+        }
+        .workflow_policy(&cfg)
+        .unwrap_err();
+        assert!(e.starts_with("spec.tools[0].policyRef: "), "{e}");
+        assert_eq!(initial(q.as_ref(), &cfg).await, PolicySet::from_file(&cfg));
     }
 
     /// Redis lost its data and the controller published again: the counter restarted, and

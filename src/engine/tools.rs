@@ -898,11 +898,23 @@ pub async fn supervise(
     }
     let mut switches =
         super::killswitch::watch(queue.clone(), cfg.keys.clone(), cfg.spec_switches());
-    let mut policies = super::policies::watch(
-        queue.clone(),
-        cfg.keys.clone(),
-        super::policies::PolicySet::from_file(&cfg),
-    );
+    // The published set first: the proxy refuses every call until the kill switches are
+    // read in the loop below, so no call goes out under the file's policies when a newer set
+    // is published.
+    let first = super::policies::initial(queue.as_ref(), &cfg).await;
+    if first.version != 0 {
+        match proxy.apply(&first) {
+            Ok(rebuilt) => tracing::info!(
+                version = first.version,
+                tools = %rebuilt.join(","),
+                "policies reloaded"
+            ),
+            Err(e) => {
+                tracing::warn!(version = first.version, error = %e, "published policies refused by the tool proxy; keeping the ones running")
+            }
+        }
+    }
+    let mut policies = super::policies::watch(queue.clone(), cfg.keys.clone(), first);
     let mut since: BTreeMap<String, u64> = BTreeMap::new();
     let mut tick = tokio::time::interval(REFRESH);
     let publish = |tool: String, state: BreakerState, since: u64| {
