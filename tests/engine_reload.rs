@@ -2,7 +2,8 @@
 //! loopback tool, the controller's `policies::publish` on a real Redis. The same process
 //! (same pid, same engine id) fails a call under the old policy and makes it under the new
 //! one; a tool whose policy did not change keeps its breaker; the engine's published
-//! snapshot and `/metrics` carry the version it runs.
+//! snapshot and `/metrics` carry the version it runs. And an agent role running in process
+//! takes the published dead-letter settings for its next task.
 
 mod engine_common;
 use engine_common::{Engine, eventually, free_port, serve_app};
