@@ -2,7 +2,8 @@
 //! loopback tool, the controller's `policies::publish` on a real Redis. The same process
 //! (same pid, same engine id) fails a call under the old policy and makes it under the new
 //! one; a tool whose policy did not change keeps its breaker; the engine's published
-//! snapshot and `/metrics` carry the version it runs.
+//! snapshot and `/metrics` carry the version it runs. And an agent role running in process
+//! takes the published dead-letter settings for its next task.
 
 mod engine_common;
 use engine_common::{Engine, eventually, free_port, serve_app};
@@ -265,4 +266,70 @@ fn indent(yaml: &str) -> String {
         .map(|l| format!("  {l}"))
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// The agent role takes the published dead-letter settings for the next task it handles:
+/// under the file's `maxDeliveries: 3` a failing task is delivered three times; after a set
+/// with `maxDeliveries: 1` is published, the same running engine dead-letters the next one
+/// after one delivery, and reports the version it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_role_takes_published_dead_letter_settings() {
+    use engine_common::{ScriptedAgent, add_task, dlq, queue, start_agents, workflow};
+    use r4::engine::DeliveryError;
+    let (_redis, q) = queue(true).await;
+    let cfg = Arc::new(workflow(
+        "reload-dl",
+        "    - {name: a, image: x, consumes: in}",
+        "",
+    ));
+    let agent = ScriptedAgent::new(|_, _| Err(DeliveryError::retryable("busy")));
+    let run = start_agents(&cfg, &q, &agent);
+    let deliveries = |task: &str| agent.calls().iter().filter(|c| c.task_id == task).count();
+    let dead = |task: &'static str| {
+        let (q, cfg) = (q.clone(), cfg.clone());
+        move || {
+            let (q, cfg) = (q.clone(), cfg.clone());
+            async move { dlq(&q, &cfg).await.iter().any(|r| r.task_id == task) }
+        }
+    };
+    add_task(&q, &cfg, "in", "t-before", serde_json::json!({})).await;
+    eventually(
+        "t-before dead-lettered",
+        Duration::from_secs(20),
+        dead("t-before"),
+    )
+    .await;
+    assert_eq!(deliveries("t-before"), 3, "the file's maxDeliveries");
+
+    let mut set = cfg.policies.clone();
+    let fast = set.get_mut("fast").unwrap();
+    fast.dead_letter.as_mut().unwrap().max_deliveries = 1;
+    let v = policies::publish(q.as_ref(), &cfg.keys, &set)
+        .await
+        .unwrap();
+    let stats = run.stats[0].clone();
+    eventually(
+        "the role runs the published set",
+        Duration::from_secs(10),
+        || {
+            let stats = stats.clone();
+            async move { stats.policy_version() == v }
+        },
+    )
+    .await;
+    add_task(&q, &cfg, "in", "t-after", serde_json::json!({})).await;
+    eventually(
+        "t-after dead-lettered",
+        Duration::from_secs(20),
+        dead("t-after"),
+    )
+    .await;
+    assert_eq!(deliveries("t-after"), 1, "the published maxDeliveries");
+    let rec = dlq(&q, &cfg)
+        .await
+        .into_iter()
+        .find(|r| r.task_id == "t-after")
+        .unwrap();
+    assert_eq!(rec.deliveries, 1);
+    run.stop().await;
 }

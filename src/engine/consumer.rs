@@ -202,7 +202,8 @@ impl AgentRole {
         );
         let (down_tx, down_rx) = watch::channel(None);
         // Published CircuitPolicies: taken by the next task (and group commit) once read.
-        let mut policy = policies::follow(q.clone(), self.cfg.clone(), self.stats.clone());
+        let first = policies::initial(q.as_ref(), &self.cfg).await;
+        let mut policy = policies::follow(q.clone(), self.cfg.clone(), self.stats.clone(), first);
         let ctx = self.context(&stream, down_rx, shutdown.clone(), policy.clone());
         let stats_task = tokio::spawn(publish_stats(
             q.clone(),
@@ -383,6 +384,7 @@ impl AgentRole {
         shutdown: watch::Receiver<bool>,
         policy: watch::Receiver<(u64, Arc<Policy>)>,
     ) -> Arc<Ctx> {
+        let inbox_ttl = policy.borrow().1.idempotency_ttl;
         Arc::new(Ctx {
             sem: Arc::new(Semaphore::new(self.agent.concurrency)),
             held: Arc::new(Semaphore::new(self.agent.concurrency.saturating_mul(2))),
@@ -397,7 +399,7 @@ impl AgentRole {
                 self.queue.clone(),
                 stream.to_owned(),
                 self.agent.name.clone(),
-                self.cfg.policy.idempotency_ttl,
+                inbox_ttl,
                 self.cfg.max_len,
             ),
             downgrade,

@@ -111,6 +111,9 @@ pub struct Intake {
     /// being capped like the end of a graph).
     prepared: std::sync::atomic::AtomicBool,
     options: IntakeOptions,
+    /// The workflow's policy as published sets change it, once [`Intake::router`] started
+    /// following them (the idempotency-key TTL of submissions from then on).
+    policy: std::sync::OnceLock<tokio::sync::watch::Receiver<(u64, Arc<super::config::Policy>)>>,
 }
 
 /// The client a request authenticated as (an extension set by the auth layer).
@@ -140,7 +143,17 @@ impl Intake {
             stats: Arc::new(Stats::new(engine_id, "intake", None)),
             prepared: std::sync::atomic::AtomicBool::new(false),
             options,
+            policy: std::sync::OnceLock::new(),
         })
+    }
+
+    /// TTL of the idempotency keys of a submission now: the published policy's, else the
+    /// file's.
+    fn idempotency_ttl(&self) -> std::time::Duration {
+        match self.policy.get() {
+            Some(rx) => rx.borrow().1.idempotency_ttl,
+            None => self.cfg.policy.idempotency_ttl,
+        }
     }
 
     /// Create the workflow's consumer groups once, before the first write.
@@ -158,8 +171,22 @@ impl Intake {
     }
 
     /// The full router: API (authenticated when tokens are set, at most `max_in_flight` at
-    /// once) + health endpoints (open, unlimited).
+    /// once) + health endpoints (open, unlimited). Serving it starts following the published
+    /// CircuitPolicies ([`super::policies::follow`]; within a Tokio runtime).
     pub fn router(self: &Arc<Self>) -> Router {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            self.policy.get_or_init(|| {
+                // Not awaited here (a router is built synchronously): until the first read
+                // (at once), submissions keep keys for the file's TTL.
+                let file = super::policies::PolicySet::from_file(&self.cfg);
+                super::policies::follow(
+                    self.queue.clone(),
+                    self.cfg.clone(),
+                    self.stats.clone(),
+                    file,
+                )
+            });
+        }
         let mut api = Router::new()
             .route("/v1/tasks", post(submit))
             .route("/v1/tasks:batch", post(submit_batch))
@@ -211,12 +238,7 @@ impl Intake {
                 };
                 let s = self
                     .queue
-                    .submit_batch(
-                        &stream,
-                        self.cfg.policy.idempotency_ttl,
-                        vec![one],
-                        self.cfg.max_len,
-                    )
+                    .submit_batch(&stream, self.idempotency_ttl(), vec![one], self.cfg.max_len)
                     .await?
                     .pop()
                     .ok_or_else(|| QueueError::Protocol("empty submit reply".into()))?;
@@ -267,12 +289,7 @@ impl Intake {
             .collect();
         let done = self
             .queue
-            .submit_batch(
-                &stream,
-                self.cfg.policy.idempotency_ttl,
-                items,
-                self.cfg.max_len,
-            )
+            .submit_batch(&stream, self.idempotency_ttl(), items, self.cfg.max_len)
             .await?;
         Ok(done
             .into_iter()

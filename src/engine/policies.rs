@@ -7,28 +7,35 @@
 //! `Keys::policies_channel` in ONE atomic step ([`Queue::hset_versioned`]), so a version
 //! names exactly one set. A [`watch`] re-reads on every announcement, after every
 //! (re)subscription and every [`REREAD`]: a lost announcement delays a reload by one period
-//! at most. A set with a version not above the one running is ignored, so an engine never
-//! goes back; a set that does not parse or does not validate is refused (one warning naming
+//! at most. The published version only grows, so a set of another version than the one
+//! running is the newer one — also when it is lower: the counter went back because Redis
+//! lost or replaced its data (a restart without persistence, a failover to a replica that
+//! lagged), and what Redis holds now is what the controller publishes from then on, so an
+//! engine that waited for a version above its own would ignore every publication until it
+//! restarts. A set that does not parse or does not validate is refused (one warning naming
 //! the field) and the engine keeps what it runs.
 //!
 //! What applies a set is left to the roles: the tool proxy rebuilds the stacks of the tools
 //! whose policy changed ([`super::tools::ToolProxy::apply`], driven by
-//! [`super::tools::supervise`]); the agent role takes the workflow's delivery settings
-//! ([`follow`]) for the next task it handles; the repair role for its next pass.
+//! [`super::tools::supervise`]); the agent, repair and intake roles take the workflow's
+//! settings ([`follow`]) for the next task, pass or submission. A set is taken by all of them
+//! or refused by all of them ([`PolicySet::workflow_policy`] checks every tool resolves), so
+//! the `policy_version` an engine reports in its stats is what every part of it runs.
 //!
 //! What reloads and what does not (a new set reaches a running engine within [`REREAD`]):
 //! - tool calls: every setting of the tool's policy (timeout, retry, budget, hedge, breaker,
-//!   bulkhead, throttle); a call in flight finishes on the stack it started with; a rebuilt
-//!   tool starts with a closed breaker and an empty hedge histogram, the other tools keep
-//!   theirs;
-//! - agent role: `deadLetter.maxDeliveries`, `retry.backoff`, `timeout.perAttempt` of
+//!   bulkhead, throttle; the fallback is the workflow's, not the policy's); a call in flight
+//!   finishes on the stack it started with; a rebuilt tool starts with a closed breaker, a
+//!   fresh retry budget and an empty hedge histogram (its counters go on), the other tools
+//!   keep theirs;
+//! - agent role: `deadLetter.maxDeliveries`, `retry.backoff` and `timeout.perAttempt` of
 //!   deliveries, `deadLetter.replay` (the schedule of records dead-lettered from then on) and
-//!   `idempotency.ttl` (inbox keys written from then on);
+//!   `idempotency.ttl` (inbox keys and DLQ markers written from then on);
 //! - repair role: `deadLetter.replay` and `deadLetter.retention` (next pass);
+//! - intake: `idempotency.ttl` of the idempotency keys of new submissions;
 //! - **not reloaded** (the next start of the pod takes them): the repair role's pass
-//!   interval (derived from the replay backoff at start), the TTL of join records, and the
-//!   intake's idempotency-key TTL. Keys written before a reload keep the TTL they were
-//!   written with.
+//!   interval (a quarter of the replay backoff, fixed at start) and the TTL of fan-in join
+//!   records. Keys written before a reload keep the TTL they were written with.
 //!
 //! Publishing is idempotent: [`publish`] first reads the published set and writes nothing
 //! when it is the same, so a controller re-publishing on every reconcile causes no version
@@ -200,6 +207,8 @@ pub fn check(set: &BTreeMap<String, CircuitPolicySpec>) -> Result<(), String> {
 /// on every announcement, re-subscription and every REREAD period; a set that does not parse or fails
 /// validation is refused with one warning log naming the field (the engine keeps what it runs).
 ///
+/// A published version *lower* than the running one is taken too, with a warning: the
+/// counter can only have gone back because Redis lost its data (see the module doc).
 /// The task ends when every receiver is dropped.
 pub fn watch(
     q: Arc<dyn Queue>,
@@ -214,11 +223,19 @@ pub fn watch(
             let Some(Raw { version, set }) = raw else {
                 return;
             };
-            if version <= tx.borrow().version {
+            let running = tx.borrow().version;
+            if version == running {
                 return;
             }
             match set {
                 Ok(policies) => {
+                    if version < running {
+                        tracing::warn!(
+                            version,
+                            running,
+                            "the published policy version went back (Redis lost or replaced its data); taking what it holds now"
+                        );
+                    }
                     tx.send_replace(Arc::new(PolicySet { version, policies }));
                 }
                 Err(why) if *refused != Some(version) => {
@@ -268,18 +285,53 @@ pub fn watch(
     rx
 }
 
-/// The workflow's delivery policy as the published sets change it, for the agent and repair
-/// roles: starts with `cfg.policy` (version 0), moves on with every set [`watch`] takes whose
-/// workflow policy resolves (one that does not is refused with a warning, the running one
-/// kept), sets `stats`' policy version and logs `policies reloaded`. Ends when every receiver
-/// is dropped.
+/// How long a starting role waits for the published set before it starts on its file's.
+pub const FIRST_READ: Duration = Duration::from_secs(2);
+
+/// The set a role starts with: the published one when Redis answers within [`FIRST_READ`]
+/// and the set resolves for `cfg` (see [`PolicySet::workflow_policy`]), else the file's — so
+/// an engine started after a publication never handles a task or a tool call under the
+/// file's older policies (the [`watch`] it starts next keeps it current either way).
+pub async fn initial(q: &dyn Queue, cfg: &WorkflowConfig) -> PolicySet {
+    match tokio::time::timeout(FIRST_READ, read(q, &cfg.keys)).await {
+        Ok(Ok(Some(set))) => match set.workflow_policy(cfg) {
+            Ok(_) => return set,
+            Err(e) => tracing::warn!(
+                version = set.version,
+                error = %e,
+                "published policies refused; starting with the workflow file's"
+            ),
+        },
+        Ok(Ok(None)) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cannot read the published policies; starting with the workflow file's")
+        }
+        Err(_) => tracing::warn!(
+            after = ?FIRST_READ,
+            "published policies not read in time; starting with the workflow file's"
+        ),
+    }
+    PolicySet::from_file(cfg)
+}
+
+/// The workflow's delivery policy as the published sets change it, for the agent, repair and
+/// intake roles: starts with `initial` ([`initial`], or the file's), moves on with every set
+/// [`watch`] takes whose workflow policy resolves (one that does not is refused with a
+/// warning, the running one kept), sets `stats`' policy version and logs `policies reloaded`.
+/// Ends when every receiver is dropped.
 pub fn follow(
     q: Arc<dyn Queue>,
     cfg: Arc<WorkflowConfig>,
     stats: Arc<Stats>,
+    initial: PolicySet,
 ) -> tokio_watch::Receiver<(u64, Arc<Policy>)> {
-    let (tx, rx) = tokio_watch::channel((0, Arc::new(cfg.policy.clone())));
-    let mut sets = watch(q, cfg.keys.clone(), PolicySet::from_file(&cfg));
+    let start = match initial.workflow_policy(&cfg) {
+        Ok(p) if initial.version != 0 => p,
+        _ => cfg.policy.clone(),
+    };
+    stats.set_policy_version(initial.version);
+    let (tx, rx) = tokio_watch::channel((initial.version, Arc::new(start)));
+    let mut sets = watch(q, cfg.keys.clone(), initial);
     tokio::spawn(async move {
         loop {
             tokio::select! {
@@ -359,7 +411,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn watch_follows_publications_and_never_goes_back() {
+    async fn watch_follows_publications() {
         let q: Arc<dyn Queue> = Arc::new(MemoryQueue::new());
         let keys = Keys::new("ns", "wf");
         let file = PolicySet {
@@ -372,6 +424,77 @@ mod tests {
         let v = publish(q.as_ref(), &keys, &b).await.unwrap();
         let got = next(&mut rx, v).await;
         assert_eq!((got.version, &got.policies), (v, &b));
+    }
+
+    /// A role starting after a publication starts on the published set, not its file's; a
+    /// published set its tools cannot resolve under is refused for the file's.
+    #[tokio::test]
+    async fn a_starting_role_begins_with_the_published_set() {
+        let cfg = WorkflowConfig::from_yaml(
+            "w",
+            "apiVersion: r4.dev/v1alpha1\nkind: AgentWorkflow\nmetadata: {name: wf}\nspec:\n  queue: {redis: {url: \"redis://x\"}}\n  policyRef: pol\n  tools:\n    - {name: t, url: \"http://t/x\"}\n  agents:\n    - {name: a, image: i, consumes: in, tools: [t]}\n---\napiVersion: r4.dev/v1alpha1\nkind: CircuitPolicy\nmetadata: {name: pol}\nspec:\n  deadLetter: {maxDeliveries: 3}\n",
+            None,
+            Some("ns"),
+        )
+        .unwrap();
+        let cfg = Arc::new(cfg);
+        let q: Arc<dyn Queue> = Arc::new(MemoryQueue::new());
+        assert_eq!(initial(q.as_ref(), &cfg).await, PolicySet::from_file(&cfg));
+        let published = set("deadLetter: {maxDeliveries: 1}");
+        let v = publish(q.as_ref(), &cfg.keys, &published).await.unwrap();
+        let first = initial(q.as_ref(), &cfg).await;
+        assert_eq!((first.version, &first.policies), (v, &published));
+        let stats = Arc::new(Stats::new("e", "agent", Some("a")));
+        let rx = follow(q.clone(), cfg.clone(), stats.clone(), first);
+        assert_eq!(rx.borrow().0, v);
+        assert_eq!(rx.borrow().1.max_deliveries, 1);
+        assert_eq!(stats.policy_version(), v);
+        // The workflow's policyRef is missing from this one: tool t cannot resolve its policy.
+        let other = BTreeMap::from([("else".to_string(), policy("retry: {maxAttempts: 2}"))]);
+        publish(q.as_ref(), &cfg.keys, &other).await.unwrap();
+        let e = PolicySet {
+            version: 9,
+            policies: other,
+        }
+        .workflow_policy(&cfg)
+        .unwrap_err();
+        assert!(e.starts_with("spec.tools[0].policyRef: "), "{e}");
+        assert_eq!(initial(q.as_ref(), &cfg).await, PolicySet::from_file(&cfg));
+    }
+
+    /// Redis lost its data and the controller published again: the counter restarted, and
+    /// the engine takes the lower version instead of ignoring publications until a restart.
+    #[tokio::test]
+    async fn a_counter_that_went_back_is_followed() {
+        let q: Arc<dyn Queue> = Arc::new(MemoryQueue::new());
+        let keys = Keys::new("ns", "wf");
+        let mut rx = watch(
+            q.clone(),
+            keys.clone(),
+            PolicySet {
+                version: 0,
+                policies: BTreeMap::new(),
+            },
+        );
+        publish(q.as_ref(), &keys, &set("timeout: {perAttempt: 1s}"))
+            .await
+            .unwrap();
+        let v2 = publish(q.as_ref(), &keys, &set("timeout: {perAttempt: 2s}"))
+            .await
+            .unwrap();
+        assert_eq!(next(&mut rx, v2).await.version, 2);
+        q.del(&[keys.policies(), keys.policies_version()])
+            .await
+            .unwrap();
+        let after = set("timeout: {perAttempt: 3s}");
+        assert_eq!(publish(q.as_ref(), &keys, &after).await.unwrap(), 1);
+        let got =
+            tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|s| s.policies == after))
+                .await
+                .expect("the set published after the reset was never taken")
+                .unwrap()
+                .clone();
+        assert_eq!(got.version, 1);
     }
 
     #[tokio::test]

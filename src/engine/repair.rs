@@ -83,10 +83,12 @@ impl RepairRole {
     /// Pass after pass until `shutdown`.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), EngineError> {
         // Published CircuitPolicies: each pass takes the replay and retention in force.
+        let first = super::policies::initial(self.queue.as_ref(), &self.cfg).await;
         self.policy = Some(super::policies::follow(
             self.queue.clone(),
             self.cfg.clone(),
             self.stats.clone(),
+            first,
         ));
         let stats_task = tokio::spawn(super::consumer::publish_stats(
             self.queue.clone(),

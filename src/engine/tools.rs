@@ -4,7 +4,9 @@
 //! on tools (failing closed: a new proxy refuses every call until the switch state has been
 //! read, [`ToolProxy::set_killed`]), the idempotency decision (spec, else the MCP tool annotations `idempotentHint` /
 //! `readOnlyHint`), and it applies each tool's `CircuitPolicy` stack from
-//! [`crate::resilience`]. How a request reaches the tool is a [`Transport`]: real HTTP in a
+//! [`crate::resilience`] — rebuilt, tool by tool, when a published CircuitPolicy set changes
+//! the tool's policy ([`ToolProxy::apply`], [`super::policies`]). How a request reaches the
+//! tool is a [`Transport`]: real HTTP in a
 //! pod, a simulated tool in `r4 run`. It never fails a call with a Rust error: refusals and
 //! failures become HTTP answers the agent can act on, with an `r4-degraded` header saying why.
 //!
@@ -308,11 +310,12 @@ impl ToolProxy {
     /// changed, leave the others (their breaker state, budget and hedge histogram) untouched.
     /// Calls in flight finish on the stack they started with. All or nothing: when a tool
     /// cannot resolve its policy under the new set (a `policyRef` it lacks, a bad field), the
-    /// error names the field and nothing changes. A set not newer than the one running is
-    /// ignored. Returns the tools rebuilt.
+    /// error names the field and nothing changes. A set of the version running is ignored
+    /// (one of another version is the newer one, see [`super::policies`]). Returns the tools
+    /// rebuilt.
     pub fn apply(&self, set: &super::policies::PolicySet) -> Result<Vec<String>, FieldError> {
         let _one = crate::resilience::lock(&self.applying);
-        if set.version <= self.policy_version() {
+        if set.version == self.policy_version() {
             return Ok(Vec::new());
         }
         let mut rebuilt = Vec::new();
@@ -895,11 +898,23 @@ pub async fn supervise(
     }
     let mut switches =
         super::killswitch::watch(queue.clone(), cfg.keys.clone(), cfg.spec_switches());
-    let mut policies = super::policies::watch(
-        queue.clone(),
-        cfg.keys.clone(),
-        super::policies::PolicySet::from_file(&cfg),
-    );
+    // The published set first: the proxy refuses every call until the kill switches are
+    // read in the loop below, so no call goes out under the file's policies when a newer set
+    // is published.
+    let first = super::policies::initial(queue.as_ref(), &cfg).await;
+    if first.version != 0 {
+        match proxy.apply(&first) {
+            Ok(rebuilt) => tracing::info!(
+                version = first.version,
+                tools = %rebuilt.join(","),
+                "policies reloaded"
+            ),
+            Err(e) => {
+                tracing::warn!(version = first.version, error = %e, "published policies refused by the tool proxy; keeping the ones running")
+            }
+        }
+    }
+    let mut policies = super::policies::watch(queue.clone(), cfg.keys.clone(), first);
     let mut since: BTreeMap<String, u64> = BTreeMap::new();
     let mut tick = tokio::time::interval(REFRESH);
     let publish = |tool: String, state: BreakerState, since: u64| {
@@ -1404,7 +1419,7 @@ agents:
             Some("flaky; reason=breaker-open")
         );
         assert!(rebuilt_breakers.lock().unwrap().is_empty());
-        // Not newer: ignored.
+        // The version running: ignored.
         let old = PolicySet {
             version: 1,
             policies: reload_set(100, "brk"),

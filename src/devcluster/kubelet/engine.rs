@@ -975,6 +975,51 @@ mod tests {
         running.stop().await;
     }
 
+    /// The in-process engine follows the CircuitPolicies published for its workflow, as a
+    /// pod's would: no restart, and its published stats say which version it runs.
+    #[tokio::test(start_paused = true)]
+    async fn an_agent_pod_takes_published_policies_without_a_restart() {
+        use crate::devcluster::kubelet::fixtures::ApiServer;
+        let (client, mut api) = ApiServer::new();
+        let queue: Arc<dyn Queue> = Arc::new(crate::queue::memory::MemoryQueue::new());
+        let rt = EngineRuntime::new(client, queue.clone(), 7, Duration::from_secs(10));
+        let (pod, c) = engine_pod("a");
+        let server = tokio::spawn(async move {
+            serve_configmap(&mut api).await;
+            api
+        });
+        let running = rt.start(&pod, &c).await.unwrap();
+        let _api = server.await.unwrap();
+        let keys = crate::queue::Keys::new("default", "pay");
+        let policy: crate::api::policy::CircuitPolicySpec =
+            serde_yaml::from_str("timeout: {perAttempt: 2s}").unwrap();
+        let v = engine::policies::publish(
+            queue.as_ref(),
+            &keys,
+            &std::collections::BTreeMap::from([("p".to_string(), policy)]),
+        )
+        .await
+        .unwrap();
+        let taken = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                let stats = engine::stats::read_workflow(queue.as_ref(), &keys)
+                    .await
+                    .unwrap();
+                if stats.engines.iter().any(|e| e.policy_version == v) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        assert!(
+            taken.is_ok(),
+            "the engine never reported policy version {v}"
+        );
+        assert_eq!(running.ready(), Probe::Ready);
+        running.stop().await;
+    }
+
     #[tokio::test(start_paused = true)]
     async fn an_engine_that_cannot_run_its_agent_or_read_its_workflow_crashes_with_the_reason() {
         use crate::devcluster::kubelet::fixtures::ApiServer;
