@@ -27,5 +27,6 @@ pub const COMPONENT_LABEL: &str = "app.kubernetes.io/component";
 pub const AGENT_LABEL: &str = "r4.dev/agent";
 pub mod backoff;
 pub mod http;
+pub mod leader;
 pub mod metrics;
 pub mod rbac;
