@@ -25,6 +25,7 @@ pub const REVISION_LABEL: &str = "r4.dev/revision";
 pub const COMPONENT_LABEL: &str = "app.kubernetes.io/component";
 /// Label naming the agent of an agent Deployment and its pods.
 pub const AGENT_LABEL: &str = "r4.dev/agent";
+
 pub mod backoff;
 pub mod http;
 pub mod leader;
