@@ -7,6 +7,9 @@
 //! resets the key. What a key is (`namespace/name` of the object, usually) is the caller's;
 //! when to call [`ErrorBackoff::failed`] / [`ErrorBackoff::succeeded`] is the reconciler's.
 //!
+//! Use: the error policy requeues with `Action::requeue(ctx.backoff.failed(&key))`; a
+//! reconcile that succeeds calls `ctx.backoff.succeeded(&key)` before returning its action.
+//!
 //! Memory is bounded: a key not touched for [`FORGET_AFTER_FACTOR`]`·max` is forgotten (its
 //! next failure starts over at `base`, which is what a long-quiet object deserves), and at
 //! most [`MAX_KEYS`] keys are kept — past that the least recently touched go first.

@@ -332,10 +332,8 @@ where
                                 None => None,
                             },
                         };
-                        if let Some(at) = expires {
-                            if let Some(until) = instant_of(at).checked_sub(margin) {
-                                valid_until = valid_until.max(until);
-                            }
+                        if let Some(until) = expires.and_then(|at| instant_of(at).checked_sub(margin)) {
+                            valid_until = valid_until.max(until);
                         }
                     }
                 }

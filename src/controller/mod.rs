@@ -40,5 +40,6 @@ pub mod rollout;
 pub mod backoff;
 pub mod leader;
 pub mod http;
+pub mod leader;
 pub mod metrics;
 pub mod rbac;
