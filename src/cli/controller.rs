@@ -26,8 +26,9 @@ pub struct ControllerArgs {
     /// Namespace of the Lease (the controller's own).
     #[arg(long, env = "POD_NAMESPACE", default_value = "r4-system")]
     pub lease_namespace: String,
-    /// This replica's identity in the Lease; default: the pod's name, else the host name.
-    #[arg(long, env = "POD_NAME")]
+    /// This replica's identity in the Lease; default: the pod's name (else the host name) and
+    /// a random suffix.
+    #[arg(long)]
     pub identity: Option<String>,
     /// Seconds between two reconciles of a workflow for its statistics (queue, SLO, cost, analysis).
     #[arg(long, default_value_t = 10, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -36,19 +37,6 @@ pub struct ControllerArgs {
     /// `spec.queue.redis` is used).
     #[arg(long, hide_env_values = true)]
     pub redis: Option<String>,
-}
-
-/// Identity in a Lease: the pod name, else the host name, plus a random suffix.
-pub fn identity(given: Option<&str>) -> String {
-    let base = given
-        .map(str::to_owned)
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| "r4-controller".into());
-    if given.is_some() {
-        base
-    } else {
-        format!("{base}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
-    }
 }
 
 pub fn controller(args: ControllerArgs) -> Result<ExitCode, CliError> {
@@ -67,21 +55,22 @@ pub fn controller(args: ControllerArgs) -> Result<ExitCode, CliError> {
                     .map_err(|e| CliError::Usage(format!("--redis: {e}")))?,
             )),
         };
+        let identity = args
+            .identity
+            .clone()
+            .unwrap_or_else(crate::controller::leader::default_identity);
         let opts = RunOptions {
             controller: Options {
                 engine_image: args.engine_image.clone(),
                 stats_interval: Duration::from_secs(args.stats_interval),
                 queue,
-                instance: Some(identity(args.identity.as_deref())),
+                instance: Some(identity.clone()),
                 ..Options::default()
             },
             metrics_listen: Some(args.metrics_listen),
             leader: args.leader_elect.then(|| LeaderOptions {
-                namespace: args.lease_namespace.clone(),
-                lease_name: "r4-controller".into(),
-                identity: identity(args.identity.as_deref()),
-                lease_duration: Duration::from_secs(15),
-                renew_every: Duration::from_secs(5),
+                identity: identity.clone(),
+                ..LeaderOptions::new(args.lease_namespace.clone())
             }),
         };
         let (stop, stopped) = tokio::sync::watch::channel(false);
