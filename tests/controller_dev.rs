@@ -65,6 +65,15 @@ fn kubectl_present() -> bool {
 
 /// The dev API, its kubelet and the controller, on a fresh redis-server; CRDs applied.
 async fn dev(queue_from_spec: bool) -> Dev {
+    dev_with(queue_from_spec, None, None).await
+}
+
+/// [`dev`] with the controller on `controller_client` (a recording one) and leader election.
+async fn dev_with(
+    queue_from_spec: bool,
+    controller_client: Option<fn(&str) -> Client>,
+    leader: Option<r4::controller::leader::LeaderOptions>,
+) -> Dev {
     let redis = RedisServer::start().await.expect("redis-server");
     let redis_url = redis.url();
     let handle = start("127.0.0.1:0".parse().expect("addr"), DevOptions::default())
@@ -97,9 +106,13 @@ async fn dev(queue_from_spec: bool) -> Dev {
             ..Options::default()
         },
         metrics_listen: None,
-        leader: None,
+        leader,
     };
-    tokio::spawn(run(client.clone(), opts, stopped));
+    let controller_client = match controller_client {
+        Some(make) => make(&handle.url()),
+        None => client.clone(),
+    };
+    tokio::spawn(run(controller_client, opts, stopped));
     let d = Dev {
         _handle: handle,
         _redis: redis,
@@ -210,17 +223,21 @@ fn describe(wf: &AgentWorkflow) -> String {
 }
 
 async fn ready(dev: &Dev, name: &str, revision: i64) -> AgentWorkflow {
-    eventually(60, &format!("{name} Ready at revision {revision}"), || async {
-        let wf = dev.workflows().get(name).await.map_err(|e| e.to_string())?;
-        let ok = condition(&wf, "Ready").is_some_and(|c| c.0 == "True")
-            && wf.status.as_ref().and_then(|s| s.current_revision) == Some(revision)
-            && wf.status.as_ref().is_some_and(|s| {
-                s.revisions
-                    .iter()
-                    .any(|r| r.revision == revision && r.phase == "Healthy")
-            });
-        if ok { Ok(wf) } else { Err(describe(&wf)) }
-    })
+    eventually(
+        60,
+        &format!("{name} Ready at revision {revision}"),
+        || async {
+            let wf = dev.workflows().get(name).await.map_err(|e| e.to_string())?;
+            let ok = condition(&wf, "Ready").is_some_and(|c| c.0 == "True")
+                && wf.status.as_ref().and_then(|s| s.current_revision) == Some(revision)
+                && wf.status.as_ref().is_some_and(|s| {
+                    s.revisions
+                        .iter()
+                        .any(|r| r.revision == revision && r.phase == "Healthy")
+                });
+            if ok { Ok(wf) } else { Err(describe(&wf)) }
+        },
+    )
     .await
 }
 
@@ -264,8 +281,16 @@ async fn the_samples_reconcile_into_children_queues_and_ready_and_drift_is_repai
     let wf = ready(&dev, "payment-disputes", 1).await;
     let status = wf.status.clone().expect("status");
     assert_eq!(status.observed_generation, wf.metadata.generation);
-    assert_eq!(status.agents_ready.as_deref(), Some("6/6"), "{}", describe(&wf));
-    assert_eq!(condition(&wf, "Valid").map(|c| c.0).as_deref(), Some("True"));
+    assert_eq!(
+        status.agents_ready.as_deref(),
+        Some("6/6"),
+        "{}",
+        describe(&wf)
+    );
+    assert_eq!(
+        condition(&wf, "Valid").map(|c| c.0).as_deref(),
+        Some("True")
+    );
 
     // Children: a Deployment per agent, intake and repair, the config, the intake Service.
     let deps: Api<Deployment> = Api::namespaced(dev.client.clone(), "default");
@@ -278,8 +303,14 @@ async fn the_samples_reconcile_into_children_queues_and_ready_and_drift_is_repai
     ] {
         let d = deps.get(d).await.expect("deployment");
         let owner = &d.owner_references()[0];
-        assert_eq!((owner.kind.as_str(), owner.name.as_str()), ("AgentWorkflow", "payment-disputes"));
-        assert_eq!(d.labels().get("r4.dev/revision").map(String::as_str), Some("1"));
+        assert_eq!(
+            (owner.kind.as_str(), owner.name.as_str()),
+            ("AgentWorkflow", "payment-disputes")
+        );
+        assert_eq!(
+            d.labels().get("r4.dev/revision").map(String::as_str),
+            Some("1")
+        );
         let managers: Vec<String> = d
             .metadata
             .managed_fields
@@ -291,10 +322,19 @@ async fn the_samples_reconcile_into_children_queues_and_ready_and_drift_is_repai
     }
     let cms: Api<ConfigMap> = Api::namespaced(dev.client.clone(), "default");
     let cm = cms.get("payment-disputes-engine").await.expect("configmap");
-    let text = cm.data.as_ref().and_then(|d| d.get("workflow.yaml")).expect("config");
-    assert!(text.contains("bank-policy") && !text.contains("killSwitches"), "{text}");
+    let text = cm
+        .data
+        .as_ref()
+        .and_then(|d| d.get("workflow.yaml"))
+        .expect("config");
+    assert!(
+        text.contains("bank-policy") && !text.contains("killSwitches"),
+        "{text}"
+    );
     let svcs: Api<Service> = Api::namespaced(dev.client.clone(), "default");
-    svcs.get("payment-disputes-r4-intake").await.expect("intake service");
+    svcs.get("payment-disputes-r4-intake")
+        .await
+        .expect("intake service");
 
     // Queue wiring: every agent's input stream has its group.
     let keys = Keys::new("default", "payment-disputes");
@@ -311,7 +351,10 @@ async fn the_samples_reconcile_into_children_queues_and_ready_and_drift_is_repai
 
     // kubectl shows the printer columns.
     let table = dev.kubectl(&["get", "aw"]);
-    assert!(table.contains("payment-disputes") && table.contains("True"), "{table}");
+    assert!(
+        table.contains("payment-disputes") && table.contains("True"),
+        "{table}"
+    );
 
     // Steady: no status writes while nothing changes (several stats intervals).
     let rv = dev.workflow("payment-disputes").await.resource_version();
@@ -320,11 +363,27 @@ async fn the_samples_reconcile_into_children_queues_and_ready_and_drift_is_repai
     assert_eq!(rv, rv2, "a steady workflow's status was written again");
 
     // Drift: a deleted Deployment comes back, a scaled one is scaled back.
-    dev.kubectl(&["delete", "deployment", "payment-disputes-resolution", "--wait=false"]);
-    dev.kubectl(&["scale", "deployment", "payment-disputes-investigation", "--replicas=1"]);
+    dev.kubectl(&[
+        "delete",
+        "deployment",
+        "payment-disputes-resolution",
+        "--wait=false",
+    ]);
+    dev.kubectl(&[
+        "scale",
+        "deployment",
+        "payment-disputes-investigation",
+        "--replicas=1",
+    ]);
     eventually(20, "drift repaired", || async {
-        let r = deps.get("payment-disputes-resolution").await.map_err(|e| e.to_string())?;
-        let i = deps.get("payment-disputes-investigation").await.map_err(|e| e.to_string())?;
+        let r = deps
+            .get("payment-disputes-resolution")
+            .await
+            .map_err(|e| e.to_string())?;
+        let i = deps
+            .get("payment-disputes-investigation")
+            .await
+            .map_err(|e| e.to_string())?;
         let replicas = i.spec.replicas;
         if r.metadata.deletion_timestamp.is_none() && replicas == Some(3) {
             Ok(())
@@ -346,24 +405,42 @@ async fn a_new_revision_rolls_a_broken_one_is_rolled_back_and_rollback_by_hand_w
 
     // An image change is revision 2, rolled out.
     let patch = |image: &str| {
-        format!(
-            r#"[{{"op":"replace","path":"/spec/agents/1/image","value":"{image}"}}]"#
-        )
+        format!(r#"[{{"op":"replace","path":"/spec/agents/1/image","value":"{image}"}}]"#)
     };
-    dev.kubectl(&["patch", "aw", "triage", "--type", "json", "-p", &patch("ghcr.io/acme/solver:1.1")]);
+    dev.kubectl(&[
+        "patch",
+        "aw",
+        "triage",
+        "--type",
+        "json",
+        "-p",
+        &patch("ghcr.io/acme/solver:1.1"),
+    ]);
     ready(&dev, "triage", 2).await;
     let uids_2 = pod_uids(&dev.client, "triage").await;
 
     // A revision whose pods never become ready: rolled back to 2 within the deadline (10 s).
     let started = Instant::now();
     dev.kubectl(&[
-        "patch", "aw", "triage", "--type", "json", "-p",
+        "patch",
+        "aw",
+        "triage",
+        "--type",
+        "json",
+        "-p",
         &patch("ghcr.io/acme/solver:cannot-pull"),
     ]);
     let wf = eventually(40, "automatic rollback to 2", || async {
-        let wf = dev.workflows().get("triage").await.map_err(|e| e.to_string())?;
+        let wf = dev
+            .workflows()
+            .get("triage")
+            .await
+            .map_err(|e| e.to_string())?;
         let s = wf.status.clone().unwrap_or_default();
-        let failed = s.revisions.iter().any(|r| r.revision == 3 && r.phase == "Failed");
+        let failed = s
+            .revisions
+            .iter()
+            .any(|r| r.revision == 3 && r.phase == "Failed");
         let back = condition(&wf, "RolledBack").is_some_and(|c| c.0 == "True");
         if failed && back && s.current_revision == Some(2) {
             Ok(wf)
@@ -373,24 +450,36 @@ async fn a_new_revision_rolls_a_broken_one_is_rolled_back_and_rollback_by_hand_w
     })
     .await;
     let took = started.elapsed();
-    eprintln!("automatic rollback after {:.1}s (progressDeadlineSeconds 10)", took.as_secs_f64());
+    eprintln!(
+        "automatic rollback after {:.1}s (progressDeadlineSeconds 10)",
+        took.as_secs_f64()
+    );
     let (_, reason, message) = condition(&wf, "RolledBack").expect("condition");
     assert_eq!(reason, "AutomaticRollback");
-    assert!(message.contains("revision 3") && message.contains("revision 2"), "{message}");
+    assert!(
+        message.contains("revision 3") && message.contains("revision 2"),
+        "{message}"
+    );
     assert_eq!(
         condition(&wf, "Degraded").map(|c| c.0).as_deref(),
         Some("True"),
         "{}",
         describe(&wf)
     );
-    assert!(!events(&dev.client, "RolledBack").await.is_empty(), "no RolledBack event");
+    assert!(
+        !events(&dev.client, "RolledBack").await.is_empty(),
+        "no RolledBack event"
+    );
     // The failed revision is not retried while the spec stays as it is.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let wf = dev.workflow("triage").await;
     assert_eq!(wf.status.as_ref().and_then(|s| s.current_revision), Some(2));
     let deps: Api<Deployment> = Api::namespaced(dev.client.clone(), "default");
     let solver = deps.get("triage-solver").await.expect("deployment");
-    assert_eq!(solver.labels().get("r4.dev/revision").map(String::as_str), Some("2"));
+    assert_eq!(
+        solver.labels().get("r4.dev/revision").map(String::as_str),
+        Some("2")
+    );
     let _ = uids_2;
 
     // By hand: back to revision 1 with `r4 rollback --to 1`; the controller clears rollbackTo.
@@ -402,7 +491,11 @@ async fn a_new_revision_rolls_a_broken_one_is_rolled_back_and_rollback_by_hand_w
         String::from_utf8_lossy(&out.stderr)
     );
     let wf = eventually(30, "manual rollback to 1", || async {
-        let wf = dev.workflows().get("triage").await.map_err(|e| e.to_string())?;
+        let wf = dev
+            .workflows()
+            .get("triage")
+            .await
+            .map_err(|e| e.to_string())?;
         let s = wf.status.clone().unwrap_or_default();
         if s.current_revision == Some(1) && wf.spec.rollback_to.is_none() {
             Ok(wf)
@@ -420,7 +513,12 @@ async fn a_new_revision_rolls_a_broken_one_is_rolled_back_and_rollback_by_hand_w
             .template
             .spec
             .as_ref()
-            .map(|s| s.containers.iter().map(|c| c.image.clone().unwrap_or_default()).collect::<Vec<_>>())
+            .map(|s| {
+                s.containers
+                    .iter()
+                    .map(|c| c.image.clone().unwrap_or_default())
+                    .collect::<Vec<_>>()
+            })
             .unwrap_or_default();
         if image.iter().any(|i| i == "ghcr.io/acme/solver:1.0") {
             Ok(())
@@ -453,14 +551,25 @@ async fn a_kill_switch_patched_with_kubectl_stops_every_engine_within_a_second()
     for (engage, value) in [(true, "true"), (false, "false")] {
         let started = Instant::now();
         dev.kubectl(&[
-            "patch", "aw", "triage", "--type", "merge", "-p",
+            "patch",
+            "aw",
+            "triage",
+            "--type",
+            "merge",
+            "-p",
             &format!(r#"{{"spec":{{"killSwitches":{{"agents":{{"sorter":{value}}}}}}}}}"#),
         ]);
         let ks = eventually(10, "kill switch acknowledged", || async {
-            let wf = dev.workflows().get("triage").await.map_err(|e| e.to_string())?;
+            let wf = dev
+                .workflows()
+                .get("triage")
+                .await
+                .map_err(|e| e.to_string())?;
             let s = wf.status.clone().unwrap_or_default();
             match s.kill_switches.get("sorter") {
-                Some(k) if k.engaged == engage && k.expected == 2 && k.acknowledged == 2 => Ok(k.clone()),
+                Some(k) if k.engaged == engage && k.expected == 2 && k.acknowledged == 2 => {
+                    Ok(k.clone())
+                }
                 _ => Err(describe(&wf)),
             }
         })
@@ -506,41 +615,66 @@ async fn a_policy_change_reloads_the_engines_without_restarting_a_pod() {
         .map(|s| s.version)
         .unwrap_or(0);
     dev.kubectl(&[
-        "patch", "cp", "triage-policy", "--type", "merge", "-p",
+        "patch",
+        "cp",
+        "triage-policy",
+        "--type",
+        "merge",
+        "-p",
         r#"{"spec":{"timeout":{"perAttempt":"3s"}}}"#,
     ]);
-    let v1 = eventually(20, "policies published and every engine on them", || async {
-        let set = r4::engine::policies::read(dev.queue.as_ref(), &keys)
-            .await
-            .map_err(|e| e.to_string())?
-            .ok_or("nothing published")?;
-        if set.version <= v0 {
-            return Err(format!("version {}", set.version));
-        }
-        let stats = r4::engine::stats::read_workflow(dev.queue.as_ref(), &keys)
-            .await
-            .map_err(|e| e.to_string())?;
-        let agents: Vec<_> = stats.engines.iter().filter(|e| e.role == "agent").collect();
-        if agents.len() == 3 && agents.iter().all(|e| e.policy_version == set.version) {
-            Ok(set.version)
-        } else {
-            Err(format!(
-                "engines on {:?}, published {}",
-                agents.iter().map(|e| e.policy_version).collect::<Vec<_>>(),
-                set.version
-            ))
-        }
-    })
+    let v1 = eventually(
+        20,
+        "policies published and every engine on them",
+        || async {
+            let set = r4::engine::policies::read(dev.queue.as_ref(), &keys)
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or("nothing published")?;
+            if set.version <= v0 {
+                return Err(format!("version {}", set.version));
+            }
+            let stats = r4::engine::stats::read_workflow(dev.queue.as_ref(), &keys)
+                .await
+                .map_err(|e| e.to_string())?;
+            let agents: Vec<_> = stats.engines.iter().filter(|e| e.role == "agent").collect();
+            if agents.len() == 3 && agents.iter().all(|e| e.policy_version == set.version) {
+                Ok(set.version)
+            } else {
+                Err(format!(
+                    "engines on {:?}, published {}",
+                    agents.iter().map(|e| e.policy_version).collect::<Vec<_>>(),
+                    set.version
+                ))
+            }
+        },
+    )
     .await;
     assert!(v1 > v0);
     let cms: Api<ConfigMap> = Api::namespaced(dev.client.clone(), "default");
-    let text = cms.get("triage-engine").await.expect("cm").data.unwrap_or_default()["workflow.yaml"].clone();
+    let text = cms
+        .get("triage-engine")
+        .await
+        .expect("cm")
+        .data
+        .unwrap_or_default()["workflow.yaml"]
+        .clone();
     assert!(text.contains("3s"), "{text}");
-    assert_eq!(pod_uids(&dev.client, "triage").await, before, "a pod was restarted");
+    assert_eq!(
+        pod_uids(&dev.client, "triage").await,
+        before,
+        "a pod was restarted"
+    );
     let wf = dev.workflow("triage").await;
     assert_eq!(wf.status.as_ref().and_then(|s| s.current_revision), Some(1));
     // The policy's own status names its user.
-    let cp = dev.kubectl(&["get", "cp", "triage-policy", "-o", "jsonpath={.status.usedBy}"]);
+    let cp = dev.kubectl(&[
+        "get",
+        "cp",
+        "triage-policy",
+        "-o",
+        "jsonpath={.status.usedBy}",
+    ]);
     assert!(cp.contains("triage"), "{cp}");
 }
 
@@ -553,14 +687,22 @@ async fn an_invalid_spec_is_reported_and_changes_no_child() {
     dev.apply(&triage(&dev.redis_url));
     ready(&dev, "triage", 1).await;
     let deps: Api<Deployment> = Api::namespaced(dev.client.clone(), "default");
-    let before = deps.get("triage-solver").await.expect("solver").resource_version();
+    let before = deps
+        .get("triage-solver")
+        .await
+        .expect("solver")
+        .resource_version();
     // A policy that does not exist: the schema cannot know, the controller says so.
     dev.kubectl(&[
         "patch", "aw", "triage", "--type", "merge", "-p",
         r#"{"spec":{"policyRef":"no-such-policy","agents":[{"name":"sorter","image":"ghcr.io/acme/sorter:9","replicas":2,"consumes":"tickets","produces":["sorted"],"simulate":{"latency":{"medianMs":2}}},{"name":"solver","image":"ghcr.io/acme/solver:9","consumes":"sorted","simulate":{"latency":{"medianMs":2}}}]}}"#,
     ]);
     let wf = eventually(20, "Valid=False", || async {
-        let wf = dev.workflows().get("triage").await.map_err(|e| e.to_string())?;
+        let wf = dev
+            .workflows()
+            .get("triage")
+            .await
+            .map_err(|e| e.to_string())?;
         match condition(&wf, "Valid") {
             Some(c) if c.0 == "False" => Ok(wf),
             _ => Err(describe(&wf)),
@@ -569,9 +711,18 @@ async fn an_invalid_spec_is_reported_and_changes_no_child() {
     .await;
     let (_, reason, message) = condition(&wf, "Valid").expect("valid");
     assert_eq!(reason, "InvalidSpec");
-    assert!(message.contains("spec.policyRef") && message.contains("no-such-policy"), "{message}");
+    assert!(
+        message.contains("spec.policyRef") && message.contains("no-such-policy"),
+        "{message}"
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(deps.get("triage-solver").await.expect("solver").resource_version(), before);
+    assert_eq!(
+        deps.get("triage-solver")
+            .await
+            .expect("solver")
+            .resource_version(),
+        before
+    );
     assert!(!events(&dev.client, "InvalidSpec").await.is_empty());
 }
 
@@ -583,7 +734,11 @@ async fn deletion_keeps_the_redis_data_unless_the_policy_says_delete() {
     // This one reads the queue's address from the spec, through a Secret.
     let dev = dev(true).await;
     dev.kubectl(&[
-        "create", "secret", "generic", "redis", &format!("--from-literal=url={}", dev.redis_url),
+        "create",
+        "secret",
+        "generic",
+        "redis",
+        &format!("--from-literal=url={}", dev.redis_url),
     ]);
     let manifest = triage(&dev.redis_url).replace(
         &format!("redis: {{url: \"{}\"}}", dev.redis_url),
@@ -594,7 +749,10 @@ async fn deletion_keeps_the_redis_data_unless_the_policy_says_delete() {
     ready(&dev, "triage", 1).await;
     async fn count(q: Arc<dyn Queue>) -> usize {
         let keys = Keys::new("default", "triage");
-        q.scan_prefix(keys.prefix()).await.map(|k| k.len()).unwrap_or(0)
+        q.scan_prefix(keys.prefix())
+            .await
+            .map(|k| k.len())
+            .unwrap_or(0)
     }
     assert!(count(dev.queue.clone()).await > 0);
     dev.kubectl(&["delete", "aw", "triage", "--wait=true", "--timeout=30s"]);
@@ -606,10 +764,17 @@ async fn deletion_keeps_the_redis_data_unless_the_policy_says_delete() {
             .map_err(|e| e.to_string())?
             .items
             .len();
-        if left == 0 { Ok(()) } else { Err(format!("{left} deployments left")) }
+        if left == 0 {
+            Ok(())
+        } else {
+            Err(format!("{left} deployments left"))
+        }
     })
     .await;
-    assert!(count(dev.queue.clone()).await > 0, "Retain: the data must stay");
+    assert!(
+        count(dev.queue.clone()).await > 0,
+        "Retain: the data must stay"
+    );
 
     // deletePolicy: Delete.
     let manifest = manifest.replace(
@@ -621,7 +786,211 @@ async fn deletion_keeps_the_redis_data_unless_the_policy_says_delete() {
     dev.kubectl(&["delete", "aw", "triage", "--wait=true", "--timeout=30s"]);
     eventually(30, "every key gone", || async {
         let n = count(dev.queue.clone()).await;
-        if n == 0 { Ok(()) } else { Err(format!("{n} keys left")) }
+        if n == 0 {
+            Ok(())
+        } else {
+            Err(format!("{n} keys left"))
+        }
     })
     .await;
+}
+
+static RECORDER: std::sync::OnceLock<r4::controller::rbac::Recorder> = std::sync::OnceLock::new();
+
+fn recording(url: &str) -> Client {
+    let uri: http::Uri = url.parse().expect("url");
+    let (client, recorder) =
+        r4::controller::rbac::recording_client(kube::Config::new(uri)).expect("client");
+    RECORDER
+        .set(recorder)
+        .ok()
+        .expect("one recording controller");
+    client
+}
+
+/// The Role is generated from `rbac::CALLS`; this run makes the controller do everything it
+/// does (urlSecretRef, revisions and their pruning, a rollback, kill switches, invalid specs
+/// twice, children removed, deletion with `deletePolicy: Delete`, leader election) through a
+/// client that records every call, and fails if a call is missing from the Role or the Role
+/// grants one never made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_role_grants_exactly_the_calls_the_controller_makes() {
+    if !kubectl_present() {
+        return;
+    }
+    let leader = r4::controller::leader::LeaderOptions {
+        identity: "rbac-test".into(),
+        ..r4::controller::leader::LeaderOptions::new("default")
+    };
+    let dev = dev_with(true, Some(recording), Some(leader)).await;
+    dev.kubectl(&[
+        "create",
+        "secret",
+        "generic",
+        "redis",
+        &format!("--from-literal=url={}", dev.redis_url),
+    ]);
+    let manifest = triage(&dev.redis_url)
+        .replace(
+            &format!("redis: {{url: \"{}\"}}", dev.redis_url),
+            "redis: {urlSecretRef: {name: redis, key: url}}",
+        )
+        .replace(
+            "visibilityTimeout: 2s",
+            "visibilityTimeout: 2s\n    deletePolicy: Delete",
+        )
+        .replace("revisionHistoryLimit: 5", "revisionHistoryLimit: 1")
+        .replace("  rollout:", "  intake: {enabled: true}\n  rollout:");
+    dev.apply(&manifest);
+    ready(&dev, "triage", 1).await;
+    let image = |tag: &str| {
+        format!(
+            r#"[{{"op":"replace","path":"/spec/agents/1/image","value":"ghcr.io/acme/solver:{tag}"}}]"#
+        )
+    };
+    // Revision 2 (revision 1 pruned: history limit 1), then a broken 3, rolled back.
+    dev.kubectl(&[
+        "patch",
+        "aw",
+        "triage",
+        "--type",
+        "json",
+        "-p",
+        &image("1.1"),
+    ]);
+    ready(&dev, "triage", 2).await;
+    dev.kubectl(&[
+        "patch",
+        "aw",
+        "triage",
+        "--type",
+        "json",
+        "-p",
+        &image("cannot-pull"),
+    ]);
+    eventually(40, "rolled back", || async {
+        let wf = dev
+            .workflows()
+            .get("triage")
+            .await
+            .map_err(|e| e.to_string())?;
+        if condition(&wf, "RolledBack").is_some_and(|c| c.0 == "True") {
+            Ok(())
+        } else {
+            Err(describe(&wf))
+        }
+    })
+    .await;
+    // By hand (the controller removes rollbackTo).
+    dev.kubectl(&[
+        "patch",
+        "aw",
+        "triage",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"rollbackTo":{"revision":2}}}"#,
+    ]);
+    eventually(20, "rollbackTo cleared", || async {
+        let wf = dev
+            .workflows()
+            .get("triage")
+            .await
+            .map_err(|e| e.to_string())?;
+        if wf.spec.rollback_to.is_none() {
+            Ok(())
+        } else {
+            Err(describe(&wf))
+        }
+    })
+    .await;
+    // A kill switch.
+    dev.kubectl(&[
+        "patch",
+        "aw",
+        "triage",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"killSwitches":{"all":true}}}"#,
+    ]);
+    // The same invalid spec twice: the second identical Event is a patch of the first.
+    for _ in 0..2 {
+        dev.kubectl(&[
+            "patch",
+            "aw",
+            "triage",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"policyRef":"missing"}}"#,
+        ]);
+        eventually(20, "invalid", || async {
+            let wf = dev
+                .workflows()
+                .get("triage")
+                .await
+                .map_err(|e| e.to_string())?;
+            if condition(&wf, "Valid").is_some_and(|c| c.0 == "False") {
+                Ok(())
+            } else {
+                Err(describe(&wf))
+            }
+        })
+        .await;
+        dev.kubectl(&[
+            "patch",
+            "aw",
+            "triage",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"policyRef":"triage-policy"}}"#,
+        ]);
+        eventually(20, "valid", || async {
+            let wf = dev
+                .workflows()
+                .get("triage")
+                .await
+                .map_err(|e| e.to_string())?;
+            if condition(&wf, "Valid").is_some_and(|c| c.0 == "True") {
+                Ok(())
+            } else {
+                Err(describe(&wf))
+            }
+        })
+        .await;
+    }
+    // The intake disabled: its Deployment and Service are removed.
+    dev.kubectl(&[
+        "patch",
+        "aw",
+        "triage",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"intake":{"enabled":false}}}"#,
+    ]);
+    let svcs: Api<Service> = Api::namespaced(dev.client.clone(), "default");
+    eventually(20, "intake service removed", || async {
+        match svcs
+            .get_opt("triage-r4-intake")
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            None => Ok(()),
+            Some(_) => Err("still there".into()),
+        }
+    })
+    .await;
+    // Deleted with its data.
+    dev.kubectl(&["delete", "aw", "triage", "--wait=true", "--timeout=30s"]);
+    let calls = RECORDER.get().expect("recorder").calls();
+    let audit = r4::controller::rbac::audit(&calls, r4::controller::rbac::CALLS);
+    assert!(
+        audit.is_clean(),
+        "missing from the Role (made, not listed): {:?}\ngranted but never made: {:?}",
+        audit.missing,
+        audit.unused
+    );
 }

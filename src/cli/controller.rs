@@ -87,7 +87,10 @@ pub fn controller(args: ControllerArgs) -> Result<ExitCode, CliError> {
         }
         tracing::info!("shutting down: finishing the reconciles in progress");
         let _ = stop.send(true);
-        if tokio::time::timeout(Duration::from_secs(20), &mut task).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(20), &mut task)
+            .await
+            .is_err()
+        {
             task.abort();
         }
         Ok(ExitCode::SUCCESS)

@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::CliError;
-use crate::devcluster::kubelet::{self, KubeletOptions};
 use crate::controller::context::{Options, QueueSource};
 use crate::controller::run::RunOptions;
+use crate::devcluster::kubelet::{self, KubeletOptions};
 use crate::devcluster::{self, kubeconfig};
 use crate::queue::Queue;
 use crate::queue::memory::MemoryQueue;
@@ -98,7 +98,9 @@ pub fn dev(args: DevArgs) -> Result<ExitCode, CliError> {
                 metrics_listen: args.metrics_listen,
                 leader: None,
             };
-            Some(tokio::spawn(crate::controller::run::run(client, opts, stopped)))
+            Some(tokio::spawn(crate::controller::run::run(
+                client, opts, stopped,
+            )))
         };
         let controller_ended = async {
             match controller.as_mut() {
@@ -135,7 +137,9 @@ pub fn dev(args: DevArgs) -> Result<ExitCode, CliError> {
             kubelet.abort();
         }
         if let Some(mut c) = controller
-            && tokio::time::timeout(Duration::from_secs(2), &mut c).await.is_err()
+            && tokio::time::timeout(Duration::from_secs(2), &mut c)
+                .await
+                .is_err()
         {
             c.abort();
         }

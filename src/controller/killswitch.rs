@@ -91,7 +91,10 @@ pub fn status(
     for (name, (target, engaged)) in desired(spec) {
         let before = previous.get(&name);
         // `all` released and never engaged says nothing worth a line.
-        if name == "all" && !engaged && before.is_none_or(|b| !b.engaged) && !changed.contains_key(&name)
+        if name == "all"
+            && !engaged
+            && before.is_none_or(|b| !b.engaged)
+            && !changed.contains_key(&name)
         {
             continue;
         }
@@ -212,14 +215,23 @@ agents:
         // Nothing differs: nothing written, the version stays.
         let (_, again) = sync(&q, &keys, &s).await.unwrap();
         assert!(again.is_empty());
-        assert_eq!(killswitch::read(&q, &keys).await.unwrap().version, r.version);
+        assert_eq!(
+            killswitch::read(&q, &keys).await.unwrap().version,
+            r.version
+        );
         // A switch engaged directly in Redis but not in the spec is released.
         killswitch::engage(&q, &keys, &Target::Agent("b".into()))
             .await
             .unwrap();
         let (_, fixed) = sync(&q, &keys, &s).await.unwrap();
         assert_eq!(fixed.keys().collect::<Vec<_>>(), ["b"]);
-        assert!(!killswitch::read(&q, &keys).await.unwrap().agents.contains("b"));
+        assert!(
+            !killswitch::read(&q, &keys)
+                .await
+                .unwrap()
+                .agents
+                .contains("b")
+        );
     }
 
     #[test]
@@ -237,7 +249,15 @@ agents:
             ack("b-1", "b", 9), // not covered by `a`
         ];
         let replicas = BTreeMap::from([("a".to_string(), 2), ("b".to_string(), 1)]);
-        let st = status(&s, &BTreeMap::new(), &changed, Some(9), &acks, &replicas, "T0");
+        let st = status(
+            &s,
+            &BTreeMap::new(),
+            &changed,
+            Some(9),
+            &acks,
+            &replicas,
+            "T0",
+        );
         let a = &st["a"];
         assert!(a.engaged);
         assert_eq!((a.acknowledged, a.expected), (1, 2));

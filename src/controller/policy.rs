@@ -14,8 +14,8 @@ use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
 
-use super::context::{Context, Error};
 use super::conditions;
+use super::context::{Context, Error};
 use super::workflow::{merge_patch, policy_refs};
 use crate::api::policy::{BreakerStatus, CircuitPolicy, CircuitPolicyStatus};
 use crate::api::workflow::AgentWorkflow;
@@ -63,7 +63,11 @@ pub fn error_policy(p: Arc<CircuitPolicy>, error: &Error, ctx: Arc<Context>) -> 
 }
 
 fn key(p: &CircuitPolicy) -> String {
-    format!("policy:{}/{}", p.namespace().unwrap_or_default(), p.name_any())
+    format!(
+        "policy:{}/{}",
+        p.namespace().unwrap_or_default(),
+        p.name_any()
+    )
 }
 
 async fn reconcile_inner(p: &CircuitPolicy, ctx: &Context) -> Result<Action, Error> {
@@ -120,7 +124,10 @@ async fn reconcile_inner(p: &CircuitPolicy, ctx: &Context) -> Result<Action, Err
         };
         let keys = Keys::new(&ns, &w.name_any());
         let Ok(records) = ctx
-            .redis("read breakers", BreakerStates::new(q.as_ref(), &keys).read_all())
+            .redis(
+                "read breakers",
+                BreakerStates::new(q.as_ref(), &keys).read_all(),
+            )
             .await
         else {
             continue;
@@ -163,5 +170,7 @@ async fn reconcile_inner(p: &CircuitPolicy, ctx: &Context) -> Result<Action, Err
         .await?;
         ctx.metrics.status_written(KIND);
     }
-    Ok(Action::requeue(ctx.opts.stats_interval.max(Duration::from_secs(1))))
+    Ok(Action::requeue(
+        ctx.opts.stats_interval.max(Duration::from_secs(1)),
+    ))
 }

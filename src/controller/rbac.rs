@@ -54,9 +54,10 @@ const COORDINATION: &str = "coordination.k8s.io";
 /// Every call the controller makes, grouped by who makes it. Add to it in the change that
 /// adds the call.
 pub const CALLS: &[Call] = &[
-    // The three kinds: watched (reflector: list + watch), read, finalizers patched, status
-    // written with a patch of the status subresource.
-    call("get", R4, "agentworkflows"),
+    // The kinds it reconciles: watched (reflector: list + watch), finalizers and a handled
+    // `rollbackTo` patched, status written with a patch of the status subresource; the
+    // policies a workflow names are read one by one. (ChaosDrills arrive with the drill
+    // controller.)
     call("list", R4, "agentworkflows"),
     call("watch", R4, "agentworkflows"),
     call("patch", R4, "agentworkflows"),
@@ -65,45 +66,32 @@ pub const CALLS: &[Call] = &[
     call("list", R4, "circuitpolicies"),
     call("watch", R4, "circuitpolicies"),
     call("patch", R4, "circuitpolicies/status"),
-    call("get", R4, "chaosdrills"),
-    call("list", R4, "chaosdrills"),
-    call("watch", R4, "chaosdrills"),
-    call("patch", R4, "chaosdrills/status"),
     // A workflow's children: applied with server-side apply (patch), watched as owned
-    // objects, pruned when no longer rendered.
-    call("get", APPS, "deployments"),
+    // objects (list + watch); Deployments and Services no longer rendered are deleted (the
+    // ServiceAccount and ConfigMap are always rendered; all go with the workflow through
+    // their owner references).
     call("list", APPS, "deployments"),
     call("watch", APPS, "deployments"),
     call("patch", APPS, "deployments"),
     call("delete", APPS, "deployments"),
-    call("get", CORE, "services"),
     call("list", CORE, "services"),
     call("watch", CORE, "services"),
     call("patch", CORE, "services"),
     call("delete", CORE, "services"),
-    call("get", CORE, "configmaps"),
     call("list", CORE, "configmaps"),
     call("watch", CORE, "configmaps"),
     call("patch", CORE, "configmaps"),
-    call("delete", CORE, "configmaps"),
-    call("get", CORE, "serviceaccounts"),
     call("list", CORE, "serviceaccounts"),
     call("watch", CORE, "serviceaccounts"),
     call("patch", CORE, "serviceaccounts"),
-    call("delete", CORE, "serviceaccounts"),
-    // Revisions: one ControllerRevision per spec change, pruned past revisionHistoryLimit.
-    call("get", APPS, "controllerrevisions"),
+    // Revisions: one ControllerRevision per spec change (listed by label each reconcile, its
+    // phase patched), pruned past revisionHistoryLimit.
     call("list", APPS, "controllerrevisions"),
-    call("watch", APPS, "controllerrevisions"),
     call("create", APPS, "controllerrevisions"),
     call("patch", APPS, "controllerrevisions"),
     call("delete", APPS, "controllerrevisions"),
     // `spec.queue.redis.urlSecretRef`: the Redis URL of a workflow (read, never listed).
     call("get", CORE, "secrets"),
-    // Drills kill pods; the controller lists them to pick one and watches them recover.
-    call("list", CORE, "pods"),
-    call("watch", CORE, "pods"),
-    call("delete", CORE, "pods"),
     // kube-runtime's event `Recorder` (kube 5) writes events.k8s.io/v1 Events: create, then
     // patch to count a repeat.
     call("create", EVENTS, "events"),

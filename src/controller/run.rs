@@ -54,7 +54,11 @@ pub async fn run(
         }
         None => None,
     };
-    let ctx = Arc::new(Context::new(client.clone(), opts.controller.clone(), metrics.clone()));
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        opts.controller.clone(),
+        metrics.clone(),
+    ));
     match opts.leader {
         None => {
             metrics.set_leader(true);
@@ -94,7 +98,11 @@ async fn wait_true(mut rx: watch::Receiver<bool>) {
 }
 
 /// The workflow and policy controllers, until `stop`.
-async fn controllers(ctx: Arc<Context>, stop: watch::Receiver<bool>, ready: Arc<watch::Sender<bool>>) {
+async fn controllers(
+    ctx: Arc<Context>,
+    stop: watch::Receiver<bool>,
+    ready: Arc<watch::Sender<bool>>,
+) {
     let client = ctx.client.clone();
     let all = watcher::Config::default();
     let managed = watcher::Config::default().labels("app.kubernetes.io/managed-by=r4");
@@ -136,13 +144,17 @@ async fn controllers(ctx: Arc<Context>, stop: watch::Receiver<bool>, ready: Arc<
             }
         });
     let policies = Controller::new(Api::<CircuitPolicy>::all(client.clone()), all.clone())
-        .watches(Api::<AgentWorkflow>::all(client), all, |w: AgentWorkflow| {
-            let ns = w.namespace().unwrap_or_else(|| "default".into());
-            workflow::policy_refs(&w.spec)
-                .into_iter()
-                .map(|(_, p)| ObjectRef::<CircuitPolicy>::new(&p).within(&ns))
-                .collect::<Vec<_>>()
-        })
+        .watches(
+            Api::<AgentWorkflow>::all(client),
+            all,
+            |w: AgentWorkflow| {
+                let ns = w.namespace().unwrap_or_else(|| "default".into());
+                workflow::policy_refs(&w.spec)
+                    .into_iter()
+                    .map(|(_, p)| ObjectRef::<CircuitPolicy>::new(&p).within(&ns))
+                    .collect::<Vec<_>>()
+            },
+        )
         .graceful_shutdown_on(wait_true(stop))
         .run(policy::reconcile, policy::error_policy, ctx)
         .for_each(|r| async move {

@@ -60,7 +60,8 @@ pub async fn reconcile(wf: Arc<AgentWorkflow>, ctx: Arc<Context>) -> Result<Acti
     let started = std::time::Instant::now();
     let ns = wf.namespace().unwrap_or_else(|| "default".into());
     let api: Api<AgentWorkflow> = Api::namespaced(ctx.client.clone(), &ns);
-    let span = tracing::info_span!("reconcile", kind = KIND, namespace = %ns, name = %wf.name_any());
+    let span =
+        tracing::info_span!("reconcile", kind = KIND, namespace = %ns, name = %wf.name_any());
     let _ = span.enter();
     let result = finalizer::finalizer(&api, FINALIZER, wf, |event| async {
         match event {
@@ -139,7 +140,15 @@ async fn apply(wf: &AgentWorkflow, ctx: &Context) -> Result<Action, Error> {
                 generation,
                 now,
             ) {
-                publish(ctx, wf, EventType::Warning, "InvalidSpec", "Validate", &message).await;
+                publish(
+                    ctx,
+                    wf,
+                    EventType::Warning,
+                    "InvalidSpec",
+                    "Validate",
+                    &message,
+                )
+                .await;
             }
             write_status(ctx, wf, &old, &status).await?;
             ctx.backoff.succeeded(&wf_key);
@@ -183,8 +192,15 @@ async fn apply(wf: &AgentWorkflow, ctx: &Context) -> Result<Action, Error> {
                 generation,
                 now,
             ) {
-                publish(ctx, wf, EventType::Warning, "InvalidRollback", "Rollback", &message)
-                    .await;
+                publish(
+                    ctx,
+                    wf,
+                    EventType::Warning,
+                    "InvalidRollback",
+                    "Rollback",
+                    &message,
+                )
+                .await;
             }
             write_status(ctx, wf, &old, &status).await?;
             return Ok(Action::await_change());
@@ -233,13 +249,20 @@ async fn apply(wf: &AgentWorkflow, ctx: &Context) -> Result<Action, Error> {
 
     // observe
     let deployments = list_children::<Deployment>(ctx, &ns, &name).await?;
-    let observed = Observed {
-        deployments,
-        queue,
-    };
+    let observed = Observed { deployments, queue };
 
     // status
-    let settled = fill_status(ctx, wf, &mut status, &observed, &plan, &revisions, &target, now).await;
+    let settled = fill_status(
+        ctx,
+        wf,
+        &mut status,
+        &observed,
+        &plan,
+        &revisions,
+        &target,
+        now,
+    )
+    .await;
     if old.current_revision != Some(target.number) && old.current_revision.is_some() {
         tracing::info!(namespace = %ns, name = %name, from = ?old.current_revision, to = target.number, "applying revision");
     }
@@ -277,9 +300,7 @@ async fn validate(
             continue;
         }
         match ctx.api(api.get_opt(&name)).await? {
-            None => errors.push(format!(
-                "{field}: CircuitPolicy {ns}/{name} not found"
-            )),
+            None => errors.push(format!("{field}: CircuitPolicy {ns}/{name} not found")),
             Some(p) => {
                 let bad = crate::api::validate::check_policy(&p.spec);
                 if let Some(e) = bad.first() {
@@ -289,7 +310,11 @@ async fn validate(
             }
         }
     }
-    Ok(if errors.is_empty() { Ok(policies) } else { Err(errors) })
+    Ok(if errors.is_empty() {
+        Ok(policies)
+    } else {
+        Err(errors)
+    })
 }
 
 /// Every CircuitPolicy the spec names, with the field that names it.
@@ -316,7 +341,9 @@ async fn list_revisions(ctx: &Context, ns: &str, name: &str) -> Result<Vec<Revis
     for cr in list.items {
         match revision::from_controller_revision(&cr) {
             Ok(r) => out.push(r),
-            Err(e) => tracing::warn!(namespace = %ns, revision = %cr.name_any(), error = %e, "ignoring a damaged ControllerRevision"),
+            Err(e) => {
+                tracing::warn!(namespace = %ns, revision = %cr.name_any(), error = %e, "ignoring a damaged ControllerRevision")
+            }
         }
     }
     out.sort_by_key(|r| r.number);
@@ -771,7 +798,10 @@ async fn fill_status(
         Some(qo) => {
             let keys = Keys::new(&wf.namespace().unwrap_or_else(|| "default".into()), &name);
             let acks = ctx
-                .redis("read acknowledgements", crate::engine::killswitch::acks(qo.q.as_ref(), &keys))
+                .redis(
+                    "read acknowledgements",
+                    crate::engine::killswitch::acks(qo.q.as_ref(), &keys),
+                )
                 .await
                 .unwrap_or_default();
             let ks = killswitch::status(
@@ -797,7 +827,10 @@ async fn fill_status(
                         EventType::Normal,
                         reason,
                         "KillSwitch",
-                        &format!("kill switch {n} {verb} (state version {})", s.state_version.unwrap_or(0)),
+                        &format!(
+                            "kill switch {n} {verb} (state version {})",
+                            s.state_version.unwrap_or(0)
+                        ),
                     )
                     .await;
                 }
@@ -807,7 +840,12 @@ async fn fill_status(
             let engaged: Vec<String> = ks
                 .iter()
                 .filter(|(_, s)| s.engaged)
-                .map(|(n, s)| format!("{n} ({}/{} engines acknowledged)", s.acknowledged, s.expected))
+                .map(|(n, s)| {
+                    format!(
+                        "{n} ({}/{} engines acknowledged)",
+                        s.acknowledged, s.expected
+                    )
+                })
                 .collect();
             if engaged.is_empty() {
                 conditions::set(
@@ -835,7 +873,10 @@ async fn fill_status(
                 status.queue = Some(qs);
             }
             if let Ok(stats) = ctx
-                .redis("read engine statistics", crate::engine::stats::read_workflow(qo.q.as_ref(), &keys))
+                .redis(
+                    "read engine statistics",
+                    crate::engine::stats::read_workflow(qo.q.as_ref(), &keys),
+                )
                 .await
             {
                 let wf_key = key(wf);
@@ -947,7 +988,11 @@ async fn observe_queue(
         .redis("XRANGE", q.range(&dlq, "-", "+", 1))
         .await?
         .first()
-        && let Some(ms) = first.id.split('-').next().and_then(|m| m.parse::<u64>().ok())
+        && let Some(ms) = first
+            .id
+            .split('-')
+            .next()
+            .and_then(|m| m.parse::<u64>().ok())
     {
         let now = crate::engine::task::now_ms();
         s.oldest_dlq_age_seconds = (now.saturating_sub(ms) / 1000) as i64;
@@ -970,8 +1015,12 @@ async fn write_status(
     let patch = json!({"status": merge_patch(&old_v, &new_v)});
     let api: Api<AgentWorkflow> =
         Api::namespaced(ctx.client.clone(), &wf.namespace().unwrap_or_default());
-    ctx.api(api.patch_status(&wf.name_any(), &PatchParams::default(), &Patch::Merge(&patch)))
-        .await?;
+    ctx.api(api.patch_status(
+        &wf.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    ))
+    .await?;
     ctx.metrics.status_written(KIND);
     Ok(())
 }
@@ -1075,7 +1124,10 @@ async fn cleanup(wf: &AgentWorkflow, ctx: &Context) -> Result<Action, Error> {
             EventType::Normal,
             "RedisDataDeleted",
             "Delete",
-            &format!("deleted {} keys of the workflow (deletePolicy: Delete)", all.len()),
+            &format!(
+                "deleted {} keys of the workflow (deletePolicy: Delete)",
+                all.len()
+            ),
         )
         .await;
     } else {
@@ -1112,14 +1164,19 @@ mod tests {
     #[test]
     fn available_only_when_every_deployment_is_at_the_revision_and_available() {
         let ok = [deployment("a", 2, 2, 2, 2), deployment("b", 2, 1, 1, 1)];
-        assert!(matches!(availability(&ok, Some(2)), Availability::Available));
+        assert!(matches!(
+            availability(&ok, Some(2)),
+            Availability::Available
+        ));
         assert!(matches!(
             availability(&ok, Some(3)),
             Availability::Progressing { .. }
         ));
         let slow = [deployment("a", 2, 2, 1, 2)];
         match availability(&slow, Some(2)) {
-            Availability::Progressing { detail } => assert!(detail.contains("1/2 available"), "{detail}"),
+            Availability::Progressing { detail } => {
+                assert!(detail.contains("1/2 available"), "{detail}")
+            }
             Availability::Available => panic!("one replica is not available"),
         }
         assert!(matches!(
