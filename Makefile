@@ -5,7 +5,7 @@ R4_DEV  := $(or $(CARGO_TARGET_DIR),target)/debug/r4
 SAMPLES := $(wildcard config/samples/*.yaml)
 IMAGE   ?= r4:dev
 
-.PHONY: all build test deps lint crds check-crds rbac validate-samples readme check-readme run bench e2e docker clean
+.PHONY: all build test deps lint crds check-crds rbac validate-samples readme check-readme run bench e2e e2e-dev docker clean
 
 all: build
 
@@ -27,7 +27,7 @@ test: deps lint
 	$(CARGO) test --locked --all-targets -- --skip crash_test
 	@# The crash test prints its figures (submitted, completed, lost, duplicates, kills): show them.
 	$(CARGO) test --locked --test crash -- --nocapture
-	$(MAKE) --no-print-directory check-crds validate-samples check-readme
+	$(MAKE) --no-print-directory check-crds validate-samples check-readme e2e-dev
 
 ## crds: regenerate crds/ from the Rust types
 crds:
@@ -66,9 +66,14 @@ bench: deps
 	$(CARGO) build --locked --release -q --bin r4
 	./scripts/bench.sh
 
-## e2e: against a real cluster (kind or k3d); needs a kubeconfig
+## e2e: against a real cluster (kind or k3d) with the controller installed; needs a kubeconfig
 e2e:
-	./e2e/run.sh
+	E2E_TARGET=cluster ./e2e/run.sh
+
+## e2e-dev: the same scenario against `r4 dev` (part of `make test`)
+e2e-dev:
+	@$(CARGO) build --locked -q --bin r4
+	E2E_TARGET=dev R4=$(R4_DEV) ./e2e/run.sh
 
 ## docker: the runtime image
 docker:

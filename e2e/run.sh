@@ -43,12 +43,12 @@ no_children() { [ -z "$(kubectl get deployments -l "r4.dev/workflow=$WF" -o name
 
 case "$TARGET" in
   dev)
-    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-    "$R4" dev --listen "127.0.0.1:$port" --kubeconfig-out "$tmp/kubeconfig" >"$tmp/dev.log" 2>&1 &
+    # Port 0: the system picks a free one; the kubeconfig r4 dev writes names it.
+    "$R4" dev --listen 127.0.0.1:0 --kubeconfig-out "$tmp/kubeconfig" >"$tmp/dev.log" 2>&1 &
     dev_pid=$!
     export KUBECONFIG=$tmp/kubeconfig
     wait_for 30 "r4 dev serving" kubectl get namespaces
-    step "r4 dev serving on 127.0.0.1:$port"
+    step "$(head -1 "$tmp/dev.log")"
     ;;
   cluster)
     kubectl version --request-timeout=5s >/dev/null 2>&1 || { echo "e2e: no reachable cluster (kubeconfig); start kind or k3d first" >&2; exit 2; }

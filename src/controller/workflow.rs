@@ -402,11 +402,15 @@ pub fn availability(deployments: &[Deployment], applied: Option<i64>) -> Availab
         let available = s.available_replicas.unwrap_or(0);
         let total = s.replicas.unwrap_or(0);
         if updated < desired || available < desired || total > desired {
-            return Availability::Progressing {
-                detail: format!(
-                    "{n}: {available}/{desired} available, {updated} updated, {total} pods"
-                ),
+            let old = (total - updated).max(0);
+            let detail = if updated >= desired && total > desired {
+                format!(
+                    "{n}: {updated}/{desired} new pods, not all available; {old} old pod(s) still serving"
+                )
+            } else {
+                format!("{n}: {updated}/{desired} new pods, {available}/{desired} available")
             };
+            return Availability::Progressing { detail };
         }
     }
     Availability::Available
