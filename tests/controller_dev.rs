@@ -41,6 +41,7 @@ struct Dev {
     kubeconfig: PathBuf,
     _dir: tempfile::TempDir,
     stop: watch::Sender<bool>,
+    controller: tokio::task::JoinHandle<Result<(), String>>,
 }
 
 impl Drop for Dev {
@@ -112,7 +113,7 @@ async fn dev_with(
         Some(make) => make(&handle.url()),
         None => client.clone(),
     };
-    tokio::spawn(run(controller_client, opts, stopped));
+    let controller = tokio::spawn(run(controller_client, opts, stopped));
     let d = Dev {
         _handle: handle,
         _redis: redis,
@@ -122,6 +123,7 @@ async fn dev_with(
         kubeconfig: kc,
         _dir: dir,
         stop,
+        controller,
     };
     d.kubectl(&["apply", "-f", "crds/"]);
     d
@@ -993,4 +995,84 @@ async fn the_role_grants_exactly_the_calls_the_controller_makes() {
         audit.missing,
         audit.unused
     );
+}
+
+fn fast_lease(identity: &str) -> r4::controller::leader::LeaderOptions {
+    r4::controller::leader::LeaderOptions {
+        identity: identity.into(),
+        lease_duration: Duration::from_secs(3),
+        renew_every: Duration::from_secs(1),
+        ..r4::controller::leader::LeaderOptions::new("default")
+    }
+}
+
+async fn lease_holder(client: &Client) -> Option<String> {
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client.clone(), "default");
+    leases
+        .get_opt(r4::controller::leader::LEASE_NAME)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|l| l.spec)
+        .and_then(|s| s.holder_identity)
+}
+
+/// Two controllers: one leads (holds the Lease) and reconciles; when it dies without a word
+/// (its task aborted: no release), the standby takes over within the lease duration and the
+/// workflow is reconciled again (a kill switch is acknowledged).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_controllers_one_leads_and_the_standby_takes_over_when_it_dies() {
+    if !kubectl_present() {
+        return;
+    }
+    let dev = dev_with(false, None, Some(fast_lease("ctl-a"))).await;
+    eventually(20, "ctl-a leads", || async {
+        match lease_holder(&dev.client).await {
+            Some(h) if h == "ctl-a" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let (stop_b, stopped_b) = watch::channel(false);
+    let opts = RunOptions {
+        controller: Options {
+            queue: QueueSource::Shared(dev.queue.clone()),
+            stats_interval: Duration::from_secs(1),
+            ..Options::default()
+        },
+        metrics_listen: None,
+        leader: Some(fast_lease("ctl-b")),
+    };
+    tokio::spawn(run(dev.client.clone(), opts, stopped_b));
+    dev.apply(&triage(&dev.redis_url));
+    ready(&dev, "triage", 1).await;
+    assert_eq!(lease_holder(&dev.client).await.as_deref(), Some("ctl-a"), "the standby took over from a live leader");
+
+    dev.controller.abort();
+    let killed = Instant::now();
+    eventually(10, "ctl-b leads", || async {
+        match lease_holder(&dev.client).await {
+            Some(h) if h == "ctl-b" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let took = killed.elapsed();
+    eprintln!("standby took over {:.2}s after the leader died (lease 3s, renewed every 1s)", took.as_secs_f64());
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    // The new leader reconciles.
+    dev.kubectl(&[
+        "patch", "aw", "triage", "--type", "merge", "-p",
+        r#"{"spec":{"killSwitches":{"agents":{"solver":true}}}}"#,
+    ]);
+    eventually(10, "kill switch acknowledged under the new leader", || async {
+        let wf = dev.workflows().get("triage").await.map_err(|e| e.to_string())?;
+        match wf.status.as_ref().and_then(|s| s.kill_switches.get("solver")) {
+            Some(k) if k.engaged && k.acknowledged == k.expected && k.expected == 1 => Ok(()),
+            _ => Err(describe(&wf)),
+        }
+    })
+    .await;
+    let _ = stop_b.send(true);
 }
