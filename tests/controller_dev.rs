@@ -803,10 +803,7 @@ fn recording(url: &str) -> Client {
     let uri: http::Uri = url.parse().expect("url");
     let (client, recorder) =
         r4::controller::rbac::recording_client(kube::Config::new(uri)).expect("client");
-    RECORDER
-        .set(recorder)
-        .ok()
-        .expect("one recording controller");
+    assert!(RECORDER.set(recorder).is_ok(), "one recording controller");
     client
 }
 
@@ -1047,7 +1044,11 @@ async fn two_controllers_one_leads_and_the_standby_takes_over_when_it_dies() {
     tokio::spawn(run(dev.client.clone(), opts, stopped_b));
     dev.apply(&triage(&dev.redis_url));
     ready(&dev, "triage", 1).await;
-    assert_eq!(lease_holder(&dev.client).await.as_deref(), Some("ctl-a"), "the standby took over from a live leader");
+    assert_eq!(
+        lease_holder(&dev.client).await.as_deref(),
+        Some("ctl-a"),
+        "the standby took over from a live leader"
+    );
 
     dev.controller.abort();
     let killed = Instant::now();
@@ -1059,20 +1060,40 @@ async fn two_controllers_one_leads_and_the_standby_takes_over_when_it_dies() {
     })
     .await;
     let took = killed.elapsed();
-    eprintln!("standby took over {:.2}s after the leader died (lease 3s, renewed every 1s)", took.as_secs_f64());
+    eprintln!(
+        "standby took over {:.2}s after the leader died (lease 3s, renewed every 1s)",
+        took.as_secs_f64()
+    );
     assert!(took < Duration::from_secs(5), "took {took:?}");
     // The new leader reconciles.
     dev.kubectl(&[
-        "patch", "aw", "triage", "--type", "merge", "-p",
+        "patch",
+        "aw",
+        "triage",
+        "--type",
+        "merge",
+        "-p",
         r#"{"spec":{"killSwitches":{"agents":{"solver":true}}}}"#,
     ]);
-    eventually(10, "kill switch acknowledged under the new leader", || async {
-        let wf = dev.workflows().get("triage").await.map_err(|e| e.to_string())?;
-        match wf.status.as_ref().and_then(|s| s.kill_switches.get("solver")) {
-            Some(k) if k.engaged && k.acknowledged == k.expected && k.expected == 1 => Ok(()),
-            _ => Err(describe(&wf)),
-        }
-    })
+    eventually(
+        10,
+        "kill switch acknowledged under the new leader",
+        || async {
+            let wf = dev
+                .workflows()
+                .get("triage")
+                .await
+                .map_err(|e| e.to_string())?;
+            match wf
+                .status
+                .as_ref()
+                .and_then(|s| s.kill_switches.get("solver"))
+            {
+                Some(k) if k.engaged && k.acknowledged == k.expected && k.expected == 1 => Ok(()),
+                _ => Err(describe(&wf)),
+            }
+        },
+    )
     .await;
     let _ = stop_b.send(true);
 }
