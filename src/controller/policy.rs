@@ -13,6 +13,7 @@ use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
+use tracing::Instrument;
 
 use super::conditions;
 use super::context::{Context, Error};
@@ -47,7 +48,8 @@ pub fn governed_tools(wf: &AgentWorkflow, policy: &str) -> Vec<String> {
 
 pub async fn reconcile(p: Arc<CircuitPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = std::time::Instant::now();
-    let r = reconcile_inner(&p, &ctx).await;
+    let span = tracing::info_span!("reconcile", kind = KIND, namespace = %p.namespace().unwrap_or_default(), name = %p.name_any());
+    let r = reconcile_inner(&p, &ctx).instrument(span).await;
     ctx.metrics.reconciled(KIND, started.elapsed());
     if r.is_ok() {
         ctx.backoff.succeeded(&key(&p));

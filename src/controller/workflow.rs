@@ -22,6 +22,7 @@ use kube::runtime::events::{Event, EventType};
 use kube::runtime::finalizer::{self, Event as Finalize};
 use kube::{Api, Resource, ResourceExt};
 use serde_json::{Value, json};
+use tracing::Instrument;
 
 use super::analysis::{self, Verdict};
 use super::context::{Context, Error};
@@ -60,12 +61,12 @@ pub async fn reconcile(wf: Arc<AgentWorkflow>, ctx: Arc<Context>) -> Result<Acti
     let started = std::time::Instant::now();
     let ns = wf.namespace().unwrap_or_else(|| "default".into());
     let api: Api<AgentWorkflow> = Api::namespaced(ctx.client.clone(), &ns);
+    // Every log line of this reconcile carries the object's kind, namespace and name.
     let span =
         tracing::info_span!("reconcile", kind = KIND, namespace = %ns, name = %wf.name_any());
-    let _ = span.enter();
     let result = finalizer::finalizer(&api, FINALIZER, wf, |event| async {
         match event {
-            Finalize::Apply(wf) => apply(&wf, &ctx).await,
+            Finalize::Apply(wf) => apply(&wf, &ctx).instrument(span).await,
             Finalize::Cleanup(wf) => cleanup(&wf, &ctx).await,
         }
     })
