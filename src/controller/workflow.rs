@@ -66,10 +66,11 @@ pub async fn reconcile(wf: Arc<AgentWorkflow>, ctx: Arc<Context>) -> Result<Acti
         tracing::info_span!("reconcile", kind = KIND, namespace = %ns, name = %wf.name_any());
     let result = finalizer::finalizer(&api, FINALIZER, wf, |event| async {
         match event {
-            Finalize::Apply(wf) => apply(&wf, &ctx).instrument(span).await,
+            Finalize::Apply(wf) => apply(&wf, &ctx).await,
             Finalize::Cleanup(wf) => cleanup(&wf, &ctx).await,
         }
     })
+    .instrument(span)
     .await
     .map_err(|e| match e {
         finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e,
