@@ -263,8 +263,9 @@ agents:
         assert_eq!((a.acknowledged, a.expected), (1, 2));
         assert_eq!(a.state_version, Some(7));
         assert_eq!(a.since.as_deref(), Some("T0"));
+        // `a` uses the tool: a-1 has applied version 8, the tool's change; a-2 has not.
         let bank = &st["tool:bank"];
-        assert_eq!((bank.acknowledged, bank.expected), (0, 2));
+        assert_eq!((bank.acknowledged, bank.expected), (1, 2));
         assert!(!st.contains_key("all"), "never engaged: no line");
         assert!(!settled(&st));
         assert_eq!(summary(&st), "a,tool:bank");
