@@ -203,7 +203,7 @@ impl Step {
             .content_type("application/apply-patch+yaml")
     }
 
-    /// A JSON merge patch, answered with `object` (what the object is after it).
+    /// A JSON merge patch (answered with its own body unless [`Step::answer`] says otherwise).
     pub fn merge_patch(path: impl Into<String>) -> Self {
         Step::new(Method::PATCH, path.into()).content_type("application/merge-patch+json")
     }
