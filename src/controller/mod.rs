@@ -24,6 +24,8 @@ pub mod analysis;
 pub mod backoff;
 pub mod conditions;
 pub mod context;
+#[cfg(test)]
+mod fixtures;
 pub mod http;
 pub mod killswitch;
 pub mod leader;

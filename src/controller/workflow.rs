@@ -247,10 +247,8 @@ async fn apply(wf: &AgentWorkflow, ctx: &Context) -> Result<Action, Error> {
             revision_hash: target.hash.clone(),
         },
     )?;
-    apply_children(ctx, &ns, &name, &children).await?;
-
-    // observe
-    let deployments = list_children::<Deployment>(ctx, &ns, &name).await?;
+    // observe: the Deployments as listed right after the applies
+    let deployments = apply_children(ctx, &ns, &name, &children).await?;
     let observed = Observed { deployments, queue };
 
     // status
@@ -566,13 +564,14 @@ async fn wire_queue(
 }
 
 /// Server-side apply of every child, then deletion of the children of this workflow that are
-/// no longer desired (an agent removed, the intake disabled).
+/// no longer desired (an agent removed, the intake disabled). Returns the desired Deployments
+/// as listed after the applies (what the status is made of: no second listing).
 async fn apply_children(
     ctx: &Context,
     ns: &str,
     name: &str,
     children: &render::Children,
-) -> Result<(), Error> {
+) -> Result<Vec<Deployment>, Error> {
     let pp = PatchParams::apply(FIELD_MANAGER).force();
     let c = &ctx.client;
     let sa: Api<ServiceAccount> = Api::namespaced(c.clone(), ns);
@@ -610,8 +609,11 @@ async fn apply_children(
         .map(|d| d.name_any())
         .chain(children.services.iter().map(|s| s.name_any()))
         .collect();
+    let mut kept = Vec::new();
     for d in list_children::<Deployment>(ctx, ns, name).await? {
-        if !want.contains(&d.name_any()) {
+        if want.contains(&d.name_any()) {
+            kept.push(d);
+        } else {
             delete_quietly(ctx, &dep, &d.name_any()).await?;
         }
     }
@@ -620,7 +622,7 @@ async fn apply_children(
             delete_quietly(ctx, &svc, &s.name_any()).await?;
         }
     }
-    Ok(())
+    Ok(kept)
 }
 
 async fn delete_quietly<K>(ctx: &Context, api: &Api<K>, name: &str) -> Result<(), Error>
