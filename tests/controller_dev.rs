@@ -787,11 +787,16 @@ async fn deletion_keeps_the_redis_data_unless_the_policy_says_delete() {
     ready(&dev, "triage", 1).await;
     dev.kubectl(&["delete", "aw", "triage", "--wait=true", "--timeout=30s"]);
     eventually(30, "every key gone", || async {
-        let n = count(dev.queue.clone()).await;
-        if n == 0 {
+        let keys = Keys::new("default", "triage");
+        let left = dev
+            .queue
+            .scan_prefix(keys.prefix())
+            .await
+            .map_err(|e| e.to_string())?;
+        if left.is_empty() {
             Ok(())
         } else {
-            Err(format!("{n} keys left"))
+            Err(format!("{} keys left: {left:?}", left.len()))
         }
     })
     .await;
@@ -1096,4 +1101,89 @@ async fn two_controllers_one_leads_and_the_standby_takes_over_when_it_dies() {
     )
     .await;
     let _ = stop_b.send(true);
+}
+
+/// Tasks on the workflow's entry stream, `per_sec` a second, until `stop`.
+fn feed(q: Arc<dyn Queue>, keys: Keys, per_sec: u64, stop: watch::Receiver<bool>) {
+    tokio::spawn(async move {
+        let mut n = 0u64;
+        let every = Duration::from_millis(1000 / per_sec.max(1));
+        while !*stop.borrow() {
+            n += 1;
+            let t = r4::engine::task::Task::new(format!("t-{n}"), serde_json::json!({"n": n}));
+            let _ = q.add(&keys.stream("tickets"), t.encode(), None).await;
+            tokio::time::sleep(every).await;
+        }
+    });
+}
+
+/// Argo Rollouts' analysis: a new revision whose agent fails its tasks breaks
+/// `analysis.minSuccessRate` over the window, is marked Failed with the measured figure and
+/// rolled back to the healthy revision by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_analysis_breach_rolls_the_revision_back() {
+    if !kubectl_present() {
+        return;
+    }
+    let dev = dev(false).await;
+    let manifest = triage(&dev.redis_url).replace(
+        "    revisionHistoryLimit: 5",
+        "    revisionHistoryLimit: 5\n    analysis: {minSuccessRate: 0.9, windowSeconds: 10}",
+    );
+    dev.apply(&manifest);
+    ready(&dev, "triage", 1).await;
+    let (stop, stopped) = watch::channel(false);
+    feed(
+        dev.queue.clone(),
+        Keys::new("default", "triage"),
+        20,
+        stopped,
+    );
+    // Revision 2: the solver fails every task (its simulated error rate).
+    dev.kubectl(&[
+        "patch",
+        "aw",
+        "triage",
+        "--type",
+        "json",
+        "-p",
+        r#"[{"op":"add","path":"/spec/agents/1/simulate/errorRate","value":1.0}]"#,
+    ]);
+    let started = Instant::now();
+    let wf = eventually(90, "analysis breach rolled back to 1", || async {
+        let wf = dev
+            .workflows()
+            .get("triage")
+            .await
+            .map_err(|e| e.to_string())?;
+        let s = wf.status.clone().unwrap_or_default();
+        let failed = s
+            .revisions
+            .iter()
+            .any(|r| r.revision == 2 && r.phase == "Failed");
+        if failed && s.current_revision == Some(1) {
+            Ok(wf)
+        } else {
+            Err(describe(&wf))
+        }
+    })
+    .await;
+    let _ = stop.send(true);
+    eprintln!(
+        "analysis breach rolled back {:.1}s after the change",
+        started.elapsed().as_secs_f64()
+    );
+    let reason = wf
+        .status
+        .as_ref()
+        .and_then(|s| s.revisions.iter().find(|r| r.revision == 2))
+        .and_then(|r| r.reason.clone())
+        .unwrap_or_default();
+    assert!(
+        reason.contains("success rate") && reason.contains("< 0.9"),
+        "{reason}"
+    );
+    let (_, why, message) = condition(&wf, "RolledBack").expect("condition");
+    assert_eq!(why, "AutomaticRollback");
+    assert!(message.contains("success rate"), "{message}");
 }

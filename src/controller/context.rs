@@ -75,6 +75,9 @@ pub struct Memory {
     pub samples: Samples,
     /// The revision applied and when its Deployments were first seen available.
     pub available_since: Option<(i64, Timestamp)>,
+    /// Deletion with `deletePolicy: Delete`: when the workflow's keys were first deleted, and
+    /// how many keys all passes deleted.
+    pub keys_deleted: Option<(std::time::Instant, usize)>,
 }
 
 /// Shared by every reconcile.

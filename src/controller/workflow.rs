@@ -19,7 +19,6 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
-use kube::runtime::finalizer::{self, Event as Finalize};
 use kube::{Api, Resource, ResourceExt};
 use serde_json::{Value, json};
 use tracing::Instrument;
@@ -44,6 +43,10 @@ pub const FINALIZER: &str = "r4.dev/redis-data";
 /// change (the status must show it within a second).
 const ACK_POLL: Duration = Duration::from_millis(200);
 
+/// With `deletePolicy: Delete`, how long after the first deletion of a workflow's keys they
+/// are deleted again (engines stopping with their pods write their last statistics).
+const DELETE_GRACE: Duration = Duration::from_secs(5);
+
 /// The metric and log label of this kind.
 const KIND: &str = "AgentWorkflow";
 
@@ -60,24 +63,65 @@ pub fn key(wf: &AgentWorkflow) -> String {
 pub async fn reconcile(wf: Arc<AgentWorkflow>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = std::time::Instant::now();
     let ns = wf.namespace().unwrap_or_else(|| "default".into());
-    let api: Api<AgentWorkflow> = Api::namespaced(ctx.client.clone(), &ns);
     // Every log line of this reconcile carries the object's kind, namespace and name.
     let span =
         tracing::info_span!("reconcile", kind = KIND, namespace = %ns, name = %wf.name_any());
-    let result = finalizer::finalizer(&api, FINALIZER, wf, |event| async {
-        match event {
-            Finalize::Apply(wf) => apply(&wf, &ctx).await,
-            Finalize::Cleanup(wf) => cleanup(&wf, &ctx).await,
-        }
-    })
-    .instrument(span)
-    .await
-    .map_err(|e| match e {
-        finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e,
-        other => Error::Finalizer(other.to_string()),
-    });
+    let result = finalized(&wf, &ctx, &ns).instrument(span).await;
     ctx.metrics.reconciled(KIND, started.elapsed());
     result
+}
+
+/// The finalizer around [`apply`] and [`cleanup`]. (kube-runtime's `finalizer` helper removes
+/// the finalizer as soon as the cleanup returns, whatever it asks for; the cleanup of
+/// `deletePolicy: Delete` takes several reconciles — Deployments gone first, then the keys —
+/// so the finalizer is removed here only once [`cleanup`] says it is done.)
+async fn finalized(wf: &AgentWorkflow, ctx: &Context, ns: &str) -> Result<Action, Error> {
+    let api: Api<AgentWorkflow> = Api::namespaced(ctx.client.clone(), ns);
+    let name = wf.name_any();
+    let has = wf.finalizers().iter().any(|f| f == FINALIZER);
+    if wf.metadata.deletion_timestamp.is_some() {
+        if !has {
+            return Ok(Action::await_change());
+        }
+        if let Some(wait) = cleanup(wf, ctx).await? {
+            return Ok(Action::requeue(wait));
+        }
+        let i = wf
+            .finalizers()
+            .iter()
+            .position(|f| f == FINALIZER)
+            .unwrap_or(0);
+        // The test makes the removal refuse (and the reconcile retry) if the list moved.
+        let patch = json!([
+            {"op": "test", "path": format!("/metadata/finalizers/{i}"), "value": FINALIZER},
+            {"op": "remove", "path": format!("/metadata/finalizers/{i}")},
+        ]);
+        let patch: json_patch::Patch = serde_json::from_value(patch)
+            .map_err(|e| Error::Finalizer(format!("finalizer patch: {e}")))?;
+        ctx.api(api.patch(&name, &PatchParams::default(), &Patch::Json::<()>(patch)))
+            .await?;
+        return Ok(Action::await_change());
+    }
+    if !has {
+        let patch = if wf.finalizers().is_empty() {
+            json!([
+                {"op": "test", "path": "/metadata/resourceVersion", "value": wf.resource_version()},
+                {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]},
+            ])
+        } else {
+            json!([
+                {"op": "test", "path": "/metadata/resourceVersion", "value": wf.resource_version()},
+                {"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER},
+            ])
+        };
+        let patch: json_patch::Patch = serde_json::from_value(patch)
+            .map_err(|e| Error::Finalizer(format!("finalizer patch: {e}")))?;
+        ctx.api(api.patch(&name, &PatchParams::default(), &Patch::Json::<()>(patch)))
+            .await?;
+        // The patch is a change of the object: the next reconcile sees the finalizer.
+        return Ok(Action::await_change());
+    }
+    apply(wf, ctx).await
 }
 
 /// What a failed reconcile does: count it, log it, retry after the object's own backoff.
@@ -1096,7 +1140,8 @@ async fn publish(
 }
 
 /// Deletion: keep or delete the workflow's Redis data, as `spec.queue.deletePolicy` says.
-async fn cleanup(wf: &AgentWorkflow, ctx: &Context) -> Result<Action, Error> {
+/// Returns how long to wait before the next pass, or None once done.
+async fn cleanup(wf: &AgentWorkflow, ctx: &Context) -> Result<Option<Duration>, Error> {
     let ns = wf.namespace().unwrap_or_else(|| "default".into());
     let name = wf.name_any();
     let policy = wf.spec.queue.delete_policy.unwrap_or_default();
@@ -1118,13 +1163,28 @@ async fn cleanup(wf: &AgentWorkflow, ctx: &Context) -> Result<Action, Error> {
                     }
                 }
             }
-            return Ok(Action::requeue(Duration::from_millis(500)));
+            return Ok(Some(Duration::from_millis(500)));
         }
+        // Engines whose pods are going may still write their last statistics and
+        // acknowledgements: the keys are deleted again until DELETE_GRACE has passed since the
+        // first pass.
         let q = ctx.queue(&ns, &wf.spec).await?;
         let keys = Keys::new(&ns, &name);
         let all = ctx.redis("SCAN", q.scan_prefix(keys.prefix())).await?;
         for chunk in all.chunks(500) {
             ctx.redis("DEL", q.del(chunk)).await?;
+        }
+        let wf_key = key(wf);
+        let (first, total) = ctx.memory(&wf_key, |m| {
+            let (first, total) = m.keys_deleted.unwrap_or((std::time::Instant::now(), 0));
+            m.keys_deleted = Some((first, total + all.len()));
+            (first, total + all.len())
+        });
+        let waited = first.elapsed();
+        if waited < DELETE_GRACE {
+            return Ok(Some(
+                (DELETE_GRACE - waited).max(Duration::from_millis(200)),
+            ));
         }
         publish(
             ctx,
@@ -1132,17 +1192,14 @@ async fn cleanup(wf: &AgentWorkflow, ctx: &Context) -> Result<Action, Error> {
             EventType::Normal,
             "RedisDataDeleted",
             "Delete",
-            &format!(
-                "deleted {} keys of the workflow (deletePolicy: Delete)",
-                all.len()
-            ),
+            &format!("deleted {total} keys of the workflow (deletePolicy: Delete)"),
         )
         .await;
     } else {
         tracing::info!(namespace = %ns, name = %name, "workflow deleted; its Redis data is kept (deletePolicy: Retain)");
     }
     ctx.forget(&key(wf));
-    Ok(Action::await_change())
+    Ok(None)
 }
 
 #[cfg(test)]
