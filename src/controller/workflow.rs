@@ -177,28 +177,17 @@ async fn apply(wf: &AgentWorkflow, ctx: &Context) -> Result<Action, Error> {
         }
         Err(errors) => {
             let message = errors.join("; ");
-            if conditions::set(
-                &mut status.conditions,
-                "Valid",
-                "False",
+            return refuse(
+                ctx,
+                wf,
+                &old,
+                status,
                 "InvalidSpec",
+                "Validate",
                 &message,
-                generation,
                 now,
-            ) {
-                publish(
-                    ctx,
-                    wf,
-                    EventType::Warning,
-                    "InvalidSpec",
-                    "Validate",
-                    &message,
-                )
-                .await;
-            }
-            write_status(ctx, wf, &old, &status).await?;
-            ctx.backoff.succeeded(&wf_key);
-            return Ok(Action::await_change());
+            )
+            .await;
         }
     };
 
@@ -229,27 +218,17 @@ async fn apply(wf: &AgentWorkflow, ctx: &Context) -> Result<Action, Error> {
         Ok(p) => p,
         Err(e) => {
             let message = e.to_string();
-            if conditions::set(
-                &mut status.conditions,
-                "Valid",
-                "False",
+            return refuse(
+                ctx,
+                wf,
+                &old,
+                status,
                 "InvalidRollback",
+                "Rollback",
                 &message,
-                generation,
                 now,
-            ) {
-                publish(
-                    ctx,
-                    wf,
-                    EventType::Warning,
-                    "InvalidRollback",
-                    "Rollback",
-                    &message,
-                )
-                .await;
-            }
-            write_status(ctx, wf, &old, &status).await?;
-            return Ok(Action::await_change());
+            )
+            .await;
         }
     };
     store_plan(ctx, wf, &ns, &plan, &mut revisions).await?;
@@ -324,6 +303,36 @@ async fn apply(wf: &AgentWorkflow, ctx: &Context) -> Result<Action, Error> {
         next = next.min(Duration::from_secs(1));
     }
     Ok(Action::requeue(next))
+}
+
+/// A spec the controller cannot act on: `Valid=False` with the reason and the message naming
+/// the field (an Event when the condition changes), the status written, no child touched.
+#[allow(clippy::too_many_arguments)]
+async fn refuse(
+    ctx: &Context,
+    wf: &AgentWorkflow,
+    old: &AgentWorkflowStatus,
+    mut status: AgentWorkflowStatus,
+    reason: &str,
+    action: &str,
+    message: &str,
+    now: Timestamp,
+) -> Result<Action, Error> {
+    let generation = wf.metadata.generation;
+    if conditions::set(
+        &mut status.conditions,
+        "Valid",
+        "False",
+        reason,
+        message,
+        generation,
+        now,
+    ) {
+        publish(ctx, wf, EventType::Warning, reason, action, message).await;
+    }
+    write_status(ctx, wf, old, &status).await?;
+    ctx.backoff.succeeded(&key(wf));
+    Ok(Action::await_change())
 }
 
 /// The shared validation of the spec, the CircuitPolicies it names (present and valid). `Ok(Err)`
