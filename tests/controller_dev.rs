@@ -224,6 +224,25 @@ fn describe(wf: &AgentWorkflow) -> String {
     serde_json::to_string(&wf.status).unwrap_or_default()
 }
 
+/// Wait until the workflow's condition `type_` has `status`; the workflow as it was then.
+async fn until_condition(
+    dev: &Dev,
+    secs: u64,
+    name: &str,
+    type_: &str,
+    status: &str,
+) -> AgentWorkflow {
+    eventually(secs, &format!("{name}: {type_}={status}"), || async {
+        let wf = dev.workflows().get(name).await.map_err(|e| e.to_string())?;
+        if condition(&wf, type_).is_some_and(|c| c.0 == status) {
+            Ok(wf)
+        } else {
+            Err(describe(&wf))
+        }
+    })
+    .await
+}
+
 async fn ready(dev: &Dev, name: &str, revision: i64) -> AgentWorkflow {
     eventually(
         60,
@@ -699,18 +718,7 @@ async fn an_invalid_spec_is_reported_and_changes_no_child() {
         "patch", "aw", "triage", "--type", "merge", "-p",
         r#"{"spec":{"policyRef":"no-such-policy","agents":[{"name":"sorter","image":"ghcr.io/acme/sorter:9","replicas":2,"consumes":"tickets","produces":["sorted"],"simulate":{"latency":{"medianMs":2}}},{"name":"solver","image":"ghcr.io/acme/solver:9","consumes":"sorted","simulate":{"latency":{"medianMs":2}}}]}}"#,
     ]);
-    let wf = eventually(20, "Valid=False", || async {
-        let wf = dev
-            .workflows()
-            .get("triage")
-            .await
-            .map_err(|e| e.to_string())?;
-        match condition(&wf, "Valid") {
-            Some(c) if c.0 == "False" => Ok(wf),
-            _ => Err(describe(&wf)),
-        }
-    })
-    .await;
+    let wf = until_condition(&dev, 20, "triage", "Valid", "False").await;
     let (_, reason, message) = condition(&wf, "Valid").expect("valid");
     assert_eq!(reason, "InvalidSpec");
     assert!(
@@ -872,19 +880,7 @@ async fn the_role_grants_exactly_the_calls_the_controller_makes() {
         "-p",
         &image("cannot-pull"),
     ]);
-    eventually(40, "rolled back", || async {
-        let wf = dev
-            .workflows()
-            .get("triage")
-            .await
-            .map_err(|e| e.to_string())?;
-        if condition(&wf, "RolledBack").is_some_and(|c| c.0 == "True") {
-            Ok(())
-        } else {
-            Err(describe(&wf))
-        }
-    })
-    .await;
+    until_condition(&dev, 40, "triage", "RolledBack", "True").await;
     // By hand (the controller removes rollbackTo).
     dev.kubectl(&[
         "patch",
@@ -929,19 +925,7 @@ async fn the_role_grants_exactly_the_calls_the_controller_makes() {
             "-p",
             r#"{"spec":{"policyRef":"missing"}}"#,
         ]);
-        eventually(20, "invalid", || async {
-            let wf = dev
-                .workflows()
-                .get("triage")
-                .await
-                .map_err(|e| e.to_string())?;
-            if condition(&wf, "Valid").is_some_and(|c| c.0 == "False") {
-                Ok(())
-            } else {
-                Err(describe(&wf))
-            }
-        })
-        .await;
+        until_condition(&dev, 20, "triage", "Valid", "False").await;
         dev.kubectl(&[
             "patch",
             "aw",
@@ -951,19 +935,7 @@ async fn the_role_grants_exactly_the_calls_the_controller_makes() {
             "-p",
             r#"{"spec":{"policyRef":"triage-policy"}}"#,
         ]);
-        eventually(20, "valid", || async {
-            let wf = dev
-                .workflows()
-                .get("triage")
-                .await
-                .map_err(|e| e.to_string())?;
-            if condition(&wf, "Valid").is_some_and(|c| c.0 == "True") {
-                Ok(())
-            } else {
-                Err(describe(&wf))
-            }
-        })
-        .await;
+        until_condition(&dev, 20, "triage", "Valid", "True").await;
     }
     // The intake disabled: its Deployment and Service are removed.
     dev.kubectl(&[
