@@ -94,7 +94,6 @@ fn the_killswitch_bench_via_the_api_sees_every_engine_stop_and_resume() {
     assert_eq!(v["engines"], 6);
     assert_eq!(v["rounds"], 2);
     assert_eq!(v["via"], "api");
-    assert_eq!(v["pods_ready"], 6, "{v}");
     let (p50, p99, max) = (f(&v, "p50_ms"), f(&v, "p99_ms"), f(&v, "max_ms"));
     assert!(p50 <= p99 && p99 <= max, "{v}");
     // One sample per engine and round, each way; the slowest engine of a round is the max.

@@ -349,6 +349,14 @@ pub async fn run(exe: &std::path::Path, opts: ControllerBenchOpts) -> Result<Val
             (format!("{verb} {g}/{resource}"), *n)
         })
         .collect();
+    let requests: u64 = m.counts.values().sum();
+    // Every reconcile that gets past validation lists the workflow's ControllerRevisions once.
+    let reconciles: u64 = m
+        .counts
+        .iter()
+        .filter(|((verb, _, resource), _)| verb == "list" && resource == "controllerrevisions")
+        .map(|(_, n)| n)
+        .sum();
     Ok(json!({
         "bench": "controller",
         "workflows": n,
@@ -358,6 +366,8 @@ pub async fn run(exe: &std::path::Path, opts: ControllerBenchOpts) -> Result<Val
         "writes_per_workflow": per(total),
         "status_writes_per_workflow": per(status),
         "writes": breakdown,
+        "requests_per_workflow": per(requests),
+        "reconciles_per_workflow": per(reconciles),
         "deployments_per_workflow": DEPLOYMENTS_PER_WORKFLOW,
         "concurrent_creates": opts.concurrency,
         "measured": "the controller in this process (peak RSS includes the bench's creates and one watch); the API server is a child `r4 dev --no-controller --no-kubelet`; no kubelet, so no pods or engines; queue: in memory (no Redis)",

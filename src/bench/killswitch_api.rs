@@ -17,8 +17,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::apps::v1::Deployment;
-use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::{Value, json};
 use tokio::sync::watch;
@@ -195,20 +194,6 @@ async fn measure(
         Duration::from_secs(120),
     )
     .await?;
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), NS);
-    let pods_ready = within(
-        "list Deployments",
-        Duration::from_secs(10),
-        deployments.list(
-            &ListParams::default().labels(&format!("{}={NAME}", crate::controller::WORKFLOW_LABEL)),
-        ),
-    )
-    .await?
-    .items
-    .iter()
-    .filter_map(|d| d.status.as_ref().and_then(|s| s.ready_replicas))
-    .sum::<i32>();
-
     // A steady trickle of tasks, so engines are busy reading when a switch lands.
     let feeder = {
         let (q, stream) = (queue.clone(), keys.stream("tickets"));
@@ -292,7 +277,6 @@ async fn measure(
         "bench": "killswitch",
         "via": "api",
         "engines": engines,
-        "pods_ready": pods_ready,
         "rounds": opts.rounds,
         "p50_ms": e["p50_ms"],
         "p99_ms": e["p99_ms"],

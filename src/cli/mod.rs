@@ -210,8 +210,15 @@ pub fn bench_controller(json: bool, workflows: usize) -> Result<ExitCode, CliErr
         workflows,
         ..Default::default()
     };
+    // A Ctrl-C drops the bench, and with it the child API server (killed on drop).
     let value = runtime()?
-        .block_on(crate::bench::controller::run(&exe, opts))
+        .block_on(async {
+            let signal = shutdown_signal();
+            tokio::select! {
+                r = crate::bench::controller::run(&exe, opts) => r,
+                _ = signal => Err("interrupted".to_string()),
+            }
+        })
         .map_err(|e| CliError::Internal(format!("r4 bench controller: {e}")))?;
     if !json {
         print_controller_table(&value);
