@@ -91,9 +91,14 @@ enum BenchCommand {
     },
     /// Time from engaging a kill switch to every engine having stopped taking tasks.
     Killswitch {
-        /// Redis to measure on; without it a private redis-server is started.
+        /// Redis to measure on; without it a private redis-server is started (with --via-api,
+        /// one in-memory queue).
         #[arg(long)]
         redis: Option<String>,
+        /// From a merge patch of spec.killSwitches through r4 dev's API (kubelet, engines and
+        /// controller in this process) instead of setting the switch in Redis directly.
+        #[arg(long)]
+        via_api: bool,
         #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=500))]
         engines: u64,
         /// Engage/release rounds.
@@ -129,6 +134,16 @@ enum BenchCommand {
         objects: u64,
         /// AgentWorkflows held with their children.
         #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(0..=100_000))]
+        workflows: u64,
+    },
+    /// Time and memory of the controller reconciling N AgentWorkflows on `r4 dev`'s API (run
+    /// as a child process, without its kubelet).
+    Controller {
+        /// Print only the JSON object (on one line).
+        #[arg(long)]
+        json: bool,
+        /// AgentWorkflows created and reconciled.
+        #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
         workflows: u64,
     },
     /// A dependency that goes down then recovers: how fast the breaker opens and closes.
@@ -217,8 +232,19 @@ fn main() -> ExitCode {
                 };
                 r4::cli::engine::bench_pipeline(opts, json)
             }
+            BenchCommand::Controller { json, workflows } => {
+                r4::cli::bench_controller(json, workflows as usize)
+            }
             BenchCommand::Killswitch {
                 redis,
+                via_api: true,
+                engines,
+                rounds,
+                json,
+            } => r4::cli::bench_killswitch_via_api(redis, engines as usize, rounds as usize, json),
+            BenchCommand::Killswitch {
+                redis,
+                via_api: false,
                 engines,
                 rounds,
                 json,

@@ -32,6 +32,10 @@ pub struct DevArgs {
     /// Do not run the controller (run `r4 controller` against this API yourself).
     #[arg(long)]
     pub no_controller: bool,
+    /// Do not run the kubelet: Deployments get no pods and no engine runs (`r4 bench
+    /// controller` measures the controller alone against this API).
+    #[arg(long)]
+    pub no_kubelet: bool,
     /// Seconds between two reconciles of a workflow for its statistics.
     #[arg(long, default_value_t = 2, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub stats_interval: u64,
@@ -78,12 +82,16 @@ pub fn dev(args: DevArgs) -> Result<ExitCode, CliError> {
             redis: args.redis.clone(),
             ..KubeletOptions::default()
         };
-        let mut kubelet = tokio::spawn(kubelet::run_on(
-            client.clone(),
-            opts,
-            queue.clone(),
-            stopped.clone(),
-        ));
+        let mut kubelet = if args.no_kubelet {
+            None
+        } else {
+            Some(tokio::spawn(kubelet::run_on(
+                client.clone(),
+                opts,
+                queue.clone(),
+                stopped.clone(),
+            )))
+        };
         // The controller reaches the API through a kube Client too, as it would a cluster's.
         let mut controller = if args.no_controller {
             None
@@ -102,6 +110,12 @@ pub fn dev(args: DevArgs) -> Result<ExitCode, CliError> {
                 client, opts, stopped,
             )))
         };
+        let kubelet_ended = async {
+            match kubelet.as_mut() {
+                Some(k) => k.await,
+                None => std::future::pending().await,
+            }
+        };
         let controller_ended = async {
             match controller.as_mut() {
                 Some(c) => c.await,
@@ -118,7 +132,7 @@ pub fn dev(args: DevArgs) -> Result<ExitCode, CliError> {
                 return Err(CliError::Usage(format!("r4 dev: the controller ended: {why}")));
             }
             _ = signal => {}
-            r = &mut kubelet => {
+            r = kubelet_ended => {
                 let why = match r {
                     Ok(Ok(())) => "stopped".to_string(),
                     Ok(Err(e)) => e.to_string(),
@@ -130,11 +144,12 @@ pub fn dev(args: DevArgs) -> Result<ExitCode, CliError> {
         // The kubelet gets a moment to stop its containers (engines checkpoint what is in
         // flight); a Ctrl-C is not held up longer than that.
         let _ = stop.send(true);
-        if tokio::time::timeout(Duration::from_secs(3), &mut kubelet)
-            .await
-            .is_err()
+        if let Some(mut k) = kubelet
+            && tokio::time::timeout(Duration::from_secs(3), &mut k)
+                .await
+                .is_err()
         {
-            kubelet.abort();
+            k.abort();
         }
         if let Some(mut c) = controller
             && tokio::time::timeout(Duration::from_secs(2), &mut c)

@@ -202,6 +202,76 @@ pub fn bench_devcluster(
     print_json(&value, json)
 }
 
+/// `r4 bench controller`: the API server is this binary's `r4 dev`, run as a child process.
+pub fn bench_controller(json: bool, workflows: usize) -> Result<ExitCode, CliError> {
+    let exe = std::env::current_exe()
+        .map_err(|e| CliError::Internal(format!("cannot find the r4 binary: {e}")))?;
+    let opts = crate::bench::controller::ControllerBenchOpts {
+        workflows,
+        ..Default::default()
+    };
+    // A Ctrl-C drops the bench, and with it the child API server (killed on drop).
+    let value = runtime()?
+        .block_on(async {
+            let signal = shutdown_signal();
+            tokio::select! {
+                r = crate::bench::controller::run(&exe, opts) => r,
+                _ = signal => Err("interrupted".to_string()),
+            }
+        })
+        .map_err(|e| CliError::Internal(format!("r4 bench controller: {e}")))?;
+    if !json {
+        print_controller_table(&value);
+    }
+    print_json(&value, json)
+}
+
+fn print_controller_table(v: &serde_json::Value) {
+    println!("controller: {} workflows", v["workflows"]);
+    println!("  reconciled in        {} s", v["reconcile_seconds"]);
+    println!("  peak RSS             {} MiB", v["peak_rss_mb"]);
+    println!("  writes / workflow    {}", v["writes_per_workflow"]);
+    println!("  status / workflow    {}", v["status_writes_per_workflow"]);
+}
+
+/// `r4 bench killswitch --via-api`.
+pub fn bench_killswitch_via_api(
+    redis: Option<String>,
+    engines: usize,
+    rounds: usize,
+    json: bool,
+) -> Result<ExitCode, CliError> {
+    let opts = crate::bench::killswitch_api::ViaApiOpts {
+        redis,
+        engines,
+        rounds,
+    };
+    let value = runtime()?
+        .block_on(crate::bench::killswitch_api::run(opts))
+        .map_err(|e| CliError::Internal(format!("r4 bench killswitch --via-api: {e}")))?;
+    if !json {
+        println!(
+            "killswitch via the API: {} engines, {} rounds",
+            value["engines"], value["rounds"]
+        );
+        println!(
+            "  engage  p50 {} ms  p99 {} ms  max {} ms",
+            value["p50_ms"], value["p99_ms"], value["max_ms"]
+        );
+        let r = &value["release"]["per_engine"];
+        println!(
+            "  release p50 {} ms  p99 {} ms  max {} ms",
+            r["p50_ms"], r["p99_ms"], r["max_ms"]
+        );
+        let c = &value["controller_ms"];
+        println!(
+            "  patch -> controller wrote the state: p50 {} ms  max {} ms",
+            c["p50_ms"], c["max_ms"]
+        );
+    }
+    print_json(&value, json)
+}
+
 /// Install the SIGINT and SIGTERM handlers now and return what resolves on the first of them:
 /// a signal that arrives while the command is still starting is then a graceful stop, not the
 /// default action (the process killed mid-start). Call it first, inside the runtime.

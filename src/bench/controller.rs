@@ -1,0 +1,608 @@
+//! `r4 bench controller`: time and memory to reconcile N AgentWorkflows on `r4 dev`'s API.
+//!
+//! Owns the setup and the measurement; the controller is `crate::controller::run` unchanged and
+//! the API is `r4 dev` unchanged. Design, so the figures are the controller's:
+//! - the API server is a child process (`r4 dev --no-controller --no-kubelet`), so the peak
+//!   RSS of this process (`VmHWM`) is the controller's plus the bench's own small client (the
+//!   creates and one watch of the workflows) — not the API server's store. No kubelet: with
+//!   1,000 workflows its pods and simulated engines would be what is measured; Deployments get
+//!   no pods, so every workflow stays `Progressing` (rolled out, not yet available), which is
+//!   the load a controller carries while a fleet rolls out (a requeue every second each);
+//! - the controller reaches the API only through a kube `Client`, whose every request passes a
+//!   [`CountingLayer`]: the writes it made (server-side applies, status patches, revision
+//!   creates and patches, Events, finalizers) are counted at the wire, not estimated;
+//! - the queue is the controller's `QueueSource::Shared` with the in-memory queue, so Redis is
+//!   not what is measured (queue wiring and kill-switch state still happen, in memory);
+//! - workflows are small but real (2 agents, a CircuitPolicy), created through the API with a
+//!   few concurrent creates; the clock starts when the first create is sent and stops when
+//!   every workflow has `status.observedGeneration == metadata.generation`,
+//!   `status.currentRevision == 1` and its 2 Deployments (listed by label `r4.dev/workflow`).
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, TryStreamExt};
+use http::Request;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{ListParams, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use serde_json::{Value, json};
+use tokio::io::AsyncBufReadExt;
+use tower::{Layer, Service};
+
+use crate::api::policy::CircuitPolicy;
+use crate::api::workflow::AgentWorkflow;
+use crate::controller::context::{Options, QueueSource};
+use crate::controller::rbac::{RecordedCall, parse_call};
+use crate::controller::run::RunOptions;
+use crate::controller::{WORKFLOW_LABEL, run};
+use crate::queue::memory::MemoryQueue;
+
+/// What to measure.
+#[derive(Clone, Debug)]
+pub struct ControllerBenchOpts {
+    /// AgentWorkflows created and reconciled.
+    pub workflows: usize,
+    /// Creates in flight at once.
+    pub concurrency: usize,
+    /// Give up after this long.
+    pub deadline: Duration,
+}
+
+impl Default for ControllerBenchOpts {
+    fn default() -> Self {
+        Self {
+            workflows: 1_000,
+            concurrency: 8,
+            deadline: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Agent Deployments every bench workflow renders (no intake, no repair).
+const DEPLOYMENTS_PER_WORKFLOW: usize = 2;
+
+/// Counts of the API requests a client made, per (verb, group, resource).
+#[derive(Clone, Debug, Default)]
+pub struct Counts(Arc<Mutex<BTreeMap<RecordedCall, u64>>>);
+
+impl Counts {
+    /// Every (verb, group, resource) with how many times it was requested.
+    pub fn snapshot(&self) -> BTreeMap<RecordedCall, u64> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn add(&self, c: RecordedCall) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(c)
+            .or_default() += 1;
+    }
+}
+
+/// Writes among `counts`: create, update, patch, delete, deletecollection.
+pub fn writes(counts: &BTreeMap<RecordedCall, u64>) -> u64 {
+    counts
+        .iter()
+        .filter(|((verb, _, _), _)| is_write(verb))
+        .map(|(_, n)| n)
+        .sum()
+}
+
+/// Status writes of AgentWorkflows among `counts`.
+pub fn status_writes(counts: &BTreeMap<RecordedCall, u64>) -> u64 {
+    counts
+        .iter()
+        .filter(|((verb, group, resource), _)| {
+            is_write(verb) && group == "r4.dev" && resource == "agentworkflows/status"
+        })
+        .map(|(_, n)| n)
+        .sum()
+}
+
+fn is_write(verb: &str) -> bool {
+    matches!(
+        verb,
+        "create" | "update" | "patch" | "delete" | "deletecollection"
+    )
+}
+
+/// A tower layer for a kube `Client`'s service that counts every API resource request (as
+/// RBAC names it, [`parse_call`]) and passes it on unchanged.
+#[derive(Clone, Debug, Default)]
+pub struct CountingLayer {
+    counts: Counts,
+}
+
+impl CountingLayer {
+    /// A layer and the counts it keeps.
+    pub fn new() -> (Self, Counts) {
+        let counts = Counts::default();
+        (
+            Self {
+                counts: counts.clone(),
+            },
+            counts,
+        )
+    }
+}
+
+impl<S> Layer<S> for CountingLayer {
+    type Service = Counting<S>;
+
+    fn layer(&self, inner: S) -> Counting<S> {
+        Counting {
+            inner,
+            counts: self.counts.clone(),
+        }
+    }
+}
+
+/// The service of [`CountingLayer`].
+#[derive(Clone, Debug)]
+pub struct Counting<S> {
+    inner: S,
+    counts: Counts,
+}
+
+impl<S, B> Service<Request<B>> for Counting<S>
+where
+    S: Service<Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let pq = req
+            .uri()
+            .path_and_query()
+            .map_or_else(|| req.uri().path(), |pq| pq.as_str());
+        if let Some(c) = parse_call(req.method(), pq) {
+            self.counts.add(c);
+        }
+        self.inner.call(req)
+    }
+}
+
+/// A kube `Client` on `url` whose every request is counted.
+pub fn counting_client(url: &str) -> Result<(Client, Counts), String> {
+    let uri: http::Uri = url.parse().map_err(|e| format!("API URL {url}: {e}"))?;
+    let (layer, counts) = CountingLayer::new();
+    let client = kube::client::ClientBuilder::try_from(kube::Config::new(uri))
+        .map_err(|e| format!("kube client for {url}: {e}"))?
+        .with_layer(&layer)
+        .build();
+    Ok((client, counts))
+}
+
+/// Resident set size now and at its peak, in bytes (Linux `/proc/self/status`; 0 elsewhere).
+pub fn rss() -> (u64, u64) {
+    let Ok(s) = std::fs::read_to_string("/proc/self/status") else {
+        return (0, 0);
+    };
+    let kb = |name: &str| {
+        s.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    (kb("VmRSS:"), kb("VmHWM:"))
+}
+
+fn mib(b: u64) -> f64 {
+    (b as f64 / (1024.0 * 1024.0) * 10.0).round() / 10.0
+}
+
+/// `r4 dev --no-controller --no-kubelet` as a child process (killed when dropped).
+pub struct DevChild {
+    child: tokio::process::Child,
+    pub url: String,
+    kubeconfig: std::path::PathBuf,
+}
+
+impl DevChild {
+    /// Start `exe dev` on a free loopback port and wait (up to 30 s) for it to say its URL.
+    pub async fn start(exe: &std::path::Path) -> Result<Self, String> {
+        // The child writes a kubeconfig nobody reads; removed when it stops.
+        let kubeconfig = std::env::temp_dir().join(format!(
+            "r4-bench-controller-{}.kubeconfig",
+            std::process::id()
+        ));
+        let mut child = tokio::process::Command::new(exe)
+            .args([
+                "dev",
+                "--listen",
+                "127.0.0.1:0",
+                "--no-controller",
+                "--no-kubelet",
+            ])
+            .arg("--kubeconfig-out")
+            .arg(&kubeconfig)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("start {} dev: {e}", exe.display()))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| "r4 dev: no standard output".to_string())?;
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let find = async {
+            while let Some(line) = lines.next_line().await.map_err(|e| e.to_string())? {
+                if let Some(url) = line.split_whitespace().find(|w| w.starts_with("http://")) {
+                    return Ok(url.to_owned());
+                }
+            }
+            Err("r4 dev ended before saying its address".to_string())
+        };
+        let url = tokio::time::timeout(Duration::from_secs(30), find)
+            .await
+            .map_err(|_| "r4 dev did not say its address within 30 s".to_string())??;
+        // Keep reading its standard output so it never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(DevChild {
+            child,
+            url,
+            kubeconfig,
+        })
+    }
+
+    /// Stop the child (SIGKILL: it holds nothing worth keeping) and reap it.
+    pub async fn stop(mut self) {
+        let _ = self.child.start_kill();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
+        let _ = std::fs::remove_file(&self.kubeconfig);
+    }
+}
+
+/// Register the r4 CRDs on a fresh API.
+pub async fn create_crds(client: &Client) -> Result<(), String> {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in crate::api::crds() {
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            crds.create(&PostParams::default(), &crd),
+        )
+        .await
+        .map_err(|_| "create CRD: no answer within 10 s".to_string())?
+        .map_err(|e| format!("create CRD {}: {e}", crd.name_any()))?;
+    }
+    Ok(())
+}
+
+const POLICY: &str = r#"
+apiVersion: r4.dev/v1alpha1
+kind: CircuitPolicy
+metadata: {name: bench-policy}
+spec:
+  timeout: {perAttempt: 2s}
+  deadLetter: {maxDeliveries: 3}
+"#;
+
+fn workflow(name: &str) -> Result<AgentWorkflow, String> {
+    let yaml = format!(
+        r#"
+apiVersion: r4.dev/v1alpha1
+kind: AgentWorkflow
+metadata: {{name: {name}}}
+spec:
+  queue: {{redis: {{url: "redis://unused.invalid:6379/0"}}}}
+  policyRef: bench-policy
+  agents:
+    - {{name: sorter, image: "ghcr.io/acme/sorter:1.0", consumes: tickets, produces: [sorted]}}
+    - {{name: solver, image: "ghcr.io/acme/solver:1.0", consumes: sorted}}
+"#
+    );
+    serde_yaml::from_str(&yaml).map_err(|e| format!("bench workflow {name}: {e}"))
+}
+
+/// Whether the status says this generation is reconciled at revision 1.
+fn reconciled(wf: &AgentWorkflow) -> bool {
+    wf.status.as_ref().is_some_and(|s| {
+        s.observed_generation.is_some()
+            && s.observed_generation == wf.metadata.generation
+            && s.current_revision == Some(1)
+    })
+}
+
+/// Run the benchmark with the API server started from `exe` (the `r4` binary); the JSON report,
+/// or a one-line error.
+pub async fn run(exe: &std::path::Path, opts: ControllerBenchOpts) -> Result<Value, String> {
+    let n = opts.workflows;
+    let dev = DevChild::start(exe).await?;
+    let result = measure(&dev.url, &opts).await;
+    dev.stop().await;
+    let m = result?;
+    let total = writes(&m.counts);
+    let status = status_writes(&m.counts);
+    let per = |x: u64| {
+        if n == 0 {
+            0.0
+        } else {
+            (x as f64 / n as f64 * 100.0).round() / 100.0
+        }
+    };
+    let breakdown: BTreeMap<String, u64> = m
+        .counts
+        .iter()
+        .filter(|((verb, _, _), _)| is_write(verb))
+        .map(|((verb, group, resource), n)| {
+            let g = if group.is_empty() { "core" } else { group };
+            (format!("{verb} {g}/{resource}"), *n)
+        })
+        .collect();
+    let requests: u64 = m.counts.values().sum();
+    // Every reconcile that gets past validation lists the workflow's ControllerRevisions once.
+    let reconciles: u64 = m
+        .counts
+        .iter()
+        .filter(|((verb, _, resource), _)| verb == "list" && resource == "controllerrevisions")
+        .map(|(_, n)| n)
+        .sum();
+    Ok(json!({
+        "bench": "controller",
+        "workflows": n,
+        "reconcile_seconds": (m.took.as_secs_f64() * 1000.0).round() / 1000.0,
+        "peak_rss_mb": mib(m.peak),
+        "rss_mb_before_controller": mib(m.before),
+        "writes_per_workflow": per(total),
+        "status_writes_per_workflow": per(status),
+        "writes": breakdown,
+        "requests_per_workflow": per(requests),
+        "reconciles_per_workflow": per(reconciles),
+        "deployments_per_workflow": DEPLOYMENTS_PER_WORKFLOW,
+        "concurrent_creates": opts.concurrency,
+        "measured": "the controller in this process (peak RSS includes the bench's creates and one watch); the API server is a child `r4 dev --no-controller --no-kubelet`; no kubelet, so no pods or engines; queue: in memory (no Redis)",
+        "goal": {"reconcile_seconds": 10, "peak_rss_mb": 128},
+        "within_goal": m.took < Duration::from_secs(10) && m.peak < 128 * 1024 * 1024,
+    }))
+}
+
+struct Measured {
+    took: Duration,
+    before: u64,
+    peak: u64,
+    counts: BTreeMap<RecordedCall, u64>,
+}
+
+async fn measure(url: &str, opts: &ControllerBenchOpts) -> Result<Measured, String> {
+    let n = opts.workflows;
+    let client = crate::devcluster::client(url).map_err(|e| format!("kube client: {e}"))?;
+    create_crds(&client).await?;
+    let policies: Api<CircuitPolicy> = Api::namespaced(client.clone(), "default");
+    let policy: CircuitPolicy = serde_yaml::from_str(POLICY).map_err(|e| format!("policy: {e}"))?;
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        policies.create(&PostParams::default(), &policy),
+    )
+    .await
+    .map_err(|_| "create the CircuitPolicy: no answer within 10 s".to_string())?
+    .map_err(|e| format!("create the CircuitPolicy: {e}"))?;
+    let workflows: Vec<AgentWorkflow> = (0..n)
+        .map(|i| workflow(&format!("bench-{i}")))
+        .collect::<Result<_, _>>()?;
+
+    let (before, _) = rss();
+    let (controller_client, counts) = counting_client(url)?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let run_opts = RunOptions {
+        controller: Options {
+            queue: QueueSource::Shared(Arc::new(MemoryQueue::new())),
+            instance: Some("r4-bench".into()),
+            ..Options::default()
+        },
+        metrics_listen: None,
+        leader: None,
+    };
+    let controller = tokio::spawn(run::run(controller_client, run_opts, stop_rx));
+    let result = async {
+        // The controller is watching workflows before the first one is created.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !counts
+            .snapshot()
+            .keys()
+            .any(|(verb, _, resource)| verb == "watch" && resource == "agentworkflows")
+        {
+            if Instant::now() >= deadline {
+                return Err("the controller did not watch AgentWorkflows within 30 s".to_string());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        // A watch of the workflows' statuses, from before the first create.
+        let wf_api: Api<AgentWorkflow> = Api::namespaced(client.clone(), "default");
+        // The workflows seen reconciled, and when the last of them was.
+        let done = Arc::new(Mutex::new((HashSet::<String>::new(), None::<Instant>)));
+        let (watch_ready_tx, watch_ready_rx) = tokio::sync::oneshot::channel::<()>();
+        let watch = {
+            let (done, api) = (done.clone(), wf_api.clone());
+            tokio::spawn(async move {
+                let mut ready = Some(watch_ready_tx);
+                let mut stream = watcher(api, watcher::Config::default())
+                    .default_backoff()
+                    .boxed();
+                while let Some(ev) = stream.next().await {
+                    let Ok(ev) = ev else { continue };
+                    let objs: Vec<AgentWorkflow> = match ev {
+                        watcher::Event::Apply(o) | watcher::Event::InitApply(o) => vec![o],
+                        watcher::Event::InitDone => {
+                            if let Some(r) = ready.take() {
+                                let _ = r.send(());
+                            }
+                            continue;
+                        }
+                        _ => continue,
+                    };
+                    for o in objs.iter().filter(|o| reconciled(o)) {
+                        let mut d = done.lock().unwrap_or_else(|p| p.into_inner());
+                        if d.0.insert(o.name_any()) {
+                            d.1 = Some(Instant::now());
+                        }
+                    }
+                }
+            })
+        };
+        tokio::time::timeout(Duration::from_secs(30), watch_ready_rx)
+            .await
+            .map_err(|_| "the bench's watch of AgentWorkflows did not start within 30 s")?
+            .map_err(|_| "the bench's watch of AgentWorkflows ended")?;
+
+        let started = Instant::now();
+        let deadline = started + opts.deadline;
+        futures::stream::iter(workflows)
+            .map(|wf| {
+                let api = wf_api.clone();
+                async move {
+                    let name = wf.name_any();
+                    tokio::time::timeout(
+                        Duration::from_secs(30),
+                        api.create(&PostParams::default(), &wf),
+                    )
+                    .await
+                    .map_err(|_| format!("create workflow {name}: no answer within 30 s"))?
+                    .map(|_| ())
+                    .map_err(|e| format!("create workflow {name}: {e}"))
+                }
+            })
+            .buffer_unordered(opts.concurrency.max(1))
+            .try_collect::<Vec<()>>()
+            .await?;
+        eprintln!(
+            "r4 bench controller: {n} workflows created in {:.2} s",
+            started.elapsed().as_secs_f64()
+        );
+
+        // Every status reconciled (seen by the watch), then every workflow's Deployments listed.
+        let deploys: Api<Deployment> = Api::namespaced(client.clone(), "default");
+        let mut next_report = Instant::now() + Duration::from_secs(2);
+        let took = loop {
+            let (statuses, last) = {
+                let d = done.lock().unwrap_or_else(|p| p.into_inner());
+                (d.0.len(), d.1)
+            };
+            if statuses >= n {
+                let list = tokio::time::timeout(
+                    Duration::from_secs(30),
+                    deploys.list_metadata(&ListParams::default().labels(WORKFLOW_LABEL)),
+                )
+                .await
+                .map_err(|_| "list Deployments: no answer within 30 s".to_string())?
+                .map_err(|e| format!("list Deployments: {e}"))?;
+                let mut per: BTreeMap<String, usize> = BTreeMap::new();
+                for d in &list.items {
+                    if let Some(w) = d
+                        .metadata
+                        .labels
+                        .as_ref()
+                        .and_then(|l| l.get(WORKFLOW_LABEL))
+                    {
+                        *per.entry(w.clone()).or_default() += 1;
+                    }
+                }
+                let complete = per
+                    .values()
+                    .filter(|c| **c >= DEPLOYMENTS_PER_WORKFLOW)
+                    .count();
+                if complete >= n {
+                    // The status of a generation is written after its children are applied,
+                    // so the last status seen is when the last workflow was complete.
+                    break last
+                        .unwrap_or_else(Instant::now)
+                        .saturating_duration_since(started);
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(format!(
+                    "only {statuses} of {n} workflows reconciled within {:?}",
+                    opts.deadline
+                ));
+            }
+            if now >= next_report {
+                eprintln!(
+                    "r4 bench controller: {statuses}/{n} reconciled after {:.1} s",
+                    started.elapsed().as_secs_f64()
+                );
+                next_report = now + Duration::from_secs(2);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let counted = counts.snapshot();
+        watch.abort();
+        Ok((took, counted))
+    }
+    .await;
+    let (_, peak) = rss();
+    let _ = stop_tx.send(true);
+    if tokio::time::timeout(Duration::from_secs(5), controller)
+        .await
+        .is_err()
+    {
+        tracing::debug!("the controller did not stop within 5 s");
+    }
+    let (took, counts) = result?;
+    Ok(Measured {
+        took,
+        before,
+        peak,
+        counts,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_are_counted_by_verb_and_status_apart() {
+        let mut c = BTreeMap::new();
+        let k = |v: &str, g: &str, r: &str| (v.to_owned(), g.to_owned(), r.to_owned());
+        c.insert(k("patch", "r4.dev", "agentworkflows/status"), 3);
+        c.insert(k("patch", "apps", "deployments"), 4);
+        c.insert(k("create", "events.k8s.io", "events"), 1);
+        c.insert(k("list", "apps", "deployments"), 9);
+        c.insert(k("watch", "r4.dev", "agentworkflows"), 2);
+        c.insert(k("get", "r4.dev", "circuitpolicies"), 5);
+        assert_eq!(writes(&c), 8);
+        assert_eq!(status_writes(&c), 3);
+    }
+
+    #[test]
+    fn a_workflow_is_reconciled_only_at_its_generation_and_revision_one() {
+        let mut wf = workflow("w").expect("workflow");
+        assert!(!reconciled(&wf));
+        wf.metadata.generation = Some(2);
+        wf.status = Some(crate::api::workflow::AgentWorkflowStatus {
+            observed_generation: Some(1),
+            current_revision: Some(1),
+            ..Default::default()
+        });
+        assert!(!reconciled(&wf));
+        if let Some(s) = wf.status.as_mut() {
+            s.observed_generation = Some(2);
+        }
+        assert!(reconciled(&wf));
+        if let Some(s) = wf.status.as_mut() {
+            s.current_revision = Some(2);
+        }
+        assert!(!reconciled(&wf));
+    }
+}
