@@ -73,6 +73,9 @@ pub fn default_engine_image() -> String {
 pub struct Memory {
     /// Readings of the workflow's engine statistics.
     pub samples: Samples,
+    /// The revision this controller applied last: fresher than `status.currentRevision` in a
+    /// cache that has not seen the last status write yet.
+    pub applied: Option<i64>,
     /// The revision applied and when its Deployments were first seen available.
     pub available_since: Option<(i64, Timestamp)>,
     /// Deletion with `deletePolicy: Delete`: when the workflow's keys were first deleted, and

@@ -373,8 +373,9 @@ pub fn plan(input: &RolloutInput) -> Result<Plan, PlanError> {
         }
     };
 
-    // 2. A Progressing revision applied again after another starts its rollout afresh.
-    if applied != Some(target)
+    // 2. A Progressing revision applied again after another starts its rollout afresh. (Not
+    // when nothing is known to be applied: a status not yet read back is no other revision.)
+    if applied.is_some_and(|a| a != target)
         && book.phase(target) == Some(Phase::Progressing)
         && !book.touched.contains(&target)
         && book.created != Some(target)

@@ -20,6 +20,9 @@ use super::{policy, workflow};
 use crate::api::policy::CircuitPolicy;
 use crate::api::workflow::AgentWorkflow;
 
+/// Reconciles of one kind running at once.
+const CONCURRENCY: u16 = 16;
+
 /// How `r4 controller` (and the controller of `r4 dev`) runs.
 #[derive(Clone)]
 pub struct RunOptions {
@@ -106,7 +109,11 @@ async fn controllers(
     let client = ctx.client.clone();
     let all = watcher::Config::default();
     let managed = watcher::Config::default().labels("app.kubernetes.io/managed-by=r4");
-    let wf_ctl = Controller::new(Api::<AgentWorkflow>::all(client.clone()), all.clone());
+    // A bounded number of reconciles at once: a burst (the controller starting with a thousand
+    // workflows) queues instead of holding a thousand reconciles' requests in memory.
+    let config = kube::runtime::controller::Config::default().concurrency(CONCURRENCY);
+    let wf_ctl = Controller::new(Api::<AgentWorkflow>::all(client.clone()), all.clone())
+        .with_config(config.clone());
     let store = wf_ctl.store();
     {
         let (store, ready) = (store.clone(), ready.clone());
@@ -117,15 +124,23 @@ async fn controllers(
         });
     }
     let by_policy = store.clone();
+    let policy_specs = Generations::default();
+    let workflow_specs = Generations::default();
     let workflows = wf_ctl
         .owns(Api::<Deployment>::all(client.clone()), managed.clone())
         .owns(Api::<ConfigMap>::all(client.clone()), managed.clone())
         .owns(Api::<Service>::all(client.clone()), managed.clone())
         .owns(Api::<ServiceAccount>::all(client.clone()), managed)
+        // Only a policy's spec matters to a workflow: its status (usedBy, breakers) changes
+        // with every workflow that comes and goes, and reconciling every user of the policy
+        // on each of those would cost N reconciles per workflow created.
         .watches(
             Api::<CircuitPolicy>::all(client.clone()),
             all.clone(),
             move |p: CircuitPolicy| {
+                if !policy_specs.changed(&p) {
+                    return Vec::new();
+                }
                 let ns = p.namespace().unwrap_or_else(|| "default".into());
                 let name = p.name_any();
                 by_policy
@@ -144,10 +159,15 @@ async fn controllers(
             }
         });
     let policies = Controller::new(Api::<CircuitPolicy>::all(client.clone()), all.clone())
+        .with_config(config)
+        // A workflow's spec names its policies; its status changes say nothing to them.
         .watches(
             Api::<AgentWorkflow>::all(client),
             all,
-            |w: AgentWorkflow| {
+            move |w: AgentWorkflow| {
+                if !workflow_specs.changed(&w) {
+                    return Vec::new();
+                }
                 let ns = w.namespace().unwrap_or_else(|| "default".into());
                 workflow::policy_refs(&w.spec)
                     .into_iter()
@@ -164,4 +184,23 @@ async fn controllers(
         });
     tokio::join!(workflows, policies);
     let _ = ready.send(false);
+}
+
+/// The generation last seen of each object: a change of anything but the spec (a status write)
+/// keeps it, so a watch mapped through [`Generations::changed`] triggers only on spec changes
+/// (and on the first sight of an object, e.g. after a restart).
+#[derive(Default)]
+struct Generations(std::sync::Mutex<std::collections::HashMap<String, Option<i64>>>);
+
+impl Generations {
+    fn changed<K: kube::Resource>(&self, obj: &K) -> bool {
+        let key = format!(
+            "{}/{}",
+            obj.meta().namespace.as_deref().unwrap_or(""),
+            obj.meta().name.as_deref().unwrap_or("")
+        );
+        let generation = obj.meta().generation;
+        let mut seen = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        seen.insert(key, generation) != Some(generation)
+    }
 }

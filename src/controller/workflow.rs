@@ -103,14 +103,13 @@ async fn finalized(wf: &AgentWorkflow, ctx: &Context, ns: &str) -> Result<Action
         return Ok(Action::await_change());
     }
     if !has {
+        // Guarded by the finalizers as read (not the resourceVersion, which every status write
+        // moves): another controller's finalizer added meanwhile makes it refuse and retry.
         let patch = if wf.finalizers().is_empty() {
-            json!([
-                {"op": "test", "path": "/metadata/resourceVersion", "value": wf.resource_version()},
-                {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]},
-            ])
+            json!([{"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]}])
         } else {
             json!([
-                {"op": "test", "path": "/metadata/resourceVersion", "value": wf.resource_version()},
+                {"op": "test", "path": "/metadata/finalizers", "value": wf.finalizers()},
                 {"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER},
             ])
         };
@@ -194,7 +193,11 @@ async fn apply(wf: &AgentWorkflow, ctx: &Context) -> Result<Action, Error> {
     // revisions and the rollout decision
     let mut revisions = list_revisions(ctx, &ns, &name).await?;
     let deployments = list_children::<Deployment>(ctx, &ns, &name).await?;
-    let applied = status.current_revision;
+    // What this controller applied last wins over a status the cache may not have caught up
+    // with (its own write of a moment ago).
+    let applied = ctx
+        .memory(&wf_key, |m| m.applied)
+        .or(status.current_revision);
     let availability = availability(&deployments, applied);
     if let (Some(r), Availability::Available) = (applied, &availability) {
         ctx.memory(&wf_key, |m| {
@@ -274,6 +277,8 @@ async fn apply(wf: &AgentWorkflow, ctx: &Context) -> Result<Action, Error> {
     let deployments = apply_children(ctx, &ns, &name, &children).await?;
     let observed = Observed { deployments, queue };
 
+    ctx.memory(&wf_key, |m| m.applied = Some(target.number));
+
     // status
     let settled = fill_status(
         ctx,
@@ -299,9 +304,9 @@ async fn apply(wf: &AgentWorkflow, ctx: &Context) -> Result<Action, Error> {
     if !settled {
         next = next.min(ACK_POLL);
     }
-    if conditions::get(&status.conditions, "Progressing").is_some_and(|c| c.status == "True") {
-        next = next.min(Duration::from_secs(1));
-    }
+    // A rollout in progress needs no polling: the Deployments it waits for are watched (their
+    // changes trigger a reconcile), and the deadline and the analysis window are in
+    // `plan.requeue_after`.
     Ok(Action::requeue(next))
 }
 
