@@ -419,7 +419,7 @@ pub fn kill_switch(
             "the direct mode sets the switch in Redis: it needs --redis URL (without it, r4 kill patches the spec through the Kubernetes API)".into(),
         ));
     };
-    let (workflow, t) = super::workflow::parse_target(target)?;
+    let (workflow, t) = super::parse_target(target)?;
     let workflow = workflow.as_str();
     // With -f, the manifest names the parts (and the namespace, unless --namespace does).
     let from_file = match file {

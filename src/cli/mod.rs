@@ -293,3 +293,22 @@ pub(crate) fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send 
         let _ = tokio::signal::ctrl_c().await;
     }
 }
+
+/// `WORKFLOW[/AGENT|/tool:TOOL]` → the workflow's name and what the switch covers.
+pub(crate) fn parse_target(
+    target: &str,
+) -> Result<(String, crate::engine::killswitch::Target), CliError> {
+    let (workflow, rest) = match target.split_once('/') {
+        Some((w, a)) => (w, Some(a)),
+        None => (target, None),
+    };
+    if workflow.is_empty() || rest == Some("") || rest == Some("tool:") {
+        return Err(CliError::Usage(format!(
+            "bad target {target:?}: expected WORKFLOW[/AGENT|/tool:TOOL]"
+        )));
+    }
+    Ok((
+        workflow.to_owned(),
+        crate::engine::killswitch::Target::parse_suffix(rest),
+    ))
+}

@@ -98,20 +98,6 @@ fn parse_wait(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-/// `WORKFLOW[/AGENT|/tool:TOOL]` → the workflow's name and what the switch covers.
-pub(crate) fn parse_target(target: &str) -> Result<(String, Target), CliError> {
-    let (workflow, rest) = match target.split_once('/') {
-        Some((w, a)) => (w, Some(a)),
-        None => (target, None),
-    };
-    if workflow.is_empty() || rest == Some("") || rest == Some("tool:") {
-        return Err(CliError::Usage(format!(
-            "bad target {target:?}: expected WORKFLOW[/AGENT|/tool:TOOL]"
-        )));
-    }
-    Ok((workflow.to_owned(), Target::parse_suffix(rest)))
-}
-
 /// The switch's key in `status.killSwitches`: `all`, the agent's name, or `tool:<name>`.
 pub fn switch_name(target: &Target) -> String {
     match target {
@@ -204,7 +190,7 @@ pub fn kill(args: KillArgs, engage: bool) -> Result<ExitCode, CliError> {
             "-f applies only with --redis: through the Kubernetes API the workflow's spec names its agents and tools".into(),
         ));
     }
-    let (workflow, target) = parse_target(&args.target)?;
+    let (workflow, target) = super::parse_target(&args.target)?;
     runtime()?.block_on(kill_via_api(&args, &workflow, &target, engage))
 }
 
@@ -998,11 +984,11 @@ mod tests {
     #[test]
     fn targets_and_patches() {
         assert_eq!(
-            parse_target("pay/tool:bank").ok(),
+            super::super::parse_target("pay/tool:bank").ok(),
             Some(("pay".into(), Target::Tool("bank".into())))
         );
         for bad in ["", "/a", "pay/", "pay/tool:"] {
-            assert!(parse_target(bad).is_err(), "{bad:?}");
+            assert!(super::super::parse_target(bad).is_err(), "{bad:?}");
         }
         assert_eq!(
             switch_patch(&Target::Agent("a".into()), false),
