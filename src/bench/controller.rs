@@ -9,7 +9,7 @@
 //!   no pods, so every workflow stays `Progressing` (rolled out, not yet available), which is
 //!   the load a controller carries while a fleet rolls out (a requeue every second each);
 //! - the controller reaches the API only through a kube `Client`, whose every request passes a
-//!   [`CountingLayer`]: the writes it made (server-side applies, status patches, revision
+//!   the RBAC audit's recording layer (`controller::rbac::RecordingLayer`), which counts: the writes it made (server-side applies, status patches, revision
 //!   creates and patches, Events, finalizers) are counted at the wire, not estimated;
 //! - the queue is the controller's `QueueSource::Shared` with the in-memory queue, so Redis is
 //!   not what is measured (queue wiring and kill-switch state still happen, in memory);
@@ -20,11 +20,9 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
-use http::Request;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{ListParams, PostParams};
@@ -32,12 +30,11 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
 use tokio::io::AsyncBufReadExt;
-use tower::{Layer, Service};
 
 use crate::api::policy::CircuitPolicy;
 use crate::api::workflow::AgentWorkflow;
 use crate::controller::context::{Options, QueueSource};
-use crate::controller::rbac::{RecordedCall, parse_call};
+use crate::controller::rbac::{RecordedCall, Recorder, recording_client};
 use crate::controller::run::RunOptions;
 use crate::controller::{WORKFLOW_LABEL, run};
 use crate::queue::memory::MemoryQueue;
@@ -66,29 +63,6 @@ impl Default for ControllerBenchOpts {
 /// Agent Deployments every bench workflow renders (no intake, no repair).
 const DEPLOYMENTS_PER_WORKFLOW: usize = 2;
 
-/// Counts of the API requests a client made, per (verb, group, resource).
-#[derive(Clone, Debug, Default)]
-pub struct Counts(Arc<Mutex<BTreeMap<RecordedCall, u64>>>);
-
-impl Counts {
-    /// Every (verb, group, resource) with how many times it was requested.
-    pub fn snapshot(&self) -> BTreeMap<RecordedCall, u64> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
-    }
-
-    fn add(&self, c: RecordedCall) {
-        *self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .entry(c)
-            .or_default() += 1;
-    }
-}
-
 /// Writes among `counts`: create, update, patch, delete, deletecollection.
 pub fn writes(counts: &BTreeMap<RecordedCall, u64>) -> u64 {
     counts
@@ -116,77 +90,10 @@ fn is_write(verb: &str) -> bool {
     )
 }
 
-/// A tower layer for a kube `Client`'s service that counts every API resource request (as
-/// RBAC names it, [`parse_call`]) and passes it on unchanged.
-#[derive(Clone, Debug, Default)]
-pub struct CountingLayer {
-    counts: Counts,
-}
-
-impl CountingLayer {
-    /// A layer and the counts it keeps.
-    pub fn new() -> (Self, Counts) {
-        let counts = Counts::default();
-        (
-            Self {
-                counts: counts.clone(),
-            },
-            counts,
-        )
-    }
-}
-
-impl<S> Layer<S> for CountingLayer {
-    type Service = Counting<S>;
-
-    fn layer(&self, inner: S) -> Counting<S> {
-        Counting {
-            inner,
-            counts: self.counts.clone(),
-        }
-    }
-}
-
-/// The service of [`CountingLayer`].
-#[derive(Clone, Debug)]
-pub struct Counting<S> {
-    inner: S,
-    counts: Counts,
-}
-
-impl<S, B> Service<Request<B>> for Counting<S>
-where
-    S: Service<Request<B>>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<B>) -> Self::Future {
-        let pq = req
-            .uri()
-            .path_and_query()
-            .map_or_else(|| req.uri().path(), |pq| pq.as_str());
-        if let Some(c) = parse_call(req.method(), pq) {
-            self.counts.add(c);
-        }
-        self.inner.call(req)
-    }
-}
-
 /// A kube `Client` on `url` whose every request is counted.
-pub fn counting_client(url: &str) -> Result<(Client, Counts), String> {
+pub fn counting_client(url: &str) -> Result<(Client, Recorder), String> {
     let uri: http::Uri = url.parse().map_err(|e| format!("API URL {url}: {e}"))?;
-    let (layer, counts) = CountingLayer::new();
-    let client = kube::client::ClientBuilder::try_from(kube::Config::new(uri))
-        .map_err(|e| format!("kube client for {url}: {e}"))?
-        .with_layer(&layer)
-        .build();
-    Ok((client, counts))
+    recording_client(kube::Config::new(uri)).map_err(|e| format!("kube client for {url}: {e}"))
 }
 
 /// Resident set size now and at its peak, in bytes (Linux `/proc/self/status`; 0 elsewhere).
@@ -417,7 +324,7 @@ async fn measure(url: &str, opts: &ControllerBenchOpts) -> Result<Measured, Stri
         // The controller is watching workflows before the first one is created.
         let deadline = Instant::now() + Duration::from_secs(30);
         while !counts
-            .snapshot()
+            .counts()
             .keys()
             .any(|(verb, _, resource)| verb == "watch" && resource == "agentworkflows")
         {
@@ -545,7 +452,7 @@ async fn measure(url: &str, opts: &ControllerBenchOpts) -> Result<Measured, Stri
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        let counted = counts.snapshot();
+        let counted = counts.counts();
         watch.abort();
         Ok((took, counted))
     }
