@@ -31,6 +31,7 @@ use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
 use tokio::io::AsyncBufReadExt;
 
+use super::{mib, rss};
 use crate::api::policy::CircuitPolicy;
 use crate::api::workflow::AgentWorkflow;
 use crate::controller::context::{Options, QueueSource};
@@ -94,26 +95,6 @@ fn is_write(verb: &str) -> bool {
 pub fn counting_client(url: &str) -> Result<(Client, Recorder), String> {
     let uri: http::Uri = url.parse().map_err(|e| format!("API URL {url}: {e}"))?;
     recording_client(kube::Config::new(uri)).map_err(|e| format!("kube client for {url}: {e}"))
-}
-
-/// Resident set size now and at its peak, in bytes (Linux `/proc/self/status`; 0 elsewhere).
-pub fn rss() -> (u64, u64) {
-    let Ok(s) = std::fs::read_to_string("/proc/self/status") else {
-        return (0, 0);
-    };
-    let kb = |name: &str| {
-        s.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-            * 1024
-    };
-    (kb("VmRSS:"), kb("VmHWM:"))
-}
-
-fn mib(b: u64) -> f64 {
-    (b as f64 / (1024.0 * 1024.0) * 10.0).round() / 10.0
 }
 
 /// `r4 dev --no-controller --no-kubelet` as a child process (killed when dropped).

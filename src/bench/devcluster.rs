@@ -17,6 +17,7 @@ use kube::core::{ApiResource, GroupVersionKind};
 use kube::{Api, Client};
 use serde_json::{Value, json};
 
+use super::{mib, rss};
 use crate::devcluster::{Options, start};
 
 /// What to measure.
@@ -38,26 +39,6 @@ impl Default for DevBenchOpts {
             workflows: 1_000,
         }
     }
-}
-
-/// Resident set size now and at its peak, in bytes (Linux `/proc/self/status`; 0 elsewhere).
-fn rss() -> (u64, u64) {
-    let Ok(s) = std::fs::read_to_string("/proc/self/status") else {
-        return (0, 0);
-    };
-    let kb = |name: &str| {
-        s.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-            * 1024
-    };
-    (kb("VmRSS:"), kb("VmHWM:"))
-}
-
-fn mib(b: u64) -> f64 {
-    (b as f64 / (1024.0 * 1024.0) * 10.0).round() / 10.0
 }
 
 fn per_sec(n: usize, d: Duration) -> f64 {

@@ -114,11 +114,12 @@ spec:
     // Every engine running and acknowledged.
     wait_acks(
         admin.as_ref(),
-        &cfg,
+        &cfg.keys,
         engines,
         0,
         false,
         Duration::from_secs(20),
+        POLL,
     )
     .await?;
     let mut samples = Vec::new();
@@ -130,11 +131,12 @@ spec:
             .map_err(|e| e.to_string())?;
         let acks = wait_acks(
             admin.as_ref(),
-            &cfg,
+            &cfg.keys,
             engines,
             v,
             true,
             Duration::from_secs(10),
+            POLL,
         )
         .await?;
         stopped.store(true, Ordering::Relaxed);
@@ -148,11 +150,12 @@ spec:
             .map_err(|e| e.to_string())?;
         wait_acks(
             admin.as_ref(),
-            &cfg,
+            &cfg.keys,
             engines,
             v,
             false,
             Duration::from_secs(10),
+            POLL,
         )
         .await?;
         if delivered.load(Ordering::Relaxed) == before {
@@ -181,21 +184,28 @@ spec:
     }))
 }
 
-async fn wait_acks(
+/// How often this bench reads the acknowledgements.
+const POLL: Duration = Duration::from_millis(5);
+
+/// Wait until `engines` agent engines acknowledge a state version at least `version` with
+/// `stopped`, reading the acknowledgements every `poll`; their acknowledgements. (This bench
+/// and `r4 bench killswitch --via-api` share it.)
+pub(crate) async fn wait_acks(
     q: &dyn Queue,
-    cfg: &WorkflowConfig,
+    keys: &crate::queue::Keys,
     engines: usize,
     version: u64,
     stopped: bool,
     within: Duration,
+    poll: Duration,
 ) -> Result<Vec<killswitch::Ack>, String> {
     let deadline = Instant::now() + within;
     loop {
-        let acks: Vec<_> = killswitch::acks(q, &cfg.keys)
+        let acks: Vec<_> = killswitch::acks(q, keys)
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("read the acknowledgements: {e}"))?
             .into_iter()
-            .filter(|a| a.version >= version && a.stopped == stopped)
+            .filter(|a| a.agent.is_some() && a.version >= version && a.stopped == stopped)
             .collect();
         if acks.len() >= engines {
             return Ok(acks);
@@ -206,6 +216,6 @@ async fn wait_acks(
                 acks.len()
             ));
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(poll).await;
     }
 }

@@ -23,6 +23,7 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::killswitch::wait_acks;
 use crate::api::policy::CircuitPolicy;
 use crate::api::workflow::AgentWorkflow;
 use crate::controller::context::{Options, QueueSource};
@@ -44,6 +45,10 @@ pub struct ViaApiOpts {
     /// Engage/release rounds.
     pub rounds: usize,
 }
+
+/// How often the acknowledgements are read (finer than the Redis-direct bench's: the figure
+/// here includes the controller's reaction).
+const POLL: Duration = Duration::from_millis(2);
 
 const NAME: &str = "ks-bench";
 const NS: &str = "default";
@@ -192,6 +197,7 @@ async fn measure(
         0,
         false,
         Duration::from_secs(120),
+        POLL,
     )
     .await?;
     // A steady trickle of tasks, so engines are busy reading when a switch lands.
@@ -250,7 +256,7 @@ async fn measure(
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }
                 let acks =
-                    wait_acks(queue.as_ref(), &keys, engines, before + 1, on, Duration::from_secs(10))
+                    wait_acks(queue.as_ref(), &keys, engines, before + 1, on, Duration::from_secs(10), POLL)
                         .await
                         .map_err(|e| format!("round {round}, all={on}: {e}"))?;
                 let times: Vec<u64> = acks.iter().map(|a| a.at_ms.saturating_sub(t0)).collect();
@@ -292,37 +298,6 @@ async fn measure(
         "within_goal": engage.last().copied().unwrap_or(u64::MAX) < 1000
             && release.last().copied().unwrap_or(u64::MAX) < 1000,
     }))
-}
-
-/// Wait until `engines` agent engines acknowledge a state version at least `version` with
-/// `stopped`; their acknowledgements.
-async fn wait_acks(
-    q: &dyn Queue,
-    keys: &Keys,
-    engines: usize,
-    version: u64,
-    stopped: bool,
-    within: Duration,
-) -> Result<Vec<killswitch::Ack>, String> {
-    let deadline = Instant::now() + within;
-    loop {
-        let acks: Vec<_> = killswitch::acks(q, keys)
-            .await
-            .map_err(|e| format!("read the acknowledgements: {e}"))?
-            .into_iter()
-            .filter(|a| a.agent.is_some() && a.version >= version && a.stopped == stopped)
-            .collect();
-        if acks.len() >= engines {
-            return Ok(acks);
-        }
-        if Instant::now() >= deadline {
-            return Err(format!(
-                "only {} of {engines} engines acknowledged within {within:?}",
-                acks.len()
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
 }
 
 #[cfg(test)]

@@ -7,3 +7,24 @@ pub mod hedge;
 pub mod killswitch;
 pub mod killswitch_api;
 pub mod pipeline;
+
+/// Resident set size now and at its peak, in bytes (Linux `/proc/self/status`; 0 elsewhere).
+pub fn rss() -> (u64, u64) {
+    let Ok(s) = std::fs::read_to_string("/proc/self/status") else {
+        return (0, 0);
+    };
+    let kb = |name: &str| {
+        s.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    (kb("VmRSS:"), kb("VmHWM:"))
+}
+
+/// Bytes as MiB with one decimal.
+pub(crate) fn mib(b: u64) -> f64 {
+    (b as f64 / (1024.0 * 1024.0) * 10.0).round() / 10.0
+}
