@@ -38,7 +38,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -369,37 +368,18 @@ pub fn watch(q: Arc<dyn Queue>, keys: Keys, spec: SpecSwitches) -> watch::Receiv
                 }
             });
         };
-        while !tx.is_closed() {
-            let sub = tokio::time::timeout(
-                Duration::from_secs(5),
-                q.subscribe(&keys.killswitch_channel()),
-            )
-            .await;
-            // Read after subscribing, so a change between the two is seen.
-            match read(q.as_ref(), &keys).await {
-                Ok(s) => refresh(&tx, s),
-                Err(e) if !tx.borrow().known => {
+        let channel = keys.killswitch_channel();
+        let (q, keys, tx, refresh) = (q.as_ref(), &keys, &tx, &refresh);
+        super::follow::follow(q, &channel, REREAD, tx, |first| async move {
+            match read(q, keys).await {
+                Ok(s) => refresh(tx, s),
+                Err(e) if first && !tx.borrow().known => {
                     tracing::warn!(error = %e, "cannot read the kill switches; stopped until they are read");
                 }
                 Err(_) => {}
             }
-            let Ok(Ok(mut sub)) = sub else {
-                tokio::time::sleep(REREAD).await;
-                continue;
-            };
-            let mut tick = tokio::time::interval(REREAD);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    msg = sub.next() => if msg.is_none() { break },
-                    _ = tick.tick() => {},
-                    _ = tx.closed() => return,
-                }
-                if let Ok(s) = read(q.as_ref(), &keys).await {
-                    refresh(&tx, s);
-                }
-            }
-        }
+        })
+        .await;
     });
     rx
 }
@@ -469,6 +449,7 @@ mod tests {
     use super::*;
     use crate::queue::memory::MemoryQueue;
     use crate::queue::redis::RedisQueue;
+    use futures::StreamExt;
 
     fn none() -> SpecSwitches {
         SpecSwitches::default()

@@ -28,6 +28,7 @@ pub mod consumer;
 pub mod degraded;
 pub mod delivery;
 pub mod dlq;
+pub(crate) mod follow;
 pub mod http;
 pub mod intake;
 pub mod killswitch;

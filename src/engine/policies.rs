@@ -48,7 +48,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::StreamExt;
 use tokio::sync::watch as tokio_watch;
 
 use crate::api::policy::CircuitPolicySpec;
@@ -218,7 +217,6 @@ pub fn watch(
     let (tx, rx) = tokio_watch::channel(Arc::new(initial));
     tokio::spawn(async move {
         // The last version refused, so a bad set is warned about once, not every period.
-        let mut refused = None::<u64>;
         let refresh = |tx: &tokio_watch::Sender<Arc<PolicySet>>, refused: &mut Option<u64>, raw| {
             let Some(Raw { version, set }) = raw else {
                 return;
@@ -250,37 +248,24 @@ pub fn watch(
                 Err(_) => {}
             }
         };
-        while !tx.is_closed() {
-            let sub = tokio::time::timeout(
-                Duration::from_secs(5),
-                q.subscribe(&keys.policies_channel()),
-            )
-            .await;
-            // Read after subscribing, so a change between the two is seen.
-            match read_raw(q.as_ref(), &keys).await {
-                Ok(raw) => refresh(&tx, &mut refused, raw),
-                Err(e) => tracing::debug!(error = %e, "cannot read the published policies"),
+        let channel = keys.policies_channel();
+        // The version last refused (warned once), kept across re-reads.
+        let refused = std::sync::Mutex::new(None::<u64>);
+        let (q, keys, tx, refresh, refused) = (q.as_ref(), &keys, &tx, &refresh, &refused);
+        super::follow::follow(q, &channel, REREAD, tx, |first| async move {
+            match read_raw(q, keys).await {
+                Ok(raw) => refresh(
+                    tx,
+                    &mut refused.lock().unwrap_or_else(|p| p.into_inner()),
+                    raw,
+                ),
+                Err(e) if first => {
+                    tracing::debug!(error = %e, "cannot read the published policies")
+                }
+                Err(_) => {}
             }
-            let Ok(Ok(mut sub)) = sub else {
-                tokio::select! {
-                    _ = tokio::time::sleep(REREAD) => {}
-                    _ = tx.closed() => return,
-                }
-                continue;
-            };
-            let mut tick = tokio::time::interval(REREAD);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    msg = sub.next() => if msg.is_none() { break },
-                    _ = tick.tick() => {},
-                    _ = tx.closed() => return,
-                }
-                if let Ok(raw) = read_raw(q.as_ref(), &keys).await {
-                    refresh(&tx, &mut refused, raw);
-                }
-            }
-        }
+        })
+        .await;
     });
     rx
 }
