@@ -725,7 +725,7 @@ async fn every_key_written_comes_from_keys() {
         k.task(M),
         k.task_dlq(M),
         k.stats(M),
-        k.fault(M),
+        k.fault(M, 0),
         k.checkpoint(M),
         k.attempts(M, M),
         k.saga(M),

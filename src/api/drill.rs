@@ -41,8 +41,12 @@ pub struct ChaosDrillSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 128))]
     pub schedule: Option<String>,
-    /// Length of one run.
+    /// Length of one run's fault timeline (faults' `after` counts from its start).
     pub duration: DurationStr,
+    /// Observation before the fault timeline starts, the baseline the failover and recovery
+    /// are measured against (default 30s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<DurationStr>,
     /// Faults injected during the run.
     #[schemars(length(min = 1, max = 16))]
     pub faults: Vec<Fault>,
@@ -60,12 +64,12 @@ pub struct ChaosDrillSpec {
 /// One injected fault. Which fields apply depends on `type`.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[x_kube(validation = Rule::new("!(self.type in ['ToolOutage', 'ToolLatency', 'ToolErrors']) || has(self.tool)").message("ToolOutage, ToolLatency and ToolErrors need `tool`").field_path(".tool"))]
-#[x_kube(validation = Rule::new("self.type != 'ToolLatency' || has(self.latencyMs)").message("ToolLatency needs `latencyMs`").field_path(".latencyMs"))]
+#[x_kube(validation = Rule::new("!(self.type in ['ToolLatency', 'AgentSlowdown']) || has(self.latencyMs)").message("ToolLatency and AgentSlowdown need `latencyMs`").field_path(".latencyMs"))]
 #[x_kube(validation = Rule::new("self.type != 'ToolErrors' || has(self.errorRate)").message("ToolErrors needs `errorRate`").field_path(".errorRate"))]
 #[x_kube(validation = Rule::new("!(self.type in ['MessageCorruption', 'QueueThrottle']) || has(self.stream)").message("MessageCorruption and QueueThrottle need `stream`").field_path(".stream"))]
 #[x_kube(validation = Rule::new("self.type != 'MessageCorruption' || has(self.percent)").message("MessageCorruption needs `percent`").field_path(".percent"))]
 #[x_kube(validation = Rule::new("self.type != 'QueueThrottle' || has(self.maxPerSecond)").message("QueueThrottle needs `maxPerSecond`").field_path(".maxPerSecond"))]
-#[x_kube(validation = Rule::new("self.type != 'PodKill' || has(self.agent)").message("PodKill needs `agent`").field_path(".agent"))]
+#[x_kube(validation = Rule::new("!(self.type in ['PodKill', 'AgentSlowdown']) || has(self.agent)").message("PodKill and AgentSlowdown need `agent`").field_path(".agent"))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Fault {
     /// Kind of fault.
@@ -75,7 +79,7 @@ pub struct Fault {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"), length(max = 63))]
     pub tool: Option<String>,
-    /// Agent affected (PodKill).
+    /// Agent affected (PodKill, AgentSlowdown).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"), length(max = 63))]
     pub agent: Option<String>,
@@ -89,11 +93,11 @@ pub struct Fault {
     /// Length of the fault (default: until the end of the run).
     #[serde(default, rename = "for", skip_serializing_if = "Option::is_none")]
     pub for_: Option<DurationStr>,
-    /// Added latency in milliseconds (ToolLatency).
+    /// Added latency in milliseconds (ToolLatency, AgentSlowdown).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 600_000))]
     pub latency_ms: Option<i64>,
-    /// Share of calls or messages affected, 0-100 (ToolLatency, MessageCorruption; default 100).
+    /// Share of calls, deliveries or messages affected, 0-100 (default 100).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0.0, max = 100.0))]
     pub percent: Option<f64>,
@@ -101,6 +105,14 @@ pub struct Fault {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0.0, max = 1.0))]
     pub error_rate: Option<f64>,
+    /// HTTP status of the injected errors (ToolErrors, default 503).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 400, max = 599))]
+    pub status_code: Option<i32>,
+    /// `Retry-After` of the injected errors, in seconds (ToolErrors; none by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub retry_after_seconds: Option<i64>,
     /// Pods killed (PodKill, default 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 100))]
@@ -126,6 +138,8 @@ pub enum FaultType {
     PodKill,
     /// A stream is read at most this fast.
     QueueThrottle,
+    /// The agent answers late (`latencyMs` added to this share of deliveries).
+    AgentSlowdown,
 }
 
 /// Abort conditions.
@@ -148,6 +162,10 @@ pub struct AbortIf {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub dlq_depth_above: Option<i64>,
+    /// Abort when the p95 task latency exceeds this many milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub p95_latency_ms_above: Option<i64>,
 }
 
 /// Pass criteria.
@@ -243,6 +261,15 @@ pub struct DrillRun {
     /// Retries.
     #[serde(default)]
     pub retries: i64,
+    /// DLQ entries the repair role replayed during the run.
+    #[serde(default)]
+    pub dlq_replayed: i64,
+    /// Resilience score, 0-100 (formula in the README).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score: Option<f64>,
+    /// Why the verdict is not Passed, one line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     /// Guardrail that aborted the run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aborted_because: Option<String>,

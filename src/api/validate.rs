@@ -1438,6 +1438,9 @@ pub fn check_drill(spec: &ChaosDrillSpec, workflow: Option<&AgentWorkflowSpec>) 
         }
     }
     let duration = positive(&mut e, "spec.duration", &spec.duration);
+    if let Some(b) = &spec.baseline {
+        positive(&mut e, "spec.baseline", b);
+    }
     if let Some(d) = duration
         && d > Duration::from_secs(24 * 3600)
     {
@@ -1504,36 +1507,68 @@ pub fn check_drill(spec: &ChaosDrillSpec, workflow: Option<&AgentWorkflowSpec>) 
 
 fn check_fault_fields(e: &mut Vec<FieldError>, p: &str, f: &Fault) {
     use FaultType::*;
-    let present: [(&str, bool, &[FaultType]); 7] = [
+    // (field, set, the fault types that use it, the ones that require it). `percent` applies to
+    // every type (default 100) except PodKill, which kills `count` pods.
+    let present: [(&str, bool, &[FaultType], &[FaultType]); 9] = [
         (
             "tool",
             f.tool.is_some(),
             &[ToolOutage, ToolLatency, ToolErrors],
+            &[ToolOutage, ToolLatency, ToolErrors],
         ),
-        ("agent", f.agent.is_some(), &[PodKill]),
+        (
+            "agent",
+            f.agent.is_some(),
+            &[PodKill, AgentSlowdown],
+            &[PodKill, AgentSlowdown],
+        ),
         (
             "stream",
             f.stream.is_some(),
             &[MessageCorruption, QueueThrottle],
+            &[MessageCorruption, QueueThrottle],
         ),
-        ("latencyMs", f.latency_ms.is_some(), &[ToolLatency]),
+        (
+            "latencyMs",
+            f.latency_ms.is_some(),
+            &[ToolLatency, AgentSlowdown],
+            &[ToolLatency, AgentSlowdown],
+        ),
         (
             "percent",
             f.percent.is_some(),
-            &[ToolLatency, MessageCorruption],
+            &[
+                ToolOutage,
+                ToolLatency,
+                ToolErrors,
+                MessageCorruption,
+                QueueThrottle,
+                AgentSlowdown,
+            ],
+            &[MessageCorruption],
         ),
-        ("errorRate", f.error_rate.is_some(), &[ToolErrors]),
-        ("maxPerSecond", f.max_per_second.is_some(), &[QueueThrottle]),
+        ("errorRate", f.error_rate.is_some(), &[ToolErrors], &[ToolErrors]),
+        ("statusCode", f.status_code.is_some(), &[ToolErrors], &[]),
+        (
+            "retryAfterSeconds",
+            f.retry_after_seconds.is_some(),
+            &[ToolErrors],
+            &[],
+        ),
+        (
+            "maxPerSecond",
+            f.max_per_second.is_some(),
+            &[QueueThrottle],
+            &[QueueThrottle],
+        ),
     ];
-    for (field, set, used_by) in present {
-        let used = used_by.contains(&f.kind);
-        let required = used && !(field == "percent" && f.kind == ToolLatency);
-        if set && !used {
+    for (field, set, used_by, required_by) in present {
+        if set && !used_by.contains(&f.kind) {
             e.push(FieldError::new(
                 format!("{p}.{field}"),
                 format!("not used by a {:?} fault", f.kind),
             ));
-        } else if !set && required {
+        } else if !set && required_by.contains(&f.kind) {
             e.push(FieldError::new(
                 format!("{p}.{field}"),
                 format!("required for a {:?} fault", f.kind),

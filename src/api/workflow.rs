@@ -652,6 +652,28 @@ pub struct AgentWorkflowStatus {
     /// Incident cost model output.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub incident_cost: Option<IncidentCost>,
+    /// Chaos drills against this workflow, as their controller last saw them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drills: Option<WorkflowDrillStatus>,
+}
+
+/// Drill record of a workflow (the seed: every critical workflow drilled on at least two failure
+/// modes a quarter).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkflowDrillStatus {
+    /// Verdict of the newest finished run of any drill of this workflow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_verdict: Option<String>,
+    /// The drill that run belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_drill: Option<String>,
+    /// When that run finished (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_run_at: Option<String>,
+    /// Distinct fault types the workflow was drilled on in the last 90 days (finished runs).
+    #[serde(default)]
+    pub failure_modes_90d: i32,
 }
 
 /// One revision of the spec.

@@ -28,6 +28,8 @@ pub mod consumer;
 pub mod degraded;
 pub mod delivery;
 pub mod dlq;
+pub mod drill;
+pub mod faults;
 pub(crate) mod follow;
 pub mod http;
 pub mod intake;

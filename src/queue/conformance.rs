@@ -1477,7 +1477,7 @@ pub async fn blocking_read_wakes_on_add(q: Q) {
 
 pub async fn ttl_expiry(q: Q) {
     let k = keys();
-    let key = k.fault("flaky");
+    let key = k.fault("flaky", 0);
     q.set(&key, Bytes::from("on"), Some(Duration::from_millis(200)))
         .await
         .unwrap();
@@ -1627,7 +1627,7 @@ pub async fn transfer_moves_once(q: Q) {
     assert_eq!(q.transfer(mv(&id, &src, "again")).await.unwrap(), None);
     assert_eq!(q.len(&src).await.unwrap(), 1);
     // Wrong type at the destination fails before any write.
-    let kv = k.fault("kv");
+    let kv = k.fault("kv", 0);
     q.set(&kv, Bytes::from("x"), None).await.unwrap();
     let other = q.range(&dlq, "-", "+", 0).await.unwrap()[0].id.clone();
     assert!(q.transfer(mv(&other, &kv, "x")).await.is_err());
@@ -1814,7 +1814,7 @@ async fn memory_idle_and_ttl_follow_paused_clock() {
     q.add(&s, f("x"), None).await.unwrap();
     q.read_group(&s, "g", "dead", 1, ZERO).await.unwrap();
     q.set(
-        &k.fault("f"),
+        &k.fault("f", 0),
         Bytes::from("1"),
         Some(Duration::from_secs(30)),
     )
@@ -1829,7 +1829,7 @@ async fn memory_idle_and_ttl_follow_paused_clock() {
             .is_empty()
     );
     tokio::time::advance(Duration::from_secs(31)).await;
-    assert_eq!(q.get(&k.fault("f")).await.unwrap(), None);
+    assert_eq!(q.get(&k.fault("f", 0)).await.unwrap(), None);
     tokio::time::advance(Duration::from_secs(30)).await;
     let got = q
         .autoclaim(&s, "g", "r", min_idle, 10, "0-0")

@@ -106,9 +106,26 @@ impl Keys {
         format!("{}:stats:", self.prefix)
     }
 
-    /// Fault-injection flag: `r4:{ns/wf}:fault:<name>`.
-    pub fn fault(&self, name: &str) -> String {
-        format!("{}:fault:{name}", self.prefix)
+    /// One injected fault (a JSON record with a TTL; see `engine::faults`):
+    /// `r4:{ns/wf}:fault:<drill>:<index>`.
+    pub fn fault(&self, drill: &str, index: usize) -> String {
+        format!("{}:fault:{drill}:{index}", self.prefix)
+    }
+
+    /// Prefix of every fault key of one drill: `r4:{ns/wf}:fault:<drill>:`.
+    pub fn fault_prefix(&self, drill: &str) -> String {
+        format!("{}:fault:{drill}:", self.prefix)
+    }
+
+    /// Index of the injected faults (sorted set, score = end in unix ms):
+    /// `r4:{ns/wf}:faults`.
+    pub fn faults(&self) -> String {
+        format!("{}:faults", self.prefix)
+    }
+
+    /// Announces a change of the injected faults: `r4:{ns/wf}:faults:changed`.
+    pub fn faults_channel(&self) -> String {
+        format!("{}:faults:changed", self.prefix)
     }
 
     /// Agent checkpoint: `r4:{ns/wf}:checkpoint:<agent>`.
@@ -278,7 +295,9 @@ mod tests {
             k.killswitch_channel(),
             k.stats("engine-0"),
             k.stats_prefix(),
-            k.fault("drop-acks"),
+            k.fault("drop-acks", 0),
+            k.faults(),
+            k.faults_channel(),
             k.checkpoint("planner"),
             k.attempts("coder", "1-0"),
             k.saga("task-1"),
@@ -320,7 +339,7 @@ mod tests {
             ("task", k.task(n)),
             ("killswitch", k.killswitch()),
             ("stats", k.stats(n)),
-            ("fault", k.fault(n)),
+            ("fault", k.fault(n, 0)),
             ("checkpoint", k.checkpoint(n)),
             ("attempts", k.attempts(n, m)),
             ("saga", k.saga(n)),
