@@ -729,7 +729,7 @@ fn cel_rules_fire_as_the_api_server_would() {
             "{type: PodKill, agent: investigation,",
             "{type: PodKill,",
         ),
-        "PodKill needs `agent`",
+        "PodKill and AgentSlowdown need `agent`",
     );
     // rollbackTo must name an existing revision once the status lists revisions.
     let with_status = format!(
