@@ -16,9 +16,12 @@
 //!
 //! What a drill does when (the timeline, guardrails, measurement) is [`super::drill`]'s.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
 use crate::api::drill::FaultType;
 use crate::queue::{Keys, Queue, QueueError};
@@ -185,6 +188,264 @@ async fn announce(q: &dyn Queue, keys: &Keys) -> Result<(), QueueError> {
     q.publish(&keys.faults_channel(), bytes::Bytes::from_static(b"1"))
         .await
         .map(|_| ())
+}
+
+/// How often a follower re-reads the faults when nothing is announced (an announcement lost
+/// while the subscription was down is seen within this; so is a fault's TTL running out).
+pub const REREAD: Duration = Duration::from_millis(500);
+
+/// What a tool call meets under the faults active now ([`FaultView::tool`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ToolFault {
+    /// Added before the call is forwarded (ToolLatency; several add up).
+    pub latency: Duration,
+    /// How the call fails instead of being forwarded, if it does.
+    pub failure: Option<ToolFailure>,
+}
+
+impl ToolFault {
+    /// Nothing to apply.
+    pub fn is_none(&self) -> bool {
+        self.latency.is_zero() && self.failure.is_none()
+    }
+}
+
+/// An injected tool failure.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ToolFailure {
+    /// ToolOutage: fail as a connect error, nothing sent.
+    Outage { drill: String },
+    /// ToolErrors: answer `status` (with `Retry-After: retry_after_seconds` when set) without
+    /// forwarding.
+    Error {
+        drill: String,
+        status: u16,
+        retry_after_seconds: Option<u64>,
+    },
+}
+
+/// The active faults as one engine sees them: a cheap, synchronous read for every tool call,
+/// delivery and stream read. Made by [`follow`] (kept current from Redis) or [`FaultView::none`].
+/// Clones share the follower and the counters; the follower ends when the last clone is dropped.
+///
+/// Before the first read, and while the faults cannot be read, it holds no fault (the safe
+/// side). Which calls or tasks a fault with `percent < 100` hits is decided by a stable hash of
+/// (idempotency key or task id, drill, index), so a seeded `r4 run` is repeatable and a retry of
+/// the same task meets the same decision; ToolErrors' `errorRate` is drawn per call (hash of the
+/// key and a per-view call sequence), so a retry can get through.
+#[derive(Clone, Debug)]
+pub struct FaultView {
+    rx: watch::Receiver<Arc<Vec<FaultRecord>>>,
+    calls: Arc<AtomicU64>,
+    applied: Arc<AtomicU64>,
+}
+
+impl Default for FaultView {
+    fn default() -> Self {
+        Self::none()
+    }
+}
+
+/// Follow the faults of the workflow of `keys`: read them now and after every announcement on
+/// [`Keys::faults_channel`], every [`REREAD`] and every resubscription (`engine::follow`), in a
+/// task that ends when the last clone of the returned view is dropped.
+pub fn follow(q: Arc<dyn Queue>, keys: Keys) -> FaultView {
+    let (tx, rx) = watch::channel(Arc::new(Vec::new()));
+    tokio::spawn(async move {
+        let channel = keys.faults_channel();
+        let (q, keys, tx) = (q.as_ref(), &keys, &tx);
+        super::follow::follow(q, &channel, REREAD, tx, |_| async move {
+            let now = match active(q, keys).await {
+                Ok(v) => v,
+                Err(e) => {
+                    if !tx.borrow().is_empty() {
+                        tracing::warn!(error = %e, "cannot read the injected faults; applying none");
+                    }
+                    Vec::new()
+                }
+            };
+            tx.send_if_modified(|cur| {
+                if **cur == now {
+                    return false;
+                }
+                tracing::info!(faults = now.len(), "injected faults changed");
+                *cur = Arc::new(now);
+                true
+            });
+        })
+        .await;
+    });
+    FaultView::with_receiver(rx)
+}
+
+impl FaultView {
+    /// A view without faults (and without a follower): for engines that follow none.
+    pub fn none() -> Self {
+        Self::fixed(Vec::new())
+    }
+
+    /// A view of exactly these faults (tests; engines use [`follow`]).
+    pub fn fixed(faults: Vec<FaultRecord>) -> Self {
+        let (_tx, rx) = watch::channel(Arc::new(faults));
+        Self::with_receiver(rx)
+    }
+
+    fn with_receiver(rx: watch::Receiver<Arc<Vec<FaultRecord>>>) -> Self {
+        Self {
+            rx,
+            calls: Arc::new(AtomicU64::new(0)),
+            applied: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// The faults active now.
+    pub fn faults(&self) -> Arc<Vec<FaultRecord>> {
+        self.rx.borrow().clone()
+    }
+
+    /// Wait until the view changes (tests, and callers that sleep while throttled). `false`
+    /// when the follower has ended.
+    pub async fn changed(&mut self) -> bool {
+        self.rx.changed().await.is_ok()
+    }
+
+    /// How many times a fault was applied through this view and its clones.
+    pub fn applied(&self) -> u64 {
+        self.applied.load(Ordering::Relaxed)
+    }
+
+    fn count(&self) {
+        self.applied.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// What a call to `tool` meets now; `key` is its `Idempotency-Key` (empty if none). The
+    /// first outage or error that hits wins; latencies add up.
+    pub fn tool(&self, tool: &str, key: &str) -> ToolFault {
+        let faults = self.rx.borrow().clone();
+        let mut out = ToolFault::default();
+        if faults.is_empty() {
+            return out;
+        }
+        let seq = self.calls.fetch_add(1, Ordering::Relaxed);
+        // Without a key, each call is its own draw.
+        let seq_key;
+        let key = if key.is_empty() {
+            seq_key = format!("#{seq}");
+            seq_key.as_str()
+        } else {
+            key
+        };
+        for f in faults.iter() {
+            if f.tool.as_deref() != Some(tool) || !hits(f, key) {
+                continue;
+            }
+            match f.kind {
+                FaultType::ToolLatency => {
+                    out.latency += Duration::from_millis(f.latency_ms.unwrap_or(0));
+                }
+                FaultType::ToolOutage if out.failure.is_none() => {
+                    out.failure = Some(ToolFailure::Outage {
+                        drill: f.drill.clone(),
+                    });
+                }
+                FaultType::ToolErrors if out.failure.is_none() => {
+                    let rate = f.error_rate.unwrap_or(1.0).clamp(0.0, 1.0);
+                    let draw = unit(&[key.as_bytes(), f.drill.as_bytes()], f.index, seq);
+                    if draw < rate {
+                        out.failure = Some(ToolFailure::Error {
+                            drill: f.drill.clone(),
+                            status: f.status_code.unwrap_or(DEFAULT_ERROR_STATUS),
+                            retry_after_seconds: f.retry_after_seconds,
+                        });
+                    }
+                }
+                _ => {}
+            }
+        }
+        if !out.is_none() {
+            self.count();
+        }
+        out
+    }
+
+    /// Whether a delivered entry of `stream` (the workflow's stream name, as agents'
+    /// `consumes`) carrying `task_id` is to be treated as corrupted: the DLQ note naming the
+    /// drill, if so.
+    pub fn corrupted(&self, stream: &str, task_id: &str) -> Option<String> {
+        let faults = self.rx.borrow().clone();
+        let f = faults.iter().find(|f| {
+            f.kind == FaultType::MessageCorruption
+                && f.stream.as_deref() == Some(stream)
+                && hits(f, task_id)
+        })?;
+        self.count();
+        Some(format!(
+            "corrupted by ChaosDrill {} (fault {}, MessageCorruption of stream {stream}); the stored entry is intact and a replay completes it",
+            f.drill, f.index
+        ))
+    }
+
+    /// The delay added before delivering `task_id` to `agent` (AgentSlowdown; several add up).
+    pub fn slowdown(&self, agent: &str, task_id: &str) -> Option<Duration> {
+        let faults = self.rx.borrow().clone();
+        let ms: u64 = faults
+            .iter()
+            .filter(|f| {
+                f.kind == FaultType::AgentSlowdown
+                    && f.agent.as_deref() == Some(agent)
+                    && hits(f, task_id)
+            })
+            .map(|f| f.latency_ms.unwrap_or(0))
+            .sum();
+        (ms > 0).then(|| {
+            self.count();
+            Duration::from_millis(ms)
+        })
+    }
+
+    /// The messages per second every consumer of `stream` together may read (QueueThrottle;
+    /// the lowest when several apply).
+    pub fn throttle(&self, stream: &str) -> Option<u64> {
+        let faults = self.rx.borrow().clone();
+        faults
+            .iter()
+            .filter(|f| f.kind == FaultType::QueueThrottle && f.stream.as_deref() == Some(stream))
+            .filter_map(|f| f.max_per_second)
+            .min()
+    }
+}
+
+/// Status of an injected ToolErrors answer when the drill names none.
+pub const DEFAULT_ERROR_STATUS: u16 = 503;
+
+/// Whether fault `f` hits the call or task named `key` (`percent` of them, chosen by hash).
+fn hits(f: &FaultRecord, key: &str) -> bool {
+    if f.percent >= 100.0 {
+        return true;
+    }
+    unit(&[key.as_bytes(), f.drill.as_bytes()], f.index, 0) * 100.0 < f.percent
+}
+
+/// A draw in `[0, 1)` from a stable hash (FNV-1a, the same in every process and release).
+fn unit(parts: &[&[u8]], index: usize, salt: u64) -> f64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for b in bytes {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    for p in parts {
+        eat(p);
+        eat(&[0xff]);
+    }
+    eat(&(index as u64).to_le_bytes());
+    eat(&salt.to_le_bytes());
+    // A final mix: FNV's low bits are weak for short inputs.
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    (h >> 11) as f64 / (1u64 << 53) as f64
 }
 
 #[cfg(test)]
