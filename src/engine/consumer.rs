@@ -218,6 +218,9 @@ impl AgentRole {
         let first = policies::initial(q.as_ref(), &self.cfg).await;
         let mut policy = policies::follow(q.clone(), self.cfg.clone(), self.stats.clone(), first);
         let faults = super::faults::follow(q.clone(), self.cfg.keys.clone());
+        // A role started mid-drill (a killed pod's replacement) applies the faults from its
+        // first read of work.
+        faults.first_read(super::faults::FIRST_READ).await;
         let ctx = self.context(
             &stream,
             down_rx,
