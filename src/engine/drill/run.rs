@@ -161,7 +161,7 @@ impl Runner<'_> {
             return Some(reason);
         }
         self.emit(DrillEvent::BaselineStarted);
-        if let Some(breach) = self.sample().await {
+        if let Some(breach) = self.sample(Duration::ZERO).await {
             return Some(breach);
         }
         let steps = self.steps();
@@ -195,7 +195,7 @@ impl Runner<'_> {
             }
             let now = self.elapsed();
             if now >= tick {
-                if let Some(breach) = self.sample().await {
+                if let Some(breach) = self.sample(tick).await {
                     return Some(breach);
                 }
                 // A slow reading skips beats rather than bunching them.
@@ -215,8 +215,10 @@ impl Runner<'_> {
     }
 
     /// Read the engines and the DLQ, add a point, check the guardrails (`Some(reason)` on a
-    /// breach) and, after the faults, whether the workflow recovered.
-    async fn sample(&mut self) -> Option<String> {
+    /// breach) and, after the faults, whether the workflow recovered. `due`: when the sample
+    /// was scheduled — the one due at the baseline's end belongs to the baseline, however late
+    /// the clock says it was taken.
+    async fn sample(&mut self, due: Duration) -> Option<String> {
         let at = self.elapsed();
         let read = async {
             let s = stats::read_workflow(self.q.as_ref(), &self.keys).await?;
@@ -242,7 +244,7 @@ impl Runner<'_> {
         if self.first.is_none() {
             self.first = Some(now.clone());
         }
-        if at <= self.plan.baseline {
+        if due <= self.plan.baseline {
             self.base_end = Some(now.clone());
         } else {
             self.settle_baseline();
@@ -964,6 +966,67 @@ mod tests {
         // 200 ms); it must not end early nor linger.
         assert!(ended >= MS(880), "{ended:?}");
         assert!(ended <= MS(1_900), "{ended:?}");
+    }
+
+    #[tokio::test]
+    async fn unreadable_stats_skip_samples_and_the_run_goes_on() {
+        let mut server = crate::testutil::RedisServer::start().await.unwrap();
+        let q: Arc<dyn Queue> = Arc::new(
+            crate::queue::redis::RedisQueue::connect(&server.url())
+                .await
+                .unwrap(),
+        );
+        let keys = Keys::new("ns", "wf");
+        // Redis is down from 300 ms to about 1.5 s: the sample at 1 s cannot be read. The
+        // fault (2..2.5 s) is injected once it is back.
+        let p = plan(
+            "bank",
+            &spec(serde_json::json!({
+                "workflowRef": "wf", "duration": "1s", "baseline": "2s",
+                "faults": [{"type": "ToolOutage", "tool": "bank", "for": "500ms"}],
+                "expect": {"maxRecoverySeconds": 0},
+            })),
+            1,
+        )
+        .unwrap();
+        let target = FakeTarget::new(&q, &keys);
+        let (_tx, abort) = watch::channel(None);
+        let mut quiet = |_: Duration, _: &DrillEvent| {};
+        let outage = async {
+            tokio::time::sleep(MS(300)).await;
+            server.kill();
+            tokio::time::sleep(MS(1_200)).await;
+            server.restart().await.unwrap();
+        };
+        let (out, ()) = tokio::join!(
+            run(q.clone(), keys.clone(), p, &target, abort, &mut quiet),
+            outage
+        );
+        let events: Vec<_> = out.timeline.iter().map(|(_, e)| e.clone()).collect();
+        assert!(
+            events.contains(&DrillEvent::FaultStarted { index: 0 })
+                && events.contains(&DrillEvent::FaultEnded { index: 0 }),
+            "{events:?}"
+        );
+        let started = out
+            .timeline
+            .iter()
+            .find(|(_, e)| *e == DrillEvent::FaultStarted { index: 0 });
+        assert!(
+            started.is_some_and(|(at, _)| *at < MS(2_500)),
+            "{started:?}"
+        );
+        // Nothing published, so nothing to measure against — said so, not invented ("no task
+        // settled during the 2s baseline", or that it could not be read twice should the
+        // reconnection be slow).
+        assert_eq!(out.verdict, Verdict::Failed);
+        assert!(
+            out.reason
+                .as_deref()
+                .is_some_and(|r| r.contains("baseline: failover and recovery cannot be measured")),
+            "{:?}",
+            out.reason
+        );
     }
 
     #[tokio::test(start_paused = true)]
