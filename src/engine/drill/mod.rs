@@ -53,6 +53,25 @@ pub struct Plan {
     pub expect: Option<Expectations>,
 }
 
+impl Plan {
+    /// When the last fault ends, from the start of the run (the baseline's end without one).
+    pub fn last_end(&self) -> Duration {
+        self.faults
+            .iter()
+            .map(|f| f.end)
+            .max()
+            .unwrap_or(self.baseline)
+    }
+
+    /// The longest a run of this plan lasts (the caller's load must flow that long): until the
+    /// timeline's end, or the recovery limit after the last fault's end plus the
+    /// [`measure::SUSTAIN`] samples that confirm a recovery starting at the limit's edge.
+    pub fn longest(&self) -> Duration {
+        (self.baseline + self.duration)
+            .max(self.last_end() + self.recovery_limit + SAMPLE_EVERY * measure::SUSTAIN as u32)
+    }
+}
+
 /// One fault of the plan.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PlannedFault {

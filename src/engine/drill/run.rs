@@ -24,7 +24,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::{Instant, timeout};
 
-use super::measure::{self, Baseline, GUARD_WINDOW, Point, SUSTAIN};
+use super::measure::{self, Baseline, GUARD_WINDOW, Point};
 use super::{
     Accounting, DrillEvent, DrillTarget, FaultAction, Outcome, Plan, SAMPLE_EVERY, Verdict,
 };
@@ -45,8 +45,8 @@ const TARGET_DEADLINE: Duration = Duration::from_secs(60);
 /// even if this future is dropped (the TTLs). `on_event` sees every event as it happens.
 ///
 /// The run lasts until the timeline's end (`baseline + duration`) and, after it, until
-/// recovery is sustained or the recovery limit (plus the [`SUSTAIN`] samples that confirm a
-/// recovery starting at its edge) has passed since the last fault ended.
+/// recovery is sustained or [`Plan::longest`] has passed (the recovery limit after the last
+/// fault's end, plus the samples that confirm a recovery starting at its edge).
 pub async fn run(
     q: Arc<dyn Queue>,
     keys: Keys,
@@ -61,12 +61,7 @@ pub async fn run(
         .map(|f| f.start)
         .min()
         .unwrap_or(plan.baseline);
-    let last_end = plan
-        .faults
-        .iter()
-        .map(|f| f.end)
-        .max()
-        .unwrap_or(plan.baseline);
+    let last_end = plan.last_end();
     let mut r = Runner {
         q,
         keys,
@@ -166,8 +161,7 @@ impl Runner<'_> {
         }
         let steps = self.steps();
         let timeline_end = self.plan.baseline + self.plan.duration;
-        let observe_until = timeline_end
-            .max(self.last_end + self.plan.recovery_limit + SAMPLE_EVERY * SUSTAIN as u32);
+        let observe_until = self.plan.longest();
         let mut next = 0;
         let mut tick = SAMPLE_EVERY;
         let mut watching = true;
