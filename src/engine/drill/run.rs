@@ -85,6 +85,19 @@ pub async fn run(
     r.finish(aborted).await
 }
 
+/// Resolves with the reason once `abort` is set to `Some`; never if its sender is gone
+/// (nobody can abort any more: the run goes on). Cancel-safe.
+async fn aborted(abort: &mut watch::Receiver<Option<String>>) -> String {
+    loop {
+        if abort.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        if let Some(reason) = abort.borrow_and_update().clone() {
+            return reason;
+        }
+    }
+}
+
 /// One reading of the engines' snapshots and the DLQ's length.
 #[derive(Clone)]
 struct Reading {
@@ -151,20 +164,26 @@ impl Runner<'_> {
     }
 
     /// Walk the timeline and observe until the run is over; `Some(reason)` if it was aborted.
+    /// The abort is watched through every wait, reading and step (a step cut short is safe:
+    /// the faults are withdrawn right after, whatever it had written).
     async fn drive(&mut self, mut abort: watch::Receiver<Option<String>>) -> Option<String> {
         if let Some(reason) = abort.borrow_and_update().clone() {
             return Some(reason);
         }
         self.emit(DrillEvent::BaselineStarted);
-        if let Some(breach) = self.sample(Duration::ZERO).await {
-            return Some(breach);
+        let breach = tokio::select! {
+            biased;
+            reason = aborted(&mut abort) => return Some(reason),
+            b = self.sample(Duration::ZERO) => b,
+        };
+        if breach.is_some() {
+            return breach;
         }
         let steps = self.steps();
         let timeline_end = self.plan.baseline + self.plan.duration;
         let observe_until = self.plan.longest();
         let mut next = 0;
         let mut tick = SAMPLE_EVERY;
-        let mut watching = true;
         loop {
             let now = self.elapsed();
             if next == steps.len()
@@ -176,21 +195,17 @@ impl Runner<'_> {
             let wake = steps.get(next).map_or(tick, |(at, _)| tick.min(*at));
             tokio::select! {
                 biased;
-                changed = abort.changed(), if watching => match changed {
-                    Ok(()) => {
-                        if let Some(reason) = abort.borrow_and_update().clone() {
-                            return Some(reason);
-                        }
-                    }
-                    // Nobody can abort any more; the run goes on.
-                    Err(_) => watching = false,
-                },
+                reason = aborted(&mut abort) => return Some(reason),
                 () = tokio::time::sleep_until(self.start + wake) => {}
             }
-            let now = self.elapsed();
-            if now >= tick {
-                if let Some(breach) = self.sample(tick).await {
-                    return Some(breach);
+            if self.elapsed() >= tick {
+                let breach = tokio::select! {
+                    biased;
+                    reason = aborted(&mut abort) => return Some(reason),
+                    b = self.sample(tick) => b,
+                };
+                if breach.is_some() {
+                    return breach;
                 }
                 // A slow reading skips beats rather than bunching them.
                 while tick <= self.elapsed() {
@@ -200,7 +215,12 @@ impl Runner<'_> {
             while let Some((at, step)) = steps.get(next).copied()
                 && at <= self.elapsed()
             {
-                if let Err(reason) = self.act(step).await {
+                let done = tokio::select! {
+                    biased;
+                    reason = aborted(&mut abort) => return Some(reason),
+                    r = self.act(step) => r,
+                };
+                if let Err(reason) = done {
                     return Some(reason);
                 }
                 next += 1;
@@ -485,6 +505,8 @@ mod tests {
         /// The faults active when the runner asked for the accounting.
         active_at_account: Mutex<Option<usize>>,
         accounting: Result<Accounting, String>,
+        /// How long a kill takes.
+        kill_takes: Duration,
     }
 
     impl FakeTarget {
@@ -500,6 +522,7 @@ mod tests {
                     tasks_lost: 0,
                     duplicate_effects: 0,
                 }),
+                kill_takes: Duration::ZERO,
             }
         }
     }
@@ -515,7 +538,12 @@ mod tests {
                 .lock()
                 .unwrap()
                 .push((at, agent.to_owned(), count));
-            async move { Ok(count) }.boxed()
+            let takes = self.kill_takes;
+            async move {
+                tokio::time::sleep(takes).await;
+                Ok(count)
+            }
+            .boxed()
         }
 
         fn account(&self) -> BoxFuture<'_, Result<Accounting, String>> {
@@ -887,6 +915,44 @@ mod tests {
                 ),
             ]
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_abort_does_not_wait_for_a_slow_step() {
+        let (q, keys) = setup();
+        // An outage from 5 s, then a PodKill at 6 s that takes 50 s to answer.
+        let p = plan(
+            "bank",
+            &spec(serde_json::json!({
+                "workflowRef": "wf", "duration": "60s", "baseline": "5s",
+                "faults": [
+                    {"type": "ToolOutage", "tool": "bank"},
+                    {"type": "PodKill", "agent": "a", "after": "1s"},
+                ],
+            })),
+            1,
+        )
+        .unwrap();
+        let mut target = FakeTarget::new(&q, &keys);
+        target.kill_takes = S(50);
+        let start = Instant::now();
+        let (tx, abort) = watch::channel(None);
+        let suspend = async {
+            tokio::time::sleep_until(start + S(8)).await;
+            tx.send_replace(Some("suspended".to_owned()));
+        };
+        let mut quiet = |_: Duration, _: &DrillEvent| {};
+        let (out, ()) = tokio::join!(
+            run(q.clone(), keys.clone(), p, &target, abort, &mut quiet),
+            suspend
+        );
+        let aborted = out
+            .timeline
+            .iter()
+            .find(|(_, e)| matches!(e, DrillEvent::Aborted { .. }));
+        assert_eq!(aborted.map(|(at, _)| *at), Some(S(8)), "not at 56 s");
+        assert_eq!(*target.active_at_account.lock().unwrap(), Some(0));
+        assert_eq!(target.kills.lock().unwrap().len(), 1);
     }
 
     #[tokio::test(start_paused = true)]
