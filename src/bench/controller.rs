@@ -415,22 +415,33 @@ async fn measure(url: &str, opts: &ControllerBenchOpts) -> Result<Measured, Stri
                 (d.0.len(), d.1)
             };
             if statuses >= n {
-                let list = tokio::time::timeout(
-                    Duration::from_secs(30),
-                    deploys.list_metadata(&ListParams::default().labels(WORKFLOW_LABEL)),
-                )
-                .await
-                .map_err(|_| "list Deployments: no answer within 30 s".to_string())?
-                .map_err(|e| format!("list Deployments: {e}"))?;
+                // In pages: one list of 2,000 Deployments would be the peak of this process's
+                // memory, and the figure is the controller's.
                 let mut per: BTreeMap<String, usize> = BTreeMap::new();
-                for d in &list.items {
-                    if let Some(w) = d
-                        .metadata
-                        .labels
-                        .as_ref()
-                        .and_then(|l| l.get(WORKFLOW_LABEL))
-                    {
-                        *per.entry(w.clone()).or_default() += 1;
+                let mut token: Option<String> = None;
+                loop {
+                    let mut lp = ListParams::default().labels(WORKFLOW_LABEL).limit(200);
+                    if let Some(t) = &token {
+                        lp = lp.continue_token(t);
+                    }
+                    let page =
+                        tokio::time::timeout(Duration::from_secs(30), deploys.list_metadata(&lp))
+                            .await
+                            .map_err(|_| "list Deployments: no answer within 30 s".to_string())?
+                            .map_err(|e| format!("list Deployments: {e}"))?;
+                    for d in &page.items {
+                        if let Some(w) = d
+                            .metadata
+                            .labels
+                            .as_ref()
+                            .and_then(|l| l.get(WORKFLOW_LABEL))
+                        {
+                            *per.entry(w.clone()).or_default() += 1;
+                        }
+                    }
+                    token = page.metadata.continue_.filter(|t| !t.is_empty());
+                    if token.is_none() {
+                        break;
                     }
                 }
                 let complete = per
