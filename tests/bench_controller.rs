@@ -47,6 +47,8 @@ fn the_controller_bench_reconciles_every_workflow_and_counts_its_writes() {
     let status = f(&v, "status_writes_per_workflow");
     assert!(status >= 1.0, "{v}");
     assert!(writes >= status + 3.0, "{v}");
+    // The controller's own count, read from its /metrics: at least one reconcile each.
+    assert!(f(&v, "reconciles_per_workflow") >= 1.0, "{v}");
     let w = &v["writes"];
     assert_eq!(
         w["create apps/controllerrevisions"], 20,

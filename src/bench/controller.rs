@@ -8,9 +8,12 @@
 //!   1,000 workflows its pods and simulated engines would be what is measured; Deployments get
 //!   no pods, so every workflow stays `Progressing` (rolled out, not yet available), which is
 //!   the load a controller carries while a fleet rolls out (a requeue every second each);
-//! - the controller reaches the API only through a kube `Client`, whose every request passes a
-//!   the RBAC audit's recording layer (`controller::rbac::RecordingLayer`), which counts: the writes it made (server-side applies, status patches, revision
-//!   creates and patches, Events, finalizers) are counted at the wire, not estimated;
+//! - the controller reaches the API only through a kube `Client`, whose every request passes
+//!   the RBAC audit's recording layer (`controller::rbac::RecordingLayer`), which counts: the
+//!   writes it made (server-side applies, status patches, revision creates and patches,
+//!   Events, finalizers) are counted at the wire, not estimated; the reconciles are the
+//!   controller's own count (`r4_controller_reconciles_total` on its `/metrics`, read once
+//!   every workflow is reconciled);
 //! - the queue is the controller's `QueueSource::Shared` with the in-memory queue, so Redis is
 //!   not what is measured (queue wiring and kill-switch state still happen, in memory);
 //! - workflows are small but real (2 agents, a CircuitPolicy), created through the API with a
@@ -238,13 +241,7 @@ pub async fn run(exe: &std::path::Path, opts: ControllerBenchOpts) -> Result<Val
         })
         .collect();
     let requests: u64 = m.counts.values().sum();
-    // Every reconcile that gets past validation lists the workflow's ControllerRevisions once.
-    let reconciles: u64 = m
-        .counts
-        .iter()
-        .filter(|((verb, _, resource), _)| verb == "list" && resource == "controllerrevisions")
-        .map(|(_, n)| n)
-        .sum();
+    let reconciles = m.reconciles;
     Ok(json!({
         "bench": "controller",
         "workflows": n,
@@ -269,6 +266,36 @@ struct Measured {
     before: u64,
     peak: u64,
     counts: BTreeMap<RecordedCall, u64>,
+    reconciles: u64,
+}
+
+/// AgentWorkflow reconciles in the controller's `/metrics` text.
+pub fn workflow_reconciles(metrics: &str) -> Option<u64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with("r4_controller_reconciles_total{kind=\"AgentWorkflow\"}"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|v| v as u64)
+}
+
+/// A free loopback address for the controller's metrics endpoint.
+fn free_addr() -> Result<std::net::SocketAddr, String> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| format!("a free port for the controller's metrics: {e}"))
+}
+
+/// The controller's AgentWorkflow reconciles so far, from its `/metrics` at `addr`.
+async fn scrape_reconciles(addr: std::net::SocketAddr) -> Result<u64, String> {
+    let url = format!("http://{addr}/metrics");
+    let text = tokio::time::timeout(Duration::from_secs(10), async {
+        reqwest::get(&url).await?.text().await
+    })
+    .await
+    .map_err(|_| format!("GET {url}: no answer within 10 s"))?
+    .map_err(|e| format!("GET {url}: {}", e.without_url()))?;
+    Ok(workflow_reconciles(&text).unwrap_or(0))
 }
 
 async fn measure(url: &str, opts: &ControllerBenchOpts) -> Result<Measured, String> {
@@ -291,13 +318,14 @@ async fn measure(url: &str, opts: &ControllerBenchOpts) -> Result<Measured, Stri
     let (before, _) = rss();
     let (controller_client, counts) = counting_client(url)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let metrics_addr = free_addr()?;
     let run_opts = RunOptions {
         controller: Options {
             queue: QueueSource::Shared(Arc::new(MemoryQueue::new())),
             instance: Some("r4-bench".into()),
             ..Options::default()
         },
-        metrics_listen: None,
+        metrics_listen: Some(metrics_addr),
         leader: None,
     };
     let controller = tokio::spawn(run::run(controller_client, run_opts, stop_rx));
@@ -387,22 +415,33 @@ async fn measure(url: &str, opts: &ControllerBenchOpts) -> Result<Measured, Stri
                 (d.0.len(), d.1)
             };
             if statuses >= n {
-                let list = tokio::time::timeout(
-                    Duration::from_secs(30),
-                    deploys.list_metadata(&ListParams::default().labels(WORKFLOW_LABEL)),
-                )
-                .await
-                .map_err(|_| "list Deployments: no answer within 30 s".to_string())?
-                .map_err(|e| format!("list Deployments: {e}"))?;
+                // In pages: one list of 2,000 Deployments would be the peak of this process's
+                // memory, and the figure is the controller's.
                 let mut per: BTreeMap<String, usize> = BTreeMap::new();
-                for d in &list.items {
-                    if let Some(w) = d
-                        .metadata
-                        .labels
-                        .as_ref()
-                        .and_then(|l| l.get(WORKFLOW_LABEL))
-                    {
-                        *per.entry(w.clone()).or_default() += 1;
+                let mut token: Option<String> = None;
+                loop {
+                    let mut lp = ListParams::default().labels(WORKFLOW_LABEL).limit(200);
+                    if let Some(t) = &token {
+                        lp = lp.continue_token(t);
+                    }
+                    let page =
+                        tokio::time::timeout(Duration::from_secs(30), deploys.list_metadata(&lp))
+                            .await
+                            .map_err(|_| "list Deployments: no answer within 30 s".to_string())?
+                            .map_err(|e| format!("list Deployments: {e}"))?;
+                    for d in &page.items {
+                        if let Some(w) = d
+                            .metadata
+                            .labels
+                            .as_ref()
+                            .and_then(|l| l.get(WORKFLOW_LABEL))
+                        {
+                            *per.entry(w.clone()).or_default() += 1;
+                        }
+                    }
+                    token = page.metadata.continue_.filter(|t| !t.is_empty());
+                    if token.is_none() {
+                        break;
                     }
                 }
                 let complete = per
@@ -434,8 +473,9 @@ async fn measure(url: &str, opts: &ControllerBenchOpts) -> Result<Measured, Stri
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
         let counted = counts.counts();
+        let reconciles = scrape_reconciles(metrics_addr).await?;
         watch.abort();
-        Ok((took, counted))
+        Ok((took, counted, reconciles))
     }
     .await;
     let (_, peak) = rss();
@@ -446,12 +486,13 @@ async fn measure(url: &str, opts: &ControllerBenchOpts) -> Result<Measured, Stri
     {
         tracing::debug!("the controller did not stop within 5 s");
     }
-    let (took, counts) = result?;
+    let (took, counts, reconciles) = result?;
     Ok(Measured {
         took,
         before,
         peak,
         counts,
+        reconciles,
     })
 }
 
@@ -471,6 +512,15 @@ mod tests {
         c.insert(k("get", "r4.dev", "circuitpolicies"), 5);
         assert_eq!(writes(&c), 8);
         assert_eq!(status_writes(&c), 3);
+    }
+
+    #[test]
+    fn reconciles_are_read_from_the_metrics_text() {
+        let text = "# TYPE r4_controller_reconciles_total counter\n\
+            r4_controller_reconciles_total{kind=\"AgentWorkflow\"} 4210\n\
+            r4_controller_reconciles_total{kind=\"CircuitPolicy\"} 7\n";
+        assert_eq!(workflow_reconciles(text), Some(4210));
+        assert_eq!(workflow_reconciles("r4_controller_leader 1\n"), None);
     }
 
     #[test]

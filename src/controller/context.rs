@@ -1,11 +1,12 @@
 //! What every reconcile shares: the kube `Client`, the options, the event recorder, metrics,
-//! the per-object error backoff, the connections to the workflows' Redis servers, and the
-//! little the controller remembers between reconciles (engine statistics over time, when a
-//! revision became available). Nothing here decides anything.
+//! the per-object error backoff, the connections to the workflows' Redis servers, the
+//! reflector stores of the current term of leadership ([`super::cache`]), and the little the
+//! controller remembers between reconciles (engine statistics over time, when a revision
+//! became available, what it applied and wrote last). Nothing here decides anything.
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
@@ -15,8 +16,9 @@ use kube::runtime::events::{Recorder, Reporter};
 
 use super::analysis::Samples;
 use super::backoff::ErrorBackoff;
+use super::cache::{Applied, Caches, Written};
 use super::metrics::ControllerMetrics;
-use crate::api::workflow::AgentWorkflowSpec;
+use crate::api::workflow::{AgentWorkflowSpec, AgentWorkflowStatus};
 use crate::queue::Queue;
 use crate::queue::redis::RedisQueue;
 use crate::telemetry::redact::redact_url;
@@ -81,6 +83,12 @@ pub struct Memory {
     /// Deletion with `deletePolicy: Delete`: when the workflow's keys were first deleted, and
     /// how many keys all passes deleted.
     pub keys_deleted: Option<(std::time::Instant, usize)>,
+    /// The children this controller applied, to skip an apply that would change nothing.
+    pub children: Applied,
+    /// The revisions as this controller last wrote them (a store may not show them yet).
+    pub written: Option<Written>,
+    /// The status this controller last wrote, and when (the same: a store may lag).
+    pub status_written: Option<(AgentWorkflowStatus, std::time::Instant)>,
 }
 
 /// Shared by every reconcile.
@@ -92,6 +100,9 @@ pub struct Context {
     pub backoff: ErrorBackoff,
     queues: Mutex<HashMap<String, Arc<dyn Queue>>>,
     memory: Mutex<HashMap<String, Memory>>,
+    /// The stores of the current term of leadership; `None` outside one (a reconcile then
+    /// lists through the API).
+    caches: RwLock<Option<Caches>>,
 }
 
 /// Errors of a reconcile; each has a small static label for the metrics.
@@ -135,6 +146,7 @@ impl Context {
             backoff: ErrorBackoff::new(Duration::from_millis(500), Duration::from_secs(300)),
             queues: Mutex::new(HashMap::new()),
             memory: Mutex::new(HashMap::new()),
+            caches: RwLock::new(None),
         }
     }
 
@@ -229,6 +241,34 @@ impl Context {
 
     fn lock_queues(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<dyn Queue>>> {
         self.queues.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The reflector stores of the current term, once every one has had its first list.
+    pub async fn caches(&self) -> Result<Option<Caches>, Error> {
+        let caches = self
+            .caches
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(c) = &caches {
+            c.ready(self.opts.api_timeout).await?;
+        }
+        Ok(caches)
+    }
+
+    /// A term of leadership starts (`Some`) or ends (`None`). What this controller wrote of
+    /// revisions is forgotten either way: another leader may have written since.
+    pub fn set_caches(&self, caches: Option<Caches>) {
+        *self.caches.write().unwrap_or_else(|p| p.into_inner()) = caches;
+        for m in self
+            .memory
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values_mut()
+        {
+            m.written = None;
+            m.status_written = None;
+        }
     }
 
     /// Work on what the controller remembers of one workflow (`namespace/name`).

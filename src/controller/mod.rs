@@ -12,7 +12,8 @@
 //! - the reconcilers ([`workflow`], [`policy`]) do the I/O: the Kubernetes API through a kube
 //!   `Client` only (a cluster's, or `r4 dev`'s — never a shortcut into the dev cluster), and
 //!   the workflow's Redis through the engine's modules (kill switches, stats, policies);
-//!   [`context`] is what they share;
+//!   [`context`] is what they share, [`cache`] what they read of the cluster from watches
+//!   instead of a list per reconcile;
 //! - operating it: [`run`] (the controllers, until shutdown), [`leader`] (election on a
 //!   Lease), [`backoff`] (per-object error backoff), [`metrics`] and [`http`] (`/metrics`,
 //!   `/healthz`, `/readyz`), [`rbac`] (every API call it makes, the Role generated from them).
@@ -22,6 +23,7 @@
 
 pub mod analysis;
 pub mod backoff;
+pub mod cache;
 pub mod conditions;
 pub mod context;
 #[cfg(test)]

@@ -105,14 +105,25 @@ async fn reconcile_inner(p: &CircuitPolicy, ctx: &Context) -> Result<Action, Err
             now,
         );
     }
-    let wfs: Api<AgentWorkflow> = Api::namespaced(ctx.client.clone(), &ns);
-    let using: Vec<AgentWorkflow> = ctx
-        .api(wfs.list(&ListParams::default()))
-        .await?
-        .items
-        .into_iter()
-        .filter(|w| uses(w, &ns, &name))
-        .collect();
+    // The workflows from the workflow controller's store (a list of every workflow of the
+    // namespace per policy reconcile costs the API server more than any other call).
+    let using: Vec<Arc<AgentWorkflow>> = match ctx.caches().await? {
+        Some(c) => c
+            .workflows_in(&ns)
+            .into_iter()
+            .filter(|w| uses(w, &ns, &name))
+            .collect(),
+        None => {
+            let wfs: Api<AgentWorkflow> = Api::namespaced(ctx.client.clone(), &ns);
+            ctx.api(wfs.list(&ListParams::default()))
+                .await?
+                .items
+                .into_iter()
+                .filter(|w| uses(w, &ns, &name))
+                .map(Arc::new)
+                .collect()
+        }
+    };
     status.used_by = using.iter().map(|w| w.name_any()).collect();
     status.used_by.sort();
     let mut breakers = Vec::new();

@@ -56,7 +56,8 @@ const COORDINATION: &str = "coordination.k8s.io";
 pub const CALLS: &[Call] = &[
     // The kinds it reconciles: watched (reflector: list + watch), finalizers and a handled
     // `rollbackTo` patched, status written with a patch of the status subresource; the
-    // policies a workflow names are read one by one. (ChaosDrills arrive with the drill
+    // policies a workflow names are read from the watch's store (one it lacks is read by
+    // name). (ChaosDrills arrive with the drill
     // controller.)
     call("list", R4, "agentworkflows"),
     call("watch", R4, "agentworkflows"),
@@ -84,9 +85,10 @@ pub const CALLS: &[Call] = &[
     call("list", CORE, "serviceaccounts"),
     call("watch", CORE, "serviceaccounts"),
     call("patch", CORE, "serviceaccounts"),
-    // Revisions: one ControllerRevision per spec change (listed by label each reconcile, its
+    // Revisions: one ControllerRevision per spec change (watched by label into a store, its
     // phase patched), pruned past revisionHistoryLimit.
     call("list", APPS, "controllerrevisions"),
+    call("watch", APPS, "controllerrevisions"),
     call("create", APPS, "controllerrevisions"),
     call("patch", APPS, "controllerrevisions"),
     call("delete", APPS, "controllerrevisions"),

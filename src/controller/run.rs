@@ -6,17 +6,19 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{ControllerRevision, Deployment};
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::{Controller, watcher};
+use kube::core::PartialObjectMeta;
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, ResourceExt};
 use tokio::sync::watch;
 
+use super::cache::{self, Caches};
 use super::context::{Context, Options};
 use super::leader::{self, LeaderOptions};
 use super::metrics::ControllerMetrics;
-use super::{policy, workflow};
+use super::{WORKFLOW_LABEL, policy, workflow};
 use crate::api::policy::CircuitPolicy;
 use crate::api::workflow::AgentWorkflow;
 
@@ -112,9 +114,20 @@ async fn controllers(
     // A bounded number of reconciles at once: a burst (the controller starting with a thousand
     // workflows) queues instead of holding a thousand reconciles' requests in memory.
     let config = kube::runtime::controller::Config::default().concurrency(CONCURRENCY);
-    let wf_ctl = Controller::new(Api::<AgentWorkflow>::all(client.clone()), all.clone())
-        .with_config(config.clone());
-    let store = wf_ctl.store();
+    // Every store keeps its objects without their managedFields (cache::slim), the workflows'
+    // included: the largest part of an object as the API returns it, read by no reconcile.
+    let (store, workflows_w) = reflector::store();
+    let wf_ctl = Controller::for_stream(
+        watcher(Api::<AgentWorkflow>::all(client.clone()), all.clone())
+            .modify(cache::slim)
+            .reflect(workflows_w)
+            .applied_objects()
+            // A change of the status alone is the controller's own write: it needs no
+            // reconcile (it would find nothing to do, at the cost of one per status write).
+            .predicate_filter(workflow_changed, Default::default()),
+        store.clone(),
+    )
+    .with_config(config.clone());
     {
         let (store, ready) = (store.clone(), ready.clone());
         tokio::spawn(async move {
@@ -126,17 +139,80 @@ async fn controllers(
     let by_policy = store.clone();
     let policy_specs = Generations::default();
     let workflow_specs = Generations::default();
+    // The watches that trigger the workflow controller fill the stores its reconciles read
+    // (super::cache): one watch per kind, no list per reconcile. The revisions are only read.
+    let (deployments, deployments_w) = reflector::store();
+    let (services, services_w) = reflector::store();
+    let (config_maps, config_maps_w) = reflector::store();
+    let (service_accounts, service_accounts_w) = reflector::store();
+    let (policies_r, policies_w) = reflector::store();
+    let (revisions, revisions_w) = reflector::store();
+    let revisions_feed = tokio::spawn(
+        watcher(
+            Api::<ControllerRevision>::all(client.clone()),
+            watcher::Config::default().labels(WORKFLOW_LABEL),
+        )
+        .default_backoff()
+        .modify(cache::slim)
+        .reflect(revisions_w)
+        .for_each(|_| async {}),
+    );
+    ctx.set_caches(Some(Caches {
+        workflows: store.clone(),
+        policies: policies_r,
+        deployments,
+        services,
+        config_maps,
+        service_accounts,
+        revisions,
+    }));
     let workflows = wf_ctl
-        .owns(Api::<Deployment>::all(client.clone()), managed.clone())
-        .owns(Api::<ConfigMap>::all(client.clone()), managed.clone())
-        .owns(Api::<Service>::all(client.clone()), managed.clone())
-        .owns(Api::<ServiceAccount>::all(client.clone()), managed)
+        .owns_stream(
+            watcher(Api::<Deployment>::all(client.clone()), managed.clone())
+                .default_backoff()
+                .modify(cache::slim_deployment)
+                .reflect(deployments_w)
+                .touched_objects(),
+        )
+        .owns_stream(
+            watcher(
+                Api::<PartialObjectMeta<ConfigMap>>::all(client.clone()),
+                managed.clone(),
+            )
+            .default_backoff()
+            .modify(cache::slim)
+            .reflect(config_maps_w)
+            .touched_objects(),
+        )
+        .owns_stream(
+            watcher(
+                Api::<PartialObjectMeta<Service>>::all(client.clone()),
+                managed.clone(),
+            )
+            .default_backoff()
+            .modify(cache::slim)
+            .reflect(services_w)
+            .touched_objects(),
+        )
+        .owns_stream(
+            watcher(
+                Api::<PartialObjectMeta<ServiceAccount>>::all(client.clone()),
+                managed,
+            )
+            .default_backoff()
+            .modify(cache::slim)
+            .reflect(service_accounts_w)
+            .touched_objects(),
+        )
         // Only a policy's spec matters to a workflow: its status (usedBy, breakers) changes
         // with every workflow that comes and goes, and reconciling every user of the policy
         // on each of those would cost N reconciles per workflow created.
-        .watches(
-            Api::<CircuitPolicy>::all(client.clone()),
-            all.clone(),
+        .watches_stream(
+            watcher(Api::<CircuitPolicy>::all(client.clone()), all.clone())
+                .default_backoff()
+                .modify(cache::slim)
+                .reflect(policies_w)
+                .touched_objects(),
             move |p: CircuitPolicy| {
                 if !policy_specs.changed(&p) {
                     return Vec::new();
@@ -176,14 +252,32 @@ async fn controllers(
             },
         )
         .graceful_shutdown_on(wait_true(stop))
-        .run(policy::reconcile, policy::error_policy, ctx)
+        .run(policy::reconcile, policy::error_policy, ctx.clone())
         .for_each(|r| async move {
             if let Err(e) = r {
                 tracing::debug!(error = %e, "policy controller");
             }
         });
     tokio::join!(workflows, policies);
+    revisions_feed.abort();
+    ctx.set_caches(None);
     let _ = ready.send(false);
+}
+
+/// What a workflow's reconcile depends on besides its status (which only the controller
+/// writes): its identity, spec (the generation), finalizers, deletion, labels and
+/// annotations. A watch event that changes none of these triggers no reconcile.
+fn workflow_changed(wf: &AgentWorkflow) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let m = &wf.metadata;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    m.uid.hash(&mut h);
+    m.generation.hash(&mut h);
+    m.finalizers.hash(&mut h);
+    m.deletion_timestamp.is_some().hash(&mut h);
+    m.labels.hash(&mut h);
+    m.annotations.hash(&mut h);
+    Some(h.finish())
 }
 
 /// The generation last seen of each object: a change of anything but the spec (a status write)
@@ -202,5 +296,44 @@ impl Generations {
         let generation = obj.meta().generation;
         let mut seen = self.0.lock().unwrap_or_else(|p| p.into_inner());
         seen.insert(key, generation) != Some(generation)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wf() -> AgentWorkflow {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "r4.dev/v1alpha1", "kind": "AgentWorkflow",
+            "metadata": {"name": "w", "namespace": "default", "uid": "u-1", "generation": 1, "resourceVersion": "5"},
+            "spec": {"queue": {"redis": {"url": "redis://r:6379"}},
+                "agents": [{"name": "a", "image": "i:1", "consumes": "t"}]}
+        }))
+        .expect("test workflow")
+    }
+
+    #[test]
+    fn a_status_write_triggers_no_reconcile_and_everything_else_does() {
+        let base = workflow_changed(&wf());
+        let mut status_only = wf();
+        status_only.metadata.resource_version = Some("6".into());
+        status_only.status = Some(Default::default());
+        assert_eq!(workflow_changed(&status_only), base);
+        let mut spec = wf();
+        spec.metadata.generation = Some(2);
+        assert_ne!(workflow_changed(&spec), base);
+        let mut fin = wf();
+        fin.metadata.finalizers = Some(vec![workflow::FINALIZER.into()]);
+        assert_ne!(workflow_changed(&fin), base);
+        let mut del = wf();
+        del.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+            ));
+        assert_ne!(workflow_changed(&del), base);
+        let mut again = wf();
+        again.metadata.uid = Some("u-2".into());
+        assert_ne!(workflow_changed(&again), base, "deleted and created again");
     }
 }

@@ -19,11 +19,13 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
+use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::{Value, json};
 use tracing::Instrument;
 
 use super::analysis::{self, Verdict};
+use super::cache::{self, Caches, ChildKind};
 use super::context::{Context, Error};
 use super::revision::{self, Phase, Revision};
 use super::rollout::{self, Availability, RolloutInput};
@@ -115,10 +117,12 @@ async fn finalized(wf: &AgentWorkflow, ctx: &Context, ns: &str) -> Result<Action
         };
         let patch: json_patch::Patch = serde_json::from_value(patch)
             .map_err(|e| Error::Finalizer(format!("finalizer patch: {e}")))?;
-        ctx.api(api.patch(&name, &PatchParams::default(), &Patch::Json::<()>(patch)))
+        let patched = ctx
+            .api(api.patch(&name, &PatchParams::default(), &Patch::Json::<()>(patch)))
             .await?;
-        // The patch is a change of the object: the next reconcile sees the finalizer.
-        return Ok(Action::await_change());
+        // Go on with the object as patched rather than wait for its event: a workflow is
+        // reconciled in one pass from its creation (the event then finds nothing to do).
+        return apply(&patched, ctx).await;
     }
     apply(wf, ctx).await
 }
@@ -155,7 +159,7 @@ async fn apply(wf: &AgentWorkflow, ctx: &Context) -> Result<Action, Error> {
     let name = wf.name_any();
     let wf_key = key(wf);
     let now = Timestamp::now();
-    let old = wf.status.clone().unwrap_or_default();
+    let old = known_status(ctx, wf, &wf_key);
     let mut status = old.clone();
     status.observed_generation = wf.metadata.generation;
     let generation = wf.metadata.generation;
@@ -191,8 +195,12 @@ async fn apply(wf: &AgentWorkflow, ctx: &Context) -> Result<Action, Error> {
     };
 
     // revisions and the rollout decision
-    let mut revisions = list_revisions(ctx, &ns, &name).await?;
-    let deployments = list_children::<Deployment>(ctx, &ns, &name).await?;
+    let caches = ctx.caches().await?;
+    let mut revisions = read_revisions(ctx, caches.as_ref(), &ns, &name, &wf_key).await?;
+    let deployments = match &caches {
+        Some(c) => c.deployments_of(&ns, &name),
+        None => list_children::<Deployment>(ctx, &ns, &name).await?,
+    };
     // What this controller applied last wins over a status the cache may not have caught up
     // with (its own write of a moment ago).
     let applied = ctx
@@ -234,7 +242,13 @@ async fn apply(wf: &AgentWorkflow, ctx: &Context) -> Result<Action, Error> {
             .await;
         }
     };
-    store_plan(ctx, wf, &ns, &plan, &mut revisions).await?;
+    if store_plan(ctx, wf, &ns, &plan, &mut revisions).await? {
+        let written = cache::Written {
+            revisions: revisions.clone(),
+            at: std::time::Instant::now(),
+        };
+        ctx.memory(&wf_key, |m| m.written = Some(written));
+    }
     let Some(target) = revisions.iter().find(|r| r.number == plan.apply).cloned() else {
         return Err(Error::Finalizer(format!(
             "the rollout decided to apply revision {} which is not stored",
@@ -274,7 +288,7 @@ async fn apply(wf: &AgentWorkflow, ctx: &Context) -> Result<Action, Error> {
         },
     )?;
     // observe: the Deployments as listed right after the applies
-    let deployments = apply_children(ctx, &ns, &name, &children).await?;
+    let deployments = apply_children(ctx, caches.as_ref(), &ns, &name, &children).await?;
     let observed = Observed { deployments, queue };
 
     ctx.memory(&wf_key, |m| m.applied = Some(target.number));
@@ -352,12 +366,23 @@ async fn validate(
         .map(|e| format!("spec.{e}").replace("spec.spec.", "spec."))
         .collect();
     let api: Api<CircuitPolicy> = Api::namespaced(ctx.client.clone(), ns);
+    let caches = ctx.caches().await?;
     let mut policies = BTreeMap::new();
     for (field, name) in policy_refs(&wf.spec) {
         if policies.contains_key(&name) {
             continue;
         }
-        match ctx.api(api.get_opt(&name)).await? {
+        // From the store; one it does not have (yet) is asked for, so a policy created a
+        // moment ago does not make the workflow invalid.
+        let cached = caches
+            .as_ref()
+            .and_then(|c| c.policy(ns, &name))
+            .map(|p| (*p).clone());
+        let found = match cached {
+            Some(p) => Some(p),
+            None => ctx.api(api.get_opt(&name)).await?,
+        };
+        match found {
             None => errors.push(format!("{field}: CircuitPolicy {ns}/{name} not found")),
             Some(p) => {
                 let bad = crate::api::validate::check_policy(&p.spec);
@@ -389,15 +414,49 @@ pub fn policy_refs(spec: &AgentWorkflowSpec) -> Vec<(String, String)> {
     out
 }
 
-/// The workflow's ControllerRevisions (damaged ones are logged and ignored).
+/// The workflow's revisions: from the store (or a list outside a term), unless what this
+/// controller wrote a moment ago is not in the store yet ([`cache::reconcile_revisions`]).
+async fn read_revisions(
+    ctx: &Context,
+    caches: Option<&Caches>,
+    ns: &str,
+    name: &str,
+    wf_key: &str,
+) -> Result<Vec<Revision>, Error> {
+    let stored = match caches {
+        Some(c) => parse_revisions(ns, c.revisions_of(ns, name).iter().map(|r| r.as_ref())),
+        None => list_revisions(ctx, ns, name).await?,
+    };
+    let now = std::time::Instant::now();
+    let mut revisions = ctx.memory(wf_key, |m| {
+        let (revisions, keep) = cache::reconcile_revisions(m.written.as_ref(), stored, now);
+        if !keep {
+            m.written = None;
+        }
+        revisions
+    });
+    revisions.sort_by_key(|r| r.number);
+    Ok(revisions)
+}
+
+/// The workflow's ControllerRevisions, listed (damaged ones are logged and ignored).
 async fn list_revisions(ctx: &Context, ns: &str, name: &str) -> Result<Vec<Revision>, Error> {
     let api: Api<ControllerRevision> = Api::namespaced(ctx.client.clone(), ns);
     let list = ctx
         .api(api.list(&ListParams::default().labels(&format!("{WORKFLOW_LABEL}={name}"))))
         .await?;
+    Ok(parse_revisions(ns, list.items.iter()))
+}
+
+/// The revisions these ControllerRevisions hold, by number (damaged ones are logged and
+/// ignored).
+fn parse_revisions<'a>(
+    ns: &str,
+    crs: impl Iterator<Item = &'a ControllerRevision>,
+) -> Vec<Revision> {
     let mut out = Vec::new();
-    for cr in list.items {
-        match revision::from_controller_revision(&cr) {
+    for cr in crs {
+        match revision::from_controller_revision(cr) {
             Ok(r) => out.push(r),
             Err(e) => {
                 tracing::warn!(namespace = %ns, revision = %cr.name_any(), error = %e, "ignoring a damaged ControllerRevision")
@@ -405,7 +464,7 @@ async fn list_revisions(ctx: &Context, ns: &str, name: &str) -> Result<Vec<Revis
         }
     }
     out.sort_by_key(|r| r.number);
-    Ok(out)
+    out
 }
 
 /// The children of one kind labelled with the workflow.
@@ -501,16 +560,19 @@ fn analysis_verdict(
 }
 
 /// Store what the plan decided: a new revision, phase changes (with Events), the rollback
-/// (Event), `spec.rollbackTo` removed once acted on, old revisions pruned.
+/// (Event), `spec.rollbackTo` removed once acted on, old revisions pruned. Returns whether a
+/// ControllerRevision was written (`revisions` is then what the store will show).
 async fn store_plan(
     ctx: &Context,
     wf: &AgentWorkflow,
     ns: &str,
     plan: &rollout::Plan,
     revisions: &mut Vec<Revision>,
-) -> Result<(), Error> {
+) -> Result<bool, Error> {
     let api: Api<ControllerRevision> = Api::namespaced(ctx.client.clone(), ns);
+    let mut wrote = false;
     if let Some(new) = &plan.create {
+        wrote = true;
         let cr = revision::controller_revision(wf, new);
         match ctx.api(api.create(&PostParams::default(), &cr)).await {
             Ok(_) => {}
@@ -537,6 +599,7 @@ async fn store_plan(
         revisions.push(new.clone());
     }
     for u in &plan.updates {
+        wrote = true;
         let cr = revision::controller_revision(wf, u);
         let patch = json!({"metadata": {"annotations": cr.metadata.annotations}});
         ctx.api(api.patch(&u.name, &PatchParams::default(), &Patch::Merge(&patch)))
@@ -578,9 +641,10 @@ async fn store_plan(
             Ok(_) | Err(Error::Kube(kube::Error::Api(_))) => {}
             Err(e) => return Err(e),
         }
+        wrote = true;
         revisions.retain(|r| r.name != name);
     }
-    Ok(())
+    Ok(wrote)
 }
 
 /// Streams and consumer groups, the kill switches and the policies in the workflow's Redis.
@@ -621,44 +685,58 @@ async fn wire_queue(
     })
 }
 
-/// Server-side apply of every child, then deletion of the children of this workflow that are
-/// no longer desired (an agent removed, the intake disabled). Returns the desired Deployments
-/// as listed after the applies (what the status is made of: no second listing).
+/// Server-side apply of every child (skipped for one that would not change:
+/// [`cache::Applied`]), then deletion of the children of this workflow that are no longer
+/// desired (an agent removed, the intake disabled). Returns the desired Deployments as the
+/// applies returned them, or as the store has them where no apply was needed (what the
+/// status is made of: no second listing).
 async fn apply_children(
     ctx: &Context,
+    caches: Option<&Caches>,
     ns: &str,
     name: &str,
     children: &render::Children,
 ) -> Result<Vec<Deployment>, Error> {
-    let pp = PatchParams::apply(FIELD_MANAGER).force();
+    let wf_key = format!("{ns}/{name}");
     let c = &ctx.client;
     let sa: Api<ServiceAccount> = Api::namespaced(c.clone(), ns);
-    ctx.api(sa.patch(
-        &children.service_account.name_any(),
-        &pp,
-        &Patch::Apply(&children.service_account),
-    ))
+    apply_child(
+        ctx,
+        caches,
+        &wf_key,
+        &sa,
+        ChildKind::ServiceAccount,
+        &children.service_account,
+    )
     .await?;
-    ctx.metrics.applied("ServiceAccount");
     let cm: Api<ConfigMap> = Api::namespaced(c.clone(), ns);
-    ctx.api(cm.patch(
-        &children.config_map.name_any(),
-        &pp,
-        &Patch::Apply(&children.config_map),
-    ))
+    apply_child(
+        ctx,
+        caches,
+        &wf_key,
+        &cm,
+        ChildKind::ConfigMap,
+        &children.config_map,
+    )
     .await?;
-    ctx.metrics.applied("ConfigMap");
     let svc: Api<Service> = Api::namespaced(c.clone(), ns);
     for s in &children.services {
-        ctx.api(svc.patch(&s.name_any(), &pp, &Patch::Apply(s)))
-            .await?;
-        ctx.metrics.applied("Service");
+        apply_child(ctx, caches, &wf_key, &svc, ChildKind::Service, s).await?;
     }
     let dep: Api<Deployment> = Api::namespaced(c.clone(), ns);
+    let mut desired = Vec::new();
     for d in &children.deployments {
-        ctx.api(dep.patch(&d.name_any(), &pp, &Patch::Apply(d)))
-            .await?;
-        ctx.metrics.applied("Deployment");
+        match apply_child(ctx, caches, &wf_key, &dep, ChildKind::Deployment, d).await? {
+            Some(live) => desired.push(live),
+            None => {
+                let n = d.name_any();
+                if let Some(live) =
+                    caches.and_then(|c| c.deployments.get(&ObjectRef::new(&n).within(ns)))
+                {
+                    desired.push((*live).clone());
+                }
+            }
+        }
     }
     // Children no longer desired.
     let want: BTreeSet<String> = children
@@ -667,20 +745,76 @@ async fn apply_children(
         .map(|d| d.name_any())
         .chain(children.services.iter().map(|s| s.name_any()))
         .collect();
-    let mut kept = Vec::new();
-    for d in list_children::<Deployment>(ctx, ns, name).await? {
-        if want.contains(&d.name_any()) {
-            kept.push(d);
-        } else {
-            delete_quietly(ctx, &dep, &d.name_any()).await?;
+    let (deployments, services) = match caches {
+        Some(c) => (
+            c.deployments_of(ns, name)
+                .iter()
+                .map(|d| d.name_any())
+                .collect::<Vec<_>>(),
+            c.service_names_of(ns, name),
+        ),
+        None => {
+            let deployments = list_children::<Deployment>(ctx, ns, name).await?;
+            // Outside a term, the Deployments as listed after the applies are the status's.
+            desired = deployments
+                .iter()
+                .filter(|d| want.contains(&d.name_any()))
+                .cloned()
+                .collect();
+            (
+                deployments.iter().map(|d| d.name_any()).collect(),
+                list_children::<Service>(ctx, ns, name)
+                    .await?
+                    .iter()
+                    .map(|s| s.name_any())
+                    .collect(),
+            )
+        }
+    };
+    for d in deployments.iter().filter(|d| !want.contains(*d)) {
+        delete_quietly(ctx, &dep, d).await?;
+        ctx.memory(&wf_key, |m| m.children.forget(ChildKind::Deployment, d));
+    }
+    for s in services.iter().filter(|s| !want.contains(*s)) {
+        delete_quietly(ctx, &svc, s).await?;
+        ctx.memory(&wf_key, |m| m.children.forget(ChildKind::Service, s));
+    }
+    Ok(desired)
+}
+
+/// Server-side apply of one child, unless the same rendering was applied last and the live
+/// object is still what that apply returned. Returns the object the apply returned, or
+/// `None` when it was skipped.
+async fn apply_child<K>(
+    ctx: &Context,
+    caches: Option<&Caches>,
+    wf_key: &str,
+    api: &Api<K>,
+    kind: ChildKind,
+    obj: &K,
+) -> Result<Option<K>, Error>
+where
+    K: Resource + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let name = obj.name_any();
+    let rendered = cache::rendered_hash(obj);
+    if let Some(c) = caches {
+        let ns = api.namespace().unwrap_or_default();
+        let live = c.live(kind, ns, &name);
+        if ctx.memory(wf_key, |m| {
+            m.children.unchanged(kind, &name, rendered, live)
+        }) {
+            return Ok(None);
         }
     }
-    for s in list_children::<Service>(ctx, ns, name).await? {
-        if !want.contains(&s.name_any()) {
-            delete_quietly(ctx, &svc, &s.name_any()).await?;
-        }
-    }
-    Ok(kept)
+    let pp = PatchParams::apply(FIELD_MANAGER).force();
+    let out = ctx.api(api.patch(&name, &pp, &Patch::Apply(obj))).await?;
+    ctx.metrics.applied(kind.as_str());
+    let returned = cache::fingerprint(kind, out.meta());
+    ctx.memory(wf_key, |m| {
+        m.children.record(kind, &name, rendered, returned)
+    });
+    Ok(Some(out))
 }
 
 async fn delete_quietly<K>(ctx: &Context, api: &Api<K>, name: &str) -> Result<(), Error>
@@ -1066,6 +1200,24 @@ async fn observe_queue(
     Ok(s)
 }
 
+/// The workflow's status as last known: the object's, unless this controller wrote another
+/// less than [`cache::EXPECTATION_TTL`] ago that the object (from a store that lags behind
+/// the write) does not show yet. Deciding from the status written keeps a reconcile that
+/// follows a write from writing the same status again (with new transition times).
+fn known_status(ctx: &Context, wf: &AgentWorkflow, wf_key: &str) -> AgentWorkflowStatus {
+    let seen = wf.status.clone().unwrap_or_default();
+    let now = std::time::Instant::now();
+    ctx.memory(wf_key, |m| match &m.status_written {
+        Some((s, at)) if now.duration_since(*at) < cache::EXPECTATION_TTL && *s != seen => {
+            s.clone()
+        }
+        _ => {
+            m.status_written = None;
+            seen
+        }
+    })
+}
+
 /// Patch the status if, and only if, it changed (a steady workflow causes no writes).
 async fn write_status(
     ctx: &Context,
@@ -1088,6 +1240,8 @@ async fn write_status(
     ))
     .await?;
     ctx.metrics.status_written(KIND);
+    let written = (new.clone(), std::time::Instant::now());
+    ctx.memory(&key(wf), |m| m.status_written = Some(written));
     Ok(())
 }
 

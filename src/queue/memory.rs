@@ -466,6 +466,16 @@ impl MemoryQueue {
             .clone()
     }
 
+    /// Publish on `channel`; the number of subscribers that got it. A channel nobody ever
+    /// subscribed to is not created: its buffer (`CHANNEL_CAPACITY` slots) would be held for
+    /// nothing, per workflow and channel in a controller that only publishes.
+    fn send(&self, channel: &str, message: Bytes) -> usize {
+        let chans = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        chans
+            .get(channel)
+            .map_or(0, |tx| tx.send(message).unwrap_or(0))
+    }
+
     fn try_read_group(
         &self,
         stream: &str,
@@ -1281,7 +1291,7 @@ impl Queue for MemoryQueue {
     fn publish<'a>(&'a self, channel: &'a str, message: Bytes) -> QueueFuture<'a, u64> {
         Box::pin(async move {
             // No receivers is not an error (Redis returns 0).
-            Ok(self.sender(channel).send(message).map_or(0, |n| n as u64))
+            Ok(self.send(channel, message) as u64)
         })
     }
 
@@ -1472,7 +1482,7 @@ impl Queue for MemoryQueue {
             };
             // After the write, outside the state lock: a subscriber that re-reads on the
             // message sees this version or a later one.
-            let _ = self.sender(channel).send(Bytes::from(version.to_string()));
+            let _ = self.send(channel, Bytes::from(version.to_string()));
             Ok(version)
         })
     }
