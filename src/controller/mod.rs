@@ -24,6 +24,7 @@ pub mod analysis;
 pub mod backoff;
 pub mod conditions;
 pub mod context;
+pub mod drill;
 #[cfg(test)]
 mod fixtures;
 pub mod http;
