@@ -237,7 +237,8 @@ pub fn decide(i: &Inputs) -> Result<Decision, String> {
 /// [`MISSED_WINDOW_GRACE`] old; a fire time in that interval but older is missed.
 fn scheduled(cron: &croner::Cron, anchor: Timestamp, now: Timestamp) -> Result<Act, String> {
     let next_after = |t: Timestamp| -> Result<Option<Timestamp>, String> {
-        let Some(c) = to_chrono(t) else {
+        let whole = Timestamp::from_second(t.as_second()).unwrap_or(t);
+        let Some(c) = to_chrono(whole) else {
             return Ok(None);
         };
         match cron.find_next_occurrence(&c, false) {
@@ -257,7 +258,9 @@ fn scheduled(cron: &croner::Cron, anchor: Timestamp, now: Timestamp) -> Result<A
             missed: None,
         });
     }
-    let latest = to_chrono(now)
+    // Cron times are whole seconds: `now` within a second of a fire time matches it.
+    let whole = Timestamp::from_second(now.as_second()).unwrap_or(now);
+    let latest = to_chrono(whole)
         .and_then(|c| cron.find_previous_occurrence(&c, true).ok())
         .and_then(|p| Timestamp::from_millisecond(p.timestamp_millis()).ok())
         .unwrap_or(first);
@@ -1540,4 +1543,423 @@ pub fn drills_of(store: &Store<ChaosDrill>, w: &AgentWorkflow) -> Vec<ObjectRef<
         .filter(|d| d.namespace().as_deref() == Some(ns.as_str()) && d.spec.workflow_ref == name)
         .map(|d| ObjectRef::from_obj(&**d))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::common::DurationStr;
+    use crate::api::drill::{Fault, FaultType};
+
+    fn t(s: &str) -> Timestamp {
+        s.parse().expect("timestamp")
+    }
+
+    fn fault(kind: FaultType) -> Fault {
+        Fault {
+            kind,
+            tool: Some("bank".into()),
+            agent: None,
+            stream: None,
+            after: None,
+            for_: None,
+            latency_ms: None,
+            percent: None,
+            error_rate: None,
+            status_code: None,
+            retry_after_seconds: None,
+            count: None,
+            max_per_second: None,
+        }
+    }
+
+    fn spec(schedule: Option<&str>) -> ChaosDrillSpec {
+        ChaosDrillSpec {
+            workflow_ref: "wf".into(),
+            schedule: schedule.map(str::to_owned),
+            duration: DurationStr("10s".into()),
+            baseline: None,
+            faults: vec![fault(FaultType::ToolOutage)],
+            guardrails: None,
+            expect: None,
+            suspend: false,
+        }
+    }
+
+    fn inputs<'a>(
+        spec: &'a ChaosDrillSpec,
+        status: &'a ChaosDrillStatus,
+        now: &str,
+        running: bool,
+    ) -> Inputs<'a> {
+        Inputs {
+            spec,
+            status,
+            created: Some(t("2026-11-30T02:00:00Z")),
+            now: t(now),
+            running,
+            run_requested: None,
+            abort_requested: None,
+        }
+    }
+
+    fn act(i: &Inputs) -> Act {
+        decide(i).expect("decision").act
+    }
+
+    fn ran_at(at: &str, phase: DrillPhase) -> ChaosDrillStatus {
+        ChaosDrillStatus {
+            phase: Some(phase),
+            last_run_at: Some(at.into()),
+            runs: vec![DrillRun {
+                started_at: at.into(),
+                finished_at: Some(at.into()),
+                verdict: Some("Passed".into()),
+                ..DrillRun::default()
+            }],
+            ..ChaosDrillStatus::default()
+        }
+    }
+
+    #[test]
+    fn without_a_schedule_it_runs_once() {
+        let s = spec(None);
+        let never = ChaosDrillStatus::default();
+        assert_eq!(
+            act(&inputs(&s, &never, "2026-11-30T02:00:01Z", false)),
+            Act::Start(Why::Once)
+        );
+        // Running here: nothing else starts.
+        assert!(matches!(
+            act(&inputs(&s, &never, "2026-11-30T02:00:01Z", true)),
+            Act::Wait { .. }
+        ));
+        let done = ran_at("2026-11-30T02:00:01Z", DrillPhase::Succeeded);
+        assert_eq!(
+            act(&inputs(&s, &done, "2026-12-30T02:00:00Z", false)),
+            Act::Wait {
+                next: None,
+                missed: None
+            }
+        );
+    }
+
+    #[test]
+    fn a_cron_schedule_fires_at_each_time_and_only_once() {
+        // Mondays 03:00 UTC; 2026-11-30 is a Monday.
+        let s = spec(Some("0 3 * * 1"));
+        let never = ChaosDrillStatus::default();
+        assert_eq!(
+            act(&inputs(&s, &never, "2026-11-30T02:59:59Z", false)),
+            Act::Wait {
+                next: Some(t("2026-11-30T03:00:00Z")),
+                missed: None
+            }
+        );
+        assert_eq!(
+            act(&inputs(&s, &never, "2026-11-30T03:00:00.500Z", false)),
+            Act::Start(Why::Schedule(t("2026-11-30T03:00:00Z")))
+        );
+        assert_eq!(
+            act(&inputs(&s, &never, "2026-11-30T03:00:59Z", false)),
+            Act::Start(Why::Schedule(t("2026-11-30T03:00:00Z")))
+        );
+        // It ran at that fire time: not again, until the next Monday.
+        let ran = ran_at("2026-11-30T03:00:00.600Z", DrillPhase::Succeeded);
+        assert_eq!(
+            act(&inputs(&s, &ran, "2026-11-30T03:00:30Z", false)),
+            Act::Wait {
+                next: Some(t("2026-12-07T03:00:00Z")),
+                missed: None
+            }
+        );
+        assert_eq!(
+            act(&inputs(&s, &ran, "2026-12-07T03:00:10Z", false)),
+            Act::Start(Why::Schedule(t("2026-12-07T03:00:00Z")))
+        );
+    }
+
+    #[test]
+    fn a_drill_created_after_a_fire_time_waits_for_the_next() {
+        let s = spec(Some("0 3 * * 1"));
+        let never = ChaosDrillStatus::default();
+        let mut i = inputs(&s, &never, "2026-11-30T03:00:10Z", false);
+        i.created = Some(t("2026-11-30T03:00:05Z"));
+        assert_eq!(
+            act(&i),
+            Act::Wait {
+                next: Some(t("2026-12-07T03:00:00Z")),
+                missed: None
+            }
+        );
+    }
+
+    #[test]
+    fn a_missed_window_is_skipped_not_queued() {
+        let s = spec(Some("0 3 * * 1"));
+        let never = ChaosDrillStatus::default();
+        // The controller was down at 03:00 and comes back 61 s late.
+        assert_eq!(
+            act(&inputs(&s, &never, "2026-11-30T03:01:01Z", false)),
+            Act::Wait {
+                next: Some(t("2026-12-07T03:00:00Z")),
+                missed: Some(t("2026-11-30T03:00:00Z"))
+            }
+        );
+        // Down for three weeks: one missed window reported (the latest), none run late.
+        assert_eq!(
+            act(&inputs(&s, &never, "2026-12-21T05:00:00Z", false)),
+            Act::Wait {
+                next: Some(t("2026-12-28T03:00:00Z")),
+                missed: Some(t("2026-12-21T03:00:00Z"))
+            }
+        );
+        // The previous run was still running at the fire time: skipped as well.
+        let every_5 = spec(Some("*/5 * * * *"));
+        let long = ran_at("2026-11-30T03:00:00Z", DrillPhase::Running);
+        assert!(matches!(
+            act(&inputs(&every_5, &long, "2026-11-30T03:05:00Z", true)),
+            Act::Wait { .. }
+        ));
+        // It ends at 03:06:30, 90 s after the 03:05 fire time.
+        let ended = ran_at("2026-11-30T03:00:00Z", DrillPhase::Succeeded);
+        assert_eq!(
+            act(&inputs(&every_5, &ended, "2026-11-30T03:06:30Z", false)),
+            Act::Wait {
+                next: Some(t("2026-11-30T03:10:00Z")),
+                missed: Some(t("2026-11-30T03:05:00Z"))
+            }
+        );
+        // Ending 30 s after it, the run still starts (within the grace).
+        assert_eq!(
+            act(&inputs(&every_5, &ended, "2026-11-30T03:05:30Z", false)),
+            Act::Start(Why::Schedule(t("2026-11-30T03:05:00Z")))
+        );
+    }
+
+    #[test]
+    fn suspend_aborts_a_running_run_and_starts_none() {
+        let mut s = spec(None);
+        s.suspend = true;
+        let never = ChaosDrillStatus::default();
+        assert_eq!(
+            act(&inputs(&s, &never, "2026-11-30T03:00:00Z", true)),
+            Act::Abort("suspended".into())
+        );
+        assert!(matches!(
+            act(&inputs(&s, &never, "2026-11-30T03:00:00Z", false)),
+            Act::Wait { .. }
+        ));
+        let mut cron = spec(Some("0 3 * * 1"));
+        cron.suspend = true;
+        assert!(matches!(
+            act(&inputs(&cron, &never, "2026-11-30T03:00:01Z", false)),
+            Act::Wait { .. }
+        ));
+    }
+
+    #[test]
+    fn requests_are_served_once() {
+        let s = spec(Some("0 3 * * 1"));
+        let done = ran_at("2026-11-30T03:00:00Z", DrillPhase::Succeeded);
+        let mut i = inputs(&s, &done, "2026-11-30T10:00:00Z", false);
+        i.run_requested = Some("2026-11-30T09:59:59Z");
+        let d = decide(&i).expect("decision");
+        assert_eq!(
+            (d.act, d.run_request),
+            (Act::Start(Why::Request), Request::Served)
+        );
+        // Served: the same annotation does not start another run.
+        let mut served = done.clone();
+        served.last_run_request = Some("2026-11-30T09:59:59Z".into());
+        let mut i = inputs(&s, &served, "2026-11-30T10:05:00Z", false);
+        i.run_requested = Some("2026-11-30T09:59:59Z");
+        let d = decide(&i).expect("decision");
+        assert_eq!(d.run_request, Request::None);
+        assert!(matches!(d.act, Act::Wait { .. }));
+        // While running: never a second run; the request is not queued.
+        i.run_requested = Some("2026-11-30T10:04:00Z");
+        i.running = true;
+        let d = decide(&i).expect("decision");
+        assert!(matches!(d.run_request, Request::Ignored(_)));
+        assert!(matches!(d.act, Act::Wait { .. }));
+        // An abort request aborts the run in progress, once.
+        i.run_requested = None;
+        i.abort_requested = Some("2026-11-30T10:04:30Z");
+        let d = decide(&i).expect("decision");
+        assert_eq!(
+            (d.act, d.abort_request),
+            (Act::Abort("aborted by request".into()), Request::Served)
+        );
+        // With nothing running it is only marked served.
+        i.running = false;
+        let d = decide(&i).expect("decision");
+        assert!(matches!(d.abort_request, Request::Ignored(_)));
+        assert!(matches!(d.act, Act::Wait { .. }));
+    }
+
+    #[test]
+    fn a_run_the_status_shows_running_but_no_task_runs_was_interrupted() {
+        let s = spec(None);
+        let st = ran_at("2026-11-30T03:00:00Z", DrillPhase::Running);
+        assert_eq!(
+            act(&inputs(&s, &st, "2026-11-30T03:05:00Z", false)),
+            Act::Interrupted
+        );
+        assert!(matches!(
+            act(&inputs(&s, &st, "2026-11-30T03:05:00Z", true)),
+            Act::Wait { .. }
+        ));
+    }
+
+    #[test]
+    fn an_invalid_schedule_names_the_field() {
+        let s = spec(Some("61 * * * *"));
+        let e = decide(&inputs(
+            &s,
+            &ChaosDrillStatus::default(),
+            "2026-11-30T03:00:00Z",
+            false,
+        ))
+        .expect_err("invalid");
+        assert!(e.starts_with("spec.schedule"), "{e}");
+    }
+
+    #[test]
+    fn the_history_is_bounded_and_the_last_run_sets_phase_and_condition() {
+        let mut st = ChaosDrillStatus::default();
+        let now = t("2026-11-30T03:00:00Z");
+        for i in 0..(HISTORY + 3) {
+            let run = DrillRun {
+                started_at: format!("run-{i}"),
+                verdict: Some("Passed".into()),
+                ..DrillRun::default()
+            };
+            record_run(&mut st, run, Verdict::Passed, Some(1), now);
+        }
+        assert_eq!(st.runs.len(), HISTORY);
+        assert_eq!(st.runs[0].started_at, "run-3");
+        assert_eq!(st.phase, Some(DrillPhase::Succeeded));
+        let run = aborted_run("a".into(), "b".into(), INTERRUPTED);
+        record_run(&mut st, run, Verdict::Aborted, Some(1), now);
+        assert_eq!(st.phase, Some(DrillPhase::Aborted));
+        assert_eq!(st.last_verdict.as_deref(), Some("Aborted"));
+        let c = conditions::get(&st.conditions, LAST_RUN_CONDITION).expect("condition");
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "Aborted"));
+        assert!(c.message.contains(INTERRUPTED), "{}", c.message);
+        assert_eq!(st.runs.len(), HISTORY);
+    }
+
+    fn drill(name: &str, wf: &str, kinds: &[FaultType], runs: &[(&str, &str)]) -> ChaosDrill {
+        let mut s = spec(None);
+        s.workflow_ref = wf.into();
+        s.faults = kinds.iter().map(|k| fault(*k)).collect();
+        let mut d = ChaosDrill::new(name, s);
+        d.metadata.namespace = Some("ns".into());
+        d.status = Some(ChaosDrillStatus {
+            runs: runs
+                .iter()
+                .map(|(end, verdict)| DrillRun {
+                    started_at: (*end).into(),
+                    finished_at: Some((*end).into()),
+                    verdict: Some((*verdict).into()),
+                    ..DrillRun::default()
+                })
+                .collect(),
+            ..ChaosDrillStatus::default()
+        });
+        d
+    }
+
+    #[test]
+    fn the_workflow_record_counts_distinct_failure_modes_of_completed_runs_in_90_days() {
+        use FaultType::*;
+        let now = t("2026-11-30T00:00:00Z");
+        let a = drill(
+            "a",
+            "wf",
+            &[ToolOutage, PodKill],
+            &[("2026-11-01T00:00:00Z", "Passed")],
+        );
+        let b = drill(
+            "b",
+            "wf",
+            &[ToolOutage, QueueThrottle],
+            &[("2026-11-20T00:00:00Z", "Failed")],
+        );
+        // Too old, aborted, or another workflow's: no failure mode counted.
+        let old = drill(
+            "old",
+            "wf",
+            &[MessageCorruption],
+            &[("2026-08-01T00:00:00Z", "Passed")],
+        );
+        let aborted = drill(
+            "ab",
+            "wf",
+            &[AgentSlowdown],
+            &[("2026-11-29T00:00:00Z", "Aborted")],
+        );
+        let other = drill(
+            "o",
+            "other",
+            &[ToolErrors],
+            &[("2026-11-29T12:00:00Z", "Passed")],
+        );
+        let all = [&a, &b, &old, &aborted, &other];
+        let r = workflow_record("wf", &all, now).expect("record");
+        assert_eq!(r.failure_modes_90d, 3, "{r:?}");
+        // The newest finished run, whatever its verdict.
+        assert_eq!(r.last_verdict.as_deref(), Some("Aborted"));
+        assert_eq!(r.last_drill.as_deref(), Some("ab"));
+        assert_eq!(r.last_run_at.as_deref(), Some("2026-11-29T00:00:00Z"));
+        assert_eq!(workflow_record("none", &all, now), None);
+    }
+
+    fn entry(id: &str, fields: &[(&str, &str)]) -> StreamEntry {
+        StreamEntry {
+            id: id.into(),
+            fields: crate::queue::fields(fields.iter().map(|(k, v)| (*k, v.to_string()))),
+            delivery_count: 0,
+        }
+    }
+
+    #[test]
+    fn a_second_output_of_one_step_is_a_duplicate_a_replay_is_not() {
+        let mut l = Ledger::default();
+        l.observe("tickets", true, &entry("1-0", &[("task_id", "t1")]));
+        l.observe("sorted", false, &entry("2-0", &[("task_id", "t1")]));
+        // The same entry read again (two reads overlapping) is not a second output.
+        l.observe("sorted", false, &entry("2-0", &[("task_id", "t1")]));
+        // A replay from the DLQ is a new round.
+        l.observe(
+            "sorted",
+            false,
+            &entry("3-0", &[("task_id", "t1"), ("replays", "1")]),
+        );
+        assert_eq!(l.duplicates, 0);
+        l.observe("sorted", false, &entry("4-0", &[("task_id", "t1")]));
+        assert_eq!(l.duplicates, 1);
+        assert_eq!(l.entered, BTreeSet::from(["t1".to_owned()]));
+    }
+
+    #[test]
+    fn lost_is_neither_completed_nor_dead_nor_in_flight() {
+        let set = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<BTreeSet<_>>();
+        let a = tally(
+            &set(&["a", "b", "c", "d"]),
+            &set(&["a"]),
+            &set(&["b"]),
+            &set(&["c"]),
+            2,
+        );
+        assert_eq!(
+            a,
+            Accounting {
+                tasks_processed: 1,
+                tasks_lost: 1,
+                duplicate_effects: 2
+            }
+        );
+    }
 }
