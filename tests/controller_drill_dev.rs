@@ -91,7 +91,12 @@ async fn dev() -> Dev {
         ready_delay: Duration::from_millis(100),
         ..KubeletOptions::default()
     };
-    tokio::spawn(kubelet::run_on(client.clone(), kopts, queue.clone(), stopped));
+    tokio::spawn(kubelet::run_on(
+        client.clone(),
+        kopts,
+        queue.clone(),
+        stopped,
+    ));
     let (controller_stop, controller_stopped) = watch::channel(false);
     let controller = tokio::spawn(run(
         client.clone(),
@@ -446,9 +451,7 @@ async fn a_drill_runs_kills_a_pod_records_its_figures_and_aborts_on_request_susp
     assert_eq!(runs(&dev.drill("kb-outage").await), 1);
 
     // 2. `r4 drill run --wait`, then `r4 drill history`.
-    let out = dev
-        .r4(&["drill", "run", "kb-outage", "--wait=90s"])
-        .await;
+    let out = dev.r4(&["drill", "run", "kb-outage", "--wait=90s"]).await;
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     eprintln!(
         "r4 drill run --wait:\n{stdout}{}",
@@ -478,7 +481,10 @@ async fn a_drill_runs_kills_a_pod_records_its_figures_and_aborts_on_request_susp
     let out = dev.r4(&["drill", "abort", "kb-outage"]).await;
     assert!(out.status.success(), "{out:?}");
     let gone = until_faults(&dev, &keys, false, 3).await;
-    eprintln!("abort: faults gone {} ms after the request", gone.as_millis());
+    eprintln!(
+        "abort: faults gone {} ms after the request",
+        gone.as_millis()
+    );
     let d = until_runs(&dev, "kb-outage", 3, 20).await;
     let last = d.status.as_ref().and_then(|s| s.runs.last()).expect("run");
     assert_eq!(last.verdict.as_deref(), Some("Aborted"), "{}", describe(&d));
@@ -513,7 +519,10 @@ async fn a_drill_runs_kills_a_pod_records_its_figures_and_aborts_on_request_susp
     until_faults(&dev, &keys, true, 10).await;
     dev.patch_drill("kb-outage", r#"{"spec":{"suspend":true}}"#);
     let gone = until_faults(&dev, &keys, false, 3).await;
-    eprintln!("suspend: faults gone {} ms after the patch", gone.as_millis());
+    eprintln!(
+        "suspend: faults gone {} ms after the patch",
+        gone.as_millis()
+    );
     let d = until_runs(&dev, "kb-outage", 5, 20).await;
     let last = d.status.as_ref().and_then(|s| s.runs.last()).expect("run");
     assert_eq!(last.aborted_because.as_deref(), Some("suspended"));

@@ -274,6 +274,13 @@ fn scheduled(cron: &croner::Cron, anchor: Timestamp, now: Timestamp) -> Result<A
     })
 }
 
+/// A time of the status: RFC 3339 to the millisecond (what `kubectl get drill` shows).
+fn rfc3339(t: Timestamp) -> String {
+    t.round(k8s_openapi::jiff::Unit::Millisecond)
+        .unwrap_or(t)
+        .to_string()
+}
+
 fn to_chrono(t: Timestamp) -> Option<chrono::DateTime<chrono::Utc>> {
     chrono::DateTime::from_timestamp_millis(t.as_millisecond())
 }
@@ -757,8 +764,8 @@ async fn apply(d: &ChaosDrill, ctx: &Arc<Context>, ns: &str) -> Result<Action, E
             let started_at = status
                 .last_run_at
                 .clone()
-                .unwrap_or_else(|| now.to_string());
-            let run = aborted_run(started_at, now.to_string(), INTERRUPTED);
+                .unwrap_or_else(|| rfc3339(now));
+            let run = aborted_run(started_at, rfc3339(now), INTERRUPTED);
             let line = format!("{} ({cleared} faults cleared)", summary(&run));
             record_run(&mut status, run, Verdict::Aborted, generation, now);
             publish(ctx, d, EventType::Warning, "DrillAborted", "Run", &line).await;
@@ -790,7 +797,7 @@ async fn apply(d: &ChaosDrill, ctx: &Arc<Context>, ns: &str) -> Result<Action, E
                     .await;
                 }
             };
-            let started_at = now.to_string();
+            let started_at = rfc3339(now);
             status.phase = Some(DrillPhase::Running);
             status.last_run_at = Some(started_at.clone());
             // The status says Running before the run starts: a run is never without it.
@@ -967,7 +974,7 @@ fn spawn_run(
     let uid2 = uid.clone();
     let task = tokio::spawn(async move {
         let ended = inner.await;
-        let finished_at = Timestamp::now().to_string();
+        let finished_at = rfc3339(Timestamp::now());
         let f = match ended {
             Ok(o) => Finished {
                 run: o.to_run(started_at, finished_at),
