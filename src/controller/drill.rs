@@ -518,13 +518,8 @@ impl Runs {
         now: Timestamp,
     ) -> Option<Option<WorkflowDrillStatus>> {
         let store = self.lock().store.clone()?;
-        if !store
-            .wait_until_ready()
-            .now_or_never()
-            .is_some_and(|r| r.is_ok())
-        {
-            return None;
-        }
+        // Not filled yet: nothing is known (an empty store would erase every record).
+        store.wait_until_ready().now_or_never()?.ok()?;
         let all = store.state();
         let mine: Vec<&ChaosDrill> = all
             .iter()
@@ -581,16 +576,19 @@ async fn apply(d: &ChaosDrill, ctx: &Arc<Context>, ns: &str) -> Result<Action, E
     let mut status = old.clone();
 
     // A cache older than what this controller wrote last is not a new state.
-    if let Some((at, recorded)) = ctx.drills.lock().started.get(&uid).cloned()
+    let (started_here, finished) = {
+        let g = ctx.drills.lock();
+        (g.started.get(&uid).cloned(), g.finished.get(&uid).cloned())
+    };
+    if let Some((at, recorded)) = started_here
         && (status.last_run_at.as_deref() != Some(at.as_str())
             || (recorded && status.phase == Some(DrillPhase::Running)))
-        && ctx.drills.lock().finished.get(&uid).is_none()
+        && finished.is_none()
     {
         return Ok(Action::requeue(Duration::from_millis(200)));
     }
 
     // A run that ended: recorded first, so everything below sees its verdict.
-    let finished = ctx.drills.lock().finished.get(&uid).cloned();
     if let Some(f) = &finished {
         let line = summary(&f.run);
         record_run(&mut status, f.run.clone(), f.verdict, generation, now);
@@ -761,10 +759,7 @@ async fn apply(d: &ChaosDrill, ctx: &Arc<Context>, ns: &str) -> Result<Action, E
                     faults::clear(q.as_ref(), &keys, &name),
                 )
                 .await?;
-            let started_at = status
-                .last_run_at
-                .clone()
-                .unwrap_or_else(|| rfc3339(now));
+            let started_at = status.last_run_at.clone().unwrap_or_else(|| rfc3339(now));
             let run = aborted_run(started_at, rfc3339(now), INTERRUPTED);
             let line = format!("{} ({cleared} faults cleared)", summary(&run));
             record_run(&mut status, run, Verdict::Aborted, generation, now);
@@ -960,6 +955,9 @@ fn spawn_run(
         keys.clone(),
         ctx.opts.api_timeout,
     );
+    // Held until the run is in the map: a run that ends at once (an error) must find itself
+    // there to be removed.
+    let mut runs = ctx.drills.lock();
     let inner = tokio::spawn(async move {
         let mut on_event = |at: Duration, e: &DrillEvent| {
             tracing::info!(drill = %name, at_ms = at.as_millis() as u64, event = ?e, "drill");
@@ -970,7 +968,7 @@ fn spawn_run(
     });
     // Ending the term stops the runner too (not only the task waiting for it).
     let runner = inner.abort_handle();
-    let ctx2 = ctx.clone();
+    let ctx2 = Arc::clone(&ctx);
     let uid2 = uid.clone();
     let task = tokio::spawn(async move {
         let ended = inner.await;
@@ -992,7 +990,7 @@ fn spawn_run(
         };
         ctx2.drills.finish(&uid2, f);
     });
-    ctx.drills.lock().running.insert(
+    runs.running.insert(
         uid,
         Running {
             workflow: format!("{ns}/{}", wf.name_any()),
