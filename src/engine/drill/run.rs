@@ -24,7 +24,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::{Instant, timeout};
 
-use super::measure::{self, Baseline, GUARD_WINDOW, Point, SUSTAIN};
+use super::measure::{self, Baseline, GUARD_WINDOW, Point};
 use super::{
     Accounting, DrillEvent, DrillTarget, FaultAction, Outcome, Plan, SAMPLE_EVERY, Verdict,
 };
@@ -45,8 +45,8 @@ const TARGET_DEADLINE: Duration = Duration::from_secs(60);
 /// even if this future is dropped (the TTLs). `on_event` sees every event as it happens.
 ///
 /// The run lasts until the timeline's end (`baseline + duration`) and, after it, until
-/// recovery is sustained or the recovery limit (plus the [`SUSTAIN`] samples that confirm a
-/// recovery starting at its edge) has passed since the last fault ended.
+/// recovery is sustained or [`Plan::longest`] has passed (the recovery limit after the last
+/// fault's end, plus the samples that confirm a recovery starting at its edge).
 pub async fn run(
     q: Arc<dyn Queue>,
     keys: Keys,
@@ -61,12 +61,7 @@ pub async fn run(
         .map(|f| f.start)
         .min()
         .unwrap_or(plan.baseline);
-    let last_end = plan
-        .faults
-        .iter()
-        .map(|f| f.end)
-        .max()
-        .unwrap_or(plan.baseline);
+    let last_end = plan.last_end();
     let mut r = Runner {
         q,
         keys,
@@ -88,6 +83,19 @@ pub async fn run(
     };
     let aborted = r.drive(abort).await;
     r.finish(aborted).await
+}
+
+/// Resolves with the reason once `abort` is set to `Some`; never if its sender is gone
+/// (nobody can abort any more: the run goes on). Cancel-safe.
+async fn aborted(abort: &mut watch::Receiver<Option<String>>) -> String {
+    loop {
+        if abort.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        if let Some(reason) = abort.borrow_and_update().clone() {
+            return reason;
+        }
+    }
 }
 
 /// One reading of the engines' snapshots and the DLQ's length.
@@ -156,21 +164,26 @@ impl Runner<'_> {
     }
 
     /// Walk the timeline and observe until the run is over; `Some(reason)` if it was aborted.
+    /// The abort is watched through every wait, reading and step (a step cut short is safe:
+    /// the faults are withdrawn right after, whatever it had written).
     async fn drive(&mut self, mut abort: watch::Receiver<Option<String>>) -> Option<String> {
         if let Some(reason) = abort.borrow_and_update().clone() {
             return Some(reason);
         }
         self.emit(DrillEvent::BaselineStarted);
-        if let Some(breach) = self.sample().await {
-            return Some(breach);
+        let breach = tokio::select! {
+            biased;
+            reason = aborted(&mut abort) => return Some(reason),
+            b = self.sample(Duration::ZERO) => b,
+        };
+        if breach.is_some() {
+            return breach;
         }
         let steps = self.steps();
         let timeline_end = self.plan.baseline + self.plan.duration;
-        let observe_until = timeline_end
-            .max(self.last_end + self.plan.recovery_limit + SAMPLE_EVERY * SUSTAIN as u32);
+        let observe_until = self.plan.longest();
         let mut next = 0;
         let mut tick = SAMPLE_EVERY;
-        let mut watching = true;
         loop {
             let now = self.elapsed();
             if next == steps.len()
@@ -182,21 +195,17 @@ impl Runner<'_> {
             let wake = steps.get(next).map_or(tick, |(at, _)| tick.min(*at));
             tokio::select! {
                 biased;
-                changed = abort.changed(), if watching => match changed {
-                    Ok(()) => {
-                        if let Some(reason) = abort.borrow_and_update().clone() {
-                            return Some(reason);
-                        }
-                    }
-                    // Nobody can abort any more; the run goes on.
-                    Err(_) => watching = false,
-                },
+                reason = aborted(&mut abort) => return Some(reason),
                 () = tokio::time::sleep_until(self.start + wake) => {}
             }
-            let now = self.elapsed();
-            if now >= tick {
-                if let Some(breach) = self.sample().await {
-                    return Some(breach);
+            if self.elapsed() >= tick {
+                let breach = tokio::select! {
+                    biased;
+                    reason = aborted(&mut abort) => return Some(reason),
+                    b = self.sample(tick) => b,
+                };
+                if breach.is_some() {
+                    return breach;
                 }
                 // A slow reading skips beats rather than bunching them.
                 while tick <= self.elapsed() {
@@ -206,7 +215,12 @@ impl Runner<'_> {
             while let Some((at, step)) = steps.get(next).copied()
                 && at <= self.elapsed()
             {
-                if let Err(reason) = self.act(step).await {
+                let done = tokio::select! {
+                    biased;
+                    reason = aborted(&mut abort) => return Some(reason),
+                    r = self.act(step) => r,
+                };
+                if let Err(reason) = done {
                     return Some(reason);
                 }
                 next += 1;
@@ -215,8 +229,10 @@ impl Runner<'_> {
     }
 
     /// Read the engines and the DLQ, add a point, check the guardrails (`Some(reason)` on a
-    /// breach) and, after the faults, whether the workflow recovered.
-    async fn sample(&mut self) -> Option<String> {
+    /// breach) and, after the faults, whether the workflow recovered. `due`: when the sample
+    /// was scheduled — the one due at the baseline's end belongs to the baseline, however late
+    /// the clock says it was taken.
+    async fn sample(&mut self, due: Duration) -> Option<String> {
         let at = self.elapsed();
         let read = async {
             let s = stats::read_workflow(self.q.as_ref(), &self.keys).await?;
@@ -242,7 +258,7 @@ impl Runner<'_> {
         if self.first.is_none() {
             self.first = Some(now.clone());
         }
-        if at <= self.plan.baseline {
+        if due <= self.plan.baseline {
             self.base_end = Some(now.clone());
         } else {
             self.settle_baseline();
@@ -489,6 +505,8 @@ mod tests {
         /// The faults active when the runner asked for the accounting.
         active_at_account: Mutex<Option<usize>>,
         accounting: Result<Accounting, String>,
+        /// How long a kill takes.
+        kill_takes: Duration,
     }
 
     impl FakeTarget {
@@ -504,6 +522,7 @@ mod tests {
                     tasks_lost: 0,
                     duplicate_effects: 0,
                 }),
+                kill_takes: Duration::ZERO,
             }
         }
     }
@@ -519,7 +538,12 @@ mod tests {
                 .lock()
                 .unwrap()
                 .push((at, agent.to_owned(), count));
-            async move { Ok(count) }.boxed()
+            let takes = self.kill_takes;
+            async move {
+                tokio::time::sleep(takes).await;
+                Ok(count)
+            }
+            .boxed()
         }
 
         fn account(&self) -> BoxFuture<'_, Result<Accounting, String>> {
@@ -894,6 +918,44 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn an_abort_does_not_wait_for_a_slow_step() {
+        let (q, keys) = setup();
+        // An outage from 5 s, then a PodKill at 6 s that takes 50 s to answer.
+        let p = plan(
+            "bank",
+            &spec(serde_json::json!({
+                "workflowRef": "wf", "duration": "60s", "baseline": "5s",
+                "faults": [
+                    {"type": "ToolOutage", "tool": "bank"},
+                    {"type": "PodKill", "agent": "a", "after": "1s"},
+                ],
+            })),
+            1,
+        )
+        .unwrap();
+        let mut target = FakeTarget::new(&q, &keys);
+        target.kill_takes = S(50);
+        let start = Instant::now();
+        let (tx, abort) = watch::channel(None);
+        let suspend = async {
+            tokio::time::sleep_until(start + S(8)).await;
+            tx.send_replace(Some("suspended".to_owned()));
+        };
+        let mut quiet = |_: Duration, _: &DrillEvent| {};
+        let (out, ()) = tokio::join!(
+            run(q.clone(), keys.clone(), p, &target, abort, &mut quiet),
+            suspend
+        );
+        let aborted = out
+            .timeline
+            .iter()
+            .find(|(_, e)| matches!(e, DrillEvent::Aborted { .. }));
+        assert_eq!(aborted.map(|(at, _)| *at), Some(S(8)), "not at 56 s");
+        assert_eq!(*target.active_at_account.lock().unwrap(), Some(0));
+        assert_eq!(target.kills.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_dropped_run_leaves_faults_that_end_at_their_ttl() {
         let (q, keys) = setup();
         // Outage 15..45 s; the run is dropped at 20 s (the controller died).
@@ -964,6 +1026,67 @@ mod tests {
         // 200 ms); it must not end early nor linger.
         assert!(ended >= MS(880), "{ended:?}");
         assert!(ended <= MS(1_900), "{ended:?}");
+    }
+
+    #[tokio::test]
+    async fn unreadable_stats_skip_samples_and_the_run_goes_on() {
+        let mut server = crate::testutil::RedisServer::start().await.unwrap();
+        let q: Arc<dyn Queue> = Arc::new(
+            crate::queue::redis::RedisQueue::connect(&server.url())
+                .await
+                .unwrap(),
+        );
+        let keys = Keys::new("ns", "wf");
+        // Redis is down from 300 ms to about 1.5 s: the sample at 1 s cannot be read. The
+        // fault (2..2.5 s) is injected once it is back.
+        let p = plan(
+            "bank",
+            &spec(serde_json::json!({
+                "workflowRef": "wf", "duration": "1s", "baseline": "2s",
+                "faults": [{"type": "ToolOutage", "tool": "bank", "for": "500ms"}],
+                "expect": {"maxRecoverySeconds": 0},
+            })),
+            1,
+        )
+        .unwrap();
+        let target = FakeTarget::new(&q, &keys);
+        let (_tx, abort) = watch::channel(None);
+        let mut quiet = |_: Duration, _: &DrillEvent| {};
+        let outage = async {
+            tokio::time::sleep(MS(300)).await;
+            server.kill();
+            tokio::time::sleep(MS(1_200)).await;
+            server.restart().await.unwrap();
+        };
+        let (out, ()) = tokio::join!(
+            run(q.clone(), keys.clone(), p, &target, abort, &mut quiet),
+            outage
+        );
+        let events: Vec<_> = out.timeline.iter().map(|(_, e)| e.clone()).collect();
+        assert!(
+            events.contains(&DrillEvent::FaultStarted { index: 0 })
+                && events.contains(&DrillEvent::FaultEnded { index: 0 }),
+            "{events:?}"
+        );
+        let started = out
+            .timeline
+            .iter()
+            .find(|(_, e)| *e == DrillEvent::FaultStarted { index: 0 });
+        assert!(
+            started.is_some_and(|(at, _)| *at < MS(2_500)),
+            "{started:?}"
+        );
+        // Nothing published, so nothing to measure against — said so, not invented ("no task
+        // settled during the 2s baseline", or that it could not be read twice should the
+        // reconnection be slow).
+        assert_eq!(out.verdict, Verdict::Failed);
+        assert!(
+            out.reason
+                .as_deref()
+                .is_some_and(|r| r.contains("baseline: failover and recovery cannot be measured")),
+            "{:?}",
+            out.reason
+        );
     }
 
     #[tokio::test(start_paused = true)]
