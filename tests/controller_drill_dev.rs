@@ -525,7 +525,12 @@ async fn a_drill_runs_kills_a_pod_records_its_figures_and_aborts_on_request_susp
     );
     let d = until_runs(&dev, "kb-outage", 5, 20).await;
     let last = d.status.as_ref().and_then(|s| s.runs.last()).expect("run");
-    assert_eq!(last.aborted_because.as_deref(), Some("suspended"));
+    assert_eq!(
+        last.aborted_because.as_deref(),
+        Some("suspended"),
+        "{}",
+        describe(&d)
+    );
     assert!(events(&dev.client, "DrillAborted").await.len() >= 2);
     let out = dev.r4(&["drill", "run", "kb-outage"]).await;
     assert_eq!(out.status.code(), Some(2));
