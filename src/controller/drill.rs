@@ -760,10 +760,18 @@ async fn apply(d: &ChaosDrill, ctx: &Arc<Context>, ns: &str) -> Result<Action, E
                 )
                 .await?;
             let started_at = status.last_run_at.clone().unwrap_or_else(|| rfc3339(now));
-            let run = aborted_run(started_at, rfc3339(now), INTERRUPTED);
+            let run = aborted_run(started_at.clone(), rfc3339(now), INTERRUPTED);
             let line = format!("{} ({cleared} faults cleared)", summary(&run));
             record_run(&mut status, run, Verdict::Aborted, generation, now);
+            write_status(ctx, d, &old, &status).await?;
+            // A cache still showing that run Running is stale, not another interruption.
+            ctx.drills
+                .lock()
+                .started
+                .insert(uid.clone(), (started_at, true));
             publish(ctx, d, EventType::Warning, "DrillAborted", "Run", &line).await;
+            ctx.backoff.succeeded(&key(d));
+            return Ok(Action::await_change());
         }
         Act::Start(why) => {
             let run_id = u64::try_from(now.as_millisecond()).unwrap_or(0);
