@@ -6,7 +6,8 @@
 #                                   already installed (see README, "Installing on a cluster").
 #
 # Scenario: CRDs and samples applied → children and Ready → kill switch engaged and released
-# (acknowledged by every engine) → a bad image → automatic rollback → rollback by hand →
+# (acknowledged by every engine) → a short drill (a tool outage, a pod killed) and its verdict →
+# a bad image → automatic rollback → rollback by hand →
 # `r4 status` → delete, children gone. Each step prints one line; the first failure stops the
 # script with what the cluster said.
 set -euo pipefail
@@ -76,6 +77,29 @@ step "kill switch"
 cond_is KillSwitchEngaged True || fail "KillSwitchEngaged is not True"
 "$R4" resume "$WF/resolution" --wait=10s || fail "r4 resume"
 cond_is KillSwitchEngaged False || fail "KillSwitchEngaged is not False"
+
+step "a drill: the bank down for 4s, an investigation pod killed"
+kubectl apply -f - >/dev/null <<'EOF2'
+apiVersion: r4.dev/v1alpha1
+kind: ChaosDrill
+metadata:
+  name: e2e-bank-outage
+spec:
+  workflowRef: payment-disputes
+  baseline: 2s
+  duration: 6s
+  faults:
+    - {type: ToolOutage, tool: bank-api, after: 1s, for: 4s}
+    - {type: PodKill, agent: investigation, after: 2s, count: 1}
+  expect: {maxRecoverySeconds: 30}
+EOF2
+drill_verdict() { [ -n "$(kubectl get drill e2e-bank-outage -o 'jsonpath={.status.lastVerdict}')" ]; }
+wait_for 120 "a verdict of drill e2e-bank-outage" drill_verdict
+"$R4" drill history e2e-bank-outage || fail "r4 drill history"
+drill_record() { [ -n "$(jp '{.status.drills.lastVerdict}')" ]; }
+wait_for 30 "the workflow's drill record" drill_record
+step "drill: $(kubectl get drill e2e-bank-outage -o 'jsonpath={.status.conditions[?(@.type=="LastRunPassed")].message}')"
+kubectl delete drill e2e-bank-outage >/dev/null
 
 step "a bad image: automatic rollback"
 # A shorter deadline first (rollout settings are not a new revision).

@@ -54,6 +54,11 @@ enum Command {
     Resume(r4::cli::workflow::KillArgs),
     /// Roll a workflow back to its previous Healthy revision, or --to N (patches spec.rollbackTo).
     Rollback(r4::cli::workflow::RollbackArgs),
+    /// Start, abort, or list the runs of a ChaosDrill.
+    Drill {
+        #[command(subcommand)]
+        command: r4::cli::drill::DrillCommand,
+    },
     /// Inspect and act on a workflow's dead-letter queue.
     Dlq {
         #[command(subcommand)]
@@ -161,9 +166,11 @@ fn default_log_filter(command: &Command) -> &'static str {
     match command {
         Command::Engine(_) | Command::Controller(_) | Command::Dev(_) => "warn,r4=info",
         // kube-rs logs a failed request at error level; the command's own one line says it.
-        Command::Kill(_) | Command::Resume(_) | Command::Rollback(_) | Command::Status(_) => {
-            "error,kube_client=off"
-        }
+        Command::Kill(_)
+        | Command::Resume(_)
+        | Command::Rollback(_)
+        | Command::Status(_)
+        | Command::Drill { .. } => "error,kube_client=off",
         _ => "error",
     }
 }
@@ -263,6 +270,7 @@ fn main() -> ExitCode {
         Command::Rollback(args) => r4::cli::workflow::rollback(args),
         Command::Status(args) => r4::cli::workflow::status(args),
         Command::Dlq { command } => r4::cli::dlq::run(command),
+        Command::Drill { command } => r4::cli::drill::run(command),
         Command::Run(args) => r4::cli::run::run(args),
     };
     match result {

@@ -822,7 +822,8 @@ fn recording(url: &str) -> Client {
 
 /// The Role is generated from `rbac::CALLS`; this run makes the controller do everything it
 /// does (urlSecretRef, revisions and their pruning, a rollback, kill switches, invalid specs
-/// twice, children removed, deletion with `deletePolicy: Delete`, leader election) through a
+/// twice, children removed, a drill killing a pod, deletion with `deletePolicy: Delete`, leader
+/// election) through a
 /// client that records every call, and fails if a call is missing from the Role or the Role
 /// grants one never made.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -956,6 +957,19 @@ async fn the_role_grants_exactly_the_calls_the_controller_makes() {
         {
             None => Ok(()),
             Some(_) => Err("still there".into()),
+        }
+    })
+    .await;
+    // A drill with a PodKill: the drill's status, the workflow it targets, the agent's pods.
+    dev.apply(
+        "apiVersion: r4.dev/v1alpha1\nkind: ChaosDrill\nmetadata: {name: kill-one}\nspec:\n  workflowRef: triage\n  baseline: 1s\n  duration: 2s\n  faults: [{type: PodKill, agent: solver, count: 1}]\n  expect: {maxRecoverySeconds: 5}\n",
+    );
+    let drills: Api<r4::api::drill::ChaosDrill> = Api::namespaced(dev.client.clone(), "default");
+    eventually(60, "the drill's run recorded", || async {
+        let d = drills.get("kill-one").await.map_err(|e| e.to_string())?;
+        match d.status.as_ref().map(|s| s.runs.len()) {
+            Some(n) if n > 0 => Ok(()),
+            _ => Err(serde_json::to_string(&d.status).unwrap_or_default()),
         }
     })
     .await;

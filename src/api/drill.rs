@@ -202,6 +202,13 @@ pub struct ChaosDrillStatus {
     /// Runs, newest last.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub runs: Vec<DrillRun>,
+    /// The `r4.dev/run-requested` annotation the controller last acted on (so a request is
+    /// served once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_run_request: Option<String>,
+    /// The `r4.dev/abort-requested` annotation the controller last acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_abort_request: Option<String>,
     /// Valid condition.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,

@@ -4,6 +4,7 @@
 pub mod controller;
 pub mod dev;
 pub mod dlq;
+pub mod drill;
 pub mod engine;
 pub mod kube;
 pub mod run;

@@ -98,6 +98,8 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Arc<ControllerMetrics>,
     pub backoff: ErrorBackoff,
+    /// The drill runs of this controller ([`super::drill`]).
+    pub drills: super::drill::Runs,
     queues: Mutex<HashMap<String, Arc<dyn Queue>>>,
     memory: Mutex<HashMap<String, Memory>>,
     /// The stores of the current term of leadership; `None` outside one (a reconcile then
@@ -144,6 +146,7 @@ impl Context {
             opts,
             metrics,
             backoff: ErrorBackoff::new(Duration::from_millis(500), Duration::from_secs(300)),
+            drills: super::drill::Runs::default(),
             queues: Mutex::new(HashMap::new()),
             memory: Mutex::new(HashMap::new()),
             caches: RwLock::new(None),

@@ -26,6 +26,7 @@ pub mod backoff;
 pub mod cache;
 pub mod conditions;
 pub mod context;
+pub mod drill;
 #[cfg(test)]
 mod fixtures;
 pub mod http;

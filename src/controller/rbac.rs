@@ -57,8 +57,8 @@ pub const CALLS: &[Call] = &[
     // The kinds it reconciles: watched (reflector: list + watch), finalizers and a handled
     // `rollbackTo` patched, status written with a patch of the status subresource; the
     // policies a workflow names are read from the watch's store (one it lacks is read by
-    // name). (ChaosDrills arrive with the drill
-    // controller.)
+    // name); the workflow a drill targets is read by name.
+    call("get", R4, "agentworkflows"),
     call("list", R4, "agentworkflows"),
     call("watch", R4, "agentworkflows"),
     call("patch", R4, "agentworkflows"),
@@ -67,6 +67,12 @@ pub const CALLS: &[Call] = &[
     call("list", R4, "circuitpolicies"),
     call("watch", R4, "circuitpolicies"),
     call("patch", R4, "circuitpolicies/status"),
+    call("list", R4, "chaosdrills"),
+    call("watch", R4, "chaosdrills"),
+    call("patch", R4, "chaosdrills/status"),
+    // A drill's PodKill: the agent's Running pods listed by label, `count` of them deleted.
+    call("list", CORE, "pods"),
+    call("delete", CORE, "pods"),
     // A workflow's children: applied with server-side apply (patch), watched as owned
     // objects (list + watch); Deployments and Services no longer rendered are deleted (the
     // ServiceAccount and ConfigMap are always rendered; all go with the workflow through

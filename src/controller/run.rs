@@ -1,4 +1,4 @@
-//! Running the controller: the workflow and policy controllers (kube-runtime `Controller`s on
+//! Running the controller: the workflow, policy and drill controllers (kube-runtime `Controller`s on
 //! the kube `Client`), behind leader election when asked, with the metrics and health
 //! endpoints, until shutdown.
 
@@ -18,7 +18,8 @@ use super::cache::{self, Caches};
 use super::context::{Context, Options};
 use super::leader::{self, LeaderOptions};
 use super::metrics::ControllerMetrics;
-use super::{WORKFLOW_LABEL, policy, workflow};
+use super::{WORKFLOW_LABEL, drill, policy, workflow};
+use crate::api::drill::ChaosDrill;
 use crate::api::policy::CircuitPolicy;
 use crate::api::workflow::AgentWorkflow;
 
@@ -102,7 +103,7 @@ async fn wait_true(mut rx: watch::Receiver<bool>) {
     }
 }
 
-/// The workflow and policy controllers, until `stop`.
+/// The workflow, policy and drill controllers, until `stop`.
 async fn controllers(
     ctx: Arc<Context>,
     stop: watch::Receiver<bool>,
@@ -166,6 +167,11 @@ async fn controllers(
         service_accounts,
         revisions,
     }));
+    let drill_ctl = Controller::new(Api::<ChaosDrill>::all(client.clone()), all.clone())
+        .with_config(config.clone());
+    let drill_store = drill_ctl.store();
+    ctx.drills.begin(drill_store.clone());
+    let (records, drill_workflow_specs) = (drill::RecordChanges::default(), Generations::default());
     let workflows = wf_ctl
         .owns_stream(
             watcher(Api::<Deployment>::all(client.clone()), managed.clone())
@@ -227,11 +233,37 @@ async fn controllers(
                     .collect::<Vec<_>>()
             },
         )
+        // A drill's runs make the workflow's drill record.
+        .watches(
+            Api::<ChaosDrill>::all(client.clone()),
+            all.clone(),
+            move |d: ChaosDrill| records.workflow_of(&d),
+        )
         .graceful_shutdown_on(wait_true(stop.clone()))
         .run(workflow::reconcile, workflow::error_policy, ctx.clone())
         .for_each(|r| async move {
             if let Err(e) = r {
                 tracing::debug!(error = %e, "workflow controller");
+            }
+        });
+    // Drills: reconciled again when their workflow appears or its spec changes (what they
+    // validate against).
+    let drills = drill_ctl
+        .watches(
+            Api::<AgentWorkflow>::all(client.clone()),
+            all.clone(),
+            move |w: AgentWorkflow| {
+                if !drill_workflow_specs.changed(&w) {
+                    return Vec::new();
+                }
+                drill::drills_of(&drill_store, &w)
+            },
+        )
+        .graceful_shutdown_on(wait_true(stop.clone()))
+        .run(drill::reconcile, drill::error_policy, ctx.clone())
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "drill controller");
             }
         });
     let policies = Controller::new(Api::<CircuitPolicy>::all(client.clone()), all.clone())
@@ -258,9 +290,10 @@ async fn controllers(
                 tracing::debug!(error = %e, "policy controller");
             }
         });
-    tokio::join!(workflows, policies);
+    tokio::join!(workflows, policies, drills);
     revisions_feed.abort();
     ctx.set_caches(None);
+    ctx.drills.end();
     let _ = ready.send(false);
 }
 

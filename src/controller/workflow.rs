@@ -305,6 +305,10 @@ async fn apply(wf: &AgentWorkflow, ctx: &Context) -> Result<Action, Error> {
         now,
     )
     .await;
+    // The drill record, from the drills' store (the drill reconciler writes only the drills).
+    if let Some(record) = ctx.drills.workflow_record(&ns, &name, now) {
+        status.drills = record;
+    }
     if old.current_revision != Some(target.number) && old.current_revision.is_some() {
         tracing::info!(namespace = %ns, name = %name, from = ?old.current_revision, to = target.number, "applying revision");
     }
