@@ -918,21 +918,15 @@ async fn sweep(ctx: &Context, q: &dyn Queue, keys: &Keys, ns: &str, wf: &str) ->
         return Ok(());
     }
     let keep = ctx.drills.running_names(&id);
-    // (`faults::clear_except` would do this in one call, but its `&dyn Fn` is not `Sync`, so a
-    // reconcile holding it could not run on the controller's runtime.)
-    let active = ctx
-        .redis("read the faults", faults::active(q, keys))
+    let keep_running = |drill: &str| keep.contains(drill);
+    let n = ctx
+        .redis(
+            "clear stale faults",
+            faults::clear_except(q, keys, &keep_running),
+        )
         .await?;
-    let stale: BTreeSet<String> = active
-        .into_iter()
-        .map(|f| f.drill)
-        .filter(|d| !keep.contains(d))
-        .collect();
-    for drill in &stale {
-        let n = ctx
-            .redis("clear stale faults", faults::clear(q, keys, drill))
-            .await?;
-        tracing::info!(namespace = %ns, workflow = %wf, drill = %drill, cleared = n, "cleared the faults of a drill no longer running");
+    if n > 0 {
+        tracing::info!(namespace = %ns, workflow = %wf, cleared = n, "cleared the faults of drills no longer running");
     }
     ctx.drills.lock().swept.insert(id);
     Ok(())

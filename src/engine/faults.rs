@@ -123,7 +123,7 @@ pub async fn clear(q: &dyn Queue, keys: &Keys, drill: &str) -> Result<u64, Queue
 pub async fn clear_except(
     q: &dyn Queue,
     keys: &Keys,
-    keep: &dyn Fn(&str) -> bool,
+    keep: &(dyn Fn(&str) -> bool + Sync),
 ) -> Result<u64, QueueError> {
     // `fault_prefix("")` is `…:fault::`; without its last `:` it starts every fault key.
     let all = keys.fault_prefix("");
