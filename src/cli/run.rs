@@ -1,5 +1,7 @@
 //! `r4 run`: load the workflow (and the policies it names), run it on one machine, show live
-//! progress on a terminal and print the report (a table, or one JSON line with `--json`).
+//! progress on a terminal and print the report (a table, or one JSON line with `--json`); with
+//! `--drill`, a ChaosDrill runs against it ([`crate::local::drill`]) and the exit status says
+//! whether it passed.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -21,9 +23,10 @@ pub struct RunArgs {
     /// The AgentWorkflow to run, when the files hold several.
     #[arg(long, value_name = "NAME")]
     pub workflow: Option<String>,
-    /// Tasks to submit.
-    #[arg(long, default_value_t = 2000, value_parser = parse_tasks, allow_hyphen_values = true)]
-    pub tasks: u64,
+    /// Tasks to submit [default: 2000; with --drill, as many as the load offers until the drill
+    /// has ended].
+    #[arg(long, value_parser = parse_tasks, allow_hyphen_values = true)]
+    pub tasks: Option<u64>,
     /// Submit at this many tasks per second (open loop). Default: the workflow's own traffic,
     /// `spec.economics.tasksPerMinute / 60`, or a closed loop when that is not set.
     #[arg(long, value_name = "TASKS_PER_SEC", value_parser = parse_rate, allow_hyphen_values = true, conflicts_with = "closed_loop")]
@@ -43,8 +46,10 @@ pub struct RunArgs {
     /// Switch a mechanism off in every policy, to compare (repeatable).
     #[arg(long, value_enum, value_name = "MECHANISM")]
     pub disable: Vec<Mechanism>,
-    /// A ChaosDrill to run against the workflow (not available in this build yet).
-    #[arg(long, value_name = "DRILL.yaml", hide = true)]
+    /// A ChaosDrill to run against the workflow meanwhile: its faults injected into this run's
+    /// engines on the run's clock, its verdict, failover, recovery and timeline in the report;
+    /// exit status 1 unless it passed.
+    #[arg(long, value_name = "DRILL.yaml")]
     pub drill: Option<PathBuf>,
 }
 
@@ -106,11 +111,6 @@ fn manifest_errors(errors: &[String]) -> CliError {
 
 /// `r4 run …`.
 pub fn run(args: RunArgs) -> Result<ExitCode, CliError> {
-    if args.drill.is_some() {
-        return Err(CliError::Usage(
-            "--drill: chaos drills in r4 run are not available in this build yet".into(),
-        ));
-    }
     let manifests = load(&args.files)?;
     let namespace = match &args.redis {
         // A fresh namespace per run: every key carries it, so runs on one Redis never mix.
@@ -126,6 +126,14 @@ pub fn run(args: RunArgs) -> Result<ExitCode, CliError> {
     .map_err(|e| CliError::Usage(e.to_string()))?;
     let load = Load::choose(&cfg, args.rate, args.closed_loop)
         .map_err(|e| CliError::Usage(e.to_string()))?;
+    let drill = match &args.drill {
+        Some(path) => {
+            let text = read_input(path)?;
+            let source = path.display().to_string();
+            Some(crate::local::drill::load(&source, &text, &cfg).map_err(|e| manifest_errors(&e))?)
+        }
+        None => None,
+    };
     let progress = std::io::stderr().is_terminal();
     let opts = RunOptions {
         tasks: args.tasks,
@@ -137,9 +145,10 @@ pub fn run(args: RunArgs) -> Result<ExitCode, CliError> {
         } else {
             "virtual"
         },
+        drill,
     };
     let bar = progress.then(|| {
-        let bar = indicatif::ProgressBar::new(args.tasks);
+        let bar = indicatif::ProgressBar::new(args.tasks.unwrap_or(run::DEFAULT_TASKS));
         bar.set_style(
             indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} done  {msg}")
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
@@ -148,6 +157,8 @@ pub fn run(args: RunArgs) -> Result<ExitCode, CliError> {
     });
     let on_progress = |p: &Progress| {
         if let Some(bar) = &bar {
+            // Without a count (a drill's load) the total grows with the submissions.
+            bar.set_length(p.total.max(1));
             bar.set_position(p.done);
             let breakers: Vec<String> = p
                 .breakers
@@ -159,8 +170,12 @@ pub fn run(args: RunArgs) -> Result<ExitCode, CliError> {
             } else {
                 String::new()
             };
+            let drill = p
+                .drill
+                .as_ref()
+                .map_or_else(String::new, |d| format!("  drill {d}"));
             bar.set_message(format!(
-                "{:.0} tasks/s  DLQ {}{replays}  breakers {}",
+                "{:.0} tasks/s  DLQ {}{replays}  breakers {}{drill}",
                 p.tasks_per_sec,
                 p.dead_lettered,
                 if breakers.is_empty() {
@@ -224,6 +239,16 @@ pub fn run(args: RunArgs) -> Result<ExitCode, CliError> {
             "{} lost, {} duplicate effects",
             report.lost, report.duplicate_effects
         ));
+    }
+    if let Some(d) = &report.drill
+        && d.verdict != "Passed"
+    {
+        let because = d
+            .aborted_because
+            .as_ref()
+            .or(d.reason.as_ref())
+            .map_or_else(String::new, |r| format!(": {r}"));
+        why.push(format!("drill {} {}{because}", d.name, d.verdict));
     }
     if !why.is_empty() {
         eprintln!("r4 run: {}", why.join("; "));

@@ -49,7 +49,7 @@ use super::runtime::{PodRuntime, Probe, Running};
 use crate::api::workflow::ToolSpec;
 use crate::engine::stats::Stats;
 use crate::engine::{self, AgentRole, Intake, RepairRole, WorkflowConfig, killswitch, tools};
-use crate::local::sim::{EffectLedger, NoFaults};
+use crate::local::sim::EffectLedger;
 use crate::local::simagent::{Finished, SimAgent};
 use crate::local::simtool::SimTool;
 use crate::queue::Queue;
@@ -605,7 +605,6 @@ impl StartContext {
                 self.seed ^ (100 + j as u64),
                 origin,
                 self.ledger.clone(),
-                Arc::new(NoFaults),
             )
             .map_err(|e| format!("spec.tools[{j}].simulate: {e}"))?;
             sims.insert(t.name.clone(), Arc::new(tool));

@@ -1,0 +1,339 @@
+//! `r4 run --drill`: a ChaosDrill against the local run. This module owns what is local about
+//! it — reading and checking the drill file against the workflow being run, the
+//! [`DrillTarget`] of a local run (PodKill crashes engine tasks through the [`Fleet`]; the
+//! accounting is the run's own, from the streams, the DLQ and the simulated tools' ledger), and
+//! turning the run's [`Outcome`] into the report's [`DrillReport`] with its timeline.
+//!
+//! The run itself (plan, faults in Redis, guardrails, measurement, verdict) is
+//! [`crate::engine::drill`]'s, the same code the controller runs; the engines apply the faults
+//! ([`crate::engine::faults`]). How the drill and the load share the clock is
+//! [`super::run`]'s.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+
+use super::fleet::{Fleet, FleetEvent};
+use super::report::{DrillMoment, DrillReport};
+use super::sim::EffectLedger;
+use super::simagent::Finished;
+use crate::api::drill::{ChaosDrillSpec, FaultType};
+use crate::api::validate::{Manifest, RefMode, check_drill, validate_texts};
+use crate::engine::WorkflowConfig;
+use crate::engine::drill::{Accounting, DrillEvent, DrillTarget, FaultAction, Outcome, Plan};
+use crate::queue::Queue;
+use crate::resilience::lock;
+
+/// A drill to run against the local workflow.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LocalDrill {
+    /// `metadata.name`.
+    pub name: String,
+    pub spec: ChaosDrillSpec,
+}
+
+/// Read the drill in `text` (from `source`) and check it against `cfg`, the workflow being run.
+/// Errors are lines naming the field (`DRILL.yaml#0: ChaosDrill/x: spec.faults[0].tool: …`),
+/// the first the one to show.
+pub fn load(source: &str, text: &str, cfg: &WorkflowConfig) -> Result<LocalDrill, Vec<String>> {
+    let report = validate_texts(&[(source.to_string(), text.to_string())], RefMode::Warn);
+    if !report.errors.is_empty() {
+        return Err(report.errors);
+    }
+    let mut drills = Vec::new();
+    for (at, m) in report.manifests {
+        match m {
+            Manifest::Drill(d) => drills.push((at, d)),
+            other => {
+                return Err(vec![format!(
+                    "{at}: kind: expected a ChaosDrill, got {}/{}",
+                    other.kind(),
+                    other.name()
+                )]);
+            }
+        }
+    }
+    let (at, drill) = match drills.len() {
+        1 => drills.remove(0),
+        n => {
+            return Err(vec![format!(
+                "{source}: expected one ChaosDrill, found {n}"
+            )]);
+        }
+    };
+    let name = drill.metadata.name.clone().unwrap_or_default();
+    let label = format!("{at}: ChaosDrill/{name}");
+    if drill.spec.workflow_ref != cfg.name {
+        return Err(vec![format!(
+            "{label}: spec.workflowRef: names workflow {:?} but r4 run runs {:?}",
+            drill.spec.workflow_ref, cfg.name
+        )]);
+    }
+    let errors = check_drill(&drill.spec, Some(&cfg.spec));
+    if !errors.is_empty() {
+        return Err(errors.iter().map(|e| format!("{label}: {e}")).collect());
+    }
+    Ok(LocalDrill {
+        name,
+        spec: drill.spec.clone(),
+    })
+}
+
+/// The task ids a run has submitted, in order (shared with its [`LocalTarget`]).
+pub type Submitted = Arc<Mutex<Vec<String>>>;
+
+/// What the drill runner asks of a local run: crash engines, count from the outside.
+pub struct LocalTarget {
+    pub fleet: Arc<Fleet>,
+    pub cfg: Arc<WorkflowConfig>,
+    pub queue: Arc<dyn Queue>,
+    pub finished: Arc<Finished>,
+    pub ledger: Arc<EffectLedger>,
+    pub submitted: Submitted,
+    /// Whether the repair role runs (a DLQ entry it will replay is not settled).
+    pub repair: bool,
+}
+
+impl DrillTarget for LocalTarget {
+    fn kill_pods<'a>(&'a self, agent: &'a str, count: u32) -> BoxFuture<'a, Result<u32, String>> {
+        Box::pin(async move { Ok(self.fleet.kill(agent, count)) })
+    }
+
+    fn account(&self) -> BoxFuture<'_, Result<Accounting, String>> {
+        Box::pin(async move {
+            let ids = lock(&self.submitted).clone();
+            let lost = super::run::lost_now(
+                &self.cfg,
+                self.queue.as_ref(),
+                &self.finished,
+                &ids,
+                self.repair,
+            )
+            .await
+            .map_err(|e| format!("cannot count lost tasks: {e}"))?;
+            Ok(Accounting {
+                tasks_processed: self.finished.len() as u64,
+                tasks_lost: lost,
+                duplicate_effects: self.ledger.duplicate_effects(),
+            })
+        })
+    }
+}
+
+/// One line describing fault `index` of `plan` (`ToolOutage bank-api`, `PodKill investigation ×1`).
+pub fn describe(plan: &Plan, index: usize) -> String {
+    let Some(f) = plan.faults.get(index) else {
+        return format!("fault {index}");
+    };
+    match &f.action {
+        FaultAction::PodKill { agent, count } => format!("PodKill {agent} ×{count}"),
+        FaultAction::Inject(r) => {
+            let target = r
+                .tool
+                .as_deref()
+                .or(r.stream.as_deref())
+                .or(r.agent.as_deref())
+                .unwrap_or("-");
+            let mut s = format!("{:?} {target}", r.kind);
+            if let Some(ms) = r.latency_ms {
+                s.push_str(&format!(" +{ms} ms"));
+            }
+            if let Some(e) = r.error_rate {
+                s.push_str(&format!(" {:.0}% errors", e * 100.0));
+                if let Some(code) = r.status_code {
+                    s.push_str(&format!(" ({code})"));
+                }
+            }
+            if let Some(m) = r.max_per_second {
+                s.push_str(&format!(" ≤{m}/s"));
+            }
+            if r.percent < 100.0 || r.kind == FaultType::MessageCorruption {
+                s.push_str(&format!(" on {}%", r.percent));
+            }
+            s
+        }
+    }
+}
+
+/// The report of a finished drill run. `fleet` holds the engine kills and restarts, at their
+/// offsets from the start of the run.
+pub fn report(plan: &Plan, outcome: &Outcome, fleet: &[(Duration, FleetEvent)]) -> DrillReport {
+    let mut moments: Vec<DrillMoment> = Vec::new();
+    // PodsKilled names no fault: the k-th kill of an agent is its k-th PodKill of the plan.
+    let mut kills: Vec<(usize, &str)> = plan
+        .faults
+        .iter()
+        .enumerate()
+        .filter_map(|(i, f)| match &f.action {
+            FaultAction::PodKill { agent, .. } => Some((i, agent.as_str())),
+            FaultAction::Inject(_) => None,
+        })
+        .collect();
+    kills.sort_by_key(|(i, _)| plan.faults[*i].start);
+    let secs = |d: Duration| d.as_secs_f64();
+    for (at, e) in &outcome.timeline {
+        let (event, fault, planned, detail) = match e {
+            DrillEvent::BaselineStarted => (
+                "baseline_started",
+                None,
+                Some(Duration::ZERO),
+                format!("baseline, no fault for {}", super::run::fmt_duration(plan.baseline)),
+            ),
+            DrillEvent::FaultStarted { index } => (
+                "fault_started",
+                Some(*index),
+                plan.faults.get(*index).map(|f| f.start),
+                describe(plan, *index),
+            ),
+            DrillEvent::FaultEnded { index } => (
+                "fault_ended",
+                Some(*index),
+                plan.faults.get(*index).map(|f| f.end),
+                describe(plan, *index),
+            ),
+            DrillEvent::PodsKilled {
+                agent,
+                requested,
+                killed,
+            } => {
+                let fault = kills
+                    .iter()
+                    .position(|(_, a)| a == agent)
+                    .map(|k| kills.remove(k).0);
+                (
+                    "pods_killed",
+                    fault,
+                    fault.and_then(|i| plan.faults.get(i)).map(|f| f.start),
+                    format!("{killed} of {requested} requested engines of {agent} killed"),
+                )
+            }
+            DrillEvent::Aborted { reason } => ("aborted", None, None, reason.clone()),
+            DrillEvent::Recovered => ("recovered", None, None, "back inside the baseline band".into()),
+            DrillEvent::Finished { verdict } => {
+                ("finished", None, None, verdict.as_str().to_string())
+            }
+        };
+        moments.push(DrillMoment {
+            at_seconds: secs(*at),
+            event: event.to_string(),
+            fault,
+            planned_seconds: planned.map(secs),
+            detail,
+        });
+    }
+    let mut restarted = 0;
+    for (at, e) in fleet {
+        if let FleetEvent::Restarted { agent, engine } = e {
+            restarted += 1;
+            moments.push(DrillMoment {
+                at_seconds: secs(*at),
+                event: "engine_restarted".into(),
+                fault: None,
+                planned_seconds: None,
+                detail: format!("{engine} replaces a killed engine of {agent}"),
+            });
+        }
+    }
+    // Stable: events at one instant keep the runner's order.
+    moments.sort_by(|a, b| a.at_seconds.total_cmp(&b.at_seconds));
+    let pods_killed = outcome
+        .timeline
+        .iter()
+        .map(|(_, e)| match e {
+            DrillEvent::PodsKilled { killed, .. } => u64::from(*killed),
+            _ => 0,
+        })
+        .sum();
+    DrillReport {
+        name: plan.drill.clone(),
+        verdict: outcome.verdict.as_str().to_string(),
+        score: outcome.score,
+        failover_seconds: outcome.failover_seconds,
+        recovery_seconds: outcome.recovery_seconds,
+        dlq_growth: outcome.dlq_growth,
+        dlq_replayed: outcome.dlq_replayed,
+        aborted_because: outcome.aborted_because.clone(),
+        reason: outcome.reason.clone(),
+        tasks_processed: outcome.accounting.tasks_processed,
+        tasks_lost: outcome.accounting.tasks_lost,
+        duplicate_effects: outcome.accounting.duplicate_effects,
+        breaker_trips: outcome.breaker_trips,
+        retries: outcome.retries,
+        hedges: outcome.hedges,
+        pods_killed,
+        engines_restarted: restarted,
+        timeline: moments,
+    }
+}
+
+/// How far the faults' actual starts and ends were from the plan, in milliseconds: the largest
+/// |actual − planned| over the fault starts (pod kills included) and over the fault ends, as
+/// the timeline shows them. An aborted run's early ends are not schedule errors and are left
+/// out.
+pub fn schedule_error_ms(d: &DrillReport) -> (f64, f64) {
+    let (mut start, mut end) = (0.0f64, 0.0f64);
+    for m in &d.timeline {
+        let Some(planned) = m.planned_seconds else {
+            continue;
+        };
+        let err = (m.at_seconds - planned).abs() * 1000.0;
+        match m.event.as_str() {
+            "fault_started" | "pods_killed" => start = start.max(err),
+            "fault_ended" if d.aborted_because.is_none() => end = end.max(err),
+            _ => {}
+        }
+    }
+    (start, end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> WorkflowConfig {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/config/samples/payment-disputes.yaml"
+        ))
+        .unwrap();
+        WorkflowConfig::from_yaml("s", &text, None, None).unwrap()
+    }
+
+    const DRILL: &str = "apiVersion: r4.dev/v1alpha1\nkind: ChaosDrill\nmetadata: {name: d}\nspec:\n  workflowRef: payment-disputes\n  duration: 1m\n  faults:\n";
+
+    #[test]
+    fn loads_the_sample_drill() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/config/samples/bank-outage-drill.yaml"
+        ))
+        .unwrap();
+        let d = load("drill.yaml", &text, &cfg()).unwrap();
+        assert_eq!(d.name, "bank-outage");
+        assert_eq!(d.spec.faults.len(), 3);
+    }
+
+    #[test]
+    fn bad_drills_are_refused_naming_the_field() {
+        let c = cfg();
+        let first = |text: &str| load("drill.yaml", text, &c).unwrap_err()[0].clone();
+        let e = first(&format!(
+            "{DRILL}    - {{type: ToolOutage, tool: crm, after: 10s, for: 10s}}\n"
+        ));
+        assert!(e.contains("spec.faults[0].tool") && e.contains("crm"), "{e}");
+        let e = first(&format!("{DRILL}    - {{type: ToolOutage, after: 10s}}\n"));
+        assert!(e.contains("spec.faults[0]") && e.contains("tool"), "{e}");
+        let e = first(&DRILL.replace("payment-disputes", "other").to_string().replace(
+            "faults:\n",
+            "faults:\n    - {type: PodKill, agent: intake}\n",
+        ));
+        assert!(e.contains("spec.workflowRef") && e.contains("other"), "{e}");
+        let e = first(&format!(
+            "{DRILL}    - {{type: ToolOutage, tool: bank-api, after: 50s, for: 30s}}\n"
+        ));
+        assert!(e.contains("spec.faults[0]") && e.contains("lasts"), "{e}");
+        let e = first("apiVersion: r4.dev/v1alpha1\nkind: CircuitPolicy\nmetadata: {name: p}\nspec: {}\n");
+        assert!(e.contains("ChaosDrill"), "{e}");
+    }
+}
