@@ -77,7 +77,7 @@ fn parse_rate(s: &str) -> Result<f64, String> {
 }
 
 /// Load the files, then any policy the workflows name that is missing, from beside them.
-fn load(files: &[PathBuf]) -> Result<Vec<Manifest>, CliError> {
+pub(crate) fn load(files: &[PathBuf]) -> Result<Vec<Manifest>, CliError> {
     let mut texts = Vec::new();
     for f in files {
         texts.push((f.display().to_string(), read_input(f)?));
@@ -252,6 +252,84 @@ pub fn run(args: RunArgs) -> Result<ExitCode, CliError> {
     }
     if !why.is_empty() {
         eprintln!("r4 run: {}", why.join("; "));
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Arguments of `r4 bench drill`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchDrillArgs {
+    /// Runs, with seeds 1..=N.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub seeds: u64,
+    /// The workflow (and CircuitPolicy files) instead of the built-in worked example.
+    #[arg(short = 'f', long = "file", value_name = "FILE", num_args = 1..)]
+    pub files: Vec<PathBuf>,
+    /// The ChaosDrill instead of the worked example's `bank-outage`.
+    #[arg(long, value_name = "DRILL.yaml")]
+    pub drill: Option<PathBuf>,
+    /// Print only the JSON object (on one line).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `r4 bench drill`: exit status 1 when any seed lost a task or duplicated an effect.
+pub fn bench_drill(args: BenchDrillArgs) -> Result<ExitCode, CliError> {
+    let manifests = if args.files.is_empty() {
+        None
+    } else {
+        Some(load(&args.files)?)
+    };
+    let drill = match &args.drill {
+        Some(path) => Some((path.display().to_string(), read_input(path)?)),
+        None => None,
+    };
+    let opts = crate::bench::drill::DrillBenchOpts {
+        seeds: args.seeds,
+        manifests,
+        drill,
+    };
+    let value = crate::bench::drill::run(opts)
+        .map_err(|e| CliError::Usage(format!("r4 bench drill: {e}")))?;
+    if !args.json {
+        let f = |k: &str, q: &str| {
+            value[k][q]
+                .as_f64()
+                .map_or_else(|| "-".to_string(), |v| format!("{v:.1} s"))
+        };
+        println!(
+            "drill {}: {} seeds on the virtual clock",
+            value["drill"].as_str().unwrap_or("?"),
+            value["seeds"]
+        );
+        println!(
+            "  failover   p50 {}  max {}",
+            f("failover_seconds", "p50"),
+            f("failover_seconds", "max")
+        );
+        println!(
+            "  recovery   p50 {}  max {}",
+            f("recovery_seconds", "p50"),
+            f("recovery_seconds", "max")
+        );
+        println!(
+            "  lost {}  duplicate effects {}",
+            value["lost"], value["duplicate_effects"]
+        );
+        println!(
+            "  fault schedule error: start ≤ {} ms, end ≤ {} ms",
+            value["schedule_error_ms"]["start_max"], value["schedule_error_ms"]["end_max"]
+        );
+        println!("  verdicts {}", value["verdicts"]);
+    }
+    super::print_json(&value, args.json)?;
+    let bad = value["lost"].as_u64() != Some(0) || value["duplicate_effects"].as_u64() != Some(0);
+    if bad {
+        eprintln!(
+            "r4 bench drill: {} lost, {} duplicate effects",
+            value["lost"], value["duplicate_effects"]
+        );
         return Ok(ExitCode::from(1));
     }
     Ok(ExitCode::SUCCESS)
