@@ -255,7 +255,7 @@ mod tests {
     }
 
     fn fleet() -> Arc<Fleet> {
-        let text = "apiVersion: r4.dev/v1alpha1\nkind: AgentWorkflow\nmetadata: {name: g}\nspec:\n  queue: {redis: {url: \"redis://x\"}}\n  agents:\n    - {name: a, image: i, consumes: in, replicas: 3}\n    - {name: b, image: i, consumes: other}\n";
+        let text = "apiVersion: r4.dev/v1alpha1\nkind: AgentWorkflow\nmetadata: {name: g}\nspec:\n  queue: {redis: {url: \"redis://x\"}}\n  agents:\n    - {name: a, image: i, consumes: in, produces: [other], replicas: 3}\n    - {name: b, image: i, consumes: other}\n";
         let cfg = Arc::new(WorkflowConfig::from_yaml("s", text, None, None).unwrap());
         let q: Arc<dyn Queue> = Arc::new(MemoryQueue::new());
         let d: Arc<dyn Delivery> = Arc::new(Slow);
