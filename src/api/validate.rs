@@ -1547,7 +1547,12 @@ fn check_fault_fields(e: &mut Vec<FieldError>, p: &str, f: &Fault) {
             ],
             &[MessageCorruption],
         ),
-        ("errorRate", f.error_rate.is_some(), &[ToolErrors], &[ToolErrors]),
+        (
+            "errorRate",
+            f.error_rate.is_some(),
+            &[ToolErrors],
+            &[ToolErrors],
+        ),
         ("statusCode", f.status_code.is_some(), &[ToolErrors], &[]),
         (
             "retryAfterSeconds",

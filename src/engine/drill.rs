@@ -90,12 +90,24 @@ pub struct Accounting {
 #[derive(Clone, Debug, PartialEq)]
 pub enum DrillEvent {
     BaselineStarted,
-    FaultStarted { index: usize },
-    FaultEnded { index: usize },
-    PodsKilled { agent: String, requested: u32, killed: u32 },
-    Aborted { reason: String },
+    FaultStarted {
+        index: usize,
+    },
+    FaultEnded {
+        index: usize,
+    },
+    PodsKilled {
+        agent: String,
+        requested: u32,
+        killed: u32,
+    },
+    Aborted {
+        reason: String,
+    },
     Recovered,
-    Finished { verdict: Verdict },
+    Finished {
+        verdict: Verdict,
+    },
 }
 
 /// Verdict of a run.

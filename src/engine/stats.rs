@@ -65,6 +65,19 @@ pub struct Counters {
     /// agent's are not counted), every attempt of every round.
     #[serde(default)]
     pub deliveries: u64,
+    /// Tool calls retried by the tool proxy's policies (published by the proxy's own snapshot,
+    /// role `tools`; see `engine::tools::supervise`).
+    #[serde(default)]
+    pub tool_retries: u64,
+    /// Hedged tool calls sent.
+    #[serde(default)]
+    pub hedges: u64,
+    /// Tool circuit breakers that opened.
+    #[serde(default)]
+    pub breaker_trips: u64,
+    /// Tool calls, deliveries and reads that met a ChaosDrill's injected fault.
+    #[serde(default)]
+    pub faults_applied: u64,
 }
 
 impl Counters {
@@ -81,6 +94,10 @@ impl Counters {
         self.compensations += o.compensations;
         self.in_flight += o.in_flight;
         self.deliveries += o.deliveries;
+        self.tool_retries += o.tool_retries;
+        self.hedges += o.hedges;
+        self.breaker_trips += o.breaker_trips;
+        self.faults_applied += o.faults_applied;
     }
 }
 
@@ -130,6 +147,10 @@ pub struct Stats {
     compensations: AtomicU64,
     in_flight: AtomicI64,
     deliveries: AtomicU64,
+    tool_retries: AtomicU64,
+    hedges: AtomicU64,
+    breaker_trips: AtomicU64,
+    faults_applied: AtomicU64,
     latency: Mutex<Histogram<u64>>,
     overhead: Mutex<Histogram<u64>>,
     registry: Registry,
@@ -263,6 +284,10 @@ impl Stats {
             compensations: AtomicU64::new(0),
             in_flight: AtomicI64::new(0),
             deliveries: AtomicU64::new(0),
+            tool_retries: AtomicU64::new(0),
+            hedges: AtomicU64::new(0),
+            breaker_trips: AtomicU64::new(0),
+            faults_applied: AtomicU64::new(0),
             latency: Mutex::new(histogram()),
             overhead: Mutex::new(histogram()),
             registry,
@@ -380,6 +405,20 @@ impl Stats {
         }
     }
 
+    /// The tool proxy's totals now (its policy counters summed over its tools, and the calls
+    /// that met an injected fault): they replace the previous ones.
+    pub fn set_tool_counters(&self, retries: u64, hedges: u64, breaker_trips: u64, faults: u64) {
+        self.tool_retries.store(retries, Ordering::Relaxed);
+        self.hedges.store(hedges, Ordering::Relaxed);
+        self.breaker_trips.store(breaker_trips, Ordering::Relaxed);
+        self.faults_applied.store(faults, Ordering::Relaxed);
+    }
+
+    /// A delivery or a read met an injected fault.
+    pub fn fault_applied(&self) {
+        self.faults_applied.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// The agent answered a delivery (whatever it answered).
     pub fn delivered(&self) {
         self.deliveries.fetch_add(1, Ordering::Relaxed);
@@ -432,6 +471,10 @@ impl Stats {
             compensations: l(&self.compensations),
             in_flight: self.in_flight.load(Ordering::Relaxed),
             deliveries: l(&self.deliveries),
+            tool_retries: l(&self.tool_retries),
+            hedges: l(&self.hedges),
+            breaker_trips: l(&self.breaker_trips),
+            faults_applied: l(&self.faults_applied),
         }
     }
 

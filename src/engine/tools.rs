@@ -16,6 +16,12 @@
 //!
 //! The agent passes the `Idempotency-Key` it received with its task; the proxy forwards it, so
 //! a retried, hedged or replayed call carries the same key to the tool.
+//!
+//! A ChaosDrill's tool faults ([`super::faults`]) are applied where the transport sits, inside
+//! the policy stack, so timeouts, retries, hedges, the breaker and the fallback meet them as
+//! they would meet the real failure: an outage is a connect error before anything is sent, added
+//! latency runs inside the call's timeout, an injected error is an answer with its status and
+//! `Retry-After`. [`supervise`] keeps the proxy's view of the faults current.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
@@ -165,7 +171,12 @@ pub struct ToolProxy {
     applying: Mutex<()>,
     factory: Option<TransportFactory>,
     breaker_hooks: Mutex<Vec<BreakerHook>>,
+    /// The injected faults every stack's transport consults ([`ToolProxy::set_faults`]).
+    faults: FaultSlot,
 }
+
+/// The proxy's view of the injected faults, shared with every stack (a rebuilt one included).
+type FaultSlot = Arc<RwLock<super::faults::FaultView>>;
 
 /// Why the proxy refused a call before sending it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -201,10 +212,16 @@ fn build_tool_stack(
     policy: Option<CircuitPolicySpec>,
     transport: Transport,
     telemetry: Telemetry,
+    faults: (&str, &FaultSlot),
 ) -> ToolStack {
+    let adapter = CallAdapter {
+        transport: transport.clone(),
+        tool: Arc::from(faults.0),
+        faults: faults.1.clone(),
+    };
     let Stack {
         service, breaker, ..
-    } = build_stack(cfg, CallAdapter(transport.clone()), telemetry);
+    } = build_stack(cfg, adapter, telemetry);
     ToolStack {
         service: Mutex::new(service),
         breaker,
@@ -225,6 +242,7 @@ impl ToolProxy {
         seed: Option<u64>,
     ) -> Result<Self, FieldError> {
         let mut tools = BTreeMap::new();
+        let faults: FaultSlot = Arc::default();
         for (i, t) in spec.tools.iter().enumerate() {
             let mut cfg = tool_policy(spec, policies, i)?;
             cfg.seed = tool_seed(seed, i);
@@ -234,6 +252,7 @@ impl ToolProxy {
                 resolved_policy(spec, policies, i),
                 transport(t),
                 telemetry.clone(),
+                (&t.name, &faults),
             );
             tools.insert(
                 t.name.clone(),
@@ -256,7 +275,19 @@ impl ToolProxy {
             applying: Mutex::new(()),
             factory: None,
             breaker_hooks: Mutex::new(Vec::new()),
+            faults,
         })
+    }
+
+    /// Apply the faults of `view` to every call from now on ([`supervise`] sets the view that
+    /// follows the workflow's faults; until then none apply).
+    pub fn set_faults(&self, view: super::faults::FaultView) {
+        *write(&self.faults) = view;
+    }
+
+    /// How many tool calls met an injected fault.
+    pub fn faults_applied(&self) -> u64 {
+        read(&self.faults).applied()
     }
 
     /// Make the transports of the stacks a policy reload rebuilds with `factory` (without
@@ -338,7 +369,13 @@ impl ToolProxy {
                 Some(f) => f(&t.spec, &cfg),
                 None => crate::resilience::lock(&read(&t.stack).transport).clone(),
             };
-            let stack = build_tool_stack(&cfg, policy, transport, t.telemetry.clone());
+            let stack = build_tool_stack(
+                &cfg,
+                policy,
+                transport,
+                t.telemetry.clone(),
+                (name, &self.faults),
+            );
             if let Some(b) = &stack.breaker {
                 for hook in &hooks {
                     hook(name, b, stack.policy.as_ref());
@@ -694,9 +731,14 @@ fn degraded(status: u16, tool: &str, reason: &str, msg: &str) -> HttpResponse {
     r
 }
 
-/// Adapts a transport (`HttpRequest`) to the stack's request type (`ToolCall`).
+/// Adapts a transport (`HttpRequest`) to the stack's request type (`ToolCall`), and applies the
+/// injected faults of its tool at the transport's place (see the module doc).
 #[derive(Clone)]
-struct CallAdapter(Transport);
+struct CallAdapter {
+    transport: Transport,
+    tool: Arc<str>,
+    faults: FaultSlot,
+}
 
 impl tower::Service<ToolCall> for CallAdapter {
     type Response = HttpResponse;
@@ -707,12 +749,62 @@ impl tower::Service<ToolCall> for CallAdapter {
         &mut self,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Result<(), BoxError>> {
-        self.0.poll_ready(cx)
+        self.transport.poll_ready(cx)
     }
 
     fn call(&mut self, req: ToolCall) -> Self::Future {
-        Box::pin(self.0.call(req.request))
+        use super::faults::ToolFailure;
+        let key = req.request.header(IDEMPOTENCY_HEADER).unwrap_or("");
+        let fault = read(&self.faults).tool(&self.tool, key);
+        if fault.is_none() {
+            return Box::pin(self.transport.call(req.request));
+        }
+        let tool = self.tool.clone();
+        // Not sent unless polled: an outage or an injected error never reaches the tool.
+        let forward = match &fault.failure {
+            None => Some(self.transport.call(req.request)),
+            Some(_) => None,
+        };
+        Box::pin(async move {
+            if !fault.latency.is_zero() {
+                tokio::time::sleep(fault.latency).await;
+            }
+            match (fault.failure, forward) {
+                (Some(ToolFailure::Outage { drill }), _) => {
+                    let e: BoxError =
+                        format!("tool {tool}: outage injected by ChaosDrill {drill}").into();
+                    Err(ResilienceError::Connect(e).into())
+                }
+                (
+                    Some(ToolFailure::Error {
+                        drill,
+                        status,
+                        retry_after_seconds,
+                    }),
+                    _,
+                ) => Ok(injected_error(&tool, &drill, status, retry_after_seconds)),
+                (None, Some(forward)) => forward.await,
+                (None, None) => Err(format!("tool {tool}: nothing to forward").into()),
+            }
+        })
     }
+}
+
+/// The answer of a ToolErrors fault: `status`, `Retry-After` when the drill sets one, a JSON
+/// body naming the drill.
+fn injected_error(tool: &str, drill: &str, status: u16, retry_after: Option<u64>) -> HttpResponse {
+    let body = serde_json::json!({
+        "error": format!("error {status} injected by ChaosDrill {drill}"),
+        "tool": tool,
+    })
+    .to_string();
+    let mut r = HttpResponse::new(status, body.into_bytes());
+    r.headers
+        .push(("content-type".into(), "application/json".into()));
+    if let Some(s) = retry_after {
+        r.headers.push(("retry-after".into(), s.to_string()));
+    }
+    r
 }
 
 /// How real HTTP requests reach one tool.
@@ -871,13 +963,18 @@ fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(|p| p.into_inner())
 }
 
+/// How often the proxy's counters are published (as often as an engine's stats).
+const TOOL_STATS_EVERY: Duration = Duration::from_secs(1);
+
 /// Keep a proxy in step with its workflow until `stop`: the tools' kill switches (spec and
 /// Redis; the proxy refuses every call until they are first read), the published
 /// CircuitPolicies (a new set rebuilds the stacks of the tools whose policy changed,
 /// [`ToolProxy::apply`]; see [`super::policies`]) and the breaker states, published on every
 /// transition and every rebuild (and refreshed while not closed, see
 /// [`super::breakers::REFRESH`]) for the repair role and degraded mode of every engine of the
-/// workflow.
+/// workflow; the injected faults ([`super::faults::follow`], applied from the first read on);
+/// and the proxy's counters (retries, hedges, breaker trips, faults applied), published every
+/// [`TOOL_STATS_EVERY`] as the stats of engine `<engine>-tools`, role `tools`.
 pub async fn supervise(
     proxy: Arc<ToolProxy>,
     queue: Arc<dyn crate::queue::Queue>,
@@ -898,6 +995,30 @@ pub async fn supervise(
     }
     let mut switches =
         super::killswitch::watch(queue.clone(), cfg.keys.clone(), cfg.spec_switches());
+    proxy.set_faults(super::faults::follow(queue.clone(), cfg.keys.clone()));
+    // The proxy's own counters, published like an engine's (role `tools`) so the workflow's
+    // stats add up its retries, hedges and breaker trips; its own id, as an agent role of the
+    // same engine publishes under the engine's.
+    let tool_stats = super::Stats::new(&format!("{engine}-tools"), "tools", None);
+    let publish_tools = |final_ttl: bool| {
+        let (q, keys, proxy, stats) = (queue.clone(), cfg.keys.clone(), proxy.clone(), &tool_stats);
+        async move {
+            let (mut retries, mut hedges, mut trips) = (0, 0, 0);
+            for c in proxy.counters().values() {
+                retries += c.retries;
+                hedges += c.hedges;
+                trips += c.breaker_trips;
+            }
+            stats.set_tool_counters(retries, hedges, trips, proxy.faults_applied());
+            stats.set_policy_version(proxy.policy_version());
+            let ttl = Duration::from_secs(if final_ttl { 30 } else { 15 });
+            if let Err(e) = stats.publish(q.as_ref(), &keys, ttl).await {
+                tracing::debug!(error = %e, "cannot publish the tool proxy's stats");
+            }
+        }
+    };
+    let mut stats_tick = tokio::time::interval(TOOL_STATS_EVERY);
+    stats_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The published set first: the proxy refuses every call until the kill switches are
     // read in the loop below, so no call goes out under the file's policies when a newer set
     // is published.
@@ -957,7 +1078,11 @@ pub async fn supervise(
             }
         }
         tokio::select! {
-            r = stop.changed() => if r.is_err() || *stop.borrow() { return },
+            r = stop.changed() => if r.is_err() || *stop.borrow() {
+                publish_tools(true).await;
+                return;
+            },
+            _ = stats_tick.tick() => publish_tools(false).await,
             changed = switches.changed() => if changed.is_err() { return },
             changed = policies.changed() => {
                 if changed.is_err() {
