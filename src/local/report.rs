@@ -223,10 +223,12 @@ impl DrillReport {
         }
         let mut out = String::from("  drill\n");
         for (k, v) in &rows {
-            out.push_str(&format!("    {k:<24} {v}\n"));
+            out.push_str(&format!("    {k:<26} {v}\n"));
         }
         if !self.timeline.is_empty() {
-            let mut t = Table::new(&["at s", "event", "fault", "planned s", "detail"]).text_last();
+            let mut t = Table::new(&["at s", "event", "fault", "planned s", "detail"])
+                .text_last()
+                .left(1);
             for m in &self.timeline {
                 t.row(vec![
                     format!("{:.1}", m.at_seconds),
@@ -475,6 +477,8 @@ struct Table {
     rows: Vec<Vec<String>>,
     /// The last column is free text (left-aligned).
     text_last: bool,
+    /// Other columns of text (left-aligned).
+    left: Vec<usize>,
 }
 
 impl Table {
@@ -483,7 +487,13 @@ impl Table {
             head: head.iter().map(|h| h.to_string()).collect(),
             rows: Vec::new(),
             text_last: false,
+            left: Vec::new(),
         }
+    }
+
+    fn left(mut self, column: usize) -> Self {
+        self.left.push(column);
+        self
     }
 
     fn text_last(mut self) -> Self {
@@ -507,7 +517,10 @@ impl Table {
         for r in std::iter::once(&self.head).chain(&self.rows) {
             let mut line = String::from("  ");
             for (i, c) in r.iter().enumerate().take(n) {
-                let cell = if (i == 0 && !self.text_last) || (i + 1 == n && self.text_last) {
+                let cell = if (i == 0 && !self.text_last)
+                    || (i + 1 == n && self.text_last)
+                    || self.left.contains(&i)
+                {
                     format!("{c:<w$}", w = width[i])
                 } else {
                     format!("{c:>w$}", w = width[i])
