@@ -96,7 +96,9 @@ fn assert_status_matches_verdict(out: &Output, d: &Value) {
         let stderr = String::from_utf8_lossy(&out.stderr);
         let verdict = d["verdict"].as_str().unwrap_or_default();
         assert!(
-            stderr.lines().any(|l| l.starts_with("r4 run:") && l.contains(verdict)),
+            stderr
+                .lines()
+                .any(|l| l.starts_with("r4 run:") && l.contains(verdict)),
             "one line says why: {stderr}"
         );
     }
@@ -135,7 +137,10 @@ fn the_issues_done_means_command() {
     let ended = events(d, "fault_ended");
     assert_eq!(started.len(), 2, "{d}");
     assert_eq!(ended.len(), 2, "{d}");
-    let outage = started.iter().find(|m| m["fault"] == 0).expect("the outage");
+    let outage = started
+        .iter()
+        .find(|m| m["fault"] == 0)
+        .expect("the outage");
     assert_eq!(outage["planned_seconds"], 60.0, "30 s baseline + after 30s");
     assert!(
         (outage["at_seconds"].as_f64().unwrap() - 60.0).abs() <= 1.0,
@@ -149,7 +154,13 @@ fn the_issues_done_means_command() {
     // The people's version has the same figures and the fault timeline.
     let wf = sample("payment-disputes.yaml");
     let out = r4()
-        .args(["run", "-f", &wf, "--drill", &sample("bank-outage-drill.yaml")])
+        .args([
+            "run",
+            "-f",
+            &wf,
+            "--drill",
+            &sample("bank-outage-drill.yaml"),
+        ])
         .output()
         .unwrap();
     let table = String::from_utf8_lossy(&out.stdout);
@@ -180,7 +191,10 @@ fn corrupted_messages_go_to_the_dlq_and_nothing_is_lost() {
     );
     let (_out, v) = run_drill(&path, &[]);
     let d = &v["drill"];
-    assert!(n(d, "dlq_growth") >= 1, "corrupted entries reach the DLQ: {d}");
+    assert!(
+        n(d, "dlq_growth") >= 1,
+        "corrupted entries reach the DLQ: {d}"
+    );
     assert!(
         n(&v["agents"]["investigation"], "dead_lettered") >= 1,
         "at the agent that read them: {v}"
@@ -339,10 +353,17 @@ fn the_bench_repeats_the_drill_per_seed() {
         "  expect: {maxRecoverySeconds: 30}\n",
     );
     let (out, v) = json_of(&["bench", "drill", "--seeds", "2", "--drill", &path, "--json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(n(&v, "seeds"), 2);
     for k in ["failover_seconds", "recovery_seconds"] {
-        assert!(v[k].get("p50").is_some() && v[k].get("max").is_some(), "{v}");
+        assert!(
+            v[k].get("p50").is_some() && v[k].get("max").is_some(),
+            "{v}"
+        );
     }
     assert_eq!(n(&v, "lost"), 0, "{v}");
     assert_eq!(n(&v, "duplicate_effects"), 0, "{v}");

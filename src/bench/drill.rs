@@ -79,7 +79,8 @@ pub fn run(opts: DrillBenchOpts) -> Result<Value, String> {
     let mut verdicts = serde_json::Map::new();
     let mut name = String::new();
     for seed in 1..=opts.seeds.max(1) {
-        let cfg = run::prepare(&manifests, None, "r4-bench-drill", &[]).map_err(|e| e.to_string())?;
+        let cfg =
+            run::prepare(&manifests, None, "r4-bench-drill", &[]).map_err(|e| e.to_string())?;
         let drill: LocalDrill = crate::local::drill::load(&source, &text, &cfg)
             .map_err(|e| e.first().cloned().unwrap_or_default())?;
         name = drill.name.clone();

@@ -178,7 +178,10 @@ pub fn report(plan: &Plan, outcome: &Outcome, fleet: &[(Duration, FleetEvent)]) 
                 "baseline_started",
                 None,
                 Some(Duration::ZERO),
-                format!("baseline, no fault for {}", super::run::fmt_duration(plan.baseline)),
+                format!(
+                    "baseline, no fault for {}",
+                    super::run::fmt_duration(plan.baseline)
+                ),
             ),
             DrillEvent::FaultStarted { index } => (
                 "fault_started",
@@ -209,7 +212,12 @@ pub fn report(plan: &Plan, outcome: &Outcome, fleet: &[(Duration, FleetEvent)]) 
                 )
             }
             DrillEvent::Aborted { reason } => ("aborted", None, None, reason.clone()),
-            DrillEvent::Recovered => ("recovered", None, None, "back inside the baseline band".into()),
+            DrillEvent::Recovered => (
+                "recovered",
+                None,
+                None,
+                "back inside the baseline band".into(),
+            ),
             DrillEvent::Finished { verdict } => {
                 ("finished", None, None, verdict.as_str().to_string())
             }
@@ -321,19 +329,29 @@ mod tests {
         let e = first(&format!(
             "{DRILL}    - {{type: ToolOutage, tool: crm, after: 10s, for: 10s}}\n"
         ));
-        assert!(e.contains("spec.faults[0].tool") && e.contains("crm"), "{e}");
+        assert!(
+            e.contains("spec.faults[0].tool") && e.contains("crm"),
+            "{e}"
+        );
         let e = first(&format!("{DRILL}    - {{type: ToolOutage, after: 10s}}\n"));
         assert!(e.contains("spec.faults[0]") && e.contains("tool"), "{e}");
-        let e = first(&DRILL.replace("payment-disputes", "other").to_string().replace(
-            "faults:\n",
-            "faults:\n    - {type: PodKill, agent: intake}\n",
-        ));
+        let e = first(
+            &DRILL
+                .replace("payment-disputes", "other")
+                .to_string()
+                .replace(
+                    "faults:\n",
+                    "faults:\n    - {type: PodKill, agent: intake}\n",
+                ),
+        );
         assert!(e.contains("spec.workflowRef") && e.contains("other"), "{e}");
         let e = first(&format!(
             "{DRILL}    - {{type: ToolOutage, tool: bank-api, after: 50s, for: 30s}}\n"
         ));
         assert!(e.contains("spec.faults[0]") && e.contains("lasts"), "{e}");
-        let e = first("apiVersion: r4.dev/v1alpha1\nkind: CircuitPolicy\nmetadata: {name: p}\nspec: {}\n");
+        let e = first(
+            "apiVersion: r4.dev/v1alpha1\nkind: CircuitPolicy\nmetadata: {name: p}\nspec: {}\n",
+        );
         assert!(e.contains("ChaosDrill"), "{e}");
     }
 }

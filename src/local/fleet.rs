@@ -81,7 +81,11 @@ impl Fleet {
             .agents
             .iter()
             .enumerate()
-            .filter_map(|(i, a)| deliveries.get(&a.name).map(|d| (a.name.clone(), (i, d.clone()))))
+            .filter_map(|(i, a)| {
+                deliveries
+                    .get(&a.name)
+                    .map(|d| (a.name.clone(), (i, d.clone())))
+            })
             .collect();
         Arc::new(Self {
             cfg,

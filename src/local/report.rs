@@ -181,7 +181,10 @@ impl DrillReport {
         let mut rows: Vec<(&str, String)> = vec![
             (
                 "drill verdict",
-                format!("{} ({}), score {:.0}/100", self.verdict, self.name, self.score),
+                format!(
+                    "{} ({}), score {:.0}/100",
+                    self.verdict, self.name, self.score
+                ),
             ),
             (
                 "failover / recovery",
@@ -614,7 +617,13 @@ mod tests {
         assert!(d["failover_seconds"].is_null());
         assert_eq!(d["timeline"][0]["planned_seconds"], 30.0);
         let table = r.to_table();
-        assert!(table.contains("drill verdict") && table.contains("Aborted"), "{table}");
-        assert!(table.contains("fault started") && table.contains("ToolOutage bank-api"), "{table}");
+        assert!(
+            table.contains("drill verdict") && table.contains("Aborted"),
+            "{table}"
+        );
+        assert!(
+            table.contains("fault started") && table.contains("ToolOutage bank-api"),
+            "{table}"
+        );
     }
 }

@@ -51,10 +51,10 @@ use super::simagent::{Finished, SimAgent};
 use super::simtool::SimTool;
 use crate::api::validate::{FieldError, Manifest};
 use crate::api::workflow::ToolSpec;
-use crate::engine::stats::Stats;
-use crate::engine::tools::{self, ToolProxy};
 use crate::engine::delivery::Delivery;
 use crate::engine::drill::{self as drill_run, DrillEvent, Outcome, Plan};
+use crate::engine::stats::Stats;
+use crate::engine::tools::{self, ToolProxy};
 use crate::engine::{EngineError, Intake, RepairRole, WorkflowConfig, dlq};
 use crate::queue::{Queue, QueueError};
 use crate::resilience::BreakerState;
@@ -723,8 +723,7 @@ pub async fn run(
             };
             full_since = None;
             last_change = Instant::now();
-            if let std::collections::hash_map::Entry::Vacant(v) = submitted.entry(task_id.clone())
-            {
+            if let std::collections::hash_map::Entry::Vacant(v) = submitted.entry(task_id.clone()) {
                 v.insert(Instant::now());
                 if drill.is_some() {
                     crate::resilience::lock(&shared_ids).push(task_id.clone());
@@ -1185,10 +1184,16 @@ impl DrillTask {
         let what = match e {
             DrillEvent::BaselineStarted => "baseline".to_string(),
             DrillEvent::FaultStarted { index } => {
-                format!("fault started: {}", super::drill::describe(&self.plan, *index))
+                format!(
+                    "fault started: {}",
+                    super::drill::describe(&self.plan, *index)
+                )
             }
             DrillEvent::FaultEnded { index } => {
-                format!("fault ended: {}", super::drill::describe(&self.plan, *index))
+                format!(
+                    "fault ended: {}",
+                    super::drill::describe(&self.plan, *index)
+                )
             }
             DrillEvent::PodsKilled { agent, killed, .. } => format!("{killed} {agent} killed"),
             DrillEvent::Aborted { reason } => format!("aborted: {reason}"),
@@ -1204,7 +1209,10 @@ impl DrillTask {
             let _ = self
                 .abort
                 .send(Some("r4 run reached its wall-clock limit".into()));
-            let h = self.handle.as_mut().map(|h| tokio::time::timeout(DRILL_ABORT_WAIT, h));
+            let h = self
+                .handle
+                .as_mut()
+                .map(|h| tokio::time::timeout(DRILL_ABORT_WAIT, h));
             if let Some(waited) = h
                 && waited.await.is_err()
             {

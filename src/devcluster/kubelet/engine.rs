@@ -600,13 +600,8 @@ impl StartContext {
                 }
                 continue;
             }
-            let tool = SimTool::new(
-                t,
-                self.seed ^ (100 + j as u64),
-                origin,
-                self.ledger.clone(),
-            )
-            .map_err(|e| format!("spec.tools[{j}].simulate: {e}"))?;
+            let tool = SimTool::new(t, self.seed ^ (100 + j as u64), origin, self.ledger.clone())
+                .map_err(|e| format!("spec.tools[{j}].simulate: {e}"))?;
             sims.insert(t.name.clone(), Arc::new(tool));
         }
         let transport = |t: &ToolSpec| match sims.get(&t.name) {
