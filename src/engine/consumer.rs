@@ -31,6 +31,16 @@
 //!   not a task for us goes to the DLQ with a reason. Nothing from outside
 //!   is unwrapped; every queue call has the queue's deadline and every
 //!   delivery `min(timeout.perAttempt, visibility/2)`.
+//!
+//! # Injected faults
+//! The role follows the workflow's ChaosDrill faults ([`super::faults`]) and applies those
+//! aimed at it: a `MessageCorruption` of its input stream takes a delivered task down the
+//! malformed path to the DLQ (reason `malformed`, the error naming the drill, replayable: the
+//! stored entry is intact, so a replay completes it and nothing is lost); an `AgentSlowdown`
+//! of its agent delays each delivery by `latencyMs` inside the attempt's deadline (the agent
+//! answers late; past the deadline the attempt fails as a timeout would); a `QueueThrottle` of
+//! its input stream limits this engine's reads to its share of `maxPerSecond` — divided by the
+//! live consumers of the group, so all engines together stay within it.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -54,6 +64,7 @@ use super::delivery::{
     Delivery, DeliveryError, DeliveryRequest, Outputs, RequestKind, child_traceparent,
 };
 use super::dlq::{DlqRecord, FailedJoin, reason};
+use super::faults::FaultView;
 use super::killswitch::{self, SwitchState};
 use super::stats::{Outcome, Stats};
 use super::task::{self, Attempt, Kind, Task};
@@ -117,6 +128,8 @@ struct Ctx {
     /// The workflow's delivery policy as published sets change it ([`policies::follow`]);
     /// each task takes the one current when it needs it.
     policy: watch::Receiver<(u64, Arc<Policy>)>,
+    /// The injected faults ([`super::faults::follow`]).
+    faults: FaultView,
 }
 
 impl Ctx {
@@ -204,7 +217,18 @@ impl AgentRole {
         // Published CircuitPolicies: taken by the next task (and group commit) once read.
         let first = policies::initial(q.as_ref(), &self.cfg).await;
         let mut policy = policies::follow(q.clone(), self.cfg.clone(), self.stats.clone(), first);
-        let ctx = self.context(&stream, down_rx, shutdown.clone(), policy.clone());
+        let faults = super::faults::follow(q.clone(), self.cfg.keys.clone());
+        // A role started mid-drill (a killed pod's replacement) applies the faults from its
+        // first read of work.
+        faults.first_read(super::faults::FIRST_READ).await;
+        let ctx = self.context(
+            &stream,
+            down_rx,
+            shutdown.clone(),
+            policy.clone(),
+            faults.clone(),
+        );
+        let mut throttle = Throttle::default();
         let stats_task = tokio::spawn(publish_stats(
             q.clone(),
             self.cfg.keys.clone(),
@@ -297,6 +321,21 @@ impl AgentRole {
                     _ => break,
                 }
             }
+            // A QueueThrottle: read no more than this engine's share allows.
+            if let Some(max) = faults.throttle(&self.agent.consumes) {
+                let allowed = throttle.allowed(&self, &group, max).await;
+                if allowed == 0 {
+                    drop(permits);
+                    let wait = throttle.wait();
+                    if wait_or_shutdown(&mut shutdown, wait).await {
+                        break;
+                    }
+                    continue;
+                }
+                permits.truncate(allowed);
+            } else {
+                throttle = Throttle::default();
+            }
             let mut entries = Vec::new();
             if last_claim.is_none_or(|t| t.elapsed() >= claim_every) {
                 last_claim = Some(Instant::now());
@@ -343,6 +382,9 @@ impl AgentRole {
                     }
                 }
             }
+            if throttle.take(entries.len()) {
+                self.stats.fault_applied();
+            }
             for entry in entries {
                 let Some((permit, held)) = permits.pop() else {
                     break;
@@ -383,6 +425,7 @@ impl AgentRole {
         downgrade: watch::Receiver<Option<Downgrade>>,
         shutdown: watch::Receiver<bool>,
         policy: watch::Receiver<(u64, Arc<Policy>)>,
+        faults: FaultView,
     ) -> Arc<Ctx> {
         let inbox_ttl = policy.borrow().1.idempotency_ttl;
         Arc::new(Ctx {
@@ -410,6 +453,7 @@ impl AgentRole {
                 ))
             }),
             policy,
+            faults,
         })
     }
 
@@ -669,6 +713,100 @@ pub async fn ensure_groups(q: &dyn Queue, cfg: &WorkflowConfig) -> Result<(), Qu
     Ok(())
 }
 
+/// A delivery under an AgentSlowdown: `late` first, then the agent with what is left of the
+/// attempt's deadline; an agent that would answer after the deadline fails the attempt as a
+/// timeout (retryable), without being asked.
+async fn slowed(
+    ctx: &Ctx,
+    req: &mut DeliveryRequest,
+    late: Duration,
+) -> Result<Outputs, DeliveryError> {
+    let deadline = req.deadline;
+    if late >= deadline {
+        tokio::time::sleep(deadline).await;
+        return Err(DeliveryError::retryable(format!(
+            "agent {} did not answer within {deadline:?} (AgentSlowdown of {late:?} injected by a ChaosDrill)",
+            ctx.agent.name
+        )));
+    }
+    tokio::time::sleep(late).await;
+    req.deadline = deadline - late;
+    let res = ctx.delivery.deliver(req).await;
+    req.deadline = deadline;
+    res
+}
+
+/// This engine's share of a QueueThrottle: a token bucket refilled at `maxPerSecond` divided
+/// by the live consumers of the group (counted again every [`THROTTLE_RECOUNT`]), holding at
+/// most a tenth of a second's worth (at least one entry), so reads stay smooth.
+#[derive(Default)]
+struct Throttle {
+    tokens: f64,
+    rate: f64,
+    last: Option<Instant>,
+    counted: Option<(Instant, u64)>,
+}
+
+/// How often a throttled engine counts the live consumers of its group.
+const THROTTLE_RECOUNT: Duration = Duration::from_secs(1);
+
+/// A consumer idle for longer than this is not counted as live (an engine reads at least every
+/// `readBlock` while it runs, and at least once a second while throttled).
+const LIVE_IDLE: Duration = Duration::from_secs(10);
+
+impl Throttle {
+    /// How many entries may be read now under `max` per second for the whole group.
+    async fn allowed(&mut self, role: &AgentRole, group: &str, max: u64) -> usize {
+        let now = Instant::now();
+        let live = match self.counted {
+            Some((at, n)) if now.duration_since(at) < THROTTLE_RECOUNT => n,
+            _ => {
+                let stream = role.cfg.keys.stream(&role.agent.consumes);
+                let n = match role.queue.consumers(&stream, group).await {
+                    Ok(cs) => cs
+                        .iter()
+                        .filter(|c| c.name == role.engine_id || c.idle < LIVE_IDLE)
+                        .count() as u64,
+                    // Unknown: assume we are alone (the fault holds for this engine at least).
+                    Err(_) => 1,
+                };
+                let n = n.max(1);
+                self.counted = Some((now, n));
+                n
+            }
+        };
+        let rate = max as f64 / live as f64;
+        let cap = (rate / 10.0).max(1.0);
+        match self.last {
+            None => self.tokens = cap,
+            Some(last) => {
+                self.tokens =
+                    (self.tokens + now.duration_since(last).as_secs_f64() * rate).min(cap);
+            }
+        }
+        self.rate = rate;
+        self.last = Some(now);
+        self.tokens.floor() as usize
+    }
+
+    /// How long until one entry may be read (between 1 ms and 1 s).
+    fn wait(&self) -> Duration {
+        if self.rate <= 0.0 {
+            return Duration::from_secs(1);
+        }
+        Duration::from_secs_f64(((1.0 - self.tokens) / self.rate).clamp(0.001, 1.0))
+    }
+
+    /// `n` entries were read; whether the throttle counted them.
+    fn take(&mut self, n: usize) -> bool {
+        if self.last.is_none() || n == 0 {
+            return false;
+        }
+        self.tokens = (self.tokens - n as f64).max(0.0);
+        true
+    }
+}
+
 /// How often an engine trims what every group acknowledged from its input.
 const TRIM_EVERY: Duration = Duration::from_secs(1);
 
@@ -836,6 +974,23 @@ async fn decode(ctx: &Ctx, entry: &StreamEntry, started: Instant) -> Option<Step
             Some((compensation.clone(), rest.clone()))
         }
     };
+    if let Some(note) = ctx.faults.corrupted(&ctx.agent.consumes, &task.task_id) {
+        // A drill's MessageCorruption: the malformed path, but replayable — the stored entry is
+        // intact (the DLQ record keeps it byte for byte), so a replay completes the task.
+        ctx.stats.fault_applied();
+        let rec = record(
+            ctx,
+            entry,
+            Some(&task),
+            task::Reject::Malformed.as_str(),
+            &note,
+            vec![],
+            None,
+            true,
+        );
+        dead_letter(ctx, entry, rec, None, started).await;
+        return None;
+    }
     let step_key = match &compensation {
         None => ctx.agent.name.clone(),
         Some(_) => format!("compensate:{}", ctx.agent.name),
@@ -1103,7 +1258,13 @@ async fn deliver(
     loop {
         req.attempt = entry.delivery_count;
         let t = Instant::now();
-        let res = ctx.delivery.deliver(&req).await;
+        let res = match ctx.faults.slowdown(&ctx.agent.name, &task.task_id) {
+            None => ctx.delivery.deliver(&req).await,
+            Some(late) => {
+                ctx.stats.fault_applied();
+                slowed(ctx, &mut req, late).await
+            }
+        };
         agent_time += t.elapsed();
         if !matches!(&res, Err(e) if e.unreachable) {
             ctx.stats.delivered();

@@ -17,7 +17,7 @@
 //! What a drill does when (the timeline, guardrails, measurement) is [`super::drill`]'s.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -194,6 +194,10 @@ async fn announce(q: &dyn Queue, keys: &Keys) -> Result<(), QueueError> {
 /// while the subscription was down is seen within this; so is a fault's TTL running out).
 pub const REREAD: Duration = Duration::from_millis(500);
 
+/// How long an engine waits for its first read of the faults before it starts work without
+/// them (Redis slow or away: the safe side, no fault).
+pub const FIRST_READ: Duration = Duration::from_secs(2);
+
 /// What a tool call meets under the faults active now ([`FaultView::tool`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ToolFault {
@@ -236,6 +240,8 @@ pub enum ToolFailure {
 #[derive(Clone, Debug)]
 pub struct FaultView {
     rx: watch::Receiver<Arc<Vec<FaultRecord>>>,
+    /// Whether the follower has read the faults once (or failed to).
+    read: Arc<AtomicBool>,
     calls: Arc<AtomicU64>,
     applied: Arc<AtomicU64>,
 }
@@ -251,9 +257,11 @@ impl Default for FaultView {
 /// task that ends when the last clone of the returned view is dropped.
 pub fn follow(q: Arc<dyn Queue>, keys: Keys) -> FaultView {
     let (tx, rx) = watch::channel(Arc::new(Vec::new()));
+    let view = FaultView::with_receiver(rx, false);
+    let read = view.read.clone();
     tokio::spawn(async move {
         let channel = keys.faults_channel();
-        let (q, keys, tx) = (q.as_ref(), &keys, &tx);
+        let (q, keys, tx, read) = (q.as_ref(), &keys, &tx, &read);
         super::follow::follow(q, &channel, REREAD, tx, |_| async move {
             let now = match active(q, keys).await {
                 Ok(v) => v,
@@ -264,9 +272,11 @@ pub fn follow(q: Arc<dyn Queue>, keys: Keys) -> FaultView {
                     Vec::new()
                 }
             };
+            // The first read always notifies, so [`FaultView::first_read`] wakes.
+            let first = !read.swap(true, Ordering::Release);
             tx.send_if_modified(|cur| {
                 if **cur == now {
-                    return false;
+                    return first;
                 }
                 tracing::info!(faults = now.len(), "injected faults changed");
                 *cur = Arc::new(now);
@@ -275,7 +285,7 @@ pub fn follow(q: Arc<dyn Queue>, keys: Keys) -> FaultView {
         })
         .await;
     });
-    FaultView::with_receiver(rx)
+    view
 }
 
 impl FaultView {
@@ -287,15 +297,33 @@ impl FaultView {
     /// A view of exactly these faults (tests; engines use [`follow`]).
     pub fn fixed(faults: Vec<FaultRecord>) -> Self {
         let (_tx, rx) = watch::channel(Arc::new(faults));
-        Self::with_receiver(rx)
+        Self::with_receiver(rx, true)
     }
 
-    fn with_receiver(rx: watch::Receiver<Arc<Vec<FaultRecord>>>) -> Self {
+    fn with_receiver(rx: watch::Receiver<Arc<Vec<FaultRecord>>>, read: bool) -> Self {
         Self {
             rx,
+            read: Arc::new(AtomicBool::new(read)),
             calls: Arc::new(AtomicU64::new(0)),
             applied: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// Wait (at most `within`) until the faults have been read once, so that an engine started
+    /// during a drill applies them from its first read of work; `false` if they were not.
+    pub async fn first_read(&self, within: Duration) -> bool {
+        let mut rx = self.rx.clone();
+        let read = self.read.clone();
+        tokio::time::timeout(within, async move {
+            while !read.load(Ordering::Acquire) {
+                if rx.changed().await.is_err() {
+                    return false;
+                }
+            }
+            true
+        })
+        .await
+        .unwrap_or(false)
     }
 
     /// The faults active now.

@@ -995,7 +995,12 @@ pub async fn supervise(
     }
     let mut switches =
         super::killswitch::watch(queue.clone(), cfg.keys.clone(), cfg.spec_switches());
-    proxy.set_faults(super::faults::follow(queue.clone(), cfg.keys.clone()));
+    let faults = super::faults::follow(queue.clone(), cfg.keys.clone());
+    // Calls wait for the kill switches anyway; the faults are read by then, mostly.
+    faults
+        .first_read(super::faults::FIRST_READ.min(Duration::from_millis(200)))
+        .await;
+    proxy.set_faults(faults);
     // The proxy's own counters, published like an engine's (role `tools`) so the workflow's
     // stats add up its retries, hedges and breaker trips; its own id, as an agent role of the
     // same engine publishes under the engine's.
