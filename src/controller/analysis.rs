@@ -19,12 +19,11 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use hdrhistogram::Histogram;
 use k8s_openapi::jiff::Timestamp;
 
 use crate::api::workflow::{AnalysisSpec, EconomicsSpec, SloSpec};
 use crate::engine::slo::{self, CostReport, SloReport};
-use crate::engine::stats::{Counters, Snapshot, decode_hist};
+use crate::engine::stats::{self, Snapshot};
 
 /// Window judged when `analysis.windowSeconds` is not set.
 pub const DEFAULT_WINDOW_SECONDS: i32 = 60;
@@ -75,45 +74,11 @@ impl Window {
     }
 }
 
-/// What happened between two readings of the workflow's engine snapshots, engine by engine:
-/// an engine in both contributes its counter and histogram deltas, a new one all it has, a gone
-/// one nothing (its snapshot expired) — so the counts never go backwards when engines come and
-/// go. An engine whose counters went down between the readings restarted under the same id:
-/// it counts as new.
+/// What happened between two readings of the workflow's engine snapshots (the deltas are
+/// [`stats::delta`]'s: engines coming, going and restarting never make counts go backwards).
 pub fn window(old: &[Snapshot], new: &[Snapshot], seconds: f64) -> Window {
-    let mut succeeded = 0u64;
-    let mut failed = 0u64;
-    let mut latency: Option<Histogram<u64>> = None;
-    for n in new {
-        let before = old
-            .iter()
-            .find(|o| o.engine_id == n.engine_id)
-            .filter(|o| !went_back(&o.counters, &n.counters));
-        let mut h = decode_hist(&n.latency_us);
-        match before {
-            Some(o) => {
-                succeeded += n.counters.completed - o.counters.completed;
-                failed += n.counters.dead_lettered - o.counters.dead_lettered;
-                // A histogram that does not contain the older one (garbage, a reset the
-                // counters did not show) is taken whole rather than dropped.
-                let mut delta = h.clone();
-                if delta.subtract(decode_hist(&o.latency_us)).is_ok() {
-                    h = delta;
-                }
-            }
-            None => {
-                succeeded += n.counters.completed;
-                failed += n.counters.dead_lettered;
-            }
-        }
-        match &mut latency {
-            Some(all) => {
-                // Both come from the engines' fixed bounds; a foreign one is skipped.
-                let _ = all.add(&h);
-            }
-            None => latency = Some(h),
-        }
-    }
+    let d = stats::delta(old, new);
+    let (succeeded, failed) = (d.counters.completed, d.counters.dead_lettered);
     let tasks = succeeded + failed;
     Window {
         tasks,
@@ -124,15 +89,9 @@ pub fn window(old: &[Snapshot], new: &[Snapshot], seconds: f64) -> Window {
         } else {
             succeeded as f64 / tasks as f64
         },
-        p95_ms: latency
-            .filter(|h| !h.is_empty())
-            .map_or(0.0, |h| h.value_at_quantile(0.95) as f64 / 1000.0),
+        p95_ms: d.p95_ms().unwrap_or(0.0),
         seconds,
     }
-}
-
-fn went_back(old: &Counters, new: &Counters) -> bool {
-    new.completed < old.completed || new.dead_lettered < old.dead_lettered
 }
 
 /// Readings of one workflow's engines over time, oldest first. Bounded: it keeps the readings

@@ -99,6 +99,24 @@ impl Counters {
         self.breaker_trips += o.breaker_trips;
         self.faults_applied += o.faults_applied;
     }
+
+    /// Increases since `old` (never negative; `in_flight`, a gauge, is taken as it is now).
+    fn since(&self, old: &Counters) -> Counters {
+        Counters {
+            processed: self.processed.saturating_sub(old.processed),
+            completed: self.completed.saturating_sub(old.completed),
+            duplicates: self.duplicates.saturating_sub(old.duplicates),
+            failed: self.failed.saturating_sub(old.failed),
+            retries: self.retries.saturating_sub(old.retries),
+            dead_lettered: self.dead_lettered.saturating_sub(old.dead_lettered),
+            routed: self.routed.saturating_sub(old.routed),
+            replays: self.replays.saturating_sub(old.replays),
+            quarantined: self.quarantined.saturating_sub(old.quarantined),
+            compensations: self.compensations.saturating_sub(old.compensations),
+            in_flight: self.in_flight,
+            deliveries: self.deliveries.saturating_sub(old.deliveries),
+        }
+    }
 }
 
 /// One engine's published snapshot.
@@ -553,6 +571,62 @@ pub fn decode_hist(s: &str) -> Histogram<u64> {
         .unwrap_or_else(histogram)
 }
 
+/// What a workflow's engines did between two readings of their snapshots.
+#[derive(Debug, Clone)]
+pub struct Delta {
+    /// Counter increases (`in_flight`: the newer reading's value, a gauge has no delta).
+    pub counters: Counters,
+    /// Task latency of the completions in between, µs.
+    pub latency_us: Histogram<u64>,
+}
+
+impl Delta {
+    /// p95 of the task latency in between, ms; `None` without a completion.
+    pub fn p95_ms(&self) -> Option<f64> {
+        (!self.latency_us.is_empty())
+            .then(|| self.latency_us.value_at_quantile(0.95) as f64 / 1000.0)
+    }
+}
+
+/// What happened between two readings of a workflow's engine snapshots, engine by engine:
+/// an engine in both contributes its counter and histogram deltas, a new one all it has, a gone
+/// one nothing (its snapshot expired) — so the counts never go backwards when engines come and
+/// go. An engine whose counters went down between the readings restarted under the same id:
+/// it counts as new. (The rollout analysis and the drill runner both measure through this.)
+pub fn delta(old: &[Snapshot], new: &[Snapshot]) -> Delta {
+    let mut counters = Counters::default();
+    let mut latency = histogram();
+    for n in new {
+        let before = old
+            .iter()
+            .find(|o| o.engine_id == n.engine_id)
+            .filter(|o| !went_back(&o.counters, &n.counters));
+        let mut h = decode_hist(&n.latency_us);
+        match before {
+            Some(o) => {
+                counters.add(&n.counters.since(&o.counters));
+                // A histogram that does not contain the older one (garbage, a reset the
+                // counters did not show) is taken whole rather than dropped.
+                let mut d = h.clone();
+                if d.subtract(decode_hist(&o.latency_us)).is_ok() {
+                    h = d;
+                }
+            }
+            None => counters.add(&n.counters),
+        }
+        // Both come from the engines' fixed bounds; a foreign one is skipped.
+        let _ = latency.add(&h);
+    }
+    Delta {
+        counters,
+        latency_us: latency,
+    }
+}
+
+fn went_back(old: &Counters, new: &Counters) -> bool {
+    new.completed < old.completed || new.dead_lettered < old.dead_lettered
+}
+
 /// Read and aggregate every live engine's snapshot of a workflow.
 pub async fn read_workflow(q: &dyn Queue, keys: &Keys) -> Result<WorkflowStats, QueueError> {
     let mut engines = Vec::new();
@@ -582,6 +656,43 @@ pub async fn read_workflow(q: &dyn Queue, keys: &Keys) -> Result<WorkflowStats, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn delta_counts_every_counter_per_engine() {
+        let a = Stats::new("a", "agent", Some("a"));
+        a.record(Outcome::Completed, Duration::from_millis(5), Duration::ZERO);
+        a.failed_attempt(true);
+        a.replayed();
+        let old = vec![a.snapshot()];
+        let _busy = a.in_flight();
+        a.record(
+            Outcome::Completed,
+            Duration::from_millis(300),
+            Duration::ZERO,
+        );
+        a.failed_attempt(true);
+        a.failed_attempt(true);
+        a.replayed();
+        a.quarantined();
+        let b = Stats::new("b", "repair", None);
+        b.replayed();
+        let d = delta(&old, &[a.snapshot(), b.snapshot()]);
+        let c = &d.counters;
+        assert_eq!(
+            (
+                c.completed,
+                c.retries,
+                c.replays,
+                c.quarantined,
+                c.in_flight
+            ),
+            (1, 2, 2, 1, 1),
+            "a's increases, all of new b, in_flight as it is now"
+        );
+        // Only the interval's completion is in the p95.
+        assert!((d.p95_ms().unwrap() - 300.0).abs() < 1.0);
+        assert_eq!(delta(&old, &old).p95_ms(), None);
+    }
 
     #[tokio::test]
     async fn publishes_and_aggregates() {

@@ -1,23 +1,32 @@
 //! One run of a ChaosDrill, shared by the controller (`r4 controller`, `r4 dev`) and `r4 run
-//! --drill`: the plan (when each fault starts and ends), the run itself (a baseline window,
-//! faults injected through [`super::faults`] at their times, pod kills through the caller's
-//! [`DrillTarget`], guardrails checked every second from the engines' published stats, the
-//! wait for recovery), and the pure measurement (failover, recovery, verdict, score).
+//! --drill`: the plan (when each fault starts and ends, [`plan`]), the run itself (a baseline
+//! window, faults injected through [`super::faults`] at their times, pod kills through the
+//! caller's [`DrillTarget`], guardrails checked every second from the engines' published stats,
+//! the wait for recovery, [`run`]), and the pure measurement (failover, recovery, verdict,
+//! score, [`measure`]).
 //!
 //! Left to the callers: when a run starts (the cron schedule, `suspend`, one run at a time) and
 //! where its outcome is written (the ChaosDrill's status, the run's report); how pods are killed
-//! and how lost tasks and duplicate effects are counted (the [`DrillTarget`]).
+//! and how lost tasks and duplicate effects are counted (the [`DrillTarget`]). How an engine
+//! applies a fault is [`super::faults`]'s and the engine's.
+//!
+//! Times are tokio's ([`tokio::time::Instant`]), so `r4 run`'s paused clock drives a run;
+//! the faults' TTLs are the stores' (Redis' clock, or the memory queue's tokio clock).
 
-use std::sync::Arc;
+mod plan;
+mod run;
+
+pub mod measure;
+
+pub use plan::plan;
+pub use run::run;
+
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use tokio::sync::watch;
 
 use super::faults::FaultRecord;
-use crate::api::drill::{AbortIf, ChaosDrillSpec, DrillRun, Expectations};
-use crate::api::validate::FieldError;
-use crate::queue::{Keys, Queue};
+use crate::api::drill::{AbortIf, DrillRun, Expectations};
 
 /// Baseline observed before the fault timeline when `spec.baseline` is not set.
 pub const DEFAULT_BASELINE: Duration = Duration::from_secs(30);
@@ -61,12 +70,6 @@ pub enum FaultAction {
     Inject(FaultRecord),
     /// Pods (engine tasks under `r4 run`) of `agent` killed at `start`.
     PodKill { agent: String, count: u32 },
-}
-
-/// Resolve `spec` (already validated) into a plan for run `run` of drill `drill`.
-pub fn plan(drill: &str, spec: &ChaosDrillSpec, run: u64) -> Result<Plan, FieldError> {
-    let _ = (drill, spec, run);
-    todo!("helper B")
 }
 
 /// What the caller does for the runner.
@@ -153,23 +156,24 @@ pub struct Outcome {
 impl Outcome {
     /// The status entry of this run.
     pub fn to_run(&self, started_at: String, finished_at: String) -> DrillRun {
-        let _ = (started_at, finished_at);
-        todo!("helper B")
+        let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        DrillRun {
+            started_at,
+            finished_at: Some(finished_at),
+            verdict: Some(self.verdict.as_str().to_owned()),
+            failover_seconds: self.failover_seconds,
+            recovery_seconds: self.recovery_seconds,
+            dlq_growth: n(self.dlq_growth),
+            tasks_processed: n(self.accounting.tasks_processed),
+            tasks_lost: n(self.accounting.tasks_lost),
+            duplicate_effects: n(self.accounting.duplicate_effects),
+            breaker_trips: n(self.breaker_trips),
+            hedges: n(self.hedges),
+            retries: n(self.retries),
+            dlq_replayed: n(self.dlq_replayed),
+            score: Some(self.score),
+            reason: self.reason.clone(),
+            aborted_because: self.aborted_because.clone(),
+        }
     }
-}
-
-/// Run `plan` against the workflow whose keys are `keys`: baseline, faults, guardrails,
-/// recovery, verdict. `abort` set to `Some(reason)` ends the run at once (faults cleared,
-/// verdict Aborted). Faults are cleared on every way out; what the run injected expires on time
-/// even if this future is dropped (the TTLs). `on_event` sees every event as it happens.
-pub async fn run(
-    q: Arc<dyn Queue>,
-    keys: Keys,
-    plan: Plan,
-    target: &dyn DrillTarget,
-    abort: watch::Receiver<Option<String>>,
-    on_event: &mut (dyn FnMut(Duration, &DrillEvent) + Send),
-) -> Outcome {
-    let _ = (q, keys, plan, target, abort, on_event);
-    todo!("helper B")
 }
