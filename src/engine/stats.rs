@@ -115,6 +115,10 @@ impl Counters {
             compensations: self.compensations.saturating_sub(old.compensations),
             in_flight: self.in_flight,
             deliveries: self.deliveries.saturating_sub(old.deliveries),
+            tool_retries: self.tool_retries.saturating_sub(old.tool_retries),
+            hedges: self.hedges.saturating_sub(old.hedges),
+            breaker_trips: self.breaker_trips.saturating_sub(old.breaker_trips),
+            faults_applied: self.faults_applied.saturating_sub(old.faults_applied),
         }
     }
 }
