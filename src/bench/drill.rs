@@ -12,7 +12,7 @@ use std::sync::Arc;
 use serde_json::{Value, json};
 
 use crate::api::validate::{Manifest, RefMode, validate_texts};
-use crate::local::drill::{LocalDrill, schedule_error_ms};
+use crate::local::drill::{LocalDrill, schedule_error};
 use crate::local::run::{self, Load, RunOptions};
 use crate::queue::Queue;
 
@@ -62,7 +62,8 @@ fn sample_manifests() -> Result<Vec<Manifest>, String> {
 
 /// Run the bench; the JSON of SPEC §9 (`seeds, failover_seconds{p50,max},
 /// recovery_seconds{p50,max}, lost, duplicate_effects`) plus `schedule_error_ms{start_max,
-/// end_max}`, the verdicts and one row per seed.
+/// end_max, applied_start_max, applied_end_max}` ([`crate::local::drill::ScheduleError`]), the
+/// verdicts and one row per seed.
 pub fn run(opts: DrillBenchOpts) -> Result<Value, String> {
     let manifests = match opts.manifests {
         Some(m) => m,
@@ -76,6 +77,7 @@ pub fn run(opts: DrillBenchOpts) -> Result<Value, String> {
     let (mut failovers, mut recoveries) = (Vec::new(), Vec::new());
     let (mut lost, mut duplicates) = (0u64, 0u64);
     let (mut start_max, mut end_max) = (0.0f64, 0.0f64);
+    let (mut applied_start_max, mut applied_end_max) = (None::<f64>, None::<f64>);
     let mut verdicts = serde_json::Map::new();
     let mut name = String::new();
     for seed in 1..=opts.seeds.max(1) {
@@ -113,9 +115,15 @@ pub fn run(opts: DrillBenchOpts) -> Result<Value, String> {
         let seed_dups = report.duplicate_effects.max(d.duplicate_effects);
         lost += seed_lost;
         duplicates += seed_dups;
-        let (start_err, end_err) = schedule_error_ms(d);
-        start_max = start_max.max(start_err);
-        end_max = end_max.max(end_err);
+        let err = schedule_error(d);
+        start_max = start_max.max(err.start_ms);
+        end_max = end_max.max(err.end_ms);
+        let worst = |acc: Option<f64>, x: Option<f64>| match (acc, x) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        applied_start_max = worst(applied_start_max, err.applied_start_ms);
+        applied_end_max = worst(applied_end_max, err.applied_end_ms);
         failovers.extend(d.failover_seconds);
         recoveries.extend(d.recovery_seconds);
         let n = verdicts
@@ -135,7 +143,12 @@ pub fn run(opts: DrillBenchOpts) -> Result<Value, String> {
             "lost": seed_lost,
             "duplicate_effects": seed_dups,
             "aborted_because": d.aborted_because,
-            "schedule_error_ms": {"start": start_err, "end": end_err},
+            "schedule_error_ms": {
+                "start": err.start_ms,
+                "end": err.end_ms,
+                "applied_start": err.applied_start_ms,
+                "applied_end": err.applied_end_ms,
+            },
         }));
     }
     Ok(json!({
@@ -146,7 +159,12 @@ pub fn run(opts: DrillBenchOpts) -> Result<Value, String> {
         "recovery_seconds": spread(&mut recoveries),
         "lost": lost,
         "duplicate_effects": duplicates,
-        "schedule_error_ms": {"start_max": start_max, "end_max": end_max},
+        "schedule_error_ms": {
+            "start_max": start_max,
+            "end_max": end_max,
+            "applied_start_max": applied_start_max,
+            "applied_end_max": applied_end_max,
+        },
         "verdicts": verdicts,
         "runs": rows,
         "wall_seconds": wall.elapsed().as_secs_f64(),

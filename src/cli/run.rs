@@ -317,9 +317,10 @@ pub fn bench_drill(args: BenchDrillArgs) -> Result<ExitCode, CliError> {
             "  lost {}  duplicate effects {}",
             value["lost"], value["duplicate_effects"]
         );
+        let e = &value["schedule_error_ms"];
         println!(
-            "  fault schedule error: start ≤ {} ms, end ≤ {} ms",
-            value["schedule_error_ms"]["start_max"], value["schedule_error_ms"]["end_max"]
+            "  fault schedule error: start ≤ {} ms, end ≤ {} ms (runner); first/last applied by the engines ≤ {} / {} ms",
+            e["start_max"], e["end_max"], e["applied_start_max"], e["applied_end_max"]
         );
         println!("  verdicts {}", value["verdicts"]);
     }

@@ -15,7 +15,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 
 use super::fleet::{Fleet, FleetEvent};
-use super::report::{DrillMoment, DrillReport};
+use super::report::{DrillMoment, DrillReport, FaultApplied};
 use super::sim::EffectLedger;
 use super::simagent::Finished;
 use crate::api::drill::{ChaosDrillSpec, FaultType};
@@ -156,9 +156,15 @@ pub fn describe(plan: &Plan, index: usize) -> String {
     }
 }
 
-/// The report of a finished drill run. `fleet` holds the engine kills and restarts, at their
-/// offsets from the start of the run.
-pub fn report(plan: &Plan, outcome: &Outcome, fleet: &[(Duration, FleetEvent)]) -> DrillReport {
+/// The report of a finished drill run. `fleet` holds the engine kills and restarts, `applied`
+/// the engines' count of applied faults at each change, both at their offsets from the start of
+/// the run.
+pub fn report(
+    plan: &Plan,
+    outcome: &Outcome,
+    fleet: &[(Duration, FleetEvent)],
+    applied: &[(Duration, u64)],
+) -> DrillReport {
     let mut moments: Vec<DrillMoment> = Vec::new();
     // PodsKilled names no fault: the k-th kill of an agent is its k-th PodKill of the plan.
     let mut kills: Vec<(usize, &str)> = plan
@@ -272,27 +278,118 @@ pub fn report(plan: &Plan, outcome: &Outcome, fleet: &[(Duration, FleetEvent)]) 
         pods_killed,
         engines_restarted: restarted,
         timeline: moments,
+        applied: applied_windows(plan, outcome, applied),
     }
 }
 
-/// How far the faults' actual starts and ends were from the plan, in milliseconds: the largest
-/// |actual − planned| over the fault starts (pod kills included) and over the fault ends, as
-/// the timeline shows them. An aborted run's early ends are not schedule errors and are left
-/// out.
-pub fn schedule_error_ms(d: &DrillReport) -> (f64, f64) {
-    let (mut start, mut end) = (0.0f64, 0.0f64);
+/// How long after its window an engine may still apply a fault: it follows the faults by
+/// announcement and by re-reading every 500 ms, and an expiring key announces nothing.
+const APPLIED_GRACE: Duration = Duration::from_secs(2);
+
+/// When the engines first and last applied each injected fault whose window (from its start to
+/// its end, as the runner's timeline has them) overlaps no other's.
+fn applied_windows(
+    plan: &Plan,
+    outcome: &Outcome,
+    applied: &[(Duration, u64)],
+) -> Vec<FaultApplied> {
+    let aborted_at = outcome
+        .timeline
+        .iter()
+        .find_map(|(at, e)| matches!(e, DrillEvent::Aborted { .. }).then_some(*at));
+    let at_of = |want: &dyn Fn(&DrillEvent) -> bool| {
+        outcome
+            .timeline
+            .iter()
+            .find_map(|(at, e)| want(e).then_some(*at))
+    };
+    let windows: Vec<(usize, Duration, Duration)> = plan
+        .faults
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| matches!(f.action, FaultAction::Inject(_)))
+        .filter_map(|(i, f)| {
+            let start = at_of(&|e| matches!(e, DrillEvent::FaultStarted { index } if *index == i))?;
+            let end = at_of(&|e| matches!(e, DrillEvent::FaultEnded { index } if *index == i))
+                .or(aborted_at)
+                .unwrap_or(f.end);
+            Some((i, start, end.max(start)))
+        })
+        .collect();
+    let mut out = Vec::new();
+    for &(i, start, end) in &windows {
+        let overlaps = windows
+            .iter()
+            .any(|&(j, s, e)| j != i && s < end + APPLIED_GRACE && start < e + APPLIED_GRACE);
+        if overlaps {
+            continue;
+        }
+        // Each sample after the first is a change: something was applied since the one before.
+        let inside: Vec<Duration> = applied
+            .iter()
+            .skip(1)
+            .map(|(t, _)| *t)
+            .filter(|t| *t >= start && *t <= end + APPLIED_GRACE)
+            .collect();
+        let (Some(first), Some(last)) = (inside.first(), inside.last()) else {
+            continue;
+        };
+        let f = &plan.faults[i];
+        out.push(FaultApplied {
+            fault: i,
+            planned_start_seconds: f.start.as_secs_f64(),
+            planned_end_seconds: f.end.as_secs_f64(),
+            first_seconds: first.as_secs_f64(),
+            last_seconds: last.as_secs_f64(),
+        });
+    }
+    out
+}
+
+/// How far a run's faults were from their plan, in milliseconds (the largest |actual − planned|
+/// of any fault).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ScheduleError {
+    /// Starts (pod kills included) and ends as the runner's timeline has them. An aborted
+    /// run's early ends are not schedule errors and are left out.
+    pub start_ms: f64,
+    pub end_ms: f64,
+    /// From the engines' applications of each fault ([`FaultApplied`]): how far the first was
+    /// from the planned start, and how long after the planned end one was still applied (0
+    /// when none was; applications that stop early — an open breaker sends no call to meet the
+    /// fault — are no schedule error). `None` when no fault could be measured so.
+    pub applied_start_ms: Option<f64>,
+    pub applied_end_ms: Option<f64>,
+}
+
+/// |seconds| in milliseconds, to a tenth.
+fn ms(seconds: f64) -> f64 {
+    (seconds.abs() * 10_000.0).round() / 10.0
+}
+
+/// The schedule error of one run.
+pub fn schedule_error(d: &DrillReport) -> ScheduleError {
+    let mut e = ScheduleError::default();
     for m in &d.timeline {
         let Some(planned) = m.planned_seconds else {
             continue;
         };
-        let err = (m.at_seconds - planned).abs() * 1000.0;
+        let err = ms(m.at_seconds - planned);
         match m.event.as_str() {
-            "fault_started" | "pods_killed" => start = start.max(err),
-            "fault_ended" if d.aborted_because.is_none() => end = end.max(err),
+            "fault_started" | "pods_killed" => e.start_ms = e.start_ms.max(err),
+            "fault_ended" if d.aborted_because.is_none() => e.end_ms = e.end_ms.max(err),
             _ => {}
         }
     }
-    (start, end)
+    for a in &d.applied {
+        let start = ms(a.first_seconds - a.planned_start_seconds);
+        e.applied_start_ms = Some(e.applied_start_ms.unwrap_or(0.0).max(start));
+        if d.aborted_because.is_none() {
+            let end = ms((a.last_seconds - a.planned_end_seconds).max(0.0));
+            e.applied_end_ms = Some(e.applied_end_ms.unwrap_or(0.0).max(end));
+        }
+    }
+    e
 }
 
 #[cfg(test)]
@@ -353,5 +450,92 @@ mod tests {
             "apiVersion: r4.dev/v1alpha1\nkind: CircuitPolicy\nmetadata: {name: p}\nspec: {}\n",
         );
         assert!(e.contains("ChaosDrill"), "{e}");
+    }
+
+    fn outcome(timeline: Vec<(Duration, DrillEvent)>) -> Outcome {
+        Outcome {
+            verdict: crate::engine::drill::Verdict::Passed,
+            score: 100.0,
+            reason: None,
+            aborted_because: None,
+            failover_seconds: None,
+            recovery_seconds: None,
+            dlq_growth: 0,
+            dlq_replayed: 0,
+            accounting: Accounting::default(),
+            breaker_trips: 0,
+            hedges: 0,
+            retries: 0,
+            timeline,
+        }
+    }
+
+    #[test]
+    fn the_report_puts_faults_kills_and_restarts_on_one_timeline_and_measures_the_schedule() {
+        let text = format!(
+            "{DRILL}    - {{type: ToolOutage, tool: bank-api, after: 5s, for: 10s}}\n    - {{type: PodKill, agent: investigation, after: 20s, count: 2}}\n    - {{type: ToolLatency, tool: bank-api, after: 30s, for: 10s, latencyMs: 100}}\n"
+        )
+        .replace("duration: 1m", "duration: 1m\n  baseline: 10s");
+        let d = load("d.yaml", &text, &cfg()).unwrap();
+        let plan = crate::engine::drill::plan(&d.name, &d.spec, 1).unwrap();
+        let s = Duration::from_secs_f64;
+        let o = outcome(vec![
+            (s(0.0), DrillEvent::BaselineStarted),
+            (s(15.2), DrillEvent::FaultStarted { index: 0 }),
+            (s(25.0), DrillEvent::FaultEnded { index: 0 }),
+            (
+                s(30.0),
+                DrillEvent::PodsKilled {
+                    agent: "investigation".into(),
+                    requested: 2,
+                    killed: 2,
+                },
+            ),
+            (s(40.0), DrillEvent::FaultStarted { index: 2 }),
+            (s(50.0), DrillEvent::FaultEnded { index: 2 }),
+        ]);
+        let fleet = vec![(
+            s(35.0),
+            FleetEvent::Restarted {
+                agent: "investigation".into(),
+                engine: "investigation-0-r1".into(),
+            },
+        )];
+        // Applications seen at 15.3 … 20 (then the breaker opened) and 40.1 … 50.4.
+        let applied = vec![
+            (s(0.0), 0),
+            (s(15.3), 5),
+            (s(20.0), 9),
+            (s(40.1), 12),
+            (s(50.4), 20),
+        ];
+        let r = report(&plan, &o, &fleet, &applied);
+        let events: Vec<&str> = r.timeline.iter().map(|m| m.event.as_str()).collect();
+        assert_eq!(
+            events,
+            [
+                "baseline_started",
+                "fault_started",
+                "fault_ended",
+                "pods_killed",
+                "engine_restarted",
+                "fault_started",
+                "fault_ended"
+            ]
+        );
+        let kill = &r.timeline[3];
+        assert_eq!((kill.fault, kill.planned_seconds), (Some(1), Some(30.0)));
+        assert_eq!((r.pods_killed, r.engines_restarted), (2, 1));
+        assert_eq!(r.applied.len(), 2);
+        assert_eq!(
+            (r.applied[0].first_seconds, r.applied[0].last_seconds),
+            (15.3, 20.0)
+        );
+        let e = schedule_error(&r);
+        assert_eq!(e.start_ms, 200.0, "the outage started 0.2 s late");
+        assert_eq!(e.end_ms, 0.0);
+        assert_eq!(e.applied_start_ms, Some(300.0));
+        // Stopping early (the breaker) is no error; applying 0.4 s past the end is.
+        assert_eq!(e.applied_end_ms, Some(400.0));
     }
 }

@@ -155,6 +155,21 @@ pub struct DrillReport {
     pub engines_restarted: u64,
     /// What happened when, from the start of the run (the baseline's start).
     pub timeline: Vec<DrillMoment>,
+    /// When the engines first and last applied each injected fault, as the run saw it.
+    pub applied: Vec<FaultApplied>,
+}
+
+/// When the engines applied one injected fault (`drill.applied[]` in JSON): the first and the
+/// last change of the engines' fault counters within its window, to the run loop's tick
+/// (100 ms). Measured only for a fault whose window overlaps no other injected fault's (the
+/// counters do not say which fault they counted), and only if something met it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct FaultApplied {
+    pub fault: usize,
+    pub planned_start_seconds: f64,
+    pub planned_end_seconds: f64,
+    pub first_seconds: f64,
+    pub last_seconds: f64,
 }
 
 /// One moment of a drill (`drill.timeline[]` in JSON).

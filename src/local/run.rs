@@ -744,6 +744,12 @@ pub async fn run(
         if submit_done_at.is_none() && (!may_submit(order.len() as u64) || refused_too_long) {
             submit_done_at = Some(Instant::now());
         }
+        if let Some(d) = &mut drill {
+            let applied = running.proxy.faults_applied() + running.sum(|c| c.faults_applied);
+            if d.applied.last().is_none_or(|(_, n)| *n != applied) {
+                d.applied.push((t0.elapsed(), applied));
+            }
+        }
         let breakers = running.proxy.breaker_states();
         samples.push(Sample {
             at: t0.elapsed(),
@@ -1132,6 +1138,9 @@ struct DrillTask {
     ended_at: Option<Instant>,
     events: Arc<std::sync::Mutex<Vec<(Duration, DrillEvent)>>>,
     abort: watch::Sender<Option<String>>,
+    /// How many times the engines had applied a fault, from the start of the run, at each
+    /// change seen by the run loop (the proxy's and the agent roles' counts together).
+    applied: Vec<(Duration, u64)>,
 }
 
 impl DrillTask {
@@ -1155,6 +1164,7 @@ impl DrillTask {
             ended_at: None,
             events,
             abort,
+            applied: vec![(Duration::ZERO, 0)],
         }
     }
 
@@ -1236,7 +1246,12 @@ impl DrillTask {
             .into_iter()
             .map(|(at, e)| (at.saturating_duration_since(t0), e))
             .collect();
-        Ok(super::drill::report(&self.plan, outcome, &kills))
+        Ok(super::drill::report(
+            &self.plan,
+            outcome,
+            &kills,
+            &self.applied,
+        ))
     }
 }
 
