@@ -14,6 +14,14 @@
 //! seen (and expires), an index entry without its key is ignored by every reader. The safe side
 //! is "no fault": an engine that cannot read the faults applies none.
 //!
+//! Applying them: [`follow`] gives an engine a [`FaultView`] kept current from Redis (on every
+//! announcement and every [`REREAD`]); the tool proxy consults it per call
+//! ([`FaultView::tool`], wired in `engine::tools`), the agent role per delivered entry and per
+//! read of its stream ([`FaultView::corrupted`], [`FaultView::slowdown`],
+//! [`FaultView::throttle`], wired in `engine::consumer`). Both start following by themselves,
+//! so `r4 engine`, the `r4 dev` kubelet and `r4 run` apply faults without any wiring of their
+//! own. PodKill is not a record: the caller kills pods or engine tasks.
+//!
 //! What a drill does when (the timeline, guardrails, measurement) is [`super::drill`]'s.
 
 use std::sync::Arc;
@@ -634,5 +642,172 @@ mod tests {
         assert_eq!(json["statusCode"], 429);
         assert_eq!(json["retryAfterSeconds"], 3);
         assert_eq!(serde_json::from_value::<FaultRecord>(json).unwrap(), f);
+    }
+
+    fn view_of(faults: Vec<FaultRecord>) -> FaultView {
+        FaultView::fixed(faults)
+    }
+
+    #[test]
+    fn tool_faults_apply_to_their_tool_only_and_add_up() {
+        let mut lat = record("d", 0, FaultType::ToolLatency);
+        lat.latency_ms = Some(100);
+        let mut lat2 = record("d", 1, FaultType::ToolLatency);
+        lat2.latency_ms = Some(50);
+        let out = record("d", 2, FaultType::ToolOutage);
+        let mut err = record("d", 3, FaultType::ToolErrors);
+        err.tool = Some("ledger".into());
+        err.retry_after_seconds = Some(2);
+        let v = view_of(vec![lat, lat2, out, err]);
+        let bank = v.tool("bank", "k");
+        assert_eq!(bank.latency, Duration::from_millis(150));
+        assert_eq!(
+            bank.failure,
+            Some(ToolFailure::Outage { drill: "d".into() })
+        );
+        assert_eq!(
+            v.tool("ledger", "k").failure,
+            Some(ToolFailure::Error {
+                drill: "d".into(),
+                status: DEFAULT_ERROR_STATUS,
+                retry_after_seconds: Some(2)
+            })
+        );
+        assert!(v.tool("other", "k").is_none());
+        assert_eq!(v.applied(), 2, "the call to `other` met nothing");
+        assert!(FaultView::none().tool("bank", "k").is_none());
+    }
+
+    #[test]
+    fn percent_is_a_stable_choice_per_key() {
+        let mut f = record("d", 0, FaultType::ToolOutage);
+        f.percent = 30.0;
+        let a = view_of(vec![f.clone()]);
+        let b = view_of(vec![f.clone()]);
+        let keys: Vec<String> = (0..1000).map(|i| format!("task-{i}:agent")).collect();
+        let hit = |v: &FaultView| -> Vec<bool> {
+            keys.iter()
+                .map(|k| v.tool("bank", k).failure.is_some())
+                .collect()
+        };
+        let (ha, hb) = (hit(&a), hit(&b));
+        assert_eq!(
+            ha, hb,
+            "the same keys are hit in every view (every engine, every run)"
+        );
+        assert_eq!(
+            ha,
+            hit(&a),
+            "and on every call (a retry meets the same decision)"
+        );
+        let n = ha.iter().filter(|h| **h).count();
+        assert!((250..=350).contains(&n), "{n} of 1000 hit at 30%");
+        // Another drill (or fault index) chooses other keys.
+        let mut g = f.clone();
+        g.drill = "e".into();
+        let hg = hit(&view_of(vec![g]));
+        assert_ne!(ha, hg);
+        f.percent = 0.0;
+        assert_eq!(hit(&view_of(vec![f])).iter().filter(|h| **h).count(), 0);
+    }
+
+    #[test]
+    fn error_rate_is_drawn_per_call() {
+        let mut f = record("d", 0, FaultType::ToolErrors);
+        f.error_rate = Some(0.5);
+        f.status_code = Some(429);
+        let v = view_of(vec![f]);
+        let n = (0..1000)
+            .filter(|_| v.tool("bank", "same-key").failure.is_some())
+            .count();
+        assert!((400..=600).contains(&n), "{n} of 1000 calls failed at 0.5");
+    }
+
+    #[test]
+    fn agent_faults_match_their_stream_or_agent() {
+        let mut c = record("d", 0, FaultType::MessageCorruption);
+        c.stream = Some("in".into());
+        let mut s = record("d", 1, FaultType::AgentSlowdown);
+        s.agent = Some("a".into());
+        s.latency_ms = Some(250);
+        let mut t = record("d", 2, FaultType::QueueThrottle);
+        t.stream = Some("in".into());
+        t.max_per_second = Some(30);
+        let mut t2 = t.clone();
+        t2.index = 3;
+        t2.max_per_second = Some(10);
+        let v = view_of(vec![c, s, t, t2]);
+        let note = v.corrupted("in", "t1").expect("corrupted");
+        assert!(
+            note.contains("ChaosDrill d") && note.contains("replay"),
+            "{note}"
+        );
+        assert_eq!(v.corrupted("out", "t1"), None);
+        assert_eq!(v.slowdown("a", "t1"), Some(Duration::from_millis(250)));
+        assert_eq!(v.slowdown("b", "t1"), None);
+        assert_eq!(v.throttle("in"), Some(10), "the strictest throttle wins");
+        assert_eq!(v.throttle("out"), None);
+    }
+
+    /// The follower: nothing before its first read, the faults after it, a change announced,
+    /// and none once Redis cannot be read (the safe side); it ends with the last view.
+    #[tokio::test]
+    async fn follower_reads_announcements_and_falls_back_to_none() {
+        let mut server = crate::testutil::RedisServer::start()
+            .await
+            .expect("redis-server (make deps)");
+        let q: Arc<dyn Queue> = Arc::new(RedisQueue::connect(&server.url()).await.unwrap());
+        let keys = Keys::new("ns", "follow");
+        let f = record("d", 0, FaultType::ToolOutage);
+        inject(q.as_ref(), &keys, &f, Duration::from_secs(60))
+            .await
+            .unwrap();
+        let mut v = follow(q.clone(), keys.clone());
+        assert!(v.faults().is_empty(), "no fault before the first read");
+        assert!(v.first_read(Duration::from_secs(5)).await);
+        assert_eq!(*v.faults(), vec![f.clone()]);
+        let g = record("d", 1, FaultType::ToolLatency);
+        inject(q.as_ref(), &keys, &g, Duration::from_secs(60))
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while v.faults().len() != 2 {
+                assert!(v.changed().await);
+            }
+        })
+        .await
+        .expect("the announcement is followed");
+        server.kill();
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while !v.faults().is_empty() {
+                assert!(v.changed().await);
+            }
+        })
+        .await
+        .expect("unreadable faults are no faults");
+    }
+
+    /// The follower re-reads on its own: a fault whose TTL passed is gone within a re-read
+    /// period even though nothing announced it.
+    #[tokio::test(start_paused = true)]
+    async fn follower_sees_a_fault_expire() {
+        let q: Arc<dyn Queue> = Arc::new(MemoryQueue::new());
+        let keys = Keys::new("ns", "wf");
+        let f = record("d", 0, FaultType::ToolOutage);
+        inject(q.as_ref(), &keys, &f, Duration::from_secs(3))
+            .await
+            .unwrap();
+        let started = tokio::time::Instant::now();
+        let mut v = follow(q.clone(), keys.clone());
+        assert!(v.first_read(Duration::from_secs(1)).await);
+        assert!(v.tool("bank", "k").failure.is_some());
+        while !v.faults().is_empty() {
+            assert!(v.changed().await);
+        }
+        let ended = started.elapsed();
+        assert!(
+            ended >= Duration::from_secs(3) && ended <= Duration::from_secs(3) + REREAD,
+            "{ended:?}"
+        );
     }
 }

@@ -745,4 +745,43 @@ mod tests {
         assert_eq!(o.len(), 10);
         assert!((o.value_at_quantile(0.5) as i64 - 1000).abs() < 5);
     }
+
+    /// The tool proxy's snapshot (role `tools`) adds its counters to the workflow's totals and
+    /// nothing else; a snapshot of an older engine, without them, still reads.
+    #[tokio::test]
+    async fn tool_counters_add_up() {
+        let q = crate::queue::memory::MemoryQueue::new();
+        let keys = Keys::new("ns", "wf");
+        let agent = Stats::new("e1", "agent", Some("a"));
+        agent.record(Outcome::Completed, Duration::from_millis(2), Duration::ZERO);
+        agent.fault_applied();
+        let tools = Stats::new("e1-tools", "tools", None);
+        tools.set_tool_counters(5, 2, 1, 7);
+        tools.set_tool_counters(6, 3, 1, 9);
+        for s in [&agent, &tools] {
+            s.publish(&q, &keys, Duration::from_secs(10)).await.unwrap();
+        }
+        let old = serde_json::json!({
+            "engine_id": "old", "role": "agent", "at_ms": 1, "latency_us": "", "overhead_us": "",
+            "counters": {"processed": 1, "completed": 1, "duplicates": 0, "failed": 0,
+                "retries": 0, "dead_lettered": 0, "routed": 0, "replays": 0, "quarantined": 0,
+                "compensations": 0, "in_flight": 0}
+        });
+        q.set(&keys.stats("old"), Bytes::from(old.to_string()), None)
+            .await
+            .unwrap();
+        let w = read_workflow(&q, &keys).await.unwrap();
+        assert_eq!(w.engines.len(), 3);
+        let t = &w.totals;
+        assert_eq!(
+            (
+                t.completed,
+                t.tool_retries,
+                t.hedges,
+                t.breaker_trips,
+                t.faults_applied
+            ),
+            (2, 6, 3, 1, 10)
+        );
+    }
 }
