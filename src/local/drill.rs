@@ -178,7 +178,18 @@ pub fn report(
         .collect();
     kills.sort_by_key(|(i, _)| plan.faults[*i].start);
     let secs = |d: Duration| d.as_secs_f64();
+    let is_kill = |i: &usize| {
+        plan.faults
+            .get(*i)
+            .is_some_and(|f| matches!(f.action, FaultAction::PodKill { .. }))
+    };
     for (at, e) in &outcome.timeline {
+        // A PodKill's start and end are one instant, and `pods_killed` says what it did.
+        if let DrillEvent::FaultStarted { index } | DrillEvent::FaultEnded { index } = e
+            && is_kill(index)
+        {
+            continue;
+        }
         let (event, fault, planned, detail) = match e {
             DrillEvent::BaselineStarted => (
                 "baseline_started",
