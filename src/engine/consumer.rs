@@ -36,7 +36,8 @@
 //! The role follows the workflow's ChaosDrill faults ([`super::faults`]) and applies those
 //! aimed at it: a `MessageCorruption` of its input stream takes a delivered task down the
 //! malformed path to the DLQ (reason `malformed`, the error naming the drill, replayable: the
-//! stored entry is intact, so a replay completes it and nothing is lost); an `AgentSlowdown`
+//! stored entry is intact, and a replayed task is not corrupted again, so a replay completes it
+//! and nothing is lost); an `AgentSlowdown`
 //! of its agent delays each delivery by `latencyMs` inside the attempt's deadline (the agent
 //! answers late; past the deadline the attempt fails as a timeout would); a `QueueThrottle` of
 //! its input stream limits this engine's reads to its share of `maxPerSecond` — divided by the
@@ -974,9 +975,12 @@ async fn decode(ctx: &Ctx, entry: &StreamEntry, started: Instant) -> Option<Step
             Some((compensation.clone(), rest.clone()))
         }
     };
-    if let Some(note) = ctx.faults.corrupted(&ctx.agent.consumes, &task.task_id) {
-        // A drill's MessageCorruption: the malformed path, but replayable — the stored entry is
-        // intact (the DLQ record keeps it byte for byte), so a replay completes the task.
+    // A drill's MessageCorruption: the malformed path, but replayable — the stored entry is
+    // intact (the DLQ record keeps it byte for byte), and a replayed task is never corrupted
+    // again, so the replay completes it even while the fault lasts: nothing is lost to poison.
+    if task.replays == 0
+        && let Some(note) = ctx.faults.corrupted(&ctx.agent.consumes, &task.task_id)
+    {
         ctx.stats.fault_applied();
         let rec = record(
             ctx,
