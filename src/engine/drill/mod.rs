@@ -53,6 +53,25 @@ pub struct Plan {
     pub expect: Option<Expectations>,
 }
 
+impl Plan {
+    /// When the last fault ends, from the start of the run (the baseline's end without one).
+    pub fn last_end(&self) -> Duration {
+        self.faults
+            .iter()
+            .map(|f| f.end)
+            .max()
+            .unwrap_or(self.baseline)
+    }
+
+    /// The longest a run of this plan lasts (the caller's load must flow that long): until the
+    /// timeline's end, or the recovery limit after the last fault's end plus the
+    /// [`measure::SUSTAIN`] samples that confirm a recovery starting at the limit's edge.
+    pub fn longest(&self) -> Duration {
+        (self.baseline + self.duration)
+            .max(self.last_end() + self.recovery_limit + SAMPLE_EVERY * measure::SUSTAIN as u32)
+    }
+}
+
 /// One fault of the plan.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PlannedFault {
@@ -135,17 +154,27 @@ impl Verdict {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Outcome {
     pub verdict: Verdict,
-    /// Resilience score in [0, 100] (formula in the README).
+    /// Resilience score in [0, 100] (formula in the README and in [`measure`]).
     pub score: f64,
     /// Why the verdict is not Passed (a guardrail, an unmet expectation), one line.
     pub reason: Option<String>,
+    /// The guardrail breach or the caller's reason that aborted the run.
     pub aborted_because: Option<String>,
+    /// [`measure::failover`]; `None` when traffic never got around the faults while they were
+    /// active (or nothing was measurable).
     pub failover_seconds: Option<f64>,
+    /// [`measure::recovery`]; `None` when not recovered within the recovery limit.
     pub recovery_seconds: Option<f64>,
+    /// Entries that entered the DLQ during the run: its length's increase plus what the repair
+    /// role moved out of it meanwhile (replayed or quarantined).
     pub dlq_growth: u64,
     /// DLQ entries the repair role replayed during the run.
     pub dlq_replayed: u64,
+    /// As counted by the [`DrillTarget`] (all zero, and the reason saying why, when the count
+    /// failed).
     pub accounting: Accounting,
+    /// Tool circuit breakers that opened, hedged tool calls and tool retries during the run
+    /// (the tool proxies' published counters; agent redeliveries are not retries here).
     pub breaker_trips: u64,
     pub hedges: u64,
     pub retries: u64,

@@ -314,6 +314,12 @@ mod tests {
         assert_eq!(p.baseline, DEFAULT_BASELINE);
         assert_eq!(p.duration, S(300));
         assert_eq!(p.recovery_limit, DEFAULT_RECOVERY_LIMIT);
+        assert_eq!(p.last_end(), S(330));
+        assert_eq!(
+            p.longest(),
+            S(330 + 300 + 3),
+            "recovery limit and its confirmation"
+        );
         assert_eq!(p.guardrails, s.guardrails.map(|g| g.abort_if));
         // Windows count from the timeline's start (after the 30s baseline).
         let w: Vec<_> = p.faults.iter().map(|f| (f.start, f.end)).collect();

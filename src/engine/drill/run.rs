@@ -24,7 +24,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::{Instant, timeout};
 
-use super::measure::{self, Baseline, GUARD_WINDOW, Point, SUSTAIN};
+use super::measure::{self, Baseline, GUARD_WINDOW, Point};
 use super::{
     Accounting, DrillEvent, DrillTarget, FaultAction, Outcome, Plan, SAMPLE_EVERY, Verdict,
 };
@@ -45,8 +45,8 @@ const TARGET_DEADLINE: Duration = Duration::from_secs(60);
 /// even if this future is dropped (the TTLs). `on_event` sees every event as it happens.
 ///
 /// The run lasts until the timeline's end (`baseline + duration`) and, after it, until
-/// recovery is sustained or the recovery limit (plus the [`SUSTAIN`] samples that confirm a
-/// recovery starting at its edge) has passed since the last fault ended.
+/// recovery is sustained or [`Plan::longest`] has passed (the recovery limit after the last
+/// fault's end, plus the samples that confirm a recovery starting at its edge).
 pub async fn run(
     q: Arc<dyn Queue>,
     keys: Keys,
@@ -61,12 +61,7 @@ pub async fn run(
         .map(|f| f.start)
         .min()
         .unwrap_or(plan.baseline);
-    let last_end = plan
-        .faults
-        .iter()
-        .map(|f| f.end)
-        .max()
-        .unwrap_or(plan.baseline);
+    let last_end = plan.last_end();
     let mut r = Runner {
         q,
         keys,
@@ -161,13 +156,12 @@ impl Runner<'_> {
             return Some(reason);
         }
         self.emit(DrillEvent::BaselineStarted);
-        if let Some(breach) = self.sample().await {
+        if let Some(breach) = self.sample(Duration::ZERO).await {
             return Some(breach);
         }
         let steps = self.steps();
         let timeline_end = self.plan.baseline + self.plan.duration;
-        let observe_until = timeline_end
-            .max(self.last_end + self.plan.recovery_limit + SAMPLE_EVERY * SUSTAIN as u32);
+        let observe_until = self.plan.longest();
         let mut next = 0;
         let mut tick = SAMPLE_EVERY;
         let mut watching = true;
@@ -195,7 +189,7 @@ impl Runner<'_> {
             }
             let now = self.elapsed();
             if now >= tick {
-                if let Some(breach) = self.sample().await {
+                if let Some(breach) = self.sample(tick).await {
                     return Some(breach);
                 }
                 // A slow reading skips beats rather than bunching them.
@@ -215,8 +209,10 @@ impl Runner<'_> {
     }
 
     /// Read the engines and the DLQ, add a point, check the guardrails (`Some(reason)` on a
-    /// breach) and, after the faults, whether the workflow recovered.
-    async fn sample(&mut self) -> Option<String> {
+    /// breach) and, after the faults, whether the workflow recovered. `due`: when the sample
+    /// was scheduled — the one due at the baseline's end belongs to the baseline, however late
+    /// the clock says it was taken.
+    async fn sample(&mut self, due: Duration) -> Option<String> {
         let at = self.elapsed();
         let read = async {
             let s = stats::read_workflow(self.q.as_ref(), &self.keys).await?;
@@ -242,7 +238,7 @@ impl Runner<'_> {
         if self.first.is_none() {
             self.first = Some(now.clone());
         }
-        if at <= self.plan.baseline {
+        if due <= self.plan.baseline {
             self.base_end = Some(now.clone());
         } else {
             self.settle_baseline();
@@ -964,6 +960,67 @@ mod tests {
         // 200 ms); it must not end early nor linger.
         assert!(ended >= MS(880), "{ended:?}");
         assert!(ended <= MS(1_900), "{ended:?}");
+    }
+
+    #[tokio::test]
+    async fn unreadable_stats_skip_samples_and_the_run_goes_on() {
+        let mut server = crate::testutil::RedisServer::start().await.unwrap();
+        let q: Arc<dyn Queue> = Arc::new(
+            crate::queue::redis::RedisQueue::connect(&server.url())
+                .await
+                .unwrap(),
+        );
+        let keys = Keys::new("ns", "wf");
+        // Redis is down from 300 ms to about 1.5 s: the sample at 1 s cannot be read. The
+        // fault (2..2.5 s) is injected once it is back.
+        let p = plan(
+            "bank",
+            &spec(serde_json::json!({
+                "workflowRef": "wf", "duration": "1s", "baseline": "2s",
+                "faults": [{"type": "ToolOutage", "tool": "bank", "for": "500ms"}],
+                "expect": {"maxRecoverySeconds": 0},
+            })),
+            1,
+        )
+        .unwrap();
+        let target = FakeTarget::new(&q, &keys);
+        let (_tx, abort) = watch::channel(None);
+        let mut quiet = |_: Duration, _: &DrillEvent| {};
+        let outage = async {
+            tokio::time::sleep(MS(300)).await;
+            server.kill();
+            tokio::time::sleep(MS(1_200)).await;
+            server.restart().await.unwrap();
+        };
+        let (out, ()) = tokio::join!(
+            run(q.clone(), keys.clone(), p, &target, abort, &mut quiet),
+            outage
+        );
+        let events: Vec<_> = out.timeline.iter().map(|(_, e)| e.clone()).collect();
+        assert!(
+            events.contains(&DrillEvent::FaultStarted { index: 0 })
+                && events.contains(&DrillEvent::FaultEnded { index: 0 }),
+            "{events:?}"
+        );
+        let started = out
+            .timeline
+            .iter()
+            .find(|(_, e)| *e == DrillEvent::FaultStarted { index: 0 });
+        assert!(
+            started.is_some_and(|(at, _)| *at < MS(2_500)),
+            "{started:?}"
+        );
+        // Nothing published, so nothing to measure against — said so, not invented ("no task
+        // settled during the 2s baseline", or that it could not be read twice should the
+        // reconnection be slow).
+        assert_eq!(out.verdict, Verdict::Failed);
+        assert!(
+            out.reason
+                .as_deref()
+                .is_some_and(|r| r.contains("baseline: failover and recovery cannot be measured")),
+            "{:?}",
+            out.reason
+        );
     }
 
     #[tokio::test(start_paused = true)]
