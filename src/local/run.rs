@@ -1130,7 +1130,7 @@ pub struct Progress {
 /// The drill's runner as a task beside the run loop, and what it has said so far.
 struct DrillTask {
     plan: Plan,
-    /// Baseline + fault timeline + the longest recovery wait: how long the drill may take.
+    /// How long the drill may take ([`Plan::longest`]).
     span: Duration,
     handle: Option<tokio::task::JoinHandle<Outcome>>,
     outcome: Option<Outcome>,
@@ -1145,7 +1145,7 @@ struct DrillTask {
 
 impl DrillTask {
     fn spawn(plan: Plan, target: LocalTarget, q: Arc<dyn Queue>, keys: crate::queue::Keys) -> Self {
-        let span = plan.baseline + plan.duration + plan.recovery_limit;
+        let span = plan.longest();
         let (abort, abort_rx) = watch::channel(None);
         let events: Arc<std::sync::Mutex<Vec<(Duration, DrillEvent)>>> = Arc::default();
         let seen = events.clone();
