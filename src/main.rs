@@ -157,6 +157,9 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The worked example's chaos drill under `r4 run --drill` on the virtual clock, once per
+    /// seed: failover, recovery, lost and duplicated tasks, fault schedule error.
+    Drill(r4::cli::run::BenchDrillArgs),
 }
 
 /// What is logged without `RUST_LOG`: long-running processes report at `info` (r4's own
@@ -219,6 +222,7 @@ fn main() -> ExitCode {
                 seed,
             } => r4::cli::bench_hedge(json, calls, warmup, seed),
             BenchCommand::Breaker { json } => r4::cli::bench_breaker(json),
+            BenchCommand::Drill(args) => r4::cli::run::bench_drill(args),
             BenchCommand::Devcluster {
                 json,
                 objects,

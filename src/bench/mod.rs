@@ -3,6 +3,7 @@
 pub mod breaker;
 pub mod controller;
 pub mod devcluster;
+pub mod drill;
 pub mod hedge;
 pub mod killswitch;
 pub mod killswitch_api;

@@ -1,5 +1,7 @@
 //! `r4 run`: load the workflow (and the policies it names), run it on one machine, show live
-//! progress on a terminal and print the report (a table, or one JSON line with `--json`).
+//! progress on a terminal and print the report (a table, or one JSON line with `--json`); with
+//! `--drill`, a ChaosDrill runs against it ([`crate::local::drill`]) and the exit status says
+//! whether it passed.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -21,9 +23,10 @@ pub struct RunArgs {
     /// The AgentWorkflow to run, when the files hold several.
     #[arg(long, value_name = "NAME")]
     pub workflow: Option<String>,
-    /// Tasks to submit.
-    #[arg(long, default_value_t = 2000, value_parser = parse_tasks, allow_hyphen_values = true)]
-    pub tasks: u64,
+    /// Tasks to submit [default: 2000; with --drill, as many as the load offers until the drill
+    /// has ended].
+    #[arg(long, value_parser = parse_tasks, allow_hyphen_values = true)]
+    pub tasks: Option<u64>,
     /// Submit at this many tasks per second (open loop). Default: the workflow's own traffic,
     /// `spec.economics.tasksPerMinute / 60`, or a closed loop when that is not set.
     #[arg(long, value_name = "TASKS_PER_SEC", value_parser = parse_rate, allow_hyphen_values = true, conflicts_with = "closed_loop")]
@@ -43,8 +46,10 @@ pub struct RunArgs {
     /// Switch a mechanism off in every policy, to compare (repeatable).
     #[arg(long, value_enum, value_name = "MECHANISM")]
     pub disable: Vec<Mechanism>,
-    /// A ChaosDrill to run against the workflow (not available in this build yet).
-    #[arg(long, value_name = "DRILL.yaml", hide = true)]
+    /// A ChaosDrill to run against the workflow meanwhile: its faults injected into this run's
+    /// engines on the run's clock, its verdict, failover, recovery and timeline in the report;
+    /// exit status 1 unless it passed.
+    #[arg(long, value_name = "DRILL.yaml")]
     pub drill: Option<PathBuf>,
 }
 
@@ -72,7 +77,7 @@ fn parse_rate(s: &str) -> Result<f64, String> {
 }
 
 /// Load the files, then any policy the workflows name that is missing, from beside them.
-fn load(files: &[PathBuf]) -> Result<Vec<Manifest>, CliError> {
+pub(crate) fn load(files: &[PathBuf]) -> Result<Vec<Manifest>, CliError> {
     let mut texts = Vec::new();
     for f in files {
         texts.push((f.display().to_string(), read_input(f)?));
@@ -106,11 +111,6 @@ fn manifest_errors(errors: &[String]) -> CliError {
 
 /// `r4 run …`.
 pub fn run(args: RunArgs) -> Result<ExitCode, CliError> {
-    if args.drill.is_some() {
-        return Err(CliError::Usage(
-            "--drill: chaos drills in r4 run are not available in this build yet".into(),
-        ));
-    }
     let manifests = load(&args.files)?;
     let namespace = match &args.redis {
         // A fresh namespace per run: every key carries it, so runs on one Redis never mix.
@@ -126,6 +126,14 @@ pub fn run(args: RunArgs) -> Result<ExitCode, CliError> {
     .map_err(|e| CliError::Usage(e.to_string()))?;
     let load = Load::choose(&cfg, args.rate, args.closed_loop)
         .map_err(|e| CliError::Usage(e.to_string()))?;
+    let drill = match &args.drill {
+        Some(path) => {
+            let text = read_input(path)?;
+            let source = path.display().to_string();
+            Some(crate::local::drill::load(&source, &text, &cfg).map_err(|e| manifest_errors(&e))?)
+        }
+        None => None,
+    };
     let progress = std::io::stderr().is_terminal();
     let opts = RunOptions {
         tasks: args.tasks,
@@ -137,9 +145,10 @@ pub fn run(args: RunArgs) -> Result<ExitCode, CliError> {
         } else {
             "virtual"
         },
+        drill,
     };
     let bar = progress.then(|| {
-        let bar = indicatif::ProgressBar::new(args.tasks);
+        let bar = indicatif::ProgressBar::new(args.tasks.unwrap_or(run::DEFAULT_TASKS));
         bar.set_style(
             indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} done  {msg}")
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
@@ -148,6 +157,8 @@ pub fn run(args: RunArgs) -> Result<ExitCode, CliError> {
     });
     let on_progress = |p: &Progress| {
         if let Some(bar) = &bar {
+            // Without a count (a drill's load) the total grows with the submissions.
+            bar.set_length(p.total.max(1));
             bar.set_position(p.done);
             let breakers: Vec<String> = p
                 .breakers
@@ -159,8 +170,12 @@ pub fn run(args: RunArgs) -> Result<ExitCode, CliError> {
             } else {
                 String::new()
             };
+            let drill = p
+                .drill
+                .as_ref()
+                .map_or_else(String::new, |d| format!("  drill {d}"));
             bar.set_message(format!(
-                "{:.0} tasks/s  DLQ {}{replays}  breakers {}",
+                "{:.0} tasks/s  DLQ {}{replays}  breakers {}{drill}",
                 p.tasks_per_sec,
                 p.dead_lettered,
                 if breakers.is_empty() {
@@ -225,8 +240,97 @@ pub fn run(args: RunArgs) -> Result<ExitCode, CliError> {
             report.lost, report.duplicate_effects
         ));
     }
+    if let Some(d) = &report.drill
+        && d.verdict != "Passed"
+    {
+        let because = d
+            .aborted_because
+            .as_ref()
+            .or(d.reason.as_ref())
+            .map_or_else(String::new, |r| format!(": {r}"));
+        why.push(format!("drill {} {}{because}", d.name, d.verdict));
+    }
     if !why.is_empty() {
         eprintln!("r4 run: {}", why.join("; "));
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Arguments of `r4 bench drill`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchDrillArgs {
+    /// Runs, with seeds 1..=N.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub seeds: u64,
+    /// The workflow (and CircuitPolicy files) instead of the built-in worked example.
+    #[arg(short = 'f', long = "file", value_name = "FILE", num_args = 1..)]
+    pub files: Vec<PathBuf>,
+    /// The ChaosDrill instead of the worked example's `bank-outage`.
+    #[arg(long, value_name = "DRILL.yaml")]
+    pub drill: Option<PathBuf>,
+    /// Print only the JSON object (on one line).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `r4 bench drill`: exit status 1 when any seed lost a task or duplicated an effect.
+pub fn bench_drill(args: BenchDrillArgs) -> Result<ExitCode, CliError> {
+    let manifests = if args.files.is_empty() {
+        None
+    } else {
+        Some(load(&args.files)?)
+    };
+    let drill = match &args.drill {
+        Some(path) => Some((path.display().to_string(), read_input(path)?)),
+        None => None,
+    };
+    let opts = crate::bench::drill::DrillBenchOpts {
+        seeds: args.seeds,
+        manifests,
+        drill,
+    };
+    let value = crate::bench::drill::run(opts)
+        .map_err(|e| CliError::Usage(format!("r4 bench drill: {e}")))?;
+    if !args.json {
+        let f = |k: &str, q: &str| {
+            value[k][q]
+                .as_f64()
+                .map_or_else(|| "-".to_string(), |v| format!("{v:.1} s"))
+        };
+        println!(
+            "drill {}: {} seeds on the virtual clock",
+            value["drill"].as_str().unwrap_or("?"),
+            value["seeds"]
+        );
+        println!(
+            "  failover   p50 {}  max {}",
+            f("failover_seconds", "p50"),
+            f("failover_seconds", "max")
+        );
+        println!(
+            "  recovery   p50 {}  max {}",
+            f("recovery_seconds", "p50"),
+            f("recovery_seconds", "max")
+        );
+        println!(
+            "  lost {}  duplicate effects {}",
+            value["lost"], value["duplicate_effects"]
+        );
+        let e = &value["schedule_error_ms"];
+        println!(
+            "  fault schedule error: start ≤ {} ms, end ≤ {} ms (runner); first/last applied by the engines ≤ {} / {} ms",
+            e["start_max"], e["end_max"], e["applied_start_max"], e["applied_end_max"]
+        );
+        println!("  verdicts {}", value["verdicts"]);
+    }
+    super::print_json(&value, args.json)?;
+    let bad = value["lost"].as_u64() != Some(0) || value["duplicate_effects"].as_u64() != Some(0);
+    if bad {
+        eprintln!(
+            "r4 bench drill: {} lost, {} duplicate effects",
+            value["lost"], value["duplicate_effects"]
+        );
         return Ok(ExitCode::from(1));
     }
     Ok(ExitCode::SUCCESS)

@@ -1,7 +1,10 @@
 //! `r4 run`: a whole workflow on one machine, no cluster — simulated agents and tools from the
 //! manifest's `simulate:` blocks, the real engine, the embedded queue (or Redis), live progress
-//! and a final report. It reuses the engine; it does not reimplement it.
+//! and a final report, with `--drill` a ChaosDrill run against it. It reuses the engine (and the
+//! drill runner the controller uses); it does not reimplement them.
 
+pub mod drill;
+pub mod fleet;
 pub mod report;
 pub mod run;
 pub mod sim;

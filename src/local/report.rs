@@ -123,14 +123,145 @@ pub struct Percentiles {
     pub p999: f64,
 }
 
-/// Drill outcome (with `--drill`).
+/// Drill outcome (`drill` in JSON, with `--drill`): SPEC §9's `verdict`, `failover_seconds`,
+/// `recovery_seconds`, `dlq_growth`, `aborted_because` (always present, `null` when not
+/// measured or not aborted), then every other figure of the run and its timeline.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct DrillReport {
+    /// The ChaosDrill's name.
+    pub name: String,
+    /// `Passed`, `Failed` or `Aborted`.
     pub verdict: String,
+    /// Resilience score in [0, 100] (formula in the README).
+    pub score: f64,
     pub failover_seconds: Option<f64>,
     pub recovery_seconds: Option<f64>,
     pub dlq_growth: u64,
+    /// DLQ entries the repair role replayed during the drill.
+    pub dlq_replayed: u64,
     pub aborted_because: Option<String>,
+    /// Why the verdict is not Passed, one line.
+    pub reason: Option<String>,
+    pub tasks_processed: u64,
+    /// Counted by the run (streams, DLQ), when the drill ended.
+    pub tasks_lost: u64,
+    /// Counted by the simulated tools' ledger, when the drill ended.
+    pub duplicate_effects: u64,
+    pub breaker_trips: u64,
+    pub retries: u64,
+    pub hedges: u64,
+    /// Engines the drill's PodKill faults crashed, and how many were started in their place.
+    pub pods_killed: u64,
+    pub engines_restarted: u64,
+    /// What happened when, from the start of the run (the baseline's start).
+    pub timeline: Vec<DrillMoment>,
+    /// When the engines first and last applied each injected fault, as the run saw it.
+    pub applied: Vec<FaultApplied>,
+}
+
+/// When the engines applied one injected fault (`drill.applied[]` in JSON): the first and the
+/// last change of the engines' fault counters within its window, to the run loop's tick
+/// (100 ms). Measured only for a fault whose window overlaps no other injected fault's (the
+/// counters do not say which fault they counted), and only if something met it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct FaultApplied {
+    pub fault: usize,
+    pub planned_start_seconds: f64,
+    pub planned_end_seconds: f64,
+    pub first_seconds: f64,
+    pub last_seconds: f64,
+}
+
+/// One moment of a drill (`drill.timeline[]` in JSON).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct DrillMoment {
+    /// From the start of the run.
+    pub at_seconds: f64,
+    /// `baseline_started`, `fault_started`, `fault_ended`, `pods_killed`, `engine_restarted`,
+    /// `aborted`, `recovered` or `finished`.
+    pub event: String,
+    /// The fault's position in `spec.faults`, when the moment is a fault's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fault: Option<usize>,
+    /// When the plan had it, for a fault's start or end.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub planned_seconds: Option<f64>,
+    pub detail: String,
+}
+
+impl DrillReport {
+    /// The drill's part of the table: the figures, then the timeline of the faults.
+    fn to_table(&self) -> String {
+        let secs = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.1} s"));
+        let mut rows: Vec<(&str, String)> = vec![
+            (
+                "drill verdict",
+                format!(
+                    "{} ({}), score {:.0}/100",
+                    self.verdict, self.name, self.score
+                ),
+            ),
+            (
+                "failover / recovery",
+                format!(
+                    "{} / {}",
+                    secs(self.failover_seconds),
+                    secs(self.recovery_seconds)
+                ),
+            ),
+            (
+                "DLQ growth / replayed",
+                format!("{} / {}", self.dlq_growth, self.dlq_replayed),
+            ),
+            ("breaker trips", self.breaker_trips.to_string()),
+            (
+                "tool retries / hedges",
+                format!("{} / {}", self.retries, self.hedges),
+            ),
+            ("tasks processed", self.tasks_processed.to_string()),
+            (
+                "lost / duplicate effects",
+                format!("{} / {}", self.tasks_lost, self.duplicate_effects),
+            ),
+        ];
+        if self.pods_killed > 0 {
+            rows.push((
+                "engines killed / restarted",
+                format!("{} / {}", self.pods_killed, self.engines_restarted),
+            ));
+        }
+        rows.push((
+            "aborted because",
+            self.aborted_because.clone().unwrap_or_else(|| "-".into()),
+        ));
+        if let Some(r) = &self.reason
+            && self.aborted_because.as_ref() != Some(r)
+        {
+            rows.push(("why not passed", r.clone()));
+        }
+        let mut out = String::from("  drill\n");
+        for (k, v) in &rows {
+            out.push_str(&format!("    {k:<26} {v}\n"));
+        }
+        if !self.timeline.is_empty() {
+            let mut t = Table::new(&["at s", "event", "fault", "planned s", "detail"])
+                .text_last()
+                .left(1);
+            for m in &self.timeline {
+                t.row(vec![
+                    format!("{:.1}", m.at_seconds),
+                    m.event.replace('_', " "),
+                    m.fault.map_or_else(|| "-".into(), |i| i.to_string()),
+                    m.planned_seconds
+                        .map_or_else(|| "-".into(), |p| format!("{p:.1}")),
+                    m.detail.clone(),
+                ]);
+            }
+            out.push_str("  drill timeline\n");
+            out.push_str(&t.render());
+        }
+        out
+    }
 }
 
 /// Everything `r4 run --json` prints, in SPEC §9's keys.
@@ -257,22 +388,6 @@ impl RunReport {
                 ),
             ),
         ]);
-        if let Some(d) = &self.drill {
-            let secs = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.1} s"));
-            rows.push(("drill verdict", d.verdict.clone()));
-            rows.push((
-                "failover / recovery",
-                format!(
-                    "{} / {}",
-                    secs(d.failover_seconds),
-                    secs(d.recovery_seconds)
-                ),
-            ));
-            rows.push(("DLQ growth", d.dlq_growth.to_string()));
-            if let Some(a) = &d.aborted_because {
-                rows.push(("aborted because", a.clone()));
-            }
-        }
         let mut out = format!("  load: {}\n", self.load.describe());
         for (k, v) in &rows {
             out.push_str(&format!("  {k:<26} {v}\n"));
@@ -280,6 +395,9 @@ impl RunReport {
         out.push_str(&self.tools_table());
         out.push_str(&self.agents_table());
         out.push_str(&self.timeline_table());
+        if let Some(d) = &self.drill {
+            out.push_str(&d.to_table());
+        }
         out
     }
 
@@ -377,6 +495,8 @@ struct Table {
     rows: Vec<Vec<String>>,
     /// The last column is free text (left-aligned).
     text_last: bool,
+    /// Other columns of text (left-aligned).
+    left: Vec<usize>,
 }
 
 impl Table {
@@ -385,7 +505,13 @@ impl Table {
             head: head.iter().map(|h| h.to_string()).collect(),
             rows: Vec::new(),
             text_last: false,
+            left: Vec::new(),
         }
+    }
+
+    fn left(mut self, column: usize) -> Self {
+        self.left.push(column);
+        self
     }
 
     fn text_last(mut self) -> Self {
@@ -409,7 +535,10 @@ impl Table {
         for r in std::iter::once(&self.head).chain(&self.rows) {
             let mut line = String::from("  ");
             for (i, c) in r.iter().enumerate().take(n) {
-                let cell = if (i == 0 && !self.text_last) || (i + 1 == n && self.text_last) {
+                let cell = if (i == 0 && !self.text_last)
+                    || (i + 1 == n && self.text_last)
+                    || self.left.contains(&i)
+                {
                     format!("{c:<w$}", w = width[i])
                 } else {
                     format!("{c:>w$}", w = width[i])
@@ -464,5 +593,52 @@ mod tests {
         }
         assert!(v["incident_cost"].get("daily_cost").is_some());
         assert!(v.get("drill").is_none());
+    }
+
+    #[test]
+    fn drill_json_has_the_spec_keys_even_when_unmeasured() {
+        let r = RunReport {
+            drill: Some(DrillReport {
+                verdict: "Aborted".into(),
+                aborted_because: Some("success rate 0.5 below 0.99".into()),
+                timeline: vec![DrillMoment {
+                    at_seconds: 30.0,
+                    event: "fault_started".into(),
+                    fault: Some(0),
+                    planned_seconds: Some(30.0),
+                    detail: "ToolOutage bank-api".into(),
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let v: serde_json::Value = serde_json::from_str(&r.to_json_line()).unwrap();
+        let d = &v["drill"];
+        for k in [
+            "verdict",
+            "failover_seconds",
+            "recovery_seconds",
+            "dlq_growth",
+            "aborted_because",
+            "score",
+            "dlq_replayed",
+            "tasks_lost",
+            "duplicate_effects",
+            "breaker_trips",
+            "timeline",
+        ] {
+            assert!(d.get(k).is_some(), "missing drill.{k}: {d}");
+        }
+        assert!(d["failover_seconds"].is_null());
+        assert_eq!(d["timeline"][0]["planned_seconds"], 30.0);
+        let table = r.to_table();
+        assert!(
+            table.contains("drill verdict") && table.contains("Aborted"),
+            "{table}"
+        );
+        assert!(
+            table.contains("fault started") && table.contains("ToolOutage bank-api"),
+            "{table}"
+        );
     }
 }

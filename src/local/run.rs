@@ -23,8 +23,17 @@
 //! minutes of traffic take seconds and a run is repeatable with `--seed`. On a real Redis the
 //! clock is the wall clock.
 //!
-//! Faults enter through [`FaultSource`] (what each simulated tool consults on every call), so a
-//! drill can be layered onto this loop without changing it.
+//! With a drill (`--drill`, [`RunOptions::drill`]) the drill's runner ([`crate::engine::drill::run`])
+//! runs as a task beside this loop, on the same clock (virtual on the embedded queue, the wall
+//! clock on Redis): it injects its faults into the queue, where the engines of this run follow
+//! and apply them, crashes engine tasks through the [`Fleet`] for a PodKill, and asks this run's
+//! own accounting for lost tasks and duplicate effects ([`super::drill::LocalTarget`]). The load
+//! has to flow for the whole drill (baseline, fault timeline, recovery), so with a drill and no
+//! task count the loop submits for as long as the drill runs — open loop at its rate, closed loop
+//! within its window — and stops submitting when the drill has ended; with a task count it
+//! submits that many, however long the drill still goes on (a count too small for the drill
+//! leaves the drill without traffic to measure). Either way the run ends only after the drill
+//! has ended and the tasks have settled.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -34,17 +43,19 @@ use hdrhistogram::Histogram;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::drill::{LocalDrill, LocalTarget, Submitted};
+use super::fleet::Fleet;
 use super::report::{self, Percentiles, RunReport};
-use super::sim::{EffectLedger, FaultSource, NoFaults};
+use super::sim::EffectLedger;
 use super::simagent::{Finished, SimAgent};
 use super::simtool::SimTool;
 use crate::api::validate::{FieldError, Manifest};
 use crate::api::workflow::ToolSpec;
+use crate::engine::delivery::Delivery;
+use crate::engine::drill::{self as drill_run, DrillEvent, Outcome, Plan};
 use crate::engine::stats::Stats;
 use crate::engine::tools::{self, ToolProxy};
-use crate::engine::{
-    AgentOptions, AgentRole, EngineError, Intake, RepairRole, WorkflowConfig, dlq,
-};
+use crate::engine::{EngineError, Intake, RepairRole, WorkflowConfig, dlq};
 use crate::queue::{Queue, QueueError};
 use crate::resilience::BreakerState;
 
@@ -126,11 +137,15 @@ impl Load {
     }
 }
 
+/// Tasks a run submits when not told (and it runs no drill).
+pub const DEFAULT_TASKS: u64 = 2000;
+
 /// How to run.
 #[derive(Clone, Debug)]
 pub struct RunOptions {
-    /// Tasks to submit.
-    pub tasks: u64,
+    /// Tasks to submit. `None`: [`DEFAULT_TASKS`], or with a drill, as many as the load offers
+    /// until the drill has ended.
+    pub tasks: Option<u64>,
     /// How tasks are offered.
     pub load: Load,
     /// Seed of every random draw of the simulation.
@@ -139,6 +154,8 @@ pub struct RunOptions {
     pub progress: bool,
     /// `virtual` or `real`, for the report.
     pub clock: &'static str,
+    /// A ChaosDrill to run against the workflow meanwhile.
+    pub drill: Option<LocalDrill>,
 }
 
 /// What can stop a run.
@@ -221,7 +238,7 @@ pub fn prepare(
     Ok(cfg)
 }
 
-fn seed_for(seed: u64, n: u64) -> u64 {
+pub(super) fn seed_for(seed: u64, n: u64) -> u64 {
     seed ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(17)
 }
 
@@ -229,7 +246,8 @@ fn seed_for(seed: u64, n: u64) -> u64 {
 struct Running {
     proxy: Arc<ToolProxy>,
     sims: BTreeMap<String, Arc<SimTool>>,
-    agent_stats: Vec<Arc<Stats>>,
+    /// The agents' engines (killed ones' counts included).
+    fleet: Arc<Fleet>,
     repair_stats: Option<Arc<Stats>>,
     stop: watch::Sender<bool>,
     handles: Vec<tokio::task::JoinHandle<()>>,
@@ -237,7 +255,8 @@ struct Running {
 
 impl Running {
     fn sum(&self, f: impl Fn(&crate::engine::stats::Counters) -> u64) -> u64 {
-        self.agent_stats
+        self.fleet
+            .stats()
             .iter()
             .chain(self.repair_stats.iter())
             .map(|s| f(&s.counters()))
@@ -251,7 +270,6 @@ fn start(
     opts: &RunOptions,
     finished: &Arc<Finished>,
     ledger: &Arc<EffectLedger>,
-    faults: Arc<dyn FaultSource>,
 ) -> Result<Running, RunError> {
     let origin = Instant::now();
     let mut sims: BTreeMap<String, Arc<SimTool>> = BTreeMap::new();
@@ -261,7 +279,6 @@ fn start(
             seed_for(opts.seed, 100 + i as u64),
             origin,
             ledger.clone(),
-            faults.clone(),
         )
         .map_err(|e| RunError::Invalid(FieldError::new(format!("spec.tools[{i}].simulate"), e)))?;
         sims.insert(t.name.clone(), Arc::new(tool));
@@ -291,12 +308,12 @@ fn start(
         "r4-run".into(),
         stop_rx.clone(),
     )));
-    let mut agent_stats = Vec::new();
     let terminal: BTreeSet<&str> = cfg
         .terminal_agents()
         .iter()
         .map(|a| a.name.as_str())
         .collect();
+    let mut deliveries: BTreeMap<String, Arc<dyn Delivery>> = BTreeMap::new();
     for (i, a) in cfg.spec.agents.iter().enumerate() {
         let terminal = terminal.contains(a.name.as_str());
         let sim = SimAgent::new(
@@ -308,30 +325,10 @@ fn start(
         )
         .map_err(|e| RunError::Invalid(FieldError::new(format!("spec.agents[{i}].simulate"), e)))?
         .terminal(terminal);
-        let sim = Arc::new(sim);
-        let replicas = a.replicas.unwrap_or(1).max(1) as u64;
-        for r in 0..replicas {
-            let options = AgentOptions {
-                jitter_seed: Some(seed_for(opts.seed, 1000 + 100 * i as u64 + r)),
-                ..Default::default()
-            };
-            let role = AgentRole::new(
-                cfg.clone(),
-                &a.name,
-                queue.clone(),
-                sim.clone(),
-                &format!("{}-{r}", a.name),
-            )?
-            .with_options(options);
-            agent_stats.push(role.stats());
-            let rx = stop_rx.clone();
-            handles.push(tokio::spawn(async move {
-                if let Err(e) = role.run(rx).await {
-                    tracing::error!(error = %e, "agent role stopped");
-                }
-            }));
-        }
+        deliveries.insert(a.name.clone(), Arc::new(sim));
     }
+    let fleet = Fleet::new(cfg.clone(), queue.clone(), opts.seed, deliveries);
+    fleet.start_all()?;
     let repair_stats = if cfg.spec.repair.as_ref().is_some_and(|r| r.enabled) {
         let role = RepairRole::new(cfg.clone(), queue.clone(), "repair-0");
         let stats = role.stats();
@@ -348,7 +345,7 @@ fn start(
     Ok(Running {
         proxy,
         sims,
-        agent_stats,
+        fleet,
         repair_stats,
         stop,
         handles,
@@ -471,6 +468,41 @@ async fn waiting_at(
     Ok(at)
 }
 
+/// How many of `ids` are nowhere now: not completed, not in the DLQ, poison or a routing
+/// sink, and waiting in no agent's stream — counted while the run goes on (a drill's
+/// accounting). Tasks move between streams while they are read, so what one pass misses is
+/// looked for again: a task is lost only if [`LOST_PASSES`] passes in a row find it nowhere.
+pub(super) async fn lost_now(
+    cfg: &WorkflowConfig,
+    q: &dyn Queue,
+    finished: &Finished,
+    ids: &[String],
+    repair: bool,
+) -> Result<u64, QueueError> {
+    let mut missing: BTreeSet<&str> = ids
+        .iter()
+        .map(String::as_str)
+        .filter(|id| finished.finished_at(id).is_none())
+        .collect();
+    for _ in 0..LOST_PASSES {
+        if missing.is_empty() {
+            break;
+        }
+        let exact = account(cfg, q, repair).await?;
+        missing.retain(|id| {
+            finished.finished_at(id).is_none()
+                && !exact.dead.contains(*id)
+                && !exact.routed.contains(*id)
+        });
+        let waits = waiting_at(cfg, q, &missing).await?;
+        missing.retain(|id| !waits.contains_key(*id));
+    }
+    Ok(missing.len() as u64)
+}
+
+/// Passes of [`lost_now`]: a task in transit is found by the next pass at the latest.
+const LOST_PASSES: usize = 3;
+
 /// Agents degraded mode has paused now, each with the reason (`degraded mode Pause (…)`).
 async fn paused_agents(
     cfg: &WorkflowConfig,
@@ -548,9 +580,10 @@ struct Sample {
     breakers: BTreeMap<String, BreakerState>,
 }
 
-/// Run the workflow: submit `opts.tasks` tasks, wait until each is completed, dead-lettered or
-/// routed (and no automatic replay is still due) — or until the run cannot get further within
-/// its bound — stop every role, and report.
+/// Run the workflow: submit the tasks (all of `opts.tasks`, or with a drill and no count, for
+/// as long as the drill runs), wait until each is completed, dead-lettered or routed (and no
+/// automatic replay is still due) and the drill has ended — or until the run cannot get further
+/// within its bound — stop every role, and report.
 pub async fn run(
     cfg: WorkflowConfig,
     queue: Arc<dyn Queue>,
@@ -565,12 +598,39 @@ pub async fn run(
         .map(|a| a.name.clone())
         .collect();
     let finished = Arc::new(Finished::new(terminal));
-    let faults: Arc<dyn FaultSource> = Arc::new(NoFaults);
-    let mut running = start(&cfg, &queue, opts, &finished, &ledger, faults)?;
+    let plan = match &opts.drill {
+        Some(d) => {
+            let id = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |t| t.as_millis() as u64);
+            Some(drill_run::plan(&d.name, &d.spec, id).map_err(RunError::Invalid)?)
+        }
+        None => None,
+    };
+    // The task count, if any: without a drill the default; with one, none unless given.
+    let limit = match (opts.tasks, &plan) {
+        (Some(n), _) => Some(n),
+        (None, None) => Some(DEFAULT_TASKS),
+        (None, Some(_)) => None,
+    };
+    let mut running = start(&cfg, &queue, opts, &finished, &ledger)?;
     let intake = Intake::new(cfg.clone(), queue.clone(), "intake-0");
     let repair = running.repair_stats.is_some();
 
     let t0 = Instant::now();
+    let shared_ids: Submitted = Arc::default();
+    let mut drill = plan.map(|plan| {
+        let target = LocalTarget {
+            fleet: running.fleet.clone(),
+            cfg: cfg.clone(),
+            queue: queue.clone(),
+            finished: finished.clone(),
+            ledger: ledger.clone(),
+            submitted: shared_ids.clone(),
+            repair,
+        };
+        DrillTask::spawn(plan, target, queue.clone(), cfg.keys.clone())
+    });
     // Closed loop: as many tasks in flight as the agents together can work on, so the pipeline
     // stays busy without queueing (queueing would show up as latency that is not the agents').
     let window = cfg
@@ -580,8 +640,9 @@ pub async fn run(
         .map(|a| a.replicas.unwrap_or(1).max(1) as u64 * a.concurrency.unwrap_or(16).max(1) as u64)
         .sum::<u64>()
         .max(1);
-    let mut submitted: HashMap<String, Instant> = HashMap::with_capacity(opts.tasks as usize);
-    let mut order: Vec<String> = Vec::with_capacity(opts.tasks as usize);
+    let capacity = limit.unwrap_or(0) as usize;
+    let mut submitted: HashMap<String, Instant> = HashMap::with_capacity(capacity);
+    let mut order: Vec<String> = Vec::with_capacity(capacity);
     let replay = &cfg.policy.replay;
     // How long the run waits for tasks to settle once nothing more is submitted (every replay
     // of a DLQ entry, two visibility timeouts of redelivery, a minute of slack), and how long a
@@ -592,7 +653,8 @@ pub async fn run(
         + cfg.visibility_timeout * 2
         + Duration::from_secs(60);
     let wall = std::time::Instant::now();
-    let wall_limit = Duration::from_secs(600);
+    // A drill adds its own length (a real clock runs it in real time).
+    let wall_limit = Duration::from_secs(600) + drill.as_ref().map_or(Duration::ZERO, |d| d.span);
     let mut submit_done_at: Option<Instant> = None;
     // Backpressure (`queue.maxLen`) refusing every submission since…
     let mut full_since: Option<Instant> = None;
@@ -600,11 +662,16 @@ pub async fn run(
     let (mut last_settled, mut last_change) = (0u64, Instant::now());
     let mut dead_view = Accounting::default();
     let mut dead_read_at: Option<Instant> = None;
-    let mut meter = ProgressMeter::new(opts.tasks);
+    let mut meter = ProgressMeter::new(limit.unwrap_or(u64::MAX));
     let mut samples: Vec<Sample> = Vec::new();
     let mut wall_out = false;
     let tick = Duration::from_millis(100);
     loop {
+        // The drill's end: submissions without a count stop, settling begins.
+        let drill_over = match &mut drill {
+            Some(d) => d.poll_end().await?,
+            None => true,
+        };
         // What has settled, as far as cheap counters tell (the exact count reads the streams).
         let completed_now = finished.len() as u64;
         let dead_events = running.sum(|c| c.dead_lettered);
@@ -624,8 +691,13 @@ pub async fn run(
             (last_settled, last_change) = (settled, Instant::now());
         }
 
-        // Submit what is due: open loop at `rate`, or closed loop within `window`.
-        while (order.len() as u64) < opts.tasks {
+        // Submit what is due: open loop at `rate`, or closed loop within `window` — up to the
+        // count, or without one until the drill has ended.
+        let may_submit = |n: u64| match limit {
+            Some(l) => n < l,
+            None => !drill_over,
+        };
+        while may_submit(order.len() as u64) {
             let n = order.len() as u64;
             let due = match &opts.load {
                 Load::Open { rate, .. } => t0.elapsed().as_secs_f64() * rate >= n as f64,
@@ -651,19 +723,32 @@ pub async fn run(
             };
             full_since = None;
             last_change = Instant::now();
-            submitted.entry(task_id.clone()).or_insert_with(|| {
+            if let std::collections::hash_map::Entry::Vacant(v) = submitted.entry(task_id.clone()) {
+                v.insert(Instant::now());
+                if drill.is_some() {
+                    crate::resilience::lock(&shared_ids).push(task_id.clone());
+                }
                 order.push(task_id);
-                Instant::now()
-            });
+            }
         }
         // A closed loop whose tasks stopped settling (a paused agent, a loop) offers the rest
-        // at once: every task is submitted, and the report says where each one waits.
-        if matches!(opts.load, Load::Closed { .. }) && last_change.elapsed() > horizon {
+        // at once: every task is submitted, and the report says where each one waits. (Without
+        // a count there is no rest to offer.)
+        if matches!(opts.load, Load::Closed { .. })
+            && limit.is_some()
+            && last_change.elapsed() > horizon
+        {
             flood = true;
         }
         let refused_too_long = full_since.is_some_and(|t| t.elapsed() > horizon);
-        if submit_done_at.is_none() && (order.len() as u64 >= opts.tasks || refused_too_long) {
+        if submit_done_at.is_none() && (!may_submit(order.len() as u64) || refused_too_long) {
             submit_done_at = Some(Instant::now());
+        }
+        if let Some(d) = &mut drill {
+            let applied = running.proxy.faults_applied() + running.sum(|c| c.faults_applied);
+            if d.applied.last().is_none_or(|(_, n)| *n != applied) {
+                d.applied.push((t0.elapsed(), applied));
+            }
         }
         let breakers = running.proxy.breaker_states();
         samples.push(Sample {
@@ -676,16 +761,22 @@ pub async fn run(
         let (done, tasks_per_sec) = meter.observe(t0.elapsed(), settled, completed_now);
         on_progress(&Progress {
             submitted: order.len() as u64,
-            total: opts.tasks,
-            done,
+            total: limit.unwrap_or(order.len() as u64),
+            done: done.min(order.len() as u64),
             completed: completed_now,
             dead_lettered: dead_now,
             replays_due: dead_view.awaiting_replay as u64,
             tasks_per_sec,
             elapsed: t0.elapsed(),
             breakers,
+            drill: drill.as_ref().and_then(|d| d.last_event()),
         });
-        if let Some(done_at) = submit_done_at {
+        // Settling counts from the later of the last submission and the drill's end.
+        if let Some(done_at) = submit_done_at.filter(|_| drill_over) {
+            let done_at = drill
+                .as_ref()
+                .and_then(|d| d.ended_at)
+                .map_or(done_at, |e| e.max(done_at));
             let over = done_at.elapsed() > horizon;
             if settled >= order.len() as u64 || over {
                 let exact = account(&cfg, queue.as_ref(), repair).await?;
@@ -710,13 +801,20 @@ pub async fn run(
         }
         tokio::time::sleep(tick).await;
     }
+    // A drill still going (the wall-clock bound) is aborted: its faults are cleared now.
+    let drill_report = match drill.take() {
+        Some(d) => Some(d.finish(t0, &running.fleet).await?),
+        None => None,
+    };
     let elapsed = t0.elapsed();
     // Read before the roles stop: a stopping role may clear its degraded state.
     let paused = paused_agents(&cfg, queue.as_ref()).await?;
 
     // Safe stop, as a pod would: stop taking tasks, let in-flight work finish.
     let _ = running.stop.send(true);
-    for h in std::mem::take(&mut running.handles) {
+    let mut handles = std::mem::take(&mut running.handles);
+    handles.extend(running.fleet.stop());
+    for h in handles {
         let _ = tokio::time::timeout(Duration::from_secs(30), h).await;
     }
     let exact = account(&cfg, queue.as_ref(), repair).await?;
@@ -768,7 +866,7 @@ pub async fn run(
         }
     }
     let submitted_n = order.len() as u64;
-    let not_submitted = opts.tasks.saturating_sub(submitted_n);
+    let not_submitted = limit.map_or(0, |l| l.saturating_sub(submitted_n));
     let ms = |q: f64| {
         if hist.is_empty() {
             0.0
@@ -850,7 +948,7 @@ pub async fn run(
         .iter()
         .map(|a| (a.name.clone(), report::AgentFigures::default()))
         .collect();
-    for s in &running.agent_stats {
+    for s in &running.fleet.stats() {
         let Some(name) = &s.agent else { continue };
         let c = s.counters();
         let f = agents.entry(name.clone()).or_default();
@@ -888,7 +986,7 @@ pub async fn run(
             tasks_per_sec,
             cfg.spec.economics.as_ref(),
         ),
-        drill: None,
+        drill: drill_report,
         routed,
         paused: n_paused,
         in_flight: n_in_flight,
@@ -1025,7 +1123,140 @@ pub struct Progress {
     pub tasks_per_sec: f64,
     pub elapsed: Duration,
     pub breakers: BTreeMap<String, BreakerState>,
+    /// The drill's latest moment (`30.0 s fault started: ToolOutage bank-api`), with a drill.
+    pub drill: Option<String>,
 }
+
+/// The drill's runner as a task beside the run loop, and what it has said so far.
+struct DrillTask {
+    plan: Plan,
+    /// How long the drill may take ([`Plan::longest`]).
+    span: Duration,
+    handle: Option<tokio::task::JoinHandle<Outcome>>,
+    outcome: Option<Outcome>,
+    /// When the runner returned.
+    ended_at: Option<Instant>,
+    events: Arc<std::sync::Mutex<Vec<(Duration, DrillEvent)>>>,
+    abort: watch::Sender<Option<String>>,
+    /// How many times the engines had applied a fault, from the start of the run, at each
+    /// change seen by the run loop (the proxy's and the agent roles' counts together).
+    applied: Vec<(Duration, u64)>,
+}
+
+impl DrillTask {
+    fn spawn(plan: Plan, target: LocalTarget, q: Arc<dyn Queue>, keys: crate::queue::Keys) -> Self {
+        let span = plan.longest();
+        let (abort, abort_rx) = watch::channel(None);
+        let events: Arc<std::sync::Mutex<Vec<(Duration, DrillEvent)>>> = Arc::default();
+        let seen = events.clone();
+        let p = plan.clone();
+        let handle = tokio::spawn(async move {
+            let mut on_event = move |at: Duration, e: &DrillEvent| {
+                crate::resilience::lock(&seen).push((at, e.clone()));
+            };
+            drill_run::run(q, keys, p, &target, abort_rx, &mut on_event).await
+        });
+        Self {
+            plan,
+            span,
+            handle: Some(handle),
+            outcome: None,
+            ended_at: None,
+            events,
+            abort,
+            applied: vec![(Duration::ZERO, 0)],
+        }
+    }
+
+    /// Whether the runner has returned (its outcome taken if it just did).
+    async fn poll_end(&mut self) -> Result<bool, RunError> {
+        if self.handle.as_ref().is_some_and(|h| h.is_finished()) {
+            self.take().await?;
+        }
+        Ok(self.outcome.is_some())
+    }
+
+    async fn take(&mut self) -> Result<(), RunError> {
+        if let Some(h) = self.handle.take() {
+            let outcome = h.await.map_err(|e| {
+                RunError::Engine(EngineError::Io(format!("the drill's runner failed: {e}")))
+            })?;
+            self.outcome = Some(outcome);
+            self.ended_at = Some(Instant::now());
+        }
+        Ok(())
+    }
+
+    /// `30.0 s fault started: ToolOutage bank-api`.
+    fn last_event(&self) -> Option<String> {
+        let events = crate::resilience::lock(&self.events);
+        let (at, e) = events.last()?;
+        let what = match e {
+            DrillEvent::BaselineStarted => "baseline".to_string(),
+            DrillEvent::FaultStarted { index } => {
+                format!(
+                    "fault started: {}",
+                    super::drill::describe(&self.plan, *index)
+                )
+            }
+            DrillEvent::FaultEnded { index } => {
+                format!(
+                    "fault ended: {}",
+                    super::drill::describe(&self.plan, *index)
+                )
+            }
+            DrillEvent::PodsKilled { agent, killed, .. } => format!("{killed} {agent} killed"),
+            DrillEvent::Aborted { reason } => format!("aborted: {reason}"),
+            DrillEvent::Recovered => "recovered".into(),
+            DrillEvent::Finished { verdict } => verdict.as_str().to_string(),
+        };
+        Some(format!("{:.1} s {what}", at.as_secs_f64()))
+    }
+
+    /// The drill's report; a runner still going is aborted first (its faults cleared).
+    async fn finish(mut self, t0: Instant, fleet: &Fleet) -> Result<report::DrillReport, RunError> {
+        if self.handle.is_some() {
+            let _ = self
+                .abort
+                .send(Some("r4 run reached its wall-clock limit".into()));
+            let h = self
+                .handle
+                .as_mut()
+                .map(|h| tokio::time::timeout(DRILL_ABORT_WAIT, h));
+            if let Some(waited) = h
+                && waited.await.is_err()
+            {
+                if let Some(h) = self.handle.take() {
+                    h.abort();
+                }
+                return Err(RunError::Engine(EngineError::Io(format!(
+                    "the drill did not end within {} of its abort",
+                    fmt_duration(DRILL_ABORT_WAIT)
+                ))));
+            }
+            self.take().await?;
+        }
+        let Some(outcome) = &self.outcome else {
+            return Err(RunError::Engine(EngineError::Io(
+                "the drill's runner gave no outcome".into(),
+            )));
+        };
+        let kills: Vec<(Duration, super::fleet::FleetEvent)> = fleet
+            .log()
+            .into_iter()
+            .map(|(at, e)| (at.saturating_duration_since(t0), e))
+            .collect();
+        Ok(super::drill::report(
+            &self.plan,
+            outcome,
+            &kills,
+            &self.applied,
+        ))
+    }
+}
+
+/// How long an aborted drill may take to clear its faults and return.
+const DRILL_ABORT_WAIT: Duration = Duration::from_secs(60);
 
 #[cfg(test)]
 mod tests {

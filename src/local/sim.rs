@@ -429,28 +429,3 @@ mod tests {
         assert_eq!(l.effects(), 4);
     }
 }
-
-/// A fault the drill (or a test) imposes on a simulated tool, on top of its own behaviour.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct ToolFaults {
-    /// Every call fails to connect.
-    pub outage: bool,
-    /// Extra latency added to this share (0..1) of calls.
-    pub extra_latency: Option<(Duration, f64)>,
-    /// Share (0..1) of calls answered 503.
-    pub error_rate: f64,
-}
-
-/// Where a simulated tool learns which faults are active right now.
-pub trait FaultSource: Send + Sync {
-    fn tool_faults(&self, tool: &str) -> ToolFaults;
-}
-
-/// No faults.
-pub struct NoFaults;
-
-impl FaultSource for NoFaults {
-    fn tool_faults(&self, _tool: &str) -> ToolFaults {
-        ToolFaults::default()
-    }
-}

@@ -1,8 +1,12 @@
 //! A simulated tool as a [`Transport`]: the `simulate:` block of a tool (latency, error rate,
-//! outage windows, rate limiting with `429` + `Retry-After`) plus whatever faults a drill imposes. It honours `Idempotency-Key` the way a
-//! payments API does (an effect is applied once per key) and records every applied effect in
+//! outage windows, rate limiting with `429` + `Retry-After`). It honours `Idempotency-Key` the
+//! way a payments API does (an effect is applied once per key) and records every applied effect in
 //! the [`EffectLedger`], which is how `r4 run` counts duplicated side effects without trusting
 //! the engine.
+//!
+//! A drill's faults are not the tool's behaviour: the engine's tool proxy applies them before a
+//! request reaches any transport ([`crate::engine::faults`]), so a simulated tool and a real one
+//! see the same drill.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,7 +17,7 @@ use rand::{Rng, SeedableRng};
 use tokio::time::Instant;
 use tower::util::BoxCloneService;
 
-use super::sim::{EffectLedger, FaultSource, LatencyModel, OutageSchedule, ThrottleModel};
+use super::sim::{EffectLedger, LatencyModel, OutageSchedule, ThrottleModel};
 use crate::api::workflow::ToolSpec;
 use crate::engine::tools::{IDEMPOTENCY_HEADER, Transport};
 use crate::resilience::{BoxError, HttpRequest, HttpResponse, ResilienceError};
@@ -27,7 +31,6 @@ pub struct SimTool {
     throttle: Option<ThrottleModel>,
     read_only: bool,
     ledger: Arc<EffectLedger>,
-    faults: Arc<dyn FaultSource>,
     start: Instant,
     rng: Mutex<SmallRng>,
     requests: AtomicU64,
@@ -40,7 +43,6 @@ impl SimTool {
         seed: u64,
         start: Instant,
         ledger: Arc<EffectLedger>,
-        faults: Arc<dyn FaultSource>,
     ) -> Result<Self, String> {
         let sim = spec
             .simulate
@@ -54,7 +56,6 @@ impl SimTool {
             throttle: sim.throttle.as_ref().map(ThrottleModel::new).transpose()?,
             read_only: spec.read_only.unwrap_or(false),
             ledger,
-            faults,
             start,
             rng: Mutex::new(SmallRng::seed_from_u64(seed)),
             requests: AtomicU64::new(0),
@@ -76,8 +77,7 @@ impl SimTool {
     }
 
     async fn handle(&self, req: HttpRequest) -> Result<HttpResponse, BoxError> {
-        let faults = self.faults.tool_faults(&self.name);
-        if faults.outage || self.outages.is_down(self.start.elapsed()) {
+        if self.outages.is_down(self.start.elapsed()) {
             return Err(ResilienceError::Connect(
                 format!("{}: connection refused (outage)", self.name).into(),
             )
@@ -91,17 +91,15 @@ impl SimTool {
                 return Ok(too_many_requests(&self.name, wait));
             }
         }
-        let (mut delay, fail, slow_draw) = {
+        let (delay, fail) = {
             let mut rng = crate::resilience::lock(&self.rng);
             let d = self.latency.sample(&mut *rng);
-            let fail = rng.random::<f64>() < (self.error_rate + faults.error_rate).min(1.0);
-            (d, fail, rng.random::<f64>())
+            let fail = rng.random::<f64>() < self.error_rate;
+            // A third draw used to decide a drill's extra latency; kept so a seed's sequence of
+            // latencies and errors (and the README's figures) stay what they were.
+            let _ = rng.random::<f64>();
+            (d, fail)
         };
-        if let Some((extra, share)) = faults.extra_latency
-            && slow_draw < share
-        {
-            delay += extra;
-        }
         tokio::time::sleep(delay).await;
         if fail {
             return Ok(HttpResponse::new(
@@ -135,25 +133,14 @@ fn too_many_requests(tool: &str, wait: Duration) -> HttpResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::local::sim::{NoFaults, ToolFaults};
     use tower::ServiceExt;
 
     fn spec(yaml: &str) -> ToolSpec {
         serde_yaml::from_str(yaml).unwrap()
     }
 
-    fn tool(yaml: &str, seed: u64, faults: Arc<dyn FaultSource>) -> Arc<SimTool> {
-        Arc::new(SimTool::new(&spec(yaml), seed, Instant::now(), Arc::default(), faults).unwrap())
-    }
-
-    struct Down;
-    impl FaultSource for Down {
-        fn tool_faults(&self, _: &str) -> ToolFaults {
-            ToolFaults {
-                outage: true,
-                ..Default::default()
-            }
-        }
+    fn tool(yaml: &str, seed: u64) -> Arc<SimTool> {
+        Arc::new(SimTool::new(&spec(yaml), seed, Instant::now(), Arc::default()).unwrap())
     }
 
     fn keyed(key: &str) -> HttpRequest {
@@ -171,7 +158,6 @@ mod tests {
                 1,
                 Instant::now(),
                 ledger.clone(),
-                Arc::new(NoFaults),
             )
             .unwrap(),
         );
@@ -187,7 +173,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn outages_refuse_connections() {
         let y = "{name: bank, url: 'http://x', simulate: {latency: {medianMs: 1}, outages: [{after: 0s, for: 1m}]}}";
-        let t = tool(y, 1, Arc::new(NoFaults));
+        let t = tool(y, 1);
         let e = t.transport().oneshot(keyed("a:b")).await.unwrap_err();
         assert!(ResilienceError::from_inner(e).is_connect());
         tokio::time::advance(Duration::from_secs(61)).await;
@@ -195,19 +181,13 @@ mod tests {
             t.transport().oneshot(keyed("a:b")).await.unwrap().status,
             200
         );
-        let y = "{name: bank, url: 'http://x', simulate: {latency: {medianMs: 1}}}";
-        let t = tool(y, 1, Arc::new(Down));
-        assert!(
-            t.transport().oneshot(keyed("a:b")).await.is_err(),
-            "a drill outage refuses too"
-        );
     }
 
     #[tokio::test(start_paused = true)]
     async fn error_rate_is_honoured() {
         let y =
             "{name: bank, url: 'http://x', simulate: {latency: {medianMs: 1}, errorRate: 0.25}}";
-        let t = tool(y, 9, Arc::new(NoFaults));
+        let t = tool(y, 9);
         let mut failed = 0;
         for i in 0..4000 {
             if t.transport()
@@ -227,7 +207,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn throttled_calls_get_429_with_retry_after() {
         let y = "{name: bank, url: 'http://x', simulate: {latency: {medianMs: 1}, throttle: {rate: 0.1, retryAfterMs: 1500}}}";
-        let t = tool(y, 3, Arc::new(NoFaults));
+        let t = tool(y, 3);
         let mut throttled = 0;
         for i in 0..5000 {
             let r = t
@@ -247,7 +227,7 @@ mod tests {
         assert!((rate - 0.1).abs() < 0.015, "{rate}");
         // Within windows only.
         let y = "{name: bank, url: 'http://x', simulate: {latency: {medianMs: 1}, throttle: {rate: 1, retryAfterMs: 500, windows: [{after: 10s, for: 5s}]}}}";
-        let t = tool(y, 3, Arc::new(NoFaults));
+        let t = tool(y, 3);
         assert_eq!(
             t.transport().oneshot(keyed("a:b")).await.unwrap().status,
             200

@@ -49,7 +49,7 @@ use super::runtime::{PodRuntime, Probe, Running};
 use crate::api::workflow::ToolSpec;
 use crate::engine::stats::Stats;
 use crate::engine::{self, AgentRole, Intake, RepairRole, WorkflowConfig, killswitch, tools};
-use crate::local::sim::{EffectLedger, NoFaults};
+use crate::local::sim::EffectLedger;
 use crate::local::simagent::{Finished, SimAgent};
 use crate::local::simtool::SimTool;
 use crate::queue::Queue;
@@ -600,14 +600,8 @@ impl StartContext {
                 }
                 continue;
             }
-            let tool = SimTool::new(
-                t,
-                self.seed ^ (100 + j as u64),
-                origin,
-                self.ledger.clone(),
-                Arc::new(NoFaults),
-            )
-            .map_err(|e| format!("spec.tools[{j}].simulate: {e}"))?;
+            let tool = SimTool::new(t, self.seed ^ (100 + j as u64), origin, self.ledger.clone())
+                .map_err(|e| format!("spec.tools[{j}].simulate: {e}"))?;
             sims.insert(t.name.clone(), Arc::new(tool));
         }
         let transport = |t: &ToolSpec| match sims.get(&t.name) {
