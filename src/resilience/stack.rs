@@ -27,7 +27,7 @@ use tokio::task::JoinHandle;
 use tower::util::BoxCloneService;
 use tower::{Layer, Service, ServiceExt};
 
-use super::breaker::{Breaker, BreakerLayer};
+use super::breaker::{Breaker, BreakerLayer, BreakerState};
 use super::bulkhead::BulkheadLayer;
 use super::classify::{Outcome, outcome_of};
 use super::fallback::FallbackLayer;
@@ -119,7 +119,18 @@ where
         svc = boxed(BreakerLayer::new(b.clone()), svc);
     }
     if let Some(t) = cfg.throttle.as_ref().filter(|t| t.enabled) {
-        svc = boxed(ThrottleLayer::new(t, seed(cfg, 2), telemetry.clone()), svc);
+        let throttle = ThrottleLayer::new(t, seed(cfg, 2), telemetry.clone());
+        // The breaker closing after successful probes ends an outage: the
+        // throttle must not keep rejecting on the outage's history.
+        if let Some(b) = &breaker {
+            let forget = throttle.clone();
+            b.on_transition(move |t| {
+                if t.from == BreakerState::HalfOpen && t.to == BreakerState::Closed {
+                    forget.forget();
+                }
+            });
+        }
+        svc = boxed(throttle, svc);
     }
     if let Some(b) = &cfg.bulkhead {
         svc = boxed(BulkheadLayer::new(b.max_concurrent, telemetry.clone()), svc);

@@ -13,6 +13,15 @@
 //! book), which lets `p` climb while the backend stays down and fall as soon
 //! as accepts come back. Rejections made by layers below (breaker open) are
 //! not backend answers and are not counted at all.
+//!
+//! A total outage is the breaker's business, not the throttle's: when the
+//! breaker below closes again after its half-open probes succeeded, the
+//! backend has just proven it answers, and the throttle forgets the outage
+//! ([`ThrottleLayer::forget`], wired in `stack`). Without that, the history of
+//! a long outage (thousands of requests, no accepts) lets traffic back only as
+//! fast as accepts can grow from nothing — about `ln(requests)` half-windows:
+//! the worked example's drill found it, a 2-minute bank outage followed by six
+//! minutes of 24,515 local rejections while the bank was healthy again.
 
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -51,6 +60,12 @@ impl ThrottleLayer {
             })),
             telemetry,
         }
+    }
+
+    /// Forget the counted requests and accepts (the backend proved healthy
+    /// by other means: the breaker below closed after its probes).
+    pub fn forget(&self) {
+        lock(&self.state).window.clear();
     }
 
     /// Current local rejection probability.
@@ -193,6 +208,21 @@ mod tests {
         assert_eq!(tel.snapshot().throttled as usize, 1000 - sent);
         // After the window passes with no traffic, the history is gone.
         tokio::time::advance(Duration::from_secs(121)).await;
+        assert_eq!(l.reject_probability(), 0.0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn forgetting_lets_traffic_back_at_once() {
+        let tel = Telemetry::noop("t");
+        let inner = Scripted::new(vec![], status(503));
+        let l = layer(&tel);
+        let svc = l.clone().layer(inner.clone());
+        for _ in 0..1000 {
+            let _ = svc.clone().oneshot(HttpRequest::get("/")).await;
+            tokio::time::advance(Duration::from_millis(10)).await;
+        }
+        assert!(l.reject_probability() > 0.9);
+        l.forget();
         assert_eq!(l.reject_probability(), 0.0);
     }
 

@@ -68,6 +68,13 @@ impl SlidingCounter {
         s
     }
 
+    /// Forget everything counted so far.
+    pub fn clear(&mut self) {
+        for s in &mut self.slots {
+            *s = Slot::default();
+        }
+    }
+
     pub fn deposit(&mut self) {
         let e = self.current_epoch();
         self.slot_mut(e).deposits += 1;
