@@ -110,10 +110,10 @@ fn the_issues_done_means_command() {
     // of latency, an investigation engine killed — all on the virtual clock.
     let (out, v) = run_drill(&sample("bank-outage-drill.yaml"), &[]);
     let d = &v["drill"];
-    assert!(
-        ["Passed", "Failed", "Aborted"].contains(&d["verdict"].as_str().unwrap_or_default()),
-        "{d}"
-    );
+    // The done-means: a verdict, failover and recovery measured, DLQ growth, nothing lost or
+    // done twice. (Before the throttle forgot an outage once the breaker closed, this run never
+    // recovered: see resilience::throttle.)
+    assert_eq!(d["verdict"], "Passed", "{d}");
     for k in [
         "failover_seconds",
         "recovery_seconds",
@@ -122,17 +122,13 @@ fn the_issues_done_means_command() {
     ] {
         assert!(d.get(k).is_some(), "drill.{k} missing: {d}");
     }
-    // The worked example's 2-minute outage dead-letters tasks faster than its own guardrails
-    // allow (success rate < 0.9 at the outage's onset): the sample aborts, and failover and
-    // recovery may be unmeasured (`null`, the keys still there); the next test measures both on
-    // a drill the workflow passes.
-    for k in ["failover_seconds", "recovery_seconds"] {
-        assert!(d[k].is_null() || d[k].is_f64(), "{d}");
-    }
-    if d["verdict"] != "Aborted" {
-        assert!(d["failover_seconds"].is_f64(), "{d}");
-        assert!(d["recovery_seconds"].is_f64(), "{d}");
-    }
+    assert!(d["failover_seconds"].is_f64(), "{d}");
+    assert!(d["recovery_seconds"].is_f64(), "{d}");
+    assert!(d["aborted_because"].is_null(), "{d}");
+    assert!(
+        n(d, "dlq_growth") > 0,
+        "a 2-minute outage dead-letters tasks: {d}"
+    );
     assert!(d["dlq_growth"].is_u64(), "{d}");
     let score = d["score"].as_f64().unwrap();
     assert!((0.0..=100.0).contains(&score), "{score}");
