@@ -31,7 +31,10 @@
 //!   to the start of the first sustained run of served intervals after the dip, all of it
 //!   while the faults were active; `None` if there was none (traffic never got around the
 //!   fault). If no interval dipped, the time to the first interval with traffic: 0 when
-//!   traffic kept flowing, how long it stalled otherwise; `None` without any traffic.
+//!   traffic kept flowing, how long it stalled otherwise; `None` without any traffic. Here a
+//!   step degraded mode **routed** to another path (manual review) counts as served: failing
+//!   over is serving the traffic some other way. (For the success rate, the guardrails and
+//!   the availability term it counts as neither success nor failure.)
 //! - **Recovery** (from the last fault's end, over the intervals that end after it): the time
 //!   to the start of the first sustained run of normal intervals; 0 if service was normal
 //!   right away; `None` if that run did not start within the recovery limit.
@@ -106,6 +109,9 @@ pub struct Point {
     pub succeeded: u64,
     /// Steps dead-lettered.
     pub failed: u64,
+    /// Steps degraded mode routed to another path (e.g. manual review): neither a success nor
+    /// a failure for the success rate, but traffic served for [`failover`].
+    pub routed: u64,
     /// p95 of the task latency of the interval's completions, ms; `None` without one.
     pub p95_ms: Option<f64>,
     /// DLQ length at `at`.
@@ -121,6 +127,7 @@ impl Point {
             at,
             succeeded: delta.counters.completed,
             failed: delta.counters.dead_lettered,
+            routed: delta.counters.routed,
             p95_ms: delta.p95_ms(),
             dlq_depth,
         }
@@ -241,11 +248,19 @@ pub fn failover(
     first_start: Duration,
     last_end: Duration,
 ) -> Option<Duration> {
-    let during = during(points, first_start, last_end);
+    // Failing over means serving the traffic by another path, too: a step degraded mode
+    // routed (to manual review, a fallback agent) counts as served here.
+    let during: Vec<Point> = during(points, first_start, last_end)
+        .into_iter()
+        .map(|p| Point {
+            succeeded: p.succeeded + p.routed,
+            ..*p
+        })
+        .collect();
     let since = |p: &Point| p.from.saturating_sub(first_start);
     match during.iter().position(|p| base.serves(p) == Some(false)) {
-        None => during.iter().find(|p| p.tasks() > 0).map(|p| since(p)),
-        Some(dip) => sustained(during[dip + 1..].iter().copied(), |p| base.serves(p)).map(since),
+        None => during.iter().find(|p| p.tasks() > 0).map(since),
+        Some(dip) => sustained(during[dip + 1..].iter(), |p| base.serves(p)).map(since),
     }
 }
 
@@ -425,6 +440,7 @@ mod tests {
             at: S(at),
             succeeded: ok,
             failed: bad,
+            routed: 0,
             p95_ms: (ok > 0).then_some(p95),
             dlq_depth: 0,
         }
@@ -437,6 +453,7 @@ mod tests {
             at: S(30),
             succeeded: 297,
             failed: 3,
+            routed: 0,
             p95_ms: Some(100.0),
             dlq_depth: 0,
         })
@@ -540,6 +557,23 @@ mod tests {
         assert_eq!(failover(&pts, &b, S(30), S(45)), None);
         assert_eq!(failover(&pts, &b, S(30), S(47)), None);
         assert_eq!(failover(&pts, &b, S(30), S(48)), Some(S(14)));
+    }
+
+    #[test]
+    fn routing_to_another_path_is_failing_over() {
+        let b = base();
+        // An outage from 30 s: two seconds of dead letters, then degraded mode routes every
+        // task to manual review and nothing completes until the fault ends at 60 s.
+        let mut points = series(30, 60, |s| if s <= 32 { (0, 10, 0.0) } else { (0, 0, 0.0) });
+        for p in points.iter_mut().filter(|p| p.at > S(32)) {
+            p.routed = 10;
+        }
+        assert_eq!(failover(&points, &b, S(30), S(60)), Some(S(2)));
+        // Without the routing, traffic never got around the fault.
+        for p in points.iter_mut() {
+            p.routed = 0;
+        }
+        assert_eq!(failover(&points, &b, S(30), S(60)), None);
     }
 
     #[test]
@@ -649,6 +683,7 @@ mod tests {
             at: S(15),
             succeeded: ok,
             failed: bad,
+            routed: 0,
             p95_ms: (ok > 0).then_some(p95),
             dlq_depth: dlq,
         }
