@@ -49,12 +49,11 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{DeleteParams, ListParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Resource, ResourceExt};
-use serde_json::{Value, json};
 use tokio::sync::watch;
 use tracing::Instrument;
 
@@ -1011,21 +1010,7 @@ async fn write_status(
     old: &ChaosDrillStatus,
     new: &ChaosDrillStatus,
 ) -> Result<(), Error> {
-    if old == new {
-        return Ok(());
-    }
-    let old_v = serde_json::to_value(old).unwrap_or(Value::Null);
-    let new_v = serde_json::to_value(new).unwrap_or(Value::Null);
-    let patch = json!({"status": super::workflow::merge_patch(&old_v, &new_v)});
-    let api: Api<ChaosDrill> =
-        Api::namespaced(ctx.client.clone(), &d.namespace().unwrap_or_default());
-    ctx.api(api.patch_status(
-        &d.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&patch),
-    ))
-    .await?;
-    ctx.metrics.status_written(KIND);
+    super::workflow::patch_status(ctx, d, old, new, KIND).await?;
     Ok(())
 }
 

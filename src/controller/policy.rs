@@ -9,15 +9,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::ListParams;
 use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
-use serde_json::{Value, json};
 use tracing::Instrument;
 
 use super::conditions;
 use super::context::{Context, Error};
-use super::workflow::{merge_patch, policy_refs};
+use super::workflow::policy_refs;
 use crate::api::policy::{BreakerStatus, CircuitPolicy, CircuitPolicyStatus};
 use crate::api::workflow::AgentWorkflow;
 use crate::engine::breakers::{BreakerState, BreakerStates};
@@ -171,18 +170,7 @@ async fn reconcile_inner(p: &CircuitPolicy, ctx: &Context) -> Result<Action, Err
         }
     }
     status.breakers = breakers;
-    if status != old {
-        let old_v = serde_json::to_value(&old).unwrap_or(Value::Null);
-        let new_v = serde_json::to_value(&status).unwrap_or(Value::Null);
-        let api: Api<CircuitPolicy> = Api::namespaced(ctx.client.clone(), &ns);
-        ctx.api(api.patch_status(
-            &name,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"status": merge_patch(&old_v, &new_v)})),
-        ))
-        .await?;
-        ctx.metrics.status_written(KIND);
-    }
+    super::workflow::patch_status(ctx, p, &old, &status, KIND).await?;
     Ok(Action::requeue(
         ctx.opts.stats_interval.max(Duration::from_secs(1)),
     ))

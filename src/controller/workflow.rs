@@ -1229,24 +1229,45 @@ async fn write_status(
     old: &AgentWorkflowStatus,
     new: &AgentWorkflowStatus,
 ) -> Result<(), Error> {
+    if patch_status(ctx, wf, old, new, KIND).await? {
+        let written = (new.clone(), std::time::Instant::now());
+        ctx.memory(&key(wf), |m| m.status_written = Some(written));
+    }
+    Ok(())
+}
+
+/// Patch the status subresource of `obj` from `old` to `new` with a merge patch of only what
+/// differs — if, and only if, something does. Returns whether it wrote. Shared by the
+/// reconcilers (one writer per status, written only on change).
+pub(super) async fn patch_status<K, S>(
+    ctx: &Context,
+    obj: &K,
+    old: &S,
+    new: &S,
+    kind: &str,
+) -> Result<bool, Error>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    S: serde::Serialize + PartialEq,
+{
     if old == new {
-        return Ok(());
+        return Ok(false);
     }
     let old_v = serde_json::to_value(old).unwrap_or(Value::Null);
     let new_v = serde_json::to_value(new).unwrap_or(Value::Null);
     let patch = json!({"status": merge_patch(&old_v, &new_v)});
-    let api: Api<AgentWorkflow> =
-        Api::namespaced(ctx.client.clone(), &wf.namespace().unwrap_or_default());
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
     ctx.api(api.patch_status(
-        &wf.name_any(),
+        &obj.name_any(),
         &PatchParams::default(),
         &Patch::Merge(&patch),
     ))
     .await?;
-    ctx.metrics.status_written(KIND);
-    let written = (new.clone(), std::time::Instant::now());
-    ctx.memory(&key(wf), |m| m.status_written = Some(written));
-    Ok(())
+    ctx.metrics.status_written(kind);
+    Ok(true)
 }
 
 /// An RFC 7386 merge patch turning `old` into `new`: keys gone from an object become `null`.
