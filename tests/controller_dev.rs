@@ -688,15 +688,23 @@ async fn a_policy_change_reloads_the_engines_without_restarting_a_pod() {
     );
     let wf = dev.workflow("triage").await;
     assert_eq!(wf.status.as_ref().and_then(|s| s.current_revision), Some(1));
-    // The policy's own status names its user.
-    let cp = dev.kubectl(&[
-        "get",
-        "cp",
-        "triage-policy",
-        "-o",
-        "jsonpath={.status.usedBy}",
-    ]);
-    assert!(cp.contains("triage"), "{cp}");
+    // The policy's own status names its user (written by the policy's reconcile, which reads
+    // the workflows from the controller's store: eventually, not at once).
+    eventually(20, "the policy's usedBy names the workflow", || async {
+        let cp = dev.kubectl(&[
+            "get",
+            "cp",
+            "triage-policy",
+            "-o",
+            "jsonpath={.status.usedBy}",
+        ]);
+        if cp.contains("triage") {
+            Ok(())
+        } else {
+            Err(format!("usedBy {cp:?}"))
+        }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
