@@ -689,23 +689,9 @@ async fn apply(d: &ChaosDrill, ctx: &Arc<Context>, ns: &str) -> Result<Action, E
     }) {
         Ok(x) => x,
         Err(message) => {
-            conditions::set(
-                &mut status.conditions,
-                "Valid",
-                "False",
-                "InvalidSpec",
-                &message,
-                generation,
-                now,
-            );
-            return done(
-                ctx,
-                d,
-                &old,
-                status,
-                &uid,
-                finished.is_some(),
-                Action::await_change(),
+            let recorded = finished.is_some();
+            return refuse(
+                ctx, d, &old, status, &uid, recorded, &message, generation, now,
             )
             .await;
         }
@@ -777,24 +763,9 @@ async fn apply(d: &ChaosDrill, ctx: &Arc<Context>, ns: &str) -> Result<Action, E
             let plan = match runner::plan(&name, &d.spec, run_id) {
                 Ok(p) => p,
                 Err(e) => {
-                    let message = e.to_string();
-                    conditions::set(
-                        &mut status.conditions,
-                        "Valid",
-                        "False",
-                        "InvalidSpec",
-                        &message,
-                        generation,
-                        now,
-                    );
-                    return done(
-                        ctx,
-                        d,
-                        &old,
-                        status,
-                        &uid,
-                        finished.is_some(),
-                        Action::await_change(),
+                    let (message, recorded) = (e.to_string(), finished.is_some());
+                    return refuse(
+                        ctx, d, &old, status, &uid, recorded, &message, generation, now,
                     )
                     .await;
                 }
@@ -885,6 +856,31 @@ async fn apply(d: &ChaosDrill, ctx: &Arc<Context>, ns: &str) -> Result<Action, E
 }
 
 /// Write the status (if it changed); a recorded run's outcome is then forgotten.
+/// A spec the controller cannot run: `Valid=False` with `message`, no run, wait for a change.
+#[allow(clippy::too_many_arguments)]
+async fn refuse(
+    ctx: &Context,
+    d: &ChaosDrill,
+    old: &ChaosDrillStatus,
+    mut status: ChaosDrillStatus,
+    uid: &str,
+    recorded: bool,
+    message: &str,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Result<Action, Error> {
+    conditions::set(
+        &mut status.conditions,
+        "Valid",
+        "False",
+        "InvalidSpec",
+        message,
+        generation,
+        now,
+    );
+    done(ctx, d, old, status, uid, recorded, Action::await_change()).await
+}
+
 async fn done(
     ctx: &Context,
     d: &ChaosDrill,
