@@ -5,7 +5,7 @@ R4_DEV  := $(or $(CARGO_TARGET_DIR),target)/debug/r4
 SAMPLES := $(wildcard config/samples/*.yaml)
 IMAGE   ?= r4:dev
 
-.PHONY: all build test deps lint crds check-crds rbac validate-samples readme check-readme run bench e2e e2e-dev docker clean
+.PHONY: all build test deps lint crds check-crds rbac validate-samples readme check-readme run bench e2e e2e-dev docker clean chart-check install-yaml check-install-yaml rules-check
 
 all: build
 
@@ -13,7 +13,8 @@ all: build
 build:
 	$(CARGO) build --release --locked --bin r4
 
-## deps: what the tests need on a fresh Debian/Ubuntu machine (redis-server)
+## deps: what the tests need on a fresh Debian/Ubuntu machine (redis-server, promtool, the
+##       Python checkers of scripts/requirements-tools.txt in .tools/venv)
 deps:
 	@./scripts/install-deps.sh
 
@@ -22,12 +23,13 @@ lint:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
 
-## test: lint, every test (against a real redis-server), fresh CRDs, valid samples
+## test: lint, every test (against a real redis-server), fresh CRDs, valid samples, the chart
+##       linted, rendered and checked, a fresh install.yaml, the alerting rules, e2e on r4 dev
 test: deps lint
 	$(CARGO) test --locked --all-targets -- --skip crash_test
 	@# The crash test prints its figures (submitted, completed, lost, duplicates, kills): show them.
 	$(CARGO) test --locked --test crash -- --nocapture
-	$(MAKE) --no-print-directory check-crds validate-samples check-readme e2e-dev
+	$(MAKE) --no-print-directory check-crds validate-samples check-readme chart-check check-install-yaml rules-check e2e-dev
 
 ## crds: regenerate crds/ from the Rust types
 crds:
@@ -56,6 +58,22 @@ readme:
 check-readme:
 	@$(CARGO) build --locked -q --bin r4
 	@R4=$(R4_DEV) ./scripts/worked-example.sh --check
+
+## chart-check: charts/r4 linted and rendered (default and HA values) by the Helm engine of
+##              helm-python-sdk, every object validated (kubernetes-validate --strict), checkov
+chart-check:
+	@./scripts/check-chart.sh
+
+## install-yaml: regenerate config/install.yaml (the chart rendered with default values)
+install-yaml:
+	@./scripts/check-chart.sh --write-install-yaml
+
+check-install-yaml:
+	@./scripts/check-chart.sh --check-install-yaml
+
+## rules-check: the PrometheusRules through `promtool check rules` and `promtool test rules`
+rules-check:
+	@./scripts/check-rules.sh
 
 ## run: the worked example on this machine, no cluster
 run:
