@@ -35,10 +35,12 @@ test: deps lint
 crds:
 	$(CARGO) run --locked -q --bin r4 -- crds --out-dir crds
 
-## rbac: regenerate config/rbac/role.yaml from the controller's list of API calls
+## rbac: regenerate config/rbac/role.yaml from the controller's list of API calls (and the
+##       chart's copy, whose rules charts/r4 installs)
 rbac:
 	@mkdir -p config/rbac
 	$(CARGO) run --locked -q --bin r4 -- rbac > config/rbac/role.yaml
+	cp config/rbac/role.yaml charts/r4/files/rbac/role.yaml
 
 check-crds:
 	@$(CARGO) build --locked -q --bin r4
