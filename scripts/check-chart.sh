@@ -37,12 +37,12 @@ trap 'rm -rf "$tmp"' EXIT
 mode=${1:-all}
 case "$mode" in
   --write-install-yaml)
-    "$PY" scripts/helm.py install-yaml "$CHART" --out "$tmp/install.yaml" || die "rendering $INSTALL_YAML failed"
+    "$PY" scripts/helm.py install-yaml "$CHART" --out "$tmp/install.yaml" || exit 1
     cp "$tmp/install.yaml" "$INSTALL_YAML"
     echo "wrote $INSTALL_YAML"
     exit 0 ;;
   --check-install-yaml)
-    "$PY" scripts/helm.py install-yaml "$CHART" --out "$tmp/install.yaml" || die "rendering $INSTALL_YAML failed"
+    "$PY" scripts/helm.py install-yaml "$CHART" --out "$tmp/install.yaml" || exit 1
     cmp -s "$tmp/install.yaml" "$INSTALL_YAML" || die "$INSTALL_YAML is stale: run 'make install-yaml'"
     echo "$INSTALL_YAML is fresh"
     exit 0 ;;
@@ -58,11 +58,11 @@ cmp -s config/rbac/role.yaml "$CHART/files/rbac/role.yaml" \
   || die "$CHART/files/rbac/role.yaml differs from config/rbac/role.yaml: run 'make rbac'"
 echo "crds/ and config/rbac/role.yaml: the chart's copies are identical"
 
-# (a, b) Lint and render, default and HA values.
-"$PY" scripts/helm.py lint "$CHART" || die "helm lint failed (default values)"
-"$PY" scripts/helm.py lint "$CHART" -f "$CHART/ci/ha-values.yaml" || die "helm lint failed (ci/ha-values.yaml)"
-"$PY" scripts/helm.py render "$CHART" --out "$tmp/default" || die "helm render failed (default values)"
-"$PY" scripts/helm.py render "$CHART" -f "$CHART/ci/ha-values.yaml" --out "$tmp/ha" || die "helm render failed (ci/ha-values.yaml)"
+# (a, b) Lint and render, default and HA values (helm.py prints its own one-line failures).
+"$PY" scripts/helm.py lint "$CHART" || exit 1
+"$PY" scripts/helm.py lint "$CHART" -f "$CHART/ci/ha-values.yaml" || exit 1
+"$PY" scripts/helm.py render "$CHART" --out "$tmp/default" || exit 1
+"$PY" scripts/helm.py render "$CHART" -f "$CHART/ci/ha-values.yaml" --out "$tmp/ha" || exit 1
 
 # (c) Every object of a built-in kind against Kubernetes' schemas, unknown fields refused.
 shopt -s nullglob
@@ -70,8 +70,8 @@ builtin=("$tmp"/default/builtin/*.yaml "$tmp"/ha/builtin/*.yaml)
 custom=("$tmp"/default/custom/*.yaml "$tmp"/ha/custom/*.yaml)
 [ ${#builtin[@]} -gt 0 ] || die "the chart rendered no objects"
 if ! out=$("$VALIDATE" --strict -k "$KUBE_VERSION" --quiet --no-warn "${builtin[@]}" 2>&1); then
-  first=$(printf '%s\n' "$out" | grep -v '^\s*$' | head -n 1)
-  die "kubernetes-validate --strict (Kubernetes $KUBE_VERSION) refused a rendered object: ${first#"$tmp"/}"
+  first=$(printf '%s\n' "$out" | grep -v '^\s*$' | head -n 1 | sed "s|$tmp/||g")
+  die "kubernetes-validate --strict (Kubernetes $KUBE_VERSION) refused a rendered object: $first"
 fi
 skipped=none
 if [ ${#custom[@]} -gt 0 ]; then

@@ -155,13 +155,13 @@ def cmd_lint(args: argparse.Namespace) -> None:
         report = helm.lint(args.chart, values, strict=True, namespace=NAMESPACE,
                            kube_version=KUBE_VERSION)
     except helm.HelmError as e:
-        fail(f"lint {args.chart}: {one_line(e)}")
+        fail(f"helm lint {args.chart}: {one_line(e)}")
     problems = [m for m in report.get("messages", []) if m.get("severity", 0) >= 2]
     problems += [{"path": args.chart, "error": e} for e in report.get("errors", [])]
     if problems:
         first = problems[0]
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        fail(f"helm lint {args.values or 'defaults'}: {first.get('path')}: "
+        fail(f"helm lint ({args.values or 'default values'}): {first.get('path')}: "
              f"{one_line(Exception(first.get('error')))}{more}")
     print(f"helm lint ({args.values or 'default values'}): ok")
 
