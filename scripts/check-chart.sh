@@ -63,13 +63,15 @@ echo "crds/ and config/rbac/role.yaml: the chart's copies are identical"
 "$PY" scripts/helm.py lint "$CHART" -f "$CHART/ci/ha-values.yaml" || exit 1
 "$PY" scripts/helm.py render "$CHART" --out "$tmp/default" || exit 1
 "$PY" scripts/helm.py render "$CHART" -f "$CHART/ci/ha-values.yaml" --out "$tmp/ha" || exit 1
+"$PY" scripts/helm.py install-yaml "$CHART" --out "$tmp/install.yaml" || exit 1
 
-# (c) Every object of a built-in kind against Kubernetes' schemas, unknown fields refused.
+# (c) Every object of a built-in kind against Kubernetes' schemas, unknown fields refused
+# (and the install.yaml it would write: the default render and its Namespace).
 shopt -s nullglob
 builtin=("$tmp"/default/builtin/*.yaml "$tmp"/ha/builtin/*.yaml)
 custom=("$tmp"/default/custom/*.yaml "$tmp"/ha/custom/*.yaml)
 [ ${#builtin[@]} -gt 0 ] || die "the chart rendered no objects"
-if ! out=$("$VALIDATE" --strict -k "$KUBE_VERSION" --quiet --no-warn "${builtin[@]}" 2>&1); then
+if ! out=$("$VALIDATE" --strict -k "$KUBE_VERSION" --quiet --no-warn "${builtin[@]}" "$tmp/install.yaml" 2>&1); then
   first=$(printf '%s\n' "$out" | grep -v '^\s*$' | head -n 1 | sed "s|$tmp/||g")
   die "kubernetes-validate --strict (Kubernetes $KUBE_VERSION) refused a rendered object: $first"
 fi
@@ -77,13 +79,13 @@ skipped=none
 if [ ${#custom[@]} -gt 0 ]; then
   skipped=$(sed -n 's/^kind: *//p' "${custom[@]}" | sort -u | paste -sd, - | sed 's/,/, /g')
 fi
-echo "kubernetes-validate --strict -k $KUBE_VERSION: ${#builtin[@]} objects valid;" \
+echo "kubernetes-validate --strict -k $KUBE_VERSION: ${#builtin[@]} rendered objects and install.yaml valid;" \
   "${#custom[@]} skipped, of the kinds CRDs define (no schema there): $skipped"
 
-# (d) checkov, once over both renders (it is slow to start).
+# (d) checkov, once over both renders and install.yaml (it is slow to start).
 "$CHECKOV" -d "$tmp" --framework kubernetes --skip-download --quiet -o json >"$tmp/checkov.json" 2>"$tmp/checkov.err" || true
 "$PY" - "$tmp/checkov.json" "$tmp" <<'EOF' || exit 1
-import json, re, sys
+import glob, json, re, sys
 path, tmp = sys.argv[1], sys.argv[2]
 try:
     with open(path) as f:
@@ -108,16 +110,16 @@ if passed == 0:
     print("check-chart: checkov passed no check: did it scan the render?", file=sys.stderr)
     sys.exit(1)
 # A skip must carry a reason: `checkov.io/skipN: CKV_…=<reason of a few words>`.
-for root in ("default", "ha"):
-    import glob
-    for f in glob.glob(f"{tmp}/{root}/*/*.yaml"):
-        for m in re.finditer(r"checkov\.io/skip\d+:\s*(\S+?)(?:=(.*))?$", open(f).read(), re.M):
-            if len((m.group(2) or "").split()) < 4:
-                unreasoned.append(f"{m.group(1)} in {f[len(tmp) + 1:]}")
+for f in sorted(glob.glob(f"{tmp}/*/*/*.yaml")):
+    with open(f) as fh:
+        text = fh.read()
+    for m in re.finditer(r"checkov\.io/skip\d+:\s*(\S+?)(?:=(.*))?$", text, re.M):
+        if len((m.group(2) or "").split()) < 4:
+            unreasoned.append(f"{m.group(1)} in {f[len(tmp) + 1:]}")
 if unreasoned:
     print(f"check-chart: a checkov skip without a reason: {unreasoned[0]}", file=sys.stderr)
     sys.exit(1)
-print(f"checkov (kubernetes, both renders): {passed} passed, {failed} failed, {skipped} skipped (reasons in the chart's checkov.io/skip annotations)")
+print(f"checkov --framework kubernetes (both renders, install.yaml): {passed} passed, {failed} failed, {skipped} skipped (reasons in the chart's checkov.io/skip annotations)")
 if fails:
     more = f" (and {len(fails) - 1} more)" if len(fails) > 1 else ""
     print(f"check-chart: checkov failed {fails[0]}{more}", file=sys.stderr)
