@@ -31,9 +31,10 @@ test: deps lint
 	$(CARGO) test --locked --test crash -- --nocapture
 	$(MAKE) --no-print-directory check-crds validate-samples check-readme chart-check check-install-yaml rules-check e2e-dev
 
-## crds: regenerate crds/ from the Rust types
+## crds: regenerate crds/ from the Rust types (and the chart's copy in charts/r4/crds)
 crds:
 	$(CARGO) run --locked -q --bin r4 -- crds --out-dir crds
+	cp crds/*.yaml charts/r4/crds/
 
 ## rbac: regenerate config/rbac/role.yaml from the controller's list of API calls (and the
 ##       chart's copy, whose rules charts/r4 installs)
