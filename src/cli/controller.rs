@@ -62,6 +62,9 @@ pub fn controller(args: ControllerArgs) -> Result<ExitCode, CliError> {
         let opts = RunOptions {
             controller: Options {
                 engine_image: args.engine_image.clone(),
+                engine_env: crate::controller::context::forwarded_engine_env(|k| {
+                    std::env::var(k).ok()
+                }),
                 stats_interval: Duration::from_secs(args.stats_interval),
                 queue,
                 instance: Some(identity.clone()),

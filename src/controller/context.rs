@@ -39,6 +39,10 @@ pub enum QueueSource {
 pub struct Options {
     /// Image of the engine sidecar and of the intake and repair roles.
     pub engine_image: String,
+    /// Environment every rendered engine container gets on top of its own: the controller's
+    /// OpenTelemetry export settings ([`forwarded_engine_env`]), so one Helm value turns
+    /// tracing on for the whole workflow and not only for the controller.
+    pub engine_env: Vec<(String, String)>,
     /// How often a workflow is reconciled again for the stats-driven parts of its status
     /// (queue depths, SLO, cost, analysis) when nothing else triggers it.
     pub stats_interval: Duration,
@@ -55,6 +59,7 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             engine_image: default_engine_image(),
+            engine_env: Vec::new(),
             stats_interval: Duration::from_secs(10),
             api_timeout: Duration::from_secs(10),
             queue: QueueSource::Spec,
@@ -67,6 +72,32 @@ impl Default for Options {
 /// The engine image of this release (the controller's own image runs the engine too).
 pub fn default_engine_image() -> String {
     format!("ghcr.io/r4-dev/r4:{}", env!("CARGO_PKG_VERSION"))
+}
+
+/// The `OTEL_*` variables the controller hands on to the engines it renders: where and how to
+/// export traces. Not `OTEL_SERVICE_NAME` (each engine names itself `r4-engine`) and not
+/// `OTEL_EXPORTER_OTLP_HEADERS` (it may hold a collector token: a literal env value in a
+/// Deployment would publish it to everyone who can read Deployments).
+pub const FORWARDED_OTEL_ENV: [&str; 7] = [
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_PROTOCOL",
+    "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+    "OTEL_TRACES_SAMPLER",
+    "OTEL_TRACES_SAMPLER_ARG",
+    "OTEL_SDK_DISABLED",
+];
+
+/// The forwarded variables that are set (non-empty) in `lookup`, in [`FORWARDED_OTEL_ENV`]
+/// order (a stable order: the rendered pods change only when a value does).
+pub fn forwarded_engine_env(lookup: impl Fn(&str) -> Option<String>) -> Vec<(String, String)> {
+    FORWARDED_OTEL_ENV
+        .iter()
+        .filter_map(|name| {
+            let v = lookup(name)?;
+            (!v.trim().is_empty()).then(|| (name.to_string(), v))
+        })
+        .collect()
 }
 
 /// Per workflow, what the controller remembers between reconciles. Lost on restart: the
@@ -287,5 +318,27 @@ impl Context {
             .unwrap_or_else(|p| p.into_inner())
             .remove(key);
         self.backoff.succeeded(key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_export_settings_are_forwarded_and_empty_ones_are_not() {
+        let env = |k: &str| match k {
+            "OTEL_EXPORTER_OTLP_ENDPOINT" => Some("http://collector:4318".to_string()),
+            "OTEL_TRACES_SAMPLER" => Some("  ".to_string()),
+            "OTEL_SERVICE_NAME" | "OTEL_EXPORTER_OTLP_HEADERS" => Some("x".to_string()),
+            _ => None,
+        };
+        assert_eq!(
+            forwarded_engine_env(env),
+            vec![(
+                "OTEL_EXPORTER_OTLP_ENDPOINT".to_string(),
+                "http://collector:4318".to_string()
+            )]
+        );
     }
 }

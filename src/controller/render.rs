@@ -93,6 +93,8 @@ const TMP_VOLUME: &str = "tmp";
 pub struct RenderOptions {
     /// Image of the r4 engine (same image as the controller), e.g. "ghcr.io/r4-dev/r4:0.1.0".
     pub engine_image: String,
+    /// Extra environment of every engine container (the controller's forwarded `OTEL_*`).
+    pub engine_env: Vec<(String, String)>,
     /// Revision number and hash of the spec being rendered (label r4.dev/revision = number).
     pub revision: i64,
     pub revision_hash: String,
@@ -749,6 +751,12 @@ fn engine_container(
         crate::telemetry::logging::FORMAT_ENV,
         "json".into(),
     ));
+    env.extend(
+        ctx.opts
+            .engine_env
+            .iter()
+            .map(|(k, v)| value_env(k, v.clone())),
+    );
     env.extend(extra_env);
     let mut mounts = vec![VolumeMount {
         name: CONFIG_VOLUME.into(),
@@ -948,6 +956,7 @@ mod tests {
     fn opts(revision: i64) -> RenderOptions {
         RenderOptions {
             engine_image: IMAGE.into(),
+            engine_env: Vec::new(),
             revision,
             revision_hash: format!("hash-of-revision-{revision}"),
         }
@@ -1651,6 +1660,45 @@ mod tests {
                 tmp.iter()
                     .any(|m| m.mount_path == "/tmp" && m.name == TMP_VOLUME)
             );
+        }
+    }
+
+    #[test]
+    fn every_engine_gets_the_forwarded_otel_env_and_no_other_container_does() {
+        let wf = sample("payment-disputes");
+        let plain = render(&wf, &wf.spec, &sample_policies(), &opts(1)).unwrap();
+        assert!(
+            engines(&plain)
+                .iter()
+                .all(|(_, c)| env(c, "OTEL_EXPORTER_OTLP_ENDPOINT").is_none())
+        );
+        let mut o = opts(1);
+        o.engine_env = vec![(
+            "OTEL_EXPORTER_OTLP_ENDPOINT".into(),
+            "http://collector:4318".into(),
+        )];
+        let c = render(&wf, &wf.spec, &sample_policies(), &o).unwrap();
+        let engines = engines(&c);
+        // Every role's engine: one per agent, the intake and the repair.
+        assert_eq!(engines.len(), c.deployments.len());
+        for (d, e) in &engines {
+            assert_eq!(
+                env(e, "OTEL_EXPORTER_OTLP_ENDPOINT").and_then(|v| v.value.as_deref()),
+                Some("http://collector:4318"),
+                "{}",
+                name_of(&d.metadata)
+            );
+        }
+        for d in &c.deployments {
+            for (k, _) in containers(d) {
+                if k.name != ENGINE_CONTAINER {
+                    assert!(
+                        env(k, "OTEL_EXPORTER_OTLP_ENDPOINT").is_none(),
+                        "{}",
+                        k.name
+                    );
+                }
+            }
         }
     }
 

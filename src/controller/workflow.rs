@@ -283,6 +283,7 @@ async fn apply(wf: &AgentWorkflow, ctx: &Context) -> Result<Action, Error> {
         &policies,
         &render::RenderOptions {
             engine_image: ctx.opts.engine_image.clone(),
+            engine_env: ctx.opts.engine_env.clone(),
             revision: target.number,
             revision_hash: target.hash.clone(),
         },
