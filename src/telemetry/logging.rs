@@ -9,12 +9,23 @@
 //!   so the consumer's `{"message":"dead-lettered","task":…,"step":…,"reason":…}` is one
 //!   line a log pipeline can index.
 //!
+//! - Trace ids: a JSON line logged inside a hop span ([`super::trace`]) starts with the
+//!   span's `"trace_id"` and `"span_id"` — export on or off — so a log pipeline can jump from
+//!   a line to its trace.
+//!
 //! Standard output is never written: it belongs to the command's result (`r4 crds`,
 //! `r4 run --json`).
 
 use std::io::IsTerminal;
 
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry};
 
 /// Environment variable choosing the format (`json` or `text`).
 pub const FORMAT_ENV: &str = "R4_LOG_FORMAT";
@@ -40,11 +51,19 @@ impl Format {
 }
 
 /// Install the subscriber: `RUST_LOG` or `default_filter`, the format from `R4_LOG_FORMAT`,
-/// written to standard error. Idempotent: when a subscriber is already installed (a second
-/// call, a test harness) it is kept and this returns `false`. A bad `RUST_LOG` or
-/// `R4_LOG_FORMAT` is reported in one line on standard error and the default is used — a
-/// process must never end up blind because of a typo.
+/// written to standard error, and — when the `OTEL_*` variables ask for it
+/// ([`super::otlp::Config::from_env`]) — the OpenTelemetry layer exporting the hop spans as
+/// service `r4`. Idempotent: when a subscriber is already installed (a second call, a test
+/// harness) it is kept and this returns `false`. A bad `RUST_LOG`, `R4_LOG_FORMAT` or `OTEL_*`
+/// value is reported in one line on standard error and the default is used (for `OTEL_*`:
+/// export off) — a process must never end up blind, or stop, because of a typo.
 pub fn init(default_filter: &str) -> bool {
+    init_as(default_filter, "r4")
+}
+
+/// [`init`] with the `service.name` spans are exported under unless `OTEL_SERVICE_NAME` says
+/// otherwise (`r4-engine`, `r4-controller`, …).
+pub fn init_as(default_filter: &str, service: &str) -> bool {
     let filter = match std::env::var("RUST_LOG") {
         Ok(spec) if !spec.trim().is_empty() => match EnvFilter::try_new(&spec) {
             Ok(f) => f,
@@ -62,21 +81,95 @@ pub fn init(default_filter: &str) -> bool {
         }),
         Err(_) => Format::Text,
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let installed = match format {
-        Format::Json => builder
+    let otlp = match super::otlp::Config::from_env(service) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("r4: ignoring {e}; trace export off");
+            None
+        }
+    };
+    let tracer = otlp.as_ref().and_then(|c| match super::otlp::tracer(c) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            eprintln!("r4: {e}; trace export off");
+            None
+        }
+    });
+    // `try_init` also turns the `log` records of dependencies into events.
+    subscriber(
+        filter,
+        format,
+        tracer,
+        BoxMakeWriter::new(std::io::stderr),
+        std::io::stderr().is_terminal(),
+    )
+    .try_init()
+    .is_ok()
+}
+
+/// The subscriber of the process: the log layer (filtered by `filter`, written to `writer`)
+/// and, with a `tracer`, the OpenTelemetry layer exporting the hop spans (target
+/// [`super::trace::TARGET`] only, whatever the log filter says: `RUST_LOG=warn` must not cut
+/// the traces). Public for tests that need the process's exact output in a buffer.
+pub fn subscriber(
+    filter: EnvFilter,
+    format: Format,
+    tracer: Option<opentelemetry_sdk::trace::Tracer>,
+    writer: BoxMakeWriter,
+    ansi: bool,
+) -> impl tracing::Subscriber + Send + Sync {
+    let log: Box<dyn Layer<Registry> + Send + Sync> = match format {
+        Format::Json => tracing_subscriber::fmt::layer()
             .json()
             .flatten_event(true)
             .with_current_span(true)
             .with_span_list(false)
-            .try_init(),
-        Format::Text => builder
-            .with_ansi(std::io::stderr().is_terminal())
-            .try_init(),
+            .map_event_format(WithTraceIds)
+            .with_writer(writer)
+            .with_filter(filter)
+            .boxed(),
+        Format::Text => tracing_subscriber::fmt::layer()
+            .with_ansi(ansi)
+            .with_writer(writer)
+            .with_filter(filter)
+            .boxed(),
     };
-    installed.is_ok()
+    let mut layers = vec![log];
+    if let Some(t) = tracer {
+        layers.push(
+            tracing_opentelemetry::layer()
+                .with_tracer(t)
+                .with_tracked_inactivity(false)
+                .with_filter(Targets::new().with_target(super::trace::TARGET, tracing::Level::INFO))
+                .boxed(),
+        );
+    }
+    Registry::default().with(layers)
+}
+
+/// The JSON format with the `trace_id` and `span_id` of the event's span (see
+/// [`super::trace::ids_in_scope`]) as the line's first fields, when it runs in a linked span.
+struct WithTraceIds<F>(F);
+
+impl<S, N, F> FormatEvent<S, N> for WithTraceIds<F>
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'w> FormatFields<'w> + 'static,
+    F: FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let Some(ids) = ctx.event_scope().and_then(super::trace::ids_in_scope) else {
+            return self.0.format_event(ctx, writer, event);
+        };
+        let mut line = String::new();
+        self.0.format_event(ctx, Writer::new(&mut line), event)?;
+        super::trace::splice_ids(&line, ids, &mut writer)
+    }
 }
 
 #[cfg(test)]
