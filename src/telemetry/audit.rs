@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use tokio::sync::mpsc;
 
 use crate::queue::{Fields, Queue};
 
@@ -93,12 +94,17 @@ pub struct Auditor {
     stream: Option<Stream>,
 }
 
+/// The writer of the audit stream: one task, fed in call order.
 #[derive(Clone)]
 struct Stream {
-    queue: Arc<dyn Queue>,
+    tx: mpsc::Sender<Fields>,
     key: String,
     maxlen: u64,
 }
+
+/// Events waiting for the stream writer; past this the stream misses events (the log keeps
+/// them): a slow Redis must not grow the engine's memory or hold up tool calls.
+const STREAM_BACKLOG: usize = 1024;
 
 impl std::fmt::Debug for Auditor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -116,15 +122,29 @@ impl Auditor {
     }
 
     /// Also append every event to the stream `key` of `queue`, keeping its last `maxlen`
-    /// entries (older ones are trimmed by the write itself). The write runs in the
-    /// background: a call never waits for it, and a failed write is one warning, not a
-    /// failed call.
+    /// entries (older ones are trimmed by the write itself). One background task writes
+    /// them in call order (call this inside the runtime): a call never waits for it, a
+    /// failed write is one warning, not a failed call, and past [`STREAM_BACKLOG`] waiting
+    /// events the stream misses some (the log still has them).
     pub fn with_stream(mut self, queue: Arc<dyn Queue>, key: String, maxlen: u64) -> Self {
-        self.stream = Some(Stream {
-            queue,
-            key,
-            maxlen: maxlen.max(1),
+        let maxlen = maxlen.max(1);
+        let (tx, mut rx) = mpsc::channel::<Fields>(STREAM_BACKLOG);
+        let stream = key.clone();
+        tokio::spawn(async move {
+            while let Some(fields) = rx.recv().await {
+                let write = queue.add(&stream, fields, Some(maxlen));
+                match tokio::time::timeout(STREAM_DEADLINE, write).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(stream = %stream, error = %e, "cannot write the audit stream")
+                    }
+                    Err(_) => {
+                        tracing::warn!(stream = %stream, "cannot write the audit stream: timeout")
+                    }
+                }
+            }
         });
+        self.stream = Some(Stream { tx, key, maxlen });
         self
     }
 
@@ -151,21 +171,9 @@ impl Auditor {
         let Some(s) = &self.stream else {
             return;
         };
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let fields = self.fields(call, ms);
-        let s = s.clone();
-        rt.spawn(async move {
-            let write = s.queue.add(&s.key, fields, Some(s.maxlen));
-            match tokio::time::timeout(STREAM_DEADLINE, write).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => {
-                    tracing::warn!(stream = %s.key, error = %e, "cannot write the audit stream")
-                }
-                Err(_) => tracing::warn!(stream = %s.key, "cannot write the audit stream: timeout"),
-            }
-        });
+        if s.tx.try_send(self.fields(call, ms)).is_err() {
+            tracing::debug!(stream = %s.key, "audit stream writer behind or stopped: event left out of the stream");
+        }
     }
 
     /// The stream entry: the event's fields, absent ones left out.

@@ -185,6 +185,92 @@ mod tests {
         assert_eq!(Format::parse("xml"), None);
     }
 
+    /// A writer into a shared buffer.
+    #[derive(Clone, Default)]
+    struct Buf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn lines(buf: &Buf) -> Vec<serde_json::Value> {
+        String::from_utf8(buf.0.lock().unwrap().clone())
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
+    }
+
+    #[test]
+    fn json_lines_in_a_hop_carry_its_trace_ids_without_export() {
+        use crate::telemetry::trace;
+        let buf = Buf::default();
+        let w = buf.clone();
+        let sub = subscriber(
+            EnvFilter::new("info"),
+            Format::Json,
+            None,
+            BoxMakeWriter::new(move || w.clone()),
+            false,
+        );
+        let parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let (deliver_tp, commit_tp) = tracing::subscriber::with_default(sub, || {
+            tracing::info!(task = "t0", "outside any hop");
+            let deliver = trace::delivery_span("t1", "a", "task", 1);
+            let tp = trace::link(&deliver, Some(parent));
+            deliver.in_scope(|| tracing::info!(task = "t1", "in the delivery"));
+            let commit = deliver.in_scope(trace::commit_span);
+            let ctp = trace::link(&commit, None);
+            commit.in_scope(|| {
+                // An inner span of no hop: the line carries the nearest hop's ids.
+                tracing::info_span!("inner").in_scope(|| tracing::warn!("in the commit"));
+            });
+            (tp, ctp)
+        });
+        let deliver = trace::TraceIds::parse(&deliver_tp).unwrap();
+        let commit = trace::TraceIds::parse(&commit_tp).unwrap();
+        let got = lines(&buf);
+        assert_eq!(got.len(), 3, "{got:#?}");
+        assert!(got[0].get("trace_id").is_none(), "{}", got[0]);
+        assert_eq!(got[1]["trace_id"], "0af7651916cd43dd8448eb211c80319c");
+        assert_eq!(got[1]["span_id"], deliver.span_hex());
+        assert_eq!(got[1]["task"], "t1", "the event's own fields stay");
+        assert_eq!(got[1]["message"], "in the delivery");
+        assert_eq!(got[2]["trace_id"], "0af7651916cd43dd8448eb211c80319c");
+        assert_eq!(got[2]["span_id"], commit.span_hex());
+    }
+
+    #[test]
+    fn text_lines_show_the_ids_as_span_fields() {
+        use crate::telemetry::trace;
+        let buf = Buf::default();
+        let w = buf.clone();
+        let sub = subscriber(
+            EnvFilter::new("info"),
+            Format::Text,
+            None,
+            BoxMakeWriter::new(move || w.clone()),
+            false,
+        );
+        let parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        tracing::subscriber::with_default(sub, || {
+            let s = trace::tool_span("bank");
+            trace::link(&s, Some(parent));
+            s.in_scope(|| tracing::info!("called"));
+        });
+        let out = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        assert!(
+            out.contains("trace_id=0af7651916cd43dd8448eb211c80319c"),
+            "{out}"
+        );
+    }
+
     #[test]
     fn a_second_init_keeps_the_first() {
         // The first call installs (quietly: "off" unless RUST_LOG says otherwise, this is

@@ -139,8 +139,8 @@ pub fn link(span: &Span, parent: Option<&str>) -> String {
     }
     let ids = TraceIds::from_otel(span.context().span().span_context())
         .unwrap_or_else(|| TraceIds::child_of(parent.or_else(|| in_process_parent(span))));
-    span.record("trace_id", ids.trace_hex());
-    span.record("span_id", ids.span_hex());
+    span.record("trace_id", tracing::field::display(ids.trace_hex()));
+    span.record("span_id", tracing::field::display(ids.span_hex()));
     store(span, ids);
     ids.traceparent()
 }
