@@ -240,8 +240,12 @@ spec:
         c
     };
     let intake_port = free_port();
-    let intake =
-        Proc::start(engine("intake").args(["--listen", &format!("127.0.0.1:{intake_port}")]));
+    // The intake logs errors only: the log filter must not cut its spans out of the export.
+    let intake = Proc::start(
+        engine("intake")
+            .args(["--listen", &format!("127.0.0.1:{intake_port}")])
+            .env("RUST_LOG", "error"),
+    );
     let agent_engine = Proc::start(
         engine("agent")
             .args(["--agent", "a"])
@@ -361,6 +365,11 @@ spec:
     );
     assert_eq!(commit.parent, deliver.span);
     assert_eq!(deliver.attrs.get("r4.task_id"), Some(&task_id));
+    assert_eq!(
+        deliver.attrs.get("trace_id").map(String::as_str),
+        Some(trace)
+    );
+    assert_eq!(deliver.attrs.get("span_id"), Some(&deliver.span));
     assert_eq!(deliver.attrs.get("r4.step").map(String::as_str), Some("a"));
     assert_eq!(
         commit.attrs.get("r4.outcome").map(String::as_str),

@@ -83,9 +83,15 @@ impl GroupCommit {
     /// other completions are waiting.
     ///
     /// Traced as one `r4.commit` span, a child of the caller's span (the delivery), from the
-    /// hand-over to the answer.
+    /// hand-over to the answer; not traced outside a span.
     pub async fn complete(&self, item: Completing) -> Result<Completion, QueueError> {
-        let span = crate::telemetry::trace::commit_span();
+        // Only inside a traced hop: a completion outside one (a redelivered entry's probe)
+        // would be a trace of one span.
+        let span = if tracing::Span::current().is_none() {
+            tracing::Span::none()
+        } else {
+            crate::telemetry::trace::commit_span()
+        };
         crate::telemetry::trace::link(&span, None);
         let (reply, answer) = oneshot::channel();
         self.tx
