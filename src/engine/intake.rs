@@ -233,39 +233,37 @@ impl Intake {
         let mut t = Task::new(String::new(), serde_json::Value::Null);
         t.traceparent = Some(trace::link(&publish, traceparent));
         t.submitted_ms = Some(task::now_ms());
-        async move {
-            match idempotency_key {
-                Some(key) => {
-                    let one = Submission {
-                        idem_key: Some(self.cfg.keys.idem(key)),
-                        fingerprint: Some(fingerprint(&payload)),
-                        task_id: random_uuid().to_string(),
-                        fields: t.encode_with_payload(false, payload),
-                    };
-                    let s = self
-                        .queue
-                        .submit_batch(&stream, self.idempotency_ttl(), vec![one], self.cfg.max_len)
-                        .await?
-                        .pop()
-                        .ok_or_else(|| QueueError::Protocol("empty submit reply".into()))?;
-                    let created = s.created();
-                    Ok((s.task_id, created))
-                }
-                None => {
-                    t.task_id = random_uuid().to_string();
-                    self.queue
-                        .add(
-                            &stream,
-                            t.encode_with_payload(true, payload),
-                            self.cfg.max_len,
-                        )
-                        .await?;
-                    Ok((t.task_id, true))
-                }
+        match idempotency_key {
+            Some(key) => {
+                let one = Submission {
+                    idem_key: Some(self.cfg.keys.idem(key)),
+                    fingerprint: Some(fingerprint(&payload)),
+                    task_id: random_uuid().to_string(),
+                    fields: t.encode_with_payload(false, payload),
+                };
+                let s = self
+                    .queue
+                    .submit_batch(&stream, self.idempotency_ttl(), vec![one], self.cfg.max_len)
+                    .instrument(publish)
+                    .await?
+                    .pop()
+                    .ok_or_else(|| QueueError::Protocol("empty submit reply".into()))?;
+                let created = s.created();
+                Ok((s.task_id, created))
+            }
+            None => {
+                t.task_id = random_uuid().to_string();
+                self.queue
+                    .add(
+                        &stream,
+                        t.encode_with_payload(true, payload),
+                        self.cfg.max_len,
+                    )
+                    .instrument(publish)
+                    .await?;
+                Ok((t.task_id, true))
             }
         }
-        .instrument(publish)
-        .await
     }
 
     /// Enqueue `tasks` in one atomic step (see [`Queue::submit_batch`]):
