@@ -30,6 +30,8 @@ struct Got {
     trace: String,
     span: String,
     parent: String,
+    /// OTLP `SpanKind`: 1 internal, 2 server, 3 client, 4 producer, 5 consumer.
+    kind: i32,
     attrs: HashMap<String, String>,
 }
 
@@ -62,6 +64,7 @@ async fn receiver() -> (String, Arc<Mutex<Vec<Got>>>) {
                                 trace: hex::encode(s.trace_id),
                                 span: hex::encode(s.span_id),
                                 parent: hex::encode(s.parent_span_id),
+                                kind: s.kind,
                                 attrs: s
                                     .attributes
                                     .iter()
@@ -377,6 +380,14 @@ spec:
     );
     for s in &ours {
         assert_eq!(s.service, "r4-engine", "{s:?}");
+        let kind = match s.name.as_str() {
+            "r4.intake" => 2,
+            "r4.agent" | "r4.tool" => 3,
+            "r4.publish" => 4,
+            "r4.deliver" => 5,
+            _ => 1,
+        };
+        assert_eq!(s.kind, kind, "{s:?}");
     }
     let agents: Vec<&Got> = ours.iter().filter(|s| s.name == "r4.agent").collect();
     let tools: Vec<&Got> = ours.iter().filter(|s| s.name == "r4.tool").collect();
