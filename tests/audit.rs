@@ -204,6 +204,10 @@ async fn every_call_is_one_audit_event() {
 
 #[tokio::test]
 async fn the_audit_stream_keeps_the_last_n_events() {
+    // A subscriber here too: a callsite first met on a thread without one could be cached as
+    // uninteresting for the other test's thread (tracing's interest cache is global).
+    let _guard =
+        tracing::subscriber::set_default(tracing_subscriber::registry().with(Events::default()));
     let redis = r4::testutil::RedisServer::start()
         .await
         .expect("redis-server (make deps)");
