@@ -178,6 +178,16 @@ fn default_log_filter(command: &Command) -> &'static str {
     }
 }
 
+/// `service.name` of the spans a command exports (`OTEL_SERVICE_NAME` overrides it).
+fn service_name(command: &Command) -> &'static str {
+    match command {
+        Command::Engine(_) => "r4-engine",
+        Command::Controller(_) => "r4-controller",
+        Command::Dev(_) => "r4-dev",
+        _ => "r4",
+    }
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -203,7 +213,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    r4::telemetry::init(default_log_filter(&cli.command));
+    r4::telemetry::init_as(default_log_filter(&cli.command), service_name(&cli.command));
     let result = match cli.command {
         Command::Crds { out_dir } => r4::cli::crds(out_dir.as_deref()),
         Command::Rbac => {
@@ -277,6 +287,8 @@ fn main() -> ExitCode {
         Command::Drill { command } => r4::cli::drill::run(command),
         Command::Run(args) => r4::cli::run::run(args),
     };
+    // Every span still in the exporter's batch leaves before the process does.
+    r4::telemetry::shutdown();
     match result {
         Ok(code) => code,
         Err(e) => {

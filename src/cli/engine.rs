@@ -64,6 +64,10 @@ pub struct EngineArgs {
     /// case>` each (role agent).
     #[arg(long, env = "R4_TOOLS_SECRETS_DIR", value_name = "DIR", default_value = crate::engine::tools::DEFAULT_SECRETS_DIR)]
     pub tools_secrets_dir: PathBuf,
+    /// Also append every tool call's audit event to the workflow's Redis stream
+    /// `r4:{ns/wf}:audit`, keeping its last N entries (role agent; unset: log only).
+    #[arg(long, env = crate::telemetry::audit::STREAM_MAXLEN_ENV, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub audit_stream_maxlen: Option<u64>,
 }
 
 /// The agent's tool proxy: policy stacks over real HTTP, MCP annotations learnt, kill switches
@@ -134,7 +138,8 @@ async fn start_tool_proxy(
                 None,
             )
             .map_err(|e| CliError::Usage(e.to_string()))?
-            .with_transport_factory(factory),
+            .with_transport_factory(factory)
+            .with_audit(auditor(args, cfg, agent, &q, id)),
         );
     {
         // Learn MCP annotations in the background: a slow or absent MCP server must not hold up
@@ -224,6 +229,26 @@ async fn start_tool_proxy(
         tools::http::router(proxy, allowed),
         stop,
     )))
+}
+
+/// Who the tool proxy's audit events name, and the audit stream if asked for.
+fn auditor(
+    args: &EngineArgs,
+    cfg: &WorkflowConfig,
+    agent: &str,
+    q: &Arc<dyn Queue>,
+    id: &str,
+) -> crate::telemetry::audit::Auditor {
+    use crate::telemetry::audit::{Auditor, Who};
+    let a = Auditor::new(Who {
+        workflow: format!("{}/{}", cfg.namespace, cfg.name),
+        agent: agent.to_owned(),
+        engine: id.to_owned(),
+    });
+    match args.audit_stream_maxlen {
+        Some(n) => a.with_stream(q.clone(), cfg.keys.audit(), n),
+        None => a,
+    }
 }
 
 /// The store that shares breakers through Redis (`circuitBreaker.shared`).

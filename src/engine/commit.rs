@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
 
 use crate::queue::{Completing, Completion, Queue, QueueError};
 
@@ -80,14 +81,36 @@ impl GroupCommit {
 
     /// Complete one entry (see [`Queue::complete`]), together with whatever
     /// other completions are waiting.
+    ///
+    /// Traced as one `r4.commit` span, a child of the caller's span (the delivery), from the
+    /// hand-over to the answer; not traced outside a span.
     pub async fn complete(&self, item: Completing) -> Result<Completion, QueueError> {
+        // Only inside a traced hop: a completion outside one (a redelivered entry's probe)
+        // would be a trace of one span.
+        let span = if tracing::Span::current().is_none() {
+            tracing::Span::none()
+        } else {
+            crate::telemetry::trace::commit_span()
+        };
+        crate::telemetry::trace::link(&span, None);
         let (reply, answer) = oneshot::channel();
         self.tx
             .send((item, reply))
             .map_err(|_| QueueError::Shared("group commit stopped".into()))?;
-        answer
+        let done = answer
+            .instrument(span.clone())
             .await
-            .unwrap_or_else(|_| Err(QueueError::Shared("group commit stopped".into())))
+            .unwrap_or_else(|_| Err(QueueError::Shared("group commit stopped".into())));
+        span.record(
+            "r4.outcome",
+            match &done {
+                Ok(Completion::AlreadyDone) => "duplicate",
+                Ok(Completion::Full { .. }) => "full",
+                Ok(_) => "committed",
+                Err(_) => "error",
+            },
+        );
+        done
     }
 }
 

@@ -52,6 +52,7 @@ use rand::Rng;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::api::workflow::DegradedAction;
 use crate::queue::{
@@ -61,9 +62,7 @@ use crate::queue::{
 use super::commit::GroupCommit;
 use super::config::{Agent, Join, Policy, WorkflowConfig};
 use super::degraded::{self, Downgrade};
-use super::delivery::{
-    Delivery, DeliveryError, DeliveryRequest, Outputs, RequestKind, child_traceparent,
-};
+use super::delivery::{Delivery, DeliveryError, DeliveryRequest, Outputs, RequestKind};
 use super::dlq::{DlqRecord, FailedJoin, reason};
 use super::faults::FaultView;
 use super::killswitch::{self, SwitchState};
@@ -883,7 +882,22 @@ async fn handle(
     let Some(round) = gate(&ctx, &entry, &step, started).await else {
         return;
     };
-    deliver(&ctx, entry, step, round, &mut slots, started).await;
+    // One `r4.deliver` span per delivery, a child of the entry's context: the agent calls,
+    // the outputs' context and the completion are its children.
+    let span = crate::telemetry::trace::delivery_span(
+        &step.task.task_id,
+        &ctx.agent.name,
+        if step.compensation.is_some() {
+            "compensate"
+        } else {
+            "task"
+        },
+        entry.delivery_count,
+    );
+    crate::telemetry::trace::link(&span, step.task.traceparent.as_deref());
+    deliver(&ctx, entry, step, round, &mut slots, started)
+        .instrument(span)
+        .await;
 }
 
 /// Decode: is the entry a task, and ours?
@@ -1147,7 +1161,9 @@ async fn downgrade_task(
     let to = d.to.clone().unwrap_or_default();
     let mut routed = task.clone();
     routed.step = None;
-    routed.traceparent = Some(child_traceparent(task.traceparent.as_deref()));
+    routed.traceparent = Some(crate::telemetry::trace::current_traceparent(
+        task.traceparent.as_deref(),
+    ));
     let out = vec![(ctx.cfg.keys.stream(&to), routed.encode())];
     let Some(c) = complete(ctx, entry, inbox, out, vec![], vec![]).await else {
         return;
@@ -1238,7 +1254,7 @@ async fn deliver(
     };
     let mut agent_time = Duration::ZERO;
     let mut prev_delay = policy.backoff.initial;
-    let traceparent = child_traceparent(task.traceparent.as_deref());
+    let traceparent = crate::telemetry::trace::current_traceparent(task.traceparent.as_deref());
     // Built once for every attempt of this round; the payload moves into it
     // (no copy per task) and a pass-through output takes it from there.
     let mut req = DeliveryRequest {

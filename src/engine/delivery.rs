@@ -42,6 +42,7 @@ use std::time::Duration;
 use rand::Rng;
 use reqwest::header::{HeaderName, HeaderValue};
 use serde::{Deserialize, Serialize};
+use tracing::Instrument;
 
 /// Boxed future of [`Delivery::deliver`].
 pub type DeliveryFuture<'a> =
@@ -197,6 +198,25 @@ impl HttpDelivery {
     }
 
     async fn attempt(&self, req: &DeliveryRequest) -> Result<Outputs, DeliveryError> {
+        // One `r4.agent` span per request, a child of the delivery's context; the agent
+        // receives the span's own (and passes it on to its tool calls).
+        let span = crate::telemetry::trace::agent_span(&req.task_id, &req.step, req.attempt);
+        let traceparent = crate::telemetry::trace::link(&span, Some(&req.traceparent));
+        let res = self
+            .request(req, &traceparent)
+            .instrument(span.clone())
+            .await;
+        if res.is_err() {
+            span.record("otel.status_code", "error");
+        }
+        res
+    }
+
+    async fn request(
+        &self,
+        req: &DeliveryRequest,
+        traceparent: &str,
+    ) -> Result<Outputs, DeliveryError> {
         let deadline_ms = u64::try_from(req.deadline.as_millis()).unwrap_or(u64::MAX);
         let post = match &self.parsed {
             Some(u) => self.client.post(u.clone()),
@@ -205,7 +225,7 @@ impl HttpDelivery {
         let resp = post
             .timeout(req.deadline)
             .header(&IDEMPOTENCY_KEY, &req.idempotency_key)
-            .header(&TRACEPARENT, &req.traceparent)
+            .header(&TRACEPARENT, traceparent)
             .header(&DEADLINE_MS, HeaderValue::from(deadline_ms))
             .json(req)
             .send()
@@ -223,6 +243,7 @@ impl HttpDelivery {
                 DeliveryError::retryable(format!("{what}: {}", e.without_url()))
             })?;
         let status = resp.status();
+        tracing::Span::current().record("http.response.status_code", status.as_u16());
         let tool = resp
             .headers()
             .get("x-r4-tool")

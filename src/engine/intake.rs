@@ -60,10 +60,12 @@ use super::auth::{self, Tokens};
 use super::limits;
 
 use super::config::WorkflowConfig;
-use super::delivery::{child_traceparent, random_uuid};
+use super::delivery::random_uuid;
 use super::http::{self, Health};
 use super::stats::{Outcome, Stats};
 use super::task::{self, Task};
+use crate::telemetry::trace;
+use tracing::Instrument;
 
 /// Longest accepted `Idempotency-Key`.
 pub const MAX_IDEMPOTENCY_KEY: usize = 256;
@@ -225,8 +227,11 @@ impl Intake {
     ) -> Result<(String, bool), crate::queue::QueueError> {
         self.prepare().await?;
         let stream = self.cfg.keys.stream(self.cfg.entry_stream());
+        // The entry carries the context of the write (`r4.publish`): the engine's delivery
+        // span is its child.
+        let publish = trace::publish_span(&stream);
         let mut t = Task::new(String::new(), serde_json::Value::Null);
-        t.traceparent = Some(child_traceparent(traceparent));
+        t.traceparent = Some(trace::link(&publish, traceparent));
         t.submitted_ms = Some(task::now_ms());
         match idempotency_key {
             Some(key) => {
@@ -239,6 +244,7 @@ impl Intake {
                 let s = self
                     .queue
                     .submit_batch(&stream, self.idempotency_ttl(), vec![one], self.cfg.max_len)
+                    .instrument(publish)
                     .await?
                     .pop()
                     .ok_or_else(|| QueueError::Protocol("empty submit reply".into()))?;
@@ -253,6 +259,7 @@ impl Intake {
                         t.encode_with_payload(true, payload),
                         self.cfg.max_len,
                     )
+                    .instrument(publish)
                     .await?;
                 Ok((t.task_id, true))
             }
@@ -260,8 +267,9 @@ impl Intake {
     }
 
     /// Enqueue `tasks` in one atomic step (see [`Queue::submit_batch`]):
-    /// returns `(task id, created)` per task, in order. Every task gets its
-    /// own child span of `traceparent`.
+    /// returns `(task id, created)` per task, in order. Every entry carries
+    /// the context of the batch's one `r4.publish` span, a child of
+    /// `traceparent`.
     pub async fn submit_batch(
         &self,
         tasks: Vec<BatchTask>,
@@ -270,11 +278,13 @@ impl Intake {
         self.prepare().await?;
         let stream = self.cfg.keys.stream(self.cfg.entry_stream());
         let now = task::now_ms();
+        let publish = trace::publish_span(&stream);
+        let tp = trace::link(&publish, traceparent);
         let items = tasks
             .into_iter()
             .map(|bt| {
                 let mut t = Task::new(String::new(), serde_json::Value::Null);
-                t.traceparent = Some(child_traceparent(traceparent));
+                t.traceparent = Some(tp.clone());
                 t.submitted_ms = Some(now);
                 Submission {
                     idem_key: bt.idempotency_key.as_deref().map(|k| self.cfg.keys.idem(k)),
@@ -290,6 +300,7 @@ impl Intake {
         let done = self
             .queue
             .submit_batch(&stream, self.idempotency_ttl(), items, self.cfg.max_len)
+            .instrument(publish)
             .await?;
         Ok(done
             .into_iter()
@@ -480,8 +491,15 @@ async fn submit(
             }
         },
     };
-    let tp = headers.get("traceparent").and_then(|v| v.to_str().ok());
-    match queue_call(intake.submit_raw(bytes, key.as_deref(), tp), false).await {
+    let span = trace::intake_span("/v1/tasks");
+    let tp = trace::link(
+        &span,
+        headers
+            .get(trace::TRACEPARENT)
+            .and_then(|v| v.to_str().ok()),
+    );
+    let submitted = queue_call(intake.submit_raw(bytes, key.as_deref(), Some(&tp)), false);
+    match submitted.instrument(span).await {
         Ok((task_id, created)) => {
             let took = started.elapsed();
             (
@@ -641,8 +659,18 @@ async fn submit_batch(
         Ok(t) => t,
         Err((status, msg)) => return error(status, msg),
     };
-    let tp = headers.get("traceparent").and_then(|v| v.to_str().ok());
-    match queue_call(intake.submit_batch(tasks, tp), true).await {
+    let span = trace::intake_span("/v1/tasks:batch");
+    span.record("r4.tasks", tasks.len());
+    let tp = trace::link(
+        &span,
+        headers
+            .get(trace::TRACEPARENT)
+            .and_then(|v| v.to_str().ok()),
+    );
+    match queue_call(intake.submit_batch(tasks, Some(&tp)), true)
+        .instrument(span)
+        .await
+    {
         Ok(done) => {
             let per_task = started.elapsed() / u32::try_from(done.len()).unwrap_or(1).max(1);
             let answer: Vec<_> = done

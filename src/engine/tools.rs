@@ -24,8 +24,11 @@
 //! `Retry-After`. [`supervise`] keeps the proxy's view of the faults current.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU32, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
+
+use tracing::Instrument;
 
 use tower::ServiceExt;
 use tower::util::BoxCloneService;
@@ -37,6 +40,8 @@ use crate::resilience::{
     BoxError, BreakerState, CountersSnapshot, HttpRequest, HttpResponse, Metrics, PolicyConfig,
     PolicyRequest, PolicyResponse, PolicyService, ResilienceError, Stack, Telemetry, build_stack,
 };
+use crate::telemetry::audit::{self, Auditor};
+use crate::telemetry::trace;
 
 /// How requests reach a tool.
 pub type Transport = BoxCloneService<HttpRequest, HttpResponse, BoxError>;
@@ -54,6 +59,10 @@ pub struct ToolCall {
     pub idempotent: bool,
     /// Has no side effect: may be answered from the fallback cache.
     pub read_only: bool,
+    /// Requests sent to the tool for this call (first try, retries, hedges): shared by the
+    /// clones the policy stack makes, counted where the transport is called (the audit's
+    /// `attempts`).
+    pub sent: Arc<AtomicU32>,
 }
 
 impl PolicyRequest for ToolCall {
@@ -173,6 +182,8 @@ pub struct ToolProxy {
     breaker_hooks: Mutex<Vec<BreakerHook>>,
     /// The injected faults every stack's transport consults ([`ToolProxy::set_faults`]).
     faults: FaultSlot,
+    /// Where every call's audit event goes ([`ToolProxy::with_audit`]).
+    audit: Auditor,
 }
 
 /// The proxy's view of the injected faults, shared with every stack (a rebuilt one included).
@@ -276,6 +287,7 @@ impl ToolProxy {
             factory: None,
             breaker_hooks: Mutex::new(Vec::new()),
             faults,
+            audit: Auditor::default(),
         })
     }
 
@@ -288,6 +300,13 @@ impl ToolProxy {
     /// How many tool calls met an injected fault.
     pub fn faults_applied(&self) -> u64 {
         read(&self.faults).applied()
+    }
+
+    /// Audit every call with `auditor` (without one, events name no workflow, agent or engine
+    /// and go to the log only).
+    pub fn with_audit(mut self, auditor: Auditor) -> Self {
+        self.audit = auditor;
+        self
     }
 
     /// Make the transports of the stacks a policy reload rebuilds with `factory` (without
@@ -486,32 +505,108 @@ impl ToolProxy {
 
     /// Call `tool` on behalf of an agent allowed `agent_tools`. Always answers: refusals are
     /// 403/404/503 with an [`DEGRADED_HEADER`], policy rejections 503, timeouts 504.
+    ///
+    /// The call is one `r4.tool` span ([`trace::tool_span`]), a child of the `traceparent` the
+    /// agent passed on; the tool receives the span's own. It ends in one audit event
+    /// ([`audit`]).
     pub async fn call(
         &self,
         agent_tools: &[String],
         tool: &str,
         mut request: HttpRequest,
     ) -> HttpResponse {
+        let started = tokio::time::Instant::now();
+        let span = trace::tool_span(tool);
+        let tp = trace::link(&span, request.header(trace::TRACEPARENT));
+        request
+            .headers
+            .retain(|(k, _)| !k.eq_ignore_ascii_case(trace::TRACEPARENT));
+        request.headers.push((trace::TRACEPARENT.into(), tp));
+        let key = request.header(IDEMPOTENCY_HEADER).map(str::to_owned);
+        let sent = Arc::new(AtomicU32::new(0));
+        let (resp, refused, mcp_tool) = self
+            .governed(agent_tools, tool, request, sent.clone())
+            .instrument(span.clone())
+            .await;
+        let reason = resp.header(DEGRADED_HEADER).and_then(|v| {
+            v.split_once("reason=")
+                .map(|(_, r)| r.split(';').next().unwrap_or(r).trim())
+        });
+        let outcome = match (refused, resp.status) {
+            (true, _) => audit::Outcome::Refused,
+            (false, s) if s < 400 => audit::Outcome::Ok,
+            _ => audit::Outcome::Error,
+        };
+        let http_class = match resp.status {
+            500.. => "http-5xx",
+            _ => "http-4xx",
+        };
+        let degraded = matches!(
+            reason,
+            Some(
+                "fallback"
+                    | "breaker-open"
+                    | "killed"
+                    | "killswitch-unknown"
+                    | "bulkhead-full"
+                    | "throttled"
+            )
+        );
+        span.record("http.response.status_code", resp.status);
+        span.record("r4.degraded", degraded);
+        if outcome != audit::Outcome::Ok {
+            span.record("otel.status_code", "error");
+        }
+        span.in_scope(|| {
+            self.audit.record(&audit::Call {
+                tool,
+                mcp_tool: mcp_tool.as_deref(),
+                key: key.as_deref(),
+                outcome,
+                status: resp.status,
+                error_class: (outcome != audit::Outcome::Ok).then(|| reason.unwrap_or(http_class)),
+                degraded,
+                reason,
+                duration: started.elapsed(),
+                attempts: sent.load(AtomicOrdering::Relaxed),
+            })
+        });
+        resp
+    }
+
+    /// The call through the gates and the tool's policy stack: the answer, whether the proxy
+    /// refused it before sending anything, and the MCP tool it names.
+    async fn governed(
+        &self,
+        agent_tools: &[String],
+        tool: &str,
+        mut request: HttpRequest,
+        sent: Arc<AtomicU32>,
+    ) -> (HttpResponse, bool, Option<String>) {
         if let Err(r) = self.check(agent_tools, tool) {
-            return refusal_response(tool, &r);
+            return (refusal_response(tool, &r), true, None);
         }
         let Some(t) = self.tools.get(tool) else {
-            return refusal_response(tool, &Refusal::UnknownTool);
+            return (refusal_response(tool, &Refusal::UnknownTool), true, None);
         };
         request.url = match forward_url(&t.spec.url, &request.url) {
             Ok(url) => url,
-            Err(e) => return degraded(400, tool, "bad-path", &format!("tool {tool:?}: {e}")),
+            Err(e) => {
+                let msg = format!("tool {tool:?}: {e}");
+                return (degraded(400, tool, "bad-path", &msg), true, None);
+            }
         };
-        let (idempotent, read_only) = self.hints_for(t, &request.body);
+        let (idempotent, read_only, mcp_tool) = self.hints_for(t, &request.body);
         let call = ToolCall {
             request,
             idempotent,
             read_only,
+            sent,
         };
         // The stack of this instant: a reload during the call does not change it.
         let stack = read(&t.stack).clone();
         let svc = crate::resilience::lock(&stack.service).clone();
-        match svc.oneshot(call).await {
+        let resp = match svc.oneshot(call).await {
             Ok(resp) => {
                 let mut resp = resp;
                 if resp.is_fallback() {
@@ -521,14 +616,16 @@ impl ToolProxy {
                 resp
             }
             Err(e) => error_response(tool, &e),
-        }
+        };
+        (resp, false, mcp_tool)
     }
 
-    fn hints_for(&self, t: &ProxiedTool, body: &[u8]) -> (bool, bool) {
+    /// Whether a call is idempotent and read-only, and the MCP tool it calls.
+    fn hints_for(&self, t: &ProxiedTool, body: &[u8]) -> (bool, bool, Option<String>) {
         let spec_idem = t.spec.idempotent;
         let spec_ro = t.spec.read_only;
         if t.protocol != ToolProtocol::Mcp {
-            return (spec_idem.unwrap_or(false), spec_ro.unwrap_or(false));
+            return (spec_idem.unwrap_or(false), spec_ro.unwrap_or(false), None);
         }
         let msg: serde_json::Value =
             serde_json::from_slice(body).unwrap_or(serde_json::Value::Null);
@@ -542,11 +639,12 @@ impl ToolProxy {
                 (
                     spec_idem.unwrap_or(hint.idempotent),
                     spec_ro.unwrap_or(hint.read_only),
+                    Some(name.to_owned()),
                 )
             }
             // initialize, tools/list, ping: protocol chatter without effects.
-            Some(_) => (true, spec_ro.unwrap_or(false)),
-            None => (spec_idem.unwrap_or(false), spec_ro.unwrap_or(false)),
+            Some(_) => (true, spec_ro.unwrap_or(false), None),
+            None => (spec_idem.unwrap_or(false), spec_ro.unwrap_or(false), None),
         }
     }
 }
@@ -754,6 +852,7 @@ impl tower::Service<ToolCall> for CallAdapter {
 
     fn call(&mut self, req: ToolCall) -> Self::Future {
         use super::faults::ToolFailure;
+        req.sent.fetch_add(1, AtomicOrdering::Relaxed);
         let key = req.request.header(IDEMPOTENCY_HEADER).unwrap_or("");
         let fault = read(&self.faults).tool(&self.tool, key);
         if fault.is_none() {
@@ -1624,6 +1723,7 @@ agents:
                 request: keyed(key, body),
                 idempotent: true,
                 read_only: true,
+                sent: Arc::default(),
             };
             c.request.url = url.to_owned();
             c.cache_key().unwrap()
@@ -1655,6 +1755,7 @@ agents:
             request: keyed("t1:investigation", q),
             idempotent: true,
             read_only: true,
+            sent: Arc::default(),
         };
         get.request.url = url.into();
         get.request.method = "PUT".into();

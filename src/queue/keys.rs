@@ -54,6 +54,12 @@ impl Keys {
         format!("{}:stream:{name}", self.prefix)
     }
 
+    /// Audit stream of tool calls (opt-in, capped; [`crate::telemetry::audit`]):
+    /// `r4:{ns/wf}:audit`.
+    pub fn audit(&self) -> String {
+        format!("{}:audit", self.prefix)
+    }
+
     /// Dead-letter stream: `r4:{ns/wf}:dlq`.
     pub fn dlq(&self) -> String {
         format!("{}:dlq", self.prefix)
