@@ -193,6 +193,69 @@ pub fn builtins() -> Vec<ResourceInfo> {
                 false,
             )
         },
+        // Stored and served, not acted on: r4 dev has no authorization, no network and no
+        // eviction API, but an install (the chart's `config/install.yaml`) creates them, and
+        // `kubectl get` must give them back.
+        builtin(
+            "rbac.authorization.k8s.io",
+            "clusterroles",
+            "ClusterRole",
+            false,
+            &[],
+            &[],
+            false,
+            false,
+        ),
+        builtin(
+            "rbac.authorization.k8s.io",
+            "clusterrolebindings",
+            "ClusterRoleBinding",
+            false,
+            &[],
+            &[],
+            false,
+            false,
+        ),
+        builtin(
+            "rbac.authorization.k8s.io",
+            "roles",
+            "Role",
+            true,
+            &[],
+            &[],
+            false,
+            false,
+        ),
+        builtin(
+            "rbac.authorization.k8s.io",
+            "rolebindings",
+            "RoleBinding",
+            true,
+            &[],
+            &[],
+            false,
+            false,
+        ),
+        builtin(
+            "networking.k8s.io",
+            "networkpolicies",
+            "NetworkPolicy",
+            true,
+            &["netpol"],
+            &[],
+            false,
+            true,
+        ),
+        builtin(
+            "policy",
+            "poddisruptionbudgets",
+            "PodDisruptionBudget",
+            true,
+            &["pdb"],
+            &[],
+            true,
+            true,
+        ),
         builtin(
             "apiextensions.k8s.io",
             "customresourcedefinitions",
@@ -426,7 +489,8 @@ pub fn list_keys(res: &ResourceInfo, version: &str, path: &[String]) -> Option<V
         "ports" if path.iter().any(|p| p.ends_with("ontainers")) => {
             Some(vec!["containerPort".into(), "protocol".into()])
         }
-        "ports" => Some(vec!["port".into(), "protocol".into()]),
+        // A NetworkPolicy's `ports` are atomic (their items need not name a port).
+        "ports" if res.plural == "services" => Some(vec!["port".into(), "protocol".into()]),
         _ => None,
     }
 }
