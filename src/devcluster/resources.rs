@@ -563,6 +563,39 @@ mod tests {
     }
 
     #[test]
+    fn the_kinds_of_an_install_are_served_with_their_scope() {
+        let reg = Registry::default();
+        let scope = |g: &str, p: &str| reg.find(g, "v1", p).map(|r| (r.namespaced, r.status));
+        let rbac = "rbac.authorization.k8s.io";
+        assert_eq!(scope(rbac, "clusterroles"), Some((false, false)));
+        assert_eq!(scope(rbac, "clusterrolebindings"), Some((false, false)));
+        assert_eq!(scope(rbac, "roles"), Some((true, false)));
+        assert_eq!(scope(rbac, "rolebindings"), Some((true, false)));
+        assert_eq!(scope("policy", "poddisruptionbudgets"), Some((true, true)));
+        let netpol = reg
+            .find("networking.k8s.io", "v1", "networkpolicies")
+            .expect("networkpolicies");
+        // A NetworkPolicy's ports need not name a port: an atomic list, unlike a Service's.
+        let ports = path(&["spec", "ingress", "ports"]);
+        assert_eq!(list_keys(&netpol, "v1", &ports), None);
+        let svc = reg.find("", "v1", "services").expect("services");
+        assert_eq!(
+            list_keys(&svc, "v1", &path(&["spec", "ports"])),
+            Some(vec!["port".into(), "protocol".into()])
+        );
+        for (group, kind) in [(rbac, "ClusterRole"), ("policy", "PodDisruptionBudget")] {
+            let doc = super::super::openapi::group_version(&reg, group, "v1").expect("openapi");
+            let schemas = doc["components"]["schemas"].as_object().expect("schemas");
+            assert!(
+                schemas
+                    .values()
+                    .any(|s| s["x-kubernetes-group-version-kind"][0]["kind"] == kind),
+                "no schema of {kind}"
+            );
+        }
+    }
+
+    #[test]
     fn crd_registers_and_declares_map_lists() {
         let crd = json!({"metadata": {"name": "things.example.com"}, "spec": {
             "group": "example.com", "scope": "Cluster",
