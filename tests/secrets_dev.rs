@@ -5,8 +5,9 @@
 //! takes a bearer token from a Secret, and whose tool has an `Authorization` header from a
 //! Secret, runs until Ready and tasks flow through the authenticated intake. Then every log
 //! line r4 dev wrote (controller, kubelet, engines: one process), every object but the Secrets
-//! (specs, statuses, ConfigMaps, Deployments' env) and every Event are searched for each secret
-//! value and for the URL with the password: none may appear.
+//! (specs, statuses, ConfigMaps, Deployments' env), every Event and what `r4 status` prints
+//! (it reads the URL from the Secret) are searched for each secret value and for the URL with
+//! the password: none may appear.
 //!
 //! Skipped with a message when kubectl is missing, except under CI.
 
@@ -186,7 +187,25 @@ spec:
 
 /// Every place a secret value must not be, as (where, text).
 fn shown(dev: &Dev) -> Vec<(String, String)> {
-    let mut out = vec![("r4 dev's log".to_string(), dev.log())];
+    // `r4 status` reads the Redis URL from the Secret itself (for the breakers) and prints
+    // what it found there: it is searched too.
+    let status = Command::new(env!("CARGO_BIN_EXE_r4"))
+        .args(["status", "vault"])
+        .env("KUBECONFIG", dev.dir.path().join("kubeconfig"))
+        .env("R4_LOG_FORMAT", "json")
+        .env("RUST_LOG", "debug")
+        .output()
+        .expect("r4 status");
+    let status = format!(
+        "{}{}",
+        String::from_utf8_lossy(&status.stdout),
+        String::from_utf8_lossy(&status.stderr)
+    );
+    assert!(status.contains("breakers:"), "{status}");
+    let mut out = vec![
+        ("r4 dev's log".to_string(), dev.log()),
+        ("r4 status".to_string(), status),
+    ];
     let kinds = dev.ok(&["api-resources", "--verbs=list", "-o", "name"], None);
     for kind in kinds.lines().filter(|k| *k != "secrets") {
         let list = dev.ok(&["get", kind, "-A", "-o", "json"], None);
