@@ -78,15 +78,16 @@ intake_reachable() {
       ;;
     dev)
       local line pod addr
+      INTAKE=
       while read -r line; do
         pod=$(sed -n 's/.* pod=\([^ ]*\) .*/\1/p' <<<"$line")
         addr=$(sed -n 's/.* listen=\([^ ]*\) .*/\1/p' <<<"$line")
         if [ "$(kubectl get pod "$pod" -o 'jsonpath={.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null)" = True ]; then
           INTAKE=http://$addr
-          return 0
+          break
         fi
       done < <(grep "intake listening" "$tmp/dev.log" | grep "workflow=$WF" | tac)
-      return 1
+      [ -n "${INTAKE:-}" ] || return 1
       ;;
   esac
   curl -fsS -m 5 "$INTAKE/readyz" >/dev/null
