@@ -5,7 +5,8 @@
 #                       config/install.yaml` (the chart rendered with defaults; r4 dev stores it,
 #                       and simulates the installed controller: its own runs), then the scenario;
 #   E2E_TARGET=cluster  (make e2e)  the cluster of the current kubeconfig (kind, k3d):
-#                       `helm install r4 charts/r4 --wait` with the image R4_IMAGE=repo:tag,
+#                       `helm install r4 charts/r4 --wait` with the image R4_IMAGE=repo:tag
+#                       (pull policy IfNotPresent: an image loaded with `kind load`),
 #                       a Redis for the samples (e2e/redis.yaml), then the scenario. The samples'
 #                       agent images are placeholders: E2E_AGENT_IMAGE and E2E_AGENT_IMAGE_NEXT
 #                       name two tags of an image that serves `POST /tasks` (README, "What runs
@@ -142,7 +143,8 @@ case "$TARGET" in
     [[ "${R4_IMAGE:-}" == *:* ]] || { echo "e2e: R4_IMAGE=repo:tag must name the image to install" >&2; exit 2; }
     step "install: helm install r4 charts/r4 (image $R4_IMAGE)"
     run "helm install" helm install r4 charts/r4 -n r4-system --create-namespace \
-      --set "image.repository=${R4_IMAGE%:*},image.tag=${R4_IMAGE##*:}" --wait --timeout 5m
+      --set "image.repository=${R4_IMAGE%:*},image.tag=${R4_IMAGE##*:},image.pullPolicy=IfNotPresent" \
+      --wait --timeout 5m
     step "a Redis for the samples: redis.r4-system:6379"
     run "redis" kubectl apply -f e2e/redis.yaml
     run "redis rollout" kubectl -n r4-system rollout status deployment/redis --timeout=120s
