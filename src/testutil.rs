@@ -45,6 +45,8 @@ pub struct RedisServerOptions {
     pub wait_for_binary: Duration,
     /// How long to wait for `PING` to answer `PONG`.
     pub ready_timeout: Duration,
+    /// `requirepass`: clients must `AUTH` with it ([`RedisServer::url`] carries it).
+    pub password: Option<String>,
 }
 
 impl Default for RedisServerOptions {
@@ -53,6 +55,7 @@ impl Default for RedisServerOptions {
             appendonly: false,
             wait_for_binary: Duration::from_secs(120),
             ready_timeout: Duration::from_secs(15),
+            password: None,
         }
     }
 }
@@ -111,9 +114,12 @@ impl RedisServer {
         }))
     }
 
-    /// `redis://127.0.0.1:<port>/`.
+    /// `redis://127.0.0.1:<port>/`, or `redis://:<password>@127.0.0.1:<port>/` with a password.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        match &self.options.password {
+            Some(p) => format!("redis://:{p}@127.0.0.1:{}/", self.port),
+            None => format!("redis://127.0.0.1:{}/", self.port),
+        }
     }
 
     pub fn port(&self) -> u16 {
@@ -158,6 +164,9 @@ impl RedisServer {
         } else {
             cmd.args(["--appendonly", "no"]);
         }
+        if let Some(p) = &self.options.password {
+            cmd.arg("--requirepass").arg(p);
+        }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
@@ -174,7 +183,7 @@ impl RedisServer {
                     log: self.log_tail(),
                 });
             }
-            if ping(self.port).await {
+            if ping(self.port, self.options.password.as_deref()).await {
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -224,14 +233,28 @@ fn free_port() -> std::io::Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
-/// One `PING` with a short deadline; true on `+PONG`.
-async fn ping(port: u16) -> bool {
+/// One `PING` (after `AUTH` when the server has a password) with a short deadline; true on
+/// `+PONG` with no error reply before it.
+async fn ping(port: u16, password: Option<&str>) -> bool {
     let attempt = async {
         let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-        s.write_all(b"PING\r\n").await?;
+        let cmd = match password {
+            Some(p) => format!("AUTH {p}\r\nPING\r\n"),
+            None => "PING\r\n".to_string(),
+        };
+        s.write_all(cmd.as_bytes()).await?;
+        let mut got = Vec::new();
         let mut buf = [0u8; 64];
-        let n = s.read(&mut buf).await?;
-        Ok::<bool, std::io::Error>(buf[..n].starts_with(b"+PONG"))
+        loop {
+            let n = s.read(&mut buf).await?;
+            got.extend_from_slice(&buf[..n]);
+            if n == 0 || got.starts_with(b"-") || got.windows(3).any(|w| w == b"\n-") {
+                return Ok::<bool, std::io::Error>(false);
+            }
+            if got.windows(5).any(|w| w == b"+PONG") {
+                return Ok(true);
+            }
+        }
     };
     matches!(
         tokio::time::timeout(Duration::from_millis(500), attempt).await,

@@ -1066,7 +1066,8 @@ pub struct Shape {
     pub entry_agents: Vec<String>,
     /// Agents at the ends of the graph: a task is completed when each finished its step.
     pub terminal_agents: Vec<String>,
-    /// Every stream an agent reads or writes.
+    /// Every stream an agent reads or writes, and those degraded mode routes to (a task parked
+    /// for manual review is not lost).
     pub streams: BTreeSet<String>,
     /// Joining agents (a task may wait in their join).
     pub joiners: Vec<String>,
@@ -1092,7 +1093,12 @@ impl Shape {
             streams: spec
                 .agents
                 .iter()
-                .flat_map(|a| std::iter::once(a.consumes.clone()).chain(a.produces.iter().cloned()))
+                .flat_map(|a| {
+                    let routed = a.degraded_mode.as_ref().and_then(|d| d.to.clone());
+                    std::iter::once(a.consumes.clone())
+                        .chain(a.produces.iter().cloned())
+                        .chain(routed)
+                })
                 .collect(),
             joiners: spec
                 .agents
@@ -1559,6 +1565,23 @@ mod tests {
             count: None,
             max_per_second: None,
         }
+    }
+
+    #[test]
+    fn a_task_routed_by_degraded_mode_is_in_a_tracked_stream() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/config/samples/payment-disputes.yaml"
+        ))
+        .expect("sample");
+        let aw: crate::api::AgentWorkflow = serde_yaml::from_str(&text).expect("workflow");
+        let shape = Shape::of("default", "payment-disputes", &aw.spec);
+        assert!(
+            shape.streams.contains("manual-review"),
+            "{:?}",
+            shape.streams
+        );
+        assert!(shape.streams.contains("tickets"));
     }
 
     fn spec(schedule: Option<&str>) -> ChaosDrillSpec {

@@ -169,6 +169,7 @@ pub fn group_version(registry: &Registry, group: &str, version: &str) -> Option<
 fn builtin_schemas(group: &str, version: &str, out: &mut Map<String, Value>) {
     use k8s_openapi::api::{
         apps::v1 as apps, coordination::v1 as coordination, core::v1 as core, events::v1 as events,
+        networking::v1 as networking, policy::v1 as policy, rbac::v1 as rbac,
     };
     use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1 as ext;
     use schemars::JsonSchema;
@@ -198,6 +199,14 @@ fn builtin_schemas(group: &str, version: &str, out: &mut Map<String, Value>) {
         }
         ("coordination.k8s.io", "v1") => kind!(coordination::Lease, "Lease"),
         ("events.k8s.io", "v1") => kind!(events::Event, "Event"),
+        ("rbac.authorization.k8s.io", "v1") => {
+            kind!(rbac::ClusterRole, "ClusterRole");
+            kind!(rbac::ClusterRoleBinding, "ClusterRoleBinding");
+            kind!(rbac::Role, "Role");
+            kind!(rbac::RoleBinding, "RoleBinding");
+        }
+        ("networking.k8s.io", "v1") => kind!(networking::NetworkPolicy, "NetworkPolicy"),
+        ("policy", "v1") => kind!(policy::PodDisruptionBudget, "PodDisruptionBudget"),
         ("apiextensions.k8s.io", "v1") => {
             kind!(ext::CustomResourceDefinition, "CustomResourceDefinition")
         }

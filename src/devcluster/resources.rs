@@ -193,6 +193,69 @@ pub fn builtins() -> Vec<ResourceInfo> {
                 false,
             )
         },
+        // Stored and served, not acted on: r4 dev has no authorization, no network and no
+        // eviction API, but an install (the chart's `config/install.yaml`) creates them, and
+        // `kubectl get` must give them back.
+        builtin(
+            "rbac.authorization.k8s.io",
+            "clusterroles",
+            "ClusterRole",
+            false,
+            &[],
+            &[],
+            false,
+            false,
+        ),
+        builtin(
+            "rbac.authorization.k8s.io",
+            "clusterrolebindings",
+            "ClusterRoleBinding",
+            false,
+            &[],
+            &[],
+            false,
+            false,
+        ),
+        builtin(
+            "rbac.authorization.k8s.io",
+            "roles",
+            "Role",
+            true,
+            &[],
+            &[],
+            false,
+            false,
+        ),
+        builtin(
+            "rbac.authorization.k8s.io",
+            "rolebindings",
+            "RoleBinding",
+            true,
+            &[],
+            &[],
+            false,
+            false,
+        ),
+        builtin(
+            "networking.k8s.io",
+            "networkpolicies",
+            "NetworkPolicy",
+            true,
+            &["netpol"],
+            &[],
+            false,
+            true,
+        ),
+        builtin(
+            "policy",
+            "poddisruptionbudgets",
+            "PodDisruptionBudget",
+            true,
+            &["pdb"],
+            &[],
+            true,
+            true,
+        ),
         builtin(
             "apiextensions.k8s.io",
             "customresourcedefinitions",
@@ -426,7 +489,8 @@ pub fn list_keys(res: &ResourceInfo, version: &str, path: &[String]) -> Option<V
         "ports" if path.iter().any(|p| p.ends_with("ontainers")) => {
             Some(vec!["containerPort".into(), "protocol".into()])
         }
-        "ports" => Some(vec!["port".into(), "protocol".into()]),
+        // A NetworkPolicy's `ports` are atomic (their items need not name a port).
+        "ports" if res.plural == "services" => Some(vec!["port".into(), "protocol".into()]),
         _ => None,
     }
 }
@@ -496,6 +560,39 @@ mod tests {
             keys(&["spec", "template", "spec", "containers", "args"]),
             None
         );
+    }
+
+    #[test]
+    fn the_kinds_of_an_install_are_served_with_their_scope() {
+        let reg = Registry::default();
+        let scope = |g: &str, p: &str| reg.find(g, "v1", p).map(|r| (r.namespaced, r.status));
+        let rbac = "rbac.authorization.k8s.io";
+        assert_eq!(scope(rbac, "clusterroles"), Some((false, false)));
+        assert_eq!(scope(rbac, "clusterrolebindings"), Some((false, false)));
+        assert_eq!(scope(rbac, "roles"), Some((true, false)));
+        assert_eq!(scope(rbac, "rolebindings"), Some((true, false)));
+        assert_eq!(scope("policy", "poddisruptionbudgets"), Some((true, true)));
+        let netpol = reg
+            .find("networking.k8s.io", "v1", "networkpolicies")
+            .expect("networkpolicies");
+        // A NetworkPolicy's ports need not name a port: an atomic list, unlike a Service's.
+        let ports = path(&["spec", "ingress", "ports"]);
+        assert_eq!(list_keys(&netpol, "v1", &ports), None);
+        let svc = reg.find("", "v1", "services").expect("services");
+        assert_eq!(
+            list_keys(&svc, "v1", &path(&["spec", "ports"])),
+            Some(vec!["port".into(), "protocol".into()])
+        );
+        for (group, kind) in [(rbac, "ClusterRole"), ("policy", "PodDisruptionBudget")] {
+            let doc = super::super::openapi::group_version(&reg, group, "v1").expect("openapi");
+            let schemas = doc["components"]["schemas"].as_object().expect("schemas");
+            assert!(
+                schemas
+                    .values()
+                    .any(|s| s["x-kubernetes-group-version-kind"][0]["kind"] == kind),
+                "no schema of {kind}"
+            );
+        }
     }
 
     #[test]

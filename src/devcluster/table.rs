@@ -266,7 +266,44 @@ fn columns(res: &ResourceInfo, version: &str) -> Vec<Column> {
                     .unwrap_or(json!("<none>"))
             }));
         }
-        ("apiextensions.k8s.io", _) => {
+        ("rbac.authorization.k8s.io", "rolebindings" | "clusterrolebindings") => {
+            cols.push(simple("Role", |o| {
+                let at = |p: &str| o.pointer(p).and_then(Value::as_str).unwrap_or("");
+                json!(format!("{}/{}", at("/roleRef/kind"), at("/roleRef/name")))
+            }))
+        }
+        ("networking.k8s.io", "networkpolicies") => cols.push(simple("Pod-Selector", |o| {
+            let labels = o
+                .pointer("/spec/podSelector/matchLabels")
+                .and_then(Value::as_object)
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .unwrap_or_default();
+            json!(if labels.is_empty() {
+                "<none>".into()
+            } else {
+                labels
+            })
+        })),
+        ("policy", "poddisruptionbudgets") => {
+            let or_na = |p: &'static str| {
+                move |o: &Value| match o.pointer(p) {
+                    Some(Value::String(s)) => json!(s),
+                    Some(Value::Number(n)) => json!(n.to_string()),
+                    _ => json!("N/A"),
+                }
+            };
+            cols.push(simple("Min Available", or_na("/spec/minAvailable")));
+            cols.push(simple("Max Unavailable", or_na("/spec/maxUnavailable")));
+            cols.push(simple("Allowed Disruptions", |o| {
+                json!(int(o, "/status/disruptionsAllowed"))
+            }));
+        }
+        ("apiextensions.k8s.io", _) | ("rbac.authorization.k8s.io", "roles" | "clusterroles") => {
             cols.push(simple("Created At", |o| {
                 o.pointer("/metadata/creationTimestamp")
                     .cloned()

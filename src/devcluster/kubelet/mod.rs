@@ -10,8 +10,11 @@
 //! - **Pods → containers** ([`pod`], status in [`podstatus`]): each long-running container
 //!   is started through a [`runtime::PodRuntime`]: `r4 engine` containers run their engine
 //!   role in process ([`engine`]), every other image is simulated and becomes ready after a
-//!   moment. The pod status (`Pending` → `Running`, conditions, container statuses, pod IP) is
-//!   written through the `pods/status` subresource. Pods can be made to fail to start
+//!   moment. So is the controller of a cluster install (`config/install.yaml`'s Deployment
+//!   runs `r4 controller`): `r4 dev` runs its own controller, and a second one, run for
+//!   real, would fight it over every workflow (and take a leader Lease); its pod becomes
+//!   Ready and does nothing. The pod status (`Pending` → `Running`, conditions, container
+//!   statuses, pod IP) is written through the `pods/status` subresource. Pods can be made to fail to start
 //!   ([`podstatus`] says how), so rollouts can fail.
 //!
 //! Every API call has a deadline ([`KubeletOptions::api_timeout`]); conflicts are settled by
