@@ -141,6 +141,11 @@ case "$TARGET" in
   cluster)
     kubectl version --request-timeout=5s >/dev/null 2>&1 || { echo "e2e: no reachable cluster (kubeconfig); start kind or k3d first" >&2; exit 2; }
     [[ "${R4_IMAGE:-}" == *:* ]] || { echo "e2e: R4_IMAGE=repo:tag must name the image to install" >&2; exit 2; }
+    # Without real agents the samples can never be Ready: say so now, not after 90 s.
+    [ -n "${E2E_AGENT_IMAGE:-}" ] && [ -n "${E2E_AGENT_IMAGE_NEXT:-}" ] || {
+      echo "e2e: the samples' agent images (ghcr.io/acme/…) are placeholders: set E2E_AGENT_IMAGE and E2E_AGENT_IMAGE_NEXT to two tags of an image serving POST /tasks" >&2
+      exit 2
+    }
     step "install: helm install r4 charts/r4 (image $R4_IMAGE)"
     run "helm install" helm install r4 charts/r4 -n r4-system --create-namespace \
       --set "image.repository=${R4_IMAGE%:*},image.tag=${R4_IMAGE##*:},image.pullPolicy=IfNotPresent" \
