@@ -183,7 +183,8 @@ pub struct Stats {
     m_replays: IntCounterVec,
     /// This engine's children of the vectors above (its agent label is
     /// fixed), resolved on first use instead of hashing the labels on every
-    /// task; lazily, so a series appears only once it has something to say.
+    /// task; lazily, except the agent's completed and dead-lettered counts, retries and
+    /// in-flight gauge, which an agent engine exports at 0 from its start (see [`Stats::new`]).
     c_tasks: [OnceLock<IntCounter>; 5],
     c_duration: OnceLock<prometheus::Histogram>,
     c_retries: OnceLock<IntCounter>,
@@ -290,7 +291,7 @@ impl Stats {
             // Fresh registry, distinct names: registration cannot collide.
             let _ = registry.register(c);
         }
-        Self {
+        let stats = Self {
             engine_id: engine_id.to_owned(),
             role: role.to_owned(),
             agent: agent.map(str::to_owned),
@@ -329,7 +330,23 @@ impl Stats {
             m_backpressure,
             policy_version: AtomicU64::new(0),
             m_policy_version,
+        };
+        // The series the SLI and the dashboards divide by exist at 0 from the start (a rate
+        // over a series that appears with its first increment misses that increment).
+        if stats.agent.is_some() {
+            stats.tasks_counter(Outcome::Completed);
+            stats.tasks_counter(Outcome::DeadLettered);
+            stats
+                .c_retries
+                .get_or_init(|| stats.m_retries.with_label_values(&[stats.agent_label()]));
+            stats.in_flight_gauge();
         }
+        if role == "repair" {
+            for outcome in ["replayed", "quarantined"] {
+                stats.m_replays.with_label_values(&[outcome]);
+            }
+        }
+        stats
     }
 
     /// The engine now runs the published policies of `version`.
@@ -532,8 +549,13 @@ impl Stats {
     /// Prometheus text exposition.
     pub fn render_metrics(&self) -> String {
         let mut buf = Vec::new();
-        let _ = prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        let _ = prometheus::TextEncoder::new().encode(&self.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// The metric families of this engine (what [`Self::render_metrics`] encodes).
+    pub fn gather(&self) -> Vec<prometheus::proto::MetricFamily> {
+        self.registry.gather()
     }
 
     /// Publish the snapshot under `stats:<engine-id>` with `ttl`.
