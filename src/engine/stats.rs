@@ -183,8 +183,9 @@ pub struct Stats {
     m_replays: IntCounterVec,
     /// This engine's children of the vectors above (its agent label is
     /// fixed), resolved on first use instead of hashing the labels on every
-    /// task; lazily, except the agent's completed and dead-lettered counts, retries and
-    /// in-flight gauge, which an agent engine exports at 0 from its start (see [`Stats::new`]).
+    /// task; lazily, except the agent's completed and dead-lettered counts, retries, in-flight
+    /// gauge and duration histogram, which an agent engine exports at 0 from its start (see
+    /// [`Stats::new`]).
     c_tasks: [OnceLock<IntCounter>; 5],
     c_duration: OnceLock<prometheus::Histogram>,
     c_retries: OnceLock<IntCounter>,
@@ -340,6 +341,9 @@ impl Stats {
                 .c_retries
                 .get_or_init(|| stats.m_retries.with_label_values(&[stats.agent_label()]));
             stats.in_flight_gauge();
+            stats
+                .c_duration
+                .get_or_init(|| stats.m_duration.with_label_values(&[stats.agent_label()]));
         }
         if role == "repair" {
             for outcome in ["replayed", "quarantined"] {
