@@ -47,6 +47,9 @@ const DURATION_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
+/// The kinds the controller reconciles (the `kind` label of the reconcile series).
+pub const KINDS: [&str; 3] = ["AgentWorkflow", "CircuitPolicy", "ChaosDrill"];
+
 /// Every metric the controller exports, in its own registry.
 pub struct ControllerMetrics {
     registry: Registry,
@@ -145,6 +148,16 @@ impl ControllerMetrics {
             registry
                 .register(c)
                 .unwrap_or_else(|e| unreachable!("fresh registry: {e}"));
+        }
+        // Every kind's reconcile and error series exist at 0 from the start: a rate over a
+        // counter that appears with its first increment misses that increment, and an error
+        // ratio needs its numerator before the first error.
+        for kind in KINDS {
+            reconciles.with_label_values(&[kind]);
+            duration.with_label_values(&[kind]);
+            for error in super::context::Error::METRIC_LABELS {
+                errors.with_label_values(&[kind, error]);
+            }
         }
         Self {
             registry,
@@ -259,8 +272,7 @@ impl ControllerMetrics {
         let mut buf = Vec::new();
         // Encoding gathered families into a Vec only fails on invalid metric data, which the
         // static definitions above rule out; an empty page is the honest answer if it did.
-        if TextEncoder::new().encode(&self.gather(), &mut buf).is_err()
-        {
+        if TextEncoder::new().encode(&self.gather(), &mut buf).is_err() {
             return String::new();
         }
         String::from_utf8_lossy(&buf).into_owned()
@@ -370,12 +382,12 @@ fn status_families(o: &Objects) -> Vec<MetricFamily> {
         let ns = w.namespace().unwrap_or_else(|| "default".into());
         let name = w.name_any();
         let l = [ns.as_str(), name.as_str()];
-        target
-            .with_label_values(&l)
-            .set(w.spec.slo.as_ref().map_or(
-                crate::engine::slo::DEFAULT_SUCCESS_RATE,
-                |s| s.success_rate,
-            ));
+        target.with_label_values(&l).set(
+            w.spec
+                .slo
+                .as_ref()
+                .map_or(crate::engine::slo::DEFAULT_SUCCESS_RATE, |s| s.success_rate),
+        );
         let Some(s) = &w.status else { continue };
         if let Some(q) = &s.queue {
             depth.with_label_values(&l).set(q.depth as f64);
@@ -399,7 +411,9 @@ fn status_families(o: &Objects) -> Vec<MetricFamily> {
         }
         for a in &s.agents {
             let al = [ns.as_str(), name.as_str(), a.name.as_str()];
-            ready.with_label_values(&al).set(f64::from(a.ready_replicas));
+            ready
+                .with_label_values(&al)
+                .set(f64::from(a.ready_replicas));
             let want = w
                 .spec
                 .agents
@@ -531,6 +545,128 @@ mod tests {
         assert!(t.contains("# TYPE r4_controller_reconcile_duration_seconds histogram"));
         m.set_leader(false);
         assert!(m.render().contains("r4_controller_leader 0"));
+    }
+
+    fn workflow() -> AgentWorkflow {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "r4.dev/v1alpha1", "kind": "AgentWorkflow",
+            "metadata": {"name": "orders", "namespace": "shop"},
+            "spec": {
+                "queue": {"redis": {"url": "redis://r:6379"}},
+                "agents": [{"name": "a", "image": "i", "consumes": "in", "replicas": 3}],
+                "slo": {"successRate": 0.99}
+            },
+            "status": {
+                "agents": [{"name": "a", "readyReplicas": 2, "killSwitch": {"engaged": true}}],
+                "killSwitches": {
+                    "a": {"engaged": true, "since": "2026-01-01T00:00:10Z", "acknowledged": 2, "expected": 3},
+                    "all": {"engaged": false, "acknowledged": 3, "expected": 3}
+                },
+                "queue": {"depth": 12, "pending": 3, "dlqDepth": 4, "oldestDlqAgeSeconds": 90},
+                "slo": {"successRate": 0.995, "p95LatencyMs": 250.0, "errorBudgetRemaining": 0.5},
+                "incidentCost": {"failureRate": 0.005, "dailyCost": 42.5}
+            }
+        }))
+        .expect("test workflow")
+    }
+
+    fn drill(verdict: &str) -> ChaosDrill {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "r4.dev/v1alpha1", "kind": "ChaosDrill",
+            "metadata": {"name": "outage", "namespace": "shop"},
+            "spec": {"workflowRef": "orders", "duration": "1m", "faults": [{"type": "ToolOutage", "tool": "bank"}]},
+            "status": {"phase": "Failed", "runs": [
+                {"startedAt": "2026-01-01T00:00:00Z", "finishedAt": "2026-01-01T00:01:00Z", "verdict": "Passed", "score": 90.0},
+                {"startedAt": "2026-01-02T00:00:00Z", "finishedAt": "2026-01-02T00:01:40Z", "verdict": verdict, "score": 35.5}
+            ]}
+        }))
+        .expect("test drill")
+    }
+
+    /// The status series are what the stores hold now: an object's series appear with it, carry
+    /// its status, and are gone from the scrape after it is deleted — drill-run counters too.
+    #[test]
+    fn status_series_follow_the_objects_in_the_stores() {
+        use kube::runtime::reflector::store::Writer;
+        use kube::runtime::watcher::Event;
+        let m = ControllerMetrics::new();
+        let mut wfs: Writer<AgentWorkflow> = Writer::default();
+        let mut drills: Writer<ChaosDrill> = Writer::default();
+        let (w, d) = (workflow(), drill("Failed"));
+        wfs.apply_watcher_event(&Event::Apply(w.clone()));
+        drills.apply_watcher_event(&Event::Apply(d.clone()));
+        assert!(
+            !m.render().contains("r4_workflow_"),
+            "no store, no status series (a standby)"
+        );
+        m.observe(Some(Objects {
+            workflows: wfs.as_reader(),
+            drills: drills.as_reader(),
+        }));
+        m.drill_run("shop", "outage", "Failed");
+        let t = m.render();
+        let wf = "namespace=\"shop\",workflow=\"orders\"";
+        for want in [
+            format!("r4_workflow_queue_depth{{{wf}}} 12"),
+            format!("r4_workflow_queue_pending{{{wf}}} 3"),
+            format!("r4_workflow_dlq_depth{{{wf}}} 4"),
+            format!("r4_workflow_dlq_oldest_age_seconds{{{wf}}} 90"),
+            format!("r4_workflow_slo_target{{{wf}}} 0.99"),
+            format!("r4_workflow_slo_success_rate{{{wf}}} 0.995"),
+            format!("r4_workflow_error_budget_remaining{{{wf}}} 0.5"),
+            format!("r4_workflow_latency_p95_seconds{{{wf}}} 0.25"),
+            format!("r4_workflow_incident_cost_daily{{{wf}}} 42.5"),
+            format!("r4_workflow_failure_rate{{{wf}}} 0.005"),
+            "r4_workflow_agent_ready_replicas{agent=\"a\",namespace=\"shop\",workflow=\"orders\"} 2".into(),
+            "r4_workflow_agent_desired_replicas{agent=\"a\",namespace=\"shop\",workflow=\"orders\"} 3".into(),
+            "r4_workflow_kill_switch_engaged{namespace=\"shop\",switch=\"a\",workflow=\"orders\"} 1".into(),
+            "r4_workflow_kill_switch_engaged{namespace=\"shop\",switch=\"all\",workflow=\"orders\"} 0".into(),
+            "r4_workflow_kill_switch_engaged_since_timestamp_seconds{namespace=\"shop\",switch=\"a\",workflow=\"orders\"} 1767225610".into(),
+            "r4_workflow_kill_switch_acknowledged{namespace=\"shop\",switch=\"a\",workflow=\"orders\"} 2".into(),
+            "r4_drill_last_passed{drill=\"outage\",namespace=\"shop\",workflow=\"orders\"} 0".into(),
+            "r4_drill_last_score{drill=\"outage\",namespace=\"shop\",workflow=\"orders\"} 35.5".into(),
+            "r4_drill_last_run_timestamp_seconds{drill=\"outage\",namespace=\"shop\",workflow=\"orders\"} 1767312100".into(),
+            "r4_drill_running{drill=\"outage\",namespace=\"shop\",workflow=\"orders\"} 0".into(),
+            "r4_drill_runs_total{drill=\"outage\",namespace=\"shop\",verdict=\"Failed\"} 1".into(),
+        ] {
+            assert!(t.lines().any(|l| l == want), "missing {want:?} in\n{t}");
+        }
+        assert!(
+            !t.contains("r4_workflow_kill_switch_engaged_since_timestamp_seconds{namespace=\"shop\",switch=\"all\""),
+            "a released switch has no engaged-since: {t}"
+        );
+        // A passing run flips the gauge.
+        drills.apply_watcher_event(&Event::Apply(drill("Passed")));
+        assert!(m.render().contains(
+            "r4_drill_last_passed{drill=\"outage\",namespace=\"shop\",workflow=\"orders\"} 1"
+        ));
+        // Deleted: nothing of either object is left.
+        wfs.apply_watcher_event(&Event::Delete(w));
+        drills.apply_watcher_event(&Event::Delete(d));
+        let t = m.render();
+        assert!(!t.contains("orders"), "{t}");
+        assert!(!t.contains("outage"), "{t}");
+        // The term ends: the status series go, the process's own stay.
+        m.observe(None);
+        assert!(m.render().contains("r4_controller_leader"));
+    }
+
+    #[test]
+    fn every_kind_and_error_class_is_exported_at_zero() {
+        let t = ControllerMetrics::new().render();
+        for kind in KINDS {
+            assert!(
+                t.contains(&format!(
+                    "r4_controller_reconciles_total{{kind=\"{kind}\"}} 0"
+                )),
+                "{t}"
+            );
+            for e in crate::controller::context::Error::METRIC_LABELS {
+                assert!(t.contains(&format!(
+                    "r4_controller_reconcile_errors_total{{error=\"{e}\",kind=\"{kind}\"}} 0"
+                )));
+            }
+        }
     }
 
     #[test]

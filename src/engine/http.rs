@@ -89,15 +89,17 @@ fn render(h: &Health) -> String {
     }
     label_families(&mut families, &h.labels);
     let mut buf = Vec::new();
-    if prometheus::Encoder::encode(&prometheus::TextEncoder::new(), &families, &mut buf).is_err()
-    {
+    if prometheus::Encoder::encode(&prometheus::TextEncoder::new(), &families, &mut buf).is_err() {
         return String::new();
     }
     String::from_utf8_lossy(&buf).into_owned()
 }
 
 /// Add `labels` to every metric of `families` (a label the metric already has is kept as is).
-pub fn label_families(families: &mut [prometheus::proto::MetricFamily], labels: &[(String, String)]) {
+pub fn label_families(
+    families: &mut [prometheus::proto::MetricFamily],
+    labels: &[(String, String)],
+) {
     if labels.is_empty() {
         return;
     }
@@ -188,4 +190,38 @@ pub async fn serve_with(
     drop(listener);
     let _ = tokio::time::timeout(limits.drain_timeout, graceful.shutdown()).await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every served series names its workflow, the engine's and the extra registry's alike; a
+    /// series that already has the label keeps its own value.
+    #[test]
+    fn metrics_carry_the_workflow_labels() {
+        let stats = Arc::new(Stats::new("e1", "agent", Some("a")));
+        let extra = prometheus::Registry::new();
+        let g = prometheus::IntGaugeVec::new(prometheus::Opts::new("x_gauge", "x"), &["workflow"])
+            .expect("gauge");
+        extra.register(Box::new(g.clone())).expect("register");
+        g.with_label_values(&["other"]).set(1);
+        let h = Health::new(stats)
+            .with_registry(extra)
+            .for_workflow("team", "shop");
+        let text = render(&h);
+        assert!(
+            text.contains(
+                "r4_engine_tasks_total{agent=\"a\",namespace=\"team\",outcome=\"completed\",workflow=\"shop\"} 0"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("x_gauge{namespace=\"team\",workflow=\"other\"} 1"),
+            "{text}"
+        );
+        // Without labels nothing is added.
+        let plain = render(&Health::new(Arc::new(Stats::new("e2", "intake", None))));
+        assert!(!plain.contains("workflow="), "{plain}");
+    }
 }

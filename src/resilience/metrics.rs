@@ -190,6 +190,14 @@ impl Telemetry {
             m.breaker_state
                 .with_label_values(&[&*self.target])
                 .set(BreakerState::Closed.gauge_value());
+            for to in [
+                BreakerState::Open,
+                BreakerState::HalfOpen,
+                BreakerState::Closed,
+            ] {
+                m.breaker_transitions
+                    .with_label_values(&[&*self.target, to.label()]);
+            }
         }
     }
 
@@ -293,18 +301,31 @@ mod tests {
         assert!(text.contains("r4_breaker_state{target=\"tool-a\"} 1"));
         assert_eq!(t.snapshot().breaker_trips, 1);
         // The target's other counters exist at 0 before anything happened to them.
-        assert!(text.contains("r4_policy_hedges_total{target=\"tool-a\"} 0"), "{text}");
+        assert!(
+            text.contains("r4_policy_hedges_total{target=\"tool-a\"} 0"),
+            "{text}"
+        );
         assert!(text.contains("r4_policy_fallbacks_total{target=\"tool-a\"} 0"));
         let fresh = Telemetry::new("tool-b", Some(m));
         let before = prometheus::TextEncoder::new()
             .encode_to_string(&reg.gather())
             .unwrap();
-        assert!(!before.contains("r4_breaker_state{target=\"tool-b\"}"), "no breaker yet");
+        assert!(
+            !before.contains("r4_breaker_state{target=\"tool-b\"}"),
+            "no breaker yet"
+        );
         fresh.breaker_created();
         let after = prometheus::TextEncoder::new()
             .encode_to_string(&reg.gather())
             .unwrap();
-        assert!(after.contains("r4_breaker_state{target=\"tool-b\"} 0"), "{after}");
+        assert!(
+            after.contains("r4_breaker_state{target=\"tool-b\"} 0"),
+            "{after}"
+        );
+        assert!(
+            after.contains("r4_breaker_transitions_total{target=\"tool-b\",to=\"open\"} 0"),
+            "{after}"
+        );
         // Registering twice on one registry is an error, not a panic.
         assert!(Metrics::register(&reg).is_err());
     }
