@@ -19,11 +19,11 @@
 //!   exist; never a task id). A Prometheus that scrapes the controller should keep these labels
 //!   as exported (`honorLabels: true`): its own `namespace` target label is the controller's.
 //!
-//! Not exported: the distribution of DLQ entry ages. A Redis stream has no rank query, so
-//! counting entries by age means reading every entry, payload included, at every reconcile —
-//! unbounded work; depth and the oldest entry's age are exact and cheap (one XLEN, one XRANGE
-//! COUNT 1), and the engines' `r4_engine_tasks_total{outcome="dead_lettered"}` and
-//! `r4_engine_replays_total` give the flow in and out.
+//! Not exported: the age distribution of what is in a DLQ. A Redis stream has no count by id
+//! range, so counting entries by age means reading every entry, payload included, at every
+//! reconcile — unbounded work; depth and the oldest entry's age are exact and cheap (one XLEN,
+//! one XRANGE COUNT 1). The repair role's `r4_engine_dlq_age_at_exit_seconds` gives the ages
+//! of what leaves it.
 
 use std::collections::BTreeSet;
 use std::sync::RwLock;
