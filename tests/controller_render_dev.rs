@@ -99,6 +99,7 @@ async fn the_rendered_worked_example_runs_on_the_local_kubelet() {
         &policies,
         &RenderOptions {
             engine_image: "ghcr.io/r4-dev/r4:0.1.0".into(),
+            engine_env: Vec::new(),
             revision: 1,
             revision_hash: "h1".into(),
         },

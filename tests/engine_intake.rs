@@ -181,10 +181,16 @@ async fn intake_http_contract() {
         .await
         .unwrap();
     assert!(
-        m.contains(r#"r4_engine_tasks_total{agent="",outcome="completed"} 2"#),
+        m.lines().any(
+            |l| l.starts_with(r#"r4_engine_tasks_total{agent="",namespace=""#)
+                && l.ends_with(r#"outcome="completed",workflow="intake"} 2"#)
+        ),
         "{m}"
     );
-    assert!(m.contains(r#"outcome="duplicate"} 1"#), "{m}");
+    assert!(
+        m.contains(r#"outcome="duplicate",workflow="intake"} 1"#),
+        "{m}"
+    );
     run.stop().await;
     let _ = stop.send(true);
     let _ = server.await;

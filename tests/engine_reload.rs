@@ -234,7 +234,9 @@ spec:
         .await
         .unwrap();
     assert!(
-        metrics.contains(&format!("r4_engine_policy_version {v}")),
+        metrics.contains(&format!(
+            "r4_engine_policy_version{{namespace=\"{namespace}\",workflow=\"wf\"}} {v}"
+        )),
         "{metrics}"
     );
     assert!(

@@ -144,7 +144,7 @@ spec:
         .await
         .unwrap();
     assert!(
-        metrics.contains("r4_policy_calls_total{outcome=\"success\",target=\"bank\"} 1"),
+        metrics.contains("r4_policy_calls_total{namespace=\"default\",outcome=\"success\",target=\"bank\",workflow=\"wf\"} 1"),
         "{metrics}"
     );
 }

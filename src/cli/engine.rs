@@ -372,7 +372,11 @@ async fn run_engine(args: EngineArgs, cfg: Arc<WorkflowConfig>) -> Result<ExitCo
                 AgentRole::new(cfg.clone(), &name, q, Arc::new(delivery), &id).map_err(internal)?;
             let server = tokio::spawn(http::serve(
                 listener,
-                http::router(http::Health::new(role.stats()).with_registry(registry)),
+                http::router(
+                    http::Health::new(role.stats())
+                        .with_registry(registry)
+                        .for_workflow(&cfg.namespace, &cfg.name),
+                ),
                 rx.clone(),
             ));
             role.run(rx).await.map_err(internal)?;
@@ -399,7 +403,9 @@ async fn run_engine(args: EngineArgs, cfg: Arc<WorkflowConfig>) -> Result<ExitCo
             let role = RepairRole::new(cfg.clone(), q, &id);
             let server = tokio::spawn(http::serve(
                 listener,
-                http::router(http::Health::new(role.stats())),
+                http::router(
+                    http::Health::new(role.stats()).for_workflow(&cfg.namespace, &cfg.name),
+                ),
                 rx.clone(),
             ));
             role.run(rx).await.map_err(internal)?;

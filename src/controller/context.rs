@@ -154,6 +154,11 @@ pub enum Error {
 }
 
 impl Error {
+    /// Every [`Error::metric_label`], so the metrics can export each error class at 0 from the
+    /// start.
+    pub const METRIC_LABELS: [&'static str; 5] =
+        ["kube", "timeout", "redis", "render", "finalizer"];
+
     pub fn metric_label(&self) -> &'static str {
         match self {
             Error::Kube(_) => "kube",

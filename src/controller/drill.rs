@@ -893,7 +893,14 @@ async fn done(
     write_status(ctx, d, old, &status).await?;
     if recorded {
         let mut g = ctx.drills.lock();
-        g.finished.remove(uid);
+        // Counted once: the finished run leaves the store with the status write that holds it.
+        if let Some(f) = g.finished.remove(uid) {
+            ctx.metrics.drill_run(
+                &d.namespace().unwrap_or_else(|| "default".into()),
+                &d.name_any(),
+                f.verdict.as_str(),
+            );
+        }
         if let Some(s) = g.started.get_mut(uid) {
             s.1 = true;
         }

@@ -1,22 +1,54 @@
 //! The controller's Prometheus metrics: what it reconciled, how long that took, what failed,
-//! what it wrote, and whether it leads. [`super::http`] serves them on `/metrics`.
+//! what it wrote, and whether it leads — and, while it leads, the state of every workflow and
+//! drill as their statuses say. [`super::http`] serves them on `/metrics`.
 //!
-//! Label sets are small and static: `kind` is one of the three kinds (`AgentWorkflow`,
-//! `CircuitPolicy`, `ChaosDrill`) and `error` is a reconcile error's `metric_label()` (a fixed
-//! word per error variant, never a message). Callers must not pass object names or free text:
-//! every distinct value is a time series kept forever.
+//! Two sources:
+//! - **events of this process** (reconciles, errors, applies, status writes, the lease, the
+//!   drill runs it recorded): counters and gauges in a registry. Label sets are small and
+//!   static: `kind` is one of the three kinds (`AgentWorkflow`, `CircuitPolicy`, `ChaosDrill`),
+//!   `error` a reconcile error's `metric_label()` (a fixed word per error variant, never a
+//!   message). The drill-run counter is labelled per drill and pruned with it.
+//! - **the objects' statuses** (`r4_workflow_*`, `r4_drill_*`): built afresh at every scrape
+//!   from the reflector stores of the current term of leadership ([`ControllerMetrics::observe`]),
+//!   like kube-state-metrics. What the reconcilers computed for `status` (queue and DLQ depths,
+//!   the SLO, the incident cost, kill switches, drill verdicts) is exported exactly as written,
+//!   so `/metrics`, `kubectl get` and `r4 status` cannot disagree; a deleted object's series
+//!   disappear with it from the next scrape (no gauge outlives its object), and a standby —
+//!   which keeps no stores — exports none, so two replicas never export the same workflow twice.
+//!   Labels: `namespace`, `workflow`, `drill`, `agent`, `switch` (bounded by the objects that
+//!   exist; never a task id). A Prometheus that scrapes the controller should keep these labels
+//!   as exported (`honorLabels: true`): its own `namespace` target label is the controller's.
+//!
+//! Not exported: the age distribution of what is in a DLQ. A Redis stream has no count by id
+//! range, so counting entries by age means reading every entry, payload included, at every
+//! reconcile — unbounded work; depth and the oldest entry's age are exact and cheap (one XLEN,
+//! one XRANGE COUNT 1). The repair role's `r4_engine_dlq_age_at_exit_seconds` gives the ages
+//! of what leaves it.
 
+use std::collections::BTreeSet;
+use std::sync::RwLock;
 use std::time::Duration;
 
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+use kube::runtime::reflector::Store;
+use prometheus::proto::MetricFamily;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
 };
+
+use crate::api::drill::{ChaosDrill, DrillPhase};
+use crate::api::workflow::AgentWorkflow;
 
 /// Buckets of the reconcile duration, in seconds: a reconcile is a few API calls (ms) up to
 /// a slow Redis read under a deadline (seconds).
 const DURATION_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
+
+/// The kinds the controller reconciles (the `kind` label of the reconcile series).
+pub const KINDS: [&str; 3] = ["AgentWorkflow", "CircuitPolicy", "ChaosDrill"];
 
 /// Every metric the controller exports, in its own registry.
 pub struct ControllerMetrics {
@@ -27,6 +59,16 @@ pub struct ControllerMetrics {
     status_writes: IntCounterVec,
     applies: IntCounterVec,
     leader: IntGauge,
+    drill_runs: IntCounterVec,
+    /// The stores of the current term of leadership, read at each scrape.
+    objects: RwLock<Option<Objects>>,
+}
+
+/// The reflector stores the status series are read from.
+#[derive(Clone)]
+pub struct Objects {
+    pub workflows: Store<AgentWorkflow>,
+    pub drills: Store<ChaosDrill>,
 }
 
 impl Default for ControllerMetrics {
@@ -83,6 +125,14 @@ impl ControllerMetrics {
             "1 while this replica holds the leader lease, else 0.",
         )
         .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        let drill_runs = IntCounterVec::new(
+            Opts::new(
+                "r4_drill_runs_total",
+                "ChaosDrill runs this controller recorded, by drill and verdict (Passed, Failed, Aborted).",
+            ),
+            &["namespace", "drill", "verdict"],
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
 
         let registry = Registry::new();
         for c in [
@@ -92,11 +142,22 @@ impl ControllerMetrics {
             Box::new(status_writes.clone()),
             Box::new(applies.clone()),
             Box::new(leader.clone()),
+            Box::new(drill_runs.clone()),
         ] {
             // Distinct names in a fresh registry: registration cannot fail.
             registry
                 .register(c)
                 .unwrap_or_else(|e| unreachable!("fresh registry: {e}"));
+        }
+        // Every kind's reconcile and error series exist at 0 from the start: a rate over a
+        // counter that appears with its first increment misses that increment, and an error
+        // ratio needs its numerator before the first error.
+        for kind in KINDS {
+            reconciles.with_label_values(&[kind]);
+            duration.with_label_values(&[kind]);
+            for error in super::context::Error::METRIC_LABELS {
+                errors.with_label_values(&[kind, error]);
+            }
         }
         Self {
             registry,
@@ -106,6 +167,70 @@ impl ControllerMetrics {
             status_writes,
             applies,
             leader,
+            drill_runs,
+            objects: RwLock::new(None),
+        }
+    }
+
+    /// A term of leadership starts (`Some`: export the objects of these stores) or ends.
+    pub fn observe(&self, objects: Option<Objects>) {
+        *self.objects.write().unwrap_or_else(|p| p.into_inner()) = objects;
+    }
+
+    /// A run of drill `namespace/drill` was recorded with `verdict`.
+    pub fn drill_run(&self, namespace: &str, drill: &str, verdict: &str) {
+        self.drill_runs
+            .with_label_values(&[namespace, drill, verdict])
+            .inc();
+    }
+
+    /// Every family: this process's counters and the objects' status series.
+    pub fn gather(&self) -> Vec<MetricFamily> {
+        let objects = self
+            .objects
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut families = Vec::new();
+        if let Some(o) = &objects {
+            self.prune_drill_runs(&o.drills);
+            families.extend(status_families(o));
+        }
+        families.extend(self.registry.gather());
+        families.sort_by(|a, b| a.name().cmp(b.name()));
+        families
+    }
+
+    /// Drop the run counters of drills gone from the store.
+    fn prune_drill_runs(&self, drills: &Store<ChaosDrill>) {
+        let live: BTreeSet<(String, String)> = drills
+            .state()
+            .iter()
+            .map(|d| (d.namespace().unwrap_or_default(), d.name_any()))
+            .collect();
+        let fams = {
+            let r = Registry::new();
+            if r.register(Box::new(self.drill_runs.clone())).is_err() {
+                return;
+            }
+            r.gather()
+        };
+        for f in fams {
+            for m in f.get_metric() {
+                let get = |n: &str| {
+                    m.get_label()
+                        .iter()
+                        .find(|l| l.name() == n)
+                        .map(|l| l.value().to_owned())
+                        .unwrap_or_default()
+                };
+                let (ns, drill, verdict) = (get("namespace"), get("drill"), get("verdict"));
+                if !live.contains(&(ns.clone(), drill.clone())) {
+                    let _ = self
+                        .drill_runs
+                        .remove_label_values(&[&ns, &drill, &verdict]);
+                }
+            }
         }
     }
 
@@ -147,14 +272,225 @@ impl ControllerMetrics {
         let mut buf = Vec::new();
         // Encoding gathered families into a Vec only fails on invalid metric data, which the
         // static definitions above rule out; an empty page is the honest answer if it did.
-        if TextEncoder::new()
-            .encode(&self.registry.gather(), &mut buf)
-            .is_err()
-        {
+        if TextEncoder::new().encode(&self.gather(), &mut buf).is_err() {
             return String::new();
         }
         String::from_utf8_lossy(&buf).into_owned()
     }
+}
+
+/// The gauges one scrape exports from the objects' statuses (a fresh registry each time: an
+/// object gone from the store leaves no series behind).
+fn status_families(o: &Objects) -> Vec<MetricFamily> {
+    let r = Registry::new();
+    let gauge = |name: &str, help: &str, labels: &[&str]| {
+        let g = GaugeVec::new(Opts::new(name, help), labels)
+            .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        // Distinct names in a fresh registry: registration cannot fail.
+        let _ = r.register(Box::new(g.clone()));
+        g
+    };
+    let wf = &["namespace", "workflow"];
+    let depth = gauge(
+        "r4_workflow_queue_depth",
+        "Entries in the workflow's agent input streams (status.queue.depth).",
+        wf,
+    );
+    let pending = gauge(
+        "r4_workflow_queue_pending",
+        "Entries delivered to an engine and not yet acknowledged (status.queue.pending).",
+        wf,
+    );
+    let dlq = gauge(
+        "r4_workflow_dlq_depth",
+        "Entries in the workflow's dead-letter stream (status.queue.dlqDepth).",
+        wf,
+    );
+    let dlq_age = gauge(
+        "r4_workflow_dlq_oldest_age_seconds",
+        "Age of the oldest dead-letter entry, 0 when the DLQ is empty (status.queue.oldestDlqAgeSeconds).",
+        wf,
+    );
+    let target = gauge(
+        "r4_workflow_slo_target",
+        "The SLO's task success rate objective (spec.slo.successRate; 0.999 when unset).",
+        wf,
+    );
+    let success = gauge(
+        "r4_workflow_slo_success_rate",
+        "Measured task success rate of the workflow's live engines (status.slo.successRate).",
+        wf,
+    );
+    let budget = gauge(
+        "r4_workflow_error_budget_remaining",
+        "Fraction of the error budget left: 1 untouched, 0 or less spent (status.slo.errorBudgetRemaining).",
+        wf,
+    );
+    let p95 = gauge(
+        "r4_workflow_latency_p95_seconds",
+        "Measured p95 task latency (status.slo.p95LatencyMs).",
+        wf,
+    );
+    let failure_rate = gauge(
+        "r4_workflow_failure_rate",
+        "Failure rate of the incident cost model (status.incidentCost.failureRate).",
+        wf,
+    );
+    let cost = gauge(
+        "r4_workflow_incident_cost_daily",
+        "Daily cost of failures at the measured rate, in the economics' currency (status.incidentCost.dailyCost).",
+        wf,
+    );
+    let revision = gauge(
+        "r4_workflow_current_revision",
+        "Revision the workflow runs (status.currentRevision).",
+        wf,
+    );
+    let agent = &["namespace", "workflow", "agent"];
+    let ready = gauge(
+        "r4_workflow_agent_ready_replicas",
+        "Ready pods of an agent (status.agents[].readyReplicas).",
+        agent,
+    );
+    let desired = gauge(
+        "r4_workflow_agent_desired_replicas",
+        "Pods the running revision asks for an agent (its replicas, 1 when unset).",
+        agent,
+    );
+    let switch = &["namespace", "workflow", "switch"];
+    let engaged = gauge(
+        "r4_workflow_kill_switch_engaged",
+        "1 while a kill switch (all, an agent, a tool) is engaged, else 0 (status.killSwitches).",
+        switch,
+    );
+    let since = gauge(
+        "r4_workflow_kill_switch_engaged_since_timestamp_seconds",
+        "When an engaged kill switch was engaged, Unix time (absent while released).",
+        switch,
+    );
+    let acked = gauge(
+        "r4_workflow_kill_switch_acknowledged",
+        "Engines that acknowledged a kill switch's current state.",
+        switch,
+    );
+    let expected = gauge(
+        "r4_workflow_kill_switch_expected",
+        "Engines expected to acknowledge a kill switch's current state.",
+        switch,
+    );
+    for w in o.workflows.state() {
+        let ns = w.namespace().unwrap_or_else(|| "default".into());
+        let name = w.name_any();
+        let l = [ns.as_str(), name.as_str()];
+        target.with_label_values(&l).set(
+            w.spec
+                .slo
+                .as_ref()
+                .map_or(crate::engine::slo::DEFAULT_SUCCESS_RATE, |s| s.success_rate),
+        );
+        let Some(s) = &w.status else { continue };
+        if let Some(q) = &s.queue {
+            depth.with_label_values(&l).set(q.depth as f64);
+            pending.with_label_values(&l).set(q.pending as f64);
+            dlq.with_label_values(&l).set(q.dlq_depth as f64);
+            dlq_age
+                .with_label_values(&l)
+                .set(q.oldest_dlq_age_seconds as f64);
+        }
+        if let Some(slo) = &s.slo {
+            success.with_label_values(&l).set(slo.success_rate);
+            budget.with_label_values(&l).set(slo.error_budget_remaining);
+            p95.with_label_values(&l).set(slo.p95_latency_ms / 1000.0);
+        }
+        if let Some(c) = &s.incident_cost {
+            failure_rate.with_label_values(&l).set(c.failure_rate);
+            cost.with_label_values(&l).set(c.daily_cost);
+        }
+        if let Some(r) = s.current_revision {
+            revision.with_label_values(&l).set(r as f64);
+        }
+        for a in &s.agents {
+            let al = [ns.as_str(), name.as_str(), a.name.as_str()];
+            ready
+                .with_label_values(&al)
+                .set(f64::from(a.ready_replicas));
+            let want = w
+                .spec
+                .agents
+                .iter()
+                .find(|x| x.name == a.name)
+                .and_then(|x| x.replicas)
+                .unwrap_or(1);
+            desired.with_label_values(&al).set(f64::from(want));
+        }
+        for (n, k) in &s.kill_switches {
+            let kl = [ns.as_str(), name.as_str(), n.as_str()];
+            engaged
+                .with_label_values(&kl)
+                .set(if k.engaged { 1.0 } else { 0.0 });
+            acked.with_label_values(&kl).set(f64::from(k.acknowledged));
+            expected.with_label_values(&kl).set(f64::from(k.expected));
+            if k.engaged
+                && let Some(t) = k.since.as_deref().and_then(unix_seconds)
+            {
+                since.with_label_values(&kl).set(t);
+            }
+        }
+    }
+
+    let dl = &["namespace", "drill", "workflow"];
+    let passed = gauge(
+        "r4_drill_last_passed",
+        "1 if the drill's last finished run passed, 0 if it failed or was aborted (absent before a first run).",
+        dl,
+    );
+    let score = gauge(
+        "r4_drill_last_score",
+        "Resilience score (0-100) of the drill's last finished run (absent when it has none).",
+        dl,
+    );
+    let last_at = gauge(
+        "r4_drill_last_run_timestamp_seconds",
+        "When the drill's last finished run ended, Unix time.",
+        dl,
+    );
+    let running = gauge(
+        "r4_drill_running",
+        "1 while the drill's faults are active (phase Running), else 0.",
+        dl,
+    );
+    for d in o.drills.state() {
+        let ns = d.namespace().unwrap_or_else(|| "default".into());
+        let name = d.name_any();
+        let l = [ns.as_str(), name.as_str(), d.spec.workflow_ref.as_str()];
+        let status = d.status.clone().unwrap_or_default();
+        running
+            .with_label_values(&l)
+            .set(if status.phase == Some(DrillPhase::Running) {
+                1.0
+            } else {
+                0.0
+            });
+        let Some(last) = status.runs.iter().rev().find(|r| r.verdict.is_some()) else {
+            continue;
+        };
+        let ok = last.verdict.as_deref() == Some("Passed");
+        passed.with_label_values(&l).set(if ok { 1.0 } else { 0.0 });
+        if let Some(sc) = last.score {
+            score.with_label_values(&l).set(sc);
+        }
+        if let Some(t) = last.finished_at.as_deref().and_then(unix_seconds) {
+            last_at.with_label_values(&l).set(t);
+        }
+    }
+    r.gather()
+}
+
+/// An RFC 3339 time as Unix seconds.
+fn unix_seconds(s: &str) -> Option<f64> {
+    s.parse::<Timestamp>()
+        .ok()
+        .map(|t| t.as_millisecond() as f64 / 1000.0)
 }
 
 #[cfg(test)]
@@ -209,6 +545,128 @@ mod tests {
         assert!(t.contains("# TYPE r4_controller_reconcile_duration_seconds histogram"));
         m.set_leader(false);
         assert!(m.render().contains("r4_controller_leader 0"));
+    }
+
+    fn workflow() -> AgentWorkflow {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "r4.dev/v1alpha1", "kind": "AgentWorkflow",
+            "metadata": {"name": "orders", "namespace": "shop"},
+            "spec": {
+                "queue": {"redis": {"url": "redis://r:6379"}},
+                "agents": [{"name": "a", "image": "i", "consumes": "in", "replicas": 3}],
+                "slo": {"successRate": 0.99}
+            },
+            "status": {
+                "agents": [{"name": "a", "readyReplicas": 2, "killSwitch": {"engaged": true}}],
+                "killSwitches": {
+                    "a": {"engaged": true, "since": "2026-01-01T00:00:10Z", "acknowledged": 2, "expected": 3},
+                    "all": {"engaged": false, "acknowledged": 3, "expected": 3}
+                },
+                "queue": {"depth": 12, "pending": 3, "dlqDepth": 4, "oldestDlqAgeSeconds": 90},
+                "slo": {"successRate": 0.995, "p95LatencyMs": 250.0, "errorBudgetRemaining": 0.5},
+                "incidentCost": {"failureRate": 0.005, "dailyCost": 42.5}
+            }
+        }))
+        .expect("test workflow")
+    }
+
+    fn drill(verdict: &str) -> ChaosDrill {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "r4.dev/v1alpha1", "kind": "ChaosDrill",
+            "metadata": {"name": "outage", "namespace": "shop"},
+            "spec": {"workflowRef": "orders", "duration": "1m", "faults": [{"type": "ToolOutage", "tool": "bank"}]},
+            "status": {"phase": "Failed", "runs": [
+                {"startedAt": "2026-01-01T00:00:00Z", "finishedAt": "2026-01-01T00:01:00Z", "verdict": "Passed", "score": 90.0},
+                {"startedAt": "2026-01-02T00:00:00Z", "finishedAt": "2026-01-02T00:01:40Z", "verdict": verdict, "score": 35.5}
+            ]}
+        }))
+        .expect("test drill")
+    }
+
+    /// The status series are what the stores hold now: an object's series appear with it, carry
+    /// its status, and are gone from the scrape after it is deleted — drill-run counters too.
+    #[test]
+    fn status_series_follow_the_objects_in_the_stores() {
+        use kube::runtime::reflector::store::Writer;
+        use kube::runtime::watcher::Event;
+        let m = ControllerMetrics::new();
+        let mut wfs: Writer<AgentWorkflow> = Writer::default();
+        let mut drills: Writer<ChaosDrill> = Writer::default();
+        let (w, d) = (workflow(), drill("Failed"));
+        wfs.apply_watcher_event(&Event::Apply(w.clone()));
+        drills.apply_watcher_event(&Event::Apply(d.clone()));
+        assert!(
+            !m.render().contains("r4_workflow_"),
+            "no store, no status series (a standby)"
+        );
+        m.observe(Some(Objects {
+            workflows: wfs.as_reader(),
+            drills: drills.as_reader(),
+        }));
+        m.drill_run("shop", "outage", "Failed");
+        let t = m.render();
+        let wf = "namespace=\"shop\",workflow=\"orders\"";
+        for want in [
+            format!("r4_workflow_queue_depth{{{wf}}} 12"),
+            format!("r4_workflow_queue_pending{{{wf}}} 3"),
+            format!("r4_workflow_dlq_depth{{{wf}}} 4"),
+            format!("r4_workflow_dlq_oldest_age_seconds{{{wf}}} 90"),
+            format!("r4_workflow_slo_target{{{wf}}} 0.99"),
+            format!("r4_workflow_slo_success_rate{{{wf}}} 0.995"),
+            format!("r4_workflow_error_budget_remaining{{{wf}}} 0.5"),
+            format!("r4_workflow_latency_p95_seconds{{{wf}}} 0.25"),
+            format!("r4_workflow_incident_cost_daily{{{wf}}} 42.5"),
+            format!("r4_workflow_failure_rate{{{wf}}} 0.005"),
+            "r4_workflow_agent_ready_replicas{agent=\"a\",namespace=\"shop\",workflow=\"orders\"} 2".into(),
+            "r4_workflow_agent_desired_replicas{agent=\"a\",namespace=\"shop\",workflow=\"orders\"} 3".into(),
+            "r4_workflow_kill_switch_engaged{namespace=\"shop\",switch=\"a\",workflow=\"orders\"} 1".into(),
+            "r4_workflow_kill_switch_engaged{namespace=\"shop\",switch=\"all\",workflow=\"orders\"} 0".into(),
+            "r4_workflow_kill_switch_engaged_since_timestamp_seconds{namespace=\"shop\",switch=\"a\",workflow=\"orders\"} 1767225610".into(),
+            "r4_workflow_kill_switch_acknowledged{namespace=\"shop\",switch=\"a\",workflow=\"orders\"} 2".into(),
+            "r4_drill_last_passed{drill=\"outage\",namespace=\"shop\",workflow=\"orders\"} 0".into(),
+            "r4_drill_last_score{drill=\"outage\",namespace=\"shop\",workflow=\"orders\"} 35.5".into(),
+            "r4_drill_last_run_timestamp_seconds{drill=\"outage\",namespace=\"shop\",workflow=\"orders\"} 1767312100".into(),
+            "r4_drill_running{drill=\"outage\",namespace=\"shop\",workflow=\"orders\"} 0".into(),
+            "r4_drill_runs_total{drill=\"outage\",namespace=\"shop\",verdict=\"Failed\"} 1".into(),
+        ] {
+            assert!(t.lines().any(|l| l == want), "missing {want:?} in\n{t}");
+        }
+        assert!(
+            !t.contains("r4_workflow_kill_switch_engaged_since_timestamp_seconds{namespace=\"shop\",switch=\"all\""),
+            "a released switch has no engaged-since: {t}"
+        );
+        // A passing run flips the gauge.
+        drills.apply_watcher_event(&Event::Apply(drill("Passed")));
+        assert!(m.render().contains(
+            "r4_drill_last_passed{drill=\"outage\",namespace=\"shop\",workflow=\"orders\"} 1"
+        ));
+        // Deleted: nothing of either object is left.
+        wfs.apply_watcher_event(&Event::Delete(w));
+        drills.apply_watcher_event(&Event::Delete(d));
+        let t = m.render();
+        assert!(!t.contains("orders"), "{t}");
+        assert!(!t.contains("outage"), "{t}");
+        // The term ends: the status series go, the process's own stay.
+        m.observe(None);
+        assert!(m.render().contains("r4_controller_leader"));
+    }
+
+    #[test]
+    fn every_kind_and_error_class_is_exported_at_zero() {
+        let t = ControllerMetrics::new().render();
+        for kind in KINDS {
+            assert!(
+                t.contains(&format!(
+                    "r4_controller_reconciles_total{{kind=\"{kind}\"}} 0"
+                )),
+                "{t}"
+            );
+            for e in crate::controller::context::Error::METRIC_LABELS {
+                assert!(t.contains(&format!(
+                    "r4_controller_reconcile_errors_total{{error=\"{e}\",kind=\"{kind}\"}} 0"
+                )));
+            }
+        }
     }
 
     #[test]

@@ -171,6 +171,10 @@ async fn controllers(
         .with_config(config.clone());
     let drill_store = drill_ctl.store();
     ctx.drills.begin(drill_store.clone());
+    ctx.metrics.observe(Some(super::metrics::Objects {
+        workflows: store.clone(),
+        drills: drill_store.clone(),
+    }));
     let (records, drill_workflow_specs) = (drill::RecordChanges::default(), Generations::default());
     let workflows = wf_ctl
         .owns_stream(
@@ -293,6 +297,7 @@ async fn controllers(
     tokio::join!(workflows, policies, drills);
     revisions_feed.abort();
     ctx.set_caches(None);
+    ctx.metrics.observe(None);
     ctx.drills.end();
     let _ = ready.send(false);
 }

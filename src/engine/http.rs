@@ -24,6 +24,9 @@ pub struct Health {
     pub ready: Arc<AtomicBool>,
     /// More metrics to serve beside the engine's (the tool proxy's policy metrics).
     pub registry: Option<prometheus::Registry>,
+    /// Labels every served series carries (`namespace`, `workflow`): one scrape config for
+    /// every engine, and the dashboards and alerts group by workflow without relabelling.
+    pub labels: Vec<(String, String)>,
 }
 
 impl Health {
@@ -32,7 +35,17 @@ impl Health {
             stats,
             ready: Arc::new(AtomicBool::new(true)),
             registry: None,
+            labels: Vec::new(),
         }
+    }
+
+    /// Label every served series with the workflow it belongs to (`namespace`, `workflow`).
+    pub fn for_workflow(mut self, namespace: &str, workflow: &str) -> Self {
+        self.labels = vec![
+            ("namespace".into(), namespace.into()),
+            ("workflow".into(), workflow.into()),
+        ];
+        self
     }
 
     /// Serve `registry`'s metrics on `/metrics` too.
@@ -70,15 +83,42 @@ async fn metrics(State(h): State<Health>) -> impl IntoResponse {
 }
 
 fn render(h: &Health) -> String {
-    let mut text = h.stats.render_metrics();
+    let mut families = h.stats.gather();
     if let Some(r) = &h.registry {
-        let mut buf = Vec::new();
-        let encoder = prometheus::TextEncoder::new();
-        if prometheus::Encoder::encode(&encoder, &r.gather(), &mut buf).is_ok() {
-            text.push_str(&String::from_utf8_lossy(&buf));
+        families.extend(r.gather());
+    }
+    label_families(&mut families, &h.labels);
+    let mut buf = Vec::new();
+    if prometheus::Encoder::encode(&prometheus::TextEncoder::new(), &families, &mut buf).is_err() {
+        return String::new();
+    }
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// Add `labels` to every metric of `families` (a label the metric already has is kept as is).
+pub fn label_families(
+    families: &mut [prometheus::proto::MetricFamily],
+    labels: &[(String, String)],
+) {
+    if labels.is_empty() {
+        return;
+    }
+    for f in families.iter_mut() {
+        for m in f.mut_metric().iter_mut() {
+            let mut pairs = m.take_label();
+            for (k, v) in labels {
+                if pairs.iter().any(|p| p.name() == k) {
+                    continue;
+                }
+                let mut p = prometheus::proto::LabelPair::default();
+                p.set_name(k.clone());
+                p.set_value(v.clone());
+                pairs.push(p);
+            }
+            pairs.sort_by(|a, b| a.name().cmp(b.name()));
+            m.set_label(pairs);
         }
     }
-    text
 }
 
 /// Serve `router` on `listener` until `shutdown` turns true, with the default
@@ -150,4 +190,38 @@ pub async fn serve_with(
     drop(listener);
     let _ = tokio::time::timeout(limits.drain_timeout, graceful.shutdown()).await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every served series names its workflow, the engine's and the extra registry's alike; a
+    /// series that already has the label keeps its own value.
+    #[test]
+    fn metrics_carry_the_workflow_labels() {
+        let stats = Arc::new(Stats::new("e1", "agent", Some("a")));
+        let extra = prometheus::Registry::new();
+        let g = prometheus::IntGaugeVec::new(prometheus::Opts::new("x_gauge", "x"), &["workflow"])
+            .expect("gauge");
+        extra.register(Box::new(g.clone())).expect("register");
+        g.with_label_values(&["other"]).set(1);
+        let h = Health::new(stats)
+            .with_registry(extra)
+            .for_workflow("team", "shop");
+        let text = render(&h);
+        assert!(
+            text.contains(
+                "r4_engine_tasks_total{agent=\"a\",namespace=\"team\",outcome=\"completed\",workflow=\"shop\"} 0"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("x_gauge{namespace=\"team\",workflow=\"other\"} 1"),
+            "{text}"
+        );
+        // Without labels nothing is added.
+        let plain = render(&Health::new(Arc::new(Stats::new("e2", "intake", None))));
+        assert!(!plain.contains("workflow="), "{plain}");
+    }
 }

@@ -200,8 +200,9 @@ impl Intake {
             ));
         }
         let api = api.with_state(self.clone());
-        limits::in_flight_limit(api, self.options.max_in_flight)
-            .merge(http::router(Health::new(self.stats.clone())))
+        limits::in_flight_limit(api, self.options.max_in_flight).merge(http::router(
+            Health::new(self.stats.clone()).for_workflow(&self.cfg.namespace, &self.cfg.name),
+        ))
     }
 
     /// Submit one payload (what `POST /v1/tasks` does after parsing):

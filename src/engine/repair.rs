@@ -164,6 +164,10 @@ impl RepairRole {
                 };
                 if dlq::quarantine(q, keys, &rec, comp).await?.is_some() {
                     self.stats.quarantined();
+                    self.stats.left_dlq(
+                        "quarantined",
+                        Duration::from_millis(task::now_ms().saturating_sub(rec.dead_at_ms)),
+                    );
                     tracing::warn!(task = %rec.task_id, step = %rec.step, reason = "poison", replays = rec.replays, "quarantined as poison");
                     report.quarantined += 1;
                 }
@@ -178,6 +182,10 @@ impl RepairRole {
             match dlq::replay(q, keys, Store::Dlq, &rec, self.cfg.max_len).await {
                 Ok(Some(_)) => {
                     self.stats.replayed();
+                    self.stats.left_dlq(
+                        "replayed",
+                        Duration::from_millis(task::now_ms().saturating_sub(rec.dead_at_ms)),
+                    );
                     tracing::info!(task = %rec.task_id, step = %rec.step, reason = %rec.reason, replays = rec.replays + 1, "replayed from the DLQ");
                     report.replayed += 1;
                 }

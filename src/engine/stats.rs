@@ -181,9 +181,12 @@ pub struct Stats {
     m_retries: IntCounterVec,
     m_in_flight: IntGaugeVec,
     m_replays: IntCounterVec,
+    m_dlq_age: HistogramVec,
     /// This engine's children of the vectors above (its agent label is
     /// fixed), resolved on first use instead of hashing the labels on every
-    /// task; lazily, so a series appears only once it has something to say.
+    /// task; lazily, except the agent's completed and dead-lettered counts, retries, in-flight
+    /// gauge and duration histogram, which an agent engine exports at 0 from its start (see
+    /// [`Stats::new`]).
     c_tasks: [OnceLock<IntCounter>; 5],
     c_duration: OnceLock<prometheus::Histogram>,
     c_retries: OnceLock<IntCounter>,
@@ -207,6 +210,20 @@ impl std::fmt::Debug for Stats {
             .finish_non_exhaustive()
     }
 }
+
+/// Buckets of a DLQ entry's age, in seconds: a replay after a short outage (a minute or two)
+/// up to the default retention (7 days).
+const DLQ_AGE_BUCKETS: &[f64] = &[
+    10.0,
+    60.0,
+    300.0,
+    900.0,
+    3600.0,
+    6.0 * 3600.0,
+    86_400.0,
+    3.0 * 86_400.0,
+    7.0 * 86_400.0,
+];
 
 fn histogram() -> Histogram<u64> {
     // 1 µs .. 1 h, 3 significant digits; the bounds are constants, so this
@@ -255,6 +272,15 @@ impl Stats {
             &["outcome"],
         )
         .expect("static metric definition");
+        let m_dlq_age = HistogramVec::new(
+            HistogramOpts::new(
+                "r4_engine_dlq_age_at_exit_seconds",
+                "Age of DLQ entries when the repair role took them out, by outcome (replayed, quarantined)",
+            )
+            .buckets(DLQ_AGE_BUCKETS.to_vec()),
+            &["outcome"],
+        )
+        .expect("static metric definition");
         let m_agent_up = IntGauge::new(
             "r4_engine_agent_up",
             "1 while the agent container answers, 0 while it cannot be reached (reads paused)",
@@ -286,11 +312,12 @@ impl Stats {
             Box::new(m_retries.clone()),
             Box::new(m_in_flight.clone()),
             Box::new(m_replays.clone()),
+            Box::new(m_dlq_age.clone()),
         ] {
             // Fresh registry, distinct names: registration cannot collide.
             let _ = registry.register(c);
         }
-        Self {
+        let stats = Self {
             engine_id: engine_id.to_owned(),
             role: role.to_owned(),
             agent: agent.map(str::to_owned),
@@ -318,6 +345,7 @@ impl Stats {
             m_retries,
             m_in_flight,
             m_replays,
+            m_dlq_age,
             c_tasks: Default::default(),
             c_duration: OnceLock::new(),
             c_retries: OnceLock::new(),
@@ -329,7 +357,27 @@ impl Stats {
             m_backpressure,
             policy_version: AtomicU64::new(0),
             m_policy_version,
+        };
+        // The series the SLI and the dashboards divide by exist at 0 from the start (a rate
+        // over a series that appears with its first increment misses that increment).
+        if stats.agent.is_some() {
+            stats.tasks_counter(Outcome::Completed);
+            stats.tasks_counter(Outcome::DeadLettered);
+            stats
+                .c_retries
+                .get_or_init(|| stats.m_retries.with_label_values(&[stats.agent_label()]));
+            stats.in_flight_gauge();
+            stats
+                .c_duration
+                .get_or_init(|| stats.m_duration.with_label_values(&[stats.agent_label()]));
         }
+        if role == "repair" {
+            for outcome in ["replayed", "quarantined"] {
+                stats.m_replays.with_label_values(&[outcome]);
+                stats.m_dlq_age.with_label_values(&[outcome]);
+            }
+        }
+        stats
     }
 
     /// The engine now runs the published policies of `version`.
@@ -467,6 +515,15 @@ impl Stats {
         self.m_replays.with_label_values(&["quarantined"]).inc();
     }
 
+    /// A DLQ entry `age` old left the DLQ, replayed or quarantined (`outcome`): the age
+    /// distribution of what the repair role takes out (a stream has no cheap count by age of
+    /// what stays in; the controller exports the oldest entry's age).
+    pub fn left_dlq(&self, outcome: &str, age: Duration) {
+        self.m_dlq_age
+            .with_label_values(&[outcome])
+            .observe(age.as_secs_f64());
+    }
+
     pub fn compensated(&self) {
         self.compensations.fetch_add(1, Ordering::Relaxed);
     }
@@ -532,8 +589,13 @@ impl Stats {
     /// Prometheus text exposition.
     pub fn render_metrics(&self) -> String {
         let mut buf = Vec::new();
-        let _ = prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        let _ = prometheus::TextEncoder::new().encode(&self.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// The metric families of this engine (what [`Self::render_metrics`] encodes).
+    pub fn gather(&self) -> Vec<prometheus::proto::MetricFamily> {
+        self.registry.gather()
     }
 
     /// Publish the snapshot under `stats:<engine-id>` with `ttl`.
@@ -680,6 +742,18 @@ mod tests {
         a.quarantined();
         let b = Stats::new("b", "repair", None);
         b.replayed();
+        b.left_dlq("replayed", Duration::from_secs(120));
+        let m = b.render_metrics();
+        assert!(
+            m.contains(
+                "r4_engine_dlq_age_at_exit_seconds_bucket{outcome=\"replayed\",le=\"300\"} 1"
+            ),
+            "{m}"
+        );
+        assert!(m.contains(
+            "r4_engine_dlq_age_at_exit_seconds_bucket{outcome=\"replayed\",le=\"60\"} 0"
+        ));
+        assert!(m.contains("r4_engine_dlq_age_at_exit_seconds_count{outcome=\"quarantined\"} 0"));
         let d = delta(&old, &[a.snapshot(), b.snapshot()]);
         let c = &d.counters;
         assert_eq!(

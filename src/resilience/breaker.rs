@@ -191,6 +191,7 @@ pub struct Permit {
 impl Breaker {
     pub fn new(cfg: BreakerConfig, telemetry: Telemetry) -> Self {
         let window = Window::new(cfg.window.clone());
+        telemetry.breaker_created();
         Breaker {
             cfg: Arc::new(cfg),
             inner: Arc::new(Mutex::new(Inner {

@@ -167,10 +167,37 @@ fn inc(a: &AtomicU64) {
 
 impl Telemetry {
     pub fn new(target: &str, metrics: Option<Metrics>) -> Self {
+        if let Some(m) = &metrics {
+            // Every counter of the target exported at 0 from the start, so a rate over it (a
+            // dashboard's, an alert's) is defined before the first retry or hedge, and a scrape
+            // shows the series exist.
+            m.calls.with_label_values(&[target, "success"]);
+            for c in [&m.retries, &m.hedges, &m.budget_rejections, &m.fallbacks] {
+                c.with_label_values(&[target]);
+            }
+        }
         Telemetry {
             target: target.into(),
             metrics,
             counters: Arc::new(Counters::default()),
+        }
+    }
+
+    /// A breaker was built for this target: it starts closed (a policy reload that replaces an
+    /// open breaker with a fresh one shows closed again). Not a transition: nothing is counted.
+    pub fn breaker_created(&self) {
+        if let Some(m) = &self.metrics {
+            m.breaker_state
+                .with_label_values(&[&*self.target])
+                .set(BreakerState::Closed.gauge_value());
+            for to in [
+                BreakerState::Open,
+                BreakerState::HalfOpen,
+                BreakerState::Closed,
+            ] {
+                m.breaker_transitions
+                    .with_label_values(&[&*self.target, to.label()]);
+            }
         }
     }
 
@@ -263,7 +290,7 @@ mod tests {
     fn registers_and_counts() {
         let reg = Registry::new();
         let m = Metrics::register(&reg).unwrap();
-        let t = Telemetry::new("tool-a", Some(m));
+        let t = Telemetry::new("tool-a", Some(m.clone()));
         t.call("success", false);
         t.retry();
         t.breaker_transition(BreakerState::Open);
@@ -273,6 +300,32 @@ mod tests {
         assert!(text.contains("r4_policy_calls_total{outcome=\"success\",target=\"tool-a\"} 1"));
         assert!(text.contains("r4_breaker_state{target=\"tool-a\"} 1"));
         assert_eq!(t.snapshot().breaker_trips, 1);
+        // The target's other counters exist at 0 before anything happened to them.
+        assert!(
+            text.contains("r4_policy_hedges_total{target=\"tool-a\"} 0"),
+            "{text}"
+        );
+        assert!(text.contains("r4_policy_fallbacks_total{target=\"tool-a\"} 0"));
+        let fresh = Telemetry::new("tool-b", Some(m));
+        let before = prometheus::TextEncoder::new()
+            .encode_to_string(&reg.gather())
+            .unwrap();
+        assert!(
+            !before.contains("r4_breaker_state{target=\"tool-b\"}"),
+            "no breaker yet"
+        );
+        fresh.breaker_created();
+        let after = prometheus::TextEncoder::new()
+            .encode_to_string(&reg.gather())
+            .unwrap();
+        assert!(
+            after.contains("r4_breaker_state{target=\"tool-b\"} 0"),
+            "{after}"
+        );
+        assert!(
+            after.contains("r4_breaker_transitions_total{target=\"tool-b\",to=\"open\"} 0"),
+            "{after}"
+        );
         // Registering twice on one registry is an error, not a panic.
         assert!(Metrics::register(&reg).is_err());
     }
