@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use futures::StreamExt;
-use tokio::sync::{OwnedSemaphorePermit, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -154,13 +154,18 @@ async fn tell(ctx: &Ctx, peer: &str, note: &Note) {
 }
 
 /// Hear our channel: "done" notes wake the deliveries waiting for them; hedge requests are
-/// served while the role reads (not paused, its agent up) and has a free delivery slot —
-/// a busy or stopped engine declines, so hedging never adds to an overload.
+/// served while the role reads (not paused, its agent up), has fewer tasks in flight than its
+/// concurrency and one of its shadow slots (a quarter of the concurrency, at least one) is
+/// free — a busy or stopped engine declines, so hedging never adds to an overload.
 ///
 /// Runs until shutdown; the shadows it started end with it (a killed engine's with its task).
 pub(super) async fn listen(ctx: Arc<Ctx>, h: Arc<AgentHedge>, mut shutdown: watch::Receiver<bool>) {
     let channel = ctx.cfg.keys.hedge_channel(&ctx.agent.name, &ctx.engine_id);
     let mut shadows: JoinSet<()> = JoinSet::new();
+    // The role's own delivery slots are taken by its reads (it holds what is free while it
+    // waits for entries), so shadows have their own few — and an engine with as many tasks in
+    // flight as its concurrency declines, so a hedge never lands on a busy replica.
+    let slots = Arc::new(Semaphore::new((ctx.agent.concurrency / 4).max(1)));
     while !*shutdown.borrow() {
         let mut sub = match ctx.queue.subscribe(&channel).await {
             Ok(s) => s,
@@ -180,17 +185,18 @@ pub(super) async fn listen(ctx: Arc<Ctx>, h: Arc<AgentHedge>, mut shutdown: watc
                         Some(Note::Done { entry }) => h.done(&entry),
                         Some(Note::Hedge { entry, from, attempt }) => {
                             if h.paused() || *shutdown.borrow() {
+                                tracing::debug!(entry = %entry, "hedge declined: paused");
                                 continue;
                             }
-                            let (Ok(permit), Ok(held)) = (
-                                ctx.sem.clone().try_acquire_owned(),
-                                ctx.held.clone().try_acquire_owned(),
-                            ) else {
+                            let busy = ctx.stats.counters().in_flight >= ctx.agent.concurrency as i64;
+                            let permit = slots.clone().try_acquire_owned();
+                            let Ok(permit) = permit.map_err(|_| ()).and_then(|p| if busy { Err(()) } else { Ok(p) }) else {
+                                tracing::debug!(entry = %entry, "hedge declined: busy");
                                 continue;
                             };
                             let (ctx, h) = (ctx.clone(), h.clone());
                             shadows.spawn(async move {
-                                serve(&ctx, &h, &entry, &from, attempt, permit, held).await;
+                                serve(&ctx, &h, &entry, &from, attempt, permit).await;
                             });
                         }
                         None => {}
@@ -214,18 +220,21 @@ async fn serve(
     from: &str,
     attempt: u64,
     permit: OwnedSemaphorePermit,
-    _held: OwnedSemaphorePermit,
 ) {
     let started = Instant::now();
     let _in_flight = ctx.stats.in_flight();
     let entry = match ctx.queue.range(&ctx.stream, entry_id, entry_id, 1).await {
         Ok(mut v) if v.len() == 1 && v[0].id == entry_id => v.remove(0),
-        _ => return, // gone: completed and trimmed
+        other => {
+            tracing::debug!(entry = %entry_id, found = ?other.map(|v| v.len()), "shadow: entry gone");
+            return; // gone: completed and trimmed
+        }
     };
     let Ok(mut task) = Task::decode(&entry.fields, payload_limit(ctx)) else {
         return; // the primary dead-letters it
     };
     if task.step.as_deref().is_some_and(|s| s != ctx.agent.name) || task.kind != Kind::Task {
+        tracing::debug!(entry = %entry_id, "shadow: not a task of ours");
         return;
     }
     if ctx
@@ -238,6 +247,7 @@ async fn serve(
     }
     let inbox = ctx.cfg.keys.inbox(&task.task_id, &ctx.agent.name);
     if matches!(ctx.queue.get(&inbox).await, Ok(Some(_))) {
+        tracing::debug!(entry = %entry_id, "shadow: already done");
         return; // already done
     }
     let policy = ctx.policy();
