@@ -121,14 +121,14 @@ async fn two_engines(q: Arc<dyn Queue>, first: Duration, again: Duration) -> Pai
         let rx = rx.clone();
         handles.push(tokio::spawn(async move { role.run(rx).await.unwrap() }));
     }
-    // Both engines must be consumers of the group (the peers a hedge may go to).
+    // Both engines must have said they take hedges (the peers a hedge may go to).
     let (q2, cfg2) = (q.clone(), cfg.clone());
-    eventually("both engines read", Duration::from_secs(10), || {
+    eventually("both engines take hedges", Duration::from_secs(10), || {
         let (q, cfg) = (q2.clone(), cfg2.clone());
         async move {
-            q.consumers(&cfg.keys.stream("in"), "w")
+            q.hgetall(&cfg.keys.hedge_peers("w"))
                 .await
-                .map(|c| c.len() == 2)
+                .map(|f| f.len() == 2)
                 .unwrap_or(false)
         }
     })

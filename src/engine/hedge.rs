@@ -12,8 +12,9 @@
 //! × deliveries at every instant), the agent's overload guard (hedging pauses while most
 //! recent deliveries fail — the agent's own breaker view — or while the role is paused by a
 //! kill switch, degraded mode or its agent being down), the peers that may shadow
-//! (live consumers of the agent's group, cached briefly), the waiters for notes from peers
-//! and the notes' wire format. The delivery and completion of the shadow's copy are the
+//! (engines that said within [`PRESENCE_FRESH`] that they take hedges, in the agent's peers
+//! hash, [`crate::queue::Keys::hedge_peers`]; cached briefly), the waiters for notes from
+//! peers and the notes' wire format. The delivery and completion of the shadow's copy are the
 //! agent role's (`consumer::shadow`), so a shadow delivery goes through the same faults,
 //! kill switches and completion as a primary one.
 //!
@@ -54,6 +55,12 @@ pub const OVERLOAD_FAILURE_RATE: f64 = 0.5;
 pub const OVERLOAD_MIN_CALLS: u64 = 20;
 /// How long the list of peers is trusted before it is read again.
 pub const PEERS_TTL: Duration = Duration::from_secs(1);
+/// How often an engine that takes hedges says so (in the agent's peers hash)…
+pub const PRESENCE_EVERY: Duration = Duration::from_secs(1);
+/// …and for how long after its last word it counts as a peer.
+pub const PRESENCE_FRESH: Duration = Duration::from_secs(3);
+/// A peer silent for this long is removed from the hash (an engine that died).
+pub const PRESENCE_FORGET: Duration = Duration::from_secs(60);
 
 /// An agent's `hedge`, resolved.
 #[derive(Debug, Clone, PartialEq)]
@@ -243,6 +250,31 @@ impl AgentHedge {
     }
 }
 
+/// Which fields of the peers hash (engine id → last word, ms) are live peers of `me` at
+/// `now_ms`, sorted, and which are stale enough to remove.
+pub fn live_peers(
+    fields: &[(String, bytes::Bytes)],
+    me: &str,
+    now_ms: u64,
+) -> (Vec<String>, Vec<String>) {
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let (mut live, mut stale) = (Vec::new(), Vec::new());
+    for (engine, v) in fields {
+        let at = std::str::from_utf8(v)
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+            .unwrap_or(0);
+        let age = now_ms.saturating_sub(at);
+        if age >= ms(PRESENCE_FORGET) {
+            stale.push(engine.clone());
+        } else if engine != me && age < ms(PRESENCE_FRESH) {
+            live.push(engine.clone());
+        }
+    }
+    live.sort();
+    (live, stale)
+}
+
 fn rotate(st: &mut State) -> Vec<String> {
     let n = st.peers.len();
     if n == 0 {
@@ -370,6 +402,25 @@ mod tests {
         tokio::time::advance(PEERS_TTL).await;
         assert_eq!(h.peers(), None);
         assert_eq!(h.set_peers(vec![]), Vec::<String>::new());
+    }
+
+    #[test]
+    fn live_peers_are_fresh_others() {
+        let f = |e: &str, at: u64| (e.to_string(), bytes::Bytes::from(at.to_string()));
+        let fields = vec![
+            f("me", 10_000),
+            f("b", 9_000),
+            f("a", 8_000),
+            f("quiet", 6_000),
+            f("dead", 0),
+            ("junk".to_string(), bytes::Bytes::from_static(b"x")),
+        ];
+        let (live, stale) = live_peers(&fields, "me", 70_000);
+        assert!(live.is_empty());
+        assert_eq!(stale.len(), 6);
+        let (live, stale) = live_peers(&fields, "me", 10_500);
+        assert_eq!(live, vec!["a", "b"]);
+        assert!(stale.is_empty(), "{stale:?}");
     }
 
     #[tokio::test]

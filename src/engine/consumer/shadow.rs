@@ -29,9 +29,9 @@ use crate::engine::degraded::Downgrade;
 use crate::engine::delivery::{
     DeliveryError, DeliveryRequest, Outputs, RequestKind, child_traceparent,
 };
-use crate::engine::hedge::{AgentHedge, Note};
+use crate::engine::hedge::{AgentHedge, Note, PRESENCE_EVERY, live_peers};
 use crate::engine::stats::Outcome;
-use crate::engine::task::{Kind, Task};
+use crate::engine::task::{self, Kind, Task};
 
 /// What the primary's delivery came to.
 pub(super) enum Primary {
@@ -70,7 +70,9 @@ pub(super) async fn primary(ctx: &Ctx, entry_id: &str, req: &mut DeliveryRequest
         let Some(delay) = h.delay() else {
             break 'hedged fut.await;
         };
+        // `biased`: a seeded `r4 run` must make the same choice every time.
         tokio::select! {
+            biased;
             r = &mut fut => break 'hedged r,
             _ = tokio::time::sleep(delay) => {}
         }
@@ -86,6 +88,7 @@ pub(super) async fn primary(ctx: &Ctx, entry_id: &str, req: &mut DeliveryRequest
         };
         tracing::debug!(task = %task_id, step = %ctx.agent.name, reason = "agent-hedge", peer = %peer, delay_ms = delay.as_millis() as u64, "hedged");
         tokio::select! {
+            biased;
             r = &mut fut => {
                 h.forget(entry_id);
                 if r.is_ok() {
@@ -114,12 +117,15 @@ async fn ask_peer(ctx: &Ctx, h: &AgentHedge, entry_id: &str, attempt: u64) -> Op
     let peers = match h.peers() {
         Some(p) => p,
         None => {
-            let live = match ctx.queue.consumers(&ctx.stream, &ctx.agent.name).await {
-                Ok(c) => c
-                    .into_iter()
-                    .filter(|c| c.name != ctx.engine_id && c.idle < ctx.cfg.max_hold())
-                    .map(|c| c.name)
-                    .collect(),
+            let key = ctx.cfg.keys.hedge_peers(&ctx.agent.name);
+            let live = match ctx.queue.hgetall(&key).await {
+                Ok(fields) => {
+                    let (live, stale) = live_peers(&fields, &ctx.engine_id, task::now_ms());
+                    if !stale.is_empty() {
+                        let _ = ctx.queue.hdel(&key, &stale).await;
+                    }
+                    live
+                }
                 Err(e) => {
                     tracing::debug!(error = %e, "cannot list the agent's engines; not hedged");
                     Vec::new()
@@ -161,6 +167,7 @@ async fn tell(ctx: &Ctx, peer: &str, note: &Note) {
 /// Runs until shutdown; the shadows it started end with it (a killed engine's with its task).
 pub(super) async fn listen(ctx: Arc<Ctx>, h: Arc<AgentHedge>, mut shutdown: watch::Receiver<bool>) {
     let channel = ctx.cfg.keys.hedge_channel(&ctx.agent.name, &ctx.engine_id);
+    let peers_key = ctx.cfg.keys.hedge_peers(&ctx.agent.name);
     let mut shadows: JoinSet<()> = JoinSet::new();
     // The role's own delivery slots are taken by its reads (it holds what is free while it
     // waits for entries), so shadows have their own few — and an engine with as many tasks in
@@ -177,8 +184,11 @@ pub(super) async fn listen(ctx: Arc<Ctx>, h: Arc<AgentHedge>, mut shutdown: watc
                 continue;
             }
         };
+        // We hear notes now: say so, and again every PRESENCE_EVERY while we take hedges.
+        let mut presence = tokio::time::interval(PRESENCE_EVERY);
         loop {
             tokio::select! {
+                biased;
                 m = sub.next() => {
                     let Some(m) = m else { break }; // connection lost: subscribe again
                     match Note::decode(&m) {
@@ -203,10 +213,21 @@ pub(super) async fn listen(ctx: Arc<Ctx>, h: Arc<AgentHedge>, mut shutdown: watc
                     }
                 }
                 Some(_) = shadows.join_next(), if !shadows.is_empty() => {}
+                _ = presence.tick() => {
+                    if !h.paused() {
+                        let at = task::now_ms().to_string();
+                        let _ = ctx.queue.hset(&peers_key, vec![(ctx.engine_id.clone(), at.into())]).await;
+                    }
+                }
                 _ = shutdown.changed() => break,
             }
         }
     }
+    // Safe stop: no more hedges for us (a killed engine's entry goes stale instead).
+    let _ = ctx
+        .queue
+        .hdel(&peers_key, std::slice::from_ref(&ctx.engine_id))
+        .await;
     // Safe stop: the shadows' primaries still hold their entries; nothing is lost by ending.
     shadows.abort_all();
 }
@@ -267,6 +288,7 @@ async fn serve(
     let mut shutdown = ctx.shutdown.clone();
     let t = Instant::now();
     let res = tokio::select! {
+        biased;
         r = once(ctx, &mut req) => r,
         _ = cancelled => {
             tracing::debug!(task = %task.task_id, step = %ctx.agent.name, reason = "shadow-cancelled", "the primary answered first");
