@@ -49,7 +49,7 @@ impl Delivery for Container {
     }
 }
 
-fn workflow() -> WorkflowConfig {
+fn workflow(delay: &str) -> WorkflowConfig {
     let yaml = format!(
         r#"apiVersion: r4.dev/v1alpha1
 kind: AgentWorkflow
@@ -65,10 +65,18 @@ spec:
       consumes: in
       produces: [out]
       idempotent: true
-      hedge: {{delay: {{fixed: 100ms}}, maxExtraLoad: 1.0}}
+      hedge: {{delay: {{fixed: {delay}}}, maxExtraLoad: 1.0}}
 ---
-{}"#,
-        engine_common::FAST_POLICY
+apiVersion: r4.dev/v1alpha1
+kind: CircuitPolicy
+metadata: {{name: fast}}
+spec:
+  timeout: {{perAttempt: 5s}}
+  retry:
+    maxAttempts: 3
+    backoff: {{initial: 10ms, max: 40ms, multiplier: 2, jitter: None}}
+  deadLetter: {{maxDeliveries: 3, retention: 1h, replay: {{automatic: false}}}}
+"#
     );
     WorkflowConfig::from_yaml(
         "test",
@@ -94,7 +102,16 @@ struct Pair {
 
 /// Two engines of agent `w`, containers "c1" and "c2".
 async fn two_engines(q: Arc<dyn Queue>, first: Duration, again: Duration) -> Pair {
-    let cfg = Arc::new(workflow());
+    two_engines_with(q, first, again, "100ms").await
+}
+
+async fn two_engines_with(
+    q: Arc<dyn Queue>,
+    first: Duration,
+    again: Duration,
+    delay: &str,
+) -> Pair {
+    let cfg = Arc::new(workflow(delay));
     let (stop, rx) = watch::channel(false);
     let log = Arc::new(Mutex::new(Vec::new()));
     let finished = Arc::new(Mutex::new(Vec::new()));
@@ -271,5 +288,49 @@ async fn many_tasks_with_hedges_complete_once_each() {
         "one output per task, none duplicated"
     );
     assert!(p.sum(|h| h.sent.load(Ordering::Relaxed)) > 0);
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn a_killed_agent_is_not_hedged() {
+    use r4::engine::killswitch::{self, Target};
+    let (_server, q) = queue(true).await;
+    // The primary takes 3 s; the hedge would go at 1.5 s — but the agent's kill switch is
+    // engaged meanwhile: the in-flight delivery finishes (safe stop), no shadow is asked.
+    let p = two_engines_with(
+        q,
+        Duration::from_millis(3000),
+        Duration::from_millis(20),
+        "1500ms",
+    )
+    .await;
+    add_task(&p.q, &p.cfg, "in", "k1", serde_json::json!({"n": 1})).await;
+    eventually(
+        "the primary delivery started",
+        Duration::from_secs(5),
+        || async { p.log.lock().unwrap().len() == 1 },
+    )
+    .await;
+    let v = killswitch::engage(p.q.as_ref(), &p.cfg.keys, &Target::Agent("w".into()))
+        .await
+        .unwrap();
+    eventually(
+        "both engines stopped reading",
+        Duration::from_secs(5),
+        || async {
+            killswitch::acks(p.q.as_ref(), &p.cfg.keys)
+                .await
+                .map(|a| a.iter().filter(|x| x.version >= v && x.stopped).count() >= 2)
+                .unwrap_or(false)
+        },
+    )
+    .await;
+    eventually("the step completed", Duration::from_secs(6), || async {
+        p.outputs().await == 1 && p.pending().await == 0
+    })
+    .await;
+    assert_eq!(p.sum(|h| h.sent.load(Ordering::Relaxed)), 0);
+    assert_eq!(p.sum(|h| h.shadow_deliveries.load(Ordering::Relaxed)), 0);
+    assert_eq!(p.log.lock().unwrap().len(), 1, "no shadow delivery");
     p.stop().await;
 }

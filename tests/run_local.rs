@@ -113,7 +113,10 @@ fn the_report_says_the_load_and_breaks_figures_down_per_tool_and_agent() {
     let bank = &tools["bank-api"];
     // One statement query per task, and one per shadow delivery of the hedged investigation
     // agent that got as far as its call before it was cancelled.
-    let shadows = n(&v["agents"]["investigation"]["hedging"], "shadow_deliveries");
+    let shadows = n(
+        &v["agents"]["investigation"]["hedging"],
+        "shadow_deliveries",
+    );
     assert!(
         (1000..=1000 + shadows).contains(&n(bank, "calls")),
         "one statement query per task: {bank}"
@@ -323,7 +326,11 @@ fn agent_hedging_cuts_what_tool_hedging_leaves() {
     assert!(n(h, "hedges") > 0 && n(h, "shadow_wins") > 0, "{h}");
     // The sample's cap: 2% of the agent's deliveries.
     assert!(h["extra_work"].as_f64().unwrap() <= 0.03, "{h}");
-    assert!(tool_only["agents"]["investigation"].get("hedging").is_none());
+    assert!(
+        tool_only["agents"]["investigation"]
+            .get("hedging")
+            .is_none()
+    );
     let late = |v: &Value| n(v, "late");
     assert!(
         late(&both) * 2 < late(&tool_only),
