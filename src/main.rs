@@ -128,6 +128,19 @@ enum BenchCommand {
         #[arg(long, default_value_t = 7)]
         seed: u64,
     },
+    /// The worked example's slow-agent profile three times on the virtual clock: no hedging,
+    /// tool hedging only, tool + agent hedging (p99/p99.9, failure rate, extra work).
+    AgentHedge {
+        /// Print only the JSON object (on one line).
+        #[arg(long)]
+        json: bool,
+        /// Tasks per configuration.
+        #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(100..=1_000_000))]
+        tasks: u64,
+        /// Seed of every random draw (the same for the three runs).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
     /// The dev API of `r4 dev`: objects created/s, watch events/s, and peak memory holding
     /// 1,000 workflows with their children.
     Devcluster {
@@ -233,6 +246,9 @@ fn main() -> ExitCode {
             } => r4::cli::bench_hedge(json, calls, warmup, seed),
             BenchCommand::Breaker { json } => r4::cli::bench_breaker(json),
             BenchCommand::Drill(args) => r4::cli::run::bench_drill(args),
+            BenchCommand::AgentHedge { json, tasks, seed } => {
+                r4::cli::bench_agent_hedge(json, tasks, seed)
+            }
             BenchCommand::Devcluster {
                 json,
                 objects,

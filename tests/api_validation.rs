@@ -123,6 +123,30 @@ fn every_sample_validates() {
 fn invalid_workflows_are_refused_naming_the_field() {
     let cases = [
         (
+            edit(
+                WORKFLOW,
+                "tools: [bank-api]",
+                "tools: [bank-api]\n      hedge: {delay: {percentile: 97}}",
+            ),
+            "spec.agents[1].hedge: only an agent marked idempotent: true may be hedged",
+        ),
+        (
+            edit(
+                WORKFLOW,
+                "tools: [bank-api]",
+                "tools: [bank-api]\n      idempotent: true\n      hedge: {delay: {percentile: 97, fixed: 800ms}}",
+            ),
+            "spec.agents[1].hedge.delay: exactly one of percentile and fixed must be set",
+        ),
+        (
+            edit(
+                WORKFLOW,
+                "tools: [bank-api]",
+                "tools: [bank-api]\n      idempotent: true\n      hedge: {delay: {fixed: 800ms}, maxExtraLoad: 0}",
+            ),
+            "spec.agents[1].hedge.maxExtraLoad: must be > 0 and <= 1",
+        ),
+        (
             edit(WORKFLOW, "tools: [ledger]", "tools: [ledger, vault]"),
             "spec.agents[2].tools: unknown tool \"vault\"",
         ),

@@ -281,6 +281,37 @@ async fn crash_test_zero_lost_zero_duplicates() {
     crash(WORKFLOW, &AGENTS, TASKS, ENGINES_PER_AGENT, None).await;
 }
 
+/// The same chaos with agent-level hedging on `b`: a delivery not answered within 2 ms (most
+/// of them, through loopback HTTP in a debug build) is handed to the other engine of `b` as
+/// well, up to 30% of deliveries — so engines are SIGKILLed mid-hedge, as primary and as
+/// shadow. Still 0 lost, 0 duplicate effects, 0 duplicate outputs.
+const HEDGE_WORKFLOW: &str = r#"
+apiVersion: r4.dev/v1alpha1
+kind: AgentWorkflow
+metadata: {name: crash}
+spec:
+  queue: {redis: {url: "redis://unused"}, visibilityTimeout: 2s, maxLen: 1000}
+  policyRef: crash-policy
+  agents:
+    - {name: a, image: x, consumes: in, produces: [ab], concurrency: 32}
+    - {name: b, image: x, consumes: ab, produces: [done], concurrency: 32, idempotent: true, hedge: {delay: {fixed: 2ms}, maxExtraLoad: 0.3}}
+---
+apiVersion: r4.dev/v1alpha1
+kind: CircuitPolicy
+metadata: {name: crash-policy}
+spec:
+  timeout: {perAttempt: 900ms}
+  retry:
+    maxAttempts: 3
+    backoff: {initial: 10ms, max: 100ms, multiplier: 2, jitter: Full}
+  deadLetter: {maxDeliveries: 8, replay: {automatic: false}}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_test_agent_hedging() {
+    crash(HEDGE_WORKFLOW, &AGENTS, 6_000, ENGINES_PER_AGENT, None).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_test_fan_out_and_join() {
     crash(

@@ -778,6 +778,48 @@ fn positive(errors: &mut Vec<FieldError>, path: &str, d: &DurationStr) -> Option
     Some(v)
 }
 
+/// An agent's `hedge`: only an idempotent agent may get a second, concurrent delivery of
+/// the same task, and the delay is exactly one of `percentile` and `fixed`.
+fn agent_hedge(
+    errors: &mut Vec<FieldError>,
+    p: &str,
+    idempotent: Option<bool>,
+    h: &crate::api::workflow::AgentHedgeSpec,
+) {
+    if idempotent != Some(true) {
+        errors.push(FieldError::new(
+            format!("{p}.hedge"),
+            "only an agent marked idempotent: true may be hedged (a shadow delivery repeats its work)",
+        ));
+    }
+    match (&h.delay.percentile, &h.delay.fixed) {
+        (Some(_), None) => {}
+        (None, Some(f)) => {
+            positive(errors, &format!("{p}.hedge.delay.fixed"), f);
+        }
+        _ => errors.push(FieldError::new(
+            format!("{p}.hedge.delay"),
+            "exactly one of percentile and fixed must be set",
+        )),
+    }
+    if let Some(pc) = h.delay.percentile
+        && !(50.0..=99.99).contains(&pc)
+    {
+        errors.push(FieldError::new(
+            format!("{p}.hedge.delay.percentile"),
+            "must be between 50 and 99.99",
+        ));
+    }
+    if let Some(m) = h.max_extra_load
+        && !(m > 0.0 && m <= 1.0)
+    {
+        errors.push(FieldError::new(
+            format!("{p}.hedge.maxExtraLoad"),
+            "must be > 0 and <= 1",
+        ));
+    }
+}
+
 /// A simulated latency's tail is `ms` or `pareto`, never both or neither.
 fn sim_latency(errors: &mut Vec<FieldError>, path: &str, l: &LatencySpec) {
     if let Some(t) = &l.tail
@@ -935,6 +977,9 @@ pub fn check_workflow(name: &str, spec: &AgentWorkflowSpec) -> Vec<FieldError> {
                 )),
                 _ => {}
             }
+        }
+        if let Some(h) = &a.hedge {
+            agent_hedge(&mut e, &p, a.idempotent, h);
         }
         if let Some(sim) = &a.simulate {
             sim_latency(&mut e, &format!("{p}.simulate.latency"), &sim.latency);

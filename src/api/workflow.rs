@@ -269,6 +269,15 @@ pub struct AgentSpec {
     /// Saga step: the compensation to run if the workflow instance cannot complete.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub saga: Option<SagaSpec>,
+    /// A task may be delivered to this agent more than once at the same time (its tool calls
+    /// go through the proxy with the task's `Idempotency-Key`, so effects stay once). Required
+    /// by `hedge`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotent: Option<bool>,
+    /// Agent-level hedging (a "shadow agent"): a delivery that has not answered by the delay
+    /// is also delivered to another replica; the first answer completes the step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hedge: Option<AgentHedgeSpec>,
     /// Simulated behaviour for `r4 run` (the image is not run when set).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub simulate: Option<AgentSimulation>,
@@ -276,6 +285,24 @@ pub struct AgentSpec {
 
 /// A DNS-1123 label naming a stream or a tool.
 pub type StreamName = String;
+
+/// Agent-level hedging: when a delivery has not answered by `delay`, the same task (same
+/// `Idempotency-Key`) is delivered by another engine of the agent to its own agent container;
+/// the first answer completes the step, the other is dropped (and cancelled).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AgentHedgeSpec {
+    /// When to hedge: a percentile of this agent's recent delivery latencies, or a fixed delay.
+    pub delay: super::policy::HedgeDelay,
+    /// Largest fraction of deliveries that may be hedged (default 0.05 = 5%).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub max_extra_load: Option<f64>,
+    /// Latency samples needed before the percentile is trusted (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub min_samples: Option<i64>,
+}
 
 /// Degraded mode of an agent.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]

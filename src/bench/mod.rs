@@ -1,5 +1,6 @@
 //! `r4 bench`: each benchmark runs r4 against its peer in the same run and returns JSON.
 
+pub mod agent_hedge;
 pub mod breaker;
 pub mod controller;
 pub mod devcluster;

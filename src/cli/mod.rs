@@ -180,6 +180,14 @@ pub fn bench_hedge(json: bool, calls: u64, warmup: u64, seed: u64) -> Result<Exi
     print_json(&value, json)
 }
 
+/// `r4 bench agent-hedge`.
+pub fn bench_agent_hedge(json: bool, tasks: u64, seed: u64) -> Result<ExitCode, CliError> {
+    let opts = crate::bench::agent_hedge::AgentHedgeBenchOpts { tasks, seed };
+    let value = crate::bench::agent_hedge::run(opts)
+        .map_err(|e| CliError::Internal(format!("r4 bench agent-hedge: {e}")))?;
+    print_json(&value, json)
+}
+
 /// `r4 bench breaker`.
 pub fn bench_breaker(json: bool) -> Result<ExitCode, CliError> {
     let value = runtime()?.block_on(crate::bench::breaker::run(Default::default()));

@@ -179,6 +179,8 @@ pub struct Agent {
     pub degraded: Option<Degraded>,
     /// The agent's fan-in join, if it has one.
     pub join: Option<Join>,
+    /// Agent-level hedging ([`super::hedge`]), if the spec asks for it.
+    pub hedge: Option<super::hedge::AgentHedgeConfig>,
 }
 
 /// Default `join.timeout`.
@@ -255,6 +257,11 @@ impl WorkflowConfig {
                             },
                         }),
                     },
+                    hedge: a
+                        .hedge
+                        .as_ref()
+                        .map(|h| super::hedge::AgentHedgeConfig::from_spec(&a.name, h))
+                        .transpose()?,
                 })
             })
             .collect::<Result<Vec<_>, EngineError>>()?;

@@ -42,6 +42,11 @@
 //! answers late; past the deadline the attempt fails as a timeout would); a `QueueThrottle` of
 //! its input stream limits this engine's reads to its share of `maxPerSecond` — divided by the
 //! live consumers of the group, so all engines together stay within it.
+//!
+//! # Agent-level hedging
+//! An agent with `hedge` hands a delivery that has not answered by the delay to another engine
+//! of the agent as well ([`shadow`]; the decisions are [`super::hedge`]'s). Either engine's
+//! completion is the normal atomic one, so the invariants above hold for both.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -65,10 +70,13 @@ use super::degraded::{self, Downgrade};
 use super::delivery::{Delivery, DeliveryError, DeliveryRequest, Outputs, RequestKind};
 use super::dlq::{DlqRecord, FailedJoin, reason};
 use super::faults::FaultView;
+use super::hedge::AgentHedge;
 use super::killswitch::{self, SwitchState};
 use super::stats::{Outcome, Stats};
 use super::task::{self, Attempt, Kind, Task};
 use super::{EngineError, policies, saga};
+
+mod shadow;
 
 /// Tunables of the agent role (defaults suit production; tests shorten them).
 #[derive(Debug, Clone)]
@@ -105,6 +113,8 @@ pub struct AgentRole {
     stats: Arc<Stats>,
     engine_id: String,
     opts: AgentOptions,
+    /// Agent-level hedging, if the agent has a `hedge` (shared with [`Ctx`]).
+    hedge: Option<Arc<AgentHedge>>,
 }
 
 /// What every task handler shares.
@@ -130,6 +140,8 @@ struct Ctx {
     policy: watch::Receiver<(u64, Arc<Policy>)>,
     /// The injected faults ([`super::faults::follow`]).
     faults: FaultView,
+    /// Agent-level hedging ([`shadow`]), if the agent has a `hedge`.
+    hedge: Option<Arc<AgentHedge>>,
 }
 
 impl Ctx {
@@ -160,7 +172,9 @@ impl AgentRole {
             .cloned()
             .ok_or_else(|| EngineError::Config(format!("unknown agent {agent:?}")))?;
         let stats = Arc::new(Stats::new(engine_id, "agent", Some(&agent.name)));
+        let hedge = agent.hedge.clone().map(|c| Arc::new(AgentHedge::new(c)));
         Ok(Self {
+            hedge,
             cfg,
             agent,
             queue,
@@ -184,6 +198,11 @@ impl AgentRole {
 
     pub fn stats(&self) -> Arc<Stats> {
         self.stats.clone()
+    }
+
+    /// The role's agent hedging (its counters), if the agent has a `hedge`.
+    pub fn hedge(&self) -> Option<Arc<AgentHedge>> {
+        self.hedge.clone()
     }
 
     /// Run until `shutdown` turns true; then stop reading, let in-flight
@@ -229,6 +248,15 @@ impl AgentRole {
             faults.clone(),
         );
         let mut throttle = Throttle::default();
+        // Hedging notes from the agent's other engines; aborted with us (a killed engine's
+        // shadows die with it).
+        let _hedge_listener = self.hedge.clone().map(|h| {
+            AbortOnDrop(tokio::spawn(shadow::listen(
+                ctx.clone(),
+                h,
+                shutdown.clone(),
+            )))
+        });
         let stats_task = tokio::spawn(publish_stats(
             q.clone(),
             self.cfg.keys.clone(),
@@ -277,6 +305,10 @@ impl AgentRole {
                     .borrow()
                     .as_ref()
                     .is_some_and(|d| d.action == DegradedAction::Pause && d.before_delivery());
+            // Neither our deliveries nor our peers' are hedged while we do not read.
+            if let Some(h) = &self.hedge {
+                h.set_paused(paused || self.stats.agent_down());
+            }
             // Acknowledge only once we are really not reading any more
             // (we are between reads here).
             acker.set(state.version, paused);
@@ -454,6 +486,7 @@ impl AgentRole {
             }),
             policy,
             faults,
+            hedge: self.hedge.clone(),
         })
     }
 
@@ -1278,12 +1311,10 @@ async fn deliver(
     loop {
         req.attempt = entry.delivery_count;
         let t = Instant::now();
-        let res = match ctx.faults.slowdown(&ctx.agent.name, &task.task_id) {
-            None => ctx.delivery.deliver(&req).await,
-            Some(late) => {
-                ctx.stats.fault_applied();
-                slowed(ctx, &mut req, late).await
-            }
+        let res = match shadow::primary(ctx, &entry.id, &mut req).await {
+            shadow::Primary::Answer(res) => res,
+            // Completed by the shadow (its completion acked the entry).
+            shadow::Primary::ShadowWon => return,
         };
         agent_time += t.elapsed();
         if !matches!(&res, Err(e) if e.unreachable) {
@@ -1531,6 +1562,15 @@ async fn keep(ctx: &Ctx, entry: &StreamEntry) -> bool {
             .await,
         Ok(ours) if ours.is_empty()
     )
+}
+
+/// Aborts a helper task when the role's future is dropped (a killed engine).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Shortest and longest wait between deliveries to an unreachable agent.

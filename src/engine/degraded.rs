@@ -135,6 +135,7 @@ mod tests {
             concurrency: 1,
             compensate: None,
             join: None,
+            hedge: None,
             degraded: Some(DegradedMode {
                 when_tools_down: vec!["bank".into()],
                 action: DegradedAction::Route,

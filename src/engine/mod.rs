@@ -18,7 +18,8 @@
 //! [`http`] (health and metrics endpoints, the server every role runs), [`limits`] (the
 //! timeouts and size limits of every HTTP edge), [`auth`] (the intake's bearer tokens),
 //! [`tools`] (the tool proxy that applies each tool's policy stack; the mechanisms
-//! themselves live in `resilience`).
+//! themselves live in `resilience`), [`hedge`] (agent-level hedging: when to hand a slow
+//! delivery to a shadow replica).
 
 pub mod auth;
 pub mod breakers;
@@ -31,6 +32,7 @@ pub mod dlq;
 pub mod drill;
 pub mod faults;
 pub(crate) mod follow;
+pub mod hedge;
 pub mod http;
 pub mod intake;
 pub mod killswitch;

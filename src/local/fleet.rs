@@ -20,6 +20,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::engine::delivery::Delivery;
+use crate::engine::hedge::AgentHedge;
 use crate::engine::{AgentOptions, AgentRole, EngineError, Stats, WorkflowConfig};
 use crate::queue::Queue;
 use crate::resilience::lock;
@@ -45,6 +46,8 @@ struct State {
     live: Vec<Replica>,
     /// Every engine ever started, killed ones included (their counts stay the run's).
     stats: Vec<Arc<Stats>>,
+    /// The agent hedging of every engine ever started that hedges, by agent.
+    hedges: Vec<(String, Arc<AgentHedge>)>,
     /// Restarts scheduled and not yet done.
     restarts: Vec<JoinHandle<()>>,
     /// Kills and restarts, for the report's timeline.
@@ -134,6 +137,9 @@ impl Fleet {
             return Ok(());
         }
         st.stats.push(role.stats());
+        if let Some(h) = role.hedge() {
+            st.hedges.push((agent.to_string(), h));
+        }
         let (stop, stop_rx) = watch::channel(false);
         let handle = tokio::spawn(async move {
             if let Err(e) = role.run(stop_rx).await {
@@ -210,6 +216,11 @@ impl Fleet {
     /// The stats of every engine ever started (killed ones included).
     pub fn stats(&self) -> Vec<Arc<Stats>> {
         lock(&self.state).stats.clone()
+    }
+
+    /// The agent hedging counters of every engine ever started, by agent name.
+    pub fn hedges(&self) -> Vec<(String, Arc<AgentHedge>)> {
+        lock(&self.state).hedges.clone()
     }
 
     /// Kills and restarts so far, in order.

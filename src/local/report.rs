@@ -96,6 +96,22 @@ pub struct AgentFigures {
     pub dead_lettered: u64,
     /// Tasks degraded mode routed away from this agent (before or after a delivery).
     pub routed: u64,
+    /// Agent-level hedging, for an agent with `hedge` (absent otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hedging: Option<AgentHedging>,
+}
+
+/// An agent's hedging figures (`agents.<name>.hedging` in JSON), summed over its replicas.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct AgentHedging {
+    /// Deliveries handed to a shadow (another replica) after the hedge delay.
+    pub hedges: u64,
+    /// Deliveries the shadows made (a shadow may decline a hedge: busy or paused).
+    pub shadow_deliveries: u64,
+    /// Steps the shadow completed first (the primary's delivery cancelled).
+    pub shadow_wins: u64,
+    /// Extra agent work: shadow deliveries over the agent's own deliveries.
+    pub extra_work: f64,
 }
 
 /// One tenth of the run (`timeline[]` in JSON).
@@ -439,23 +455,40 @@ impl RunReport {
         if self.agents.is_empty() {
             return String::new();
         }
-        let mut t = Table::new(&[
+        // The hedging columns only when some agent hedges (reports without stay as they were).
+        let hedging = self.agents.values().any(|f| f.hedging.is_some());
+        let mut head = vec![
             "agent",
             "deliveries",
             "redeliveries",
             "completed",
             "dead-lettered",
             "routed",
-        ]);
+        ];
+        if hedging {
+            head.extend(["hedges", "shadow wins", "extra work"]);
+        }
+        let mut t = Table::new(&head);
         for (name, f) in &self.agents {
-            t.row(vec![
+            let mut row = vec![
                 name.clone(),
                 f.deliveries.to_string(),
                 f.redeliveries.to_string(),
                 f.completed.to_string(),
                 f.dead_lettered.to_string(),
                 f.routed.to_string(),
-            ]);
+            ];
+            if hedging {
+                match &f.hedging {
+                    Some(h) => row.extend([
+                        h.hedges.to_string(),
+                        h.shadow_wins.to_string(),
+                        format!("{:.2}%", h.extra_work * 100.0),
+                    ]),
+                    None => row.extend(["-".into(), "-".into(), "-".into()]),
+                }
+            }
+            t.row(row);
         }
         t.render()
     }

@@ -62,7 +62,10 @@ use crate::resilience::BreakerState;
 /// A policy mechanism that `--disable` switches off in every policy, to compare.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mechanism {
+    /// Tool hedging (the policies' `hedge`).
     Hedge,
+    /// Agent-level hedging (`agents[].hedge`, the shadow agent).
+    AgentHedge,
     Retry,
     Breaker,
     Bulkhead,
@@ -226,13 +229,21 @@ pub fn prepare(
                 Mechanism::Breaker => p.circuit_breaker = None,
                 Mechanism::Bulkhead => p.bulkhead = None,
                 Mechanism::Throttle => p.throttle = None,
-                Mechanism::Fallback => {}
+                Mechanism::Fallback | Mechanism::AgentHedge => {}
             }
         }
     }
     if disable.contains(&Mechanism::Fallback) {
         for t in &mut cfg.spec.tools {
             t.fallback = None;
+        }
+    }
+    if disable.contains(&Mechanism::AgentHedge) {
+        for a in &mut cfg.spec.agents {
+            a.hedge = None;
+        }
+        for a in &mut cfg.agents {
+            a.hedge = None;
         }
     }
     Ok(cfg)
@@ -959,6 +970,25 @@ pub async fn run(
         f.completed += c.completed;
         f.dead_lettered += c.dead_lettered;
         f.routed += c.routed;
+    }
+    for (name, h) in running.fleet.hedges() {
+        let f = agents.entry(name).or_default();
+        let hedging = f.hedging.get_or_insert_with(Default::default);
+        hedging.hedges += h.sent.load(std::sync::atomic::Ordering::Relaxed);
+        hedging.shadow_deliveries += h
+            .shadow_deliveries
+            .load(std::sync::atomic::Ordering::Relaxed);
+        hedging.shadow_wins += h.shadow_wins.load(std::sync::atomic::Ordering::Relaxed);
+    }
+    for f in agents.values_mut() {
+        let deliveries = f.deliveries;
+        if let Some(h) = &mut f.hedging {
+            h.extra_work = if deliveries == 0 {
+                0.0
+            } else {
+                h.shadow_deliveries as f64 / deliveries as f64
+            };
+        }
     }
     let timeline = timeline(&samples, &completions, elapsed);
     // Every submitted task that did not complete within the SLO latency failed, whatever became

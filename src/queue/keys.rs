@@ -195,6 +195,18 @@ impl Keys {
         format!("{}:degraded:{agent}", self.prefix)
     }
 
+    /// Pub/sub channel of one engine of an agent for agent-level hedging notes (a peer's
+    /// request to shadow a delivery, "done" notes): `r4:{ns/wf}:hedge:<agent>:<engine>`.
+    pub fn hedge_channel(&self, agent: &str, engine_id: &str) -> String {
+        format!("{}:hedge:{agent}:{engine_id}", self.prefix)
+    }
+
+    /// The engines of an agent that take hedged deliveries (a hash: engine id → the ms
+    /// timestamp it last said so): `r4:{ns/wf}:hedge:<agent>:peers`.
+    pub fn hedge_peers(&self, agent: &str) -> String {
+        format!("{}:hedge:{agent}:peers", self.prefix)
+    }
+
     /// Pub/sub channel announcing degraded-mode changes: `r4:{ns/wf}:degraded:chan`.
     pub fn degraded_channel(&self) -> String {
         format!("{}:degraded:chan", self.prefix)
