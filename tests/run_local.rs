@@ -495,7 +495,7 @@ fn bad_flags_and_manifests_get_one_line_naming_them() {
     fails_with(&["run", "-f", &wf, "--rate", "-5"], "--rate");
     fails_with(
         &["run", "-f", &wf, "--disable", "magic"],
-        "[possible values: hedge, retry, breaker, bulkhead, throttle, fallback]",
+        "[possible values: hedge, agent-hedge, retry, breaker, bulkhead, throttle, fallback]",
     );
     // Negative numbers get the same clear message as --rate, not "unexpected argument".
     fails_with(
