@@ -569,6 +569,7 @@ impl ToolProxy {
                 reason,
                 duration: started.elapsed(),
                 attempts: sent.load(AtomicOrdering::Relaxed),
+                at_ms: crate::engine::task::now_ms(),
             })
         });
         resp

@@ -85,6 +85,10 @@ pub struct Call<'a> {
     pub duration: Duration,
     /// Requests sent to the tool for this call (first try, retries and hedges).
     pub attempts: u32,
+    /// When the call ended, in ms since the epoch on the caller's clock (the engine's, which
+    /// is virtual under `r4 run`): given by the caller so this module needs nothing of the
+    /// engine above it.
+    pub at_ms: u64,
 }
 
 /// Where a proxy's audit events go.
@@ -201,7 +205,7 @@ impl Auditor {
         }
         put("duration_ms", ms.to_string());
         put("attempts", call.attempts.to_string());
-        put("at_ms", crate::engine::task::now_ms().to_string());
+        put("at_ms", call.at_ms.to_string());
         if let Some(ids) = crate::telemetry::trace::ids_of(&tracing::Span::current()) {
             put("trace_id", ids.trace_hex());
         }
