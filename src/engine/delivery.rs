@@ -326,36 +326,6 @@ fn truncate(mut s: String) -> String {
     s
 }
 
-/// A child W3C `traceparent`: same trace as `parent` (a new one if absent or
-/// malformed), a fresh span id, sampled.
-///
-/// Ids come from the thread's CSPRNG, not from a `getrandom` system call
-/// per id: this runs for every task at intake and at every step.
-pub fn child_traceparent(parent: Option<&str>) -> String {
-    let mut rng = rand::rng();
-    // W3C: an all-zero trace or span id is invalid.
-    let span = rng.random::<u64>().max(1);
-    match parent.and_then(parent_trace) {
-        Some(trace) => format!("00-{trace}-{span:016x}-01"),
-        None => format!("00-{:032x}-{span:016x}-01", rng.random::<u128>().max(1)),
-    }
-}
-
-/// The trace id of a well-formed `traceparent` (`vv-<32 hex>-<span>-<flags>`).
-fn parent_trace(p: &str) -> Option<&str> {
-    let mut parts = p.split('-');
-    let (Some(_), Some(trace), Some(_), Some(_), None) = (
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-    ) else {
-        return None;
-    };
-    (trace.len() == 32 && trace.bytes().all(|b| b.is_ascii_hexdigit())).then_some(trace)
-}
-
 /// A random (version 4) UUID from the thread's CSPRNG, for task ids.
 pub fn random_uuid() -> uuid::Uuid {
     uuid::Builder::from_random_bytes(rand::rng().random()).into_uuid()
@@ -367,13 +337,14 @@ mod tests {
 
     #[test]
     fn traceparent_keeps_the_trace() {
-        let root = child_traceparent(None);
-        let child = child_traceparent(Some(&root));
+        use crate::telemetry::trace::current_traceparent;
+        let root = current_traceparent(None);
+        let child = current_traceparent(Some(&root));
         assert_eq!(root.len(), 55);
         assert_eq!(root[3..35], child[3..35]);
         assert_ne!(root[36..52], child[36..52]);
-        assert_ne!(child_traceparent(Some("garbage"))[3..35], root[3..35]);
-        let other = child_traceparent(None);
+        assert_ne!(current_traceparent(Some("garbage"))[3..35], root[3..35]);
+        let other = current_traceparent(None);
         assert_ne!(root[3..35], other[3..35]);
         assert_eq!(random_uuid().get_version_num(), 4);
         assert_ne!(random_uuid(), random_uuid());
@@ -422,7 +393,7 @@ mod tests {
             payload: serde_json::json!({}),
             attempt: 1,
             idempotency_key: "t:a".into(),
-            traceparent: child_traceparent(None),
+            traceparent: crate::telemetry::trace::current_traceparent(None),
             deadline: Duration::from_secs(5),
         };
         for path in ["big", "chunked"] {

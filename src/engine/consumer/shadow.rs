@@ -26,9 +26,7 @@ use tokio::time::Instant;
 
 use super::{Ctx, Settled, build_outputs, payload_limit, settle, slowed, wait_or_shutdown};
 use crate::engine::degraded::Downgrade;
-use crate::engine::delivery::{
-    DeliveryError, DeliveryRequest, Outputs, RequestKind, child_traceparent,
-};
+use crate::engine::delivery::{DeliveryError, DeliveryRequest, Outputs, RequestKind};
 use crate::engine::hedge::{AgentHedge, Note, PRESENCE_EVERY, live_peers};
 use crate::engine::stats::Outcome;
 use crate::engine::task::{self, Kind, Task};
@@ -280,7 +278,9 @@ async fn serve(
         payload: std::mem::take(&mut task.payload),
         attempt,
         idempotency_key: format!("{}:{}", task.task_id, ctx.agent.name),
-        traceparent: child_traceparent(task.traceparent.as_deref()),
+        // As the primary's delivery: the current hop's span when traced, else a child of the
+        // task's context (telemetry::trace, the one place traceparents are made).
+        traceparent: crate::telemetry::trace::current_traceparent(task.traceparent.as_deref()),
         deadline: policy.per_attempt.min(ctx.cfg.max_hold()),
     };
     let cancelled = h.wait_done(entry_id);
