@@ -13,26 +13,10 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 
-use crate::api::validate::{Manifest, RefMode, validate_texts};
+use crate::api::validate::Manifest;
 use crate::local::report::RunReport;
 use crate::local::run::{self, Load, Mechanism, RunOptions};
 use crate::queue::Queue;
-
-/// The worked example, built in so the bench runs from anywhere.
-const WORKFLOW: [(&str, &str); 3] = [
-    (
-        "config/samples/payment-disputes.yaml",
-        include_str!("../../config/samples/payment-disputes.yaml"),
-    ),
-    (
-        "config/samples/default-policy.yaml",
-        include_str!("../../config/samples/default-policy.yaml"),
-    ),
-    (
-        "config/samples/bank-policy.yaml",
-        include_str!("../../config/samples/bank-policy.yaml"),
-    ),
-];
 
 /// The hedged agent and the slow tool of the worked example.
 const AGENT: &str = "investigation";
@@ -52,18 +36,6 @@ impl Default for AgentHedgeBenchOpts {
             seed: 1,
         }
     }
-}
-
-fn sample_manifests() -> Result<Vec<Manifest>, String> {
-    let texts: Vec<(String, String)> = WORKFLOW
-        .iter()
-        .map(|(s, t)| (s.to_string(), t.to_string()))
-        .collect();
-    let report = validate_texts(&texts, RefMode::Require);
-    if let Some(e) = report.errors.first() {
-        return Err(e.clone());
-    }
-    Ok(report.manifests.into_iter().map(|(_, m)| m).collect())
 }
 
 /// One run of the sample with `disable` switched off.
@@ -127,7 +99,7 @@ fn figures(r: &RunReport, base_requests: u64) -> Value {
 
 /// Run the bench: `{tasks, seed, none, tool, tool_agent}`, each with the figures above.
 pub fn run(opts: AgentHedgeBenchOpts) -> Result<Value, String> {
-    let manifests = sample_manifests()?;
+    let manifests = crate::bench::worked_example_manifests()?;
     let wall = std::time::Instant::now();
     let none = one(
         &manifests,
@@ -154,7 +126,7 @@ mod tests {
 
     #[test]
     fn the_built_in_example_hedges_its_slow_agent() {
-        let m = sample_manifests().unwrap();
+        let m = crate::bench::worked_example_manifests().unwrap();
         let cfg = run::prepare(&m, None, "t", &[]).unwrap();
         assert!(cfg.agent(AGENT).unwrap().hedge.is_some());
         let off = run::prepare(&m, None, "t", &[Mechanism::AgentHedge]).unwrap();

@@ -11,26 +11,11 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 
-use crate::api::validate::{Manifest, RefMode, validate_texts};
+use crate::api::validate::Manifest;
 use crate::local::drill::{LocalDrill, schedule_error};
 use crate::local::run::{self, Load, RunOptions};
 use crate::queue::Queue;
 
-/// The worked example, built in so the bench runs from anywhere.
-const WORKFLOW: [(&str, &str); 3] = [
-    (
-        "config/samples/payment-disputes.yaml",
-        include_str!("../../config/samples/payment-disputes.yaml"),
-    ),
-    (
-        "config/samples/default-policy.yaml",
-        include_str!("../../config/samples/default-policy.yaml"),
-    ),
-    (
-        "config/samples/bank-policy.yaml",
-        include_str!("../../config/samples/bank-policy.yaml"),
-    ),
-];
 const DRILL: (&str, &str) = (
     "config/samples/bank-outage-drill.yaml",
     include_str!("../../config/samples/bank-outage-drill.yaml"),
@@ -47,19 +32,6 @@ pub struct DrillBenchOpts {
     pub drill: Option<(String, String)>,
 }
 
-/// The built-in worked example's manifests.
-fn sample_manifests() -> Result<Vec<Manifest>, String> {
-    let texts: Vec<(String, String)> = WORKFLOW
-        .iter()
-        .map(|(s, t)| (s.to_string(), t.to_string()))
-        .collect();
-    let report = validate_texts(&texts, RefMode::Require);
-    if let Some(e) = report.errors.first() {
-        return Err(e.clone());
-    }
-    Ok(report.manifests.into_iter().map(|(_, m)| m).collect())
-}
-
 /// Run the bench; the JSON of SPEC §9 (`seeds, failover_seconds{p50,max},
 /// recovery_seconds{p50,max}, lost, duplicate_effects`) plus `schedule_error_ms{start_max,
 /// end_max, applied_start_max, applied_end_max}` ([`crate::local::drill::ScheduleError`]), the
@@ -67,7 +39,7 @@ fn sample_manifests() -> Result<Vec<Manifest>, String> {
 pub fn run(opts: DrillBenchOpts) -> Result<Value, String> {
     let manifests = match opts.manifests {
         Some(m) => m,
-        None => sample_manifests()?,
+        None => crate::bench::worked_example_manifests()?,
     };
     let (source, text) = opts
         .drill
@@ -204,7 +176,7 @@ mod tests {
 
     #[test]
     fn the_built_in_example_is_valid() {
-        let m = sample_manifests().unwrap();
+        let m = crate::bench::worked_example_manifests().unwrap();
         let cfg = run::prepare(&m, None, "t", &[]).unwrap();
         let d = crate::local::drill::load(DRILL.0, DRILL.1, &cfg).unwrap();
         assert_eq!(d.name, "bank-outage");
