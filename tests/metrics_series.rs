@@ -360,6 +360,40 @@ fn kubectl(kubeconfig: &Path, args: &[&str], stdin: Option<&str>) -> String {
     out
 }
 
+/// `promtool check metrics` (Prometheus's own parser and linter) on a scrape: the text format
+/// is what Prometheus reads, not only what our tests grep. Skipped without promtool unless
+/// under CI (`make deps` installs it).
+fn promtool_accepts(what: &str, body: &str) {
+    use std::io::Write;
+    let child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(_) if std::env::var_os("CI").is_some() => panic!("promtool is required under CI"),
+        Err(_) => {
+            eprintln!("skipping promtool check of {what}: promtool not found on PATH");
+            return;
+        }
+    };
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(body.as_bytes())
+        .expect("write to promtool");
+    let out = child.wait_with_output().expect("promtool");
+    assert!(
+        out.status.success(),
+        "promtool check metrics refused the {what} scrape: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn kubectl_present() -> bool {
     match Command::new("kubectl")
         .args(["version", "--client"])
@@ -405,6 +439,7 @@ async fn every_series_the_dashboard_and_the_alerts_use_is_exported() {
                 "{role:?}: {l}"
             );
         }
+        promtool_accepts(&format!("engine {role:?}"), &body);
         seen.extend(scraped(&body));
         engines.push(proc);
     }
@@ -493,6 +528,7 @@ async fn every_series_the_dashboard_and_the_alerts_use_is_exported() {
     })
     .await;
     let body = body.unwrap_or_else(|last| last);
+    promtool_accepts("controller", &body);
     seen.extend(scraped(&body));
     let absent = missing(&refs, &seen);
     assert!(

@@ -43,9 +43,13 @@ pub fn controller(args: ControllerArgs) -> Result<ExitCode, CliError> {
     let rt = super::runtime()?;
     rt.block_on(async move {
         let signal = super::shutdown_signal();
-        let client = tokio::time::timeout(Duration::from_secs(10), kube::Client::try_default())
+        let config = tokio::time::timeout(Duration::from_secs(10), kube::Config::infer())
             .await
             .map_err(|_| CliError::Usage("kubeconfig: no answer within 10s".into()))?
+            .map_err(|e| CliError::Usage(format!("kubeconfig: {e}")))?;
+        // Every request is counted by (verb, group, resource) for /metrics — the same
+        // recording the RBAC audit uses, so the two cannot disagree on what a call is.
+        let (client, api_requests) = crate::controller::rbac::recording_client(config)
             .map_err(|e| CliError::Usage(format!("kubeconfig: {e}")))?;
         let queue = match &args.redis {
             None => QueueSource::Spec,
@@ -68,6 +72,7 @@ pub fn controller(args: ControllerArgs) -> Result<ExitCode, CliError> {
                 stats_interval: Duration::from_secs(args.stats_interval),
                 queue,
                 instance: Some(identity.clone()),
+                api_requests: Some(api_requests),
                 ..Options::default()
             },
             metrics_listen: Some(args.metrics_listen),

@@ -53,6 +53,9 @@ pub struct Options {
     /// Name that Events carry as their reporting controller, and this instance's id.
     pub reporter: String,
     pub instance: Option<String>,
+    /// The counts of the client's API requests ([`super::rbac::recording_client`]), exported
+    /// on `/metrics` as `r4_controller_api_requests_total`.
+    pub api_requests: Option<super::rbac::Recorder>,
 }
 
 impl Default for Options {
@@ -65,6 +68,7 @@ impl Default for Options {
             queue: QueueSource::Spec,
             reporter: "r4-controller".into(),
             instance: None,
+            api_requests: None,
         }
     }
 }

@@ -43,6 +43,9 @@ pub async fn run(
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), String> {
     let metrics = Arc::new(ControllerMetrics::new());
+    if let Some(r) = &opts.controller.api_requests {
+        metrics.count_requests(r.clone());
+    }
     let (ready_tx, ready_rx) = watch::channel(false);
     let ready_tx = Arc::new(ready_tx);
     let server = match opts.metrics_listen {
