@@ -40,7 +40,7 @@ fn the_controller_bench_reconciles_every_workflow_and_counts_its_writes() {
     let secs = f(&v, "reconcile_seconds");
     assert!(secs > 0.0 && secs < 120.0, "{v}");
     let peak = f(&v, "peak_rss_mb");
-    let before = f(&v, "rss_mb_before_controller");
+    let before = f(&v, "rss_mb_before_workflows");
     assert!(peak >= before && before > 0.0, "{v}");
     // Every workflow made at least its ControllerRevision, its status and its Deployments.
     let writes = f(&v, "writes_per_workflow");

@@ -1,21 +1,22 @@
 //! `r4 bench controller`: time and memory to reconcile N AgentWorkflows on `r4 dev`'s API.
 //!
-//! Owns the setup and the measurement; the controller is `crate::controller::run` unchanged and
-//! the API is `r4 dev` unchanged. Design, so the figures are the controller's:
-//! - the API server is a child process (`r4 dev --no-controller --no-kubelet`), so the peak
-//!   RSS of this process (`VmHWM`) is the controller's plus the bench's own small client (the
-//!   creates and one watch of the workflows) — not the API server's store. No kubelet: with
-//!   1,000 workflows its pods and simulated engines would be what is measured; Deployments get
-//!   no pods, so every workflow stays `Progressing` (rolled out, not yet available), which is
-//!   the load a controller carries while a fleet rolls out (a requeue every second each);
-//! - the controller reaches the API only through a kube `Client`, whose every request passes
-//!   the RBAC audit's recording layer (`controller::rbac::RecordingLayer`), which counts: the
-//!   writes it made (server-side applies, status patches, revision creates and patches,
-//!   Events, finalizers) are counted at the wire, not estimated; the reconciles are the
-//!   controller's own count (`r4_controller_reconciles_total` on its `/metrics`, read once
-//!   every workflow is reconciled);
-//! - the queue is the controller's `QueueSource::Shared` with the in-memory queue, so Redis is
-//!   not what is measured (queue wiring and kill-switch state still happen, in memory);
+//! Owns the setup and the measurement; the controller is the `r4 controller` command unchanged
+//! and the API is `r4 dev` unchanged. Design, so the figures are the controller's:
+//! - three processes: the API server (`r4 dev --no-controller --no-kubelet`), the controller
+//!   (`r4 controller --redis …`, pointed at the API by `KUBECONFIG`), and this one, which
+//!   creates the workflows and watches their statuses. The peak RSS is the controller
+//!   process's own `VmHWM` (`/proc/<pid>/status`), read after the last reconcile and a
+//!   `/metrics` scrape — nothing of the bench's objects, watch or client is in it. No kubelet:
+//!   with 1,000 workflows its pods and simulated engines would be what is measured;
+//!   Deployments get no pods, so every workflow stays `Progressing` (rolled out, not yet
+//!   available), which is the load a controller carries while a fleet rolls out;
+//! - the writes are counted at the wire by the controller itself: `r4 controller` counts every
+//!   request of its kube client by (verb, group, resource) with the RBAC audit's recording
+//!   layer and exports them as `r4_controller_api_requests_total` on its `/metrics`, read at
+//!   the end with its reconciles (`r4_controller_reconciles_total`);
+//! - the queue is a private `redis-server` given to the controller with `--redis` (the queue
+//!   wiring of every workflow — streams, groups, kill-switch state — is real Redis work); its
+//!   memory is Redis's, not the controller's;
 //! - workflows are small but real (2 agents, a CircuitPolicy), created through the API with a
 //!   few concurrent creates; the clock starts when the first create is sent and stops when
 //!   every workflow has `status.observedGeneration == metadata.generation`,
@@ -34,14 +35,12 @@ use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
 use tokio::io::AsyncBufReadExt;
 
-use super::{mib, rss};
+use super::{mib, rss_of};
 use crate::api::policy::CircuitPolicy;
 use crate::api::workflow::AgentWorkflow;
-use crate::controller::context::{Options, QueueSource};
-use crate::controller::rbac::{RecordedCall, Recorder, recording_client};
-use crate::controller::run::RunOptions;
-use crate::controller::{WORKFLOW_LABEL, run};
-use crate::queue::memory::MemoryQueue;
+use crate::controller::WORKFLOW_LABEL;
+use crate::controller::rbac::RecordedCall;
+use crate::testutil::RedisServer;
 
 /// What to measure.
 #[derive(Clone, Debug)]
@@ -94,23 +93,18 @@ fn is_write(verb: &str) -> bool {
     )
 }
 
-/// A kube `Client` on `url` whose every request is counted.
-pub fn counting_client(url: &str) -> Result<(Client, Recorder), String> {
-    let uri: http::Uri = url.parse().map_err(|e| format!("API URL {url}: {e}"))?;
-    recording_client(kube::Config::new(uri)).map_err(|e| format!("kube client for {url}: {e}"))
-}
-
 /// `r4 dev --no-controller --no-kubelet` as a child process (killed when dropped).
 pub struct DevChild {
     child: tokio::process::Child,
     pub url: String,
-    kubeconfig: std::path::PathBuf,
+    /// The kubeconfig it wrote (for a child client such as `r4 controller`).
+    pub kubeconfig: std::path::PathBuf,
 }
 
 impl DevChild {
     /// Start `exe dev` on a free loopback port and wait (up to 30 s) for it to say its URL.
     pub async fn start(exe: &std::path::Path) -> Result<Self, String> {
-        // The child writes a kubeconfig nobody reads; removed when it stops.
+        // The kubeconfig the child writes (read by the controller child); removed when it stops.
         let kubeconfig = std::env::temp_dir().join(format!(
             "r4-bench-controller-{}.kubeconfig",
             std::process::id()
@@ -214,13 +208,17 @@ fn reconciled(wf: &AgentWorkflow) -> bool {
     })
 }
 
-/// Run the benchmark with the API server started from `exe` (the `r4` binary); the JSON report,
-/// or a one-line error.
+/// Run the benchmark with the API server and the controller started from `exe` (the `r4`
+/// binary); the JSON report, or a one-line error.
 pub async fn run(exe: &std::path::Path, opts: ControllerBenchOpts) -> Result<Value, String> {
     let n = opts.workflows;
+    let redis = RedisServer::start()
+        .await
+        .map_err(|e| format!("redis-server for the controller's queues: {e}"))?;
     let dev = DevChild::start(exe).await?;
-    let result = measure(&dev.url, &opts).await;
+    let result = measure(exe, &dev, &redis.url(), &opts).await;
     dev.stop().await;
+    drop(redis);
     let m = result?;
     let total = writes(&m.counts);
     let status = status_writes(&m.counts);
@@ -247,7 +245,8 @@ pub async fn run(exe: &std::path::Path, opts: ControllerBenchOpts) -> Result<Val
         "workflows": n,
         "reconcile_seconds": (m.took.as_secs_f64() * 1000.0).round() / 1000.0,
         "peak_rss_mb": mib(m.peak),
-        "rss_mb_before_controller": mib(m.before),
+        "rss_mb_before_workflows": mib(m.before),
+        "rss_mb_at_end": mib(m.end),
         "writes_per_workflow": per(total),
         "status_writes_per_workflow": per(status),
         "writes": breakdown,
@@ -255,7 +254,7 @@ pub async fn run(exe: &std::path::Path, opts: ControllerBenchOpts) -> Result<Val
         "reconciles_per_workflow": per(reconciles),
         "deployments_per_workflow": DEPLOYMENTS_PER_WORKFLOW,
         "concurrent_creates": opts.concurrency,
-        "measured": "the controller in this process (peak RSS includes the bench's creates and one watch); the API server is a child `r4 dev --no-controller --no-kubelet`; no kubelet, so no pods or engines; queue: in memory (no Redis)",
+        "measured": "the `r4 controller` process alone (its VmHWM after the last reconcile and a /metrics scrape); the API server is a child `r4 dev --no-controller --no-kubelet`; no kubelet, so no pods or engines; queue: a private redis-server (--redis)",
         "goal": {"reconcile_seconds": 10, "peak_rss_mb": 128},
         "within_goal": m.took < Duration::from_secs(10) && m.peak < 128 * 1024 * 1024,
     }))
@@ -263,8 +262,12 @@ pub async fn run(exe: &std::path::Path, opts: ControllerBenchOpts) -> Result<Val
 
 struct Measured {
     took: Duration,
+    /// The controller's RSS once it watches, before the first workflow.
     before: u64,
+    /// Its peak over the whole run.
     peak: u64,
+    /// Its RSS at the end.
+    end: u64,
     counts: BTreeMap<RecordedCall, u64>,
     reconciles: u64,
 }
@@ -279,6 +282,36 @@ pub fn workflow_reconciles(metrics: &str) -> Option<u64> {
         .map(|v| v as u64)
 }
 
+/// The API requests in the controller's `/metrics` text
+/// (`r4_controller_api_requests_total{group,resource,verb}`), by (verb, group, resource).
+pub fn api_requests(metrics: &str) -> BTreeMap<RecordedCall, u64> {
+    let mut out = BTreeMap::new();
+    for line in metrics.lines() {
+        let Some(rest) = line.strip_prefix("r4_controller_api_requests_total{") else {
+            continue;
+        };
+        let Some((labels, value)) = rest.rsplit_once("} ") else {
+            continue;
+        };
+        let Ok(n) = value.trim().parse::<f64>() else {
+            continue;
+        };
+        // Label values are Kubernetes names (no quotes or commas in them).
+        let get = |k: &str| {
+            labels.split(',').find_map(|kv| {
+                let (key, v) = kv.split_once('=')?;
+                (key == k).then(|| v.trim_matches('"').to_owned())
+            })
+        };
+        if let (Some(verb), Some(group), Some(resource)) =
+            (get("verb"), get("group"), get("resource"))
+        {
+            out.insert((verb, group, resource), n as u64);
+        }
+    }
+    out
+}
+
 /// A free loopback address for the controller's metrics endpoint.
 fn free_addr() -> Result<std::net::SocketAddr, String> {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -286,21 +319,95 @@ fn free_addr() -> Result<std::net::SocketAddr, String> {
         .map_err(|e| format!("a free port for the controller's metrics: {e}"))
 }
 
-/// The controller's AgentWorkflow reconciles so far, from its `/metrics` at `addr`.
-async fn scrape_reconciles(addr: std::net::SocketAddr) -> Result<u64, String> {
+/// The controller's `/metrics` text at `addr`.
+async fn scrape(addr: std::net::SocketAddr) -> Result<String, String> {
     let url = format!("http://{addr}/metrics");
-    let text = tokio::time::timeout(Duration::from_secs(10), async {
+    tokio::time::timeout(Duration::from_secs(10), async {
         reqwest::get(&url).await?.text().await
     })
     .await
     .map_err(|_| format!("GET {url}: no answer within 10 s"))?
-    .map_err(|e| format!("GET {url}: {}", e.without_url()))?;
-    Ok(workflow_reconciles(&text).unwrap_or(0))
+    .map_err(|e| format!("GET {url}: {}", e.without_url()))
 }
 
-async fn measure(url: &str, opts: &ControllerBenchOpts) -> Result<Measured, String> {
+/// `r4 controller` as a child process on the API of `dev` (killed when dropped).
+struct ControllerChild {
+    child: tokio::process::Child,
+    pid: u32,
+    metrics: std::net::SocketAddr,
+}
+
+impl ControllerChild {
+    async fn start(exe: &std::path::Path, dev: &DevChild, redis: &str) -> Result<Self, String> {
+        let metrics = free_addr()?;
+        let child = tokio::process::Command::new(exe)
+            .arg("controller")
+            .arg("--metrics-listen")
+            .arg(metrics.to_string())
+            .args(["--identity", "r4-bench"])
+            .arg("--redis")
+            .arg(redis)
+            .env("KUBECONFIG", &dev.kubeconfig)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("start {} controller: {e}", exe.display()))?;
+        let pid = child
+            .id()
+            .ok_or_else(|| "r4 controller ended at once".to_string())?;
+        Ok(ControllerChild {
+            child,
+            pid,
+            metrics,
+        })
+    }
+
+    /// Its RSS now and at its peak, in bytes.
+    fn rss(&self) -> (u64, u64) {
+        rss_of(self.pid)
+    }
+
+    /// Wait (up to 30 s) until it watches AgentWorkflows, by its own request count.
+    async fn watching(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let watch = (
+            "watch".to_string(),
+            "r4.dev".to_string(),
+            "agentworkflows".to_string(),
+        );
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(format!("r4 controller ended ({status}) before watching"));
+            }
+            if let Ok(text) = scrape(self.metrics).await
+                && api_requests(&text).get(&watch).is_some_and(|n| *n > 0)
+            {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err("the controller did not watch AgentWorkflows within 30 s".into());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stop it (SIGKILL: the figures are read) and reap it.
+    async fn stop(mut self) {
+        let _ = self.child.start_kill();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
+    }
+}
+
+async fn measure(
+    exe: &std::path::Path,
+    dev: &DevChild,
+    redis: &str,
+    opts: &ControllerBenchOpts,
+) -> Result<Measured, String> {
     let n = opts.workflows;
-    let client = crate::devcluster::client(url).map_err(|e| format!("kube client: {e}"))?;
+    let client = crate::devcluster::client(&dev.url).map_err(|e| format!("kube client: {e}"))?;
     create_crds(&client).await?;
     let policies: Api<CircuitPolicy> = Api::namespaced(client.clone(), "default");
     let policy: CircuitPolicy = serde_yaml::from_str(POLICY).map_err(|e| format!("policy: {e}"))?;
@@ -315,33 +422,11 @@ async fn measure(url: &str, opts: &ControllerBenchOpts) -> Result<Measured, Stri
         .map(|i| workflow(&format!("bench-{i}")))
         .collect::<Result<_, _>>()?;
 
-    let (before, _) = rss();
-    let (controller_client, counts) = counting_client(url)?;
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let metrics_addr = free_addr()?;
-    let run_opts = RunOptions {
-        controller: Options {
-            queue: QueueSource::Shared(Arc::new(MemoryQueue::new())),
-            instance: Some("r4-bench".into()),
-            ..Options::default()
-        },
-        metrics_listen: Some(metrics_addr),
-        leader: None,
-    };
-    let controller = tokio::spawn(run::run(controller_client, run_opts, stop_rx));
+    let mut controller = ControllerChild::start(exe, dev, redis).await?;
     let result = async {
         // The controller is watching workflows before the first one is created.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !counts
-            .counts()
-            .keys()
-            .any(|(verb, _, resource)| verb == "watch" && resource == "agentworkflows")
-        {
-            if Instant::now() >= deadline {
-                return Err("the controller did not watch AgentWorkflows within 30 s".to_string());
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        controller.watching().await?;
+        let (before, _) = controller.rss();
 
         // A watch of the workflows' statuses, from before the first create.
         let wf_api: Api<AgentWorkflow> = Api::namespaced(client.clone(), "default");
@@ -415,8 +500,6 @@ async fn measure(url: &str, opts: &ControllerBenchOpts) -> Result<Measured, Stri
                 (d.0.len(), d.1)
             };
             if statuses >= n {
-                // In pages: one list of 2,000 Deployments would be the peak of this process's
-                // memory, and the figure is the controller's.
                 let mut per: BTreeMap<String, usize> = BTreeMap::new();
                 let mut token: Option<String> = None;
                 loop {
@@ -472,28 +555,22 @@ async fn measure(url: &str, opts: &ControllerBenchOpts) -> Result<Measured, Stri
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        let counted = counts.counts();
-        let reconciles = scrape_reconciles(metrics_addr).await?;
         watch.abort();
-        Ok((took, counted, reconciles))
+        // One scrape, as Prometheus would make: its cost is in the peak.
+        let text = scrape(controller.metrics).await?;
+        let (end, peak) = controller.rss();
+        Ok(Measured {
+            took,
+            before,
+            peak,
+            end,
+            counts: api_requests(&text),
+            reconciles: workflow_reconciles(&text).unwrap_or(0),
+        })
     }
     .await;
-    let (_, peak) = rss();
-    let _ = stop_tx.send(true);
-    if tokio::time::timeout(Duration::from_secs(5), controller)
-        .await
-        .is_err()
-    {
-        tracing::debug!("the controller did not stop within 5 s");
-    }
-    let (took, counts, reconciles) = result?;
-    Ok(Measured {
-        took,
-        before,
-        peak,
-        counts,
-        reconciles,
-    })
+    controller.stop().await;
+    result
 }
 
 #[cfg(test)]
@@ -542,5 +619,50 @@ mod tests {
             s.current_revision = Some(2);
         }
         assert!(!reconciled(&wf));
+    }
+
+    /// What the controller counts at the wire reaches the bench unchanged: requests made
+    /// through the recording layer, exported on `/metrics`, parsed back.
+    #[tokio::test]
+    async fn api_requests_round_trip_through_the_controllers_metrics() {
+        use tower::{Layer, Service, ServiceExt};
+        let (layer, recorder) = crate::controller::rbac::RecordingLayer::new();
+        let mut svc = layer.layer(tower::service_fn(|_: http::Request<()>| async {
+            Ok::<_, std::convert::Infallible>(())
+        }));
+        for (method, uri) in [
+            (
+                "PATCH",
+                "/apis/r4.dev/v1alpha1/namespaces/default/agentworkflows/w/status",
+            ),
+            (
+                "PATCH",
+                "/apis/r4.dev/v1alpha1/namespaces/default/agentworkflows/w/status",
+            ),
+            ("GET", "/apis/r4.dev/v1alpha1/agentworkflows?watch=true"),
+            ("POST", "/api/v1/namespaces/default/events"),
+        ] {
+            let req = http::Request::builder()
+                .method(method)
+                .uri(uri)
+                .body(())
+                .expect("request");
+            svc.ready().await.expect("ready");
+            svc.call(req).await.expect("call");
+        }
+        let metrics = crate::controller::metrics::ControllerMetrics::new();
+        assert!(
+            api_requests(&metrics.render()).is_empty(),
+            "no recorder, no series"
+        );
+        metrics.count_requests(recorder.clone());
+        let counted = api_requests(&metrics.render());
+        assert_eq!(counted, recorder.counts());
+        assert_eq!(status_writes(&counted), 2);
+        assert_eq!(writes(&counted), 3);
+        assert_eq!(
+            counted.get(&("watch".into(), "r4.dev".into(), "agentworkflows".into())),
+            Some(&1)
+        );
     }
 }

@@ -14,7 +14,16 @@ use crate::api::validate::{Manifest, RefMode, validate_texts};
 
 /// Resident set size now and at its peak, in bytes (Linux `/proc/self/status`; 0 elsewhere).
 pub fn rss() -> (u64, u64) {
-    let Ok(s) = std::fs::read_to_string("/proc/self/status") else {
+    rss_at("/proc/self/status")
+}
+
+/// [`rss`] of the process `pid` (a child's: `/proc/<pid>/status`).
+pub fn rss_of(pid: u32) -> (u64, u64) {
+    rss_at(&format!("/proc/{pid}/status"))
+}
+
+fn rss_at(path: &str) -> (u64, u64) {
+    let Ok(s) = std::fs::read_to_string(path) else {
         return (0, 0);
     };
     let kb = |name: &str| {

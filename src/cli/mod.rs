@@ -238,7 +238,7 @@ pub fn bench_controller(json: bool, workflows: usize) -> Result<ExitCode, CliErr
 fn print_controller_table(v: &serde_json::Value) {
     println!("controller: {} workflows", v["workflows"]);
     println!("  reconciled in        {} s", v["reconcile_seconds"]);
-    println!("  peak RSS             {} MiB", v["peak_rss_mb"]);
+    println!("  controller peak RSS  {} MiB", v["peak_rss_mb"]);
     println!("  writes / workflow    {}", v["writes_per_workflow"]);
     println!("  status / workflow    {}", v["status_writes_per_workflow"]);
 }
