@@ -28,10 +28,10 @@ pub struct SimAgentArgs {
     #[arg(long, env = "R4_SIM_LATENCY", default_value = "10ms", value_name = "MEDIAN[,P99]", value_parser = server::parse_latency)]
     pub latency: crate::api::workflow::LatencySpec,
     /// Share of task deliveries answered 503 (retryable: the engine retries, then dead-letters).
-    #[arg(long, env = "R4_SIM_ERROR_RATE", default_value = "0", value_name = "FRACTION", value_parser = server::parse_rate)]
+    #[arg(long, env = "R4_SIM_ERROR_RATE", default_value = "0", value_name = "FRACTION", allow_negative_numbers = true, value_parser = server::parse_rate)]
     pub error_rate: f64,
     /// Share of task deliveries answered 422 (permanent: dead-lettered at once); drawn first.
-    #[arg(long, env = "R4_SIM_FAIL_PERMANENTLY_RATE", default_value = "0", value_name = "FRACTION", value_parser = server::parse_rate)]
+    #[arg(long, env = "R4_SIM_FAIL_PERMANENTLY_RATE", default_value = "0", value_name = "FRACTION", allow_negative_numbers = true, value_parser = server::parse_rate)]
     pub fail_permanently_rate: f64,
     /// Per task, POST <tools-url>/tools/TOOL[/path] with the task's Idempotency-Key and
     /// traceparent (repeat, or separate with commas); a failed tool answer fails the delivery

@@ -25,8 +25,9 @@
 //!   the dependency, so the engine's degraded mode and the repair role act on it.
 //! - `504 {"error"[, "tool"]}` — the task's deadline (`X-R4-Deadline-Ms`) ran out here.
 //!
-//! Every await of a request is bounded by its deadline: the whole request runs under it, and
-//! each tool call's own timeout is what is left of it ([`call_timeout`]).
+//! Every await of a request is bounded by its deadline: the latency is cut at it, and each tool
+//! call's own timeout is what is left of it ([`call_timeout`]), so a late answer says what ran
+//! out of time (the agent, or the tool it names).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -379,7 +380,22 @@ impl SimAgentServer {
                 rng.random::<f64>() < self.opts.error_rate,
             )
         };
-        tokio::time::sleep(delay).await;
+        // Each phase is bounded by the deadline itself (the sleep here, each call's timeout
+        // below), so the answer names what ran out of time.
+        let wake = Instant::now() + delay;
+        if wake > deadline {
+            tokio::time::sleep_until(deadline).await;
+            return Answer::fail(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "{}: the task's deadline ({} ms) ran out",
+                    self.opts.name,
+                    req.deadline.as_millis()
+                ),
+                None,
+            );
+        }
+        tokio::time::sleep_until(wake).await;
         if req.kind == RequestKind::Compensate {
             return Answer::ok(json!({}));
         }
@@ -516,18 +532,7 @@ async fn tasks(State(s): State<Arc<SimAgentServer>>, headers: HeaderMap, body: B
         }
     };
     let deadline = started + req.deadline;
-    let answer = match tokio::time::timeout_at(deadline, s.work(&req, deadline)).await {
-        Ok(a) => a,
-        Err(_) => Answer::fail(
-            StatusCode::GATEWAY_TIMEOUT,
-            format!(
-                "{}: the task's deadline ({} ms) ran out",
-                s.opts.name,
-                req.deadline.as_millis()
-            ),
-            None,
-        ),
-    };
+    let answer = s.work(&req, deadline).await;
     tracing::debug!(
         agent = %s.opts.name,
         task = %req.task_id,
