@@ -347,6 +347,11 @@ async fn tool_answers_decide_the_delivery_within_its_deadline() {
     let (status, body) = deliver(&gone.url, Some("t4:a"), Some(5000), &task("t4", json!({}))).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert_eq!(body["tool"], "bank", "{body}");
+    let e = body["error"].as_str().unwrap();
+    assert!(
+        e.starts_with("tool bank: cannot reach the tool proxy at http://127.0.0.1:9: "),
+        "{e}"
+    );
 }
 
 /// SIGTERM while a delivery is in flight (held at its tool call): the delivery still gets its

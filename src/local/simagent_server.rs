@@ -482,9 +482,19 @@ impl SimAgentServer {
             Ok(r) => r,
             Err(e) if e.is_timeout() => return Err(timed_out()),
             Err(e) => {
+                // reqwest's own text is "error sending request"; the cause is in its sources.
+                let mut cause: &dyn std::error::Error = &e;
+                while let Some(inner) = cause.source() {
+                    cause = inner;
+                }
+                let what = if e.is_connect() {
+                    format!("cannot reach the tool proxy at {}", self.opts.tools_url)
+                } else {
+                    "the call failed".to_string()
+                };
                 return Err(Answer::fail(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    format!("tool {tool}: {}", e.without_url()),
+                    format!("tool {tool}: {what}: {cause}"),
                     Some(tool),
                 ));
             }
