@@ -31,7 +31,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -93,11 +92,12 @@ impl Default for Options {
     fn default() -> Self {
         Self {
             name: "sim-agent".into(),
-            latency: parse_latency("10ms").unwrap_or(LatencySpec {
+            // `--latency 10ms`.
+            latency: LatencySpec {
                 median_ms: 10.0,
                 p99_ms: Some(10.0),
                 tail: None,
-            }),
+            },
             error_rate: 0.0,
             fail_permanently_rate: 0.0,
             calls: Vec::new(),
@@ -251,8 +251,6 @@ pub struct SimAgentServer {
     opts: Options,
     latency: LatencyModel,
     client: reqwest::Client,
-    /// False once stopping: `/readyz` answers 503.
-    ready: AtomicBool,
 }
 
 /// One answer: status and JSON body.
@@ -309,7 +307,6 @@ impl SimAgentServer {
                 ..opts
             },
             client,
-            ready: AtomicBool::new(true),
         })
     }
 
@@ -322,26 +319,20 @@ impl SimAgentServer {
         Router::new()
             .route("/tasks", post(tasks))
             .route("/healthz", get(|| async { "ok\n" }))
-            .route("/readyz", get(readyz))
+            // Ready as soon as it listens: it needs nothing else. Once stopping it accepts no
+            // connection, so a probe fails from then on.
+            .route("/readyz", get(|| async { "ready\n" }))
             .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
             .with_state(self)
     }
 
-    /// Serve on `listener` until `stop` turns true; then `/readyz` says so, the listener
-    /// closes and the requests in flight finish (within the engine's HTTP drain limit, as
-    /// every r4 server).
+    /// Serve on `listener` until `stop` turns true; then the listener closes and the requests
+    /// in flight finish (within the engine's HTTP drain limit, as every r4 server's).
     pub async fn serve(
         self: Arc<Self>,
         listener: tokio::net::TcpListener,
         stop: watch::Receiver<bool>,
     ) -> std::io::Result<()> {
-        let mut watch_stop = stop.clone();
-        let me = self.clone();
-        tokio::spawn(async move {
-            if watch_stop.wait_for(|s| *s).await.is_ok() {
-                me.ready.store(false, Ordering::Relaxed);
-            }
-        });
         crate::engine::http::serve(listener, self.router(), stop).await
     }
 
@@ -521,14 +512,6 @@ impl SimAgentServer {
             StatusCode::SERVICE_UNAVAILABLE
         };
         Err(Answer::fail(to, why, Some(tool)))
-    }
-}
-
-async fn readyz(State(s): State<Arc<SimAgentServer>>) -> impl IntoResponse {
-    if s.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "stopping\n")
     }
 }
 
