@@ -4,8 +4,10 @@ CARGO   ?= cargo
 R4_DEV  := $(or $(CARGO_TARGET_DIR),target)/debug/r4
 SAMPLES := $(wildcard config/samples/*.yaml)
 IMAGE   ?= r4:dev
+# The simulated agent image (`make sim-agent-image`; the e2e's agent containers on a cluster).
+SIM_AGENT_IMAGE ?= r4-sim-agent:dev
 
-.PHONY: all build test deps lint crds check-crds rbac validate-samples readme check-readme run bench e2e e2e-dev docker clean chart-check install-yaml check-install-yaml rules-check
+.PHONY: all build test deps lint crds check-crds rbac validate-samples readme check-readme run bench e2e e2e-dev docker sim-agent-image clean chart-check install-yaml check-install-yaml rules-check
 
 all: build
 
@@ -87,7 +89,9 @@ bench: deps
 	$(CARGO) build --locked --release -q --bin r4
 	./scripts/bench.sh
 
-## e2e: against a real cluster (kind or k3d) with the controller installed; needs a kubeconfig
+## e2e: against a real cluster (kind or k3d) with the controller installed; needs a kubeconfig,
+##      R4_IMAGE loaded into it, and two tags of an agent image in E2E_AGENT_IMAGE and
+##      E2E_AGENT_IMAGE_NEXT (make sim-agent-image; README, "Installing on a cluster")
 e2e:
 	E2E_TARGET=cluster ./e2e/run.sh
 
@@ -99,6 +103,11 @@ e2e-dev:
 ## docker: the runtime image
 docker:
 	docker build -t $(IMAGE) .
+
+## sim-agent-image: the simulated agent image (`r4 sim-agent`, same binary) as r4-sim-agent:dev;
+##                  tag it twice for `make e2e` (E2E_AGENT_IMAGE, E2E_AGENT_IMAGE_NEXT)
+sim-agent-image:
+	docker build --target sim-agent -t $(SIM_AGENT_IMAGE) .
 
 clean:
 	$(CARGO) clean

@@ -10,7 +10,9 @@
 #                       a Redis for the samples (e2e/redis.yaml), then the scenario. The samples'
 #                       agent images are placeholders: E2E_AGENT_IMAGE and E2E_AGENT_IMAGE_NEXT
 #                       name two tags of an image that serves `POST /tasks` (README, "What runs
-#                       in the managed pods") to run instead.
+#                       in the managed pods") to run instead — the sim-agent image
+#                       (`make sim-agent-image`, `r4 sim-agent`) tagged twice, as the hosted
+#                       workflow (.github/workflows/e2e.yaml) does.
 #
 # Scenario: install → CRDs and samples applied → children and Ready → tasks pushed through the
 # intake Service and completed → kill switch engaged and released (acknowledged by every
@@ -143,7 +145,7 @@ case "$TARGET" in
     [[ "${R4_IMAGE:-}" == *:* ]] || { echo "e2e: R4_IMAGE=repo:tag must name the image to install" >&2; exit 2; }
     # Without real agents the samples can never be Ready: say so now, not after 90 s.
     [ -n "${E2E_AGENT_IMAGE:-}" ] && [ -n "${E2E_AGENT_IMAGE_NEXT:-}" ] || {
-      echo "e2e: the samples' agent images (ghcr.io/acme/…) are placeholders: set E2E_AGENT_IMAGE and E2E_AGENT_IMAGE_NEXT to two tags of an image serving POST /tasks" >&2
+      echo "e2e: the samples' agent images (ghcr.io/acme/…) are placeholders: set E2E_AGENT_IMAGE and E2E_AGENT_IMAGE_NEXT to two tags of an image serving POST /tasks, loaded into the cluster — e.g. 'make sim-agent-image SIM_AGENT_IMAGE=r4-sim-agent:e2e', 'docker tag r4-sim-agent:e2e r4-sim-agent:e2e-next', 'kind load docker-image r4-sim-agent:e2e r4-sim-agent:e2e-next' (what .github/workflows/e2e.yaml does)" >&2
       exit 2
     }
     step "install: helm install r4 charts/r4 (image $R4_IMAGE)"

@@ -44,6 +44,9 @@ enum Command {
     Dev(r4::cli::dev::DevArgs),
     /// The resilience engine of a managed pod: one role (agent sidecar, intake or repair).
     Engine(r4::cli::engine::EngineArgs),
+    /// A simulated agent container: serves the engine's POST /tasks with a set latency, failure
+    /// rates and tool calls through the engine's tool proxy (the e2e's agent image).
+    SimAgent(r4::cli::simagent::SimAgentArgs),
     /// Run a workflow on one machine, no cluster: simulated agents and tools, the real engine,
     /// live progress and a report.
     Run(r4::cli::run::RunArgs),
@@ -180,7 +183,9 @@ enum BenchCommand {
 /// their output is theirs (`r4 run` would otherwise print every simulated dead letter).
 fn default_log_filter(command: &Command) -> &'static str {
     match command {
-        Command::Engine(_) | Command::Controller(_) | Command::Dev(_) => "warn,r4=info",
+        Command::Engine(_) | Command::Controller(_) | Command::Dev(_) | Command::SimAgent(_) => {
+            "warn,r4=info"
+        }
         // kube-rs logs a failed request at error level; the command's own one line says it.
         Command::Kill(_)
         | Command::Resume(_)
@@ -197,6 +202,7 @@ fn service_name(command: &Command) -> &'static str {
         Command::Engine(_) => "r4-engine",
         Command::Controller(_) => "r4-controller",
         Command::Dev(_) => "r4-dev",
+        Command::SimAgent(_) => "r4-sim-agent",
         _ => "r4",
     }
 }
@@ -302,6 +308,7 @@ fn main() -> ExitCode {
         Command::Dlq { command } => r4::cli::dlq::run(command),
         Command::Drill { command } => r4::cli::drill::run(command),
         Command::Run(args) => r4::cli::run::run(args),
+        Command::SimAgent(args) => r4::cli::simagent::sim_agent(args),
     };
     // Every span still in the exporter's batch leaves before the process does.
     r4::telemetry::shutdown();

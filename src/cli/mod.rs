@@ -8,6 +8,7 @@ pub mod drill;
 pub mod engine;
 pub mod kube;
 pub mod run;
+pub mod simagent;
 pub mod workflow;
 
 use std::io::Read;
