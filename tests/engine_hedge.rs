@@ -96,6 +96,7 @@ struct Pair {
     stop: watch::Sender<bool>,
     handles: Vec<tokio::task::JoinHandle<()>>,
     hedges: Vec<Arc<r4::engine::hedge::AgentHedge>>,
+    stats: Vec<Arc<r4::engine::stats::Stats>>,
     log: Arc<Mutex<Vec<(&'static str, String)>>>,
     finished: Arc<Mutex<Vec<(&'static str, String)>>>,
 }
@@ -117,6 +118,7 @@ async fn two_engines_with(
     let finished = Arc::new(Mutex::new(Vec::new()));
     let mut handles = Vec::new();
     let mut hedges = Vec::new();
+    let mut stats = Vec::new();
     for name in ["c1", "c2"] {
         let container = Container {
             name,
@@ -135,6 +137,7 @@ async fn two_engines_with(
         .unwrap()
         .with_options(fast_opts());
         hedges.push(role.hedge().expect("the agent hedges"));
+        stats.push(role.stats());
         let rx = rx.clone();
         handles.push(tokio::spawn(async move { role.run(rx).await.unwrap() }));
     }
@@ -156,6 +159,7 @@ async fn two_engines_with(
         stop,
         handles,
         hedges,
+        stats,
         log,
         finished,
     }
@@ -182,6 +186,20 @@ impl Pair {
         self.hedges.iter().map(|h| f(h)).sum()
     }
 
+    /// `r4_engine_agent_hedges_total{event}` summed over both engines' `/metrics` text.
+    fn exported(&self, event: &str) -> u64 {
+        let prefix = format!("r4_engine_agent_hedges_total{{agent=\"w\",event=\"{event}\"}} ");
+        self.stats
+            .iter()
+            .map(|s| {
+                s.render_metrics()
+                    .lines()
+                    .find_map(|l| l.strip_prefix(&prefix).and_then(|v| v.parse::<u64>().ok()))
+                    .unwrap_or_else(|| panic!("no {prefix} series"))
+            })
+            .sum()
+    }
+
     async fn stop(self) {
         let _ = self.stop.send(true);
         for h in self.handles {
@@ -203,6 +221,10 @@ async fn a_slow_primary_loses_to_the_shadow_exactly_once() {
     // Completed by the shadow, well before the primary would have answered.
     assert_eq!(p.sum(|h| h.sent.load(Ordering::Relaxed)), 1);
     assert_eq!(p.sum(|h| h.shadow_wins.load(Ordering::Relaxed)), 1);
+    // The same counts on /metrics.
+    assert_eq!(p.exported("sent"), 1);
+    assert_eq!(p.exported("shadow"), 1);
+    assert_eq!(p.exported("shadow_won"), 1);
     let log = p.log.lock().unwrap().clone();
     assert_eq!(log.len(), 2, "{log:?}");
     assert_ne!(
@@ -331,6 +353,8 @@ async fn a_killed_agent_is_not_hedged() {
     .await;
     assert_eq!(p.sum(|h| h.sent.load(Ordering::Relaxed)), 0);
     assert_eq!(p.sum(|h| h.shadow_deliveries.load(Ordering::Relaxed)), 0);
+    assert_eq!(p.exported("sent"), 0);
+    assert_eq!(p.exported("shadow"), 0);
     assert_eq!(p.log.lock().unwrap().len(), 1, "no shadow delivery");
     p.stop().await;
 }

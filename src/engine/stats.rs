@@ -198,6 +198,7 @@ pub struct Stats {
     m_agent_up: IntGauge,
     m_panics: IntCounter,
     m_backpressure: IntCounter,
+    m_agent_hedges: IntCounterVec,
     policy_version: AtomicU64,
     m_policy_version: IntGauge,
 }
@@ -229,6 +230,30 @@ fn histogram() -> Histogram<u64> {
     // 1 µs .. 1 h, 3 significant digits; the bounds are constants, so this
     // cannot fail.
     Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("static histogram bounds")
+}
+
+/// What an engine did for agent-level hedging (the `event` label of
+/// `r4_engine_agent_hedges_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AgentHedgeEvent {
+    /// This engine asked a peer to shadow one of its slow deliveries (a peer took the note).
+    Sent,
+    /// This engine delivered a peer's task to its own agent as the shadow.
+    Shadow,
+    /// A shadow delivery of this engine completed the step (the primary lost).
+    ShadowWon,
+}
+
+impl AgentHedgeEvent {
+    pub const ALL: [AgentHedgeEvent; 3] = [Self::Sent, Self::Shadow, Self::ShadowWon];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sent => "sent",
+            Self::Shadow => "shadow",
+            Self::ShadowWon => "shadow_won",
+        }
+    }
 }
 
 impl Stats {
@@ -297,6 +322,21 @@ impl Stats {
             "Completions held back because an output stream was at its backlog limit",
         )
         .expect("static metric definition");
+        let m_agent_hedges = IntCounterVec::new(
+            Opts::new(
+                "r4_engine_agent_hedges_total",
+                "Agent-level hedging (shadow agent), by agent and event: sent (this engine asked a peer to shadow a slow delivery), shadow (it delivered a peer's task as the shadow), shadow_won (its shadow delivery completed the step)",
+            ),
+            &["agent", "event"],
+        )
+        .expect("static metric definition");
+        if let Some(a) = agent {
+            // At 0 from the start: a rate over a series that appears with its first
+            // increment misses that increment.
+            for e in AgentHedgeEvent::ALL {
+                m_agent_hedges.with_label_values(&[a, e.as_str()]);
+            }
+        }
         let m_policy_version = IntGauge::new(
             "r4_engine_policy_version",
             "Version of the published CircuitPolicies the engine runs (0: those of its workflow file)",
@@ -307,6 +347,7 @@ impl Stats {
             Box::new(m_policy_version.clone()),
             Box::new(m_panics.clone()),
             Box::new(m_backpressure.clone()),
+            Box::new(m_agent_hedges.clone()),
             Box::new(m_tasks.clone()),
             Box::new(m_duration.clone()),
             Box::new(m_retries.clone()),
@@ -355,6 +396,7 @@ impl Stats {
             m_agent_up,
             m_panics,
             m_backpressure,
+            m_agent_hedges,
             policy_version: AtomicU64::new(0),
             m_policy_version,
         };
@@ -417,6 +459,14 @@ impl Stats {
     /// A completion waited for room in a full output stream.
     pub fn backpressure(&self) {
         self.m_backpressure.inc();
+    }
+
+    /// One agent-level hedging event of this engine's agent (`r4_engine_agent_hedges_total`).
+    pub fn agent_hedge(&self, event: AgentHedgeEvent) {
+        let agent = self.agent.as_deref().unwrap_or("");
+        self.m_agent_hedges
+            .with_label_values(&[agent, event.as_str()])
+            .inc();
     }
 
     /// Whether the role can do its work: its agent answers and no task
@@ -722,6 +772,33 @@ pub async fn read_workflow(q: &dyn Queue, keys: &Keys) -> Result<WorkflowStats, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn agent_hedge_events_are_exported_from_zero() {
+        let s = Stats::new("e", "agent", Some("investigation"));
+        let m = s.render_metrics();
+        for e in ["sent", "shadow", "shadow_won"] {
+            let line =
+                format!("r4_engine_agent_hedges_total{{agent=\"investigation\",event=\"{e}\"}} 0");
+            assert!(m.lines().any(|l| l == line), "{line} in\n{m}");
+        }
+        s.agent_hedge(AgentHedgeEvent::Sent);
+        s.agent_hedge(AgentHedgeEvent::Sent);
+        s.agent_hedge(AgentHedgeEvent::ShadowWon);
+        let m = s.render_metrics();
+        assert!(
+            m.contains("r4_engine_agent_hedges_total{agent=\"investigation\",event=\"sent\"} 2")
+        );
+        assert!(m.contains(
+            "r4_engine_agent_hedges_total{agent=\"investigation\",event=\"shadow_won\"} 1"
+        ));
+        assert!(
+            m.contains("r4_engine_agent_hedges_total{agent=\"investigation\",event=\"shadow\"} 0")
+        );
+        // A role without an agent exports no empty series.
+        let r = Stats::new("r", "repair", None).render_metrics();
+        assert!(!r.contains("r4_engine_agent_hedges_total{"), "{r}");
+    }
 
     #[test]
     fn delta_counts_every_counter_per_engine() {

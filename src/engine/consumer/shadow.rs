@@ -28,7 +28,7 @@ use super::{Ctx, Settled, build_outputs, payload_limit, settle, slowed, wait_or_
 use crate::engine::degraded::Downgrade;
 use crate::engine::delivery::{DeliveryError, DeliveryRequest, Outputs, RequestKind};
 use crate::engine::hedge::{AgentHedge, Note, PRESENCE_EVERY, live_peers};
-use crate::engine::stats::Outcome;
+use crate::engine::stats::{AgentHedgeEvent, Outcome};
 use crate::engine::task::{self, Kind, Task};
 
 /// What the primary's delivery came to.
@@ -143,6 +143,7 @@ async fn ask_peer(ctx: &Ctx, h: &AgentHedge, entry_id: &str, attempt: u64) -> Op
         let channel = ctx.cfg.keys.hedge_channel(&ctx.agent.name, &peer);
         if matches!(ctx.queue.publish(&channel, note.clone()).await, Ok(n) if n > 0) {
             h.sent.fetch_add(1, Ordering::Relaxed);
+            ctx.stats.agent_hedge(AgentHedgeEvent::Sent);
             return Some(peer);
         }
     }
@@ -285,6 +286,7 @@ async fn serve(
     };
     let cancelled = h.wait_done(entry_id);
     h.shadow_deliveries.fetch_add(1, Ordering::Relaxed);
+    ctx.stats.agent_hedge(AgentHedgeEvent::Shadow);
     let mut shutdown = ctx.shutdown.clone();
     let t = Instant::now();
     let res = tokio::select! {
@@ -307,6 +309,7 @@ async fn serve(
         settle(ctx, &entry, &task, &inbox, out, &None).await
     {
         h.shadow_wins.fetch_add(1, Ordering::Relaxed);
+        ctx.stats.agent_hedge(AgentHedgeEvent::ShadowWon);
         ctx.stats
             .record(Outcome::Completed, started.elapsed(), agent_time);
         tracing::debug!(task = %task.task_id, step = %ctx.agent.name, reason = "shadow-won", primary = %from, "completed by the shadow");
