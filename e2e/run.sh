@@ -17,7 +17,8 @@
 # Scenario: install → CRDs and samples applied → children and Ready → tasks pushed through the
 # intake Service and completed → kill switch engaged and released (acknowledged by every
 # engine) → a short drill (a tool outage, a pod killed) under load and its verdict → a bad image
-# → automatic rollback → rollback by hand → `r4 status` → delete, children gone → uninstall,
+# → automatic rollback → a good image (the sim agent, r4-sim-agent:e2e-next: on r4 dev too, where
+# the kubelet runs it for real) and a task through it → rollback by hand → `r4 status` → delete, children gone → uninstall,
 # nothing of r4 left. Each step prints one line; the first failure stops the script with what
 # the cluster said.
 set -euo pipefail
@@ -238,7 +239,10 @@ wait_for 60 "a task completed after the drill" recovered
 step "intake: a task completes after the drill ($probe probe(s)); of the $(wc -l <"$tmp/feed") fed during it, $(in_state "$tmp/feed" completed) completed, $(in_state "$tmp/feed" dead_lettered) dead-lettered, the rest in manual review"
 
 BAD_IMAGE=ghcr.io/acme/resolver:cannot-pull
-GOOD_IMAGE=ghcr.io/acme/resolver:1.2
+# The good change puts the sim agent in the resolution agent's pods: r4 dev runs an
+# r4-sim-agent container for real (the engine delivers to it over HTTP, the agent protocol),
+# so the image the cluster run uses for every agent is exercised here too.
+GOOD_IMAGE=r4-sim-agent:e2e-next
 if [ "$TARGET" = cluster ] && [ -n "${E2E_AGENT_IMAGE:-}" ]; then
   BAD_IMAGE=${E2E_AGENT_IMAGE%:*}:cannot-pull
   GOOD_IMAGE=${E2E_AGENT_IMAGE_NEXT:?E2E_AGENT_IMAGE_NEXT: a second tag of the agent image}
@@ -255,6 +259,15 @@ step "a good image, then rollback by hand"
 kubectl patch aw "$WF" --type json \
   -p "[{\"op\":\"replace\",\"path\":\"/spec/agents/2/image\",\"value\":\"$GOOD_IMAGE\"}]" >/dev/null
 wait_for 60 "revision 3 healthy" ready_at 3
+# Revision 3 replaced every pod of the workflow, the intake's too: find it again (a fresh
+# port-forward on a cluster, the new pod's port on r4 dev).
+if [ -n "$pf_pid" ]; then kill "$pf_pid" 2>/dev/null || true; wait "$pf_pid" 2>/dev/null || true; pf_pid=; fi
+INTAKE=
+wait_for 30 "the intake Service reachable at revision 3" intake_reachable
+# (The probes' idempotency keys go on from the last one: a key used before names its task.)
+first=$((probe + 1))
+wait_for 60 "a task completed at revision 3" recovered
+step "revision 3: a task completed through the resolution agent $GOOD_IMAGE ($((probe - first + 1)) probe(s))"
 "$R4" rollback "$WF" --to 1 --wait=30s || fail "r4 rollback"
 current_is 1 || fail "not at revision 1 after r4 rollback"
 

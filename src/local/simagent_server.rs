@@ -201,6 +201,57 @@ pub fn parse_tools_url(s: &str) -> Result<String, String> {
     }
 }
 
+/// `R4_SIM_NAME`: the agent's name (`--name`).
+pub const NAME_ENV: &str = "R4_SIM_NAME";
+/// `R4_SIM_LATENCY`: `--latency`.
+pub const LATENCY_ENV: &str = "R4_SIM_LATENCY";
+/// `R4_SIM_ERROR_RATE`: `--error-rate`.
+pub const ERROR_RATE_ENV: &str = "R4_SIM_ERROR_RATE";
+/// `R4_SIM_FAIL_PERMANENTLY_RATE`: `--fail-permanently-rate`.
+pub const FAIL_PERMANENTLY_RATE_ENV: &str = "R4_SIM_FAIL_PERMANENTLY_RATE";
+/// `R4_SIM_CALLS`: `--call`, comma-separated.
+pub const CALLS_ENV: &str = "R4_SIM_CALLS";
+
+/// The options a container's environment gives (`lookup` reads one variable): the `R4_SIM_*`
+/// variables and [`TOOLS_URL_ENV`], each read as its flag reads it, the defaults of the flags
+/// otherwise, and `default_name` when [`NAME_ENV`] is unset. `r4 dev` runs a sim-agent
+/// container from its `env` with this; `r4 sim-agent` reads the same variables through its
+/// flags. An error names the variable.
+pub fn options_from_env(
+    lookup: impl Fn(&str) -> Option<String>,
+    default_name: &str,
+) -> Result<Options, String> {
+    let named = |var: &str, e: String| format!("{var}: {e}");
+    let mut o = Options {
+        name: lookup(NAME_ENV)
+            .filter(|n| !n.trim().is_empty())
+            .unwrap_or_else(|| default_name.to_owned()),
+        ..Options::default()
+    };
+    if let Some(v) = lookup(LATENCY_ENV) {
+        o.latency = parse_latency(&v).map_err(|e| named(LATENCY_ENV, e))?;
+    }
+    if let Some(v) = lookup(ERROR_RATE_ENV) {
+        o.error_rate = parse_rate(&v).map_err(|e| named(ERROR_RATE_ENV, e))?;
+    }
+    if let Some(v) = lookup(FAIL_PERMANENTLY_RATE_ENV) {
+        o.fail_permanently_rate =
+            parse_rate(&v).map_err(|e| named(FAIL_PERMANENTLY_RATE_ENV, e))?;
+    }
+    if let Some(v) = lookup(CALLS_ENV) {
+        o.calls = v
+            .split(',')
+            .filter(|c| !c.trim().is_empty())
+            .map(|c| c.trim().parse::<ToolTarget>())
+            .collect::<Result<_, _>>()
+            .map_err(|e| named(CALLS_ENV, e))?;
+    }
+    if let Some(v) = lookup(TOOLS_URL_ENV) {
+        o.tools_url = parse_tools_url(&v).map_err(|e| named(TOOLS_URL_ENV, e))?;
+    }
+    Ok(o)
+}
+
 /// The address to listen on: `listen` if given, else `0.0.0.0:<port>` with the port from
 /// [`AGENT_PORT_ENV`]'s value `port_env` (what the controller gives the agent container),
 /// else [`DEFAULT_AGENT_PORT`]. Errors name the variable.
@@ -545,6 +596,61 @@ async fn tasks(State(s): State<Arc<SimAgentServer>>, headers: HeaderMap, body: B
 mod tests {
     use super::*;
     use tower::ServiceExt;
+
+    #[test]
+    fn a_containers_environment_gives_the_options_and_names_a_bad_variable() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let o = options_from_env(env(&[]), "pod-1").unwrap();
+        assert_eq!(
+            o,
+            Options {
+                name: "pod-1".into(),
+                ..Options::default()
+            }
+        );
+        let o = options_from_env(
+            env(&[
+                ("R4_SIM_NAME", "resolver"),
+                ("R4_SIM_LATENCY", "20ms,200ms"),
+                ("R4_SIM_ERROR_RATE", "0.25"),
+                ("R4_SIM_FAIL_PERMANENTLY_RATE", "0.5"),
+                ("R4_SIM_CALLS", "bank, ledger/entries"),
+                ("R4_TOOLS_URL", "http://127.0.0.1:9/"),
+            ]),
+            "pod-1",
+        )
+        .unwrap();
+        assert_eq!(o.name, "resolver");
+        assert_eq!(o.latency.median_ms, 20.0);
+        assert_eq!(o.latency.p99_ms, Some(200.0));
+        assert_eq!((o.error_rate, o.fail_permanently_rate), (0.25, 0.5));
+        let calls: Vec<String> = o.calls.iter().map(ToString::to_string).collect();
+        assert_eq!(calls, ["bank", "ledger/entries"]);
+        assert_eq!(o.tools_url, "http://127.0.0.1:9");
+        for (pairs, var) in [
+            (&[("R4_SIM_LATENCY", "soon")][..], "R4_SIM_LATENCY"),
+            (&[("R4_SIM_ERROR_RATE", "2")][..], "R4_SIM_ERROR_RATE"),
+            (
+                &[("R4_SIM_FAIL_PERMANENTLY_RATE", "-1")][..],
+                "R4_SIM_FAIL_PERMANENTLY_RATE",
+            ),
+            (&[("R4_SIM_CALLS", "bank,Not A Tool")][..], "R4_SIM_CALLS"),
+            (&[("R4_TOOLS_URL", "ftp://x")][..], "R4_TOOLS_URL"),
+        ] {
+            let pairs: &'static [(&'static str, &'static str)] =
+                Box::leak(pairs.to_vec().into_boxed_slice());
+            let e = options_from_env(env(pairs), "p").unwrap_err();
+            assert!(e.starts_with(&format!("{var}: ")), "{e}");
+            assert_eq!(e.lines().count(), 1, "{e}");
+        }
+    }
 
     #[test]
     fn flags_parse_and_bad_values_say_why() {

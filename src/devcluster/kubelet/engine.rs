@@ -28,6 +28,12 @@
 //! - The intake serves its API on `127.0.0.1` at a port the system picks (every pod of
 //!   `r4 dev` shares one address), logged when it starts.
 //! - The engine id is `--engine-id`, else the pod's name.
+//! - **A sim-agent container** beside an agent engine ([`sim_agent_container`]: the
+//!   `r4-sim-agent` image, or the r4 image with `args: [sim-agent]`) is run for real: its
+//!   [`SimAgentServer`] on a loopback port, configured by the container's `R4_SIM_*` env values,
+//!   the engine delivering to it over HTTP as `r4 engine` does to an agent container, and the
+//!   tool proxy's HTTP front on another port for its tool calls (the simulated tools behind).
+//!   Then the agent's `simulate:` block is not needed; any other agent image is played from it.
 //!
 //! Readiness is the engine's `/readyz` answer, taken in process: the role runs, its agent
 //! answers and no task handler panicked ([`crate::engine::Stats::ready`]); so an agent the
@@ -51,6 +57,7 @@ use crate::engine::stats::Stats;
 use crate::engine::{self, AgentRole, Intake, RepairRole, WorkflowConfig, killswitch, tools};
 use crate::local::sim::EffectLedger;
 use crate::local::simagent::{Finished, SimAgent};
+use crate::local::simagent_server::{Options, SimAgentServer, options_from_env};
 use crate::local::simtool::SimTool;
 use crate::queue::Queue;
 
@@ -90,6 +97,81 @@ pub fn is_r4_image(image: &str) -> bool {
     let last = repo.rsplit('/').next().unwrap_or(repo);
     let name = last.split(':').next().unwrap_or(last);
     name == "r4"
+}
+
+/// The repository of `r4 sim-agent`'s image (`make sim-agent-image`, the e2e's agents).
+pub const SIM_AGENT_REPOSITORY: &str = "r4-sim-agent";
+
+/// The last path segment of `image`'s repository, without tag or digest.
+fn repository_name(image: &str) -> &str {
+    let repo = image.split('@').next().unwrap_or(image);
+    let last = repo.rsplit('/').next().unwrap_or(repo);
+    last.split(':').next().unwrap_or(last)
+}
+
+/// The pod's container that runs the simulated agent behind the real agent protocol, if one
+/// does: the [`SIM_AGENT_REPOSITORY`] image (any registry and tag) with neither `command` nor
+/// `args` (its own `sim-agent` command), or the r4 image with `args: [sim-agent]`. It is
+/// configured by its `env` values (`R4_SIM_*`, [`options_from_env`]); other arguments are
+/// refused when the engine starts, since `r4 dev` does not run the CLI's flags.
+pub fn sim_agent_container(pod: &Pod) -> Option<&Container> {
+    pod.spec.as_ref()?.containers.iter().find(|c| {
+        let image = c.image.as_deref().unwrap_or("");
+        let argv: Vec<&str> = c
+            .command
+            .iter()
+            .flatten()
+            .chain(c.args.iter().flatten())
+            .map(String::as_str)
+            .collect();
+        (repository_name(image) == SIM_AGENT_REPOSITORY)
+            || (is_r4_image(image) && argv.first() == Some(&"sim-agent"))
+    })
+}
+
+/// The simulated agent's options from its container (see [`sim_agent_container`]); an error
+/// names what is refused.
+fn sim_agent_options(pod: &Pod, c: &Container) -> Result<Options, String> {
+    let argv: Vec<&str> = c
+        .command
+        .iter()
+        .flatten()
+        .chain(c.args.iter().flatten())
+        .map(String::as_str)
+        .collect();
+    let own = repository_name(c.image.as_deref().unwrap_or("")) == SIM_AGENT_REPOSITORY;
+    if (own && !argv.is_empty()) || (!own && argv != ["sim-agent"]) {
+        return Err(format!(
+            "container {:?}: r4 dev runs a sim-agent container configured by its env (R4_SIM_*), not by arguments {argv:?}",
+            c.name
+        ));
+    }
+    let env: BTreeMap<&str, Option<&str>> = c
+        .env
+        .iter()
+        .flatten()
+        .map(|e| (e.name.as_str(), e.value.as_deref()))
+        .collect();
+    if let Some((name, _)) = env
+        .iter()
+        .find(|(n, v)| n.starts_with("R4_SIM_") && v.is_none())
+    {
+        return Err(format!(
+            "container {:?}: env {name}: r4 dev reads R4_SIM_* from a value, not valueFrom",
+            c.name
+        ));
+    }
+    let default_name = pod.metadata.name.clone().unwrap_or_else(|| c.name.clone());
+    // R4_TOOLS_URL and R4_AGENT_PORT are the pod's wiring: here the kubelet's own.
+    options_from_env(
+        |k| {
+            (k != crate::local::simagent_server::TOOLS_URL_ENV)
+                .then(|| env.get(k).copied().flatten().map(str::to_owned))
+                .flatten()
+        },
+        &default_name,
+    )
+    .map_err(|e| format!("container {:?}: {e}", c.name))
 }
 
 /// The words after the `r4` binary when the container's `command` + `args` run `r4 engine`.
@@ -496,7 +578,19 @@ impl StartContext {
         let (stop, stop_rx) = watch::channel(false);
         let exited: Arc<OnceLock<String>> = Arc::new(OnceLock::new());
         let (stats, task) = match cmd.role {
-            Role::Agent => self.agent(&cfg, cmd.agent.as_deref().unwrap_or(""), &id, stop_rx)?,
+            Role::Agent => {
+                let sim_http = sim_agent_container(pod)
+                    .map(|a| sim_agent_options(pod, a))
+                    .transpose()?;
+                self.agent(
+                    &cfg,
+                    cmd.agent.as_deref().unwrap_or(""),
+                    &id,
+                    sim_http,
+                    stop_rx,
+                )
+                .await?
+            }
             Role::Repair => {
                 let role = RepairRole::new(cfg.clone(), self.queue.clone(), &id);
                 let stats = role.stats();
@@ -565,13 +659,16 @@ impl StartContext {
     }
 
     /// The agent role of `agent` with its simulated agent and simulated tools, as `r4 run`
-    /// builds them.
+    /// builds them — or, when the pod's agent container is a sim agent (`sim_http`), that
+    /// agent served over HTTP on loopback and delivered to as `r4 engine` delivers to an agent
+    /// container, its tool calls through the proxy's HTTP front (the simulated tools behind).
     #[allow(clippy::type_complexity)]
-    fn agent(
+    async fn agent(
         &self,
         cfg: &Arc<WorkflowConfig>,
         agent: &str,
         id: &str,
+        sim_http: Option<Options>,
         stop_rx: watch::Receiver<bool>,
     ) -> Result<(Arc<Stats>, JoinHandle<Result<(), String>>), String> {
         let Some((i, spec)) = cfg
@@ -583,7 +680,7 @@ impl StartContext {
         else {
             return Err(format!("agent {agent:?} is not in workflow {}", cfg.name));
         };
-        if spec.simulate.is_none() {
+        if spec.simulate.is_none() && sim_http.is_none() {
             return Err(format!(
                 "spec.agents[{i}].simulate: required by r4 dev: agent {agent:?} has no image to run here, describe it with a simulate block"
             ));
@@ -629,22 +726,73 @@ impl StartContext {
             id.to_string(),
             stop_rx.clone(),
         ));
-        let terminal: Vec<String> = cfg
-            .terminal_agents()
-            .iter()
-            .map(|a| a.name.clone())
-            .collect();
-        let is_terminal = terminal.iter().any(|t| t == agent);
-        let finished = Arc::new(Finished::new(terminal));
-        let sim = SimAgent::new(spec, self.seed, proxy, finished, self.ledger.clone())
-            .map_err(|e| format!("spec.agents[{i}].simulate: {e}"))?
-            .terminal(is_terminal);
-        let role = AgentRole::new(cfg.clone(), agent, self.queue.clone(), Arc::new(sim), id)
+        let (delivery, servers): (Arc<dyn engine::delivery::Delivery>, Vec<JoinHandle<()>>) =
+            match sim_http {
+                None => {
+                    let terminal: Vec<String> = cfg
+                        .terminal_agents()
+                        .iter()
+                        .map(|a| a.name.clone())
+                        .collect();
+                    let is_terminal = terminal.iter().any(|t| t == agent);
+                    let finished = Arc::new(Finished::new(terminal));
+                    let sim = SimAgent::new(spec, self.seed, proxy, finished, self.ledger.clone())
+                        .map_err(|e| format!("spec.agents[{i}].simulate: {e}"))?
+                        .terminal(is_terminal);
+                    (Arc::new(sim), Vec::new())
+                }
+                Some(mut opts) => {
+                    let bind = || async {
+                        tokio::net::TcpListener::bind("127.0.0.1:0")
+                            .await
+                            .and_then(|l| l.local_addr().map(|a| (l, a)))
+                            .map_err(|e| format!("cannot listen on 127.0.0.1: {e}"))
+                    };
+                    // The proxy's HTTP front, as `r4 engine --tools-listen` serves it.
+                    let (tools_listener, tools_addr) = bind().await?;
+                    let tools_router = tools::http::router(proxy, spec.tools.clone());
+                    let tools_server = {
+                        let stop = stop_rx.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) =
+                                engine::http::serve(tools_listener, tools_router, stop).await
+                            {
+                                tracing::warn!(error = %e, "the tool proxy's HTTP front ended");
+                            }
+                        })
+                    };
+                    opts.tools_url = format!("http://{tools_addr}");
+                    let (agent_listener, agent_addr) = bind().await?;
+                    tracing::info!(engine = %id, agent = %opts.name, listen = %agent_addr, tools = %opts.tools_url, "sim-agent container serving POST /tasks");
+                    let server = Arc::new(SimAgentServer::new(opts)?);
+                    let agent_server = {
+                        let stop = stop_rx.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) = server.serve(agent_listener, stop).await {
+                                tracing::warn!(error = %e, "the sim-agent container's server ended");
+                            }
+                        })
+                    };
+                    let produces = spec.produces.len();
+                    let http =
+                        engine::delivery::HttpDelivery::new(format!("http://{agent_addr}/tasks"))
+                            .map_err(|e| format!("the sim-agent container's URL: {e}"))?
+                            .with_max_answer(engine::limits::agent_answer_limit(
+                                cfg.max_payload_bytes,
+                                produces,
+                            ));
+                    (Arc::new(http), vec![tools_server, agent_server])
+                }
+            };
+        let role = AgentRole::new(cfg.clone(), agent, self.queue.clone(), delivery, id)
             .map_err(|e| e.to_string())?;
         let stats = role.stats();
         let task = tokio::spawn(async move {
             let r = role.run(stop_rx).await.map_err(|e| e.to_string());
             let _ = supervisor.await;
+            for s in servers {
+                let _ = s.await;
+            }
             r
         });
         Ok((stats, task))
@@ -966,6 +1114,126 @@ mod tests {
             "the engine did not work the task within 60 s of virtual time"
         );
         assert_eq!(rt.effects(), (1, 0));
+        running.stop().await;
+    }
+
+    /// An engine pod whose agent container is `image` (with `args` and `env`), beside the
+    /// engine container of agent "a" (the agent has no `simulate:` need then).
+    fn sim_agent_pod(image: &str, args: Option<&[&str]>, env: &[(&str, &str)]) -> (Pod, Container) {
+        let (mut p, c) = engine_pod("a");
+        let agent = Container {
+            name: "agent".into(),
+            image: Some(image.into()),
+            args: args.map(s),
+            env: Some(
+                env.iter()
+                    .map(|(n, v)| k8s_openapi::api::core::v1::EnvVar {
+                        name: (*n).into(),
+                        value: Some((*v).into()),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            ..Default::default()
+        };
+        if let Some(spec) = p.spec.as_mut() {
+            spec.containers.push(agent);
+        }
+        (p, c)
+    }
+
+    #[test]
+    fn sim_agent_containers_are_found_by_image_or_r4_sim_agent_args() {
+        let found = |image: &str, args: Option<&[&str]>| {
+            let (p, _) = sim_agent_pod(image, args, &[]);
+            sim_agent_container(&p).is_some()
+        };
+        assert!(found("r4-sim-agent:e2e", None));
+        assert!(found(
+            "registry.local:5000/team/r4-sim-agent@sha256:abc",
+            None
+        ));
+        assert!(found("ghcr.io/acme/r4:dev", Some(&["sim-agent"])));
+        assert!(!found("ghcr.io/acme/r4:dev", Some(&["engine"])));
+        assert!(!found("ghcr.io/acme/resolver:1.2", None));
+        assert!(!found("ghcr.io/acme/r4-sim-agent-fork:1", None));
+        // Found but refused: flags r4 dev would not apply, a variable it cannot read.
+        let (p, _) = sim_agent_pod(
+            "r4-sim-agent:e2e",
+            Some(&["sim-agent", "--error-rate", "1"]),
+            &[],
+        );
+        let e = sim_agent_options(&p, sim_agent_container(&p).unwrap()).unwrap_err();
+        assert!(e.contains("configured by its env"), "{e}");
+        let (p, _) = sim_agent_pod("r4-sim-agent:e2e", None, &[("R4_SIM_ERROR_RATE", "2")]);
+        let e = sim_agent_options(&p, sim_agent_container(&p).unwrap()).unwrap_err();
+        assert!(e.contains("R4_SIM_ERROR_RATE"), "{e}");
+        let (p, _) = sim_agent_pod("r4-sim-agent:e2e", None, &[("R4_SIM_LATENCY", "3ms")]);
+        let o = sim_agent_options(&p, sim_agent_container(&p).unwrap()).unwrap();
+        assert_eq!(
+            (o.name.as_str(), o.latency.median_ms),
+            ("pay-a-abc-xyz12", 3.0)
+        );
+    }
+
+    /// A sim-agent container is run for real: the engine delivers over HTTP (the agent
+    /// protocol) to the agent served on loopback, whose tool call goes through the proxy's
+    /// HTTP front to the simulated bank — one effect per task.
+    #[tokio::test]
+    async fn a_sim_agent_container_is_served_over_the_real_agent_protocol() {
+        use crate::devcluster::kubelet::fixtures::ApiServer;
+        let (client, mut api) = ApiServer::new();
+        let queue: Arc<dyn Queue> = Arc::new(crate::queue::memory::MemoryQueue::new());
+        let rt = EngineRuntime::new(client, queue.clone(), 7, Duration::from_secs(10));
+        let (pod, c) = sim_agent_pod(
+            "r4-sim-agent:e2e",
+            None,
+            &[("R4_SIM_LATENCY", "1ms"), ("R4_SIM_CALLS", "bank")],
+        );
+        assert!(rt.runs(&pod, &c));
+        let server = tokio::spawn(async move {
+            serve_configmap(&mut api).await;
+            api
+        });
+        let running = rt.start(&pod, &c).await.unwrap();
+        let _api = server.await.unwrap();
+        let cfg = Arc::new(WorkflowConfig::from_yaml("w", WORKFLOW, None, None).unwrap());
+        let intake = Intake::new(cfg.clone(), queue.clone(), "intake-0");
+        for n in 0..3 {
+            intake
+                .submit(serde_json::json!({"n": n}), None, None)
+                .await
+                .unwrap();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while rt.effects().0 < 3 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "3 tasks not worked through the sim agent within 20 s: effects {:?}",
+                rt.effects()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(rt.effects(), (3, 0), "one bank effect per task, none twice");
+        // The agent's answer is what went on: the payload with the sim agent's record.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let out = loop {
+            let out = queue
+                .range(&cfg.keys.stream("out"), "-", "+", 0)
+                .await
+                .unwrap();
+            if out.len() == 3 {
+                break out;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} outputs",
+                out.len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let text = format!("{out:?}");
+        assert!(text.contains("r4_sim"), "{text}");
         running.stop().await;
     }
 
