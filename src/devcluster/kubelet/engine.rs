@@ -92,11 +92,7 @@ const IGNORED_FLAGS: &[&str] = &[
 
 /// Whether `image`'s repository is `r4` (`r4:dev`, `ghcr.io/acme/r4:0.1`, `r4@sha256:…`).
 pub fn is_r4_image(image: &str) -> bool {
-    let repo = image.split('@').next().unwrap_or(image);
-    // A tag follows the last `:` after the last `/` (a registry port comes before a `/`).
-    let last = repo.rsplit('/').next().unwrap_or(repo);
-    let name = last.split(':').next().unwrap_or(last);
-    name == "r4"
+    repository_name(image) == "r4"
 }
 
 /// The repository of `r4 sim-agent`'s image (`make sim-agent-image`, the e2e's agents).
@@ -105,6 +101,7 @@ pub const SIM_AGENT_REPOSITORY: &str = "r4-sim-agent";
 /// The last path segment of `image`'s repository, without tag or digest.
 fn repository_name(image: &str) -> &str {
     let repo = image.split('@').next().unwrap_or(image);
+    // A tag follows the last `:` after the last `/` (a registry port comes before a `/`).
     let last = repo.rsplit('/').next().unwrap_or(repo);
     last.split(':').next().unwrap_or(last)
 }
@@ -117,28 +114,26 @@ fn repository_name(image: &str) -> &str {
 pub fn sim_agent_container(pod: &Pod) -> Option<&Container> {
     pod.spec.as_ref()?.containers.iter().find(|c| {
         let image = c.image.as_deref().unwrap_or("");
-        let argv: Vec<&str> = c
-            .command
-            .iter()
-            .flatten()
-            .chain(c.args.iter().flatten())
-            .map(String::as_str)
-            .collect();
+        let argv = command_line(c);
         (repository_name(image) == SIM_AGENT_REPOSITORY)
             || (is_r4_image(image) && argv.first() == Some(&"sim-agent"))
     })
 }
 
-/// The simulated agent's options from its container (see [`sim_agent_container`]); an error
-/// names what is refused.
-fn sim_agent_options(pod: &Pod, c: &Container) -> Result<Options, String> {
-    let argv: Vec<&str> = c
-        .command
+/// The container's `command` then `args`, as the words a process would get.
+fn command_line(c: &Container) -> Vec<&str> {
+    c.command
         .iter()
         .flatten()
         .chain(c.args.iter().flatten())
         .map(String::as_str)
-        .collect();
+        .collect()
+}
+
+/// The simulated agent's options from its container (see [`sim_agent_container`]); an error
+/// names what is refused.
+fn sim_agent_options(pod: &Pod, c: &Container) -> Result<Options, String> {
+    let argv = command_line(c);
     let own = repository_name(c.image.as_deref().unwrap_or("")) == SIM_AGENT_REPOSITORY;
     if (own && !argv.is_empty()) || (!own && argv != ["sim-agent"]) {
         return Err(format!(
