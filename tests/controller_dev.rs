@@ -12,6 +12,10 @@
 //! spec sets `Valid=False` and changes no child; deletion keeps (or, with `deletePolicy:
 //! Delete`, deletes) the workflow's Redis data.
 
+mod support;
+
+use support::{eventually, kubectl_present};
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -47,20 +51,6 @@ struct Dev {
 impl Drop for Dev {
     fn drop(&mut self) {
         let _ = self.stop.send(true);
-    }
-}
-
-fn kubectl_present() -> bool {
-    match std::process::Command::new("kubectl")
-        .args(["version", "--client"])
-        .output()
-    {
-        Ok(o) if o.status.success() => true,
-        _ if std::env::var_os("CI").is_some() => panic!("kubectl is required under CI"),
-        _ => {
-            eprintln!("skipping: kubectl not found on PATH");
-            false
-        }
     }
 }
 
@@ -135,30 +125,7 @@ impl Dev {
     }
 
     fn kubectl_in(&self, args: &[&str], stdin: Option<&str>) -> String {
-        use std::io::Write;
-        let mut cmd = std::process::Command::new("kubectl");
-        cmd.arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .args(args)
-            .current_dir(REPO)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .stdin(std::process::Stdio::piped());
-        let mut child = cmd.spawn().expect("kubectl");
-        if let Some(s) = stdin {
-            child
-                .stdin
-                .take()
-                .expect("stdin")
-                .write_all(s.as_bytes())
-                .expect("write stdin");
-        }
-        drop(child.stdin.take());
-        let o = child.wait_with_output().expect("kubectl");
-        let out = String::from_utf8_lossy(&o.stdout).into_owned();
-        let err = String::from_utf8_lossy(&o.stderr).into_owned();
-        assert!(o.status.success(), "kubectl {args:?}: {err}\n{out}");
-        out
+        support::kubectl(&self.kubeconfig, args, stdin)
     }
 
     /// Apply a manifest given as text (`kubectl apply -f -`).
@@ -189,26 +156,6 @@ fn triage(redis_url: &str) -> String {
     std::fs::read_to_string(Path::new(REPO).join("tests/fixtures/controller-triage.yaml"))
         .expect("fixture")
         .replace("redis://127.0.0.1:6379/0", redis_url)
-}
-
-/// Poll `f` until it returns `Some`, failing after `secs` with what was last seen.
-async fn eventually<T, F, Fut>(secs: u64, what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, String>>,
-{
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        let last = match f().await {
-            Ok(v) => return v,
-            Err(e) => e,
-        };
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {secs}s waiting for {what}; last seen: {last}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 fn condition(wf: &AgentWorkflow, type_: &str) -> Option<(String, String, String)> {

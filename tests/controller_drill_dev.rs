@@ -10,6 +10,10 @@
 //! stopped mid-run and started again records the run Aborted ("controller restarted") and
 //! clears its faults. A drill against a workflow of another namespace is `Valid=False`.
 
+mod support;
+
+use support::{eventually, kubectl_present};
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -47,20 +51,6 @@ impl Drop for Dev {
     fn drop(&mut self) {
         let _ = self.stop.send(true);
         let _ = self.controller_stop.send(true);
-    }
-}
-
-fn kubectl_present() -> bool {
-    match std::process::Command::new("kubectl")
-        .args(["version", "--client"])
-        .output()
-    {
-        Ok(o) if o.status.success() => true,
-        _ if std::env::var_os("CI").is_some() => panic!("kubectl is required under CI"),
-        _ => {
-            eprintln!("skipping: kubectl not found on PATH");
-            false
-        }
     }
 }
 
@@ -121,34 +111,7 @@ async fn dev() -> Dev {
 
 impl Dev {
     fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> String {
-        use std::io::Write;
-        let mut child = std::process::Command::new("kubectl")
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .args(args)
-            .current_dir(REPO)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .stdin(std::process::Stdio::piped())
-            .spawn()
-            .expect("kubectl");
-        if let Some(s) = stdin {
-            child
-                .stdin
-                .take()
-                .expect("stdin")
-                .write_all(s.as_bytes())
-                .expect("write stdin");
-        }
-        drop(child.stdin.take());
-        let o = child.wait_with_output().expect("kubectl");
-        let out = String::from_utf8_lossy(&o.stdout).into_owned();
-        assert!(
-            o.status.success(),
-            "kubectl {args:?}: {}\n{out}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        out
+        support::kubectl(&self.kubeconfig, args, stdin)
     }
 
     fn apply(&self, yaml: &str) {
@@ -199,26 +162,6 @@ impl Dev {
             controller_options(self.queue.clone()),
             stopped,
         )));
-    }
-}
-
-/// Poll `f` until it returns `Ok`, failing after `secs` with what was last seen.
-async fn eventually<T, F, Fut>(secs: u64, what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, String>>,
-{
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        let last = match f().await {
-            Ok(v) => return v,
-            Err(e) => e,
-        };
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {secs}s waiting for {what}; last seen: {last}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

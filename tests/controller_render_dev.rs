@@ -3,9 +3,13 @@
 //! owner, as the controller applies them), get ready pods from the local kubelet, and a task
 //! put on the entry stream runs through all three agents.
 
+mod support;
+
+use support::eventually;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
@@ -20,22 +24,6 @@ use r4::devcluster::kubelet::{self, KubeletOptions};
 use r4::devcluster::{Options, start};
 use r4::queue::Queue;
 use serde_json::json;
-
-/// Poll `f` until it returns `Some`, failing after `secs`.
-async fn eventually<T, F, Fut>(secs: u64, what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 fn ready(p: &Pod) -> bool {
     p.status

@@ -7,9 +7,12 @@
 //! defaults) is applied too once it exists. Skipped with a message when kubectl is missing,
 //! except under CI.
 
+mod support;
+
+use support::{eventually_blocking, kubectl_present};
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
 
 struct Dev {
     child: Child,
@@ -27,20 +30,6 @@ fn repo(p: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
 }
 
-fn kubectl_available() -> bool {
-    match Command::new("kubectl")
-        .args(["version", "--client"])
-        .output()
-    {
-        Ok(o) if o.status.success() => true,
-        _ if std::env::var_os("CI").is_some() => panic!("kubectl is required under CI"),
-        _ => {
-            eprintln!("skipping: kubectl not found on PATH");
-            false
-        }
-    }
-}
-
 impl Dev {
     /// `r4 dev` on a free port, with its controller and kubelet, serving once its kubeconfig is
     /// written.
@@ -55,7 +44,7 @@ impl Dev {
             .spawn()
             .expect("spawn r4 dev");
         let dev = Dev { child, dir };
-        eventually(30, "r4 dev serving", || {
+        eventually_blocking(30, "r4 dev serving", || {
             kubeconfig.exists() && dev.run(&["get", "namespaces"]).status.success()
         });
         dev
@@ -82,15 +71,6 @@ impl Dev {
         );
         assert!(o.status.success(), "kubectl {args:?} failed:\n{err}\n{out}");
         out.into_owned()
-    }
-}
-
-/// Poll `f` until it holds, failing after `secs`.
-fn eventually(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -123,7 +103,7 @@ fn names_in(manifest: &str) -> Vec<String> {
 
 #[test]
 fn an_install_is_stored_served_back_and_removed() {
-    if !kubectl_available() {
+    if !kubectl_present() {
         return;
     }
     let dev = Dev::start();
@@ -258,7 +238,7 @@ fn an_install_is_stored_served_back_and_removed() {
         "--ignore-not-found",
         "--wait=false",
     ]);
-    eventually(30, "the r4-system namespace gone", || {
+    eventually_blocking(30, "the r4-system namespace gone", || {
         !dev.run(&["get", "namespace", "r4-system"]).status.success()
     });
     let left = dev.ok(&["get", "clusterroles,clusterrolebindings", "-o", "name"]);

@@ -2,6 +2,10 @@
 //! optimistic concurrency, the status subresource, selectors, finalizers, garbage collection,
 //! and `kube::runtime::watcher` recovering from a 410 by re-listing.
 
+mod support;
+
+use support::eventually;
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -34,19 +38,6 @@ fn cm(name: &str, labels: &[(&str, &str)]) -> ConfigMap {
         "data": {"k": "v"},
     }))
     .expect("configmap")
-}
-
-/// Poll `f` until it holds, failing after `secs`.
-async fn eventually<F, Fut>(secs: u64, what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !f().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 fn api_err(e: kube::Error) -> kube::core::Status {

@@ -1,6 +1,10 @@
 //! The dev API server judged by the real kubectl (v1.32): where kubectl and our server disagree,
 //! our server is wrong. Skipped with a message when kubectl is missing, except under CI.
 
+mod support;
+
+use support::{eventually_blocking, kubectl_present};
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -17,20 +21,6 @@ struct Cluster {
 
 fn repo(p: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
-}
-
-fn kubectl_available() -> bool {
-    match Command::new("kubectl")
-        .args(["version", "--client"])
-        .output()
-    {
-        Ok(o) if o.status.success() => true,
-        _ if std::env::var_os("CI").is_some() => panic!("kubectl is required under CI"),
-        _ => {
-            eprintln!("skipping: kubectl not found on PATH");
-            false
-        }
-    }
 }
 
 impl Cluster {
@@ -140,18 +130,9 @@ impl Cluster {
     }
 }
 
-/// Poll until `f` holds, failing after `secs`.
-fn eventually(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn apply_get_explain_and_categories() {
-    if !kubectl_available() {
+    if !kubectl_present() {
         return;
     }
     let c = Cluster::with_samples();
@@ -241,7 +222,7 @@ fn apply_get_explain_and_categories() {
 
 #[test]
 fn patch_status_wait_and_finalizers() {
-    if !kubectl_available() {
+    if !kubectl_present() {
         return;
     }
     let c = Cluster::with_samples();
@@ -356,7 +337,7 @@ fn patch_status_wait_and_finalizers() {
 
 #[test]
 fn watch_and_garbage_collection() {
-    if !kubectl_available() {
+    if !kubectl_present() {
         return;
     }
     let c = Cluster::start();
@@ -400,7 +381,7 @@ fn watch_and_garbage_collection() {
     c.ok(&["create", "configmap", "owner"]);
     c.apply_stdin(&dependent("child", "owner", &uid_of("owner")));
     c.ok(&["delete", "configmap", "owner"]);
-    eventually(10, "background GC of the child", || {
+    eventually_blocking(10, "background GC of the child", || {
         !c.run(&["get", "configmap", "child"]).status.success()
     });
 
@@ -422,7 +403,7 @@ fn watch_and_garbage_collection() {
 
 #[test]
 fn server_side_apply() {
-    if !kubectl_available() {
+    if !kubectl_present() {
         return;
     }
     let c = Cluster::start();
@@ -487,7 +468,7 @@ fn server_side_apply() {
 
 #[test]
 fn generators_namespaces_and_one_shot_apply() {
-    if !kubectl_available() {
+    if !kubectl_present() {
         return;
     }
     let c = Cluster::start();
@@ -565,7 +546,7 @@ fn generators_namespaces_and_one_shot_apply() {
 
     // Deleting a namespace deletes what it holds.
     c.ok(&["delete", "namespace", "team"]);
-    eventually(10, "namespace team to go", || {
+    eventually_blocking(10, "namespace team to go", || {
         !c.run(&["get", "ns", "team"]).status.success()
     });
     assert!(

@@ -3,7 +3,11 @@
 //! template change rolls the pods over, an image that cannot be pulled ends in
 //! `ProgressDeadlineExceeded`, and deleting the Deployment garbage-collects its pods.
 
-use std::time::{Duration, Instant};
+mod support;
+
+use support::eventually;
+
+use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
@@ -41,22 +45,6 @@ fn deployment(name: &str, image: &str, replicas: i32) -> Deployment {
         },
     }))
     .expect("deployment")
-}
-
-/// Poll `f` until it returns `Some`, failing after `secs`.
-async fn eventually<T, F, Fut>(secs: u64, what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 fn ready(p: &Pod) -> bool {

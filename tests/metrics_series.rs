@@ -9,6 +9,10 @@
 //! Also: a drill deleted takes its series with it (the controller exports objects from its
 //! watch stores, never from a gauge left behind).
 
+mod support;
+
+use support::{kubectl, kubectl_present};
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -329,37 +333,6 @@ spec:
   expect: {maxRecoverySeconds: 20, maxLostTasks: 0, maxDuplicateEffects: 0}
 "#;
 
-fn kubectl(kubeconfig: &Path, args: &[&str], stdin: Option<&str>) -> String {
-    use std::io::Write;
-    let mut child = Command::new("kubectl")
-        .arg("--kubeconfig")
-        .arg(kubeconfig)
-        .args(args)
-        .current_dir(REPO)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .stdin(Stdio::piped())
-        .spawn()
-        .expect("kubectl");
-    if let Some(s) = stdin {
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(s.as_bytes())
-            .expect("write stdin");
-    }
-    drop(child.stdin.take());
-    let o = child.wait_with_output().expect("kubectl");
-    let out = String::from_utf8_lossy(&o.stdout).into_owned();
-    assert!(
-        o.status.success(),
-        "kubectl {args:?}: {}\n{out}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    out
-}
-
 /// `promtool check metrics` (Prometheus's own parser and linter) on a scrape: the text format
 /// is what Prometheus reads, not only what our tests grep. Skipped without promtool unless
 /// under CI (`make deps` installs it).
@@ -392,20 +365,6 @@ fn promtool_accepts(what: &str, body: &str) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-fn kubectl_present() -> bool {
-    match Command::new("kubectl")
-        .args(["version", "--client"])
-        .output()
-    {
-        Ok(o) if o.status.success() => true,
-        _ if std::env::var_os("CI").is_some() => panic!("kubectl is required under CI"),
-        _ => {
-            eprintln!("skipping: kubectl not found on PATH");
-            false
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -11,10 +11,14 @@
 //!
 //! Skipped with a message when kubectl is missing, except under CI.
 
+mod support;
+
+use support::{eventually_blocking, kubectl_present};
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use r4::testutil::{RedisServer, RedisServerOptions};
 use serde_json::Value;
@@ -35,32 +39,6 @@ fn repo(p: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
 }
 
-fn kubectl_available() -> bool {
-    match Command::new("kubectl")
-        .args(["version", "--client"])
-        .output()
-    {
-        Ok(o) if o.status.success() => true,
-        _ if std::env::var_os("CI").is_some() => panic!("kubectl is required under CI"),
-        _ => {
-            eprintln!("skipping: kubectl not found on PATH");
-            false
-        }
-    }
-}
-
-/// Poll `f` until it gives a value, failing after `secs`.
-fn eventually<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 impl Dev {
     /// `r4 dev` with its engines on `redis_url` (given as `R4_REDIS_URL`, as a Secret would
     /// give it), logging JSON at debug level to `dev.log`.
@@ -79,7 +57,7 @@ impl Dev {
             .spawn()
             .expect("spawn r4 dev");
         let dev = Dev { child, dir };
-        eventually(30, "r4 dev serving", || {
+        eventually_blocking(30, "r4 dev serving", || {
             (kubeconfig.exists() && dev.run(&["get", "namespaces"], None).status.success())
                 .then_some(())
         });
@@ -253,7 +231,7 @@ fn run_and_search() -> Vec<String> {
 
     // Tasks flow through the authenticated intake: refused without the token, accepted and
     // completed with it.
-    let addr = eventually(30, "the intake listening", || dev.intake("vault"));
+    let addr = eventually_blocking(30, "the intake listening", || dev.intake("vault"));
     let client = reqwest::Client::new();
     let ids: Vec<String> = rt.block_on(async {
         let url = format!("http://{addr}/v1/tasks");
@@ -282,7 +260,7 @@ fn run_and_search() -> Vec<String> {
         ids
     });
     for id in &ids {
-        eventually(30, "a task completed", || {
+        eventually_blocking(30, "a task completed", || {
             rt.block_on(async {
                 let r = client
                     .get(format!("http://{addr}/v1/tasks/{id}"))
@@ -346,7 +324,7 @@ fn run_and_search() -> Vec<String> {
 
 #[test]
 fn no_secret_in_logs_status_or_events() {
-    if !kubectl_available() {
+    if !kubectl_present() {
         return;
     }
     let found = run_and_search();
