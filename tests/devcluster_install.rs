@@ -9,70 +9,7 @@
 
 mod support;
 
-use support::{eventually_blocking, kubectl_present};
-
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-
-struct Dev {
-    child: Child,
-    dir: tempfile::TempDir,
-}
-
-impl Drop for Dev {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn repo(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
-}
-
-impl Dev {
-    /// `r4 dev` on a free port, with its controller and kubelet, serving once its kubeconfig is
-    /// written.
-    fn start() -> Dev {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let kubeconfig = dir.path().join("kubeconfig");
-        let child = Command::new(env!("CARGO_BIN_EXE_r4"))
-            .args(["dev", "--listen", "127.0.0.1:0", "--kubeconfig-out"])
-            .arg(&kubeconfig)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn r4 dev");
-        let dev = Dev { child, dir };
-        eventually_blocking(30, "r4 dev serving", || {
-            kubeconfig.exists() && dev.run(&["get", "namespaces"]).status.success()
-        });
-        dev
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new("kubectl")
-            .arg("--kubeconfig")
-            .arg(self.dir.path().join("kubeconfig"))
-            .arg("--cache-dir")
-            .arg(self.dir.path().join("cache"))
-            .args(args)
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .output()
-            .expect("run kubectl")
-    }
-
-    /// Run kubectl, which must succeed; its stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        let o = self.run(args);
-        let (out, err) = (
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr),
-        );
-        assert!(o.status.success(), "kubectl {args:?} failed:\n{err}\n{out}");
-        out.into_owned()
-    }
-}
+use support::{DevProcess, eventually_blocking, kubectl_present, repo};
 
 /// `kind/name` of every object in a multi-document manifest, as `kubectl get -o name` prints
 /// them (`deployment.apps/r4-controller`).
@@ -106,7 +43,7 @@ fn an_install_is_stored_served_back_and_removed() {
     if !kubectl_present() {
         return;
     }
-    let dev = Dev::start();
+    let dev = DevProcess::start(|_, _| {});
     let install = repo("tests/fixtures/install-kinds.yaml");
     let install = install.to_str().expect("path");
     let crds = repo("tests/fixtures/monitoring-crds.yaml");

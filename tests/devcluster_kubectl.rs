@@ -3,10 +3,9 @@
 
 mod support;
 
-use support::{eventually_blocking, kubectl_present};
+use support::{eventually_blocking, kubectl_present, repo};
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -17,10 +16,6 @@ struct Cluster {
     _rt: tokio::runtime::Runtime,
     _handle: Handle,
     dir: tempfile::TempDir,
-}
-
-fn repo(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
 }
 
 impl Cluster {

@@ -11,7 +11,7 @@
 
 mod support;
 
-use support::{kubectl, kubectl_present};
+use support::{free_port, kubectl, kubectl_present};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -212,13 +212,6 @@ impl Drop for Proc {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
 }
 
 /// GET `url` until it answers 200 with a body `done` accepts, for at most `secs`; the last

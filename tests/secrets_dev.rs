@@ -13,101 +13,39 @@
 
 mod support;
 
-use support::{eventually_blocking, kubectl_present};
+use support::{DevProcess, eventually_blocking, kubectl_present, repo};
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use r4::testutil::{RedisServer, RedisServerOptions};
 use serde_json::Value;
 
-struct Dev {
-    child: Child,
-    dir: tempfile::TempDir,
-}
-
-impl Drop for Dev {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn repo(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
-}
-
-impl Dev {
-    /// `r4 dev` with its engines on `redis_url` (given as `R4_REDIS_URL`, as a Secret would
-    /// give it), logging JSON at debug level to `dev.log`.
-    fn start(redis_url: &str) -> Dev {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let kubeconfig = dir.path().join("kubeconfig");
-        let log = std::fs::File::create(dir.path().join("dev.log")).expect("dev.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_r4"))
-            .args(["dev", "--listen", "127.0.0.1:0", "--kubeconfig-out"])
-            .arg(&kubeconfig)
-            .env("R4_REDIS_URL", redis_url)
+/// `r4 dev` with its engines on `redis_url` (given as `R4_REDIS_URL`, as a Secret would give
+/// it), logging JSON at debug level to `dev.log`.
+fn start_dev(redis_url: &str) -> DevProcess {
+    DevProcess::start(|cmd, dir| {
+        let log = std::fs::File::create(dir.join("dev.log")).expect("dev.log");
+        cmd.env("R4_REDIS_URL", redis_url)
             .env("R4_LOG_FORMAT", "json")
             .env("RUST_LOG", "debug")
             .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn r4 dev");
-        let dev = Dev { child, dir };
-        eventually_blocking(30, "r4 dev serving", || {
-            (kubeconfig.exists() && dev.run(&["get", "namespaces"], None).status.success())
-                .then_some(())
-        });
-        dev
-    }
+            .stderr(log);
+    })
+}
 
-    fn run(&self, args: &[&str], stdin: Option<&str>) -> Output {
-        let mut child = Command::new("kubectl")
-            .arg("--kubeconfig")
-            .arg(self.dir.path().join("kubeconfig"))
-            .arg("--cache-dir")
-            .arg(self.dir.path().join("cache"))
-            .args(args)
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run kubectl");
-        let mut input = child.stdin.take().expect("stdin");
-        if let Some(s) = stdin {
-            input.write_all(s.as_bytes()).expect("write stdin");
-        }
-        drop(input);
-        child.wait_with_output().expect("kubectl")
-    }
+fn log(dev: &DevProcess) -> String {
+    std::fs::read_to_string(dev.dir().join("dev.log")).expect("read dev.log")
+}
 
-    fn ok(&self, args: &[&str], stdin: Option<&str>) -> String {
-        let o = self.run(args, stdin);
-        let (out, err) = (
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr),
-        );
-        assert!(o.status.success(), "kubectl {args:?} failed:\n{err}\n{out}");
-        out.into_owned()
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("dev.log")).expect("read dev.log")
-    }
-
-    /// The address the newest intake pod of `workflow` listens on (the kubelet logs it).
-    fn intake(&self, workflow: &str) -> Option<String> {
-        self.log()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(|v| v["message"] == "intake listening" && v["workflow"] == workflow)
-            .filter_map(|v| v["listen"].as_str().map(str::to_string))
-            .next_back()
-    }
+/// The address the newest intake pod of `workflow` listens on (the kubelet logs it).
+fn intake(dev: &DevProcess, workflow: &str) -> Option<String> {
+    log(dev)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["message"] == "intake listening" && v["workflow"] == workflow)
+        .filter_map(|v| v["listen"].as_str().map(str::to_string))
+        .next_back()
 }
 
 /// A Secret's `data` value (k8s-openapi's ByteString serialises as base64).
@@ -164,12 +102,12 @@ spec:
 }
 
 /// Every place a secret value must not be, as (where, text).
-fn shown(dev: &Dev) -> Vec<(String, String)> {
+fn shown(dev: &DevProcess) -> Vec<(String, String)> {
     // `r4 status` reads the Redis URL from the Secret itself (for the breakers) and prints
     // what it found there: it is searched too.
     let status = Command::new(env!("CARGO_BIN_EXE_r4"))
         .args(["status", "vault"])
-        .env("KUBECONFIG", dev.dir.path().join("kubeconfig"))
+        .env("KUBECONFIG", dev.dir().join("kubeconfig"))
         .env("R4_LOG_FORMAT", "json")
         .env("RUST_LOG", "debug")
         .output()
@@ -181,12 +119,12 @@ fn shown(dev: &Dev) -> Vec<(String, String)> {
     );
     assert!(status.contains("breakers:"), "{status}");
     let mut out = vec![
-        ("r4 dev's log".to_string(), dev.log()),
+        ("r4 dev's log".to_string(), log(dev)),
         ("r4 status".to_string(), status),
     ];
-    let kinds = dev.ok(&["api-resources", "--verbs=list", "-o", "name"], None);
+    let kinds = dev.ok(&["api-resources", "--verbs=list", "-o", "name"]);
     for kind in kinds.lines().filter(|k| *k != "secrets") {
-        let list = dev.ok(&["get", kind, "-A", "-o", "json"], None);
+        let list = dev.ok(&["get", kind, "-A", "-o", "json"]);
         out.push((format!("kubectl get {kind}"), list));
     }
     out
@@ -209,29 +147,23 @@ fn run_and_search() -> Vec<String> {
     let intake_token = format!("intake-token-{suffix}");
     let bank_token = format!("bank-token-{suffix}");
 
-    let dev = Dev::start(&url);
-    dev.ok(&["apply", "-f", repo("crds").to_str().expect("path")], None);
-    dev.ok(
-        &[
-            "wait",
-            "--for=condition=Established",
-            "crd/agentworkflows.r4.dev",
-            "--timeout=20s",
-        ],
-        None,
-    );
-    dev.ok(
+    let dev = start_dev(&url);
+    dev.ok(&["apply", "-f", repo("crds").to_str().expect("path")]);
+    dev.ok(&[
+        "wait",
+        "--for=condition=Established",
+        "crd/agentworkflows.r4.dev",
+        "--timeout=20s",
+    ]);
+    dev.ok_with(
         &["apply", "-f", "-"],
         Some(&manifest(&url, &intake_token, &bank_token)),
     );
-    dev.ok(
-        &["wait", "--for=condition=Ready", "aw/vault", "--timeout=90s"],
-        None,
-    );
+    dev.ok(&["wait", "--for=condition=Ready", "aw/vault", "--timeout=90s"]);
 
     // Tasks flow through the authenticated intake: refused without the token, accepted and
     // completed with it.
-    let addr = eventually_blocking(30, "the intake listening", || dev.intake("vault"));
+    let addr = eventually_blocking(30, "the intake listening", || intake(&dev, "vault"));
     let client = reqwest::Client::new();
     let ids: Vec<String> = rt.block_on(async {
         let url = format!("http://{addr}/v1/tasks");
