@@ -36,6 +36,20 @@ const ENGINES_PER_AGENT: usize = 2;
 const AGENTS: [&str; 2] = ["a", "b"];
 
 /// Fan-out at `a`, two branches `l` and `f`, joined at `d`.
+/// The policy every crash workflow runs (`policyRef: crash-policy`), added to its file by
+/// [`workflow_file`].
+const POLICY: &str = r#"---
+apiVersion: r4.dev/v1alpha1
+kind: CircuitPolicy
+metadata: {name: crash-policy}
+spec:
+  timeout: {perAttempt: 900ms}
+  retry:
+    maxAttempts: 3
+    backoff: {initial: 10ms, max: 100ms, multiplier: 2, jitter: Full}
+  deadLetter: {maxDeliveries: 8, replay: {automatic: false}}
+"#;
+
 const JOIN_WORKFLOW: &str = r#"
 apiVersion: r4.dev/v1alpha1
 kind: AgentWorkflow
@@ -48,16 +62,6 @@ spec:
     - {name: l, image: x, consumes: to-l, produces: [lookups], concurrency: 32}
     - {name: f, image: x, consumes: to-f, produces: [fraud-scores], concurrency: 32}
     - {name: d, image: x, consumes: decisions, produces: [done], concurrency: 32, join: {streams: [lookups, fraud-scores], timeout: 10m}}
----
-apiVersion: r4.dev/v1alpha1
-kind: CircuitPolicy
-metadata: {name: crash-policy}
-spec:
-  timeout: {perAttempt: 900ms}
-  retry:
-    maxAttempts: 3
-    backoff: {initial: 10ms, max: 100ms, multiplier: 2, jitter: Full}
-  deadLetter: {maxDeliveries: 8, replay: {automatic: false}}
 "#;
 
 const WORKFLOW: &str = r#"
@@ -70,16 +74,6 @@ spec:
   agents:
     - {name: a, image: x, consumes: in, produces: [ab], concurrency: 32}
     - {name: b, image: x, consumes: ab, produces: [done], concurrency: 32}
----
-apiVersion: r4.dev/v1alpha1
-kind: CircuitPolicy
-metadata: {name: crash-policy}
-spec:
-  timeout: {perAttempt: 900ms}
-  retry:
-    maxAttempts: 3
-    backoff: {initial: 10ms, max: 100ms, multiplier: 2, jitter: Full}
-  deadLetter: {maxDeliveries: 8, replay: {automatic: false}}
 "#;
 
 /// The loopback agent: applies an effect at most once per idempotency key
@@ -232,12 +226,13 @@ async fn check_outputs(
     }
 }
 
-/// The crash workflow, resolved, and written to `<tempdir>/crash.yaml` for
-/// the engine processes.
-fn workflow_file(yaml: &str) -> (r4::engine::WorkflowConfig, tempfile::TempDir) {
-    let cfg = r4::engine::WorkflowConfig::from_yaml("crash", yaml, None, Some("crash")).unwrap();
+/// The crash workflow with [`POLICY`], resolved, and written to
+/// `<tempdir>/crash.yaml` for the engine processes.
+fn workflow_file(workflow: &str) -> (r4::engine::WorkflowConfig, tempfile::TempDir) {
+    let yaml = format!("{workflow}{POLICY}");
+    let cfg = r4::engine::WorkflowConfig::from_yaml("crash", &yaml, None, Some("crash")).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("crash.yaml"), yaml).unwrap();
+    std::fs::write(dir.path().join("crash.yaml"), &yaml).unwrap();
     (cfg, dir)
 }
 
@@ -295,16 +290,6 @@ spec:
   agents:
     - {name: a, image: x, consumes: in, produces: [ab], concurrency: 32}
     - {name: b, image: x, consumes: ab, produces: [done], concurrency: 32, idempotent: true, hedge: {delay: {fixed: 2ms}, maxExtraLoad: 0.3}}
----
-apiVersion: r4.dev/v1alpha1
-kind: CircuitPolicy
-metadata: {name: crash-policy}
-spec:
-  timeout: {perAttempt: 900ms}
-  retry:
-    maxAttempts: 3
-    backoff: {initial: 10ms, max: 100ms, multiplier: 2, jitter: Full}
-  deadLetter: {maxDeliveries: 8, replay: {automatic: false}}
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
