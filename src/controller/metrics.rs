@@ -374,8 +374,17 @@ fn write_value(v: f64, out: &mut String) {
 /// kept, and was most of the controller's peak memory (`r4 bench controller`). An object gone
 /// from the store leaves no series behind, since nothing is kept between scrapes.
 fn write_status_series(o: &Objects, out: &mut String) {
-    let workflows = o.workflows.state();
-    let ns_of = |w: &AgentWorkflow| w.namespace().unwrap_or_else(|| "default".into());
+    // Each workflow with its namespace and name, read once for every family.
+    let workflows: Vec<_> = o
+        .workflows
+        .state()
+        .into_iter()
+        .map(|w| {
+            let ns = w.namespace().unwrap_or_else(|| "default".into());
+            let name = w.name_any();
+            (w, ns, name)
+        })
+        .collect();
     // The per-workflow families: one value (or none) per workflow.
     type PerWorkflow = fn(&AgentWorkflow) -> Option<f64>;
     let per_workflow: [(&'static str, &'static str, PerWorkflow); 11] = [
@@ -444,10 +453,9 @@ fn write_status_series(o: &Objects, out: &mut String) {
     ];
     for (name, help, value) in per_workflow {
         let mut g = Gauge::new(out, name, help);
-        for w in &workflows {
+        for (w, ns, wf) in &workflows {
             if let Some(v) = value(w) {
-                let (ns, wf) = (ns_of(w), w.name_any());
-                g.sample(&[("namespace", &ns), ("workflow", &wf)], v);
+                g.sample(&[("namespace", ns), ("workflow", wf)], v);
             }
         }
     }
@@ -477,12 +485,11 @@ fn write_status_series(o: &Objects, out: &mut String) {
     ];
     for (name, help, value) in per_agent {
         let mut g = Gauge::new(out, name, help);
-        for w in &workflows {
+        for (w, ns, wf) in &workflows {
             let Some(s) = &w.status else { continue };
-            let (ns, wf) = (ns_of(w), w.name_any());
             for a in &s.agents {
                 g.sample(
-                    &[("agent", &a.name), ("namespace", &ns), ("workflow", &wf)],
+                    &[("agent", &a.name), ("namespace", ns), ("workflow", wf)],
                     value(w, a),
                 );
             }
@@ -521,12 +528,11 @@ fn write_status_series(o: &Objects, out: &mut String) {
     ];
     for (name, help, value) in per_switch {
         let mut g = Gauge::new(out, name, help);
-        for w in &workflows {
+        for (w, ns, wf) in &workflows {
             let Some(s) = &w.status else { continue };
-            let (ns, wf) = (ns_of(w), w.name_any());
             for (n, k) in &s.kill_switches {
                 if let Some(v) = value(k) {
-                    g.sample(&[("namespace", &ns), ("switch", n), ("workflow", &wf)], v);
+                    g.sample(&[("namespace", ns), ("switch", n), ("workflow", wf)], v);
                 }
             }
         }
