@@ -22,24 +22,24 @@ pub struct SimAgentArgs {
     pub listen: Option<SocketAddr>,
     /// Name in every output's `r4_sim.agent` and in the logs [default: $HOSTNAME, else
     /// sim-agent].
-    #[arg(long, env = "R4_SIM_NAME")]
+    #[arg(long, env = server::NAME_ENV)]
     pub name: Option<String>,
     /// Time each delivery takes: MEDIAN (`20ms`) or MEDIAN,P99 (`20ms,200ms`, log-normal).
-    #[arg(long, env = "R4_SIM_LATENCY", default_value = "10ms", value_name = "MEDIAN[,P99]", value_parser = server::parse_latency)]
+    #[arg(long, env = server::LATENCY_ENV, default_value = "10ms", value_name = "MEDIAN[,P99]", value_parser = server::parse_latency)]
     pub latency: crate::api::workflow::LatencySpec,
     /// Share of task deliveries answered 503 (retryable: the engine retries, then dead-letters).
-    #[arg(long, env = "R4_SIM_ERROR_RATE", default_value = "0", value_name = "FRACTION", allow_negative_numbers = true, value_parser = server::parse_rate)]
+    #[arg(long, env = server::ERROR_RATE_ENV, default_value = "0", value_name = "FRACTION", allow_negative_numbers = true, value_parser = server::parse_rate)]
     pub error_rate: f64,
     /// Share of task deliveries answered 422 (permanent: dead-lettered at once); drawn first.
-    #[arg(long, env = "R4_SIM_FAIL_PERMANENTLY_RATE", default_value = "0", value_name = "FRACTION", allow_negative_numbers = true, value_parser = server::parse_rate)]
+    #[arg(long, env = server::FAIL_PERMANENTLY_RATE_ENV, default_value = "0", value_name = "FRACTION", allow_negative_numbers = true, value_parser = server::parse_rate)]
     pub fail_permanently_rate: f64,
     /// Per task, POST <tools-url>/tools/TOOL[/path] with the task's Idempotency-Key and
     /// traceparent (repeat, or separate with commas); a failed tool answer fails the delivery
     /// (503, or 422 for a 4xx refusal), a degraded 2xx (r4-degraded) is passed on, marked.
-    #[arg(long = "call", env = "R4_SIM_CALLS", value_name = "TOOL[/PATH]", value_delimiter = ',', value_parser = clap::value_parser!(ToolTarget))]
+    #[arg(long = "call", env = server::CALLS_ENV, value_name = "TOOL[/PATH]", value_delimiter = ',', value_parser = clap::value_parser!(ToolTarget))]
     pub calls: Vec<ToolTarget>,
     /// The engine's tool proxy.
-    #[arg(long, env = "R4_TOOLS_URL", default_value = server::DEFAULT_TOOLS_URL, value_name = "URL", value_parser = server::parse_tools_url)]
+    #[arg(long, env = server::TOOLS_URL_ENV, default_value = server::DEFAULT_TOOLS_URL, value_name = "URL", value_parser = server::parse_tools_url)]
     pub tools_url: String,
 }
 
