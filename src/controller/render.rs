@@ -60,8 +60,9 @@ pub const AGENT_CONTAINER: &str = "agent";
 pub const ENGINE_PORT: i32 = 8080;
 /// The engine's tool proxy port (`r4 engine --tools-listen` default), on localhost.
 pub const TOOLS_PORT: i32 = 8082;
-/// The agent container's port when `agents[].port` is not set.
-pub const DEFAULT_AGENT_PORT: i32 = 8081;
+/// The agent container's port when `agents[].port` is not set (the engine's, as a port number
+/// of the Kubernetes API).
+pub const DEFAULT_AGENT_PORT: i32 = crate::engine::delivery::DEFAULT_AGENT_PORT as i32;
 /// Seconds a revision's Deployments have to become available when the spec does not say.
 pub const DEFAULT_PROGRESS_DEADLINE_SECONDS: i32 = 600;
 /// Annotation holding the hash of the rendered revision's spec.
@@ -71,10 +72,9 @@ pub const REVISION_HASH_ANNOTATION: &str = "r4.dev/revision-hash";
 pub const REDIS_URL_ENV: &str = "R4_REDIS_URL";
 /// Environment variable of the engine id (`r4 engine --engine-id`): the pod's name.
 pub const ENGINE_ID_ENV: &str = "R4_ENGINE_ID";
-/// Environment variable telling the agent container where the engine's tool proxy is.
-pub const TOOLS_URL_ENV: &str = "R4_TOOLS_URL";
-/// Environment variable telling the agent container which port to serve tasks on.
-pub const AGENT_PORT_ENV: &str = "R4_AGENT_PORT";
+/// Environment variables telling the agent container where the engine's tool proxy is and
+/// which port to serve tasks on (the agent protocol's, `engine::delivery`).
+pub use crate::engine::delivery::{AGENT_PORT_ENV, TOOLS_URL_ENV};
 
 /// The user and group every container runs as (distroless `nonroot`, the r4 image's user).
 const RUN_AS: i64 = 65532;

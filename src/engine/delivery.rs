@@ -163,7 +163,18 @@ pub struct HttpDelivery {
 
 static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
-static DEADLINE_MS: HeaderName = HeaderName::from_static("x-r4-deadline-ms");
+static DEADLINE_MS: HeaderName = HeaderName::from_static(DEADLINE_HEADER);
+
+/// Header carrying the time the agent has for this attempt, in milliseconds.
+pub const DEADLINE_HEADER: &str = "x-r4-deadline-ms";
+/// Environment variable of the agent container naming the port it serves tasks on (the
+/// controller sets it in every agent container it renders).
+pub const AGENT_PORT_ENV: &str = "R4_AGENT_PORT";
+/// The agent container's port when the spec names none (`agents[].port`).
+pub const DEFAULT_AGENT_PORT: u16 = 8081;
+/// Environment variable of the agent container naming the engine's tool proxy (set for an
+/// agent with tools).
+pub const TOOLS_URL_ENV: &str = "R4_TOOLS_URL";
 
 /// Largest agent answer read unless [`HttpDelivery::with_max_answer`] says otherwise.
 const MAX_RESPONSE_BYTES: usize = 16 << 20;

@@ -50,18 +50,13 @@ use crate::engine::delivery::{DeliveryRequest, RequestKind};
 use crate::engine::tools::{DEGRADED_HEADER, IDEMPOTENCY_HEADER};
 use crate::telemetry::trace::TRACEPARENT;
 
-/// Environment variable naming the port the agent container serves tasks on (the controller
-/// sets it in every agent container; `controller::render::AGENT_PORT_ENV`, a test keeps the two
-/// equal).
-pub const AGENT_PORT_ENV: &str = "R4_AGENT_PORT";
-/// The port without [`AGENT_PORT_ENV`] (the controller's `DEFAULT_AGENT_PORT`).
-pub const DEFAULT_AGENT_PORT: u16 = 8081;
-/// Environment variable naming the engine's tool proxy (`controller::render::TOOLS_URL_ENV`).
-pub const TOOLS_URL_ENV: &str = "R4_TOOLS_URL";
+// The agent protocol's names are the engine's (`engine::delivery`), which the controller
+// renders into the agent container too.
+pub use crate::engine::delivery::{
+    AGENT_PORT_ENV, DEADLINE_HEADER, DEFAULT_AGENT_PORT, TOOLS_URL_ENV,
+};
 /// The tool proxy without [`TOOLS_URL_ENV`] (`r4 engine --tools-listen`'s default).
 pub const DEFAULT_TOOLS_URL: &str = "http://127.0.0.1:8082";
-/// Header carrying the time the engine gives this attempt, in milliseconds.
-pub const DEADLINE_HEADER: &str = "x-r4-deadline-ms";
 /// The deadline of a request without [`DEADLINE_HEADER`] (a hand-made `curl`).
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(30);
 /// The longest deadline honoured: a larger header value is cut to this (no request should hold
