@@ -10,7 +10,7 @@ use tokio::sync::watch;
 
 use super::{CliError, print_json, read_input, runtime};
 use crate::engine::killswitch;
-use crate::engine::{self, AgentRole, HttpDelivery, Intake, RepairRole, WorkflowConfig, http};
+use crate::engine::{self, AgentRole, Intake, RepairRole, WorkflowConfig, http};
 use crate::queue::redis::RedisQueue;
 use crate::queue::{Keys, Queue};
 use crate::telemetry::redact::redact_url;
@@ -350,13 +350,9 @@ async fn run_engine(args: EngineArgs, cfg: Arc<WorkflowConfig>) -> Result<ExitCo
     );
     match args.role {
         Role::Agent => {
-            let produces = cfg.agent(&name).map_or(0, |a| a.produces.len());
-            let delivery = HttpDelivery::new(args.agent_url.clone())
-                .map_err(|e| CliError::Usage(format!("--agent-url: {e}")))?
-                .with_max_answer(engine::limits::agent_answer_limit(
-                    cfg.max_payload_bytes,
-                    produces,
-                ));
+            let delivery = cfg
+                .agent_delivery(&name, args.agent_url.clone())
+                .map_err(|e| CliError::Usage(format!("--agent-url: {e}")))?;
             let registry = prometheus::Registry::new();
             // An agent without tools has nothing to proxy: no listener, no port to collide on.
             let has_tools = cfg.agent(&name).is_some_and(|a| !a.tools.is_empty());

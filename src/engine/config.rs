@@ -445,6 +445,20 @@ impl WorkflowConfig {
         self.agents.iter().find(|a| a.name == name)
     }
 
+    /// The HTTP delivery to `agent`'s container at `url`, reading an answer up to what the
+    /// workflow's payload limit allows for the agent's outputs
+    /// ([`super::limits::agent_answer_limit`]).
+    pub fn agent_delivery(
+        &self,
+        agent: &str,
+        url: impl Into<String>,
+    ) -> Result<super::delivery::HttpDelivery, reqwest::Error> {
+        let produces = self.agent(agent).map_or(0, |a| a.produces.len());
+        Ok(super::delivery::HttpDelivery::new(url)?.with_max_answer(
+            super::limits::agent_answer_limit(self.max_payload_bytes, produces),
+        ))
+    }
+
     /// The stream the intake publishes to: the first agent's input stream
     /// that no agent produces and that is not an external input
     /// (`spec.inputs`): the workflow's entry point. (The same rule as

@@ -768,14 +768,9 @@ impl StartContext {
                             }
                         })
                     };
-                    let produces = spec.produces.len();
-                    let http =
-                        engine::delivery::HttpDelivery::new(format!("http://{agent_addr}/tasks"))
-                            .map_err(|e| format!("the sim-agent container's URL: {e}"))?
-                            .with_max_answer(engine::limits::agent_answer_limit(
-                                cfg.max_payload_bytes,
-                                produces,
-                            ));
+                    let http = cfg
+                        .agent_delivery(agent, format!("http://{agent_addr}/tasks"))
+                        .map_err(|e| format!("the sim-agent container's URL: {e}"))?;
                     (Arc::new(http), vec![tools_server, agent_server])
                 }
             };
